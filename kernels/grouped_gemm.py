@@ -1,0 +1,144 @@
+"""Grouped GEMM: y[rows of e] = x[rows of e] @ w[e], rows grouped contiguously by expert.
+
+Legend: N rows (routed tokens), D input width, F output width, E experts.
+
+Torch path (this file): forward with `torch._grouped_mm` where its 16-byte stride rule holds,
+a per-expert loop into preallocated outputs otherwise. The backward is a custom autograd
+Function: dX = dY @ w[e]^T and dW[e] = x_e^T @ dY_e are grouped GEMMs of their own, so no
+per-expert slice ever materialises a full-size weight gradient (the naive per-expert autograd
+loop does, and is ~4.7x slower than a dense FFN here).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backend as _backend
+
+
+def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> None:
+    """Shape/dtype checks shared by every backend; raised before any kernel launch."""
+    if x_ND.dim() != 2:
+        raise ValueError(f"grouped_gemm: x must be 2-D [N, D], got shape {tuple(x_ND.shape)}")
+    if w_EDF.dim() != 3:
+        raise ValueError(f"grouped_gemm: w must be 3-D [E, D, F], got shape {tuple(w_EDF.shape)}")
+    if counts_E.dim() != 1 or counts_E.shape[0] != w_EDF.shape[0]:
+        raise ValueError(
+            f"grouped_gemm: counts must be 1-D with one entry per expert ({w_EDF.shape[0]}), "
+            f"got shape {tuple(counts_E.shape)}"
+        )
+    if x_ND.shape[1] != w_EDF.shape[1]:
+        raise ValueError(
+            f"grouped_gemm: x has width D={x_ND.shape[1]} but w expects D={w_EDF.shape[1]}"
+        )
+    if counts_E.dtype.is_floating_point or counts_E.dtype == torch.bool:
+        raise TypeError(f"grouped_gemm: counts must be an integer tensor, got {counts_E.dtype}")
+    if x_ND.dtype != w_EDF.dtype:
+        raise TypeError(f"grouped_gemm: x dtype {x_ND.dtype} != w dtype {w_EDF.dtype}")
+    if x_ND.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"grouped_gemm: dtype {x_ND.dtype} not supported (fp32, bf16, fp16)")
+    if x_ND.device != w_EDF.device or counts_E.device != x_ND.device:
+        raise ValueError(
+            f"grouped_gemm: x ({x_ND.device}), w ({w_EDF.device}) and counts ({counts_E.device}) "
+            "must be on one device"
+        )
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    # torch._grouped_mm requires every stride (but the unit one) to be a multiple of 16 bytes.
+    for t in tensors:
+        es = t.element_size()
+        for s, n in zip(t.stride(), t.shape):
+            if s != 1 and n > 1 and (s * es) % 16 != 0:
+                return False
+        if t.data_ptr() % 16 != 0:
+            return False
+    return True
+
+
+def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
+    """y_NF = grouped x @ w[e]."""
+    N, F = x_ND.shape[0], w_EDF.shape[2]
+    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF):
+        return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
+    y = x_ND.new_empty(N, F)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):  # .tolist(): a host sync, fallback path only
+        if n:
+            torch.mm(x_ND[start : start + n], w_EDF[e], out=y[start : start + n])
+        start += n
+    return y
+
+
+def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
+    """dW_EDF[e] = x_e^T @ dy_e (zero for an expert with no rows)."""
+    E, D, F = counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1]
+    xt = x_ND.t()
+    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF):
+        return torch._grouped_mm(xt, dy_NF, offs=offs_E)
+    dw = x_ND.new_zeros(E, D, F)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):  # host sync, fallback path only
+        if n:
+            torch.mm(xt[:, start : start + n], dy_NF[start : start + n], out=dw[e])
+        start += n
+    return dw
+
+
+class _GroupedGemmTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w_EDF, counts_E):
+        x_ND = x_ND.contiguous()
+        w_EDF = w_EDF.contiguous()
+        offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        ctx.save_for_backward(x_ND, w_EDF, counts_E, offs_E)
+        return _mm_rows(x_ND, w_EDF, counts_E, offs_E)
+
+    @staticmethod
+    def backward(ctx, dy_NF):
+        x_ND, w_EDF, counts_E, offs_E = ctx.saved_tensors
+        # incoming grads can be zero-stride (expand of a sum): _grouped_mm rejects those
+        dy_NF = dy_NF.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm_rows(dy_NF, w_EDF.transpose(1, 2).contiguous(), counts_E, offs_E)
+        if ctx.needs_input_grad[1]:
+            dw = _mm_weight(x_ND, dy_NF, counts_E, offs_E)
+        return dx, dw, None
+
+
+def grouped_gemm_torch(x_ND, w_EDF, counts_E):
+    return _GroupedGemmTorch.apply(x_ND, w_EDF, counts_E)
+
+
+def grouped_gemm_reference(x_ND, w_EDF, counts_E):
+    """Obviously-correct slow reference: a Python loop over experts (autograd through slices)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        outs.append(x_ND[start : start + n] @ w_EDF[e])
+        start += n
+    return torch.cat(outs, 0) if outs else x_ND.new_zeros(0, w_EDF.shape[2])
+
+
+def grouped_gemm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Differentiable grouped GEMM.
+
+    Args:
+        x_ND: [N, D] rows grouped contiguously by expert, in the order of `counts_E`.
+        w_EDF: [E, D, F] expert weights.
+        counts_E: [E] integer rows per expert, on x's device, summing to N.
+        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    Returns:
+        y_NF: [N, F], y[rows of e] = x[rows of e] @ w[e].
+    """
+    check_grouped_gemm_args(x_ND, w_EDF, counts_E)
+    which = _backend.resolve(backend, x_ND.device)
+    if which == "triton":
+        from .grouped_gemm_triton import grouped_gemm_triton
+
+        return grouped_gemm_triton(x_ND, w_EDF, counts_E)
+    if x_ND.device.type == "cpu" or not torch.compiler.is_compiling():
+        # On CPU checking the sum is cheap; on CUDA this is a host sync we only pay on the torch path.
+        total = int(counts_E.sum())
+        if total != x_ND.shape[0]:
+            raise ValueError(f"grouped_gemm: counts sum to {total} but x has N={x_ND.shape[0]} rows")
+    return grouped_gemm_torch(x_ND, w_EDF, counts_E)

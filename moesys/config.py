@@ -1,0 +1,138 @@
+"""MoEConfig: the typed, validated configuration of one MoE layer.
+
+Every field is checked at construction; errors name the field and the offending numbers so a
+bad config fails on every rank before any collective is issued.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
+ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
+DROP_POLICIES = ("position", "probs", "random")
+AUX_LOSSES = ("switch", "seq", "none")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+TAU_SCHEDULES = ("linear", "exponential")
+GATE_ACTIVATIONS = ("sigmoid", "tanh")
+
+
+@dataclass
+class MoEConfig:
+    """Configuration of one MoE layer.
+
+    Shapes: D = hidden_size, F = ffn_hidden_size, E = num_experts, K = top_k.
+    """
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_experts: int
+    top_k: int = 2
+    # --- routing -------------------------------------------------------------------------------
+    router: str = "topk"  # one of ROUTERS
+    normalize_topk: bool = True  # renormalise the k weights to sum to 1 (Mixtral/GShard)
+    jitter_eps: float = 0.0  # multiply router input by U(1-eps, 1+eps); training only
+    bias_update_rate: float = 1e-3  # gamma of the aux-loss-free (sigmoid_bias) update
+    allow_noncausal: bool = False  # expert_choice looks at the whole batch: opt in for decoders
+    # --- experts -------------------------------------------------------------------------------
+    activation: str = "gelu"  # one of ACTIVATIONS; swiglu adds w3
+    init_std: float = 0.02
+    # --- capacity ------------------------------------------------------------------------------
+    capacity_factor: Optional[float] = None  # None = dropless
+    min_capacity: int = 4
+    drop_policy: str = "position"  # one of DROP_POLICIES
+    # --- balancing losses ----------------------------------------------------------------------
+    aux_loss: str = "switch"  # one of AUX_LOSSES
+    aux_loss_coef: float = 1e-2
+    z_loss_coef: float = 0.0
+    # --- dense-to-sparse gates (router="dts" / "act_dts"; EvoMoE) -------------------------------
+    dts_threshold: float = 1e-3  # route to every expert whose gate value exceeds this
+    tau_max: float = 2.0
+    tau_min: float = 0.3
+    gate_activation: str = "sigmoid"  # act_dts: sigma in softmax(sigma(Wr x)/tau + b)
+    dts_balance_coef: float = 1e-2  # weight of EvoMoE's E^2 * mean_e(me_e * ce_e) loss
+    # --- kernels -------------------------------------------------------------------------------
+    kernel_backend: str = "auto"  # "auto": Triton on CUDA, torch elsewhere
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"MoEConfig.{name} must be a positive integer, got {v!r}")
+
+        def choice(name: str, options: tuple) -> None:
+            v = getattr(self, name)
+            if v not in options:
+                raise ValueError(f"MoEConfig.{name}={v!r} is not one of {list(options)}")
+
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "top_k"):
+            positive_int(name)
+        choice("router", ROUTERS)
+        choice("activation", ACTIVATIONS)
+        choice("drop_policy", DROP_POLICIES)
+        choice("aux_loss", AUX_LOSSES)
+        choice("kernel_backend", KERNEL_BACKENDS)
+        choice("gate_activation", GATE_ACTIVATIONS)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
+            )
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"MoEConfig.router='switch' is top-1; got top_k={self.top_k}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+            )
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            # expert choice always has a capacity: C = ceil(T * K / E) with cf defaulting to 1
+            pass
+        if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ValueError(f"MoEConfig.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
+        for name in ("aux_loss_coef", "z_loss_coef", "jitter_eps", "bias_update_rate", "dts_balance_coef"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise ValueError(f"MoEConfig.{name} must be >= 0, got {v}")
+        if self.jitter_eps >= 1:
+            raise ValueError(f"MoEConfig.jitter_eps must be < 1, got {self.jitter_eps}")
+        if not 0 < self.dts_threshold < 1:
+            raise ValueError(f"MoEConfig.dts_threshold must be in (0, 1), got {self.dts_threshold}")
+        if not 0 < self.tau_min <= self.tau_max:
+            raise ValueError(
+                f"MoEConfig.tau_min ({self.tau_min}) and tau_max ({self.tau_max}) must satisfy 0 < tau_min <= tau_max"
+            )
+        if not self.init_std > 0:
+            raise ValueError(f"MoEConfig.init_std must be > 0, got {self.init_std}")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    @property
+    def variable_k(self) -> bool:
+        """Routers whose number of experts per token varies (dense-to-sparse gates)."""
+        return self.router in ("dts", "act_dts")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def structural_hash(self) -> str:
+        """Hash of every field that must agree across expert-parallel ranks.
+
+        Compared across ranks before the first all-to-all so a mismatched config is an error,
+        not a hang or silent garbage.
+        """
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Per-expert capacity C = max(min_capacity, ceil(cf * K * T / E)); None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        import math
+
+        c = math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
+        return max(self.min_capacity, c)
