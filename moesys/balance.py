@@ -1,0 +1,80 @@
+"""Load-balancing losses and router statistics.
+
+Legend: T tokens, E experts, K routes per token (mean), R routes in all, S sequence length.
+Formulas (DESIGN.md):
+  switch  L = coef * E / (K * T^2) * sum_i (sum_t p_ti) * count_i     (Megatron's top-k form;
+          = coef * E * sum_i f_i P_i for top-1)
+  seq     the same per sequence of length S (probabilities normalised per token), averaged
+  z       L_z = coef * mean_t (logsumexp_j z_tj)^2                      (ST-MoE)
+  evo     L = coef * E^2 * mean_e(me_e * ce_e), me = mean_t p, ce = fraction of tokens routed
+          to e (EvoMoE's released gate)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def routed_counts(expert_idx_R: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes per expert before any capacity drop: [E] int64."""
+    return torch.bincount(expert_idx_R, minlength=num_experts)
+
+
+def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: float, coef: float) -> torch.Tensor:
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    return coef * E / (top_k * T * T) * (probs_TE.sum(0) * counts_E.to(probs_TE.dtype)).sum()
+
+
+def seq_aux_loss(
+    probs_TE: torch.Tensor, token_idx_R: torch.Tensor, expert_idx_R: torch.Tensor, seq_len: int, top_k: float, coef: float
+) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss; tokens are laid out [B, S] in order."""
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    if T % seq_len != 0:
+        raise ValueError(f"seq aux loss: {T} tokens do not split into sequences of length {seq_len}")
+    B = T // seq_len
+    # probabilities normalised per token (for sigmoid scores they do not sum to 1)
+    p = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    p_sum_BE = p.view(B, seq_len, E).sum(1)
+    seq_of_route = token_idx_R // seq_len
+    counts_BE = torch.zeros(B * E, dtype=p.dtype, device=p.device)
+    counts_BE.index_add_(0, seq_of_route * E + expert_idx_R, torch.ones_like(expert_idx_R, dtype=p.dtype))
+    counts_BE = counts_BE.view(B, E)
+    per_seq = E / (top_k * seq_len * seq_len) * (p_sum_BE * counts_BE).sum(-1)
+    return coef * per_seq.mean()
+
+
+def z_loss(logits_TE: torch.Tensor, coef: float) -> torch.Tensor:
+    if logits_TE.shape[0] == 0:
+        return logits_TE.sum() * 0.0
+    return coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def evo_balance_loss(probs_TE: torch.Tensor, token_idx_R: torch.Tensor, expert_idx_R: torch.Tensor, coef: float) -> torch.Tensor:
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    me = probs_TE.mean(0)
+    ce = torch.bincount(expert_idx_R, minlength=E).to(probs_TE.dtype) / T
+    return coef * E * E * (me * ce).mean()
+
+
+@torch.no_grad()
+def router_metrics(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_routes: int, dropped: int | torch.Tensor) -> dict:
+    """Detached statistics (0-dim tensors, no host sync here)."""
+    T = max(probs_TE.shape[0], 1)
+    p = probs_TE.float()
+    entropy = -(p * p.clamp_min(1e-20).log()).sum(-1).mean() if probs_TE.shape[0] else p.new_zeros(())
+    load = counts_E.float()
+    mean_load = load.mean()
+    return {
+        "router_entropy": entropy,
+        "max_load": load.max(),
+        "mean_load": mean_load,
+        "max_over_mean_load": load.max() / mean_load.clamp_min(1e-9),
+        "experts_per_token": torch.tensor(num_routes / T),
+        "drop_rate": torch.as_tensor(dropped, dtype=torch.float32) / max(num_routes, 1),
+    }

@@ -1,0 +1,69 @@
+"""Grouped experts: E feed-forward networks evaluated with grouped GEMMs.
+
+Legend: N routed rows grouped by expert, D hidden, F ffn hidden, E experts (local to this rank).
+FFN_e(x) = act(x @ w1[e]) @ w2[e];  swiglu: (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moesys.kernels import grouped_gemm
+
+from .config import MoEConfig
+
+_ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class GroupedExperts(nn.Module):
+    """Holds w1 [E_local, D, F], w2 [E_local, F, D] (+ w3 [E_local, D, F] for swiglu).
+
+    Single-device by default (E_local = E). `moesys.parallel.apply_expert_parallel` slices the
+    parameters in place and sets `expert_offset` / `num_local_experts` (and an F-shard when the
+    group has more ranks than experts).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, Fh = cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size
+        self.num_experts = E
+        self.num_local_experts = E
+        self.expert_offset = 0
+        self.w1 = nn.Parameter(torch.empty(E, D, Fh))
+        self.w2 = nn.Parameter(torch.empty(E, Fh, D))
+        self.w3 = nn.Parameter(torch.empty(E, D, Fh)) if cfg.gated else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=self.cfg.init_std)
+
+    def compute(
+        self,
+        x_ND: torch.Tensor,
+        counts_E: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w3: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The expert FFNs with explicit weights (len(counts_E) == w1.shape[0])."""
+        backend = self.cfg.kernel_backend
+        h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)
+        if self.cfg.gated:
+            h_NF = F.silu(h_NF) * grouped_gemm(x_ND, w3, counts_E, backend=backend)
+        else:
+            h_NF = _ACTS[self.cfg.activation](h_NF)
+        return grouped_gemm(h_NF, w2, counts_E, backend=backend)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "
+                f"D={self.cfg.hidden_size}, F={self.w1.shape[-1]}, activation={self.cfg.activation}")

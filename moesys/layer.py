@@ -1,0 +1,130 @@
+"""MoELayer: router -> plan -> permute -> runner (dispatch, experts, combine) -> unpermute.
+
+Legend: T tokens, D hidden, E experts, R routes, N kept routes.
+The layer is single-device; `moesys.parallel.apply_expert_parallel` swaps its runner (and slices
+its experts) to move tokens between ranks. The layer never touches a process group itself,
+except the optional one passed to `update_expert_bias`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from moesys.kernels import permute, unpermute
+
+from . import balance
+from .config import MoEConfig
+from .experts import GroupedExperts
+from .plan import Plan, make_plan
+from .routers import build_router
+
+
+@dataclass
+class MoEAux:
+    """What one forward reports besides its output."""
+
+    loss: torch.Tensor  # scalar: coefficient-weighted sum of the balance losses (add to the loss)
+    tokens_per_expert: torch.Tensor  # [E] kept routes per expert (this rank's tokens)
+    dropped: torch.Tensor  # 0-dim int64: (token, expert) routes dropped by capacity
+    metrics: dict = field(default_factory=dict)  # name -> detached 0-dim tensor or float
+
+
+class LocalRunner:
+    """Runs all experts on this device: no communication."""
+
+    def __init__(self) -> None:
+        self.last_metrics: dict = {}
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        if experts.num_local_experts != counts_E.shape[0]:
+            raise RuntimeError(
+                f"LocalRunner: the layer holds {experts.num_local_experts} of {counts_E.shape[0]} experts; "
+                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
+            )
+        return experts(x_ND, counts_E)
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    Args:
+        cfg: the layer's MoEConfig.
+        ep_group: optional process group; when given, the layer is sharded over it right away
+            (same as calling `moesys.parallel.apply_expert_parallel(layer, ep_group)`).
+    """
+
+    def __init__(self, cfg: MoEConfig, ep_group=None):
+        super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.router = build_router(cfg)
+        self.experts = GroupedExperts(cfg)
+        self.runner = LocalRunner()
+        self._generator: Optional[torch.Generator] = None
+        if ep_group is not None:
+            from moesys.parallel import apply_expert_parallel
+
+            apply_expert_parallel(self, ep_group)
+
+    def set_runner(self, runner) -> None:
+        self.runner = runner
+
+    def capacity(self, num_tokens: int) -> Optional[int]:
+        """Per-expert capacity for `num_tokens` local tokens, None when nothing is dropped."""
+        if self.cfg.router == "expert_choice":  # the router fixes each expert's C itself
+            return None
+        if self.cfg.variable_k and self.training and not bool(getattr(self.router, "hard", True)):
+            # dense phase of a dense-to-sparse gate: all tokens fit (no drops)
+            return None
+        return self.cfg.capacity(num_tokens)
+
+    def route(self, x_TD: torch.Tensor, seq_len: int) -> tuple:
+        routing = self.router(x_TD, seq_len=seq_len)
+        cap = self.capacity(x_TD.shape[0]) if routing.capacity_applies else None
+        plan = make_plan(routing, self.cfg.num_experts, cap, self.cfg.drop_policy, self._generator)
+        return routing, plan
+
+    def forward(self, x: torch.Tensor):
+        cfg = self.cfg
+        if x.dim() < 1 or x.shape[-1] != cfg.hidden_size:
+            raise ValueError(
+                f"MoELayer: input has width {x.shape[-1] if x.dim() else None} (shape {tuple(x.shape)}) "
+                f"but MoEConfig.hidden_size is {cfg.hidden_size}"
+            )
+        shape = x.shape
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        T = x_TD.shape[0]
+        seq_len = shape[-2] if x.dim() >= 3 else max(T, 1)
+        routing, plan = self.route(x_TD, seq_len)
+        x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
+        y_ND = self.runner(x_ND, plan.counts_E, self.experts)
+        y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
+        aux = self._aux(routing, plan)
+        return y_TD.reshape(shape).to(x.dtype), aux
+
+    def _aux(self, routing, plan: Plan) -> MoEAux:
+        losses = routing.losses
+        if losses:
+            loss = sum(losses.values())
+        else:
+            loss = routing.logits_TE.new_zeros(())
+        metrics = balance.router_metrics(routing.probs_TE, plan.routed_E, routing.num_routes, plan.dropped)
+        for name, value in losses.items():
+            metrics[name] = value.detach()
+        for name, value in getattr(self.runner, "last_metrics", {}).items():
+            metrics[f"runtime/{name}"] = value
+        return MoEAux(loss=loss, tokens_per_expert=plan.counts_E, dropped=plan.dropped, metrics=metrics)
+
+    @torch.no_grad()
+    def update_expert_bias(self, group=None) -> None:
+        """Aux-loss-free balancing step (router="sigmoid_bias"); a no-op for other routers.
+        Call after the optimizer step; pass the data-parallel group so loads are global."""
+        self.router.update_expert_bias(group)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"E={c.num_experts}, K={c.top_k}, router={c.router}, capacity_factor={c.capacity_factor}"

@@ -1,0 +1,37 @@
+"""The router's decision as a flat list of routes, so every router shares one shape.
+
+Legend: T tokens, E experts, R routes (pairs token -> expert). Top-k routers give R = T*K in
+token-major order; dense-to-sparse gates give a number of routes that varies per token; expert
+choice gives R = E*C. Everything downstream (plan, dispatch, experts) works on routes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Routing:
+    token_idx_R: torch.Tensor  # [R] int64 token of each route
+    expert_idx_R: torch.Tensor  # [R] int64 global expert of each route
+    weight_R: torch.Tensor  # [R] fp32 combine weight, differentiable w.r.t. the router
+    slot_R: torch.Tensor  # [R] int64 choice rank of the route for its token (0 = first choice)
+    num_tokens: int  # T
+    probs_TE: torch.Tensor  # [T, E] fp32 router probabilities (used for losses and metrics)
+    logits_TE: torch.Tensor  # [T, E] fp32 raw logits
+    losses: dict = field(default_factory=dict)  # name -> scalar tensor, already coefficient-weighted
+    capacity_applies: bool = True  # False when the router already fixed the per-expert counts
+
+    @property
+    def num_routes(self) -> int:
+        return int(self.token_idx_R.shape[0])
+
+
+def token_major_routes(idx_TK: torch.Tensor, weight_TK: torch.Tensor):
+    """Flatten [T, K] choices into routes ordered token-major: route t*K + k."""
+    T, K = idx_TK.shape
+    dev = idx_TK.device
+    token_idx_R = torch.arange(T, device=dev).repeat_interleave(K)
+    slot_R = torch.arange(K, device=dev).repeat(T)
+    return token_idx_R, idx_TK.reshape(-1), weight_TK.reshape(-1), slot_R
