@@ -1,0 +1,137 @@
+"""A small decoder-only GPT whose feed-forward blocks are moesys MoE layers.
+
+Legend: B batch, S sequence, D d_model, H heads, hd = D/H, V vocab.
+Single-device model code: expert parallelism is applied afterwards by the trainer
+(`moesys.parallel.apply_expert_parallel` on each MoE layer), never here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MoEConfig
+from .layer import MoEAux, MoELayer
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    ffn_hidden: int
+    seq_len: int
+    moe_every: int = 1  # 1: every block's FFN is MoE; k: blocks k-1, 2k-1, ...; 0: dense
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+    def is_moe(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).split(D, dim=-1)
+        # (B, H, S, hd)
+        q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(o.transpose(1, 2).reshape(B, S, D))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, moe_cfg: MoEConfig, use_moe: bool):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.moe = MoELayer(moe_cfg) if use_moe else None
+        self.ffn = None if use_moe else DenseFFN(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BSD: torch.Tensor):
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
+        h = self.ln2(x_BSD)
+        if self.moe is not None:
+            y, aux = self.moe(h)
+        else:
+            y, aux = self.ffn(h), None
+        return x_BSD + self.drop(y), aux
+
+
+class GPTMoE(nn.Module):
+    """Decoder-only GPT; `forward(idx_BS) -> (logits_BSV, aux_loss, [MoEAux per MoE block])`."""
+
+    def __init__(self, cfg: GPTConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        if moe_cfg.hidden_size != cfg.d_model:
+            raise ValueError(f"MoEConfig.hidden_size ({moe_cfg.hidden_size}) != d_model ({cfg.d_model})")
+        if moe_cfg.router == "expert_choice" and not moe_cfg.allow_noncausal and cfg.moe_every > 0:
+            raise ValueError(
+                "router='expert_choice' is not causal (experts pick tokens from the whole batch); "
+                "set MoEConfig.allow_noncausal=True to use it in a decoder anyway"
+            )
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, moe_cfg, cfg.is_moe(i)) for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and ".moe." not in f".{name}.":
+                nn.init.normal_(m.weight, std=0.02)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layers)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.proj.weight, std=0.02 / (2 * self.cfg.n_layers) ** 0.5)
+            if blk.ffn is not None:
+                nn.init.normal_(blk.ffn.proj.weight, std=0.02 / (2 * self.cfg.n_layers) ** 0.5)
+
+    def moe_layers(self) -> List[Tuple[int, MoELayer]]:
+        """(block index, layer) of every MoE block."""
+        return [(i, b.moe) for i, b in enumerate(self.blocks) if b.moe is not None]
+
+    def forward(self, idx_BS: torch.Tensor):
+        B, S = idx_BS.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {S} > model.seq_len {self.cfg.seq_len}")
+        pos = torch.arange(S, device=idx_BS.device)
+        x = self.tok_emb(idx_BS) + self.pos_emb(pos)[None]
+        auxes: List[MoEAux] = []
+        for blk in self.blocks:
+            x, aux = blk(x)
+            if aux is not None:
+                auxes.append(aux)
+        logits_BSV = self.head(self.ln_f(x))
+        aux_loss = sum((a.loss for a in auxes), start=logits_BSV.new_zeros((), dtype=torch.float32))
+        return logits_BSV, aux_loss, auxes
+
+
+def lm_loss(logits_BSV: torch.Tensor, y_BS: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in float32."""
+    return F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]), y_BS.reshape(-1), reduction=reduction)
