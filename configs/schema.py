@@ -138,7 +138,7 @@ class LoggingConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    moe: Any = field(default_factory=MoESection)
+    moe: MoESection = field(default_factory=MoESection)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

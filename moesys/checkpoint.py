@@ -1,0 +1,298 @@
+"""Atomic, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `<out_dir>/checkpoints/`:
+    step_00000300/      a DCP checkpoint (.metadata + per-rank .distcp files) + moesys.json
+    latest              the name of the newest complete checkpoint (replaced atomically)
+    .step_00000400.tmp  a save in progress (or one that crashed): never read
+
+Atomicity: every rank writes into the `.tmp` directory; after a barrier rank 0 writes moesys.json,
+renames the directory to its final name and then points `latest` at it with os.replace. A crash
+anywhere before the rename leaves `latest` and the previous checkpoint untouched.
+
+Resharding: expert tensors are keyed by GLOBAL expert index (`blocks.1.moe.experts.w1.e5`) in both
+the model and the optimizer entries, so a run at any EP degree saves and loads exactly its own
+experts; non-expert tensors are replicated and DCP stores them once. A checkpoint written at EP=2
+loads at EP=1 or EP=4 with the same numbers (optimizer state included).
+
+Flat state keys:
+    model.<name>[.e<g>]                         parameters and persistent buffers
+    optim.<param>[.e<g>].{exp_avg,exp_avg_sq}   AdamW moments; optim.<param>.step
+    rng.rank<r>                                 torch / numpy / python RNG states of rank r
+    trainer                                     step, data position, LR schedule, world/ep
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+META_FILE = "moesys.json"
+LATEST = "latest"
+# model fields that change tensor shapes or names: a checkpoint must agree on all of them
+STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
+                     "tie_embeddings", "num_experts", "activation", "router")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model being trained."""
+
+
+# ---- expert tensors keyed by global index ---------------------------------------------------------
+def _expert_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """name -> the grouped-experts module (holds w1/w2[/w3] with leading dim E_local)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "expert_offset") and hasattr(mod, "w1") and isinstance(getattr(mod, "w1"), torch.Tensor):
+            full_f = mod.cfg.ffn_hidden_size if hasattr(mod, "cfg") else mod.w1.shape[-1]
+            if mod.w1.shape[-1] != full_f:
+                raise CheckpointError(
+                    f"{name}: experts are sharded along the FFN dimension (F={mod.w1.shape[-1]} of {full_f}, "
+                    "EP larger than the number of experts); checkpoints support EP <= num_experts only"
+                )
+            out[name] = mod
+    return out
+
+
+def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn.Module]) -> Dict[str, torch.Tensor]:
+    """Replace each expert tensor [E_local, ...] by E_local entries `<key>.e<global index>`."""
+    out = {}
+    for key, t in tensors.items():
+        mod_name, _, _ = key.rpartition(".")
+        mod = experts.get(mod_name)
+        if mod is not None and t.dim() >= 1 and t.shape[0] == mod.num_local_experts:
+            for j in range(t.shape[0]):
+                out[f"{key}.e{mod.expert_offset + j}"] = t[j]
+        else:
+            out[key] = t
+    return out
+
+
+def model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """Flat model entries (detached views of this rank's tensors, expert tensors split per expert)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return _split_experts(sd, _expert_modules(model))
+
+
+def _param_names(model: torch.nn.Module) -> Dict[torch.nn.Parameter, str]:
+    return {p: n for n, p in model.named_parameters()}
+
+
+def optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    """Flat AdamW entries, experts split by global index; a parameter without state yet saves zeros."""
+    names = _param_names(model)
+    flat: Dict[str, torch.Tensor] = {}
+    steps: Dict[str, torch.Tensor] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names[p]
+            st = optimizer.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                flat[f"{n}.{k}"] = st[k].detach() if k in st else torch.zeros_like(p, memory_format=torch.preserve_format)
+            steps[n] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32).detach().clone().reshape(())
+    experts = _expert_modules(model)
+    # moments sit at "<param>.exp_avg": split on the param's module, then move the suffix last
+    out = {}
+    for key, t in flat.items():
+        pkey, _, moment = key.rpartition(".")
+        for k2, v in _split_experts({pkey: t}, experts).items():
+            out[f"optim.{k2}.{moment}"] = v
+    for n, s in steps.items():
+        out[f"optim.{n}.step"] = s
+    return out
+
+
+def _collect(flat: Dict[str, torch.Tensor], key: str, like: torch.Tensor, experts: Dict[str, torch.nn.Module],
+             spell) -> torch.Tensor:
+    """The loaded value of `key` for this rank: expert tensors are stacked from their global entries."""
+    mod = experts.get(key.rpartition(".")[0])
+    if mod is not None and like.dim() >= 1 and like.shape[0] == mod.num_local_experts:
+        return torch.stack([flat[spell(f"{key}.e{mod.expert_offset + j}")] for j in range(like.shape[0])])
+    return flat[spell(key)]
+
+
+def _assign(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: Dict[str, torch.Tensor]) -> None:
+    """Copy loaded flat entries back into this rank's model (and optimizer)."""
+    experts = _expert_modules(model)
+    with torch.no_grad():
+        for key, t in model.state_dict(keep_vars=True).items():
+            t.copy_(_collect(flat, key, t, experts, lambda k: f"model.{k}"))
+    if optimizer is None:
+        return
+    names = _param_names(model)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names[p]
+            st = {"step": flat[f"optim.{n}.step"].clone()}
+            for m in ("exp_avg", "exp_avg_sq"):
+                st[m] = _collect(flat, n, p, experts, lambda k, m=m: f"optim.{k}.{m}").clone().to(p.dtype)
+            optimizer.state[p] = st
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+
+
+# ---- save ----------------------------------------------------------------------------------------
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, structure: dict, keep: int = 2) -> str:
+    """Collective: every rank calls it. Returns the final directory.
+
+    Args:
+        root: the checkpoints directory.
+        step: optimizer steps done; names the checkpoint.
+        trainer_state: small picklable dict (step, data position, schedule, world size, ep).
+        structure: the model's STRUCTURAL_FIELDS values, written to moesys.json and checked on load.
+        keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
+    """
+    name = f"step_{step:08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):  # left by a crashed save
+            shutil.rmtree(tmp)
+    _barrier()
+    state = {**{f"model.{k}": v for k, v in model_state(model).items()}, **optim_state(model, optimizer)}
+    state["trainer"] = dict(trainer_state)
+    state[f"rng.rank{rank}"] = rng_state()
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
+    _barrier()
+    if rank == 0:
+        _write_atomic(os.path.join(tmp, META_FILE), json.dumps({"step": step, "structure": structure,
+                                                                "trainer": trainer_state}, indent=1, default=str))
+        if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(os.path.join(root, LATEST), name + "\n")
+        _prune(root, keep, name)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep: int, newest: str) -> None:
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    for d in done[: max(len(done) - max(keep, 1), 0)]:
+        if d != newest:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+# ---- find and check (local file reads only: safe before any collective) --------------------------
+def resolve(path: str) -> str:
+    """A checkpoint directory from a checkpoint dir, a checkpoints/ dir or a run's out dir."""
+    for cand in (path, os.path.join(path, "checkpoints")):
+        latest = os.path.join(cand, LATEST)
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                name = f.read().strip()
+            target = os.path.join(cand, name)
+            if not os.path.isdir(target):
+                raise CheckpointError(f"{latest} points to {name!r}, which does not exist")
+            return target
+    if os.path.isfile(os.path.join(path, META_FILE)) or os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    raise CheckpointError(f"no checkpoint at {path!r} (expected a checkpoint directory, or a directory with a "
+                          f"'{LATEST}' file, or an out dir with checkpoints/{LATEST})")
+
+
+def read_meta(ckpt: str) -> dict:
+    meta_path = os.path.join(ckpt, META_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt!r} is incomplete: {META_FILE} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {META_FILE} is not valid JSON ({e})") from None
+    if "structure" not in meta or "step" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {META_FILE} lacks 'structure'/'step'")
+    return meta
+
+
+def check_compatible(ckpt: str, structure: dict) -> dict:
+    """Raise CheckpointError naming every structural field that differs; return the metadata."""
+    meta = read_meta(ckpt)
+    saved = meta["structure"]
+    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
+             for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {ckpt!r} does not fit this model: " + "; ".join(diffs))
+    try:
+        md = dcp.FileSystemReader(ckpt).read_metadata()
+    except Exception as e:  # a truncated or garbled .metadata: name it, do not guess
+        raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: cannot read its DCP .metadata ({type(e).__name__}: {e})") from None
+    meta["_keys"] = md.state_dict_metadata
+    return meta
+
+
+def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], saved_keys: Iterable[str],
+                     rank: int) -> Tuple[dict, bool]:
+    """The state dict this rank asks DCP for (fresh tensors), and whether its RNG entry exists.
+
+    Raises CheckpointError when an entry this rank needs is missing or has another shape.
+    """
+    saved_keys = dict(saved_keys) if not isinstance(saved_keys, dict) else saved_keys
+    want = {f"model.{k}": torch.empty_like(v) for k, v in model_state(model).items()}
+    if optimizer is not None:
+        want.update({k: torch.empty_like(v) for k, v in optim_state(model, optimizer).items()})
+    for k, v in want.items():
+        md = saved_keys.get(k)
+        if md is None:
+            raise CheckpointError(f"checkpoint lacks entry {k!r} (shape {tuple(v.shape)}) that this run needs")
+        size = tuple(getattr(md, "size", ()))
+        if size != tuple(v.shape):
+            raise CheckpointError(f"checkpoint entry {k!r} has shape {size}, this run needs {tuple(v.shape)}")
+    want["trainer"] = {}
+    has_rng = f"rng.rank{rank}" in saved_keys
+    if has_rng:
+        want[f"rng.rank{rank}"] = {}
+    return want, has_rng
+
+
+def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    structure: dict, restore_rng: bool = True) -> dict:
+    """Collective. Loads model (+ optimizer, + this rank's RNG if the world matches); returns trainer state."""
+    meta = check_compatible(ckpt, structure)
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
+    dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
+    _assign(model, optimizer, state)
+    trainer_state = dict(state["trainer"])
+    if restore_rng and has_rng and trainer_state.get("world_size") == world:
+        set_rng_state(state[f"rng.rank{rank}"])
+        trainer_state["rng_restored"] = True
+    else:
+        trainer_state["rng_restored"] = False
+    return trainer_state

@@ -1,0 +1,346 @@
+"""The training loop of `moesys-train`: one rank's view, inside an initialised process group.
+
+Step s (plain engine):
+    callbacks.on_step_start(s) -> lr(s) -> grad_accum x (forward, loss/accum backward)
+    -> allreduce_gradients (experts over edp, the rest over dp) -> clip by the global norm
+    -> optimizer.step() -> layer.update_expert_bias(dp_group) -> callbacks.after_optimizer_step(s)
+Callbacks are how schedules plug in (EvoMoE's tau schedule, expert diversification): any object
+with some of on_train_start(trainer), on_step_start(step), after_optimizer_step(step),
+on_train_end(trainer); missing methods are skipped.
+
+Legend: B local sequences, S seq_len, V vocab, E experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from . import data as data_mod
+from .logging_utils import RunLogger
+from .model import GPTConfig, GPTMoE, lm_loss
+
+_HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from lr to min_ratio*lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def structure_of(cfg) -> dict:
+    """The checkpoint-relevant shape of the model (checkpoint.STRUCTURAL_FIELDS)."""
+    m, moe = cfg.model, cfg.moe
+    return {"vocab_size": cfg.data.vocab_size, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
+            "ffn_hidden": m.ffn_hidden, "seq_len": m.seq_len, "moe_every": m.moe_every,
+            "tie_embeddings": m.tie_embeddings, "num_experts": moe.num_experts, "activation": moe.activation,
+            "router": moe.router}
+
+
+def build_model(cfg) -> GPTMoE:
+    m = cfg.model
+    gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                     ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
+                     tie_embeddings=m.tie_embeddings)
+    return GPTMoE(gcfg, cfg.moe_config())
+
+
+def _is_expert(p: torch.Tensor) -> bool:
+    from moesys.parallel import is_expert_param
+
+    return is_expert_param(p)
+
+
+class Trainer:
+    """Builds model, data, optimizer and logger for this rank and runs the loop.
+
+    Args:
+        cfg: a validated TrainConfig.
+        dims: moesys.parallel.ParallelDims of the running process group.
+        out_dir: the run's output directory (same on every rank).
+        callbacks: step hooks (see module docstring).
+        device: where the model lives.
+    """
+
+    def __init__(self, cfg, *, dims, out_dir: str, callbacks: Iterable = (), device: torch.device = torch.device("cpu")):
+        self.cfg, self.dims, self.out_dir, self.device = cfg, dims, out_dir, device
+        self.callbacks: List = list(callbacks)
+        self.rank = dims.rank
+        t, p = cfg.trainer, cfg.parallel
+        self.ckpt_root = os.path.join(out_dir, "checkpoints")
+
+        # --- model: identical init on every rank, then experts sliced by the runtime ---------------
+        torch.manual_seed(t.seed)
+        self.model = build_model(cfg).to(device)
+        if p.ep > 1:
+            from moesys.parallel import apply_expert_parallel
+
+            overlap = p.overlap if str(p.overlap) == "auto" else int(p.overlap)
+            for _, layer in self.model.moe_layers():
+                apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
+                                      overlap=overlap)
+        # per-rank streams from here on (jitter, dropout), so ranks do not draw identical noise
+        torch.manual_seed(t.seed + 7919 * (self.rank + 1))
+
+        # --- data --------------------------------------------------------------------------------
+        tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
+        self.train_split, self.val_split = data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
+        self.batches = data_mod.TrainBatches(self.train_split, seq_len=cfg.model.seq_len, global_batch=t.batch_size,
+                                             grad_accum=t.grad_accum, dp_rank=dims.rank, dp_size=dims.dp, seed=t.seed)
+
+        # --- optimizer / engine ------------------------------------------------------------------
+        o = cfg.optim
+        decay = [q for q in self.model.parameters() if q.dim() >= 2]
+        no_decay = [q for q in self.model.parameters() if q.dim() < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.engine = None
+        if t.engine == "deepspeed":
+            self.engine = self._build_deepspeed()
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.step = 0
+        self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
+        self.tokens_per_step = t.batch_size * cfg.model.seq_len
+
+    # ------------------------------------------------------------------------------------------
+    def _build_deepspeed(self):
+        try:
+            from moesys.integrations import deepspeed as ds_integration
+        except ImportError as e:
+            raise RuntimeError(
+                "trainer.engine=deepspeed needs moesys.integrations.deepspeed.build_engine, which is not "
+                f"available in this checkout ({e}); use trainer.engine=plain"
+            ) from e
+        t = self.cfg.trainer
+        return ds_integration.build_engine(self.model, optimizer_cfg=dataclasses.asdict(self.cfg.optim),
+                                           zero_stage=t.zero_stage, dims=self.dims, grad_accum=t.grad_accum,
+                                           clip=t.clip)
+
+    def _hook(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, name, None)
+            if fn is not None:
+                fn(*args)
+
+    def _autocast(self):
+        enabled = self.cfg.trainer.precision == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def moe_layers(self):
+        return self.model.moe_layers()
+
+    # ---- one optimizer step ------------------------------------------------------------------------
+    def _clip(self) -> float:
+        """Clip by the global grad norm: non-expert grads are replicated (count once), expert grads
+        are summed over the EP group. Returns the norm before clipping."""
+        exp_sq = torch.zeros((), dtype=torch.float64)
+        rest_sq = torch.zeros((), dtype=torch.float64)
+        params = [q for q in self.model.parameters() if q.grad is not None]
+        for q in params:
+            s = q.grad.detach().double().pow(2).sum().cpu()
+            if _is_expert(q):
+                exp_sq += s
+            else:
+                rest_sq += s
+        if self.dims.ep > 1:
+            dist.all_reduce(exp_sq, group=self.dims.ep_group)
+        norm = float((exp_sq + rest_sq).sqrt())
+        clip = self.cfg.trainer.clip
+        if clip > 0 and norm > clip:
+            scale = clip / (norm + 1e-6)
+            for q in params:
+                q.grad.mul_(scale)
+        return norm
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        step = self.step
+        self._hook("on_step_start", step)
+        lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=t.steps,
+                   min_ratio=cfg.schedule.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        lm_sum = torch.zeros(())
+        aux_sum = torch.zeros(())
+        loads = None
+        last_auxes = []
+        for x, y in self.batches.step_batches(step):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits, aux_loss, auxes = (self.model if self.engine is None else self.engine)(x)
+            loss_lm = lm_loss(logits, y)
+            loss = (loss_lm + aux_loss) / t.grad_accum
+            if self.engine is None:
+                loss.backward()
+            else:
+                self.engine.backward(loss)
+                self.engine.step()
+            lm_sum += loss_lm.detach().float().cpu() / t.grad_accum
+            aux_sum += aux_loss.detach().float().cpu() / t.grad_accum
+            cnt = torch.stack([a.tokens_per_expert.detach().float().cpu() for a in auxes]) if auxes else None
+            loads = cnt if loads is None else loads + cnt
+            last_auxes = auxes
+        grad_norm = float("nan")
+        if self.engine is None:
+            from moesys.parallel import allreduce_gradients
+
+            allreduce_gradients(self.model, self.dims)
+            grad_norm = self._clip()
+            self.optimizer.step()
+        for _, layer in self.moe_layers():
+            layer.update_expert_bias(self.dims.dp_group)
+        self._hook("after_optimizer_step", step)
+        self.step += 1
+        # the loss every rank reports: mean over data-parallel ranks (one small all-reduce)
+        red = torch.stack([lm_sum, aux_sum])
+        dist.all_reduce(red, group=self.dims.dp_group)
+        red /= self.dims.dp
+        out = {"loss": float(red[0]), "aux_loss": float(red[1]), "lr": lr, "grad_norm": grad_norm}
+        if self.step % t.log_interval == 0 or self.step == t.steps:
+            out.update(self._moe_metrics(loads, last_auxes))
+        return out
+
+    def _moe_metrics(self, loads: Optional[torch.Tensor], auxes) -> dict:
+        """Per MoE layer: load share per expert (summed over all dp ranks), drop rate, losses,
+        router entropy and the runtime's decisions. Collective on the dp group."""
+        if loads is None:
+            return {}
+        dist.all_reduce(loads, group=self.dims.dp_group)
+        blocks = [i for i, _ in self.moe_layers()]
+        names = sorted({k for a in auxes for k, v in a.metrics.items()
+                        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
+        vals = torch.tensor([[float(a.metrics.get(k, float("nan"))) for k in names] for a in auxes])
+        dist.all_reduce(vals, group=self.dims.dp_group)
+        vals /= self.dims.dp
+        out = {}
+        share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
+        self.history["load_steps"].append(self.step)
+        for j, b in enumerate(blocks):
+            self.history["load"].setdefault(b, []).append(share[j].tolist())
+            out[f"moe/block{b}/expert_load"] = share[j].tolist()
+            out[f"moe/block{b}/max_over_mean_load"] = float(share[j].max() * share.shape[-1])
+            for n, k in enumerate(names):
+                out[f"moe/block{b}/{k}"] = float(vals[j, n])
+        return out
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+        cfg = self.cfg
+        self.model.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for x, y in data_mod.eval_batches(self.val_split, seq_len=cfg.model.seq_len, batch_size=cfg.trainer.batch_size,
+                                          n_batches=cfg.trainer.eval_batches, dp_rank=self.dims.rank,
+                                          dp_size=self.dims.dp):
+            with self._autocast():
+                logits, _, _ = self.model(x.to(self.device))
+            tot[0] += lm_loss(logits, y.to(self.device), reduction="sum").double().cpu()
+            tot[1] += y.numel()
+        dist.all_reduce(tot, group=self.dims.dp_group)
+        self.model.train()
+        return float(tot[0] / tot[1])
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        s = self.cfg.schedule
+        return {"step": self.step, "data_position": self.step, "world_size": self.dims.world_size,
+                "ep": self.dims.ep, "seed": self.cfg.trainer.seed,
+                "schedule": {"lr": self.cfg.optim.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio,
+                             "total_steps": self.cfg.trainer.steps},
+                "history": self.history}
+
+    def save(self) -> Optional[str]:
+        if self.engine is not None:
+            tag = f"step_{self.step:08d}"
+            self.engine.save_checkpoint(os.path.join(self.out_dir, "checkpoints_deepspeed"), tag=tag)
+            return tag
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+                                    trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
+                                    keep=self.cfg.trainer.keep_checkpoints)
+
+    def load(self, path: str) -> dict:
+        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg))
+        self.step = int(st["data_position"])
+        if st.get("history"):
+            self.history = st["history"]
+            self.history["load"] = {int(k): v for k, v in self.history.get("load", {}).items()}
+        if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
+            torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
+        return st
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def fit(self, resume_from: Optional[str] = None) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        if resume_from is not None:
+            self.load(resume_from)
+        log = RunLogger(self.out_dir, enabled=self.rank == 0, wandb_mode=cfg.logging.wandb_mode,
+                        project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
+                        start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
+        start = time.time()
+        if resume_from is not None:
+            log.message(f"resumed from {resume_from} at step {self.step}")
+        self._hook("on_train_start", self)
+        if self.step == 0:
+            v = self.evaluate()
+            self.history["val"].append((0, v))
+            log.log(0, {"val/loss": v})
+            log.message(f"step 0: val loss {v:.4f}")
+        t_last, last = time.time(), None
+        while self.step < t.steps:
+            m = self.train_step()
+            last = m
+            self.history["train"].append((self.step, m["loss"]))
+            now = time.time()
+            tok_s = self.tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            m["tokens_per_s"] = tok_s
+            log.progress(1, m["loss"], tok_s)
+            if self.step % t.eval_interval == 0 or self.step == t.steps:
+                v = self.evaluate()
+                m["val/loss"] = v
+                self.history["val"].append((self.step, v))
+                log.message(f"step {self.step}: train loss {m['loss']:.4f}  val loss {v:.4f}  lr {m['lr']:.2e}")
+            log.log(self.step, m)
+            if t.ckpt_interval and self.step % t.ckpt_interval == 0 and self.step < t.steps:
+                self.save()
+        saved = self.save() if t.save_final else None
+        self._hook("on_train_end", self)
+        elapsed = time.time() - start
+        summary = {"steps": self.step, "elapsed_s": elapsed,
+                   "val_loss_start": self.history["val"][0][1] if self.history["val"] else float("nan"),
+                   "val_loss_end": self.history["val"][-1][1] if self.history["val"] else float("nan"),
+                   "train_loss_end": last["loss"] if last else float("nan"),
+                   "checkpoint": saved, "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]]}
+        if self.rank == 0:
+            if t.plots:
+                summary["plots"] = _plots(self.out_dir, self.history)
+            log.message(f"done: {self.step} steps in {elapsed:.1f}s; val loss {summary['val_loss_start']:.4f} -> "
+                        f"{summary['val_loss_end']:.4f}; outputs in {self.out_dir}")
+        log.close({k: v for k, v in summary.items() if k != "train_losses"})
+        return summary
+
+
+def _plots(out_dir: str, history: dict) -> list:
+    from .plots import write_all
+
+    return write_all(out_dir, history)
+
+
+def _as_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,74 @@
+"""Data sources, the fixed split, and deterministic per-step batches."""
+import numpy as np
+import pytest
+import torch
+
+from moesys import data
+
+
+def test_embedded_corpus_is_deterministic_bytes():
+    a, b = data.load_tokens(None), data.load_tokens(None)
+    assert a.dtype == np.uint8 and len(a) > 400_000
+    assert np.array_equal(a, b)
+
+
+def test_text_file_and_split(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("abcdefghij" * 100)
+    toks = data.load_tokens(str(p))
+    assert toks[0] == ord("a") and len(toks) == 1000
+    train, val = data.train_val_split(toks, 0.1, seq_len=8)
+    assert len(val) == 100 and len(train) == 900
+    assert np.array_equal(val.tokens, toks[900:])  # the last fraction is validation
+
+
+def test_bin_memmap(tmp_path):
+    p = tmp_path / "x.bin"
+    arr = (np.arange(5000) % 1000).astype(np.uint16)
+    arr.tofile(p)
+    toks = data.load_tokens(str(p), "uint16", vocab_size=1000)
+    assert np.array_equal(np.asarray(toks), arr)
+    with pytest.raises(ValueError, match="token id 999 >= data.vocab_size"):
+        data.load_tokens(str(p), "uint16", vocab_size=500)
+    (tmp_path / "odd.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="not a non-empty multiple of uint16"):
+        data.load_tokens(str(tmp_path / "odd.bin"), "uint16")
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        data.load_tokens(str(tmp_path / "nope.txt"))
+
+
+def test_split_too_short_for_seq_len():
+    with pytest.raises(ValueError, match="model.seq_len"):
+        data.train_val_split(np.zeros(100, np.uint8), 0.1, seq_len=64)
+
+
+def test_batches_are_a_function_of_step_and_shard_the_global_batch():
+    toks = data.load_tokens(None)
+    split, _ = data.train_val_split(toks, 0.1, seq_len=16)
+    full = data.TrainBatches(split, seq_len=16, global_batch=8, grad_accum=2, dp_rank=0, dp_size=1, seed=3)
+    halves = [data.TrainBatches(split, seq_len=16, global_batch=8, grad_accum=2, dp_rank=r, dp_size=2, seed=3)
+              for r in range(2)]
+    for step in (0, 5):
+        micro_full = list(full.step_batches(step))
+        assert len(micro_full) == 2 and micro_full[0][0].shape == (4, 16)
+        for m in range(2):
+            x_full, y_full = micro_full[m]
+            x_parts = torch.cat([list(h.step_batches(step))[m][0] for h in halves])
+            assert torch.equal(x_full, x_parts)  # dp ranks see slices of the same global batch
+            assert torch.equal(x_full[:, 1:], y_full[:, :-1])  # y is x shifted by one
+    a = list(full.step_batches(0))[0][0]
+    b = list(full.step_batches(1))[0][0]
+    assert not torch.equal(a, b)
+
+
+def test_eval_batches_cover_the_same_windows_at_any_dp():
+    toks = data.load_tokens(None)
+    _, val = data.train_val_split(toks, 0.1, seq_len=16)
+    one = torch.cat([x for x, _ in data.eval_batches(val, seq_len=16, batch_size=4, n_batches=3, dp_rank=0, dp_size=1)])
+    parts = [torch.cat([x for x, _ in data.eval_batches(val, seq_len=16, batch_size=4, n_batches=3, dp_rank=r, dp_size=4)])
+             for r in range(4)]
+    assert one.shape == (12, 16)
+    assert sorted(map(tuple, one.tolist())) == sorted(map(tuple, torch.cat(parts).tolist()))
