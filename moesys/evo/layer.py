@@ -1,0 +1,129 @@
+"""EvoMoELayer: a MoELayer with EvoMoE's dense phase and routing statistics for the schedule.
+
+Legend: T tokens, D hidden, F ffn hidden, E experts, L local experts.
+
+Phase 0 (dense): y = FFN_dense(x) with one replicated expert `dense` (GroupedExperts, E=1, the
+    same w1/w2/w3 layout); router and experts are unused (no grads, no communication).
+Phase 1 (MoE):   the ordinary MoELayer forward (any router; the DTS gates route a variable number
+    of experts per token).
+`phase` is a buffer, so it is checkpointed with the model and equal on every rank. `diversify()`
+spawns the experts of this rank's slice from `dense` (see diversify.py) and flips the phase.
+
+The parameter set never changes shape across the phase boundary, so the optimizer and
+checkpoints stay valid on both sides; `dense` receives no gradient after diversification.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+from moesys import balance
+from moesys.config import MoEConfig
+from moesys.experts import GroupedExperts
+from moesys.layer import MoEAux, MoELayer
+
+from . import diversify as _div
+
+DENSE, SPARSE = 0, 1
+
+
+class EvoMoELayer(MoELayer):
+    """Args:
+        cfg: the phase-2 layer config.
+        dense_phase: start in the dense phase (holds a `dense` FFN); False = a MoELayer with
+            EvoMoE's metrics only.
+        layer_index: index of this MoE layer in the model (seeds the spawn streams).
+    """
+
+    def __init__(self, cfg: MoEConfig, *, dense_phase: bool = True, layer_index: int = 0, ep_group=None):
+        super().__init__(cfg, ep_group=None)
+        self.layer_index = layer_index
+        self.register_buffer("phase", torch.tensor(DENSE if dense_phase else SPARSE, dtype=torch.int64))
+        self.dense: Optional[GroupedExperts] = None
+        if dense_phase:
+            self.dense = GroupedExperts(dataclasses.replace(cfg, num_experts=1, top_k=1))
+        if ep_group is not None:
+            from moesys.parallel import apply_expert_parallel
+
+            apply_expert_parallel(self, ep_group)
+
+    @property
+    def in_dense_phase(self) -> bool:
+        return int(self.phase) == DENSE
+
+    # ---- forward ---------------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor, seq_len: int):
+        routing, plan = super().route(x_TD, seq_len)
+        with torch.no_grad():
+            k_T = torch.bincount(routing.token_idx_R, minlength=routing.num_tokens)
+            self._max_k = k_T.max() if routing.num_tokens else k_T.new_zeros(())
+        return routing, plan
+
+    def forward(self, x: torch.Tensor):
+        if not self.in_dense_phase:
+            y, aux = super().forward(x)
+            aux.metrics["max_experts_per_token"] = self._max_k.float()
+            aux.metrics["tau"] = getattr(self.router, "tau", torch.tensor(float("nan"))).detach().clone()
+            aux.metrics["evo_phase"] = torch.tensor(float(SPARSE))
+            return y, aux
+        if x.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"EvoMoELayer: input width {x.shape[-1]} != hidden_size {self.cfg.hidden_size}")
+        shape = x.shape
+        x_TD = x.reshape(-1, self.cfg.hidden_size)
+        T = x_TD.shape[0]
+        counts_1 = torch.tensor([T], dtype=torch.int64, device=x.device)
+        y_TD = self.dense(x_TD, counts_1)
+        zero = torch.zeros((), dtype=torch.int64, device=x.device)
+        metrics = balance.router_metrics(x_TD.new_ones(T, 1, dtype=torch.float32), counts_1, T, zero)
+        metrics["max_experts_per_token"] = torch.tensor(1.0)
+        metrics["tau"] = torch.tensor(float("nan"))
+        metrics["evo_phase"] = torch.tensor(float(DENSE))
+        aux = MoEAux(
+            loss=x_TD.new_zeros((), dtype=torch.float32),
+            tokens_per_expert=torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=x.device),
+            dropped=zero,
+            metrics=metrics,
+        )
+        return y_TD.reshape(shape).to(x.dtype), aux
+
+    # ---- diversification -------------------------------------------------------------------
+    def local_expert_range(self) -> tuple:
+        ex = self.experts
+        return ex.expert_offset, ex.num_local_experts
+
+    @torch.no_grad()
+    def diversify(self, *, seed: int, method: str, router_std: float = 0.02, **spawn_kw) -> None:
+        """Spawn this rank's experts from `dense`, draw a fresh router, enter phase 1."""
+        if self.dense is None:
+            raise RuntimeError("EvoMoELayer.diversify: this layer was built without a dense phase")
+        ex = self.experts
+        first, L = self.local_expert_range()
+        F_full = self.cfg.ffn_hidden_size
+        f_slice = None
+        if ex.w1.shape[-1] != F_full:
+            f_slice = getattr(ex, "f_slice", None)
+            if f_slice is None:
+                raise RuntimeError(
+                    f"EvoMoELayer.diversify: experts hold F={ex.w1.shape[-1]} of {F_full} but no `f_slice` "
+                    "attribute says which part"
+                )
+        dense_w = {"w1": self.dense.w1[0], "w2": self.dense.w2[0]}
+        if self.dense.w3 is not None:
+            dense_w["w3"] = self.dense.w3[0]
+        new = _div.spawn_slice(dense_w, first_expert=first, num_local=L, layer=self.layer_index, seed=seed,
+                               method=method, f_slice=f_slice, **spawn_kw)
+        for name, w in new.items():
+            p = getattr(ex, name)
+            p.copy_(w.to(device=p.device, dtype=p.dtype))
+        r = self.router.weight
+        r.copy_(_div.fresh_router(self.cfg.num_experts, self.cfg.hidden_size, layer=self.layer_index,
+                                  seed=seed, std=router_std).to(device=r.device, dtype=r.dtype))
+        gb = getattr(self.router, "gate_bias", None)
+        if gb is not None:
+            gb.zero_()
+        self.phase.fill_(SPARSE)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", evo_phase={'dense' if self.in_dense_phase else 'moe'}"
