@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from moesys.config import MoEConfig
+from moesys.evo.schedule import EvoConfig
 
 # ---- moe: every MoEConfig field but the sizes the model owns -------------------------------------
 _MODEL_OWNED = ("hidden_size", "ffn_hidden_size")
@@ -145,6 +146,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evo: EvoConfig = field(default_factory=EvoConfig)  # EvoMoE schedule (configs/evo/*.yaml)
 
     # ------------------------------------------------------------------------------------------
     def moe_config(self) -> MoEConfig:

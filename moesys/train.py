@@ -40,6 +40,10 @@ def world_size_of(cfg: TrainConfig) -> int:
 
 def build_callbacks(cfg: TrainConfig) -> List:
     """Step hooks built from the config (EvoMoE's `evo` group plugs in here)."""
+    if cfg.evo.enabled:
+        from moesys.evo import EvoCallback
+
+        return [EvoCallback(cfg.evo, seed=cfg.trainer.seed)]
     return []
 
 

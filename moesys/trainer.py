@@ -51,7 +51,12 @@ def build_model(cfg) -> GPTMoE:
     gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
                      ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
                      tie_embeddings=m.tie_embeddings)
-    return GPTMoE(gcfg, cfg.moe_config())
+    model = GPTMoE(gcfg, cfg.moe_config())
+    if cfg.evo.enabled:  # EvoMoE: swap in EvoMoELayers before expert parallelism and the optimizer
+        from moesys.evo import EvoController
+
+        EvoController.prepare(model, cfg.evo, seed=cfg.trainer.seed)
+    return model
 
 
 def _is_expert(p: torch.Tensor) -> bool:

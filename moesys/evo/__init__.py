@@ -2,6 +2,7 @@
 
     from moesys.evo import EvoConfig, EvoController, TauSchedule, EvoMoELayer, upcycle_model
 """
+from .callback import EvoCallback
 from .controller import EvoController, transfer_optimizer_state
 from .diversify import fresh_router, spawn_expert, spawn_slice, stream_seed
 from .layer import EvoMoELayer
@@ -9,6 +10,6 @@ from .schedule import EvoConfig, TauSchedule
 from .upcycle import upcycle_model
 
 __all__ = [
-    "EvoConfig", "EvoController", "EvoMoELayer", "TauSchedule", "fresh_router", "spawn_expert",
+    "EvoCallback", "EvoConfig", "EvoController", "EvoMoELayer", "TauSchedule", "fresh_router", "spawn_expert",
     "spawn_slice", "stream_seed", "transfer_optimizer_state", "upcycle_model",
 ]

@@ -74,6 +74,14 @@ class EvoController:
         ctl.on_step_start(0, None)
         return ctl
 
+    @classmethod
+    def attach(cls, model: nn.Module, cfg: EvoConfig, *, seed: int) -> "EvoController":
+        """A controller over the EvoMoELayers already in `model` (after `prepare`, EP, resume)."""
+        layers = [m for m in model.modules() if isinstance(m, EvoMoELayer)] if cfg.enabled else []
+        if cfg.enabled and not layers:
+            raise ValueError("evo.enabled=true but the model has no EvoMoELayer: call EvoController.prepare first")
+        return cls(cfg, layers, seed=seed)
+
     # ---- per step ------------------------------------------------------------------------------
     @torch.no_grad()
     def on_step_start(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
@@ -141,6 +149,9 @@ def transfer_optimizer_state(optimizer: torch.optim.Optimizer, layer: EvoMoELaye
     The router is new in both cases: its state is dropped. Works for torch Adam/AdamW-like
     optimizers whose per-parameter state is a dict of tensors shaped like the parameter.
     """
+    if policy == "copy" and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"evo.optimizer_state=copy needs a torch.optim optimizer, got {type(optimizer).__name__}; "
+                        "use evo.optimizer_state=reset")
     router_params = list(layer.router.parameters())
     for p in router_params:
         optimizer.state.pop(p, None)
