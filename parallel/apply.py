@@ -1,0 +1,175 @@
+"""apply_expert_parallel: shard a single-device MoELayer over an expert-parallel group, in place.
+
+    dims = ParallelDims.build(ep=4)
+    apply_expert_parallel(layer, dims.ep_group, dims=dims)                 # dropless all-to-all-v, auto mode
+    apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher="hierarchical", mode="ep", overlap=2)
+
+Rank r of P keeps experts [r*E/P, (r+1)*E/P) as slices of the weights it already holds (so every
+rank must start from the same weights, e.g. the same seed); with P > E each expert's F is split
+over P/E ranks. Before any all-to-all the ranks compare the layer's structural config hash and the
+options: a mismatch raises naming the fields, rather than hanging in a collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .dispatch_allgather import AllGatherDispatcher
+from .dispatch_alltoallv import AllToAllVDispatcher
+from .dispatch_hierarchical import HierarchicalDispatcher
+from .dispatch_padded import PaddedDispatcher
+from .layout import ExpertLayout
+from .mesh import ParallelDims, mark_expert_param
+from .probe import probe_machine
+from .runner import ExpertParallelRunner
+from .sharded_dp import ShardedDataParallel
+from .tuner import DEGREES, MODES, Shape, Tuner, TunerSettings
+
+DISPATCHERS = ("alltoallv", "padded", "hierarchical", "allgather")
+
+
+@dataclass
+class ExpertParallelConfig:
+    """Options of apply_expert_parallel; any field can be pinned by a config file or keyword."""
+
+    dispatcher: str = "alltoallv"
+    mode: str = "auto"  # "auto" | "ep" | "sharded_dp"
+    overlap: Union[str, int] = "auto"  # "auto" | 1 | 2 | 4 | 8
+    timeout_s: float = 300.0
+    tuner: TunerSettings = field(default_factory=TunerSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tuner, dict):
+            self.tuner = TunerSettings(**self.tuner)
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"ExpertParallelConfig.dispatcher={self.dispatcher!r} is not one of {list(DISPATCHERS)}")
+        if self.mode not in ("auto",) + MODES:
+            raise ValueError(f"ExpertParallelConfig.mode={self.mode!r} is not one of {['auto', *MODES]}")
+        if self.overlap != "auto" and self.overlap not in DEGREES:
+            raise ValueError(f"ExpertParallelConfig.overlap={self.overlap!r} is not one of {['auto', *DEGREES]}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"ExpertParallelConfig.timeout_s must be > 0, got {self.timeout_s}")
+        # pins flow into the tuner
+        self.tuner.mode = None if self.mode == "auto" else self.mode
+        self.tuner.degree = None if self.overlap == "auto" else int(self.overlap)
+
+
+def _check_agreement(layer, epc: ExpertParallelConfig, group) -> None:
+    """Every rank must hold the same layer structure and options, else collectives mismatch."""
+    mine = {"cfg_hash": layer.cfg.structural_hash(), "cfg": layer.cfg.to_dict(), "options": asdict(epc)}
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for r, other in enumerate(everyone):
+        if other["cfg_hash"] != mine["cfg_hash"] or other["options"] != mine["options"]:
+            diff = {k: (mine["cfg"][k], other["cfg"][k]) for k in mine["cfg"] if mine["cfg"][k] != other["cfg"].get(k)}
+            diff.update({f"option {k}": (mine["options"][k], other["options"][k])
+                         for k in mine["options"] if mine["options"][k] != other["options"].get(k)})
+            raise ValueError(
+                f"apply_expert_parallel: the layer config differs between ep rank {dist.get_rank(group)} and "
+                f"ep rank {r} (field: (this rank, that rank)): {diff}"
+            )
+
+
+def _shard_experts(experts, layout: ExpertLayout) -> None:
+    """Replace w1/w2/w3 by this rank's slices (clones: the full weights can be freed)."""
+    es, fs = layout.expert_slice, layout.f_slice
+    fs_ = slice(None) if fs is None else fs
+    for name, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
+        w = getattr(experts, name, None)
+        if w is None:
+            continue
+        part = w.detach()[es]
+        part = part[:, :, fs_] if f_dim == 2 else part[:, fs_, :]
+        setattr(experts, name, mark_expert_param(nn.Parameter(part.clone(), requires_grad=w.requires_grad)))
+    experts.num_local_experts = layout.local_experts
+    experts.expert_offset = es.start
+    experts.ffn_shard = None if fs is None else (layout.rank % layout.shards, layout.shards)
+
+
+def _hierarchical_groups(group, dims: Optional[ParallelDims], P: int, timeout_s: float):
+    """(node_group, cross_group, ranks per node) for the hierarchical dispatcher."""
+    if dims is not None and dims.ep_node_group is not None:
+        return dims.ep_node_group, dims.ep_cross_group, dims.local_world_size // dims.tp
+    if dims is not None:
+        lws = dims.local_world_size // dims.tp
+    else:
+        lws = int(os.environ.get("LOCAL_WORLD_SIZE", P))
+    lws = min(max(lws, 1), P)
+    if P % lws != 0:
+        raise ValueError(f"hierarchical dispatcher: ranks per node ({lws}) must divide the ep size ({P})")
+    if lws in (1, P):  # one stage is the identity: no sub-groups needed
+        return None, None, lws
+    if dist.get_world_size(group) != dist.get_world_size():
+        raise ValueError("hierarchical dispatcher on an ep group smaller than the world needs "
+                         "dims=ParallelDims.build(..., local_world_size=...)")
+    t = datetime.timedelta(seconds=timeout_s)
+    node = cross = None
+    for n in range(P // lws):  # new_group is collective: every rank creates every group, in order
+        g = dist.new_group(list(range(n * lws, (n + 1) * lws)), timeout=t)
+        node = g if dist.get_rank() // lws == n else node
+    for l in range(lws):
+        g = dist.new_group(list(range(l, P, lws)), timeout=t)
+        cross = g if dist.get_rank() % lws == l else cross
+    return node, cross, lws
+
+
+def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] = None,
+                          config: Optional[ExpertParallelConfig] = None, **options):
+    """Shard `layer` (a moesys MoELayer) over `ep_group` in place and install the runner; returns layer.
+
+    Args:
+        ep_group: the expert-parallel process group (default dims.ep_group, else the world).
+        dims: the ParallelDims (needed for the hierarchical dispatcher on a sub-world group).
+        config: an ExpertParallelConfig; keyword options override its fields:
+            dispatcher ("alltoallv" | "padded" | "hierarchical" | "allgather"), mode ("auto" | "ep" |
+            "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict).
+    """
+    base = asdict(config) if config is not None else {}
+    unknown = set(options) - {f.name for f in fields(ExpertParallelConfig)}
+    if unknown:
+        raise TypeError(f"apply_expert_parallel: unknown options {sorted(unknown)}")
+    epc = ExpertParallelConfig(**{**base, **options})
+    if not dist.is_initialized():
+        raise RuntimeError("apply_expert_parallel: torch.distributed is not initialised")
+    group = ep_group if ep_group is not None else (dims.ep_group if dims is not None else dist.group.WORLD)
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    experts = layer.experts
+    if experts.num_local_experts != experts.num_experts or getattr(experts, "ffn_shard", None):
+        raise RuntimeError("apply_expert_parallel: the layer is already sharded")
+    cfg = layer.cfg
+    layout = ExpertLayout(world=P, rank=rank, num_experts=cfg.num_experts, ffn_size=cfg.ffn_hidden_size)
+    _check_agreement(layer, epc, group)
+
+    common = dict(timeout_s=epc.timeout_s)
+    if epc.dispatcher == "hierarchical":
+        node, cross, lw = _hierarchical_groups(group, dims, P, epc.timeout_s)
+        dispatcher = HierarchicalDispatcher(layout, group, node_group=node, cross_group=cross,
+                                            local_world_size=lw, **common)
+    else:
+        cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}
+        dispatcher = cls[epc.dispatcher](layout, group, **common)
+
+    dtype = experts.w1.dtype
+    _shard_experts(experts, layout)
+    shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
+                  matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=group)
+    if not tuner.pinned:
+        tuner.machine = probe_machine(group, dtype)
+    runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
+                                  sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
+                                  capacity_fn=layer.capacity)
+    layer.set_runner(runner)
+
+    def _record_tokens(module, args):
+        # the runner sees only x_ND; the padded dispatcher's capacity needs this rank's T
+        runner.num_tokens = args[0].numel() // cfg.hidden_size
+
+    runner._hook = layer.register_forward_pre_hook(_record_tokens)
+    return layer

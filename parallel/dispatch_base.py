@@ -1,0 +1,111 @@
+"""The dispatcher contract shared by every backend.
+
+Legend: N rows on this rank grouped by global expert (x_ND, counts_E [E]); M rows this rank computes,
+grouped by local expert (x_MD, counts_L [L]); P ranks; S F-shards per expert.
+
+    x_MD, counts_L, handle = dispatcher.dispatch(x_ND, counts_E)
+    y_MD = experts(x_MD, counts_L)
+    y_ND = dispatcher.combine(y_MD, handle)           # same rows, same order as x_ND
+
+Both halves are split into start/finish so the runner can pipeline chunks: the collective of one
+chunk is in flight while the experts of another compute. `dispatch` = finish(start(...)).
+Handles are frozen dataclasses; a dispatcher holds no parameters, so it is not an nn.Module.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import comm
+from .layout import ExpertLayout, block_permutation, expand_rows, inverse_permutation
+
+
+@dataclass(frozen=True)
+class Flight:
+    """A collective in flight plus what `*_finish` needs to complete it."""
+
+    token: Any
+    state: Any
+
+
+class Dispatcher:
+    """Base class: subclasses implement the four start/finish halves."""
+
+    name = "base"
+
+    def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
+        self.layout = layout
+        self.group = group
+        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        # dest_X[j*L + i]: the i-th global expert rank j holds; the order rows are sent in
+        self.dest_X = layout.dest_experts()
+
+    # -- contract ---------------------------------------------------------------------------
+    def dispatch(self, x_ND: torch.Tensor, counts_E: torch.Tensor):
+        return self.dispatch_finish(self.dispatch_start(x_ND, counts_E))
+
+    def combine(self, y_MD: torch.Tensor, handle) -> torch.Tensor:
+        return self.combine_finish(self.combine_start(y_MD, handle))
+
+    def dispatch_start(self, x_ND, counts_E) -> Flight:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dispatch_finish(self, flight: Flight):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def combine_start(self, y_MD, handle) -> Flight:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def combine_finish(self, flight: Flight) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared helpers ------------------------------------------------------------------------
+    def check(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> None:
+        E = self.layout.num_experts
+        if counts_E.dim() != 1 or counts_E.shape[0] != E:
+            raise ValueError(f"{self.name} dispatcher: counts_E must have shape [{E}], got {tuple(counts_E.shape)}")
+        n = int(counts_E.sum())  # host sync; the dispatch needs the counts on the host anyway
+        if n != x_ND.shape[0]:
+            raise ValueError(f"{self.name} dispatcher: counts_E sums to {n} but x_ND has {x_ND.shape[0]} rows")
+
+    def send_rows(self, x_ND: torch.Tensor, counts_E: torch.Tensor):
+        """Rows in destination order. With S > 1 an expert's rows are repeated for each F-shard rank.
+
+        Returns (x_send, send_idx or None): x_ND itself when every expert lives on one rank.
+        """
+        if self.layout.shards == 1:
+            return x_ND, None
+        send_idx = expand_rows(counts_E, self.dest_X)
+        return x_ND[send_idx], send_idx
+
+    @staticmethod
+    def gather_back(y_send: torch.Tensor, send_idx: Optional[torch.Tensor], n_rows: int) -> torch.Tensor:
+        """Inverse of send_rows: the S partial outputs of an F-sharded expert are summed."""
+        if send_idx is None:
+            return y_send
+        return y_send.new_zeros((n_rows,) + tuple(y_send.shape[1:])).index_add(0, send_idx, y_send)
+
+    @staticmethod
+    def to_expert_major(x_rows: torch.Tensor, recv_counts_PL: torch.Tensor):
+        """Rows arrive source-major ([src][local expert]); experts want expert-major ([l][src])."""
+        if recv_counts_PL.shape[1] == 1:
+            return x_rows, None
+        perm = block_permutation(recv_counts_PL)
+        return x_rows[perm], perm
+
+    @staticmethod
+    def to_source_major(y_rows: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+        if perm is None:
+            return y_rows
+        return y_rows[inverse_permutation(perm)]
+
+    def a2a_start(self, x, out_splits, in_splits, group=None):
+        return comm.all_to_all_start(x, out_splits, in_splits, self.group if group is None else group,
+                                     self.timeout)
+
+
+def row_bytes(x: torch.Tensor) -> int:
+    return int(x.shape[1]) * x.element_size() if x.dim() == 2 else 0

@@ -1,0 +1,40 @@
+"""One-off measurement of the machine for the tuner's cost model (run at apply time, ~10 ms).
+
+Times a tiny all-to-all (latency), a larger one (bandwidth) and a GEMM (FLOP/s); every rank
+takes the slowest rank's figures (all_reduce MAX of the times), so the tuner's inputs agree.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .tuner import Machine
+
+
+def _timed(fn, reps: int) -> float:
+    fn()  # warm-up (first-call allocations, connection set-up)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 20) -> Machine:
+    P = dist.get_world_size(group)
+    esize = torch.empty((), dtype=dtype).element_size()
+    small = torch.zeros(P, dtype=dtype)
+    n = max(P, nbytes // esize // P * P)
+    big = torch.zeros(n, dtype=dtype)
+    out_small, out_big = torch.empty_like(small), torch.empty_like(big)
+    t_lat = _timed(lambda: dist.all_to_all_single(out_small, small, group=group), 3)
+    t_big = _timed(lambda: dist.all_to_all_single(out_big, big, group=group), 2)
+    a = torch.randn(128, 256, dtype=dtype)
+    b = torch.randn(256, 256, dtype=dtype)
+    t_mm = _timed(lambda: a @ b, 5)
+    times = torch.tensor([t_lat, t_big, t_mm], dtype=torch.float64)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    t_lat, t_big, t_mm = times.tolist()
+    sent = n * esize * (P - 1) / P  # bytes a rank sends to others
+    return Machine(bandwidth=sent / max(t_big - t_lat, 1e-7), latency=t_lat, flops=2 * 128 * 256 * 256 / max(t_mm, 1e-9))

@@ -1,0 +1,125 @@
+"""ExpertParallelRunner: what the sharded MoELayer calls instead of its LocalRunner.
+
+    y_ND = runner(x_ND, counts_E, experts)   # x_ND: this rank's rows grouped by global expert
+
+Per call it asks the tuner for (mode, overlap degree c), runs
+  ep:         rows split into c chunks (each expert's rows split evenly, so every chunk stays
+              grouped by expert); chunk i+1's dispatch and chunk i-1's combine are in flight
+              while chunk i's experts compute (forward; the backward mirrors it, see comm.py);
+  sharded_dp: weights gathered in c F-chunks while the previous chunk computes,
+and reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/").
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .dispatch_base import Dispatcher
+from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
+from .sharded_dp import ShardedDataParallel
+from .timing import Timer
+from .tuner import Stats, Tuner
+
+
+class ExpertParallelRunner:
+    def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
+                 tuner: Tuner, capacity_fn: Callable[[int], Optional[int]]) -> None:
+        self.layout = layout
+        self.group = group
+        self.dispatcher = dispatcher
+        self.sharded = sharded
+        self.tuner = tuner
+        self.capacity_fn = capacity_fn  # the layer's capacity(T); used by the padded dispatcher
+        self.num_tokens: int = 0  # local T of the current forward, set by a forward pre-hook
+        self._last_seconds: Optional[float] = None
+        self.last_metrics: dict = {}
+
+    # -- statistics every rank agrees on ------------------------------------------------------
+    def _agreed_stats(self, counts_E: torch.Tensor) -> tuple:
+        L = self.layout.local_experts
+        # one SUM and one MAX all-reduce of a few numbers; skipped entirely when both are pinned
+        summed = torch.cat([counts_E.to(torch.float64), torch.tensor([float(self.num_tokens)])])
+        dist.all_reduce(summed, group=self.group)
+        n_local = float(counts_E.sum())
+        mx = torch.tensor([n_local, self._last_seconds if self._last_seconds is not None else -1.0],
+                          dtype=torch.float64)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.group)
+        counts_g = summed[:-1]
+        per_rank = counts_g[self.dispatcher.dest_X].view(self.layout.world, L).sum(1)
+        stats = Stats(tokens=int(summed[-1]), rows=int(counts_g.sum()), max_rank_rows=int(per_rank.max()),
+                      max_local_rows=int(mx[0]))
+        last = float(mx[1]) if mx[1] >= 0 else None
+        return stats, last
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
+        if counts_E.shape[0] != self.layout.num_experts:
+            raise ValueError(
+                f"ExpertParallelRunner: counts_E has {counts_E.shape[0]} experts, layout has {self.layout.num_experts}"
+            )
+        counts_E = counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
+        if self.tuner.pinned:
+            mode, c = self.tuner.choose(None, None)
+        else:
+            stats, last = self._agreed_stats(counts_E)
+            mode, c = self.tuner.choose(stats, last)
+        timer = Timer()
+        t0 = time.perf_counter()
+        metrics: dict = {}
+        if mode == "ep":
+            y_ND = self._run_ep(x_ND, counts_E, experts, c, timer, metrics)
+        else:
+            y_ND = self.sharded(x_ND, counts_E, experts, chunks=c, timer=timer)
+            metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
+            metrics["bytes_min"] = 0.0
+        self._last_seconds = time.perf_counter() - t0
+        metrics.update({k: float(v) for k, v in timer.totals.items()})
+        metrics["step_s"] = self._last_seconds
+        metrics.update(self.tuner.report())
+        self.last_metrics = metrics
+        return y_ND
+
+    def _run_ep(self, x_ND, counts_E, experts, c: int, timer: Timer, metrics: dict) -> torch.Tensor:
+        d = self.dispatcher
+        cap = self.capacity_fn(self.num_tokens) if self.num_tokens else None
+        if c == 1:
+            chunk_counts, idxs = [counts_E], [None]
+        else:
+            chunk_counts = split_counts(counts_E, c)
+            idxs = chunk_rows(counts_E, chunk_counts)
+        if hasattr(d, "local_capacity"):
+            # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
+            d.local_capacity = None if cap is None else -(-cap // c)
+
+        def start(i):
+            x_i = x_ND if idxs[i] is None else x_ND[idxs[i]]
+            with timer.span("dispatch_start_s"):
+                return d.dispatch_start(x_i, chunk_counts[i])
+
+        flight = start(0)
+        combines = []
+        nbytes = nremote = 0
+        for i in range(len(chunk_counts)):
+            with timer.span("wait_s"):
+                x_MD, counts_L, handle = d.dispatch_finish(flight)
+            nbytes += handle.bytes_sent
+            nremote += handle.bytes_remote
+            if i + 1 < len(chunk_counts):
+                flight = start(i + 1)  # in flight while chunk i computes
+            with timer.span("compute_s"):
+                y_MD = experts(x_MD, counts_L)
+            with timer.span("combine_start_s"):
+                combines.append(d.combine_start(y_MD, handle))
+        with timer.span("wait_s"):
+            ys = [d.combine_finish(f) for f in combines]
+        metrics["bytes_sent"] = float(nbytes)
+        metrics["bytes_remote"] = float(nremote)
+        # the unavoidable minimum: rows for experts on other ranks, moved once
+        mine = self.dispatcher.dest_X.view(self.layout.world, -1)[self.layout.rank]
+        n_remote_min = int(counts_E.sum()) * self.layout.shards - int(counts_E[mine].sum())
+        metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
+        if c == 1:
+            return ys[0]
+        return torch.cat(ys, 0)[inverse_permutation(torch.cat(idxs))]

@@ -1,0 +1,89 @@
+"""Expert-sharded data-parallel mode: move the weights, keep the tokens (ZeRO-style, Tutel r=0).
+
+Each rank all-gathers the layer's expert weights over the ep group and runs all E experts on its
+own rows with `experts.compute`. The backward of the all-gather reduce-scatters (sums) dW, so each
+owner ends with the gradient of every rank's tokens, exactly as in expert-parallel mode: the same
+parameter layout serves both modes.
+
+Overlap degree c splits the F dimension into c chunks: chunk i+1's weights are gathered while chunk
+i computes. The activation is elementwise over F, so the output is the sum of the chunks' outputs.
+With F-sharded experts (P > E) the gathered F-slices are concatenated; the order of the F columns
+differs from the unsharded layer, but w1's columns and w2's rows are permuted alike, so the FFN is
+the same function.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Optional
+
+import torch
+
+from . import comm
+from .layout import ExpertLayout
+from .timing import maybe_span
+
+
+def _f_chunks(width: int, chunks: int) -> list[slice]:
+    chunks = max(1, min(chunks, width))
+    bounds = [width * i // chunks for i in range(chunks + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(chunks)]
+
+
+def _assemble_in(w_XDF: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """[P*L, D, f] gathered rank-major -> [E, D, S*f] (F-slices of one expert side by side)."""
+    S = layout.shards
+    if S == 1:
+        return w_XDF
+    E, D, f = layout.num_experts, w_XDF.shape[1], w_XDF.shape[2]
+    return w_XDF.view(E, S, D, f).permute(0, 2, 1, 3).reshape(E, D, S * f)
+
+
+def _assemble_out(w_XFD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """[P*L, f, D] -> [E, S*f, D]."""
+    S = layout.shards
+    if S == 1:
+        return w_XFD
+    E, f, D = layout.num_experts, w_XFD.shape[1], w_XFD.shape[2]
+    return w_XFD.reshape(E, S * f, D)
+
+
+class ShardedDataParallel:
+    """Runs all experts locally with gathered weights; not an nn.Module (holds no parameters)."""
+
+    def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
+        self.layout = layout
+        self.group = group
+        self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+
+    def _start(self, experts, fs: slice):
+        ws = [experts.w1[:, :, fs], experts.w2[:, fs, :]]
+        if experts.w3 is not None:
+            ws.append(experts.w3[:, :, fs])
+        return [comm.all_gather_start(w, self.group, self.timeout) for w in ws]
+
+    def _finish(self, tokens):
+        ws = [comm.all_gather_wait(t) for t in tokens]
+        w1 = _assemble_in(ws[0], self.layout)
+        w2 = _assemble_out(ws[1], self.layout)
+        w3 = _assemble_in(ws[2], self.layout) if len(ws) == 3 else None
+        return w1, w2, w3
+
+    def weight_bytes(self, experts) -> int:
+        """Bytes each rank receives per forward: the other ranks' expert weights."""
+        local = sum(w.numel() * w.element_size() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
+        return (self.layout.world - 1) * local
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1, timer=None):
+        """y_ND for this rank's rows with all E experts; `timer` (optional) accumulates wait/compute time."""
+        spans = _f_chunks(experts.w1.shape[2], chunks)
+        pending = self._start(experts, spans[0])
+        y_ND = None
+        for i in range(len(spans)):
+            with maybe_span(timer, "wait_s"):
+                w1, w2, w3 = self._finish(pending)
+            if i + 1 < len(spans):
+                pending = self._start(experts, spans[i + 1])  # in flight during this chunk's compute
+            with maybe_span(timer, "compute_s"):
+                y_i = experts.compute(x_ND, counts_E, w1, w2, w3)
+            y_ND = y_i if y_ND is None else y_ND + y_i
+        return y_ND

@@ -1,0 +1,109 @@
+"""Simulated expert parallelism: N real torch.distributed ranks as processes on one machine.
+
+    results = simulate(fn, 4, arg1, arg2)   # fn(arg1, arg2) on ranks 0..3; returns [r0, r1, r2, r3]
+
+Each rank gets MASTER_ADDR/MASTER_PORT (a free port), RANK, WORLD_SIZE, LOCAL_RANK and
+LOCAL_WORLD_SIZE, one intra-op thread (ranks share the CPU), and an initialised default process
+group with a timeout, so a dead peer surfaces as an error rather than a hang. `fn` must be
+picklable (a module-level function): ranks are started with the "spawn" method.
+If any rank raises, `simulate` raises RuntimeError carrying that rank's traceback.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue as queue_mod
+import socket
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, fn, args, results):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size),
+    )
+    torch.set_num_threads(1)  # N ranks share the machine's cores
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        out = fn(*args)
+        results.put((rank, True, out))
+    except BaseException:  # report any failure (incl. SystemExit) to the parent, with its traceback
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo", timeout_s: float = 60.0,
+             local_world_size: Optional[int] = None, join_timeout_s: Optional[float] = None) -> list:
+    """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order.
+
+    Args:
+        timeout_s: the process-group timeout of every collective.
+        local_world_size: ranks per simulated node (LOCAL_WORLD_SIZE); default all on one node.
+        join_timeout_s: how long to wait for all ranks (default 4 x timeout_s).
+    """
+    if world_size < 1:
+        raise ValueError(f"simulate: world_size must be >= 1, got {world_size}")
+    lws = world_size if local_world_size is None else local_world_size
+    if lws < 1 or world_size % lws != 0:
+        raise ValueError(f"simulate: local_world_size ({lws}) must divide world_size ({world_size})")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, backend, timeout_s, lws, fn, args, results),
+                    daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else 4 * timeout_s + 30)
+    got: dict[int, tuple] = {}
+    failure = None
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(got))
+                raise TimeoutError(f"simulate: ranks {missing} of {world_size} did not finish in time")
+            try:
+                rank, ok, out = results.get(timeout=min(left, 1.0))
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                if dead:
+                    raise RuntimeError(
+                        f"simulate: rank {dead[0]} died with exit code {procs[dead[0]].exitcode} without reporting"
+                    )
+                continue
+            got[rank] = (ok, out)
+            if not ok and failure is None:
+                failure = (rank, out)
+                # give the peers a moment to report their side (usually a timeout naming the collective)
+                deadline = min(deadline, time.monotonic() + 5.0)
+        if failure is not None:
+            raise RuntimeError(f"simulate: rank {failure[0]} of {world_size} failed:\n{failure[1]}")
+        return [got[r][1] for r in range(world_size)]
+    except TimeoutError:
+        if failure is not None:
+            raise RuntimeError(f"simulate: rank {failure[0]} of {world_size} failed:\n{failure[1]}") from None
+        raise
+    finally:
+        for p in procs:
+            p.join(timeout=2.0)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=2.0)

@@ -1,0 +1,179 @@
+"""Chooses, per layer, the mode ("ep" | "sharded_dp") and overlap degree c from a cost model,
+corrected by timing the first steps, and re-decides when the routing statistics shift.
+
+Every input the tuner sees is agreed across the ep group (all-reduced counts and timings, a
+broadcast probe), so every rank computes the same decision; the decision is broadcast from rank 0
+as well, since ranks disagreeing on the mode would issue mismatched collectives.
+
+Cost model (seconds for forward + backward of one layer, per rank):
+    comp_f = 2 * G * D * F * rows / flops           (G = 2, or 3 with swiglu; rows = rows the rank computes)
+    comm_f = bytes / bandwidth + n_collectives * latency
+    chunked(comm, comp, c) = max(comm, comp) + min(comm, comp) / c + (c - 1) * chunk_overhead
+    total = chunked(comm_f, comp_f, c) + chunked(comm_f, 2 * comp_f, c)     (backward: dX and dW)
+ep moves rows (2 all-to-alls), sharded_dp moves weights (all-gather + reduce-scatter in backward)
+and computes only local rows, but with all E experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+MODES = ("ep", "sharded_dp")
+DEGREES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Measured once at apply time (agreed: the slowest rank's figures)."""
+
+    bandwidth: float  # bytes/s of an all-to-all per rank
+    latency: float  # s per collective
+    flops: float  # fp32 FLOP/s of a GEMM on one rank
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Global (summed over the ep group) routing statistics of one step."""
+
+    tokens: int  # T over all ranks
+    rows: int  # N over all ranks (= T * mean active K)
+    max_rank_rows: int  # rows the busiest rank computes in ep mode
+    max_local_rows: int  # largest N of one rank (what it computes in sharded_dp)
+
+    @property
+    def active_k(self) -> float:
+        return self.rows / max(self.tokens, 1)
+
+    def shifted(self, other: "Stats", rel: float) -> bool:
+        def moved(a, b):
+            return abs(a - b) > rel * max(abs(b), 1e-9)
+
+        return moved(self.active_k, other.active_k) or moved(
+            self.max_rank_rows / max(self.rows, 1), other.max_rank_rows / max(other.rows, 1)
+        ) or moved(self.tokens, other.tokens)
+
+
+@dataclass(frozen=True)
+class Shape:
+    world: int
+    num_experts: int
+    hidden: int
+    ffn: int
+    matrices: int  # G
+    dtype_bytes: int
+
+
+def chunked(comm: float, comp: float, c: int, overhead: float) -> float:
+    return max(comm, comp) + min(comm, comp) / c + (c - 1) * overhead
+
+
+def predict(mode: str, c: int, s: Stats, shape: Shape, m: Machine) -> float:
+    P, D, F, G, b = shape.world, shape.hidden, shape.ffn, shape.matrices, shape.dtype_bytes
+    S = max(1, P // shape.num_experts)
+    if mode == "ep":
+        comp = 2 * G * D * (F / S) * s.max_rank_rows / m.flops
+        remote_rows = s.rows * S * (P - 1) / P / P  # rows a rank sends elsewhere, on average
+        comm = 2 * remote_rows * D * b / m.bandwidth + 3 * m.latency  # counts + dispatch + combine
+        per_chunk = 3 * m.latency
+    else:
+        comp = 2 * G * D * F * s.max_local_rows / m.flops
+        weights = shape.num_experts * G * D * F * b
+        comm = weights * (P - 1) / P / m.bandwidth + G * m.latency
+        per_chunk = G * m.latency
+    return chunked(comm, comp, c, per_chunk) + chunked(comm, 2 * comp, c, per_chunk)
+
+
+@dataclass
+class TunerSettings:
+    warmup_steps: int = 1  # steps before measuring (first-call allocations distort timing)
+    top_candidates: int = 3  # how many model-ranked candidates to time
+    trials: int = 1  # timed steps per candidate
+    retune_rel_change: float = 0.3  # re-decide when active K / load skew / tokens move this much
+    mode: Optional[str] = None  # pin the mode
+    degree: Optional[int] = None  # pin the overlap degree
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"tuner mode {self.mode!r} is not one of {list(MODES)} (or None/'auto')")
+        if self.degree is not None and self.degree not in DEGREES:
+            raise ValueError(f"overlap degree {self.degree!r} is not one of {list(DEGREES)} (or 'auto')")
+        for name in ("warmup_steps", "top_candidates", "trials"):
+            if getattr(self, name) < (0 if name == "warmup_steps" else 1):
+                raise ValueError(f"tuner {name} must be >= {0 if name == 'warmup_steps' else 1}, got {getattr(self, name)}")
+
+
+@dataclass
+class Tuner:
+    settings: TunerSettings
+    shape: Shape
+    machine: Machine
+    group: object = None
+    phase: str = "warmup"
+    step: int = 0
+    decision: tuple = ("ep", 1)
+    queue: list = field(default_factory=list)  # candidates left to time
+    measured: dict = field(default_factory=dict)  # candidate -> list of seconds
+    ref_stats: Optional[Stats] = None
+    decisions_made: int = 0
+
+    @property
+    def pinned(self) -> bool:
+        return self.settings.mode is not None and self.settings.degree is not None
+
+    def candidates(self) -> list:
+        modes = [self.settings.mode] if self.settings.mode else list(MODES)
+        degrees = [self.settings.degree] if self.settings.degree else list(DEGREES)
+        return [(m, c) for m in modes for c in degrees]
+
+    def ranked(self, stats: Stats) -> list:
+        preds = {k: predict(k[0], k[1], stats, self.shape, self.machine) for k in self.candidates()}
+        return sorted(preds, key=lambda k: (preds[k], k))
+
+    def choose(self, stats: Stats, last_seconds: Optional[float]) -> tuple:
+        """The (mode, degree) for this step. last_seconds: agreed time of the previous step."""
+        if self.pinned:
+            return (self.settings.mode, self.settings.degree)
+        self.step += 1
+        if last_seconds is not None and self.phase == "explore" and self._timed is not None:
+            self.measured.setdefault(self._timed, []).append(last_seconds)
+        self._timed = None
+        if self.phase == "warmup":
+            self.decision = self.ranked(stats)[0]
+            if self.step > self.settings.warmup_steps:
+                self._explore(stats)
+        elif self.phase == "exploit" and self.ref_stats is not None and stats.shifted(self.ref_stats, self.settings.retune_rel_change):
+            self._explore(stats)
+        if self.phase == "explore":
+            if self.queue:
+                self._timed = self.queue.pop(0)
+                return self._timed
+            self._decide(stats)
+        return self.decision
+
+    _timed: Optional[tuple] = None
+
+    def _explore(self, stats: Stats) -> None:
+        self.phase = "explore"
+        self.measured = {}
+        self.ref_stats = stats
+        ranked = self.ranked(stats)
+        self.queue = [k for k in ranked[: self.settings.top_candidates] for _ in range(self.settings.trials)]
+
+    def _decide(self, stats: Stats) -> None:
+        best = min(self.measured, key=lambda k: (min(self.measured[k]), k))
+        idx = torch.tensor([self.candidates().index(best)], dtype=torch.long)
+        if self.group is not None:
+            dist.broadcast(idx, src=dist.get_global_rank(self.group, 0), group=self.group)
+        self.decision = self.candidates()[int(idx)]
+        self.phase = "exploit"
+        self.ref_stats = stats
+        self.decisions_made += 1
+
+    def report(self) -> dict:
+        out = {"mode_is_ep": float(self.decision[0] == "ep"), "degree": float(self.decision[1]),
+               "tuner_exploring": float(self.phase != "exploit" and not self.pinned),
+               "tuner_decisions": float(self.decisions_made)}
+        return out
