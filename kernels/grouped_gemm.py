@@ -100,7 +100,7 @@ class _GroupedGemmTorch(torch.autograd.Function):
         dy_NF = dy_NF.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = _mm_rows(dy_NF, w_EDF.transpose(1, 2).contiguous(), counts_E, offs_E)
+            dx = _mm_rows(dy_NF, w_EDF.transpose(1, 2), counts_E, offs_E)  # strided view: no copy
         if ctx.needs_input_grad[1]:
             dw = _mm_weight(x_ND, dy_NF, counts_E, offs_E)
         return dx, dw, None

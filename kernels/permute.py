@@ -53,3 +53,72 @@ def unpermute(y_ND: torch.Tensor, token_idx_N: torch.Tensor, weight_N: torch.Ten
 
         return unpermute_triton(y_ND, token_idx_N, weight_N, num_tokens)
     return unpermute_torch(y_ND, token_idx_N, weight_N, num_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-K torch path: routes are token-major (route r = t*K + k), so both directions can be done
+# with gathers only. index_add (scatter) is single-threaded on CPU and was ~15% of a layer step;
+# a gather by the inverse permutation gives the same sums with no scatter at all.
+#   route_idx_N [N]: which route (in 0..T*K-1) each kept row is, grouped by expert
+#   inv_R       [R]: row of each route in x_ND, or N for a dropped route (reads a zero row)
+# ---------------------------------------------------------------------------------------------
+def inverse_routes(route_idx_N: torch.Tensor, num_routes: int) -> torch.Tensor:
+    N = route_idx_N.shape[0]
+    inv_R = torch.full((num_routes,), N, dtype=torch.int64, device=route_idx_N.device)
+    inv_R[route_idx_N] = torch.arange(N, device=route_idx_N.device)
+    return inv_R
+
+
+def _gather_padded(rows_ND: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
+    pad = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
+    return pad.index_select(0, inv_R)
+
+
+class _PermuteFixedK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, route_idx_N, inv_R, top_k):
+        ctx.save_for_backward(inv_R)
+        ctx.top_k, ctx.T = top_k, x_TD.shape[0]
+        return x_TD.index_select(0, torch.div(route_idx_N, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, dx_ND):
+        (inv_R,) = ctx.saved_tensors
+        dx_RD = _gather_padded(dx_ND.contiguous(), inv_R)
+        return dx_RD.view(ctx.T, ctx.top_k, -1).sum(1), None, None, None
+
+
+class _UnpermuteFixedK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_ND, weight_TK, route_idx_N, inv_R):
+        T, K = weight_TK.shape
+        y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
+        w_T1K = weight_TK.to(y_ND.dtype).unsqueeze(1)
+        ctx.save_for_backward(y_ND, weight_TK, route_idx_N, inv_R)
+        return torch.bmm(w_T1K, y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        y_ND, weight_TK, route_idx_N, inv_R = ctx.saved_tensors
+        T, K = weight_TK.shape
+        dout_TD = dout_TD.contiguous()
+        dy_ND = dweight_TK = None
+        if ctx.needs_input_grad[0]:
+            dy_TKD = weight_TK.to(dout_TD.dtype).unsqueeze(-1) * dout_TD.unsqueeze(1)
+            dy_ND = dy_TKD.view(T * K, -1).index_select(0, route_idx_N)
+        if ctx.needs_input_grad[1]:
+            y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
+            dweight_TK = torch.bmm(y_TKD, dout_TD.unsqueeze(-1)).squeeze(-1).to(weight_TK.dtype)
+        return dy_ND, dweight_TK, None, None
+
+
+def permute_fixed_k(x_TD: torch.Tensor, route_idx_N: torch.Tensor, inv_R: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x_ND[i] = x_TD[route_idx_N[i] // top_k]; backward by gathers only."""
+    return _PermuteFixedK.apply(x_TD, route_idx_N, inv_R, top_k)
+
+
+def unpermute_fixed_k(y_ND: torch.Tensor, weight_TK: torch.Tensor, route_idx_N: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k weight_TK[t, k] * y_ND[inv_R[t*K + k]] (0 for a dropped route)."""
+    if weight_TK.shape[0] * weight_TK.shape[1] != inv_R.shape[0]:
+        raise ValueError(f"unpermute_fixed_k: weight {tuple(weight_TK.shape)} does not match {inv_R.shape[0]} routes")
+    return _UnpermuteFixedK.apply(y_ND, weight_TK, route_idx_N, inv_R)

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from moesys.kernels import permute, unpermute
+from moesys.kernels import permute, resolve_backend, unpermute
+from moesys.kernels.permute import inverse_routes, permute_fixed_k, unpermute_fixed_k
 
 from . import balance
 from .config import MoEConfig
@@ -100,9 +101,17 @@ class MoELayer(nn.Module):
         T = x_TD.shape[0]
         seq_len = shape[-2] if x.dim() >= 3 else max(T, 1)
         routing, plan = self.route(x_TD, seq_len)
-        x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
-        y_ND = self.runner(x_ND, plan.counts_E, self.experts)
-        y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
+        K = routing.fixed_k
+        if K is not None and resolve_backend(cfg.kernel_backend, x_TD.device) == "torch":
+            # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)
+            inv_R = inverse_routes(plan.route_idx_N, routing.num_routes)
+            x_ND = permute_fixed_k(x_TD, plan.route_idx_N, inv_R, K)
+            y_ND = self.runner(x_ND, plan.counts_E, self.experts)
+            y_TD = unpermute_fixed_k(y_ND, routing.weight_R.view(T, K), plan.route_idx_N, inv_R)
+        else:
+            x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
+            y_ND = self.runner(x_ND, plan.counts_E, self.experts)
+            y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
         aux = self._aux(routing, plan)
         return y_TD.reshape(shape).to(x.dtype), aux
 

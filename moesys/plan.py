@@ -19,6 +19,7 @@ from .routing import Routing
 
 @dataclass(frozen=True)
 class Plan:
+    route_idx_N: torch.Tensor  # [N] index of each kept route in the router's route list
     token_idx_N: torch.Tensor  # [N] token of each kept route, grouped by expert
     weight_N: torch.Tensor  # [N] fp32 combine weight (differentiable)
     expert_idx_N: torch.Tensor  # [N] expert of each kept route (non-decreasing)
@@ -74,6 +75,7 @@ def make_plan(
         counts_E = torch.clamp(routed_E, max=capacity)
         dropped = (routed_E - counts_E).sum()
     return Plan(
+        route_idx_N=order,
         token_idx_N=routing.token_idx_R[order],
         weight_N=routing.weight_R[order],
         expert_idx_N=expert_R[order],

@@ -76,7 +76,8 @@ class TopKRouter(Router):
         probs_TE, w_TK, idx_TK = _topk_probs(logits_TE, cfg.top_k, normalize, cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
-        return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses)
+        return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
+                       fixed_k=cfg.top_k)
 
 
 class SigmoidBiasRouter(Router):
@@ -107,7 +108,8 @@ class SigmoidBiasRouter(Router):
                 self.load_since_update += torch.bincount(expert_R, minlength=cfg.num_experts).float()
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
-        return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses)
+        return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
+                       fixed_k=cfg.top_k)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

@@ -7,6 +7,7 @@ choice gives R = E*C. Everything downstream (plan, dispatch, experts) works on r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,7 @@ class Routing:
     logits_TE: torch.Tensor  # [T, E] fp32 raw logits
     losses: dict = field(default_factory=dict)  # name -> scalar tensor, already coefficient-weighted
     capacity_applies: bool = True  # False when the router already fixed the per-expert counts
+    fixed_k: Optional[int] = None  # K when routes are token-major with exactly K per token
 
     @property
     def num_routes(self) -> int:
