@@ -30,7 +30,7 @@ if interpreting():
 else:
     # memory-bound: wide 16-byte-per-thread column blocks; few rows per program
     _ROW_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_D": d}, num_warps=w)
-                    for r, d, w in [(1, 1024, 4), (4, 512, 4), (8, 256, 4), (4, 1024, 8)]]
+                    for r, d, w in [(2, 1024, 4), (4, 512, 4), (8, 256, 4), (4, 1024, 8)]]
     _TOKEN_CONFIGS = [triton.Config({"BLOCK_D": d}, num_warps=w) for d, w in [(256, 2), (512, 4), (1024, 4), (2048, 8)]]
 
 

@@ -1,0 +1,151 @@
+"""Grouped GEMM fwd+bwd: Triton kernels vs dense matmul of equal FLOPs, a per-expert loop and
+torch._grouped_mm, for balanced and Zipf-skewed expert loads. bf16 on one GPU, < 5 minutes.
+
+    python benchmarks/kernels.py                 # one CUDA GPU: E=8 (D=4096, F=14336) and E=64 (D=2048, F=1408), T=16384
+    python benchmarks/kernels.py --iters 20      # more timed repeats per cell
+    python benchmarks/kernels.py --small         # CPU smoke test: tiny shapes, Triton under TRITON_INTERPRET=1
+
+Legend: T routed rows (tokens x top-k), D input width, F output width, E experts.
+One fwd+bwd = y = x@w[e], dx = dy@w[e]^T, dw[e] = x_e^T@dy_e: 3 * 2*T*D*F FLOPs, the same as a
+dense [T, D] @ [D, F] matmul with its two backward matmuls, which is the limit a grouped GEMM can
+reach ("dense" column). Ratios are measured against that dense run in the same process, side by
+side. Targets on H100/H200: >= 0.9x dense balanced, >= 0.75x skewed, faster than the loop.
+Exit status 2 (and a message) when there is no CUDA device and --small is not given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+SHAPES = [  # (E, T, D, F)
+    (8, 16384, 4096, 14336),   # Mixtral-8x7B-like expert FFN
+    (64, 16384, 2048, 1408),   # DeepSeek-MoE-like fine-grained experts
+]
+SMALL_SHAPES = [(4, 96, 40, 48), (7, 130, 36, 20)]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny shapes on CPU with TRITON_INTERPRET=1 (smoke test)")
+    p.add_argument("--iters", type=int, default=10, help="timed repeats per cell (median reported)")
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the skewed load")
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+# TRITON_INTERPRET is read when the kernels are decorated (on import): set it before any import
+if ARGS.small:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+if not ARGS.small and not torch.cuda.is_available():
+    print("benchmarks/kernels.py: no CUDA device found; this benchmark measures GPU kernels. "
+          "Run it on a GPU, or pass --small for a CPU smoke test under TRITON_INTERPRET=1.", file=sys.stderr)
+    sys.exit(2)
+
+from moesys.kernels import grouped_gemm, grouped_gemm_reference  # noqa: E402
+
+
+def loads(E: int, T: int, zipf: float) -> dict:
+    """Rows per expert summing to T: balanced, and Zipf (expert i gets a share prop. to 1/(i+1)^s)."""
+    balanced = [T // E + (1 if i < T % E else 0) for i in range(E)]
+    share = torch.tensor([1.0 / (i + 1) ** zipf for i in range(E)], dtype=torch.float64)
+    skewed = torch.floor(share / share.sum() * T).long()
+    skewed[0] += T - int(skewed.sum())  # rounding leftovers to the hottest expert
+    return {"balanced": balanced, f"zipf{zipf:g}": skewed.tolist()}
+
+
+def timer(device: torch.device):
+    def run(fn, iters: int) -> float:
+        fn()  # warm-up: Triton compiles and autotunes here, cuBLAS picks its algorithm
+        fn()
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    return run
+
+
+def fwd_bwd(fn, x, w, dy):
+    """One autograd fwd+bwd of fn(x, w) with the given output grad."""
+    def step():
+        x.grad = w.grad = None
+        fn(x, w).backward(dy)
+    return step
+
+
+def grouped_mm_step(x, w, dy, counts_E):
+    # torch._grouped_mm has no autograd formula we rely on here: call the three GEMMs ourselves
+    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    wt = w.detach().transpose(1, 2)
+    xd = x.detach()
+
+    def step():
+        torch._grouped_mm(xd, w.detach(), offs=offs)
+        torch._grouped_mm(dy, wt, offs=offs)
+        torch._grouped_mm(xd.t(), dy, offs=offs)
+    return step
+
+
+def bench_cell(E, T, D, F, counts, device, dtype, run, iters):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(T, D, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(E, D, F, generator=g) / D**0.5).to(device, dtype).requires_grad_()
+    w_dense = w[0].detach().clone().requires_grad_()
+    dy = torch.randn(T, F, generator=g).to(device, dtype)
+    counts_E = torch.tensor(counts, device=device)
+    flops = 3 * 2 * T * D * F
+    row = {}
+    row["dense"] = run(fwd_bwd(lambda a, b: a @ b, x, w_dense, dy), iters)
+    row["triton"] = run(fwd_bwd(lambda a, b: grouped_gemm(a, b, counts_E, backend="triton"), x, w, dy), iters)
+    row["loop"] = run(fwd_bwd(lambda a, b: grouped_gemm_reference(a, b, counts_E), x, w, dy), iters)
+    try:
+        row["_grouped_mm"] = run(grouped_mm_step(x, w, dy, counts_E), iters)
+    except RuntimeError as err:  # needs sm90+ and bf16 on CUDA; report why instead of a number
+        row["_grouped_mm"] = f"n/a: {str(err).splitlines()[0][:60]}"
+    # the numbers mean nothing if the kernel is wrong: check the forward against the loop
+    with torch.no_grad():
+        y = grouped_gemm(x, w, counts_E, backend="triton").float()
+        ref = grouped_gemm_reference(x, w, counts_E).float()
+        rel_err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+    return {k: (flops / v / 1e12 if isinstance(v, float) else v) for k, v in row.items()}, rel_err
+
+
+def main() -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not ARGS.small else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    run = timer(device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1: timings meaningless)"
+    import triton
+    print(f"# grouped GEMM fwd+bwd, {dtype}, {name}, torch {torch.__version__}, triton {triton.__version__}\n")
+    cols = ["dense", "triton", "loop", "_grouped_mm"]
+    print("| E | T | D | F | load | max/min rows | " + " | ".join(f"{c} TFLOP/s" for c in cols)
+          + " | triton/dense | loop/dense | _grouped_mm/dense | triton fwd rel err |")
+    print("|" + "---|" * (6 + len(cols) + 4))
+    for E, T, D, F in (SMALL_SHAPES if ARGS.small else SHAPES):
+        for load, counts in loads(E, T, ARGS.zipf).items():
+            tf, err = bench_cell(E, T, D, F, counts, device, dtype, run, ARGS.iters)
+            fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
+            ratio = lambda k: f"{tf[k] / tf['dense']:.2f}x" if isinstance(tf[k], float) else "n/a"  # noqa: E731
+            spread = f"{max(counts)}/{min(counts)}"
+            print(f"| {E} | {T} | {D} | {F} | {load} | {spread} | " + " | ".join(fmt(tf[c]) for c in cols)
+                  + f" | {ratio('triton')} | {ratio('loop')} | {ratio('_grouped_mm')} | {err:.1e} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
