@@ -287,6 +287,31 @@ def _num_experts(model: nn.Module) -> int:
     return max(counts) if counts else 0
 
 
+# keys the build_engine arguments decide; everything else (bucket sizes, overlap_comm, ...) comes
+# from the base config when one is given
+_ARG_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+             "zero_allow_untested_optimizer", "bf16", "fp16")
+_MOE_ZERO_KEYS = ("stage", "contiguous_gradients", "reduce_scatter")  # DeepSpeed's MoE path needs these
+
+
+def _merge_config(base: dict, ours: dict) -> dict:
+    """`base` (e.g. launchers/ds_zero2.json, which may say "auto") with the argument-decided keys of `ours`."""
+    merged = copy.deepcopy(base)
+    merged.pop("train_batch_size", None)  # recomputed by DeepSpeed from micro batch x accumulation x dp
+    for key in _ARG_KEYS:
+        merged[key] = copy.deepcopy(ours[key])
+    zero = dict(merged.get("zero_optimization", {}))
+    for key in _MOE_ZERO_KEYS:
+        zero[key] = ours["zero_optimization"][key]
+    for key, value in ours["zero_optimization"].items():
+        zero.setdefault(key, value)
+    merged["zero_optimization"] = zero
+    autos = [k for k, v in merged.items() if v == "auto"] + [f"zero_optimization.{k}" for k, v in zero.items() if v == "auto"]
+    if autos:
+        raise ValueError(f"build_engine: config entries {autos} are 'auto' and no argument sets them")
+    return merged
+
+
 # ---------------------------------------------------------------------------------------------
 def build_engine(
     model: nn.Module,
@@ -317,7 +342,9 @@ def build_engine(
             it on every optimizer step.
         micro_batch_size, dtype: see `ds_config_from`.
         config: a base DeepSpeed config (dict or JSON path, e.g. launchers/ds_zero2.json); the
-            arguments above override its zero stage, accumulation, clip and dtype entries.
+            arguments above override its micro batch, accumulation, clip, bf16/fp16 and zero stage
+            entries (and force contiguous_gradients / reduce_scatter, which DeepSpeed's MoE path
+            asserts); its other entries (bucket sizes, overlap_comm, ...) are kept.
     Returns:
         the DeepSpeedEngine (`engine.optimizer` is the ZeRO optimizer, `engine.lr_scheduler`).
     """
@@ -338,9 +365,7 @@ def build_engine(
     ds_config = ds_config_from(zero_stage=zero_stage, grad_accum=grad_accum, clip=clip,
                                micro_batch_size=micro_batch_size, dtype=dtype)
     if config is not None:
-        base = load_ds_config(config) if not isinstance(config, dict) else copy.deepcopy(config)
-        zero = {**base.get("zero_optimization", {}), **ds_config["zero_optimization"]}
-        ds_config = {**base, **ds_config, "zero_optimization": zero}
+        ds_config = _merge_config(load_ds_config(config) if not isinstance(config, dict) else config, ds_config)
 
     ep = 1 if dims is None else int(dims.ep)
     name = expert_group_name(ep)

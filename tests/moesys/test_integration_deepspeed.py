@@ -105,10 +105,10 @@ def plain_losses(dims=None) -> tuple:
     return losses, norms
 
 
-def ds_losses(zero_stage: int, dims=None) -> tuple:
+def ds_losses(zero_stage: int, dims=None, config=None) -> tuple:
     model = _model(dims)
     engine = ds_int.build_engine(model, optimizer_cfg=OPT, zero_stage=zero_stage, dims=dims,
-                                 grad_accum=ACCUM, clip=CLIP)
+                                 grad_accum=ACCUM, clip=CLIP, config=config)
     rank = 0 if dims is None else dims.rank
     losses, norms = [], []
     for x, y in _batches(rank):
@@ -189,6 +189,25 @@ def test_deepspeed_matches_plain_loop_world1(world1, zero_stage):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
     # Adam hides a uniform grad scale, so check the clip norm itself
     torch.testing.assert_close(torch.tensor(got_norms), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_launcher_json_config_matches_plain_loop_world1(world1, zero_stage):
+    path = os.path.join(ROOT, "launchers", f"ds_zero{zero_stage}.json")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not written yet")
+    base = ds_int.load_ds_config(path)
+    ref, _ = plain_losses()
+    got, _ = ds_losses(zero_stage, config=path)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    merged = ds_int._merge_config(base, ds_int.ds_config_from(zero_stage=zero_stage, grad_accum=ACCUM, clip=CLIP))
+    assert merged["zero_optimization"]["stage"] == zero_stage and merged["gradient_clipping"] == CLIP
+    for key in ("reduce_bucket_size", "overlap_comm"):  # kept from the file
+        if key in base["zero_optimization"]:
+            assert merged["zero_optimization"][key] == base["zero_optimization"][key]
 
 
 def test_engine_uses_expert_data_parallel_group(world1):
