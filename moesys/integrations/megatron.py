@@ -35,7 +35,9 @@ Megatron's pipeline schedules, whose loss is divided by the number of micro-batc
 
 Limits: tensor parallelism and sequence parallelism are not supported inside `MoesysMLP`
 (tensor_model_parallel_size must be 1; experts are not TP-sharded); `SDPASelfAttention` supports
-TP=1, causal or padding masks, GQA and unfused RoPE, not packed sequences or KV-cache inference.
+TP=1, causal or padding masks, GQA and RoPE (through Megatron's `apply_rotary_pos_emb`; untested on
+CPU, where Megatron's `RotaryEmbedding` itself moves its frequencies to CUDA), not packed sequences
+or KV-cache inference.
 """
 from __future__ import annotations
 

@@ -132,8 +132,9 @@ def _gpt(tc, seed=0):
     return GPTModel(config=tc, transformer_layer_spec=mg.moesys_gpt_layer_spec(), vocab_size=V, max_sequence_length=S)
 
 
-def test_gpt_model_forward_backward_cpu(world1):
-    model = _gpt(_tc())
+@pytest.mark.parametrize("query_groups", [None, 1])  # multi-head and grouped-query attention
+def test_gpt_model_forward_backward_cpu(world1, query_groups):
+    model = _gpt(_tc(num_query_groups=query_groups))
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
     pos = torch.arange(S).unsqueeze(0).expand(B, S)
     loss_BS = model(ids, pos, None, labels=ids)
@@ -154,9 +155,12 @@ def test_gpt_model_forward_backward_cpu(world1):
 
 def _plain_attention(att, x_SBH):
     S_, B_, _ = x_SBH.shape
-    nh, d = att.num_heads, att.head_dim
+    nh, ng, d = att.num_heads, att.num_groups, att.head_dim
     qkv = F.linear(x_SBH, att.linear_qkv.weight, att.linear_qkv.bias)
-    q, k, v = (t.reshape(S_, B_, nh, d).permute(1, 2, 0, 3) for t in qkv.split(nh * d, dim=-1))
+    q, k, v = qkv.split([nh * d, ng * d, ng * d], dim=-1)
+    q = q.reshape(S_, B_, nh, d).permute(1, 2, 0, 3)
+    k, v = (t.reshape(S_, B_, ng, 1, d).expand(S_, B_, ng, nh // ng, d).reshape(S_, B_, nh, d).permute(1, 2, 0, 3)
+            for t in (k, v))
     scores = q @ k.transpose(-1, -2) / d ** 0.5
     scores = scores.masked_fill(torch.ones(S_, S_, dtype=torch.bool).triu(1), float("-inf"))
     o = (scores.softmax(-1) @ v).permute(2, 0, 1, 3).reshape(S_, B_, nh * d)
@@ -176,6 +180,17 @@ def _plain_gpt_logits(model, ids):
     fl = model.decoder.final_layernorm
     h = F.layer_norm(h, (H,), fl.weight, fl.bias, fl.eps)
     return (h @ model.output_layer.weight.t()).transpose(0, 1)  # [B, S, V]
+
+
+def test_with_moesys_mlp_swaps_only_the_mlp():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    base = get_gpt_layer_local_spec(num_experts=E)
+    spec = mg.with_moesys_mlp(base, aux_loss_scale=0.25)
+    assert spec.submodules.mlp.module is mg.MoesysMLP and spec.submodules.mlp.params["aux_loss_scale"] == 0.25
+    assert spec.submodules.self_attention is base.submodules.self_attention
+    assert spec.submodules.pre_mlp_layernorm is base.submodules.pre_mlp_layernorm
+    assert base.submodules.mlp.module is not mg.MoesysMLP  # the input spec is not modified
 
 
 # ---------------------------------------------------------------------------------------------
