@@ -17,13 +17,14 @@ loads at EP=1 or EP=4 with the same numbers (optimizer state included).
 Flat state keys:
     model.<name>[.e<g>]                         parameters and persistent buffers
     optim.<param>[.e<g>].{exp_avg,exp_avg_sq}   AdamW moments; optim.<param>.step
-    rng.rank<r>                                 torch / numpy / python RNG states of rank r
-    trainer                                     step, data position, LR schedule, world/ep
+    rng.rank<r>                                 torch / numpy / python RNG states of rank r (pickled)
+    trainer                                     step, data position, LR schedule, world/ep (pickled)
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from typing import Dict, Iterable, Optional, Tuple
@@ -185,8 +186,10 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
             shutil.rmtree(tmp)
     _barrier()
     state = {**{f"model.{k}": v for k, v in model_state(model).items()}, **optim_state(model, optimizer)}
-    state["trainer"] = dict(trainer_state)
-    state[f"rng.rank{rank}"] = rng_state()
+    # small Python objects go in as pickled bytes: DCP flattens nested dicts into separate entries,
+    # which a loader at another world size could not ask for by name
+    state["trainer"] = pickle.dumps(dict(trainer_state))
+    state[f"rng.rank{rank}"] = pickle.dumps(rng_state())
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
     _barrier()
     if rank == 0:
@@ -273,10 +276,10 @@ def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opt
         size = tuple(getattr(md, "size", ()))
         if size != tuple(v.shape):
             raise CheckpointError(f"checkpoint entry {k!r} has shape {size}, this run needs {tuple(v.shape)}")
-    want["trainer"] = {}
+    want["trainer"] = b""
     has_rng = f"rng.rank{rank}" in saved_keys
     if has_rng:
-        want[f"rng.rank{rank}"] = {}
+        want[f"rng.rank{rank}"] = b""
     return want, has_rng
 
 
@@ -289,9 +292,9 @@ def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[to
     state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
     dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
     _assign(model, optimizer, state)
-    trainer_state = dict(state["trainer"])
+    trainer_state = pickle.loads(state["trainer"])
     if restore_rng and has_rng and trainer_state.get("world_size") == world:
-        set_rng_state(state[f"rng.rank{rank}"])
+        set_rng_state(pickle.loads(state[f"rng.rank{rank}"]))
         trainer_state["rng_restored"] = True
     else:
         trainer_state["rng_restored"] = False

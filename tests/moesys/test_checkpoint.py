@@ -1,0 +1,173 @@
+"""Checkpoints: exact resume, atomic save (crash mid-save), reshard EP 2 -> 1 and 2 -> 4, bad checkpoints."""
+import datetime
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moesys import checkpoint as ckpt
+from moesys import train as train_mod
+from moesys.parallel import simulate
+from moesys.parallel.simulate import free_port
+from train_helpers import build_trainer, load_and_probe, make_cfg, read_flat_checkpoint
+
+
+@pytest.fixture
+def world1(monkeypatch):
+    """A one-rank gloo process group in this process."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()
+
+
+def _snapshot(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = fh.read()
+    return out
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """2N steps straight vs N (checkpoint) + resume + N: identical per-step losses (fp32)."""
+    common = ["parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=8", "moe.jitter_eps=0.05",
+              "moe.router=sigmoid_bias", "trainer.eval_interval=4"]
+    straight = train_mod.run(make_cfg(*common, "trainer.ckpt_interval=4", "trainer.keep_checkpoints=5",
+                                      f"trainer.out_dir={tmp_path}/a"), str(tmp_path / "a"))
+    half = str(tmp_path / "a" / "checkpoints" / "step_00000004")
+    assert os.path.isdir(half)
+    resumed = train_mod.run(make_cfg(*common, f"trainer.resume={half}"), str(tmp_path / "b"))
+    assert len(straight["train_losses"]) == len(resumed["train_losses"]) == 8
+    assert straight["train_losses"] == resumed["train_losses"]  # exact, not approximate
+    assert straight["val_loss_end"] == resumed["val_loss_end"]
+
+
+def test_atomic_save_survives_a_crash_mid_save(tmp_path, world1, monkeypatch):
+    out = str(tmp_path / "run")
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=3")
+    tr = build_trainer(cfg, out)
+    tr.train_step()
+    first = tr.save()
+    root = tr.ckpt_root
+    before = _snapshot(root)
+    tr.train_step()
+
+    # 1) crash while DCP writes the data files
+    real_save = ckpt.dcp.save
+
+    def dying_save(state, storage_writer):
+        real_save({k: v for k, v in list(state.items())[:3]}, storage_writer=storage_writer)
+        raise RuntimeError("simulated crash mid-save")
+
+    monkeypatch.setattr(ckpt.dcp, "save", dying_save)
+    with pytest.raises(RuntimeError, match="mid-save"):
+        tr.save()
+    monkeypatch.setattr(ckpt.dcp, "save", real_save)
+    assert os.path.isdir(os.path.join(root, ".step_00000002.tmp"))  # the partial write is there...
+    assert ckpt.resolve(root) == first  # ...but `latest` still names the previous checkpoint
+    assert all(_snapshot(root)[k] == v for k, v in before.items())
+
+    # 2) crash after the data is written, before the rename
+    real_rename = os.rename
+
+    def dying_rename(src, dst):
+        if os.path.basename(str(src)).startswith(".step_"):  # our publish step; DCP's own renames pass
+            raise OSError("simulated crash before rename")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", dying_rename)
+    with pytest.raises(OSError, match="before rename"):
+        tr.save()
+    monkeypatch.undo()
+    assert ckpt.resolve(root) == first
+
+    # the previous checkpoint still loads and fits
+    tr2 = build_trainer(cfg, str(tmp_path / "other"))
+    tr2.load(ckpt.resolve(root))
+    assert tr2.step == 1
+    # a later save replaces the stale temporary directory
+    second = tr.save()
+    assert ckpt.resolve(root) == second and not os.path.exists(os.path.join(root, ".step_00000002.tmp"))
+
+
+def test_bad_checkpoints_fail_clearly_and_touch_nothing(tmp_path, world1):
+    out = str(tmp_path / "run")
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2")
+    tr = build_trainer(cfg, out)
+    tr.train_step()
+    good = tr.save()
+    snap = _snapshot(out)
+    run_dir = str(tmp_path / "new")
+
+    def prepare(*ov):
+        return train_mod.prepare(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", *ov), run_dir, 1)
+
+    with pytest.raises(ckpt.CheckpointError, match=r"num_experts: checkpoint has 4, this run has 8"):
+        prepare(f"trainer.resume={good}", "moe.num_experts=8")
+    with pytest.raises(ckpt.CheckpointError, match=r"d_model: checkpoint has 32, this run has 64"):
+        prepare(f"trainer.resume={good}", "model.d_model=64")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
+        prepare(f"trainer.resume={tmp_path}/nowhere")
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(good, bad)
+    with open(os.path.join(bad, ".metadata"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: cannot read its DCP .metadata"):
+        prepare(f"trainer.resume={bad}")
+    with open(os.path.join(bad, ckpt.META_FILE), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: moesys.json is not valid JSON"):
+        prepare(f"trainer.resume={bad}")
+    os.remove(os.path.join(bad, ckpt.META_FILE))
+    with pytest.raises(ckpt.CheckpointError, match="incomplete: moesys.json is missing"):
+        prepare(f"trainer.resume={bad}")
+    # an out dir with checkpoints is never trained over without trainer.resume
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_mod.prepare(cfg, out, 1)
+    assert _snapshot(out) == snap  # nothing overwritten
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
+    """Save at EP=2 (2 ranks); load at EP=1 (1 rank) and EP=4 (4 ranks): same eval loss, same Adam state."""
+    common = ["trainer.steps=4", "trainer.eval_interval=4", "trainer.batch_size=8"]
+    out = str(tmp_path / "ep2")
+    summary = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
+    saved = ckpt.resolve(out)
+    flat = read_flat_checkpoint(saved)
+    key = ("blocks.1.moe.experts", "w1", 3)
+    ref = {m: flat[f"optim.blocks.1.moe.experts.w1.e3.{m}"] for m in ("exp_avg", "exp_avg_sq")}
+    ref["weight"] = flat["model.blocks.1.moe.experts.w1.e3"]
+    assert ref["exp_avg"].abs().sum() > 0
+
+    for ep in (1, 4):
+        cfg = make_cfg(*common, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}")
+        results = simulate(load_and_probe, ep, cfg, saved, str(tmp_path / f"load{ep}"), key, timeout_s=120)
+        losses = {r["loss"] for r in results}
+        assert len(losses) == 1
+        assert results[0]["loss"] == pytest.approx(summary["val_loss_end"], rel=1e-5, abs=1e-6)
+        probes = [r["probe"] for r in results if r["probe"] is not None]
+        assert len(probes) == 1  # exactly one rank owns global expert 3
+        for m in ("exp_avg", "exp_avg_sq", "weight"):
+            torch.testing.assert_close(probes[0][m], ref[m], rtol=0, atol=0)
+        assert probes[0]["step"] == 4.0 and results[0]["step"] == 4
+
+
+def test_checkpoint_meta_records_structure(tmp_path, world1):
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=1")
+    tr = build_trainer(cfg, str(tmp_path))
+    tr.train_step()
+    path = tr.save()
+    meta = json.load(open(os.path.join(path, ckpt.META_FILE)))
+    assert meta["step"] == 1 and meta["structure"]["num_experts"] == 4
+    assert open(os.path.join(tr.ckpt_root, ckpt.LATEST)).read().strip() == "step_00000001"

@@ -1,0 +1,147 @@
+"""moesys-train end to end: loss falls, EP=2 equals EP=1, CLI, hooks, options, bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from moesys import train as train_mod
+from moesys.trainer import lr_at
+from train_helpers import make_cfg
+
+
+def _records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_tiny_run_ep2_loss_falls_and_matches_ep1(tmp_path):
+    ep2 = train_mod.run(make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.plots=true"),
+                        str(tmp_path / "ep2"))
+    assert ep2["steps"] == 20
+    assert ep2["val_loss_end"] < ep2["val_loss_start"] - 0.5
+    # the same global batches on one rank give the same curve (EP is a layout, not a model change)
+    ep1 = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1"), str(tmp_path / "ep1"))
+    np.testing.assert_allclose(ep2["train_losses"], ep1["train_losses"], rtol=1e-4, atol=1e-5)
+    recs = _records(str(tmp_path / "ep2"))
+    logged = [r for r in recs if "moe/block0/expert_load" in r]
+    assert logged, "per-layer MoE metrics are logged"
+    r = logged[-1]
+    assert len(r["moe/block0/expert_load"]) == 4 and abs(sum(r["moe/block0/expert_load"]) - 1) < 1e-6
+    for k in ("drop_rate", "aux_loss", "router_entropy"):
+        assert f"moe/block1/{k}" in r
+    assert any(k.startswith("moe/block0/runtime/") for k in r), "runtime decisions are logged"
+    assert os.path.isfile(tmp_path / "ep2" / "expert_load.png") and os.path.isfile(tmp_path / "ep2" / "loss.png")
+    assert os.path.isdir(tmp_path / "ep2" / "checkpoints")
+
+
+def test_bf16_autocast_runs(tmp_path):
+    s = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2",
+                               "trainer.precision=bf16", "trainer.save_final=false"), str(tmp_path / "o"))
+    assert s["steps"] == 2 and math.isfinite(s["train_loss_end"])
+
+
+def test_options_accum_clip_textfile(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    s = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4",
+                               "trainer.grad_accum=2", "trainer.clip=0.5",
+                               "trainer.save_final=false", "moe.z_loss_coef=1e-3", "moe.activation=swiglu",
+                               "model.moe_every=2", f"data.path={text}"), str(tmp_path / "o"))
+    assert s["steps"] == 4 and math.isfinite(s["train_loss_end"])
+    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_token_bin_data(tmp_path):
+    p = tmp_path / "tok.bin"
+    (np.arange(20000) % 300).astype(np.uint16).tofile(p)
+    s = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "trainer.save_final=false",
+                               f"data.path={p}", "data.vocab_size=300"), str(tmp_path / "o"))
+    assert s["steps"] == 2
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, trainer):
+        self.events.append(("start", trainer.step))
+
+    def on_step_start(self, step):
+        self.events.append(("step", step))
+
+    def after_optimizer_step(self, step):
+        self.events.append(("opt", step))
+
+
+def test_step_hooks_are_called_in_order(tmp_path):
+    rec = _Recorder()
+    train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "trainer.save_final=false"),
+                  str(tmp_path), callbacks_fn=lambda cfg: [rec])
+    assert rec.events == [("start", 0), ("step", 0), ("opt", 0), ("step", 1), ("opt", 1)]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(lr=1.0, warmup=10, total=110, min_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1) and lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55) and lr_at(110, **kw) == pytest.approx(0.1)
+
+
+# ---- bad input: clear errors before any collective -----------------------------------------------
+def test_unknown_override_is_hydras_error():
+    with pytest.raises(ConfigCompositionException, match="model.bogus"):
+        make_cfg("model.bogus=1")
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("trainer.steps=many")  # typed: not an int
+
+
+@pytest.mark.parametrize("overrides, err, match", [
+    (["parallel.ep=3", "parallel.simulate_ranks=3"], ValueError, r"moe.num_experts \(4\) must be divisible by parallel.ep \(3\)"),
+    (["parallel.ep=4", "parallel.simulate_ranks=2"], ValueError, r"world size \(2\) must be divisible by parallel.ep \(4\)"),
+    (["data.path=/nonexistent/corpus.txt"], FileNotFoundError, "/nonexistent/corpus.txt"),
+    (["moe.router=expert_choice"], ValueError, "allow_noncausal"),
+    (["trainer.batch_size=7"], ValueError, r"trainer.batch_size \(7\) must be divisible"),
+    (["parallel.dispatcher=smoke"], ValueError, "parallel.dispatcher='smoke'"),
+])
+def test_bad_config_fails_in_the_parent_before_spawning(tmp_path, overrides, err, match):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(err, match=match):
+        train_mod.run(cfg, str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")  # nothing written
+
+
+def test_torchrun_rank_fails_before_any_collective(tmp_path, monkeypatch):
+    """A rank of a 2-rank world whose peer never comes: the bad config must raise at once, not wait
+    in init_process_group / the first collective."""
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29587"}.items():
+        monkeypatch.setenv(k, v)
+    cfg = make_cfg("parallel.ep=2", "moe.num_experts=5", "parallel.timeout_s=600")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"moe.num_experts \(5\) must be divisible by parallel.ep \(2\)"):
+        train_mod.run(cfg, str(tmp_path / "o"))
+    assert time.time() - t0 < 10
+
+
+@pytest.mark.slow
+def test_cli_entry_point(tmp_path):
+    """The console script's module: a short run through Hydra, then an unknown override."""
+    out = tmp_path / "cli"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    r = subprocess.run([sys.executable, "-m", "moesys.train", "preset=tiny", "trainer.steps=4", "trainer.eval_interval=2",
+                        f"trainer.out_dir={out}", "logging.wandb_mode=offline", f"hydra.run.dir={tmp_path}/hydra"],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    end = [x for x in _records(str(out)) if x.get("event") == "end"][0]
+    assert end["steps"] == 4 and end["val_loss_end"] < end["val_loss_start"]
+    assert os.path.isdir(out / "wandb")  # offline W&B run written locally, no network
+    bad = subprocess.run([sys.executable, "-m", "moesys.train", "trainer.nonsense=1", f"hydra.run.dir={tmp_path}/h2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Could not override 'trainer.nonsense'" in bad.stderr
