@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -13,13 +12,20 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _probe_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # ImportError or a broken install: the torch path still works
         return False
     return True
+
+
+# probed once at import (a plain value: torch.compile traces through it, unlike an lru_cache)
+_TRITON_AVAILABLE = _probe_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:

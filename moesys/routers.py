@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moesys.kernels import topk_softmax
+
 from . import balance
 from .config import MoEConfig
 from .routing import Routing, token_major_routes
@@ -48,21 +50,6 @@ class Router(nn.Module):
         """Only the aux-loss-free router has a bias; the others have nothing to update."""
 
 
-def _topk_probs(logits_TE: torch.Tensor, k: int, normalize: bool, backend: str):
-    """softmax + top-k, fused on the Triton path."""
-    from moesys.kernels import resolve_backend
-
-    if resolve_backend(backend, logits_TE.device) == "triton":
-        from moesys.kernels import topk_softmax
-
-        return topk_softmax(logits_TE, k, normalize, backend="triton")
-    probs_TE = torch.softmax(logits_TE, dim=-1)
-    w_TK, idx_TK = probs_TE.topk(k, dim=-1)
-    if normalize:
-        w_TK = w_TK / w_TK.sum(-1, keepdim=True)
-    return probs_TE, w_TK, idx_TK
-
-
 class TopKRouter(Router):
     """p = softmax(z); top-k; weights renormalised over the k when cfg.normalize_topk.
 
@@ -73,7 +60,8 @@ class TopKRouter(Router):
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         normalize = cfg.normalize_topk and cfg.router != "switch"
-        probs_TE, w_TK, idx_TK = _topk_probs(logits_TE, cfg.top_k, normalize, cfg.kernel_backend)
+        # softmax + top-k, fused into one kernel on the Triton path
+        probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
