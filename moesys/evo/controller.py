@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from moesys.layer import MoELayer
 
-from .layer import EvoMoELayer
+from .layer import EvoMoELayer, ffn_slice
 from .schedule import EvoConfig
 
 
@@ -180,7 +180,7 @@ def transfer_optimizer_state(optimizer: torch.optim.Optimizer, layer: EvoMoELaye
 
 
 def _f_slice_like(t: torch.Tensor, p: torch.Tensor, layer: EvoMoELayer, w: str) -> torch.Tensor:
-    f_slice = getattr(layer.experts, "f_slice", None)
+    f_slice = ffn_slice(layer.experts, layer.cfg.ffn_hidden_size)
     if f_slice is None:
         raise RuntimeError(f"optimizer state of {w}: shape {tuple(t.shape)} vs parameter {tuple(p.shape)}")
     return t[:, :, f_slice] if w in ("w1", "w3") else t[:, f_slice, :]
