@@ -74,6 +74,7 @@ class ExpertParallelRunner:
             y_ND = self.sharded(x_ND, counts_E, experts, chunks=c, timer=timer)
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
+            metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
         self._last_seconds = time.perf_counter() - t0
         metrics.update({k: float(v) for k, v in timer.totals.items()})
         metrics["step_s"] = self._last_seconds

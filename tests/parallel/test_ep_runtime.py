@@ -1,0 +1,47 @@
+"""Tuner agreement in auto mode, gradient sync over the ep x edp mesh, and failure modes."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import ep_workers  # noqa: E402
+
+from moesys.parallel import simulate  # noqa: E402
+
+
+@pytest.mark.multirank
+def test_auto_mode_agrees_and_stays_exact():
+    cfg = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2)
+    results = simulate(ep_workers.auto_worker, 2, cfg, 8, timeout_s=60)
+    fails = [f for r in results for f in r["fails"]]
+    assert not fails, "\n".join(fails)
+    assert results[0]["tuner_decisions"] >= 1  # explored, timed, decided
+    for name in ("runtime/mode_is_ep", "runtime/degree", "runtime/step_s", "runtime/bytes_sent"):
+        assert name in results[0]["metrics"]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_allreduce_gradients_over_ep_and_edp():
+    results = simulate(ep_workers.grads_worker, 4, timeout_s=60)
+    fails = [f for r in results for f in r["fails"]]
+    assert not fails, "\n".join(fails)
+    assert results[3]["dims"] == dict(dp=4, ep=2, edp=2, ep_rank=1, edp_size=2, ep_size=2)
+
+
+@pytest.mark.multirank
+def test_mismatched_config_is_a_clear_error():
+    results = simulate(ep_workers.mismatch_worker, 2, timeout_s=30)
+    for msg in results:
+        assert "top_k" in msg and "differs" in msg, msg
+
+
+@pytest.mark.multirank
+def test_dead_peer_gives_an_error_not_a_hang():
+    timeout_s = 5.0
+    results = simulate(ep_workers.dead_peer_worker, 2, timeout_s, timeout_s=timeout_s)
+    assert results[1] == "exited early"
+    assert results[0]["error"] is not None, results[0]
+    assert results[0]["seconds"] < timeout_s + 5.0
