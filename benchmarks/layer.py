@@ -172,7 +172,8 @@ def main(argv=None):
         if not args.no_memory:
             md, mm = peak_memory("dense", E, args), peak_memory("moesys", E, args)
             extra = 4 * (E - args.top_k) * 2 * args.hidden * args.ffn / 2**20
-            row += f" {mm:.0f} / {md:.0f} = {mm/md:.2f} | {extra:.0f} |"
+            ratio = f"{mm / md:.2f}" if md > 0 else "n/a (too small to see in RSS)"
+            row += f" {mm:.0f} / {md:.0f} = {ratio} | {extra:.0f} |"
             res.update(mem_dense=md, mem_moesys=mm, extra_params=extra)
         print(row, flush=True)
         results.append(res)
