@@ -121,7 +121,8 @@ class TrainerConfig:
     resume: Optional[str] = None  # None | auto | path to an out dir or a checkpoint dir
     out_dir: Optional[str] = None  # None: Hydra's run dir
     engine: str = "plain"  # plain | deepspeed
-    zero_stage: int = 1  # deepspeed only
+    zero_stage: int = 1  # deepspeed only: 1 | 2
+    ds_config: Optional[str] = None  # deepspeed only: a base JSON (e.g. launchers/ds_zero2.json); trainer.* wins
     deterministic: bool = True
     plots: bool = True
 
@@ -207,8 +208,10 @@ class TrainConfig:
             raise ValueError(f"trainer.precision={t.precision!r} is not one of fp32|bf16")
         if t.engine not in ("plain", "deepspeed"):
             raise ValueError(f"trainer.engine={t.engine!r} is not one of plain|deepspeed")
-        if t.engine == "deepspeed" and t.zero_stage not in (0, 1, 2):
-            raise ValueError(f"trainer.zero_stage must be 0, 1 or 2 with MoE, got {t.zero_stage}")
+        if t.engine == "deepspeed" and t.zero_stage not in (1, 2):
+            raise ValueError(f"trainer.zero_stage must be 1 or 2 with MoE, got {t.zero_stage}")
+        if t.ds_config is not None and not os.path.isfile(t.ds_config):
+            raise FileNotFoundError(f"trainer.ds_config={t.ds_config!r}: no such file")
         if t.clip < 0:
             raise ValueError(f"trainer.clip must be >= 0, got {t.clip}")
         if len(self.optim.betas) != 2:

@@ -127,9 +127,11 @@ class Trainer:
                 f"available in this checkout ({e}); use trainer.engine=plain"
             ) from e
         t = self.cfg.trainer
+        micro = t.batch_size // (self.dims.dp * t.grad_accum)
         return ds_integration.build_engine(self.model, optimizer_cfg=dataclasses.asdict(self.cfg.optim),
                                            zero_stage=t.zero_stage, dims=self.dims, grad_accum=t.grad_accum,
-                                           clip=t.clip)
+                                           clip=t.clip, micro_batch_size=micro, dtype=t.precision,
+                                           config=t.ds_config)
 
     def _hook(self, name: str, *args) -> None:
         for cb in self.callbacks:
