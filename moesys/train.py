@@ -81,8 +81,13 @@ def _backend(cfg: TrainConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None) -> dict:
-    """One rank: checks, process group, trainer. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env."""
+def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
+              share_out_dir: bool = False) -> dict:
+    """One rank: checks, process group, trainer. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env.
+
+    share_out_dir: every rank adopts rank 0's out_dir (torchrun ranks each get their own Hydra run
+    dir, whose timestamps can differ by a second).
+    """
     import datetime
 
     from moesys.parallel import ParallelDims
@@ -100,6 +105,10 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     try:
+        if share_out_dir:
+            box = [out_dir]
+            dist.broadcast_object_list(box, src=0)
+            out_dir = box[0]
         dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
                                   local_world_size=local_world)
         callbacks = (callbacks_fn or build_callbacks)(cfg)
@@ -123,7 +132,7 @@ def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str, q
         queue.put(summary)
 
 
-def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None) -> dict:
+def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:
     """Train; returns rank 0's summary (None on other torchrun ranks).
 
     Under torchrun this process is one rank. Otherwise parallel.simulate_ranks local gloo ranks are
@@ -131,7 +140,7 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None)
     module-level function) when ranks are spawned.
     """
     if under_torchrun():
-        return rank_main(cfg, out_dir, callbacks_fn)
+        return rank_main(cfg, out_dir, callbacks_fn, share_out_dir)
     world = cfg.parallel.simulate_ranks
     prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
     if world == 1:
@@ -165,7 +174,7 @@ def _hydra_main(dcfg) -> None:
 
     cfg: TrainConfig = OmegaConf.to_object(dcfg)
     out_dir = cfg.trainer.out_dir or HydraConfig.get().runtime.output_dir
-    run(cfg, os.path.abspath(out_dir))
+    run(cfg, os.path.abspath(out_dir), share_out_dir=cfg.trainer.out_dir is None)
 
 
 def main() -> None:
