@@ -33,12 +33,12 @@ if [[ -z "$NPROC" ]]; then
   # one rank per GPU when there are GPUs, else 2 CPU ranks
   NPROC=$(python3 -c 'import torch; print(torch.cuda.device_count() or 2)')
 fi
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-if [[ "$NNODES" -gt 1 && "$MASTER_ADDR" == "127.0.0.1" ]]; then
+if [[ "$NNODES" -gt 1 && -z "${MASTER_ADDR:-}" ]]; then
   echo "torchrun.sh: --nnodes $NNODES needs MASTER_ADDR set to node 0's address (reachable from every node)" >&2
   exit 2
 fi
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
 
 exec torchrun \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
