@@ -32,10 +32,13 @@ class AllGatherHandle:
 class AllGatherDispatcher(Dispatcher):
     name = "allgather"
 
-    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> Flight:
+    def plan(self, counts_list: list) -> list:
+        return self.gather_count_matrix(counts_list)
+
+    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
         P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
-        counts_PE = comm.all_gather_counts(counts_E, self.group)
+        counts_PE = self.plan([counts_E])[0] if plan is None else plan
         n_P = counts_PE.sum(1)
         n_max = int(n_P.max())  # host sync
         pad = x_ND.new_zeros(n_max - x_ND.shape[0], x_ND.shape[1])

@@ -29,11 +29,17 @@ class AllToAllVHandle:
 class AllToAllVDispatcher(Dispatcher):
     name = "alltoallv"
 
-    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> Flight:
+    def plan(self, counts_list: list) -> list:
+        P, L = self.layout.world, self.layout.local_experts
+        send_PcL = torch.stack([c[self.dest_X].view(P, L) for c in counts_list], 1)
+        recv_PcL = comm.exchange_counts(send_PcL, self.group)  # one [P, chunks, L] exchange
+        return [recv_PcL[:, i] for i in range(len(counts_list))]
+
+    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
         P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
         send_counts_PL = counts_E[self.dest_X].view(P, L)
-        recv_counts_PL = comm.exchange_counts(send_counts_PL, self.group)
+        recv_counts_PL = self.plan([counts_E])[0] if plan is None else plan
         in_splits = send_counts_PL.sum(1).tolist()  # host sync: splits must be known on the host
         out_splits = recv_counts_PL.sum(1).tolist()
         x_send, send_idx = self.send_rows(x_ND, counts_E)

@@ -47,10 +47,21 @@ class Dispatcher:
     def dispatch(self, x_ND: torch.Tensor, counts_E: torch.Tensor):
         return self.dispatch_finish(self.dispatch_start(x_ND, counts_E))
 
+    def gather_count_matrix(self, counts_list: list) -> list:
+        """[P, E] counts of every rank, per chunk, with one all-gather of the stacked chunks."""
+        stacked = comm.all_gather_counts(torch.stack(counts_list), self.group)  # [P, c, E]
+        return [stacked[:, i] for i in range(len(counts_list))]
+
     def combine(self, y_MD: torch.Tensor, handle) -> torch.Tensor:
         return self.combine_finish(self.combine_start(y_MD, handle))
 
-    def dispatch_start(self, x_ND, counts_E) -> Flight:  # pragma: no cover - abstract
+    def plan(self, counts_list: list) -> list:
+        """Metadata of several chunks with ONE small collective (the runner plans all chunks up
+        front, so a chunk's dispatch costs one data collective, not a counts round-trip too).
+        Returns one opaque entry per chunk for `dispatch_start(..., plan=entry)`."""
+        return [None] * len(counts_list)
+
+    def dispatch_start(self, x_ND, counts_E, plan=None) -> Flight:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def dispatch_finish(self, flight: Flight):  # pragma: no cover - abstract

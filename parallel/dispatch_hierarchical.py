@@ -65,12 +65,15 @@ class HierarchicalDispatcher(Dispatcher):
     def _stage(self, x, out_splits, in_splits, group):
         return self._stage_wait(self._stage_start(x, out_splits, in_splits, group))
 
-    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> Flight:
+    def plan(self, counts_list: list) -> list:
+        return self.gather_count_matrix(counts_list)
+
+    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
         P, L, Lw, Nn = self.layout.world, self.layout.local_experts, self.lw, self.nodes
         me = self.layout.rank
         n_me, l_me = divmod(me, Lw)
-        counts_PE = comm.all_gather_counts(counts_E, self.group)
+        counts_PE = self.plan([counts_E])[0] if plan is None else plan
         # M_PP[s, j]: rows source s sends to rank j (F-shard ranks each get the expert's rows)
         M_PP = counts_PE[:, self.dest_X].view(P, P, L).sum(-1)
         x_send, send_idx = self.send_rows(x_ND, counts_E)

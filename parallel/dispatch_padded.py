@@ -32,6 +32,10 @@ class PaddedDispatcher(Dispatcher):
     name = "padded"
     local_capacity: Optional[int] = None  # set by the runner from cfg.capacity(local T)
 
+    def plan(self, counts_list: list) -> list:
+        C = self.agree_capacity(torch.stack(counts_list))  # one C for every chunk
+        return [C] * len(counts_list)
+
     def agree_capacity(self, counts_E: torch.Tensor) -> int:
         mine = torch.tensor([self.local_capacity or 0, int(counts_E.max()) if counts_E.numel() else 0])
         dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
@@ -45,10 +49,10 @@ class PaddedDispatcher(Dispatcher):
             )
         return cap
 
-    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> Flight:
+    def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
         P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
-        C = self.agree_capacity(counts_E)
+        C = self.agree_capacity(counts_E) if plan is None else plan
         D = x_ND.shape[1]
         expert_N = torch.repeat_interleave(torch.arange(E), counts_E)
         offsets_E = torch.cumsum(counts_E, 0) - counts_E

@@ -94,10 +94,13 @@ class ExpertParallelRunner:
             # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
             d.local_capacity = None if cap is None else -(-cap // c)
 
+        with timer.span("plan_s"):
+            plans = d.plan(chunk_counts)  # one small collective for all chunks
+
         def start(i):
             x_i = x_ND if idxs[i] is None else x_ND[idxs[i]]
             with timer.span("dispatch_start_s"):
-                return d.dispatch_start(x_i, chunk_counts[i])
+                return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
         flight = start(0)
         combines = []

@@ -15,6 +15,7 @@ def cases(world: int) -> list:
         (dict(small, num_experts=4, top_k=1, activation="swiglu"), "even", True),  # an unused expert
         (dict(small, num_experts=4, top_k=2), "zero", False),  # a rank with no tokens
         (dict(small, num_experts=world // 2, top_k=1), "uneven", False),  # E < P: F-sharded experts
+        (dict(small, num_experts=4, top_k=2, router="dts"), "uneven", False),  # variable K (N > T*K possible)
     ]
     if world == 4:
         out.append((dict(small, num_experts=8, top_k=2, capacity_factor=2.0), "uneven", False))  # L = 2, ample

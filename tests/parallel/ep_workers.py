@@ -18,6 +18,7 @@ from moesys.parallel import (DISPATCHERS, AllGatherDispatcher, AllToAllVDispatch
                              HierarchicalDispatcher, PaddedDispatcher, ParallelDims, apply_expert_parallel)
 
 ATOL = 1e-5
+RNG_SEED = 1234
 
 
 def _close(name, a, b, fails, tag):
@@ -84,8 +85,9 @@ def _reference(layer, xs, gys):
     """Per-rank outputs/input grads and summed param grads of the single-process layer."""
     ref = copy.deepcopy(layer)
     outs, dxs = [], []
-    for x, gy in zip(xs, gys):
+    for r, (x, gy) in enumerate(zip(xs, gys)):
         x = x.clone().requires_grad_(True)
+        torch.manual_seed(RNG_SEED + r)  # stochastic routers (Gumbel, jitter) draw the same noise
         y, aux = ref(x)
         (y * gy).sum().add(aux.loss).backward()
         outs.append(y.detach())
@@ -130,6 +132,7 @@ def layer_worker(cases, combos, seed=0):
             apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=disp, mode=mode, overlap=overlap,
                                   timeout_s=60)
             x = xs[me].clone().requires_grad_(True)
+            torch.manual_seed(RNG_SEED + me)
             y, aux = layer(x)
             (y * gys[me]).sum().add(aux.loss).backward()
             _close("y", y.detach(), outs[me], fails, tag)
@@ -166,6 +169,7 @@ def auto_worker(cfg_kw, steps=8):
         gys = [torch.ones_like(x) for x in xs]
         outs, dxs, _ = _reference(base, xs, gys)
         x = xs[me].clone().requires_grad_(True)
+        torch.manual_seed(RNG_SEED + me)
         y, aux = layer(x)
         (y * gys[me]).sum().add(aux.loss).backward()
         _close("y", y.detach(), outs[me], fails, f"auto step {step}")

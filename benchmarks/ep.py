@@ -1,0 +1,126 @@
+"""Expert-parallel runtime benchmark: modes x overlap degrees on simulated ranks, and the tuner's pick.
+
+    python benchmarks/ep.py                       # 2 and 4 simulated gloo ranks (a few minutes on 2 cores)
+    python benchmarks/ep.py --worlds 2 --steps 4  # quicker
+    launchers/simulate_ep.sh 4 benchmarks/ep.py   # the same body under torchrun (one world: 4)
+
+Prints, per world size:
+  * fwd+bwd step time of one MoE layer for each (mode, degree), median over steps, slowest rank;
+  * bytes moved per forward (dispatch direction) vs the minimum (rows for experts on other ranks);
+  * the fraction of the forward all-to-all time hidden by overlap:
+        hidden(c) = (fwd(1) - fwd(c)) / wait(1)
+    where wait(1) is the time the c=1 forward spends blocked in collectives (all of its comm);
+  * the tuner's decision in auto mode and its measured time vs the best measured combination.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from moesys import MoEConfig, MoELayer
+from moesys.parallel import ParallelDims, apply_expert_parallel, simulate
+
+COMBOS = [("ep", c) for c in (1, 2, 4, 8)] + [("sharded_dp", c) for c in (1, 2, 4, 8)]
+
+
+def _slowest(x: float, group) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t)
+
+
+def _step(layer, x):
+    t0 = time.perf_counter()
+    y, aux = layer(x)
+    t1 = time.perf_counter()
+    (y.square().sum() + aux.loss).backward()
+    return t1 - t0, time.perf_counter() - t0, aux.metrics
+
+
+def bench_worker(cfg_kw: dict, tokens: int, steps: int, warmup: int, auto_steps: int) -> dict:
+    torch.set_num_threads(1)
+    dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=120)
+    g = dims.ep_group
+    torch.manual_seed(0)
+    base = MoELayer(MoEConfig(**cfg_kw))
+    x = torch.randn(tokens, cfg_kw["hidden_size"], generator=torch.Generator().manual_seed(dims.rank))
+    rows = {}
+    for mode, c in COMBOS:
+        layer = copy.deepcopy(base)
+        apply_expert_parallel(layer, g, dims=dims, mode=mode, overlap=c)
+        fwd, tot, waits = [], [], []
+        for i in range(warmup + steps):
+            f, t, m = _step(layer, x)
+            if i >= warmup:
+                fwd.append(_slowest(f, g))
+                tot.append(_slowest(t, g))
+                waits.append(_slowest(float(m.get("runtime/wait_s", 0.0)), g))
+        rows[(mode, c)] = dict(fwd=statistics.median(fwd), step=statistics.median(tot), wait=statistics.median(waits),
+                               bytes=_slowest(float(m["runtime/bytes_sent"]), g),
+                               bytes_min=_slowest(float(m["runtime/bytes_min"]), g))
+    # auto: the tuner explores, times and decides; then time its pick like the others
+    layer = copy.deepcopy(base)
+    apply_expert_parallel(layer, g, dims=dims)
+    for _ in range(auto_steps):
+        _, _, m = _step(layer, x)
+    pick = ("ep" if float(m["runtime/mode_is_ep"]) else "sharded_dp", int(m["runtime/degree"]))
+    tot = [_slowest(_step(layer, x)[1], g) for _ in range(steps)]
+    return {"rows": rows, "pick": pick, "pick_step": statistics.median(tot)}
+
+
+def report(world: int, res: dict, cfg_kw: dict, tokens: int) -> None:
+    rows = res["rows"]
+    print(f"\n== {world} ranks | T={tokens}/rank D={cfg_kw['hidden_size']} F={cfg_kw['ffn_hidden_size']} "
+          f"E={cfg_kw['num_experts']} K={cfg_kw['top_k']} | times: median, slowest rank ==")
+    print(f"{'mode':<11}{'c':>2} {'fwd+bwd ms':>11} {'fwd ms':>8} {'wait ms':>8} {'MB sent':>8} {'MB min':>7} "
+          f"{'hidden':>7}")
+    for (mode, c), r in rows.items():
+        base = rows[(mode, 1)]
+        hidden = "" if c == 1 or base["wait"] <= 0 else f"{(base['fwd'] - r['fwd']) / base['wait']:7.0%}"
+        print(f"{mode:<11}{c:>2} {r['step'] * 1e3:11.2f} {r['fwd'] * 1e3:8.2f} {r['wait'] * 1e3:8.2f} "
+              f"{r['bytes'] / 1e6:8.3f} {r['bytes_min'] / 1e6:7.3f} {hidden:>7}")
+    best = min(rows, key=lambda k: rows[k]["step"])
+    pick = tuple(res["pick"])
+    print(f"best measured: {best[0]} c={best[1]} {rows[best]['step'] * 1e3:.2f} ms | tuner pick: {pick[0]} c={pick[1]} "
+          f"{rows[pick]['step'] * 1e3:.2f} ms in the sweep, {res['pick_step'] * 1e3:.2f} ms re-timed "
+          f"({rows[pick]['step'] / rows[best]['step'] - 1:+.1%} vs best)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--auto-steps", type=int, default=12)
+    a = ap.parse_args(argv)
+    cfg_kw = dict(hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_experts=a.experts, top_k=a.top_k)
+    args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps)
+    if "RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ and not dist.is_initialized():
+        # under torchrun (launchers/simulate_ep.sh): this process is one rank
+        dist.init_process_group(os.environ.get("MOESYS_BACKEND", "gloo"))
+        res = bench_worker(*args)
+        if dist.get_rank() == 0:
+            report(dist.get_world_size(), res, cfg_kw, a.tokens)
+        dist.destroy_process_group()
+        return
+    t0 = time.time()
+    for world in a.worlds:
+        res = simulate(bench_worker, world, *args, timeout_s=300)[0]
+        report(world, res, cfg_kw, a.tokens)
+    print(f"\n(total {time.time() - t0:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs, gloo)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
