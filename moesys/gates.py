@@ -60,6 +60,7 @@ class DTSRouter(Router):
         dev = x_TD.device
         logits_TE = self.logits(x_TD)
         score_TE, probs_TE = self._scores(logits_TE)
+        hard = self.training and bool(self.hard)  # `bool` of a device buffer: one host sync per call
         if not self.training:
             w_T, idx_T = probs_TE.max(dim=-1)
             token_R = torch.arange(T, device=dev)
@@ -72,7 +73,7 @@ class DTSRouter(Router):
                 else:
                     g_TE = torch.softmax(noisy_TE / self.tau + self.gate_bias.float(), dim=-1)
                 top_T = g_TE.argmax(dim=-1)
-                if bool(self.hard):
+                if hard:
                     mask_TE = torch.zeros_like(g_TE, dtype=torch.bool)
                 else:
                     mask_TE = g_TE > cfg.dts_threshold
@@ -88,4 +89,8 @@ class DTSRouter(Router):
             losses["aux_loss"] = balance.evo_balance_loss(probs_TE, token_R, expert_R, cfg.dts_balance_coef)
         if cfg.z_loss_coef > 0:
             losses["z_loss"] = balance.z_loss(logits_TE, cfg.z_loss_coef)
-        return Routing(token_R, expert_R, weight_R, slot_R, T, probs_TE, logits_TE, losses)
+        # eval and the hard phase route exactly one expert per token, token-major: the layer's
+        # gather-only fixed-K combine applies; the soft phase has a variable K
+        one_per_token = not self.training or hard
+        return Routing(token_R, expert_R, weight_R, slot_R, T, probs_TE, logits_TE, losses,
+                       fixed_k=1 if one_per_token else None)
