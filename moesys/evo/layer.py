@@ -91,7 +91,7 @@ class EvoMoELayer(MoELayer):
         zero = torch.zeros((), dtype=torch.int64, device=x.device)
         metrics = balance.router_metrics(x_TD.new_ones(T, 1, dtype=torch.float32), counts_1, T, zero)
         metrics["max_experts_per_token"] = torch.tensor(1.0)
-        metrics["tau"] = torch.tensor(float("nan"))
+        metrics["tau"] = getattr(self.router, "tau", torch.tensor(float("nan"))).detach().clone()
         metrics["evo_phase"] = torch.tensor(float(DENSE))
         aux = MoEAux(
             loss=x_TD.new_zeros((), dtype=torch.float32),
