@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--auto-steps", type=int, default=12)
+    ap.add_argument("--auto-steps", type=int, default=16)
     a = ap.parse_args(argv)
     cfg_kw = dict(hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_experts=a.experts, top_k=a.top_k)
     args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps)

@@ -166,6 +166,8 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
                                   capacity_fn=layer.capacity)
     layer.set_runner(runner)
+    if not tuner.pinned:
+        runner.watch_params([experts.w1, experts.w2, experts.w3])
 
     def _record_tokens(module, args):
         # the runner sees only x_ND; the padded dispatcher's capacity needs this rank's T

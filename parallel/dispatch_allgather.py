@@ -54,7 +54,7 @@ class AllGatherDispatcher(Dispatcher):
         # rows of my local experts in every source's block (source-major, expert order inside)
         idx = torch.cat([expand_rows(counts_PE[s], my_L) + s * n_max for s in range(P)])
         recv_counts_PL = counts_PE[:, my_L]
-        x_MD, perm = self.to_expert_major(x_all[idx], recv_counts_PL)
+        x_MD, perm = self.to_expert_major(x_all.index_select(0, idx), recv_counts_PL)
         back = recv_counts_PL.sum(1).tolist()
         home = counts_E[self.dest_X].view(P, L).sum(1).tolist()
         # F-sharded experts: each of the S ranks of an expert returns a partial output to sum

@@ -90,7 +90,7 @@ class Dispatcher:
         if self.layout.shards == 1:
             return x_ND, None
         send_idx = expand_rows(counts_E, self.dest_X)
-        return x_ND[send_idx], send_idx
+        return x_ND.index_select(0, send_idx), send_idx
 
     @staticmethod
     def gather_back(y_send: torch.Tensor, send_idx: Optional[torch.Tensor], n_rows: int) -> torch.Tensor:
@@ -101,17 +101,19 @@ class Dispatcher:
 
     @staticmethod
     def to_expert_major(x_rows: torch.Tensor, recv_counts_PL: torch.Tensor):
-        """Rows arrive source-major ([src][local expert]); experts want expert-major ([l][src])."""
+        """Rows arrive source-major ([src][local expert]); experts want expert-major ([l][src]).
+
+        Row moves use index_select, not x[idx]: the advanced-indexing path is slower on CPU."""
         if recv_counts_PL.shape[1] == 1:
             return x_rows, None
         perm = block_permutation(recv_counts_PL)
-        return x_rows[perm], perm
+        return x_rows.index_select(0, perm), perm
 
     @staticmethod
     def to_source_major(y_rows: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
         if perm is None:
             return y_rows
-        return y_rows[inverse_permutation(perm)]
+        return y_rows.index_select(0, inverse_permutation(perm))
 
     def a2a_start(self, x, out_splits, in_splits, group=None):
         return comm.all_to_all_start(x, out_splits, in_splits, self.group if group is None else group,

@@ -86,13 +86,13 @@ class HierarchicalDispatcher(Dispatcher):
         node_src = torch.arange(Lw) + n_me * Lw
         R1_LN = M_PP[node_src].view(Lw, Nn, Lw)[:, :, l_me]  # [l, n'']
         out1 = R1_LN.sum(1).tolist()
-        x1 = self._stage(x_send[perm1], out1, in1, self.node_group)
+        x1 = self._stage(x_send.index_select(0, perm1), out1, in1, self.node_group)
 
         # stage 2: (l, n'') -> (n'', l); send block n'' to node n'' (same local index)
         perm2 = block_permutation(R1_LN)
         in2 = R1_LN.sum(0).tolist()
         out2 = M_PP[:, me].view(Nn, Lw).sum(1).tolist()
-        token = self._stage_start(x1[perm2], out2, in2, self.cross_group)
+        token = self._stage_start(x1.index_select(0, perm2), out2, in2, self.cross_group)
 
         recv_counts_PL = counts_PE[:, self.dest_X.view(P, L)[me]]
         rb = row_bytes(x_ND)
@@ -115,10 +115,10 @@ class HierarchicalDispatcher(Dispatcher):
         out2, in2 = handle.splits2
         y2 = self.to_source_major(y_MD, handle.perm)
         # reverse stage 2 (blocking), then reverse stage 1 is the one left in flight
-        y1 = self._stage(y2, in2, out2, self.cross_group)[inverse_permutation(handle.perm2)]
+        y1 = self._stage(y2, in2, out2, self.cross_group).index_select(0, inverse_permutation(handle.perm2))
         return Flight(self._stage_start(y1, in1, out1, self.node_group), handle)
 
     def combine_finish(self, flight: Flight) -> torch.Tensor:
         h: HierarchicalHandle = flight.state
-        y_send = self._stage_wait(flight.token)[inverse_permutation(h.perm1)]
+        y_send = self._stage_wait(flight.token).index_select(0, inverse_permutation(h.perm1))
         return self.gather_back(y_send, h.send_idx, h.n_rows)

@@ -91,4 +91,4 @@ class PaddedDispatcher(Dispatcher):
         if self.layout.shards > 1:
             # sum the partial outputs of the S F-shard ranks of each expert
             y_back = y_back.new_zeros(E * C, D).view(E, C, D).index_add(0, self.dest_X, y_back.view(self.dest_X.numel(), C, D))
-        return y_back.reshape(E * C, D)[h.pos_N]
+        return y_back.reshape(E * C, D).index_select(0, h.pos_N)

@@ -35,7 +35,35 @@ class ExpertParallelRunner:
         self.capacity_fn = capacity_fn  # the layer's capacity(T); used by the padded dispatcher
         self.num_tokens: int = 0  # local T of the current forward, set by a forward pre-hook
         self._last_seconds: Optional[float] = None
+        self._fwd_seconds: Optional[float] = None
+        self._bwd_marks: list = [None, None]  # perf_counter at backward start / latest end
         self.last_metrics: dict = {}
+
+    # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
+    def watch_params(self, params) -> None:
+        """Post-accumulate hooks on the local expert weights mark the end of this layer's backward."""
+        for p in params:
+            if p is not None and p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda _p: self._mark_bwd(1))
+
+    def _mark_bwd(self, which: int) -> None:
+        now = time.perf_counter()
+        if which == 0 or self._bwd_marks[1] is None or now > self._bwd_marks[1]:
+            self._bwd_marks[which] = now
+
+    def _hook_backward(self, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
+        self._bwd_marks = [None, None]
+        if y_ND.requires_grad:
+            y_ND.register_hook(lambda g: self._mark_bwd(0))
+        if x_ND.requires_grad:
+            x_ND.register_hook(lambda g: self._mark_bwd(1))
+
+    def _previous_step_seconds(self) -> Optional[float]:
+        if self._fwd_seconds is None:
+            return None
+        start, end = self._bwd_marks
+        bwd = end - start if start is not None and end is not None and end > start else 0.0
+        return self._fwd_seconds + bwd
 
     # -- statistics every rank agrees on ------------------------------------------------------
     def _agreed_stats(self, counts_E: torch.Tensor) -> tuple:
@@ -63,6 +91,7 @@ class ExpertParallelRunner:
         if self.tuner.pinned:
             mode, c = self.tuner.choose(None, None)
         else:
+            self._last_seconds = self._previous_step_seconds()
             stats, last = self._agreed_stats(counts_E)
             mode, c = self.tuner.choose(stats, last)
         timer = Timer()
@@ -75,9 +104,13 @@ class ExpertParallelRunner:
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
-        self._last_seconds = time.perf_counter() - t0
+        self._fwd_seconds = time.perf_counter() - t0
+        if not self.tuner.pinned:
+            self._hook_backward(x_ND, y_ND)
         metrics.update({k: float(v) for k, v in timer.totals.items()})
-        metrics["step_s"] = self._last_seconds
+        metrics["fwd_s"] = self._fwd_seconds
+        if self._last_seconds is not None:
+            metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
         metrics.update(self.tuner.report())
         self.last_metrics = metrics
         return y_ND
@@ -98,7 +131,7 @@ class ExpertParallelRunner:
             plans = d.plan(chunk_counts)  # one small collective for all chunks
 
         def start(i):
-            x_i = x_ND if idxs[i] is None else x_ND[idxs[i]]
+            x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i])
             with timer.span("dispatch_start_s"):
                 return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
@@ -126,4 +159,4 @@ class ExpertParallelRunner:
         metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
         if c == 1:
             return ys[0]
-        return torch.cat(ys, 0)[inverse_permutation(torch.cat(idxs))]
+        return torch.cat(ys, 0).index_select(0, inverse_permutation(torch.cat(idxs)))

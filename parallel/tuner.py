@@ -15,6 +15,7 @@ and computes only local rows, but with all E experts.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -90,7 +91,7 @@ def predict(mode: str, c: int, s: Stats, shape: Shape, m: Machine) -> float:
 class TunerSettings:
     warmup_steps: int = 1  # steps before measuring (first-call allocations distort timing)
     top_candidates: int = 3  # how many model-ranked candidates to time
-    trials: int = 1  # timed steps per candidate
+    trials: int = 3  # timed steps per candidate (the median counts: shared machines are noisy)
     retune_rel_change: float = 0.3  # re-decide when active K / load skew / tokens move this much
     mode: Optional[str] = None  # pin the mode
     degree: Optional[int] = None  # pin the overlap degree
@@ -160,10 +161,15 @@ class Tuner:
         self.measured = {}
         self.ref_stats = stats
         ranked = self.ranked(stats)
-        self.queue = [k for k in ranked[: self.settings.top_candidates] for _ in range(self.settings.trials)]
+        picked = ranked[: self.settings.top_candidates]
+        # hedge against a wrong model: the best-predicted candidate of every mode gets timed
+        for mode in {m for m, _ in ranked} - {m for m, _ in picked}:
+            if len(picked) > 1:
+                picked[-1] = next(k for k in ranked if k[0] == mode)
+        self.queue = [k for k in picked for _ in range(self.settings.trials)]
 
     def _decide(self, stats: Stats) -> None:
-        best = min(self.measured, key=lambda k: (min(self.measured[k]), k))
+        best = min(self.measured, key=lambda k: (statistics.median(self.measured[k]), k))
         idx = torch.tensor([self.candidates().index(best)], dtype=torch.long)
         if self.group is not None:
             dist.broadcast(idx, src=dist.get_global_rank(self.group, 0), group=self.group)

@@ -142,6 +142,11 @@ def layer_worker(cases, combos, seed=0):
             dist.all_reduce(rg, group=dims.ep_group)
             _close("d router", rg, grads["router.weight"], fails, tag)
             lay = layer.runner.layout
+            if disp == "alltoallv" and mode == "ep" and lay.shards == 1:
+                # dropless all-to-all-v moves exactly the routed rows: N x D x 4 bytes
+                want_bytes = float(aux.tokens_per_expert.sum()) * cfg.hidden_size * 4
+                if float(aux.metrics["runtime/bytes_sent"]) != want_bytes:
+                    fails.append(f"{tag}: bytes_sent {float(aux.metrics['runtime/bytes_sent'])} != {want_bytes}")
             for wn, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
                 p = getattr(layer.experts, wn)
                 if p is None:
@@ -162,7 +167,7 @@ def auto_worker(cfg_kw, steps=8):
     torch.manual_seed(3)
     base = MoELayer(MoEConfig(**cfg_kw))
     layer = copy.deepcopy(base)
-    apply_expert_parallel(layer, dims.ep_group, dims=dims, tuner={"warmup_steps": 1, "top_candidates": 3})
+    apply_expert_parallel(layer, dims.ep_group, dims=dims, tuner={"warmup_steps": 1, "top_candidates": 3, "trials": 2})
     fails, decisions = [], []
     for step in range(steps):
         xs = [_tokens(r, lambda r: 4 + 2 * r + step % 3, cfg_kw["hidden_size"], 50 + step) for r in range(world)]
@@ -246,6 +251,12 @@ def dead_peer_worker(timeout_s):
     except RuntimeError as err:
         return {"error": str(err)[:300], "seconds": time.perf_counter() - t0}
     return {"error": None, "seconds": time.perf_counter() - t0}
+
+
+def failing_worker():
+    if dist.get_rank() == 1:
+        raise ValueError("boom on purpose")
+    return "ok"
 
 
 def suite_worker(cases, combos, E_values):

@@ -15,11 +15,11 @@ from moesys.parallel import simulate  # noqa: E402
 def test_auto_mode_agrees_and_stays_exact():
     # the dense-to-sparse gate: routes per token vary, the tuner's statistics see it
     cfg = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2, router="act_dts")
-    results = simulate(ep_workers.auto_worker, 2, cfg, 8, timeout_s=60)
+    results = simulate(ep_workers.auto_worker, 2, cfg, 10, timeout_s=60)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails)
     assert results[0]["tuner_decisions"] >= 1  # explored, timed, decided
-    for name in ("runtime/mode_is_ep", "runtime/degree", "runtime/step_s", "runtime/bytes_sent"):
+    for name in ("runtime/mode_is_ep", "runtime/degree", "runtime/fwd_s", "runtime/bytes_sent"):
         assert name in results[0]["metrics"]
 
 
@@ -46,3 +46,9 @@ def test_dead_peer_gives_an_error_not_a_hang():
     assert results[1] == "exited early"
     assert results[0]["error"] is not None, results[0]
     assert results[0]["seconds"] < timeout_s + 5.0
+
+
+@pytest.mark.multirank
+def test_simulate_raises_the_failing_ranks_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom on purpose"):
+        simulate(ep_workers.failing_worker, 2, timeout_s=20)

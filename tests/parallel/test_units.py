@@ -116,7 +116,7 @@ def _tuner(**kw):
 
 
 def test_tuner_explores_then_keeps_the_fastest_measured():
-    t = _tuner(warmup_steps=1, top_candidates=3)
+    t = _tuner(warmup_steps=1, top_candidates=3, trials=1)
     stats = Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)
     fake = {}
     last = None
@@ -132,7 +132,7 @@ def test_tuner_explores_then_keeps_the_fastest_measured():
 
 
 def test_tuner_re_decides_when_routing_shifts():
-    t = _tuner(warmup_steps=0, top_candidates=1, retune_rel_change=0.3)
+    t = _tuner(warmup_steps=0, top_candidates=1, trials=1, retune_rel_change=0.3)
     s1 = Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)
     t.choose(s1, None)
     t.choose(s1, 1.0)
