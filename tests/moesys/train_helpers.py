@@ -40,8 +40,10 @@ def load_and_probe(cfg, ckpt_dir, out_dir, probe_key):
     j = g - mod.expert_offset
     if 0 <= j < mod.num_local_experts:
         st = tr.optimizer.state[p]
-        probe = {"exp_avg": st["exp_avg"][j].clone(), "exp_avg_sq": st["exp_avg_sq"][j].clone(),
-                 "weight": p.detach()[j].clone(), "step": float(st["step"])}
+        # numpy, not tensors: torch's queue pickling passes tensors as shared-memory fds, which breaks
+        # when the rank exits before the parent reads them
+        probe = {"exp_avg": st["exp_avg"][j].numpy().copy(), "exp_avg_sq": st["exp_avg_sq"][j].numpy().copy(),
+                 "weight": p.detach()[j].numpy().copy(), "step": float(st["step"])}
     return {"loss": loss, "probe": probe, "step": tr.step}
 
 
