@@ -12,9 +12,12 @@ maximum likelihood (L-BFGS, float64), initialised near the truth with the extra 
 the first one, and measure a Voronoi-type loss (Nguyen et al.):
     D = sum_j |sum_{i in V_j} pi_i - pi*_j| + sum_j sum_{i in V_j} pi_i ||theta_i - theta*_j||^r,
 V_j the fitted experts nearest to true expert j in theta = (a, b, nu), pi_i = E_x[G_i(x)] the
-mixing mass, r = 1 for cells with one fitted expert and r = 2 for cells with several. The gate's own
-parameters (beta, tau) are left out: for the temperature gate only (beta / tau) is identifiable.
-The fitted slope of log D against log n is the empirical rate (n^-1/2 would be parametric).
+mixing mass, r = 1 for cells with one fitted expert and r = 2 for cells with several. A second loss
+takes the gate's raw parameters over the same cells: sum_j sum_{i in V_j} pi_i (|beta1_i - beta1*_j|
++ |tau - tau*|). For the temperature gate they are not identifiable -- (beta1, beta0, tau) and
+(c beta1, c beta0, c tau) give the same gate, and so does a common shift of beta1 -- which is the
+parameter interaction the activation gate removes. The fitted slope of log loss against log n is
+the empirical rate (n^-1/2 would be parametric).
 """
 from __future__ import annotations
 
@@ -87,50 +90,59 @@ def fit(kind: str, x, y, k: int, gen: torch.Generator, iters: int = 100):
         xs = torch.randn(200_000, generator=gen, dtype=torch.float64)
         pi = gate_probs(kind, xs, beta1, beta0, log_tau).mean(0)
         theta = torch.stack([a, b, torch.exp(log_nu)], -1)
-    return pi.detach(), theta.detach()
+    return pi.detach(), theta.detach(), beta1.detach(), float(torch.exp(log_tau))
 
 
-def voronoi_loss(kind: str, pi, theta) -> float:
+def voronoi_loss(kind: str, pi, theta, beta1=None, tau=None) -> tuple:
     xs = torch.randn(200_000, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
     pi_true = gate_probs(kind, xs, TRUE_GATE["beta1"], TRUE_GATE["beta0"],
                          torch.tensor(math.log(TRUE_GATE["tau"]))).mean(0)
     d = torch.cdist(theta, TRUE_EXPERTS)  # [k, k*]
     cell = d.argmin(-1)
-    loss = 0.0
+    loss, gate = 0.0, 0.0
     for j in range(TRUE_EXPERTS.shape[0]):
         members = (cell == j).nonzero().flatten()
         loss += abs(float(pi[members].sum() - pi_true[j]))
         r = 1 if len(members) == 1 else 2
         loss += float((pi[members] * d[members, j] ** r).sum())
-    return loss
+        # the raw gate parameters (beta1, tau) of the same cells
+        gate += float((pi[members] * ((beta1[members] - TRUE_GATE["beta1"][j]).abs() + abs(tau - TRUE_GATE["tau"]))).sum())
+    return loss, gate
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--fit-k", type=int, default=3)
     ap.add_argument("--iters", type=int, default=100, help="L-BFGS iterations per fit")
     a = ap.parse_args()
     torch.set_num_threads(1)
     ns = [1000, 3000, 10000] if a.quick else [1000, 3000, 10000, 30000, 100000]
     repeats = 1 if a.quick else a.repeats
-    res = {"ns": ns, "fit_k": a.fit_k, "iters": a.iters, "true_k": 2, "repeats": repeats, "loss": {}, "slope": {}}
+    res = {"ns": ns, "fit_k": a.fit_k, "iters": a.iters, "true_k": 2, "repeats": repeats, "loss": {}, "slope": {},
+           "gate_loss": {}, "gate_slope": {}}
     t0 = time.time()
     for kind in ("temperature", "activation"):
-        per_n = []
+        per_n, gate_n = [], []
         for n in ns:
-            vals = []
+            vals, gvals = [], []
             for r in range(repeats):
                 gen = torch.Generator().manual_seed(1000 * r + n)
                 x, y = sample(kind, n, gen)
-                pi, theta = fit(kind, x, y, a.fit_k, gen, iters=a.iters)
-                vals.append(voronoi_loss(kind, pi, theta))
+                pi, theta, beta1, tau = fit(kind, x, y, a.fit_k, gen, iters=a.iters)
+                v, gv = voronoi_loss(kind, pi, theta, beta1, tau)
+                vals.append(v)
+                gvals.append(gv)
             per_n.append(vals)
+            gate_n.append(gvals)
             print(f"{kind:11s} n={n:6d}: Voronoi loss median {np.median(vals):.4f}  ({time.time() - t0:.0f}s)", flush=True)
         res["loss"][kind] = per_n
+        res["gate_loss"][kind] = gate_n
         med = np.array([np.median(v) for v in per_n])
         res["slope"][kind] = float(np.polyfit(np.log(ns), np.log(med), 1)[0])
+        gmed = np.array([np.median(v) for v in gate_n])
+        res["gate_slope"][kind] = float(np.polyfit(np.log(ns), np.log(gmed), 1)[0])
     res["wall_s"] = time.time() - t0
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
@@ -147,27 +159,35 @@ def write_report(res: dict, out_dir: str, suffix: str = "") -> None:
     import matplotlib.pyplot as plt
 
     ns = np.array(res["ns"])
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    lines = ["| gate | " + " | ".join(f"n={n:g}" for n in ns) + " | fitted slope |", "|---" * (len(ns) + 2) + "|"]
-    for kind, mark in (("temperature", "o"), ("activation", "s")):
-        vals = res["loss"][kind]
-        med = np.array([np.median(v) for v in vals])
-        lo = np.array([np.min(v) for v in vals])
-        hi = np.array([np.max(v) for v in vals])
-        ax.errorbar(ns, med, yerr=[med - lo, hi - med], marker=mark, capsize=3,
-                    label=f"{kind} gate (slope {res['slope'][kind]:.2f})")
-        lines.append(f"| {kind} | " + " | ".join(f"{m:.4f}" for m in med) + f" | {res['slope'][kind]:.2f} |")
-    ax.plot(ns, med[0] * (ns / ns[0]) ** -0.5, "k:", label="n^-1/2 reference")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sample size n")
-    ax.set_ylabel("Voronoi loss (median over repeats)")
-    ax.set_title(f"Gaussian MoE, k*={res['true_k']} true, k={res['fit_k']} fitted")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    head = "| gate | loss | " + " | ".join(f"n={n:g}" for n in ns) + " | fitted slope |"
+    lines = [head, "|---" * (len(ns) + 3) + "|"]
+    panels = (("loss", "slope", "Voronoi loss: experts (a, b, nu) + mixing masses"),
+              ("gate_loss", "gate_slope", "raw gate parameters (beta1, tau), same cells"))
+    for ax, (key, skey, title) in zip(axes, panels):
+        for kind, mark in (("temperature", "o"), ("activation", "s")):
+            vals = res[key][kind]
+            med = np.array([np.median(v) for v in vals])
+            lo = np.array([np.min(v) for v in vals])
+            hi = np.array([np.max(v) for v in vals])
+            ax.errorbar(ns, med, yerr=[med - lo, hi - med], marker=mark, capsize=3,
+                        label=f"{kind} gate (slope {res[skey][kind]:.2f})")
+            lines.append(f"| {kind} | {key.replace('_', ' ')} | " + " | ".join(f"{m:.4f}" for m in med)
+                         + f" | {res[skey][kind]:.2f} |")
+        ref = np.median(res[key]["activation"][0])
+        ax.plot(ns, ref * (ns / ns[0]) ** -0.5, "k:", label="n^-1/2 reference")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sample size n")
+        ax.set_ylabel("median over repeats (bars: min-max)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Gaussian MoE, k*={res['true_k']} true experts, k={res['fit_k']} fitted", fontsize=11)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"gmoe_rates{suffix}.png"), dpi=120)
     with open(os.path.join(out_dir, f"gmoe{suffix}.md"), "w") as f:
-        f.write(f"Voronoi loss (median of {res['repeats']} fits) vs. n; k*={res['true_k']}, fitted k={res['fit_k']}; "
+        f.write(f"Median of {res['repeats']} fits per n; k*={res['true_k']} true experts, k={res['fit_k']} fitted; "
+                f"L-BFGS {res.get('iters', '?')} iterations; "
                 f"{res['wall_s']:.0f} s.\n\n" + "\n".join(lines) + "\n")
 
 
