@@ -95,20 +95,21 @@ class _UnpermuteFixedK(torch.autograd.Function):
         y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
         w_T1K = weight_TK.to(y_ND.dtype).unsqueeze(1)
         ctx.save_for_backward(y_ND, weight_TK, route_idx_N, inv_R)
-        return torch.bmm(w_T1K, y_TKD).squeeze(1)
+        with torch.autocast(y_ND.device.type, enabled=False):  # output in y's dtype, as the torch path
+            return torch.bmm(w_T1K, y_TKD).squeeze(1)
 
     @staticmethod
     def backward(ctx, dout_TD):
         y_ND, weight_TK, route_idx_N, inv_R = ctx.saved_tensors
         T, K = weight_TK.shape
-        dout_TD = dout_TD.contiguous()
+        dout_TD = dout_TD.contiguous().to(y_ND.dtype)
         dy_ND = dweight_TK = None
         if ctx.needs_input_grad[0]:
             dy_TKD = weight_TK.to(dout_TD.dtype).unsqueeze(-1) * dout_TD.unsqueeze(1)
             dy_ND = dy_TKD.view(T * K, -1).index_select(0, route_idx_N)
         if ctx.needs_input_grad[1]:
             y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
-            dweight_TK = torch.bmm(y_TKD, dout_TD.unsqueeze(-1)).squeeze(-1).to(weight_TK.dtype)
+            dweight_TK = torch.bmm(y_TKD.float(), dout_TD.float().unsqueeze(-1)).squeeze(-1).to(weight_TK.dtype)
         return dy_ND, dweight_TK, None, None
 
 

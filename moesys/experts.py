@@ -54,6 +54,12 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """The expert FFNs with explicit weights (len(counts_E) == w1.shape[0])."""
         backend = self.cfg.kernel_backend
+        dev = x_ND.device.type
+        if torch.is_autocast_enabled(dev):
+            # autocast does not reach custom autograd ops: cast to its dtype here (differentiably)
+            dt = torch.get_autocast_dtype(dev)
+            x_ND, w1, w2 = x_ND.to(dt), w1.to(dt), w2.to(dt)
+            w3 = w3.to(dt) if w3 is not None else None
         h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)
         if self.cfg.gated:
             h_NF = F.silu(h_NF) * grouped_gemm(x_ND, w3, counts_E, backend=backend)

@@ -230,3 +230,20 @@ def test_grouped_gemm_path_is_not_slower_than_naive_loop():
     names = {type(f).__name__ for f in fns}
     assert any("GroupedGemm" in n for n in names), names
     assert not any(n.startswith("SliceBackward") or n.startswith("SelectBackward") for n in names), names
+
+
+@pytest.mark.parametrize("router,activation", [("topk", "gelu"), ("expert_choice", "swiglu")])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_bf16_autocast_fwd_bwd(router, activation, xdtype):
+    layer = make(router, activation, D=16, Fh=32)
+    x = torch.randn(40, 16)
+    y32, _ = layer(x)
+    g32 = torch.autograd.grad(y32.sum(), layer.experts.w1)[0]
+    xa = x.to(xdtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(xa)
+    assert y.dtype == xdtype
+    (y.float().sum() + aux.loss).backward()
+    assert layer.experts.w1.grad.dtype == torch.float32 and xa.grad.dtype == xdtype
+    torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(layer.experts.w1.grad, g32, atol=5e-2, rtol=5e-2)
