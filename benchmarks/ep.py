@@ -44,35 +44,39 @@ def _step(layer, x):
     return t1 - t0, time.perf_counter() - t0, aux.metrics
 
 
-def bench_worker(cfg_kw: dict, tokens: int, steps: int, warmup: int, auto_steps: int) -> dict:
+def bench_worker(cfg_kw: dict, tokens: int, steps: int, warmup: int, auto_steps: int, rounds: int) -> dict:
     torch.set_num_threads(1)
     dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=120)
     g = dims.ep_group
     torch.manual_seed(0)
     base = MoELayer(MoEConfig(**cfg_kw))
     x = torch.randn(tokens, cfg_kw["hidden_size"], generator=torch.Generator().manual_seed(dims.rank))
-    rows = {}
+    layers = {}
     for mode, c in COMBOS:
-        layer = copy.deepcopy(base)
-        apply_expert_parallel(layer, g, dims=dims, mode=mode, overlap=c)
-        fwd, tot, waits = [], [], []
-        for i in range(warmup + steps):
-            f, t, m = _step(layer, x)
-            if i >= warmup:
-                fwd.append(_slowest(f, g))
-                tot.append(_slowest(t, g))
-                waits.append(_slowest(float(m.get("runtime/wait_s", 0.0)), g))
-        rows[(mode, c)] = dict(fwd=statistics.median(fwd), step=statistics.median(tot), wait=statistics.median(waits),
-                               bytes=_slowest(float(m["runtime/bytes_sent"]), g),
-                               bytes_min=_slowest(float(m["runtime/bytes_min"]), g))
-    # auto: the tuner explores, times and decides; then time its pick like the others
-    layer = copy.deepcopy(base)
-    apply_expert_parallel(layer, g, dims=dims)
+        layers[(mode, c)] = apply_expert_parallel(copy.deepcopy(base), g, dims=dims, mode=mode, overlap=c)
+    # auto: the tuner explores, times (fwd+bwd) and decides; then it is timed like the others
+    auto = apply_expert_parallel(copy.deepcopy(base), g, dims=dims)
     for _ in range(auto_steps):
-        _, _, m = _step(layer, x)
+        _, _, m = _step(auto, x)
     pick = ("ep" if float(m["runtime/mode_is_ep"]) else "sharded_dp", int(m["runtime/degree"]))
-    tot = [_slowest(_step(layer, x)[1], g) for _ in range(steps)]
-    return {"rows": rows, "pick": pick, "pick_step": statistics.median(tot)}
+    layers["auto"] = auto
+    samples = {k: dict(fwd=[], step=[], wait=[]) for k in layers}
+    # rounds interleave the combinations, so the load of a shared machine hits them alike
+    for _ in range(rounds):
+        for key, layer in layers.items():
+            for i in range(warmup + steps):
+                f, t, m = _step(layer, x)
+                if i >= warmup:
+                    samples[key]["fwd"].append(_slowest(f, g))
+                    samples[key]["step"].append(_slowest(t, g))
+                    samples[key]["wait"].append(_slowest(float(m.get("runtime/wait_s", 0.0)), g))
+            if key != "auto":
+                samples[key]["bytes"] = _slowest(float(m["runtime/bytes_sent"]), g)
+                samples[key]["bytes_min"] = _slowest(float(m["runtime/bytes_min"]), g)
+    rows = {k: dict(fwd=statistics.median(v["fwd"]), step=statistics.median(v["step"]),
+                    wait=statistics.median(v["wait"]), bytes=v["bytes"], bytes_min=v["bytes_min"])
+            for k, v in samples.items() if k != "auto"}
+    return {"rows": rows, "pick": pick, "pick_step": statistics.median(samples["auto"]["step"])}
 
 
 def report(world: int, res: dict, cfg_kw: dict, tokens: int) -> None:
@@ -89,8 +93,8 @@ def report(world: int, res: dict, cfg_kw: dict, tokens: int) -> None:
     best = min(rows, key=lambda k: rows[k]["step"])
     pick = tuple(res["pick"])
     print(f"best measured: {best[0]} c={best[1]} {rows[best]['step'] * 1e3:.2f} ms | tuner pick: {pick[0]} c={pick[1]} "
-          f"{rows[pick]['step'] * 1e3:.2f} ms in the sweep, {res['pick_step'] * 1e3:.2f} ms re-timed "
-          f"({rows[pick]['step'] / rows[best]['step'] - 1:+.1%} vs best)")
+          f"{rows[pick]['step'] * 1e3:.2f} ms in the sweep ({rows[pick]['step'] / rows[best]['step'] - 1:+.1%} vs best); "
+          f"the auto layer itself: {res['pick_step'] * 1e3:.2f} ms ({res['pick_step'] / rows[best]['step'] - 1:+.1%})")
 
 
 def main(argv=None) -> None:
@@ -101,12 +105,13 @@ def main(argv=None) -> None:
     ap.add_argument("--ffn", type=int, default=256)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per combination and round")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds over all combinations")
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--auto-steps", type=int, default=16)
     a = ap.parse_args(argv)
     cfg_kw = dict(hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_experts=a.experts, top_k=a.top_k)
-    args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps)
+    args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps, a.rounds)
     if "RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ and not dist.is_initialized():
         # under torchrun (launchers/simulate_ep.sh): this process is one rank
         dist.init_process_group(os.environ.get("MOESYS_BACKEND", "gloo"))

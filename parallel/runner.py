@@ -15,8 +15,8 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
+from .comm import all_gather_counts
 from .dispatch_base import Dispatcher
 from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
 from .sharded_dp import ShardedDataParallel
@@ -67,20 +67,18 @@ class ExpertParallelRunner:
 
     # -- statistics every rank agrees on ------------------------------------------------------
     def _agreed_stats(self, counts_E: torch.Tensor) -> tuple:
+        """One small all-gather of [counts_E, T, last step seconds]; every rank derives the same stats."""
         L = self.layout.local_experts
-        # one SUM and one MAX all-reduce of a few numbers; skipped entirely when both are pinned
-        summed = torch.cat([counts_E.to(torch.float64), torch.tensor([float(self.num_tokens)])])
-        dist.all_reduce(summed, group=self.group)
-        n_local = float(counts_E.sum())
-        mx = torch.tensor([n_local, self._last_seconds if self._last_seconds is not None else -1.0],
-                          dtype=torch.float64)
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.group)
-        counts_g = summed[:-1]
+        last = self._last_seconds if self._last_seconds is not None else -1.0
+        mine = torch.cat([counts_E.to(torch.float64), torch.tensor([float(self.num_tokens), last], dtype=torch.float64)])
+        every_PX = all_gather_counts(mine, self.group)
+        counts_PE = every_PX[:, :-2]
+        counts_g = counts_PE.sum(0)
         per_rank = counts_g[self.dispatcher.dest_X].view(self.layout.world, L).sum(1)
-        stats = Stats(tokens=int(summed[-1]), rows=int(counts_g.sum()), max_rank_rows=int(per_rank.max()),
-                      max_local_rows=int(mx[0]))
-        last = float(mx[1]) if mx[1] >= 0 else None
-        return stats, last
+        stats = Stats(tokens=int(every_PX[:, -2].sum()), rows=int(counts_g.sum()), max_rank_rows=int(per_rank.max()),
+                      max_local_rows=int(counts_PE.sum(1).max()))
+        slowest = float(every_PX[:, -1].max())  # the step is as slow as its slowest rank
+        return stats, (slowest if slowest >= 0 else None)
 
     def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
         if counts_E.shape[0] != self.layout.num_experts:
@@ -88,12 +86,14 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: counts_E has {counts_E.shape[0]} experts, layout has {self.layout.num_experts}"
             )
         counts_E = counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
-        if self.tuner.pinned:
-            mode, c = self.tuner.choose(None, None)
-        else:
-            self._last_seconds = self._previous_step_seconds()
+        self._last_seconds = self._previous_step_seconds()
+        if self.tuner.wants_stats():
             stats, last = self._agreed_stats(counts_E)
             mode, c = self.tuner.choose(stats, last)
+        elif self.tuner.pinned:
+            mode, c = self.tuner.choose(None, None)
+        else:
+            mode, c = self.tuner.keep()
         timer = Timer()
         t0 = time.perf_counter()
         metrics: dict = {}

@@ -93,6 +93,7 @@ class TunerSettings:
     top_candidates: int = 3  # how many model-ranked candidates to time
     trials: int = 3  # timed steps per candidate (the median counts: shared machines are noisy)
     retune_rel_change: float = 0.3  # re-decide when active K / load skew / tokens move this much
+    check_every: int = 8  # once decided, look at the routing statistics every this many steps
     mode: Optional[str] = None  # pin the mode
     degree: Optional[int] = None  # pin the overlap degree
 
@@ -133,6 +134,17 @@ class Tuner:
         preds = {k: predict(k[0], k[1], stats, self.shape, self.machine) for k in self.candidates()}
         return sorted(preds, key=lambda k: (preds[k], k))
 
+    def wants_stats(self) -> bool:
+        """False on decided steps between statistics checks: the runner then skips its collective."""
+        if self.pinned:
+            return False
+        return self.phase != "exploit" or (self.step + 1) % self.settings.check_every == 0
+
+    def keep(self) -> tuple:
+        """This step's (mode, degree) without new statistics (every rank calls it on the same steps)."""
+        self.step += 1
+        return self.decision
+
     def choose(self, stats: Stats, last_seconds: Optional[float]) -> tuple:
         """The (mode, degree) for this step. last_seconds: agreed time of the previous step."""
         if self.pinned:
@@ -166,7 +178,8 @@ class Tuner:
         for mode in {m for m, _ in ranked} - {m for m, _ in picked}:
             if len(picked) > 1:
                 picked[-1] = next(k for k in ranked if k[0] == mode)
-        self.queue = [k for k in picked for _ in range(self.settings.trials)]
+        # round-robin, not back-to-back: a load spike on a shared machine then hits every candidate
+        self.queue = [k for _ in range(self.settings.trials) for k in picked]
 
     def _decide(self, stats: Stats) -> None:
         best = min(self.measured, key=lambda k: (statistics.median(self.measured[k]), k))
