@@ -168,18 +168,40 @@ def all_gather(w, group, timeout=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# small blocking metadata exchanges (not differentiable)
+# small blocking metadata exchanges (not differentiable). Index math runs on the host, so these
+# take and return CPU tensors; NCCL only moves CUDA tensors, so they travel through the GPU there.
+def comm_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def exchange_counts(send_PX: torch.Tensor, group) -> torch.Tensor:
-    """send_PX[j] goes to rank j; returns recv_PX with recv_PX[j] from rank j (int64, blocking)."""
-    send_PX = send_PX.contiguous()
+    """send_PX[j] goes to rank j; returns recv_PX with recv_PX[j] from rank j (int64, blocking, CPU)."""
+    dev = comm_device(group)
+    send_PX = send_PX.to(dev).contiguous()
     recv_PX = torch.empty_like(send_PX)
     dist.all_to_all_single(recv_PX, send_PX, group=group)
-    return recv_PX
+    return recv_PX.cpu()  # host sync: the splits are host integers
 
 
 def all_gather_counts(x_X: torch.Tensor, group) -> torch.Tensor:
-    """Returns [P, *x.shape]: every rank's tensor (blocking)."""
+    """Returns [P, *x.shape] on the CPU: every rank's tensor (blocking)."""
     world = dist.get_world_size(group)
+    x_X = x_X.to(comm_device(group)).contiguous()
     flat = x_X.new_empty(world * x_X.numel())  # gloo wants the concatenated (flat) output shape
-    dist.all_gather_into_tensor(flat, x_X.contiguous().view(-1), group=group)
-    return flat.view((world,) + tuple(x_X.shape))
+    dist.all_gather_into_tensor(flat, x_X.view(-1), group=group)
+    return flat.view((world,) + tuple(x_X.shape)).cpu()
+
+
+def all_reduce_host(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Blocking all-reduce of a small CPU tensor; returns the CPU result."""
+    y = x.to(comm_device(group))
+    dist.all_reduce(y, op=op, group=group)
+    return y.cpu()
+
+
+def broadcast_host(x: torch.Tensor, src_group_rank: int, group) -> torch.Tensor:
+    y = x.to(comm_device(group))
+    dist.broadcast(y, src=dist.get_global_rank(group, src_group_rank), group=group)
+    return y.cpu()

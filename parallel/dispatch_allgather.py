@@ -37,6 +37,7 @@ class AllGatherDispatcher(Dispatcher):
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
+        counts_E = counts_E.cpu()  # index math on the host
         P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
         counts_PE = self.plan([counts_E])[0] if plan is None else plan
         n_P = counts_PE.sum(1)
@@ -52,15 +53,15 @@ class AllGatherDispatcher(Dispatcher):
         x_all = comm.all_gather_wait(flight.token)  # [P * n_max, D], source-major
         my_L = self.dest_X.view(P, L)[me]
         # rows of my local experts in every source's block (source-major, expert order inside)
-        idx = torch.cat([expand_rows(counts_PE[s], my_L) + s * n_max for s in range(P)])
+        idx = torch.cat([expand_rows(counts_PE[s], my_L) + s * n_max for s in range(P)]).to(x_all.device)
         recv_counts_PL = counts_PE[:, my_L]
         x_MD, perm = self.to_expert_major(x_all.index_select(0, idx), recv_counts_PL)
         back = recv_counts_PL.sum(1).tolist()
         home = counts_E[self.dest_X].view(P, L).sum(1).tolist()
         # F-sharded experts: each of the S ranks of an expert returns a partial output to sum
-        send_idx = expand_rows(counts_E, self.dest_X) if self.layout.shards > 1 else None
+        send_idx = expand_rows(counts_E, self.dest_X).to(x_ND.device) if self.layout.shards > 1 else None
         handle = AllGatherHandle(tuple(back), tuple(home), perm, send_idx, x_ND.shape[0], nbytes, nremote)
-        return x_MD, recv_counts_PL.sum(0), handle
+        return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: AllGatherHandle) -> Flight:
         y_src = self.to_source_major(y_MD, handle.perm)

@@ -37,6 +37,7 @@ class AllToAllVDispatcher(Dispatcher):
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
+        counts_E = counts_E.cpu()  # index math on the host
         P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
         send_counts_PL = counts_E[self.dest_X].view(P, L)
         recv_counts_PL = self.plan([counts_E])[0] if plan is None else plan
@@ -54,7 +55,7 @@ class AllToAllVDispatcher(Dispatcher):
         x_recv = comm.all_to_all_wait(flight.token)
         x_MD, perm = self.to_expert_major(x_recv, recv_counts_PL)
         handle = AllToAllVHandle(in_splits, out_splits, perm, send_idx, n_rows, nbytes, nremote)
-        return x_MD, recv_counts_PL.sum(0), handle
+        return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: AllToAllVHandle) -> Flight:
         y_recv = self.to_source_major(y_MD, handle.perm)

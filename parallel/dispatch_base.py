@@ -89,7 +89,7 @@ class Dispatcher:
         """
         if self.layout.shards == 1:
             return x_ND, None
-        send_idx = expand_rows(counts_E, self.dest_X)
+        send_idx = expand_rows(counts_E, self.dest_X).to(x_ND.device)
         return x_ND.index_select(0, send_idx), send_idx
 
     @staticmethod
@@ -106,7 +106,7 @@ class Dispatcher:
         Row moves use index_select, not x[idx]: the advanced-indexing path is slower on CPU."""
         if recv_counts_PL.shape[1] == 1:
             return x_rows, None
-        perm = block_permutation(recv_counts_PL)
+        perm = block_permutation(recv_counts_PL).to(x_rows.device)
         return x_rows.index_select(0, perm), perm
 
     @staticmethod

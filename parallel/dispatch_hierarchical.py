@@ -70,6 +70,7 @@ class HierarchicalDispatcher(Dispatcher):
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
+        counts_E = counts_E.cpu()  # index math on the host
         P, L, Lw, Nn = self.layout.world, self.layout.local_experts, self.lw, self.nodes
         me = self.layout.rank
         n_me, l_me = divmod(me, Lw)
@@ -80,7 +81,7 @@ class HierarchicalDispatcher(Dispatcher):
 
         # stage 1: my dest-major blocks (n'', l') -> (l', n'') order, send block l' to local peer l'
         mine_NL = M_PP[me].view(Nn, Lw)
-        perm1 = block_permutation(mine_NL)
+        perm1 = block_permutation(mine_NL).to(x_ND.device)
         in1 = mine_NL.sum(0).tolist()
         # from local source (n_me, l) I get its rows for (n'', l_me), all n''
         node_src = torch.arange(Lw) + n_me * Lw
@@ -89,7 +90,7 @@ class HierarchicalDispatcher(Dispatcher):
         x1 = self._stage(x_send.index_select(0, perm1), out1, in1, self.node_group)
 
         # stage 2: (l, n'') -> (n'', l); send block n'' to node n'' (same local index)
-        perm2 = block_permutation(R1_LN)
+        perm2 = block_permutation(R1_LN).to(x_ND.device)
         in2 = R1_LN.sum(0).tolist()
         out2 = M_PP[:, me].view(Nn, Lw).sum(1).tolist()
         token = self._stage_start(x1.index_select(0, perm2), out2, in2, self.cross_group)
@@ -108,7 +109,7 @@ class HierarchicalDispatcher(Dispatcher):
         x_recv = self._stage_wait(flight.token)
         x_MD, perm = self.to_expert_major(x_recv, recv_counts_PL)
         handle = HierarchicalHandle(s1, s2, perm1, perm2, perm, send_idx, n_rows, nbytes, nremote)
-        return x_MD, recv_counts_PL.sum(0), handle
+        return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: HierarchicalHandle) -> Flight:
         out1, in1 = handle.splits1

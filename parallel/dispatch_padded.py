@@ -38,7 +38,7 @@ class PaddedDispatcher(Dispatcher):
 
     def agree_capacity(self, counts_E: torch.Tensor) -> int:
         mine = torch.tensor([self.local_capacity or 0, int(counts_E.max()) if counts_E.numel() else 0])
-        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group)
+        mine = comm.all_reduce_host(mine, self.group, op=dist.ReduceOp.MAX)
         cap, most = int(mine[0]), int(mine[1])
         if cap == 0:
             return most  # dropless: pad to the largest count anywhere
@@ -51,15 +51,16 @@ class PaddedDispatcher(Dispatcher):
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
         self.check(x_ND, counts_E)
+        counts_E = counts_E.cpu()  # index math on the host
         P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
         C = self.agree_capacity(counts_E) if plan is None else plan
         D = x_ND.shape[1]
         expert_N = torch.repeat_interleave(torch.arange(E), counts_E)
         offsets_E = torch.cumsum(counts_E, 0) - counts_E
-        pos_N = torch.arange(x_ND.shape[0]) - offsets_E[expert_N] + expert_N * C
+        pos_N = (torch.arange(x_ND.shape[0]) - offsets_E[expert_N] + expert_N * C).to(x_ND.device)
         buf_ECD = x_ND.new_zeros(E * C, D).index_add(0, pos_N, x_ND).view(E, C, D)
         if self.layout.shards > 1:
-            buf_ECD = buf_ECD[self.dest_X]  # [P*L, C, D]: each F-shard rank gets the whole expert
+            buf_ECD = buf_ECD.index_select(0, self.dest_X.to(x_ND.device))  # [P*L, C, D]: each F-shard rank gets the whole expert
         splits = [L * C] * P
         token = self.a2a_start(buf_ECD.reshape(P * L * C, D), splits, splits)
         rb = row_bytes(x_ND)
@@ -73,7 +74,7 @@ class PaddedDispatcher(Dispatcher):
         D = x_recv.shape[1]
         # [src, local expert, C] -> [local expert, src, C]: each local expert's rows contiguous
         x_MD = x_recv.view(P, L, C, D).transpose(0, 1).reshape(L * P * C, D)
-        counts_L = torch.full((L,), P * C, dtype=torch.long)
+        counts_L = torch.full((L,), P * C, dtype=torch.long, device=x_MD.device)
         return x_MD, counts_L, h
 
     def combine_start(self, y_MD: torch.Tensor, handle: PaddedHandle) -> Flight:
@@ -90,5 +91,6 @@ class PaddedDispatcher(Dispatcher):
         D = y_back.shape[1]
         if self.layout.shards > 1:
             # sum the partial outputs of the S F-shard ranks of each expert
-            y_back = y_back.new_zeros(E * C, D).view(E, C, D).index_add(0, self.dest_X, y_back.view(self.dest_X.numel(), C, D))
+            y_back = y_back.new_zeros(E * C, D).view(E, C, D).index_add(
+                0, self.dest_X.to(y_back.device), y_back.view(self.dest_X.numel(), C, D))
         return y_back.reshape(E * C, D).index_select(0, h.pos_N)

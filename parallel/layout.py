@@ -109,7 +109,7 @@ def block_permutation(sizes_AB: torch.Tensor) -> torch.Tensor:
 
 def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(idx.numel())
+    inv[idx] = torch.arange(idx.numel(), device=idx.device)
     return inv
 
 

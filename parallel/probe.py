@@ -10,6 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .comm import all_reduce_host, comm_device
 from .tuner import Machine
 
 
@@ -24,17 +25,18 @@ def _timed(fn, reps: int) -> float:
 def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 20) -> Machine:
     P = dist.get_world_size(group)
     esize = torch.empty((), dtype=dtype).element_size()
-    small = torch.zeros(P, dtype=dtype)
+    dev = comm_device(group)  # NCCL moves CUDA tensors only
+    small = torch.zeros(P, dtype=dtype, device=dev)
     n = max(P, nbytes // esize // P * P)
-    big = torch.zeros(n, dtype=dtype)
+    big = torch.zeros(n, dtype=dtype, device=dev)
     out_small, out_big = torch.empty_like(small), torch.empty_like(big)
     t_lat = _timed(lambda: dist.all_to_all_single(out_small, small, group=group), 3)
     t_big = _timed(lambda: dist.all_to_all_single(out_big, big, group=group), 2)
-    a = torch.randn(128, 256, dtype=dtype)
-    b = torch.randn(256, 256, dtype=dtype)
-    t_mm = _timed(lambda: a @ b, 5)
-    times = torch.tensor([t_lat, t_big, t_mm], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    a = torch.randn(128, 256, dtype=dtype, device=dev)
+    b = torch.randn(256, 256, dtype=dtype, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t_mm = _timed(lambda: (a @ b, sync()), 5)
+    times = all_reduce_host(torch.tensor([t_lat, t_big, t_mm], dtype=torch.float64), group, op=dist.ReduceOp.MAX)
     t_lat, t_big, t_mm = times.tolist()
     sent = n * esize * (P - 1) / P  # bytes a rank sends to others
     return Machine(bandwidth=sent / max(t_big - t_lat, 1e-7), latency=t_lat, flops=2 * 128 * 256 * 256 / max(t_mm, 1e-9))

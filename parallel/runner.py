@@ -100,7 +100,7 @@ class ExpertParallelRunner:
         if mode == "ep":
             y_ND = self._run_ep(x_ND, counts_E, experts, c, timer, metrics)
         else:
-            y_ND = self.sharded(x_ND, counts_E, experts, chunks=c, timer=timer)
+            y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer)
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
@@ -131,7 +131,7 @@ class ExpertParallelRunner:
             plans = d.plan(chunk_counts)  # one small collective for all chunks
 
         def start(i):
-            x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i])
+            x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i].to(x_ND.device))
             with timer.span("dispatch_start_s"):
                 return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
@@ -159,4 +159,4 @@ class ExpertParallelRunner:
         metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
         if c == 1:
             return ys[0]
-        return torch.cat(ys, 0).index_select(0, inverse_permutation(torch.cat(idxs)))
+        return torch.cat(ys, 0).index_select(0, inverse_permutation(torch.cat(idxs)).to(x_ND.device))

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 MODES = ("ep", "sharded_dp")
 DEGREES = (1, 2, 4, 8)
@@ -185,7 +184,9 @@ class Tuner:
         best = min(self.measured, key=lambda k: (statistics.median(self.measured[k]), k))
         idx = torch.tensor([self.candidates().index(best)], dtype=torch.long)
         if self.group is not None:
-            dist.broadcast(idx, src=dist.get_global_rank(self.group, 0), group=self.group)
+            from .comm import broadcast_host
+
+            idx = broadcast_host(idx, 0, self.group)
         self.decision = self.candidates()[int(idx)]
         self.phase = "exploit"
         self.ref_stats = stats
