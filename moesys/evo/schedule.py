@@ -145,5 +145,4 @@ class EvoConfig:
         return dataclasses.replace(
             base, router=self.gate, dts_threshold=self.threshold, tau_max=self.tau_max,
             tau_min=self.tau_min, gate_activation=self.gate_activation,
-            top_k=min(base.top_k, base.num_experts),
         )
