@@ -69,13 +69,14 @@ def build(method: str, p: dict, seed: int):
     return model, ctl
 
 
-def flops_per_step(p: dict, tokens: int, routes_per_layer: list) -> float:
-    """fwd+bwd = 6 x multiply-adds per token for each weight; FFN charged per route."""
+def flops_per_step(p: dict, tokens: int, routes_per_layer: list, has_router: bool) -> float:
+    """fwd+bwd = 6 x multiply-adds per token for each weight; FFN charged per route.
+    (report_lm.py recomputes the same count from the logged experts per token.)"""
     D, F, S, L, E = p["d_model"], p["ffn"], p["seq"], p["n_layers"], p["experts"]
     attn = L * tokens * (6 * 4 * D * D + 6 * 2 * S * D)  # qkv+proj, and QK^T / AV over S keys
     head = tokens * 6 * D * 256
     ffn = sum(6 * 2 * D * F * r for r in routes_per_layer)
-    router = 0 if not routes_per_layer else L * tokens * 6 * D * E
+    router = L * tokens * 6 * D * E if has_router else 0
     return float(attn + head + ffn + router)
 
 
@@ -129,7 +130,7 @@ def run(method: str, p: dict, seed: int) -> dict:
             mom = max(float(a.metrics["max_over_mean_load"]) for a in auxes)
         else:
             routes, ept, kmax, mom = [T] * p["n_layers"], [1.0], 1.0, 1.0
-        cum += flops_per_step(p, T, routes)
+        cum += flops_per_step(p, T, routes, has_router=method != "dense")
         rec["steps"].append(step + 1)
         rec["train"].append(float(loss.detach()))
         rec["tau"].append(float(ctl.layers[0].router.tau) if ctl is not None else float("nan"))
