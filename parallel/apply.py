@@ -169,9 +169,10 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])
 
-    def _record_tokens(module, args):
+    def _record_tokens(module, args, kwargs):
         # the runner sees only x_ND; the padded dispatcher's capacity needs this rank's T
-        runner.num_tokens = args[0].numel() // cfg.hidden_size
+        x = args[0] if args else kwargs["x"]
+        runner.num_tokens = x.numel() // cfg.hidden_size
 
-    runner._hook = layer.register_forward_pre_hook(_record_tokens)
+    runner._hook = layer.register_forward_pre_hook(_record_tokens, with_kwargs=True)
     return layer
