@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -39,7 +40,9 @@ def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, fn,
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         out = fn(*args)
-        results.put((rank, True, out))
+        # plain pickle copies tensor data into the message: torch's queue reduction would share
+        # memory through a file descriptor that dies with this process if it exits first
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException:  # report any failure (incl. SystemExit) to the parent, with its traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -89,7 +92,7 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
                         f"simulate: rank {dead[0]} died with exit code {procs[dead[0]].exitcode} without reporting"
                     )
                 continue
-            got[rank] = (ok, out)
+            got[rank] = (ok, pickle.loads(out) if ok else out)
             if not ok and failure is None:
                 failure = (rank, out)
                 # give the peers a moment to report their side (usually a timeout naming the collective)

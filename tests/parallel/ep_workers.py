@@ -253,6 +253,10 @@ def dead_peer_worker(timeout_s):
     return {"error": None, "seconds": time.perf_counter() - t0}
 
 
+def tensor_worker():
+    return torch.full((3,), float(dist.get_rank()))
+
+
 def failing_worker():
     if dist.get_rank() == 1:
         raise ValueError("boom on purpose")

@@ -52,3 +52,9 @@ def test_dead_peer_gives_an_error_not_a_hang():
 def test_simulate_raises_the_failing_ranks_traceback():
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom on purpose"):
         simulate(ep_workers.failing_worker, 2, timeout_s=20)
+
+
+@pytest.mark.multirank
+def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
+    results = simulate(ep_workers.tensor_worker, 2, timeout_s=20)
+    assert [float(r.sum()) for r in results] == [0.0, 3.0]
