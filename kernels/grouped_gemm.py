@@ -43,8 +43,12 @@ def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: t
         )
 
 
-def _aligned(*tensors: torch.Tensor) -> bool:
-    # torch._grouped_mm requires every stride (but the unit one) to be a multiple of 16 bytes.
+def _aligned(*tensors: torch.Tensor, widths=()) -> bool:
+    # torch._grouped_mm requires every stride (but the unit one) to be a multiple of 16 bytes, the
+    # output's rows too (`widths`: the output's last dims), even where a dim has size 1.
+    es0 = tensors[0].element_size()
+    if any((w * es0) % 16 for w in widths):
+        return False
     for t in tensors:
         es = t.element_size()
         for s, n in zip(t.stride(), t.shape):
@@ -58,7 +62,7 @@ def _aligned(*tensors: torch.Tensor) -> bool:
 def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
     """y_NF = grouped x @ w[e]."""
     N, F = x_ND.shape[0], w_EDF.shape[2]
-    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF):
+    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     y = x_ND.new_empty(N, F)
     start = 0
@@ -73,7 +77,7 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
     """dW_EDF[e] = x_e^T @ dy_e (zero for an expert with no rows)."""
     E, D, F = counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1]
     xt = x_ND.t()
-    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF):
+    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF, widths=(D, F)):
         return torch._grouped_mm(xt, dy_NF, offs=offs_E)
     dw = x_ND.new_zeros(E, D, F)
     start = 0

@@ -85,14 +85,14 @@ class _PermuteFixedK(torch.autograd.Function):
     def backward(ctx, dx_ND):
         (inv_R,) = ctx.saved_tensors
         dx_RD = _gather_padded(dx_ND.contiguous(), inv_R)
-        return dx_RD.view(ctx.T, ctx.top_k, -1).sum(1), None, None, None
+        return dx_RD.view(ctx.T, ctx.top_k, dx_RD.shape[1]).sum(1), None, None, None
 
 
 class _UnpermuteFixedK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND, weight_TK, route_idx_N, inv_R):
         T, K = weight_TK.shape
-        y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
+        y_TKD = _gather_padded(y_ND, inv_R).view(T, K, y_ND.shape[1])
         w_T1K = weight_TK.to(y_ND.dtype).unsqueeze(1)
         ctx.save_for_backward(y_ND, weight_TK, route_idx_N, inv_R)
         with torch.autocast(y_ND.device.type, enabled=False):  # output in y's dtype, as the torch path
@@ -106,9 +106,9 @@ class _UnpermuteFixedK(torch.autograd.Function):
         dy_ND = dweight_TK = None
         if ctx.needs_input_grad[0]:
             dy_TKD = weight_TK.to(dout_TD.dtype).unsqueeze(-1) * dout_TD.unsqueeze(1)
-            dy_ND = dy_TKD.view(T * K, -1).index_select(0, route_idx_N)
+            dy_ND = dy_TKD.view(T * K, y_ND.shape[1]).index_select(0, route_idx_N)
         if ctx.needs_input_grad[1]:
-            y_TKD = _gather_padded(y_ND, inv_R).view(T, K, -1)
+            y_TKD = _gather_padded(y_ND, inv_R).view(T, K, y_ND.shape[1])
             dweight_TK = torch.bmm(y_TKD.float(), dout_TD.float().unsqueeze(-1)).squeeze(-1).to(weight_TK.dtype)
         return dy_ND, dweight_TK, None, None
 

@@ -189,11 +189,11 @@ class Trainer:
             with self._autocast():
                 logits, aux_loss, auxes = (self.model if self.engine is None else self.engine)(x)
             loss_lm = lm_loss(logits, y)
-            loss = (loss_lm + aux_loss) / t.grad_accum
             if self.engine is None:
-                loss.backward()
+                ((loss_lm + aux_loss) / t.grad_accum).backward()
             else:
-                self.engine.backward(loss)
+                # the engine divides by its gradient_accumulation_steps itself
+                self.engine.backward(loss_lm + aux_loss)
                 self.engine.step()
             lm_sum += loss_lm.detach().float().cpu() / t.grad_accum
             aux_sum += aux_loss.detach().float().cpu() / t.grad_accum

@@ -224,6 +224,15 @@ def register_expert_groups(dims, group_name: str) -> None:
     if dims is not None and (len(ep_ranks) != dims.ep or len(edp_ranks) != dims.edp):
         raise ValueError(f"build_engine: dims.ep={dims.ep}, dims.edp={dims.edp} but the groups hold "
                          f"{len(ep_ranks)} and {len(edp_ranks)} ranks")
+    # DeepSpeed caches groups in module globals; a process that destroyed its process group and
+    # made a new one (a second run in one process) would otherwise reach for dead groups.
+    for table in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                  ds_groups._EXPERT_DATA_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                  ds_groups._ALL_TO_ALL_GROUP):
+        table.clear()
+    ds_groups._WORLD_GROUP = None
+    ds_groups._DATA_PARALLEL_GROUP = None
+    ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
     ds_groups._EXPERT_PARALLEL_GROUP[group_name] = ep_group
     ds_groups._EXPERT_PARALLEL_GROUP_RANKS[group_name] = ep_ranks
     ds_groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = edp_group

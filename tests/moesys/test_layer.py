@@ -247,3 +247,19 @@ def test_bf16_autocast_fwd_bwd(router, activation, xdtype):
     assert layer.experts.w1.grad.dtype == torch.float32 and xa.grad.dtype == xdtype
     torch.testing.assert_close(y.float(), y32, atol=5e-2, rtol=5e-2)
     torch.testing.assert_close(layer.experts.w1.grad, g32, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice", "sigmoid_bias"])
+def test_zero_tokens(router):
+    layer = make(router, "swiglu")
+    x = torch.zeros(0, 12, requires_grad=True)
+    y, aux = layer(x)
+    assert y.shape == (0, 12) and int(aux.tokens_per_expert.sum()) == 0
+    (y.sum() + aux.loss).backward()
+    assert x.grad.shape == (0, 12) and layer.experts.w1.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("Fh", [1, 3])
+def test_narrow_ffn_widths(Fh):
+    layer = make("topk", "gelu", Fh=Fh)
+    assert_same(layer, torch.randn(29, 12))

@@ -149,12 +149,15 @@ def test_cli_entry_point(tmp_path):
 
 
 @pytest.mark.slow
-def test_deepspeed_engine_matches_plain(tmp_path):
-    """trainer.engine=deepspeed (ZeRO-1 from launchers/ds_zero1.json) follows the plain engine's curve."""
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_engine_matches_plain(tmp_path, stage):
+    """trainer.engine=deepspeed (ZeRO-1/2 from launchers/ds_zero{1,2}.json) follows the plain engine's curve,
+    with gradient accumulation and an active clip (a wrong loss scale would show in the clipped step)."""
     pytest.importorskip("deepspeed")
-    ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "ds_zero1.json")
-    common = ["parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=3", "trainer.save_final=false"]
+    ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", f"ds_zero{stage}.json")
+    common = ["parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4", "trainer.save_final=false",
+              "trainer.grad_accum=2", "trainer.clip=0.05"]
     plain = train_mod.run(make_cfg(*common), str(tmp_path / "plain"))
-    ds = train_mod.run(make_cfg(*common, "trainer.engine=deepspeed", "trainer.zero_stage=1",
+    ds = train_mod.run(make_cfg(*common, "trainer.engine=deepspeed", f"trainer.zero_stage={stage}",
                                 f"trainer.ds_config={ds_json}"), str(tmp_path / "ds"))
     np.testing.assert_allclose(ds["train_losses"], plain["train_losses"], rtol=1e-5, atol=1e-6)
