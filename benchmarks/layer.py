@@ -8,8 +8,11 @@ Times are medians of interleaved runs in one process (the machine is shared and 
 as ratios to the dense FFN of width K*F (the same active FLOPs: the limit an MoE layer can reach).
 Memory: each variant's fwd+bwd runs in a fresh subprocess; the peak resident-set increase over the
 set-up state (parameters and input allocated) is the activation + gradient memory of one step.
-"Floor" is the extra time to write and read the expert weight gradients (E/K times the dense
-layer's), measured as a zero-FLOP pass over tensors of that size: a memory-traffic lower bound.
+Two floors: "expert GEMMs alone" runs only the grouped expert FFN (fwd+bwd) on rows already in
+expert order, with the counts a real router gives: what any MoE layer pays for its GEMMs on this
+BLAS, so moesys minus it is the cost of routing, permute and combine. "Weight-grad traffic" is
+the extra time to write and read the expert weight gradients (E/K times the dense layer's),
+measured as a zero-FLOP pass over tensors of that size: a memory-traffic lower bound.
 """
 from __future__ import annotations
 
@@ -48,6 +51,20 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
         def step(m, x):
             y, aux = m(x)
             return y + 0 * aux.loss
+        return m, step
+    if kind == "experts":
+        # the floor: only the expert GEMMs + activation, on rows already in expert order, with the
+        # counts a real router gives (no routing, permute or combine)
+        from moesys import MoEConfig, MoELayer
+
+        m = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=E, top_k=K, activation="gelu"))
+        with torch.no_grad():
+            _, plan = m.route(torch.randn(T, D), T)
+        counts = plan.counts_E
+        x_ND = torch.randn(int(counts.sum()), D)
+
+        def step(m, x):
+            return m.experts(x_ND, counts)
         return m, step
     if kind == "deepspeed":
         return build_deepspeed(E, D, Fh, K)
@@ -147,11 +164,11 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    kinds = ["dense", "moesys"] + ([] if args.no_deepspeed else ["deepspeed"])
+    kinds = ["dense", "moesys", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
     print(f"T={args.tokens} D={args.hidden} F={args.ffn} K={args.top_k} fp32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved fwd+bwd; dense = FFN of width K*F\n")
-    head = "| E | dense ms | moesys ms | moesys / dense | floor / dense |"
-    sep = "|---|---|---|---|---|"
+    head = "| E | dense ms | moesys ms | moesys / dense | expert GEMMs alone / dense | weight-grad traffic floor / dense |"
+    sep = "|---|---|---|---|---|---|"
     if "deepspeed" in kinds:
         head += " DeepSpeed-MoE / dense |"
         sep += "---|"
@@ -165,7 +182,8 @@ def main(argv=None):
         t = timing(kinds, E, args)
         d = t["dense"]
         floor = (d + t["grad_traffic_extra"]) / d
-        row = f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {floor:.3f} |"
+        row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {t['experts']/d:.3f} "
+               f"| {floor:.3f} |")
         if "deepspeed" in kinds:
             row += f" {t['deepspeed']/d:.3f} |"
         res = {"E": E, **t}

@@ -70,6 +70,8 @@ def inverse_routes(route_idx_N: torch.Tensor, num_routes: int) -> torch.Tensor:
 
 
 def _gather_padded(rows_ND: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
+    if rows_ND.shape[0] == inv_R.shape[0]:  # nothing dropped: no zero row needed (and no copy to add it)
+        return rows_ND.index_select(0, inv_R)
     pad = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
     return pad.index_select(0, inv_R)
 
