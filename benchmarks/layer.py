@@ -61,7 +61,7 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
         with torch.no_grad():
             _, plan = m.route(torch.randn(T, D), T)
         counts = plan.counts_E
-        x_ND = torch.randn(int(counts.sum()), D)
+        x_ND = torch.randn(int(counts.sum()), D, requires_grad=True)  # dX counts too
 
         def step(m, x):
             return m.experts(x_ND, counts)
@@ -134,21 +134,34 @@ def timing(kinds, E, args) -> dict:
 
 
 def peak_memory(kind: str, E: int, args) -> float:
-    """MiB of peak RSS growth for one fwd+bwd, measured in a fresh subprocess."""
+    """MiB of peak RSS growth for one fwd+bwd, measured in a fresh subprocess.
+
+    ru_maxrss is inherited across fork/exec on Linux, so the peak is read from VmHWM after
+    resetting it through /proc/self/clear_refs.
+    """
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 from layer import build, fwd_bwd
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
 torch.set_num_threads({torch.get_num_threads()})
 m, step = build({kind!r}, {E}, {args.tokens}, {args.hidden}, {args.ffn}, {args.top_k})
 x = torch.randn({args.tokens}, {args.hidden})
 fwd_bwd(m, step, torch.randn(64, {args.hidden}))  # load code paths
 m.zero_grad(set_to_none=True)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
 fwd_bwd(m, step, x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(status("VmHWM") - base)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # a fixed mmap threshold: every tensor-sized block is mmapped and unmapped when freed, so RSS
+    # tracks live memory (glibc's dynamic threshold would keep freed blocks on its heap)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
