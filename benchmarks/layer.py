@@ -98,6 +98,18 @@ def fwd_bwd(m, step, x):
     y.backward(torch.ones_like(y) / y.numel())
 
 
+def _traffic_time(tensors, repeats: int) -> float:
+    """Median seconds to write (zero) and read (sum) every tensor once: no FLOPs, only traffic."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.zero_()
+            t.sum()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def timing(kinds, E, args) -> dict:
     x = torch.randn(args.tokens, args.hidden)
     built = {k: build(k, E, args.tokens, args.hidden, args.ffn, args.top_k) for k in kinds}
@@ -112,24 +124,11 @@ def timing(kinds, E, args) -> dict:
             fwd_bwd(m, step, x)
             times[k].append(time.perf_counter() - t0)
     # memory-traffic floor of the expert weight gradients: write E*(D*F + F*D) floats, read them back
-    g = [torch.empty(E, args.hidden, args.ffn) for _ in range(2)]
-    floor = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for t in g:
-            t.zero_()
-            t.sum()
-        floor.append(time.perf_counter() - t0)
-    dense_g = [torch.empty(args.hidden, args.top_k * args.ffn) for _ in range(2)]
-    dfloor = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        for t in dense_g:
-            t.zero_()
-            t.sum()
-        dfloor.append(time.perf_counter() - t0)
+    moe_grads = [torch.empty(E, args.hidden, args.ffn) for _ in range(2)]
+    dense_grads = [torch.empty(args.hidden, args.top_k * args.ffn) for _ in range(2)]
+    floor, dense_floor = _traffic_time(moe_grads, args.repeats), _traffic_time(dense_grads, args.repeats)
     out = {k: statistics.median(v) for k, v in times.items()}
-    out["grad_traffic_extra"] = statistics.median(floor) - statistics.median(dfloor)
+    out["grad_traffic_extra"] = floor - dense_floor
     return out
 
 

@@ -17,6 +17,16 @@ from .config import MoEConfig
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
+# the F axis of each expert weight: w1, w3 [E, D, F]; w2 [E, F, D]
+FFN_DIM = {"w1": 2, "w2": 1, "w3": 2}
+
+
+def slice_ffn(name: str, t: torch.Tensor, f_slice: Optional[slice]) -> torch.Tensor:
+    """`t` (shaped like expert weight `name`) cut to `f_slice` along its F axis; t if None."""
+    if f_slice is None:
+        return t
+    return t[:, :, f_slice] if FFN_DIM[name] == 2 else t[:, f_slice, :]
+
 
 class GroupedExperts(nn.Module):
     """Holds w1 [E_local, D, F], w2 [E_local, F, D] (+ w3 [E_local, D, F] for swiglu).
@@ -33,10 +43,19 @@ class GroupedExperts(nn.Module):
         self.num_experts = E
         self.num_local_experts = E
         self.expert_offset = 0
+        self.ffn_shard: Optional[tuple] = None  # (j, S): this rank holds the j-th of S F-slices
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh)) if cfg.gated else None
         self.reset_parameters()
+
+    def ffn_slice(self) -> Optional[slice]:
+        """This rank's part of the F axis when experts are F-sharded; None when they are whole."""
+        if self.ffn_shard is None:
+            return None
+        j, S = self.ffn_shard
+        width = self.cfg.ffn_hidden_size // S
+        return slice(j * width, (j + 1) * width)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moesys.experts import FFN_DIM, slice_ffn
+
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
@@ -78,18 +80,15 @@ def _check_agreement(layer, epc: ExpertParallelConfig, group) -> None:
 
 def _shard_experts(experts, layout: ExpertLayout) -> None:
     """Replace w1/w2/w3 by this rank's slices (clones: the full weights can be freed)."""
-    es, fs = layout.expert_slice, layout.f_slice
-    fs_ = slice(None) if fs is None else fs
-    for name, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
+    for name in FFN_DIM:
         w = getattr(experts, name, None)
         if w is None:
             continue
-        part = w.detach()[es]
-        part = part[:, :, fs_] if f_dim == 2 else part[:, fs_, :]
+        part = slice_ffn(name, w.detach()[layout.expert_slice], layout.f_slice)
         setattr(experts, name, mark_expert_param(nn.Parameter(part.clone(), requires_grad=w.requires_grad)))
     experts.num_local_experts = layout.local_experts
-    experts.expert_offset = es.start
-    experts.ffn_shard = None if fs is None else (layout.rank % layout.shards, layout.shards)
+    experts.expert_offset = layout.expert_slice.start
+    experts.ffn_shard = None if layout.f_slice is None else (layout.rank % layout.shards, layout.shards)
 
 
 def _hierarchical_groups(group, dims: Optional[ParallelDims], P: int, timeout_s: float):

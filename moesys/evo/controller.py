@@ -21,9 +21,10 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from moesys.experts import slice_ffn
 from moesys.layer import MoELayer
 
-from .layer import EvoMoELayer, ffn_slice
+from .layer import EvoMoELayer
 from .schedule import EvoConfig
 
 
@@ -180,7 +181,7 @@ def transfer_optimizer_state(optimizer: torch.optim.Optimizer, layer: EvoMoELaye
 
 
 def _f_slice_like(t: torch.Tensor, p: torch.Tensor, layer: EvoMoELayer, w: str) -> torch.Tensor:
-    f_slice = ffn_slice(layer.experts, layer.cfg.ffn_hidden_size)
+    f_slice = layer.experts.ffn_slice()
     if f_slice is None:
         raise RuntimeError(f"optimizer state of {w}: shape {tuple(t.shape)} vs parameter {tuple(p.shape)}")
-    return t[:, :, f_slice] if w in ("w1", "w3") else t[:, f_slice, :]
+    return slice_ffn(w, t, f_slice)

@@ -29,19 +29,6 @@ from . import diversify as _div
 DENSE, SPARSE = 0, 1
 
 
-def ffn_slice(experts, F_full: int) -> Optional[slice]:
-    """This rank's part of the F axis when experts are F-sharded (moesys.parallel sets
-    `ffn_shard = (j, S)`: the j-th of S equal slices); None when experts are whole."""
-    shard = getattr(experts, "ffn_shard", None)
-    if shard is None:
-        if experts.w1.shape[-1] != F_full:
-            raise RuntimeError(f"experts hold F={experts.w1.shape[-1]} of {F_full} but no `ffn_shard` says which part")
-        return None
-    j, S = shard
-    width = F_full // S
-    return slice(j * width, (j + 1) * width)
-
-
 class EvoMoELayer(MoELayer):
     """Args:
         cfg: the phase-2 layer config.
@@ -113,8 +100,7 @@ class EvoMoELayer(MoELayer):
             raise RuntimeError("EvoMoELayer.diversify: this layer was built without a dense phase")
         ex = self.experts
         first, L = self.local_expert_range()
-        F_full = self.cfg.ffn_hidden_size
-        f_slice = ffn_slice(ex, F_full)
+        f_slice = ex.ffn_slice()
         dense_w = {"w1": self.dense.w1[0], "w2": self.dense.w2[0]}
         if self.dense.w3 is not None:
             dense_w["w3"] = self.dense.w3[0]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
 from moesys.evo import EvoMoELayer
+from moesys.experts import FFN_DIM, slice_ffn
 from moesys.parallel import DISPATCHERS, ParallelDims, apply_expert_parallel
 
 ATOL = 1e-5
@@ -83,13 +84,11 @@ def dts_layer_worker(seed=0):
                     dist.all_reduce(g, group=dims.ep_group)
                     _close(f"d {n}", g, grads[n], fails, tag)
             lay = layer.runner.layout
-            for wn, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
+            for wn in FFN_DIM:
                 p = getattr(layer.experts, wn)
                 if p is None:
                     continue
-                want = grads[f"experts.{wn}"][lay.expert_slice]
-                if lay.f_slice is not None:
-                    want = want[:, :, lay.f_slice] if f_dim == 2 else want[:, lay.f_slice, :]
+                want = slice_ffn(wn, grads[f"experts.{wn}"][lay.expert_slice], lay.f_slice)
                 _close(f"d {wn}", p.grad, want, fails, tag)
             checked += 1
     return {"fails": fails, "checked": checked, "combos": len(combos), "k_mean": k_mean}
@@ -116,10 +115,8 @@ def diversify_worker(num_experts_list=(1, 2, 4)):
             _close("dense phase y", y_dense.detach(), base(x)[0].detach(), fails, f"E={E} {method}")
             layer.diversify(seed=9, method=method)
             lay = layer.runner.layout
-            for wn, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
-                want = getattr(ref.experts, wn).detach()[lay.expert_slice]
-                if lay.f_slice is not None:
-                    want = want[:, :, lay.f_slice] if f_dim == 2 else want[:, lay.f_slice, :]
+            for wn in FFN_DIM:
+                want = slice_ffn(wn, getattr(ref.experts, wn).detach()[lay.expert_slice], lay.f_slice)
                 _close(f"spawned {wn}", getattr(layer.experts, wn).detach(), want, fails, f"E={E} {method} rank {me}")
             _close("router", layer.router.weight.detach(), ref.router.weight.detach(), fails, f"E={E} {method}")
             torch.manual_seed(77 + me)

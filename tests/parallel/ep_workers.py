@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
+from moesys.experts import FFN_DIM, slice_ffn
 from moesys.parallel import (DISPATCHERS, AllGatherDispatcher, AllToAllVDispatcher, ExpertLayout,
                              HierarchicalDispatcher, PaddedDispatcher, ParallelDims, apply_expert_parallel)
 
@@ -137,13 +138,11 @@ def layer_worker(cases, combos, seed=0):
                 want_bytes = float(aux.tokens_per_expert.sum()) * cfg.hidden_size * 4
                 if float(aux.metrics["runtime/bytes_sent"]) != want_bytes:
                     fails.append(f"{tag}: bytes_sent {float(aux.metrics['runtime/bytes_sent'])} != {want_bytes}")
-            for wn, f_dim in (("w1", 2), ("w2", 1), ("w3", 2)):
+            for wn in FFN_DIM:
                 p = getattr(layer.experts, wn)
                 if p is None:
                     continue
-                want = grads[f"experts.{wn}"][lay.expert_slice]
-                if lay.f_slice is not None:
-                    want = want[:, :, lay.f_slice] if f_dim == 2 else want[:, lay.f_slice, :]
+                want = slice_ffn(wn, grads[f"experts.{wn}"][lay.expert_slice], lay.f_slice)
                 _close(f"d {wn}", p.grad, want, fails, tag)
             checked += 1
     return {"fails": fails, "checked": checked, "skipped": skipped}
