@@ -182,10 +182,17 @@ class TrainConfig:
             raise ValueError(f"parallel.ep must be > 0, got {p.ep}")
         if p.simulate_ranks <= 0:
             raise ValueError(f"parallel.simulate_ranks must be > 0, got {p.simulate_ranks}")
-        if moe.num_experts % p.ep:
+        if p.ep <= moe.num_experts and moe.num_experts % p.ep:
             raise ValueError(
                 f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({p.ep})"
             )
+        if p.ep > moe.num_experts:  # each expert's F is split over ep / num_experts ranks
+            if p.ep % moe.num_experts:
+                raise ValueError(f"parallel.ep ({p.ep}) > moe.num_experts ({moe.num_experts}) needs parallel.ep "
+                                 "divisible by moe.num_experts (each expert's FFN is split over ep/num_experts ranks)")
+            if m.ffn_hidden % (p.ep // moe.num_experts):
+                raise ValueError(f"model.ffn_hidden ({m.ffn_hidden}) must be divisible by parallel.ep / "
+                                 f"moe.num_experts ({p.ep // moe.num_experts})")
         if world_size % p.ep:
             raise ValueError(f"world size ({world_size}) must be divisible by parallel.ep ({p.ep})")
         if p.dispatcher not in ("alltoallv", "padded", "hierarchical", "allgather"):

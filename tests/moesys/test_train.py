@@ -106,6 +106,9 @@ def test_unknown_override_is_hydras_error():
 @pytest.mark.parametrize("overrides, err, match", [
     (["parallel.ep=3", "parallel.simulate_ranks=3"], ValueError, r"moe.num_experts \(4\) must be divisible by parallel.ep \(3\)"),
     (["parallel.ep=4", "parallel.simulate_ranks=2"], ValueError, r"world size \(2\) must be divisible by parallel.ep \(4\)"),
+    (["parallel.ep=6", "parallel.simulate_ranks=6"], ValueError, r"parallel.ep \(6\) > moe.num_experts \(4\) needs"),
+    (["parallel.ep=8", "parallel.simulate_ranks=8", "model.ffn_hidden=63"], ValueError,
+     r"model.ffn_hidden \(63\) must be divisible by parallel.ep / moe.num_experts \(2\)"),
     (["data.path=/nonexistent/corpus.txt"], FileNotFoundError, "/nonexistent/corpus.txt"),
     (["moe.router=expert_choice"], ValueError, "allow_noncausal"),
     (["trainer.batch_size=7"], ValueError, r"trainer.batch_size \(7\) must be divisible"),
