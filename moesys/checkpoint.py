@@ -12,7 +12,14 @@ anywhere before the rename leaves `latest` and the previous checkpoint untouched
 Resharding: expert tensors are keyed by GLOBAL expert index (`blocks.1.moe.experts.w1.e5`) in both
 the model and the optimizer entries, so a run at any EP degree saves and loads exactly its own
 experts; non-expert tensors are replicated and DCP stores them once. A checkpoint written at EP=2
-loads at EP=1 or EP=4 with the same numbers (optimizer state included).
+loads at EP=1 or EP=4 with the same numbers (optimizer state included). When the EP group has more
+ranks than experts (each expert's F split over S ranks) the `.e<g>` entries are still the FULL expert:
+every rank contributes its F-slice as a DTensor chunk (checkpoint_state), so EP=4 with 2 experts
+reshards to EP=2 or EP=1 and back.
+
+Engines: the plain engine's AdamW and DeepSpeed ZeRO-1/2 save the same entries (ZeRO's flat fp32
+partitions are assembled per parameter, checkpoint_state.ZeroAdamState), so either engine resumes
+a checkpoint of either.
 
 Flat state keys:
     model.<name>[.e<g>]                         parameters and persistent buffers
@@ -34,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from . import checkpoint_state as cstate
+
 META_FILE = "moesys.json"
 LATEST = "latest"
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
@@ -48,64 +57,85 @@ class CheckpointError(RuntimeError):
 # ---- expert tensors keyed by global index ---------------------------------------------------------
 def _expert_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     """name -> the grouped-experts module (holds w1/w2[/w3] with leading dim E_local)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if hasattr(mod, "expert_offset") and hasattr(mod, "w1") and isinstance(getattr(mod, "w1"), torch.Tensor):
-            full_f = mod.cfg.ffn_hidden_size if hasattr(mod, "cfg") else mod.w1.shape[-1]
-            if mod.w1.shape[-1] != full_f:
-                raise CheckpointError(
-                    f"{name}: experts are sharded along the FFN dimension (F={mod.w1.shape[-1]} of {full_f}, "
-                    "EP larger than the number of experts); checkpoints support EP <= num_experts only"
-                )
-            out[name] = mod
-    return out
+    return {name: mod for name, mod in model.named_modules()
+            if hasattr(mod, "expert_offset") and isinstance(getattr(mod, "w1", None), torch.Tensor)}
 
 
-def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn.Module]) -> Dict[str, torch.Tensor]:
-    """Replace each expert tensor [E_local, ...] by E_local entries `<key>.e<global index>`."""
+def _check_meshes(experts: Dict[str, torch.nn.Module], meshes: Optional[dict]) -> None:
+    for name, mod in experts.items():
+        fs = getattr(mod, "ffn_shard", None)
+        if fs and fs[1] not in (meshes or {}):
+            raise CheckpointError(f"{name}: experts are split along F over {fs[1]} ranks (EP larger than the number "
+                                  "of experts); pass meshes=ffn_shard_meshes(model, ep_group) (built once, collectively)")
+
+
+def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn.Module],
+                   meshes: Optional[dict]) -> Dict[str, torch.Tensor]:
+    """Replace each expert tensor [E_local, ...] by E_local entries `<key>.e<global index>`; an F-sharded
+    expert's entry is a DTensor of the full expert (see checkpoint_state)."""
     out = {}
     for key, t in tensors.items():
-        mod_name, _, _ = key.rpartition(".")
+        mod_name, _, pname = key.rpartition(".")
         mod = experts.get(mod_name)
         if mod is not None and t.dim() >= 1 and t.shape[0] == mod.num_local_experts:
             for j in range(t.shape[0]):
-                out[f"{key}.e{mod.expert_offset + j}"] = t[j]
+                v = t[j]
+                if getattr(mod, "ffn_shard", None):
+                    v = cstate.full_expert_view(v, mod, pname, meshes)
+                out[f"{key}.e{mod.expert_offset + j}"] = v
         else:
             out[key] = t
     return out
 
 
-def model_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Flat model entries (detached views of this rank's tensors, expert tensors split per expert)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    return _split_experts(sd, _expert_modules(model))
+def ffn_shard_meshes(model: torch.nn.Module, ep_group) -> dict:
+    """Device meshes for F-sharded experts ({} when none); collective over the world when some are."""
+    return cstate.ffn_shard_meshes(_expert_modules(model), ep_group)
 
 
-def _param_names(model: torch.nn.Module) -> Dict[torch.nn.Parameter, str]:
-    return {p: n for n, p in model.named_parameters()}
+def model_state(model: torch.nn.Module, optimizer=None, meshes: Optional[dict] = None,
+                shapes_only: bool = False) -> Dict[str, torch.Tensor]:
+    """Flat model entries (detached views of this rank's tensors, expert tensors split per expert).
+
+    With a ZeRO optimizer the parameters are its fp32 master weights (collective over dp groups unless
+    shapes_only, which gives fp32 tensors of the right shapes and no collective).
+    """
+    adapter = cstate.adam_state(optimizer) if optimizer is not None else None
+    sd = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if adapter is not None and adapter.has_master and isinstance(v, torch.nn.Parameter) and adapter.holds(v):
+            sd[k] = torch.empty_like(v, dtype=torch.float32) if shapes_only else adapter.master(v)
+        else:
+            sd[k] = v.detach()
+    return _split_experts(sd, _expert_modules(model), meshes)
 
 
-def optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
-    """Flat AdamW entries, experts split by global index; a parameter without state yet saves zeros."""
-    names = _param_names(model)
-    flat: Dict[str, torch.Tensor] = {}
-    steps: Dict[str, torch.Tensor] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            n = names[p]
-            st = optimizer.state.get(p, {})
-            for k in ("exp_avg", "exp_avg_sq"):
-                flat[f"{n}.{k}"] = st[k].detach() if k in st else torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps[n] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32).detach().clone().reshape(())
+def _param_names(model: torch.nn.Module) -> Dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def optim_state(model: torch.nn.Module, optimizer, meshes: Optional[dict] = None,
+                shapes_only: bool = False) -> Dict[str, torch.Tensor]:
+    """Flat AdamW entries, experts split by global index; a parameter without state yet saves zeros.
+
+    Collective with a ZeRO optimizer (unless shapes_only): every rank walks the parameters in model order.
+    """
+    adapter = cstate.adam_state(optimizer)
     experts = _expert_modules(model)
-    # moments sit at "<param>.exp_avg": split on the param's module, then move the suffix last
     out = {}
-    for key, t in flat.items():
-        pkey, _, moment = key.rpartition(".")
-        for k2, v in _split_experts({pkey: t}, experts).items():
-            out[f"optim.{k2}.{moment}"] = v
-    for n, s in steps.items():
-        out[f"optim.{n}.step"] = s
+    for n, p in model.named_parameters():
+        if not adapter.holds(p):
+            continue
+        if shapes_only:
+            st = {k: torch.empty_like(p, dtype=torch.float32) for k in cstate.MOMENTS}
+            st["step"] = torch.zeros((), dtype=torch.float32)
+        else:
+            st = adapter.get(p)
+        # moments sit at "<param>.exp_avg": split on the param's module, then move the suffix last
+        for m in cstate.MOMENTS:
+            for k2, v in _split_experts({n: st[m]}, experts, meshes).items():
+                out[f"optim.{k2}.{m}"] = v
+        out[f"optim.{n}.step"] = st["step"]
     return out
 
 
@@ -114,26 +144,29 @@ def _collect(flat: Dict[str, torch.Tensor], key: str, like: torch.Tensor, expert
     """The loaded value of `key` for this rank: expert tensors are stacked from their global entries."""
     mod = experts.get(key.rpartition(".")[0])
     if mod is not None and like.dim() >= 1 and like.shape[0] == mod.num_local_experts:
-        return torch.stack([flat[spell(f"{key}.e{mod.expert_offset + j}")] for j in range(like.shape[0])])
+        parts = [flat[spell(f"{key}.e{mod.expert_offset + j}")] for j in range(like.shape[0])]
+        return torch.stack([t.to_local() if hasattr(t, "to_local") else t for t in parts])
     return flat[spell(key)]
 
 
-def _assign(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], flat: Dict[str, torch.Tensor]) -> None:
-    """Copy loaded flat entries back into this rank's model (and optimizer)."""
+def _assign(model: torch.nn.Module, optimizer, flat: Dict[str, torch.Tensor]) -> None:
+    """Copy loaded flat entries back into this rank's model (and optimizer, and ZeRO's fp32 masters)."""
     experts = _expert_modules(model)
+    adapter = cstate.adam_state(optimizer) if optimizer is not None else None
     with torch.no_grad():
         for key, t in model.state_dict(keep_vars=True).items():
-            t.copy_(_collect(flat, key, t, experts, lambda k: f"model.{k}"))
-    if optimizer is None:
+            value = _collect(flat, key, t, experts, lambda k: f"model.{k}")
+            t.copy_(value)
+            if adapter is not None and isinstance(t, torch.nn.Parameter) and adapter.holds(t):
+                adapter.set_master(t, value.to(torch.float32))
+    if adapter is None:
         return
-    names = _param_names(model)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            n = names[p]
-            st = {"step": flat[f"optim.{n}.step"].clone()}
-            for m in ("exp_avg", "exp_avg_sq"):
-                st[m] = _collect(flat, n, p, experts, lambda k, m=m: f"optim.{k}.{m}").clone().to(p.dtype)
-            optimizer.state[p] = st
+    for n, p in model.named_parameters():
+        if adapter.holds(p):
+            st = {"step": flat[f"optim.{n}.step"]}
+            for m in cstate.MOMENTS:
+                st[m] = _collect(flat, n, p, experts, lambda k, m=m: f"optim.{k}.{m}")
+            adapter.set(p, st)
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
@@ -167,7 +200,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, structure: dict, keep: int = 2) -> str:
+                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final directory.
 
     Args:
@@ -176,7 +209,10 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         trainer_state: small picklable dict (step, data position, schedule, world size, ep).
         structure: the model's STRUCTURAL_FIELDS values, written to moesys.json and checked on load.
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
+        optimizer: torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer (saved per parameter, see checkpoint_state).
+        meshes: `ffn_shard_meshes(model, ep_group)`; needed when experts are split along F.
     """
+    _check_meshes(_expert_modules(model), meshes)  # before any collective
     name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
     rank = _rank()
@@ -185,7 +221,8 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         if os.path.exists(tmp):  # left by a crashed save
             shutil.rmtree(tmp)
     _barrier()
-    state = {**{f"model.{k}": v for k, v in model_state(model).items()}, **optim_state(model, optimizer)}
+    state = {**{f"model.{k}": v for k, v in model_state(model, optimizer, meshes).items()},
+             **optim_state(model, optimizer, meshes)}
     # small Python objects go in as pickled bytes: DCP flattens nested dicts into separate entries,
     # which a loader at another world size could not ask for by name
     state["trainer"] = pickle.dumps(dict(trainer_state))
@@ -260,15 +297,16 @@ def check_compatible(ckpt: str, structure: dict) -> dict:
 
 
 def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], saved_keys: Iterable[str],
-                     rank: int) -> Tuple[dict, bool]:
+                     rank: int, meshes: Optional[dict] = None) -> Tuple[dict, bool]:
     """The state dict this rank asks DCP for (fresh tensors), and whether its RNG entry exists.
 
     Raises CheckpointError when an entry this rank needs is missing or has another shape.
     """
     saved_keys = dict(saved_keys) if not isinstance(saved_keys, dict) else saved_keys
-    want = {f"model.{k}": torch.empty_like(v) for k, v in model_state(model).items()}
+    want = {f"model.{k}": torch.empty_like(v)
+            for k, v in model_state(model, optimizer, meshes, shapes_only=True).items()}
     if optimizer is not None:
-        want.update({k: torch.empty_like(v) for k, v in optim_state(model, optimizer).items()})
+        want.update({k: torch.empty_like(v) for k, v in optim_state(model, optimizer, meshes, shapes_only=True).items()})
     for k, v in want.items():
         md = saved_keys.get(k)
         if md is None:
@@ -284,12 +322,16 @@ def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opt
 
 
 def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    structure: dict, restore_rng: bool = True) -> dict:
-    """Collective. Loads model (+ optimizer, + this rank's RNG if the world matches); returns trainer state."""
+                    structure: dict, restore_rng: bool = True, meshes: Optional[dict] = None) -> dict:
+    """Collective. Loads model (+ optimizer, + this rank's RNG if the world matches); returns trainer state.
+
+    optimizer: torch AdamW or DeepSpeed's ZeRO-1/2 optimizer; meshes: as for save_checkpoint.
+    """
+    _check_meshes(_expert_modules(model), meshes)
     meta = check_compatible(ckpt, structure)
     rank = _rank()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
+    state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank, meshes)
     dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
     _assign(model, optimizer, state)
     trainer_state = pickle.loads(state["trainer"])

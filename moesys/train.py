@@ -63,8 +63,6 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
             raise ValueError(f"{out_dir} already holds checkpoints ({own}); pass trainer.resume=auto to continue "
                              "that run or choose another trainer.out_dir (nothing was overwritten)")
         return None
-    if t.engine == "deepspeed":
-        raise ValueError("trainer.resume is not supported with trainer.engine=deepspeed yet (use the plain engine)")
     if t.resume == "auto":
         if not has_own:
             return None

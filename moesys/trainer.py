@@ -114,6 +114,7 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.step = 0
+        self._ckpt_meshes: Optional[dict] = None
         self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
         self.tokens_per_step = t.batch_size * cfg.model.seq_len
 
@@ -270,18 +271,25 @@ class Trainer:
                              "total_steps": self.cfg.trainer.steps},
                 "history": self.history}
 
+    def _meshes(self) -> dict:
+        """F-shard device meshes for checkpoints (collective the first time, when experts are F-sharded)."""
+        if self._ckpt_meshes is None:
+            self._ckpt_meshes = ckpt.ffn_shard_meshes(self.model, self.dims.ep_group)
+        return self._ckpt_meshes
+
     def save(self) -> Optional[str]:
-        if self.engine is not None:
-            tag = f"step_{self.step:08d}"
-            self.engine.save_checkpoint(os.path.join(self.out_dir, "checkpoints_deepspeed"), tag=tag)
-            return tag
+        # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints)
+                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes())
 
     def load(self, path: str) -> dict:
-        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg))
+        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
+                                  meshes=self._meshes())
         self.step = int(st["data_position"])
+        if self.engine is not None:  # DeepSpeed's own counters (logging, its step-based schedules)
+            self.engine.global_steps = self.step
+            self.engine.global_samples = self.step * self.cfg.trainer.batch_size
         if st.get("history"):
             self.history = st["history"]
             self.history["load"] = {int(k): v for k, v in self.history.get("load", {}).items()}

@@ -29,7 +29,8 @@ def build_trainer(cfg, out_dir):
 
 def load_and_probe(cfg, ckpt_dir, out_dir, probe_key):
     """Rank fn: build at this world's EP, load `ckpt_dir`, return eval loss and the AdamW moments of
-    global expert `probe_key` = (module name, param name, global expert index) if this rank holds it."""
+    global expert `probe_key` = (module name, param name, global expert index) if this rank holds it
+    (with F-sharded experts: its F-slice, and `ffn_shard` = (slice index, slices))."""
     tr = build_trainer(cfg, out_dir)
     tr.load(ckpt_dir)
     loss = tr.evaluate()
@@ -43,7 +44,8 @@ def load_and_probe(cfg, ckpt_dir, out_dir, probe_key):
         # numpy, not tensors: torch's queue pickling passes tensors as shared-memory fds, which breaks
         # when the rank exits before the parent reads them
         probe = {"exp_avg": st["exp_avg"][j].numpy().copy(), "exp_avg_sq": st["exp_avg_sq"][j].numpy().copy(),
-                 "weight": p.detach()[j].numpy().copy(), "step": float(st["step"])}
+                 "weight": p.detach()[j].numpy().copy(), "step": float(st["step"]),
+                 "ffn_shard": getattr(mod, "ffn_shard", None)}
     return {"loss": loss, "probe": probe, "step": tr.step}
 
 

@@ -1,0 +1,178 @@
+"""Engine adapters for moesys checkpoints: AdamW state per parameter, and F-sharded experts as DTensors.
+
+Checkpoints store every optimizer entry per model parameter, shaped like the parameter
+(`optim.<param>[.e<g>].{exp_avg,exp_avg_sq}`, `optim.<param>.step`), whichever engine trained:
+- the plain engine's torch AdamW keeps exactly that (`PlainAdamState`);
+- DeepSpeed ZeRO-1/2 keeps, per param group, one flat fp32 master partition and flat Adam moments
+  over the data-parallel group of that group (the expert-data-parallel group for experts).
+  `ZeroAdamState` cuts each parameter's fragment out of this rank's partition (DeepSpeed's
+  `param._hp_mapping`) and sums the fragments over `param._dp_group`: the same assembly as
+  `deepspeed.utils.safe_get_full_optimizer_state`, but it also works before the first step (DeepSpeed
+  links the moment fragments lazily, in the first `step()`), and loading creates the flat state a
+  fresh engine does not have yet. Model entries of a ZeRO run are the fp32 master weights.
+So a checkpoint from either engine resumes on either, at any EP degree.
+
+F-sharded experts (EP group larger than num_experts: `ffn_shard = (j, S)`, w1/w3 hold [1, D, F/S],
+w2 [1, F/S, D]) are saved as the FULL expert tensor `<key>.e<g>` [D, F] / [F, D]: each rank hands DCP a
+DTensor with Shard(F dim) over a 1-D device mesh of the S ranks sharing expert g, so DCP writes
+one logical tensor in S chunks and any later layout (whole experts, or another S) reads its slice.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# ---- optimizer state per parameter ---------------------------------------------------------------
+class PlainAdamState:
+    """torch.optim.AdamW: state is already per parameter."""
+
+    has_master = False
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+    def holds(self, p: torch.Tensor) -> bool:
+        return id(p) in self.params
+
+    def get(self, p: torch.Tensor) -> dict:
+        """{exp_avg, exp_avg_sq: like p; step: float32 scalar}; zeros before the first step."""
+        st = self.optimizer.state.get(p, {})
+        out = {k: st[k].detach() if k in st else torch.zeros_like(p, memory_format=torch.preserve_format)
+               for k in MOMENTS}
+        out["step"] = torch.as_tensor(st.get("step", 0.0), dtype=torch.float32).detach().clone().reshape(())
+        return out
+
+    def set(self, p: torch.Tensor, st: dict) -> None:
+        self.optimizer.state[p] = {"step": st["step"].clone().reshape(()),
+                                   **{k: st[k].clone().to(p.dtype).reshape(p.shape) for k in MOMENTS}}
+
+    def master(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def set_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        pass
+
+
+class ZeroAdamState:
+    """DeepSpeed ZeRO-1/2 (`DeepSpeedZeroOptimizer`) around torch AdamW. get/master are collective over
+    each parameter's data-parallel group: call them for every parameter in the same order on all ranks."""
+
+    has_master = True
+
+    def __init__(self, zero_optimizer):
+        self.zo = zero_optimizer
+        self.group_of = {id(p): i for i, g in enumerate(zero_optimizer.bit16_groups) for p in g}
+
+    def holds(self, p: torch.Tensor) -> bool:
+        return id(p) in self.group_of
+
+    def _flat(self, p: torch.Tensor) -> torch.Tensor:
+        return self.zo.single_partition_of_fp32_groups[self.group_of[id(p)]]
+
+    def _gather(self, p: torch.Tensor, src: Optional[torch.Tensor]) -> torch.Tensor:
+        """The full fp32 tensor shaped like p from this rank's flat partition `src` (summed over p's dp group)."""
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        m = getattr(p, "_hp_mapping", None)
+        if m is not None and src is not None:
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            buf.narrow(0, lp.start, lp.numel).copy_(src.narrow(0, hp.start, hp.numel))
+        if dist.get_world_size(p._dp_group) > 1:
+            dist.all_reduce(buf, group=p._dp_group)
+        return buf.view(p.shape)
+
+    def _scatter(self, p: torch.Tensor, dst: torch.Tensor, value: torch.Tensor) -> None:
+        m = getattr(p, "_hp_mapping", None)
+        if m is not None:
+            lp, hp = m.lp_fragment_address, m.hp_fragment_address
+            dst.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+
+    def _state(self, p: torch.Tensor, create: bool) -> Optional[dict]:
+        flat = self._flat(p)
+        st = self.zo.optimizer.state.get(flat)
+        if not st and create:  # a fresh engine: torch AdamW creates its state lazily in step()
+            st = {"step": torch.zeros((), dtype=torch.float32),
+                  **{k: torch.zeros_like(flat, memory_format=torch.preserve_format) for k in MOMENTS}}
+            self.zo.optimizer.state[flat] = st
+        return st or None
+
+    def get(self, p: torch.Tensor) -> dict:
+        st = self._state(p, create=False)
+        out = {k: self._gather(p, st[k] if st else None) for k in MOMENTS}
+        out["step"] = torch.as_tensor(st["step"] if st else 0.0, dtype=torch.float32).detach().clone().reshape(())
+        return out
+
+    def set(self, p: torch.Tensor, st_in: dict) -> None:
+        st = self._state(p, create=True)
+        st["step"] = st_in["step"].clone().to(torch.float32).reshape(())  # one step per flat group: all equal
+        for k in MOMENTS:
+            self._scatter(p, st[k], st_in[k])
+
+    def master(self, p: torch.Tensor) -> torch.Tensor:
+        return self._gather(p, self._flat(p))
+
+    def set_master(self, p: torch.Tensor, value: torch.Tensor) -> None:
+        self._scatter(p, self._flat(p), value)
+
+
+def adam_state(optimizer: torch.optim.Optimizer):
+    """The per-parameter view of `optimizer` (torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer around one)."""
+    if hasattr(optimizer, "bit16_groups") and hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return ZeroAdamState(optimizer)
+    return PlainAdamState(optimizer)
+
+
+# ---- F-sharded experts as DTensors -----------------------------------------------------------------
+def f_dim(param_name: str) -> int:
+    """The F dim of one expert's slice ([D, F] for w1/w3, [F, D] for w2)."""
+    return 0 if param_name == "w2" else 1
+
+
+def ffn_shard_meshes(experts: Dict[str, torch.nn.Module], ep_group) -> Dict[int, object]:
+    """{S: 1-D DeviceMesh over the S ranks that share this rank's expert}; {} when no expert is F-sharded.
+
+    Collective over the WORLD when some are (every rank creates every F-shard group of every EP group,
+    in one order, as dist.new_group requires). Call once and keep the result (the trainer does).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    shards = sorted({m.ffn_shard[1] for m in experts.values() if getattr(m, "ffn_shard", None)})
+    # every rank must agree whether to enter the collectives below: the layout is the same on all ranks
+    if not shards:
+        return {}
+    mine = dist.get_process_group_ranks(ep_group)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    ep_groups = sorted({tuple(g) for g in everyone})
+    me = dist.get_rank()
+    device = next(iter(experts.values())).w1.device.type
+    out = {}
+    for S in shards:
+        for ranks in ep_groups:
+            for start in range(0, len(ranks), S):
+                peers = list(ranks[start:start + S])
+                g = dist.new_group(peers)
+                if me in peers:
+                    out[S] = DeviceMesh.from_group(g, device, mesh=peers)
+    return out
+
+
+def full_expert_view(local: torch.Tensor, mod: torch.nn.Module, param_name: str, meshes: Dict[int, object]):
+    """This rank's F-slice of one expert as a DTensor of the full expert's shape (Shard on the F dim)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    j, S = mod.ffn_shard
+    mesh = meshes[S]
+    if tuple(mesh.get_coordinate() or ()) != (j,):
+        raise RuntimeError(f"F-shard mesh coordinate {mesh.get_coordinate()} != this rank's F-shard {j}")
+    d = f_dim(param_name)
+    shape = list(local.shape)
+    shape[d] *= S
+    full_stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local.contiguous(), mesh, [Shard(d)], run_check=False, shape=torch.Size(shape),
+                              stride=full_stride)
