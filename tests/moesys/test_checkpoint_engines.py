@@ -63,7 +63,8 @@ def test_deepspeed_and_plain_resume_each_others_checkpoints(tmp_path, stage):
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_deepspeed_ep2_two_ranks_resume(tmp_path):
-    """2 ranks, EP=2, ZeRO-2: dense states partitioned over 2 ranks, experts over their edp group."""
+    """2 ranks, EP=2, ZeRO-2: dense states partitioned over 2 ranks, experts over their edp group;
+    resumed by DeepSpeed (exact) and by the plain engine."""
     pytest.importorskip("deepspeed")
     common = ["parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4", "trainer.eval_interval=2",
               *_ds(2)]
@@ -73,6 +74,9 @@ def test_deepspeed_ep2_two_ranks_resume(tmp_path):
     resumed = train_mod.run(make_cfg(*common, f"trainer.resume={half}"), str(tmp_path / "b"))
     np.testing.assert_allclose(resumed["train_losses"], straight["train_losses"], rtol=1e-6, atol=1e-7)
     assert resumed["val_loss_end"] == pytest.approx(straight["val_loss_end"], rel=1e-6)
+    # the plain engine continues from the same checkpoint: the partitions were assembled correctly
+    plain = train_mod.run(make_cfg(*common[:-2], f"trainer.resume={half}"), str(tmp_path / "c"))
+    np.testing.assert_allclose(plain["train_losses"], straight["train_losses"], rtol=1e-5, atol=1e-6)
 
 
 # ---- EP larger than the number of experts: F-sharded experts ---------------------------------------
