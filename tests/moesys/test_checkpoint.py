@@ -1,28 +1,15 @@
 """Checkpoints: exact resume, atomic save (crash mid-save), reshard EP 2 -> 1 and 2 -> 4, bad checkpoints."""
-import datetime
 import json
 import os
 import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.parallel import simulate
-from moesys.parallel.simulate import free_port
 from train_helpers import build_trainer, load_and_probe, make_cfg, read_flat_checkpoint
-
-
-@pytest.fixture
-def world1(monkeypatch):
-    """A one-rank gloo process group in this process."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
 
 
 def _snapshot(root):

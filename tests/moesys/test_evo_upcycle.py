@@ -1,30 +1,18 @@
 """Upcycling a dense checkpoint of our own trainer into a GPT-MoE, and EvoMoE inside the trainer:
 logged metrics, resume across the phase boundary (DCP checkpoints), EP=2."""
-import datetime
 import json
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from moesys import MoEConfig
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.evo import EvoMoELayer, upcycle_model
 from moesys.model import lm_loss
-from moesys.parallel.simulate import free_port
 from moesys.trainer import build_model, structure_of
 from train_helpers import build_trainer, make_cfg
-
-
-@pytest.fixture
-def world1(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
 
 
 def test_upcycled_dense_checkpoint_has_the_same_loss(tmp_path, world1):
