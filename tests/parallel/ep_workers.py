@@ -255,3 +255,16 @@ def failing_worker():
 def suite_worker(cases, combos, E_values):
     """Everything one world size checks, in one spawn."""
     return {"dispatchers": dispatcher_worker(E_values), "layer": layer_worker(cases, combos)}
+
+
+def ctor_worker():
+    """MoELayer(cfg, ep_group=...) is the same as apply_expert_parallel on a single-device layer."""
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    a = MoELayer(cfg, ep_group=dist.group.WORLD)
+    torch.manual_seed(0)
+    b = apply_expert_parallel(MoELayer(cfg), dist.group.WORLD)
+    x = torch.randn(6 + dist.get_rank(), 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+    ya, yb = a(x)[0], b(x)[0]
+    return {"local_experts": a.experts.w1.shape[0], "offset": a.experts.expert_offset,
+            "max_diff": float((ya - yb).abs().max()), "sharded": type(a.runner).__name__}

@@ -58,3 +58,11 @@ def test_simulate_raises_the_failing_ranks_traceback():
 def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
     results = simulate(ep_workers.tensor_worker, 2, timeout_s=20)
     assert [float(r.sum()) for r in results] == [0.0, 3.0]
+
+
+@pytest.mark.multirank
+def test_layer_constructor_with_ep_group():
+    results = simulate(ep_workers.ctor_worker, 2, timeout_s=60)
+    for rank, r in enumerate(results):
+        assert r["local_experts"] == 2 and r["offset"] == 2 * rank
+        assert r["sharded"] == "ExpertParallelRunner" and r["max_diff"] == 0.0
