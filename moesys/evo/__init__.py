@@ -3,7 +3,8 @@
     from moesys.evo import EvoConfig, EvoController, TauSchedule, EvoMoELayer, upcycle_model
 """
 from .callback import EvoCallback
-from .controller import EvoController, transfer_optimizer_state
+from .controller import EvoController
+from .optim_state import transfer_optimizer_state
 from .diversify import fresh_router, spawn_expert, spawn_slice, stream_seed
 from .layer import EvoMoELayer
 from .schedule import EvoConfig, TauSchedule

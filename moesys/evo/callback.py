@@ -21,7 +21,8 @@ class EvoCallback:
     def on_train_start(self, trainer) -> None:
         # after a resume (trainer.step may be past the diversify step): the phase buffer came from
         # the checkpoint, and on_step_start is idempotent
-        self.controller = EvoController.attach(trainer.model, self.cfg, seed=self.seed)
+        # rank keys the gate noise: the trainer's data-parallel rank (it picks this rank's batches)
+        self.controller = EvoController.attach(trainer.model, self.cfg, seed=self.seed, rank=trainer.rank)
         self.optimizer = trainer.optimizer
         self.controller.on_step_start(trainer.step, self.optimizer)
 

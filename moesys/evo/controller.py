@@ -12,7 +12,11 @@ Usage (the trainer calls three things):
 `prepare` swaps every MoELayer of the model for an EvoMoELayer (keeping its parameters) and must
 run before expert parallelism and before the optimizer is built. `on_step_start` is idempotent and
 a pure function of the step and the module buffers, so resuming from a checkpoint taken on either
-side of the diversify step gives the same state as an uninterrupted run.
+side of the diversify step gives the same state as an uninterrupted run. It also keys the gates'
+random noise by (seed, step, data-parallel rank) instead of the global RNG, so a run resumed at
+another world size (whose global RNG streams are re-seeded) draws the same noise as an
+uninterrupted run at that size. At the diversify step the optimizer state of the spawned experts
+and router is set for torch AdamW or DeepSpeed ZeRO-1/2 (optim_state.py).
 """
 from __future__ import annotations
 
@@ -21,10 +25,10 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from moesys.experts import slice_ffn
 from moesys.layer import MoELayer
 
 from .layer import EvoMoELayer
+from .optim_state import transfer_optimizer_state
 from .schedule import EvoConfig
 
 
@@ -35,10 +39,11 @@ def _replace_child(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class EvoController:
-    def __init__(self, cfg: EvoConfig, layers: List[EvoMoELayer], *, seed: int):
+    def __init__(self, cfg: EvoConfig, layers: List[EvoMoELayer], *, seed: int, rank: int = 0):
         self.cfg = cfg
         self.layers = layers
         self.seed = cfg.seed if cfg.seed is not None else seed
+        self.rank = rank  # the data-parallel rank: keys the gate noise (see EvoMoELayer.set_noise_key)
 
     # ---- set-up --------------------------------------------------------------------------------
     @classmethod
@@ -76,12 +81,15 @@ class EvoController:
         return ctl
 
     @classmethod
-    def attach(cls, model: nn.Module, cfg: EvoConfig, *, seed: int) -> "EvoController":
-        """A controller over the EvoMoELayers already in `model` (after `prepare`, EP, resume)."""
+    def attach(cls, model: nn.Module, cfg: EvoConfig, *, seed: int, rank: int = 0) -> "EvoController":
+        """A controller over the EvoMoELayers already in `model` (after `prepare`, EP, resume).
+
+        rank: this process's data-parallel rank (the gate's noise stream is keyed by (seed, step, rank)).
+        """
         layers = [m for m in model.modules() if isinstance(m, EvoMoELayer)] if cfg.enabled else []
         if cfg.enabled and not layers:
             raise ValueError("evo.enabled=true but the model has no EvoMoELayer: call EvoController.prepare first")
-        return cls(cfg, layers, seed=seed)
+        return cls(cfg, layers, seed=seed, rank=rank)
 
     # ---- per step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -90,20 +98,17 @@ class EvoController:
             return
         cfg = self.cfg
         if cfg.dense_phase and step >= cfg.diversify_step:
-            for layer in self.layers:
-                if layer.in_dense_phase:
-                    self._diversify(layer, optimizer)
+            spawned = [layer for layer in self.layers if layer.in_dense_phase]
+            for layer in spawned:
+                layer.diversify(seed=self.seed, method=cfg.spawn, router_std=cfg.router_std, mask_ratio=cfg.mask_ratio,
+                                mask_fill=cfg.mask_fill, reinit_fraction=cfg.reinit_fraction)
+            if spawned and optimizer is not None:
+                transfer_optimizer_state(optimizer, spawned, cfg.optimizer_state)
         state = cfg.gate_state(step)
         for layer in self.layers:
             if hasattr(layer.router, "set_gate_state"):
                 layer.router.set_gate_state(**state)
-
-    def _diversify(self, layer: EvoMoELayer, optimizer) -> None:
-        cfg = self.cfg
-        layer.diversify(seed=self.seed, method=cfg.spawn, router_std=cfg.router_std,
-                        mask_ratio=cfg.mask_ratio, mask_fill=cfg.mask_fill, reinit_fraction=cfg.reinit_fraction)
-        if optimizer is not None:
-            transfer_optimizer_state(optimizer, layer, cfg.optimizer_state)
+            layer.set_noise_key(seed=self.seed, step=step, rank=self.rank)
 
     @property
     def phase(self) -> str:
@@ -139,49 +144,3 @@ class EvoController:
                 if k.startswith("runtime/"):
                     out[f"evo/layer{i}/{k}"] = float(v) if not isinstance(v, str) else v
         return out
-
-
-@torch.no_grad()
-def transfer_optimizer_state(optimizer: torch.optim.Optimizer, layer: EvoMoELayer, policy: str) -> None:
-    """Optimizer state of the freshly spawned experts and router.
-
-    copy:  Adam's exp_avg / exp_avg_sq of the dense FFN tiled to each local expert, step kept.
-    reset: no state (the optimizer initialises it at the next step: step 0, zero moments).
-    The router is new in both cases: its state is dropped. Works for torch Adam/AdamW-like
-    optimizers whose per-parameter state is a dict of tensors shaped like the parameter.
-    """
-    if policy == "copy" and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"evo.optimizer_state=copy needs a torch.optim optimizer, got {type(optimizer).__name__}; "
-                        "use evo.optimizer_state=reset")
-    router_params = list(layer.router.parameters())
-    for p in router_params:
-        optimizer.state.pop(p, None)
-    names = [w for w in ("w1", "w2", "w3") if getattr(layer.experts, w) is not None]
-    for w in names:
-        p = getattr(layer.experts, w)
-        optimizer.state.pop(p, None)
-        if policy == "reset":
-            continue
-        src = optimizer.state.get(getattr(layer.dense, w))
-        if not src:
-            continue  # the dense FFN never stepped: nothing to copy
-        new = {}
-        L = p.shape[0]
-        for k, v in src.items():
-            if torch.is_tensor(v) and v.dim() == p.dim() and v.shape[0] == 1:
-                t = v.expand(L, *v.shape[1:])
-                if t.shape[-1] != p.shape[-1] or t.shape[-2] != p.shape[-2]:
-                    t = _f_slice_like(t, p, layer, w)
-                new[k] = t.clone()
-            elif torch.is_tensor(v):
-                new[k] = v.clone()  # step counters
-            else:
-                new[k] = v
-        optimizer.state[p] = new
-
-
-def _f_slice_like(t: torch.Tensor, p: torch.Tensor, layer: EvoMoELayer, w: str) -> torch.Tensor:
-    f_slice = layer.experts.ffn_slice()
-    if f_slice is None:
-        raise RuntimeError(f"optimizer state of {w}: shape {tuple(t.shape)} vs parameter {tuple(p.shape)}")
-    return slice_ffn(w, t, f_slice)

@@ -11,9 +11,16 @@ spawns the experts of this rank's slice from `dense` (see diversify.py) and flip
 
 The parameter set never changes shape across the phase boundary, so the optimizer and
 checkpoints stay valid on both sides; `dense` receives no gradient after diversification.
+
+Gate noise: once `set_noise_key(seed, step, rank)` was called (EvoController.on_step_start does it
+every step), the router's random draws in training (DTS Gumbel noise, jitter, random drops) come
+from a stream seeded by (seed, layer, step, rank, n-th routing call of the step) instead of the
+global RNG, so they do not depend on how the global RNG was seeded (e.g. after a resume at another
+world size). Without a key the global RNG is used.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -42,6 +49,8 @@ class EvoMoELayer(MoELayer):
         self.layer_index = layer_index
         self.register_buffer("phase", torch.tensor(DENSE if dense_phase else SPARSE, dtype=torch.int64))
         self.dense: Optional[GroupedExperts] = None
+        self._noise_key: Optional[tuple] = None  # (seed, step, rank); see set_noise_key
+        self._noise_calls = 0
         if dense_phase:
             self.dense = GroupedExperts(dataclasses.replace(cfg, num_experts=1, top_k=1))
         if ep_group is not None:
@@ -53,9 +62,23 @@ class EvoMoELayer(MoELayer):
     def in_dense_phase(self) -> bool:
         return int(self.phase) == DENSE
 
+    def set_noise_key(self, *, seed: int, step: int, rank: int) -> None:
+        """Draw this step's gate noise from streams keyed by (seed, layer, step, rank, call index)."""
+        self._noise_key, self._noise_calls = (seed, step, rank), 0
+
+    def _noise_stream(self, device: torch.device):
+        """Context: the global RNG of `device` seeded for the next routing call, restored afterwards."""
+        if not self.training or self._noise_key is None:
+            return contextlib.nullcontext()
+        seed, step, rank = self._noise_key
+        s = _div.stream_seed(seed, self.layer_index, f"gate/{step}/{rank}/{self._noise_calls}")
+        self._noise_calls += 1
+        return _seeded(device, s)
+
     # ---- forward ---------------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor, seq_len: int):
-        routing, plan = super().route(x_TD, seq_len)
+        with self._noise_stream(x_TD.device):
+            routing, plan = super().route(x_TD, seq_len)
         with torch.no_grad():
             k_T = torch.bincount(routing.token_idx_R, minlength=routing.num_tokens)
             self._max_k = k_T.max() if routing.num_tokens else k_T.new_zeros(())
@@ -119,3 +142,13 @@ class EvoMoELayer(MoELayer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", evo_phase={'dense' if self.in_dense_phase else 'moe'}"
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """fork_rng for `device` only (the CPU generator is always forked), seeded with `seed`."""
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        (torch.cuda.default_generators[index] if cuda else torch.default_generator).manual_seed(seed)
+        yield

@@ -206,9 +206,11 @@ def test_optimizer_state_transfer(policy):
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(st[k], dense_state[k].expand(E, D, F))
         assert torch.equal(opt.state[layer.experts.w3]["exp_avg"], opt.state[layer.dense.w3]["exp_avg"].expand(E, D, F))
-    else:
-        assert st is None
-    assert layer.router.weight not in opt.state
+    else:  # zero moments, Adam's step starts over
+        assert float(st["step"]) == 0 and not st["exp_avg"].any() and not st["exp_avg_sq"].any()
+    # the new router: zero moments with the dense parameters' step (as ZeRO's shared group step has it)
+    r = opt.state[layer.router.weight]
+    assert float(r["step"]) == 3 and not r["exp_avg"].any() and not r["exp_avg_sq"].any()
     step(3)
     assert float(opt.state[layer.experts.w1]["step"]) == (4 if policy == "copy" else 1)
     assert layer.dense.w1.grad is None  # the dense FFN is retired
