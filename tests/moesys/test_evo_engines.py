@@ -66,3 +66,57 @@ def test_deepspeed_masters_and_moments_after_diversify(tmp_path, world1, policy)
     moved = layers[0].experts.w1.detach()
     torch.testing.assert_close(adam.master(layers[0].experts.w1), moved.float(), rtol=0, atol=0)
     assert (moved - spawned).abs().max() < 10 * cfg.optim.lr  # one Adam step away, not back to stale masters
+
+
+# ---- resume at another EP size, on either side of the phase boundary ------------------------------
+# the gate noise is keyed by (seed, step, data-parallel rank), not by the global RNG (re-seeded when the
+# world size changes), so a resumed run draws the same noise as an uninterrupted run at its new size
+RESHARD = [*EVO[:-2], "trainer.eval_interval=2", "trainer.grad_accum=1"]
+
+
+def _run(tmp_path, name, ep, *extra):
+    return train_mod.run(make_cfg(*RESHARD, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}", *extra),
+                         str(tmp_path / name))
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory):
+    """EvoMoE at EP=2 (2 gloo ranks) with checkpoints at steps 2 (dense phase) and 4 (after the switch at 3)."""
+    tmp = tmp_path_factory.mktemp("ep2")
+    summary = _run(tmp, "a", 2, "trainer.ckpt_interval=2", "trainer.keep_checkpoints=5")
+    return summary, tmp / "a" / "checkpoints"
+
+
+@pytest.mark.multirank
+def test_dense_phase_checkpoint_at_ep2_resumes_at_ep1_across_the_switch(tmp_path, ep2_run):
+    ep2, ckpts = ep2_run
+    ep1 = _run(tmp_path, "ep1", 1)
+    resumed = _run(tmp_path, "r1", 1, f"trainer.resume={ckpts / 'step_00000002'}")
+    assert len(resumed["train_losses"]) == 6
+    # steps 0-1 come from the EP=2 run's history: the dense phase is the same function at any EP size
+    np.testing.assert_allclose(ep2["train_losses"][:3], ep1["train_losses"][:3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(resumed["train_losses"], ep1["train_losses"], rtol=1e-5, atol=1e-6)
+    assert resumed["val_loss_end"] == pytest.approx(ep1["val_loss_end"], rel=1e-5)
+
+
+@pytest.mark.multirank
+def test_moe_phase_checkpoint_at_ep2_loads_at_ep1_with_the_same_eval_loss(tmp_path, ep2_run, world1):
+    ep2, ckpts = ep2_run
+    cfg = make_cfg(*RESHARD, "parallel.ep=1", "parallel.simulate_ranks=1")
+    tr = build_trainer(cfg, str(tmp_path / "load"))
+    tr.load(str(ckpts / "step_00000004"))
+    assert tr.step == 4 and all(not layer.in_dense_phase for _, layer in tr.moe_layers())
+    val_at_4 = dict((s, v) for s, v in tr.history["val"])[4]
+    assert tr.evaluate() == pytest.approx(val_at_4, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_dense_phase_checkpoint_at_ep2_resumes_at_ep4(tmp_path, ep2_run):
+    """E=4 at EP=4: one expert per rank. Four data-parallel ranks draw their own noise streams, so the
+    reference is an uninterrupted EP=4 run."""
+    _, ckpts = ep2_run
+    ep4 = _run(tmp_path, "ep4", 4)
+    resumed = _run(tmp_path, "r4", 4, f"trainer.resume={ckpts / 'step_00000002'}")
+    np.testing.assert_allclose(resumed["train_losses"], ep4["train_losses"], rtol=1e-5, atol=1e-6)
+    assert resumed["val_loss_end"] == pytest.approx(ep4["val_loss_end"], rel=1e-5)
