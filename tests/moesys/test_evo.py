@@ -280,3 +280,23 @@ def test_resume_across_phase_boundary_equals_uninterrupted(stop_at):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m3.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
     assert bool(m1.blocks[0].moe.router.hard) and c1.phase == "moe"
+
+
+def test_gate_noise_is_keyed_by_seed_step_and_rank_not_the_global_rng():
+    layer = evo_layer(router="dts", dense_phase=False)
+    layer.router.set_gate_state(tau=1.0, hard=True)  # one expert per token: argmax of the noisy gate
+    x = torch.randn(64, D)
+
+    def routes(seed, step, rank, global_seed):
+        torch.manual_seed(global_seed)
+        layer.set_noise_key(seed=seed, step=step, rank=rank)
+        first = layer.route(x, 64)[0].expert_idx_R.clone()
+        return first, layer.route(x, 64)[0].expert_idx_R.clone(), torch.get_rng_state()
+
+    a1, a2, rng = routes(0, 5, 0, global_seed=1)
+    b1, b2, _ = routes(0, 5, 0, global_seed=2)  # another global RNG: the same noise
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+    assert torch.equal(rng, torch.manual_seed(1).get_state())  # the global RNG is left alone
+    assert not torch.equal(a1, a2)  # the second micro-batch of a step draws its own stream
+    for other in ((0, 6, 0), (0, 5, 1), (1, 5, 0)):
+        assert not torch.equal(routes(*other, global_seed=1)[0], a1), other
