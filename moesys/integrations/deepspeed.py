@@ -139,20 +139,19 @@ def _is_tagged_expert(p: torch.Tensor) -> bool:
 def expert_params(model: nn.Module) -> list:
     """Expert parameters of `model`, each once, in module order.
 
-    An expert parameter is a parameter of a `moesys.experts.GroupedExperts` or one tagged
-    `_moesys_expert` (what `moesys.parallel.apply_expert_parallel` does to sharded experts).
+    An expert parameter is a parameter of a MoE layer's `experts` (sharded or not) or one tagged
+    `_moesys_expert` (what `moesys.parallel.apply_expert_parallel` does to sharded experts). Other
+    `GroupedExperts` modules are not experts: EvoMoE's replicated dense FFN (`layer.dense`) is one,
+    and its grads must reduce over the whole data-parallel group.
     """
-    from moesys.experts import GroupedExperts
+    from moesys.layer import MoELayer
 
+    experts = {id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()}
     seen, out = set(), []
-    for m in model.modules():
-        own = m.parameters(recurse=False)
-        for p in own:
-            if id(p) in seen:
-                continue
-            if isinstance(m, GroupedExperts) or _is_tagged_expert(p):
-                seen.add(id(p))
-                out.append(p)
+    for p in model.parameters():
+        if id(p) not in seen and (id(p) in experts or _is_tagged_expert(p)):
+            seen.add(id(p))
+            out.append(p)
     return out
 
 

@@ -120,3 +120,15 @@ def test_dense_phase_checkpoint_at_ep2_resumes_at_ep4(tmp_path, ep2_run):
     resumed = _run(tmp_path, "r4", 4, f"trainer.resume={ckpts / 'step_00000002'}")
     np.testing.assert_allclose(resumed["train_losses"], ep4["train_losses"], rtol=1e-5, atol=1e-6)
     assert resumed["val_loss_end"] == pytest.approx(ep4["val_loss_end"], rel=1e-5)
+
+
+def test_deepspeed_expert_params_exclude_the_dense_ffn():
+    """EvoMoE's replicated dense FFN is not an expert: its grads must reduce over all dp ranks."""
+    from moesys import MoEConfig
+    from moesys.evo import EvoMoELayer
+    from moesys.integrations.deepspeed import expert_params
+
+    layer = EvoMoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2))
+    got = {id(p) for p in expert_params(layer)}
+    assert got == {id(p) for p in layer.experts.parameters()}
+    assert not got & {id(p) for p in layer.dense.parameters()}
