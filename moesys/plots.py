@@ -25,8 +25,10 @@ def expert_load_heatmap(path: str, steps: List[int], loads: Dict[int, List[List[
     fig, axes = plt.subplots(len(blocks), 1, figsize=(8, 1.8 * len(blocks) + 0.6), squeeze=False, sharex=True)
     for ax, b in zip(axes[:, 0], blocks):
         m = np.asarray(loads[b]).T  # [E, n_logged]
+        # one cell per logged step, centred on it (a single logged step still gets a width)
+        half = (steps[-1] - steps[0]) / (2 * (len(steps) - 1)) if len(steps) > 1 else 0.5
         im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis",
-                       extent=(steps[0], steps[-1], m.shape[0] - 0.5, -0.5))
+                       extent=(steps[0] - half, steps[-1] + half, m.shape[0] - 0.5, -0.5))
         ax.set_ylabel(f"block {b}\nexpert")
         fig.colorbar(im, ax=ax, label="load share")
     axes[-1, 0].set_xlabel("step")
