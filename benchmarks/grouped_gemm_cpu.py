@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from _shapes import add_shape_args  # benchmarks/ is on sys.path when a script runs
+
 
 def median_ms(fn, repeats: int) -> float:
     fn()
@@ -72,12 +74,7 @@ def methods(counts_E: torch.Tensor):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64])
-    p.add_argument("--repeats", type=int, default=7)
+    add_shape_args(p)
     args = p.parse_args(argv)
     T, D, Fh, K = args.tokens, args.hidden, args.ffn, args.top_k
     torch.manual_seed(0)

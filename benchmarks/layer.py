@@ -25,8 +25,11 @@ import sys
 import time
 
 import torch
+
 import torch.nn as nn
 import torch.nn.functional as F
+
+from _shapes import add_shape_args  # benchmarks/ is on sys.path when a script runs
 
 
 class DenseFFN(nn.Module):
@@ -166,12 +169,7 @@ print(status("VmHWM") - base)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--ffn", type=int, default=1024)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64])
-    p.add_argument("--repeats", type=int, default=7)
+    add_shape_args(p)
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
