@@ -25,7 +25,6 @@ import sys
 import time
 
 import torch
-
 import torch.nn as nn
 import torch.nn.functional as F
 
