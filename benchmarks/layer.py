@@ -13,6 +13,8 @@ expert order, with the counts a real router gives: what any MoE layer pays for i
 BLAS, so moesys minus it is the cost of routing, permute and combine. "Weight-grad traffic" is
 the extra time to write and read the expert weight gradients (E/K times the dense layer's),
 measured as a zero-FLOP pass over tensors of that size: a memory-traffic lower bound.
+"Buffer cache off" is the same moesys layer with `moesys.kernels.workspace` disabled, so each
+large tensor is a fresh glibc mmap whose pages fault in every step: what the cache buys.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moesys.kernels import workspace
 from _shapes import add_shape_args  # benchmarks/ is on sys.path when a script runs
 
 
@@ -45,7 +48,7 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
     torch.manual_seed(0)
     if kind == "dense":
         return DenseFFN(D, K * Fh), (lambda m, x: m(x))
-    if kind == "moesys":
+    if kind in ("moesys", "moesys_nocache"):  # the same layer; timing() turns the cache off for the second
         from moesys import MoEConfig, MoELayer
 
         m = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=E, top_k=K, activation="gelu"))
@@ -66,6 +69,7 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
         x_ND = torch.randn(int(counts.sum()), D, requires_grad=True)  # dX counts too
 
         def step(m, x):
+            x_ND.grad = None  # like the parameters: a fresh gradient each step
             return m.experts(x_ND, counts)
         return m, step
     if kind == "deepspeed":
@@ -122,9 +126,11 @@ def timing(kinds, E, args) -> dict:
         for k in kinds:  # interleaved: every variant sees the same machine state
             m, step = built[k]
             m.zero_grad(set_to_none=True)
+            workspace.set_enabled(k != "moesys_nocache")
             t0 = time.perf_counter()
             fwd_bwd(m, step, x)
             times[k].append(time.perf_counter() - t0)
+    workspace.set_enabled(True)
     # memory-traffic floor of the expert weight gradients: write E*(D*F + F*D) floats, read them back
     moe_grads = [torch.empty(E, args.hidden, args.ffn) for _ in range(2)]
     dense_grads = [torch.empty(args.hidden, args.top_k * args.ffn) for _ in range(2)]
@@ -153,6 +159,8 @@ m, step = build({kind!r}, {E}, {args.tokens}, {args.hidden}, {args.ffn}, {args.t
 x = torch.randn({args.tokens}, {args.hidden})
 fwd_bwd(m, step, torch.randn(64, {args.hidden}))  # load code paths
 m.zero_grad(set_to_none=True)
+from moesys.kernels import workspace
+workspace.release()  # the measured step allocates its cached buffers anew: they count in its peak
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
@@ -173,11 +181,12 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    kinds = ["dense", "moesys", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
+    kinds = ["dense", "moesys", "moesys_nocache", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
     print(f"T={args.tokens} D={args.hidden} F={args.ffn} K={args.top_k} fp32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved fwd+bwd; dense = FFN of width K*F\n")
-    head = "| E | dense ms | moesys ms | moesys / dense | expert GEMMs alone / dense | weight-grad traffic floor / dense |"
-    sep = "|---|---|---|---|---|---|"
+    head = ("| E | dense ms | moesys ms | moesys / dense | moesys, buffer cache off / dense "
+            "| expert GEMMs alone / dense | weight-grad traffic floor / dense |")
+    sep = "|---|---|---|---|---|---|---|"
     if "deepspeed" in kinds:
         head += " DeepSpeed-MoE / dense |"
         sep += "---|"
@@ -191,8 +200,8 @@ def main(argv=None):
         t = timing(kinds, E, args)
         d = t["dense"]
         floor = (d + t["grad_traffic_extra"]) / d
-        row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {t['experts']/d:.3f} "
-               f"| {floor:.3f} |")
+        row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {t['moesys_nocache']/d:.3f} "
+               f"| {t['experts']/d:.3f} | {floor:.3f} |")
         if "deepspeed" in kinds:
             row += f" {t['deepspeed']/d:.3f} |"
         res = {"E": E, **t}

@@ -2,17 +2,20 @@
 
 Legend: N rows (routed tokens), D input width, F output width, E experts.
 
-Torch path (this file): forward with `torch._grouped_mm` where its 16-byte stride rule holds,
-a per-expert loop into preallocated outputs otherwise. The backward is a custom autograd
-Function: dX = dY @ w[e]^T and dW[e] = x_e^T @ dY_e are grouped GEMMs of their own, so no
-per-expert slice ever materialises a full-size weight gradient (the naive per-expert autograd
-loop does, and is ~4.7x slower than a dense FFN here).
+Torch path (this file): a custom autograd Function whose backward computes dX = dY @ w[e]^T and
+dW[e] = x_e^T @ dY_e as grouped GEMMs of their own, so no per-expert slice ever materialises a
+full-size weight gradient (the naive per-expert autograd loop does, and is ~4.7x slower than a
+dense FFN here). Large CPU outputs (activations, and the expert weight gradients: E/K times the
+dense layer's) come from `workspace`, the reusable-buffer cache, and are written by a per-expert
+`torch.mm(..., out=)` loop; elsewhere `torch._grouped_mm` runs where its 16-byte stride rule
+holds, and a per-expert loop into a fresh output otherwise.
 """
 from __future__ import annotations
 
 import torch
 
 from . import backend as _backend
+from . import workspace
 
 
 def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> None:
@@ -62,11 +65,14 @@ def _aligned(*tensors: torch.Tensor, widths=()) -> bool:
 def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
     """y_NF = grouped x @ w[e]."""
     N, F = x_ND.shape[0], w_EDF.shape[2]
-    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
+    if workspace.cacheable((N, F), x_ND.dtype, x_ND.device):
+        y = workspace.empty((N, F), dtype=x_ND.dtype, device=x_ND.device)
+    elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
-    y = x_ND.new_empty(N, F)
+    else:
+        y = x_ND.new_empty(N, F)
     start = 0
-    for e, n in enumerate(counts_E.tolist()):  # .tolist(): a host sync, fallback path only
+    for e, n in enumerate(counts_E.tolist()):  # host sync: CPU, or the CUDA fallback path
         if n:
             torch.mm(x_ND[start : start + n], w_EDF[e], out=y[start : start + n])
         start += n
@@ -77,13 +83,18 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
     """dW_EDF[e] = x_e^T @ dy_e (zero for an expert with no rows)."""
     E, D, F = counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1]
     xt = x_ND.t()
-    if x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF, widths=(D, F)):
+    if workspace.cacheable((E, D, F), x_ND.dtype, x_ND.device):
+        dw = workspace.empty((E, D, F), dtype=x_ND.dtype, device=x_ND.device, kind="grad")
+    elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF, widths=(D, F)):
         return torch._grouped_mm(xt, dy_NF, offs=offs_E)
-    dw = x_ND.new_zeros(E, D, F)
+    else:
+        dw = x_ND.new_empty(E, D, F)
     start = 0
-    for e, n in enumerate(counts_E.tolist()):  # host sync, fallback path only
+    for e, n in enumerate(counts_E.tolist()):  # host sync: CPU, or the CUDA fallback path
         if n:
             torch.mm(xt[:, start : start + n], dy_NF[start : start + n], out=dw[e])
+        else:
+            dw[e].zero_()  # an expert with no rows gets a zero gradient
         start += n
     return dw
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
+from . import workspace
 
 
 def _check(name: str, token_idx_N: torch.Tensor, n_rows: int) -> None:
@@ -69,11 +70,37 @@ def inverse_routes(route_idx_N: torch.Tensor, num_routes: int) -> torch.Tensor:
     return inv_R
 
 
-def _gather_padded(rows_ND: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
-    if rows_ND.shape[0] == inv_R.shape[0]:  # nothing dropped: no zero row needed (and no copy to add it)
-        return rows_ND.index_select(0, inv_R)
-    pad = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
-    return pad.index_select(0, inv_R)
+def _ws(shape, like: torch.Tensor) -> torch.Tensor:
+    return workspace.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _gather(rows_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
+    """rows_ND[idx_M] into a workspace buffer (reused across steps on CPU)."""
+    return torch.index_select(rows_ND, 0, idx_M, out=_ws((idx_M.shape[0], rows_ND.shape[1]), rows_ND))
+
+
+def _padded(rows_ND: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:
+    """rows_ND, with a zero row appended when some route is dropped (inv_R == N reads it)."""
+    if rows_ND.shape[0] == inv_R.shape[0]:  # nothing dropped: no copy
+        return rows_ND
+    return torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
+
+
+def _sum_routes(rows_ND: torch.Tensor, inv_TK: torch.Tensor, weight_TK=None) -> torch.Tensor:
+    """out[t] = sum_k (weight[t, k] *) rows[inv[t, k]], one [T, D] gather per k (no [T, K, D] copy)."""
+    T, K = inv_TK.shape
+    pad = _padded(rows_ND, inv_TK.view(-1))
+    out = _gather(pad, inv_TK[:, 0])
+    if weight_TK is not None:
+        out.mul_(weight_TK[:, :1])
+    for k in range(1, K):
+        rows_k = _gather(pad, inv_TK[:, k])
+        if weight_TK is None:
+            out.add_(rows_k)
+        else:
+            out.addcmul_(rows_k, weight_TK[:, k : k + 1])
+        del rows_k  # its workspace block serves the next k
+    return out
 
 
 class _PermuteFixedK(torch.autograd.Function):
@@ -81,37 +108,36 @@ class _PermuteFixedK(torch.autograd.Function):
     def forward(ctx, x_TD, route_idx_N, inv_R, top_k):
         ctx.save_for_backward(inv_R)
         ctx.top_k, ctx.T = top_k, x_TD.shape[0]
-        return x_TD.index_select(0, torch.div(route_idx_N, top_k, rounding_mode="floor"))
+        return _gather(x_TD, torch.div(route_idx_N, top_k, rounding_mode="floor"))
 
     @staticmethod
     def backward(ctx, dx_ND):
         (inv_R,) = ctx.saved_tensors
-        dx_RD = _gather_padded(dx_ND.contiguous(), inv_R)
-        return dx_RD.view(ctx.T, ctx.top_k, dx_RD.shape[1]).sum(1), None, None, None
+        return _sum_routes(dx_ND.contiguous(), inv_R.view(ctx.T, ctx.top_k)), None, None, None
 
 
 class _UnpermuteFixedK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND, weight_TK, route_idx_N, inv_R):
         T, K = weight_TK.shape
-        y_TKD = _gather_padded(y_ND, inv_R).view(T, K, y_ND.shape[1])
-        w_T1K = weight_TK.to(y_ND.dtype).unsqueeze(1)
         ctx.save_for_backward(y_ND, weight_TK, route_idx_N, inv_R)
         with torch.autocast(y_ND.device.type, enabled=False):  # output in y's dtype, as the torch path
-            return torch.bmm(w_T1K, y_TKD).squeeze(1)
+            return _sum_routes(y_ND, inv_R.view(T, K), weight_TK.to(y_ND.dtype))
 
     @staticmethod
     def backward(ctx, dout_TD):
+        # route i = (t, k) holds y_ND[i]: dy_ND[i] = w[t, k] * dout[t], dw[t, k] = <y_ND[i], dout[t]>
         y_ND, weight_TK, route_idx_N, inv_R = ctx.saved_tensors
         T, K = weight_TK.shape
-        dout_TD = dout_TD.contiguous().to(y_ND.dtype)
-        dy_ND = dweight_TK = None
-        if ctx.needs_input_grad[0]:
-            dy_TKD = weight_TK.to(dout_TD.dtype).unsqueeze(-1) * dout_TD.unsqueeze(1)
-            dy_ND = dy_TKD.view(T * K, y_ND.shape[1]).index_select(0, route_idx_N)
+        dout_ND = _gather(dout_TD.contiguous().to(y_ND.dtype), torch.div(route_idx_N, K, rounding_mode="floor"))
+        dweight_TK = None
         if ctx.needs_input_grad[1]:
-            y_TKD = _gather_padded(y_ND, inv_R).view(T, K, y_ND.shape[1])
-            dweight_TK = torch.bmm(y_TKD.float(), dout_TD.float().unsqueeze(-1)).squeeze(-1).to(weight_TK.dtype)
+            # fp32 row dots, scattered to routes; a dropped route's weight gets 0
+            dots_N = torch.bmm(y_ND.float().unsqueeze(1), dout_ND.float().unsqueeze(2)).view(-1)
+            dweight_TK = dots_N.new_zeros(T * K).index_copy_(0, route_idx_N, dots_N).view(T, K).to(weight_TK.dtype)
+        dy_ND = None
+        if ctx.needs_input_grad[0]:
+            dy_ND = dout_ND.mul_(weight_TK.reshape(-1)[route_idx_N].to(dout_ND.dtype).unsqueeze(1))  # in place
         return dy_ND, dweight_TK, None, None
 
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moesys.kernels import grouped_gemm
+from moesys.kernels import grouped_gemm, resolve_backend
+from moesys.kernels.expert_ffn import expert_ffn_torch
 
 from .config import MoEConfig
 
@@ -79,6 +80,9 @@ class GroupedExperts(nn.Module):
             dt = torch.get_autocast_dtype(dev)
             x_ND, w1, w2 = x_ND.to(dt), w1.to(dt), w2.to(dt)
             w3 = w3.to(dt) if w3 is not None else None
+        if resolve_backend(backend, x_ND.device) == "torch":
+            # one autograd node that owns its [N, F] intermediates (in-place activation backward)
+            return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, self.cfg.activation)
         h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)
         if self.cfg.gated:
             h_NF = F.silu(h_NF) * grouped_gemm(x_ND, w3, counts_E, backend=backend)
