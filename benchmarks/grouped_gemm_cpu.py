@@ -6,9 +6,12 @@ for three ways of running a grouped GEMM on CPU.
 
 Counts come from a random router's top-2 (uneven, as in the layer). For each GEMM of the expert
 FFN's forward and backward (fwd1 = x@w1, fwd2 = h@w2, dX2, dW2, dX1, dW1) it prints the median
-time of `torch._grouped_mm` (what moesys uses), a per-expert `torch.mm` loop, and a `bmm` over
-buffers padded to the largest expert (padding copies included), each divided by the same GEMM on
-the dense FFN of width K*F (equal FLOPs). fp32.
+time of `torch._grouped_mm`, a per-expert `torch.mm` loop into fresh outputs, the same loop into
+outputs allocated once (what moesys does: its `workspace` hands the same blocks out every step),
+and a `bmm` over buffers padded to the largest expert (padding copies included), each divided by
+the same GEMM on the dense FFN of width K*F (equal FLOPs, outputs allocated once). fp32. The gap
+between the fresh and the reused loop is the page-fault cost of fresh large outputs (the weight
+gradients are E/K times the dense layer's).
 """
 from __future__ import annotations
 
@@ -69,7 +72,27 @@ def methods(counts_E: torch.Tensor):
         ba[flat], bd[flat] = a, d
         return torch.bmm(ba.view(E, C, -1).transpose(1, 2), bd.view(E, C, -1))
 
-    return {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w), "padded bmm": (padded, padded_w)}
+    reused = {}
+
+    def buffer(key, shape, like):  # allocated once, as moesys's workspace hands them out again
+        if key not in reused:
+            reused[key] = like.new_empty(shape)
+        return reused[key]
+
+    def loop_reused(a, b):
+        out = buffer(("rows", a.shape, b.shape), (a.shape[0], b.shape[2]), a)
+        for e in range(E):
+            torch.mm(a[starts[e]:starts[e + 1]], b[e], out=out[starts[e]:starts[e + 1]])
+        return out
+
+    def loop_reused_w(a, d):
+        out = buffer(("w", a.shape, d.shape), (E, a.shape[1], d.shape[1]), a)
+        for e in range(E):
+            torch.mm(a[starts[e]:starts[e + 1]].t(), d[starts[e]:starts[e + 1]], out=out[e])
+        return out
+
+    return {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w), "loop, reused outputs (moesys)": (loop_reused, loop_reused_w),
+            "padded bmm": (padded, padded_w)}
 
 
 def main(argv=None):
@@ -82,8 +105,11 @@ def main(argv=None):
     xd, hd = torch.randn(T, D), torch.randn(T, K * Fh)
     dyd, dhd = torch.randn(T, D), torch.randn(T, K * Fh)
     W1, W2 = torch.randn(D, K * Fh), torch.randn(K * Fh, D)
-    dense = {"fwd1": lambda: xd @ W1, "fwd2": lambda: hd @ W2, "dX2": lambda: dyd @ W2.t(),
-             "dW2": lambda: hd.t() @ dyd, "dX1": lambda: dhd @ W1.t(), "dW1": lambda: xd.t() @ dhd}
+    # the dense GEMMs write into outputs allocated once: the ratios are GEMM time only
+    o_TF, o_TD, o_W1, o_W2 = torch.empty(T, K * Fh), torch.empty(T, D), torch.empty_like(W1), torch.empty_like(W2)
+    dense = {"fwd1": lambda: torch.mm(xd, W1, out=o_TF), "fwd2": lambda: torch.mm(hd, W2, out=o_TD),
+             "dX2": lambda: torch.mm(dyd, W2.t(), out=o_TF), "dW2": lambda: torch.mm(hd.t(), dyd, out=o_W2),
+             "dX1": lambda: torch.mm(dhd, W1.t(), out=o_TD), "dW1": lambda: torch.mm(xd.t(), dhd, out=o_W1)}
     dense_ms = {k: median_ms(f, args.repeats) for k, f in dense.items()}
     print(f"T={T} D={D} F={Fh} K={K} fp32, {torch.get_num_threads()} threads; time / dense GEMM of equal FLOPs\n")
     print("| E | rows/expert (mean, max) | method | fwd1 | fwd2 | dX2 | dW2 | dX1 | dW1 | all six |")

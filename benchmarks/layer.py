@@ -4,8 +4,10 @@
     python benchmarks/layer.py --experts 8 --repeats 5
     python benchmarks/layer.py --no-deepspeed --no-memory
 
-Times are medians of interleaved runs in one process (the machine is shared and noisy), reported
+Times are medians of runs interleaved in time (the machine is shared and noisy), each variant in a
+process of its own so none sees another's allocator or buffer-cache state; reported
 as ratios to the dense FFN of width K*F (the same active FLOPs: the limit an MoE layer can reach).
+The input requires grad, as it does inside a model, so every variant computes dX too.
 Memory: each variant's fwd+bwd runs in a fresh subprocess; the peak resident-set increase over the
 set-up state (parameters and input allocated) is the activation + gradient memory of one step.
 Two floors: "expert GEMMs alone" runs only the grouped expert FFN (fwd+bwd) on rows already in
@@ -14,7 +16,10 @@ BLAS, so moesys minus it is the cost of routing, permute and combine. "Weight-gr
 the extra time to write and read the expert weight gradients (E/K times the dense layer's),
 measured as a zero-FLOP pass over tensors of that size: a memory-traffic lower bound.
 "Buffer cache off" is the same moesys layer with `moesys.kernels.workspace` disabled, so each
-large tensor is a fresh glibc mmap whose pages fault in every step: what the cache buys.
+large tensor is a fresh glibc mmap whose pages fault in every step: what the cache buys. The
+plain dense FFN pays those faults on its own activations; "through the same cached FFN" divides
+by the dense FFN run through moesys's fused expert FFN with one expert (cache included), so both
+sides allocate alike and the ratio is what routing to E experts costs.
 """
 from __future__ import annotations
 
@@ -48,6 +53,14 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
     torch.manual_seed(0)
     if kind == "dense":
         return DenseFFN(D, K * Fh), (lambda m, x: m(x))
+    if kind == "dense_cached":
+        # the same dense FFN run through moesys's fused expert FFN with one expert: the cache and the
+        # in-place activation backward, so the ratio to it isolates what routing to E experts costs
+        from moesys.kernels.expert_ffn import expert_ffn_torch
+
+        m = DenseFFN(D, K * Fh)
+        one = torch.tensor([T])
+        return m, (lambda m, x: expert_ffn_torch(x, m.w1.unsqueeze(0), m.w2.unsqueeze(0), None, one, "gelu"))
     if kind in ("moesys", "moesys_nocache"):  # the same layer; timing() turns the cache off for the second
         from moesys import MoEConfig, MoELayer
 
@@ -116,21 +129,57 @@ def _traffic_time(tensors, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None:
+    """One variant in its own process: a step each time the coordinator says so, its time sent back."""
+    torch.set_num_threads(threads)
+    workspace.set_enabled(kind != "moesys_nocache")
+    T, D, Fh, K = shape
+    m, step = build(kind, E, T, D, Fh, K)
+    torch.manual_seed(1)
+    x = torch.randn(T, D, requires_grad=True)  # as inside a model: dX is computed
+    fwd_bwd(m, step, x)  # warm-up
+    conn.send("ready")
+    while conn.recv():
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        t0 = time.perf_counter()
+        fwd_bwd(m, step, x)
+        conn.send(time.perf_counter() - t0)
+
+
 def timing(kinds, E, args) -> dict:
-    x = torch.randn(args.tokens, args.hidden)
-    built = {k: build(k, E, args.tokens, args.hidden, args.ffn, args.top_k) for k in kinds}
-    times = {k: [] for k in kinds}
-    for k in kinds:  # warm-up
-        fwd_bwd(*built[k], x)
-    for _ in range(args.repeats):
-        for k in kinds:  # interleaved: every variant sees the same machine state
-            m, step = built[k]
-            m.zero_grad(set_to_none=True)
-            workspace.set_enabled(k != "moesys_nocache")
-            t0 = time.perf_counter()
-            fwd_bwd(m, step, x)
-            times[k].append(time.perf_counter() - t0)
-    workspace.set_enabled(True)
+    """Median step time of each variant. Each variant lives in its own process (its own allocator
+    and buffer-cache state, as one layer in a training loop would see), and the steps are
+    interleaved in time: one variant runs at a time, round-robin, so all see the same machine."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    shape = (args.tokens, args.hidden, args.ffn, args.top_k)
+    workers = {}
+    for k in kinds:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_variant_worker, args=(k, E, shape, torch.get_num_threads(), child), daemon=True)
+        proc.start()
+        workers[k] = (proc, parent)
+    try:
+        for k, (_, conn) in workers.items():
+            if conn.recv() != "ready":
+                raise RuntimeError(f"variant {k} did not start")
+        times = {k: [] for k in kinds}
+        for _ in range(args.repeats):
+            for k in kinds:
+                conn = workers[k][1]
+                conn.send(True)
+                times[k].append(conn.recv())
+    finally:
+        for proc, conn in workers.values():
+            try:
+                conn.send(False)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
     # memory-traffic floor of the expert weight gradients: write E*(D*F + F*D) floats, read them back
     moe_grads = [torch.empty(E, args.hidden, args.ffn) for _ in range(2)]
     dense_grads = [torch.empty(args.hidden, args.top_k * args.ffn) for _ in range(2)]
@@ -156,8 +205,8 @@ def status(key):
             return int(line.split()[1]) / 1024
 torch.set_num_threads({torch.get_num_threads()})
 m, step = build({kind!r}, {E}, {args.tokens}, {args.hidden}, {args.ffn}, {args.top_k})
-x = torch.randn({args.tokens}, {args.hidden})
-fwd_bwd(m, step, torch.randn(64, {args.hidden}))  # load code paths
+x = torch.randn({args.tokens}, {args.hidden}, requires_grad=True)
+fwd_bwd(m, step, torch.randn(64, {args.hidden}, requires_grad=True))  # load code paths
 m.zero_grad(set_to_none=True)
 from moesys.kernels import workspace
 workspace.release()  # the measured step allocates its cached buffers anew: they count in its peak
@@ -181,12 +230,12 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    kinds = ["dense", "moesys", "moesys_nocache", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
+    kinds = ["dense", "dense_cached", "moesys", "moesys_nocache", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
     print(f"T={args.tokens} D={args.hidden} F={args.ffn} K={args.top_k} fp32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved fwd+bwd; dense = FFN of width K*F\n")
     head = ("| E | dense ms | moesys ms | moesys / dense | moesys, buffer cache off / dense "
-            "| expert GEMMs alone / dense | weight-grad traffic floor / dense |")
-    sep = "|---|---|---|---|---|---|---|"
+            "| moesys / dense through the same cached FFN | expert GEMMs alone / dense | weight-grad traffic floor / dense |")
+    sep = "|---|---|---|---|---|---|---|---|"
     if "deepspeed" in kinds:
         head += " DeepSpeed-MoE / dense |"
         sep += "---|"
@@ -201,7 +250,7 @@ def main(argv=None):
         d = t["dense"]
         floor = (d + t["grad_traffic_extra"]) / d
         row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {t['moesys_nocache']/d:.3f} "
-               f"| {t['experts']/d:.3f} | {floor:.3f} |")
+               f"| {t['moesys']/t['dense_cached']:.3f} | {t['experts']/d:.3f} | {floor:.3f} |")
         if "deepspeed" in kinds:
             row += f" {t['deepspeed']/d:.3f} |"
         res = {"E": E, **t}

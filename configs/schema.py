@@ -125,6 +125,7 @@ class TrainerConfig:
     ds_config: Optional[str] = None  # deepspeed only: a base JSON (e.g. launchers/ds_zero2.json); trainer.* wins
     deterministic: bool = True
     plots: bool = True
+    cpu_buffer_cache: bool = True  # CPU: reuse the MoE layers' large buffers across steps (moesys.kernels.workspace)
 
 
 @dataclass

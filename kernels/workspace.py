@@ -19,8 +19,8 @@ intermediates); "grad" holds expert weight gradients, which live from the backwa
 optimizer's zero_grad. Taking a grad block first frees every unused scratch block: gradients
 pile up at the end of the backward, which is where a layer's memory peaks, and scratch held idle
 there would raise that peak (measured: E=64 peak RSS 437 MB instead of ~325 MB without this
-rule). The scratch freed there is mapped afresh in the next step; the grad blocks, the bulk of
-the bytes, are not.
+rule). The scratch freed there is mapped afresh when next needed (in a model of many MoE
+layers, by the next layer's backward); the grad blocks, the bulk of the bytes, are not.
 
 Size classes: requests round up to 1/8 of their power of two, so varying row counts (capacity
 drops, expert-parallel receive sizes) reuse blocks. Requests under `MIN_BYTES` are not cached

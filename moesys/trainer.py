@@ -21,6 +21,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from moesys.kernels import workspace
+
 from . import checkpoint as ckpt
 from . import data as data_mod
 from .logging_utils import RunLogger
@@ -323,6 +325,8 @@ class Trainer:
             tok_s = self.tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
             m["tokens_per_s"] = tok_s
+            if self.device.type == "cpu" and workspace.enabled():
+                m["mem/cpu_buffer_cache_mb"] = workspace.stats()["held_bytes"] / 2**20
             log.progress(1, m["loss"], tok_s)
             if self.step % t.eval_interval == 0 or self.step == t.steps:
                 v = self.evaluate()

@@ -49,6 +49,23 @@ def test_bf16_autocast_runs(tmp_path):
     assert s["train_losses"][-1] < s["train_losses"][0]
 
 
+def test_cpu_buffer_cache_on_and_off_train_alike(tmp_path, monkeypatch):
+    from moesys.kernels import workspace
+
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)  # the tiny model's buffers go through the cache too
+    common = ("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=6", "trainer.save_final=false",
+              "trainer.grad_accum=2", "moe.activation=swiglu", "trainer.log_interval=1")
+    on = train_mod.run(make_cfg(*common), str(tmp_path / "on"))
+    assert workspace.stats()["hits"] > 0
+    off = train_mod.run(make_cfg(*common, "trainer.cpu_buffer_cache=false"), str(tmp_path / "off"))
+    assert workspace.enabled()  # run() restores the process's setting
+    np.testing.assert_allclose(on["train_losses"], off["train_losses"], rtol=1e-5, atol=1e-6)
+    logged = [r for r in _records(str(tmp_path / "on")) if "mem/cpu_buffer_cache_mb" in r]
+    assert logged and all(r["mem/cpu_buffer_cache_mb"] > 0 for r in logged)
+    assert not any("mem/cpu_buffer_cache_mb" in r for r in _records(str(tmp_path / "off")))
+    workspace.release()
+
+
 def test_options_accum_clip_textfile(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
