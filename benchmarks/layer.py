@@ -4,17 +4,20 @@
     python benchmarks/layer.py --experts 8 --repeats 5
     python benchmarks/layer.py --no-deepspeed --no-memory
 
-Times are medians of runs interleaved in time (the machine is shared and noisy), each variant in a
-process of its own so none sees another's allocator or buffer-cache state; reported
-as ratios to the dense FFN of width K*F (the same active FLOPs: the limit an MoE layer can reach).
+Steps are interleaved in time in rounds (the machine is shared and noisy), each variant in a
+process of its own so none sees another's allocator or buffer-cache state. Times are medians;
+ratios (to the dense FFN of width K*F, the same active FLOPs: the limit an MoE layer can reach)
+are medians over rounds of the per-round ratio.
 The input requires grad, as it does inside a model, so every variant computes dX too.
 Memory: each variant's fwd+bwd runs in a fresh subprocess; the peak resident-set increase over the
 set-up state (parameters and input allocated) is the activation + gradient memory of one step.
 Two floors: "expert GEMMs alone" runs only the grouped expert FFN (fwd+bwd) on rows already in
 expert order, with the counts a real router gives: what any MoE layer pays for its GEMMs on this
-BLAS, so moesys minus it is the cost of routing, permute and combine. "Weight-grad traffic" is
-the extra time to write and read the expert weight gradients (E/K times the dense layer's),
-measured as a zero-FLOP pass over tensors of that size: a memory-traffic lower bound.
+BLAS, so moesys minus it is the cost of routing, permute and combine. "Expert-weight traffic
+floor" is the dense time plus the extra time to move the expert weights (E/K times the dense
+layer's) as any MoE layer must: read each weight twice (forward and dX GEMMs) and write its
+gradient once, measured as zero-FLOP passes over tensors of those sizes, minus the same for the
+dense weights, in the same rounds: a memory-traffic lower bound.
 "Buffer cache off" is the same moesys layer with `moesys.kernels.workspace` disabled, so each
 large tensor is a fresh glibc mmap whose pages fault in every step: what the cache buys. The
 plain dense FFN pays those faults on its own activations; "through the same cached FFN" divides
@@ -68,7 +71,7 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
 
         def step(m, x):
             y, aux = m(x)
-            return y + 0 * aux.loss
+            return y, aux.loss
         return m, step
     if kind == "experts":
         # the floor: only the expert GEMMs + activation, on rows already in expert order, with the
@@ -108,25 +111,41 @@ def build_deepspeed(E, D, Fh, K):
 
     def step(m, x):
         y, l_aux, _ = m(x.unsqueeze(0))
-        return y.squeeze(0) + 0 * l_aux
+        return y.squeeze(0), l_aux
     return m, step
 
 
 def fwd_bwd(m, step, x):
-    y = step(m, x)
-    y.backward(torch.ones_like(y) / y.numel())
+    """One forward and backward: the output's gradient is 1/numel (a mean), plus an MoE layer's aux
+    loss (its router gradient) where the variant has one."""
+    out = step(m, x)
+    y, extra = out if isinstance(out, tuple) else (out, None)
+    tensors, grads = [y], [torch.full_like(y, 1.0 / y.numel())]
+    if extra is not None:
+        tensors.append(extra)
+        grads.append(torch.ones_like(extra))
+    torch.autograd.backward(tensors, grads)
 
 
-def _traffic_time(tensors, repeats: int) -> float:
-    """Median seconds to write (zero) and read (sum) every tensor once: no FLOPs, only traffic."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for t in tensors:
-            t.zero_()
-            t.sum()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _traffic_pass(weights, grads) -> float:
+    """Seconds for the weight traffic a layer cannot avoid, with no FLOPs: read every weight twice
+    (forward GEMM, dX GEMM) and write every weight gradient once."""
+    t0 = time.perf_counter()
+    for w in weights:
+        w.sum()
+        w.sum()
+    for g in grads:
+        g.zero_()
+    return time.perf_counter() - t0
+
+
+def _traffic_step(E: int, shape: tuple):
+    """A "variant" whose step time is the extra weight traffic of E experts over the dense FFN."""
+    T, D, Fh, K = shape
+    moe = [torch.randn(E, D, Fh), torch.randn(E, Fh, D)]
+    dense = [torch.randn(D, K * Fh), torch.randn(K * Fh, D)]
+    moe_g, dense_g = [torch.zeros_like(w) for w in moe], [torch.zeros_like(w) for w in dense]
+    return lambda: _traffic_pass(moe, moe_g) - _traffic_pass(dense, dense_g)
 
 
 def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None:
@@ -134,6 +153,13 @@ def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None
     torch.set_num_threads(threads)
     workspace.set_enabled(kind != "moesys_nocache")
     T, D, Fh, K = shape
+    if kind == "traffic":
+        extra = _traffic_step(E, shape)
+        extra()
+        conn.send("ready")
+        while conn.recv():
+            conn.send(extra())
+        return
     m, step = build(kind, E, T, D, Fh, K)
     torch.manual_seed(1)
     x = torch.randn(T, D, requires_grad=True)  # as inside a model: dX is computed
@@ -180,12 +206,12 @@ def timing(kinds, E, args) -> dict:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
-    # memory-traffic floor of the expert weight gradients: write E*(D*F + F*D) floats, read them back
-    moe_grads = [torch.empty(E, args.hidden, args.ffn) for _ in range(2)]
-    dense_grads = [torch.empty(args.hidden, args.top_k * args.ffn) for _ in range(2)]
-    floor, dense_floor = _traffic_time(moe_grads, args.repeats), _traffic_time(dense_grads, args.repeats)
     out = {k: statistics.median(v) for k, v in times.items()}
-    out["grad_traffic_extra"] = floor - dense_floor
+    # ratios: the median over rounds of the per-round ratio (a round runs every variant back to
+    # back, so a slow spell of the shared machine hits both sides of a ratio alike)
+    out["ratio"] = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b]))
+                    for a in kinds for b in ("dense", "dense_cached") if a != b and b in times and a != "traffic"}
+    out["ratio"]["floor/dense"] = statistics.median((d + x) / d for d, x in zip(times["dense"], times["traffic"]))
     return out
 
 
@@ -230,11 +256,12 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    kinds = ["dense", "dense_cached", "moesys", "moesys_nocache", "experts"] + ([] if args.no_deepspeed else ["deepspeed"])
+    kinds = ["dense", "dense_cached", "moesys", "moesys_nocache", "experts", "traffic"]
+    kinds += [] if args.no_deepspeed else ["deepspeed"]
     print(f"T={args.tokens} D={args.hidden} F={args.ffn} K={args.top_k} fp32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved fwd+bwd; dense = FFN of width K*F\n")
     head = ("| E | dense ms | moesys ms | moesys / dense | moesys, buffer cache off / dense "
-            "| moesys / dense through the same cached FFN | expert GEMMs alone / dense | weight-grad traffic floor / dense |")
+            "| moesys / dense through the same cached FFN | expert GEMMs alone / dense | expert-weight traffic floor / dense |")
     sep = "|---|---|---|---|---|---|---|---|"
     if "deepspeed" in kinds:
         head += " DeepSpeed-MoE / dense |"
@@ -248,11 +275,11 @@ def main(argv=None):
     for E in args.experts:
         t = timing(kinds, E, args)
         d = t["dense"]
-        floor = (d + t["grad_traffic_extra"]) / d
-        row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {t['moesys']/d:.3f} | {t['moesys_nocache']/d:.3f} "
-               f"| {t['moesys']/t['dense_cached']:.3f} | {t['experts']/d:.3f} | {floor:.3f} |")
+        r = t["ratio"]
+        row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {r['moesys/dense']:.3f} | {r['moesys_nocache/dense']:.3f} "
+               f"| {r['moesys/dense_cached']:.3f} | {r['experts/dense']:.3f} | {r['floor/dense']:.3f} |")
         if "deepspeed" in kinds:
-            row += f" {t['deepspeed']/d:.3f} |"
+            row += f" {r['deepspeed/dense']:.3f} |"
         res = {"E": E, **t}
         if not args.no_memory:
             md, mm = peak_memory("dense", E, args), peak_memory("moesys", E, args)
