@@ -18,17 +18,13 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import workspace
-from .grouped_gemm import _mm_rows, _mm_weight, check_grouped_gemm_args
+from .grouped_gemm import _mm_rows, _mm_weight, check_counts_sum, check_grouped_gemm_args
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 
 
-def _ws_like(t: torch.Tensor) -> torch.Tensor:
-    return workspace.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def _act_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
-    a = _ws_like(h)
+    a = workspace.empty_as(h.shape, h)
     if activation == "gelu":
         return torch.ops.aten.gelu.out(h, out=a)
     if activation == "relu":
@@ -114,8 +110,5 @@ def expert_ffn_torch(x_ND: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3:
             raise ValueError(f"expert_ffn: {name} has shape {tuple(w.shape)}, expected {want} (w1 is {(E, D, F)})")
         if w is not None and w.dtype != x_ND.dtype:
             raise TypeError(f"expert_ffn: {name} dtype {w.dtype} != x dtype {x_ND.dtype}")
-    if x_ND.device.type == "cpu" or not torch.compiler.is_compiling():
-        total = int(counts_E.sum())  # a host sync on CUDA: the torch path only
-        if total != x_ND.shape[0]:
-            raise ValueError(f"expert_ffn: counts sum to {total} but x has N={x_ND.shape[0]} rows")
+    check_counts_sum("expert_ffn", x_ND, counts_E)
     return _ExpertFFN.apply(x_ND, w1, w2, w3, counts_E, activation)

@@ -46,6 +46,15 @@ def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: t
         )
 
 
+def check_counts_sum(name: str, x_ND: torch.Tensor, counts_E: torch.Tensor) -> None:
+    """The torch paths' check that counts cover x's rows exactly. On CPU it is cheap; on CUDA it is
+    a host sync, paid only on the torch path and skipped while compiling."""
+    if x_ND.device.type == "cpu" or not torch.compiler.is_compiling():
+        total = int(counts_E.sum())
+        if total != x_ND.shape[0]:
+            raise ValueError(f"{name}: counts sum to {total} but x has N={x_ND.shape[0]} rows")
+
+
 def _aligned(*tensors: torch.Tensor, widths=()) -> bool:
     # torch._grouped_mm requires every stride (but the unit one) to be a multiple of 16 bytes, the
     # output's rows too (`widths`: the output's last dims), even where a dim has size 1.
@@ -66,7 +75,7 @@ def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
     """y_NF = grouped x @ w[e]."""
     N, F = x_ND.shape[0], w_EDF.shape[2]
     if workspace.cacheable((N, F), x_ND.dtype, x_ND.device):
-        y = workspace.empty((N, F), dtype=x_ND.dtype, device=x_ND.device)
+        y = workspace.empty_as((N, F), x_ND)
     elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     else:
@@ -84,7 +93,7 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
     E, D, F = counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1]
     xt = x_ND.t()
     if workspace.cacheable((E, D, F), x_ND.dtype, x_ND.device):
-        dw = workspace.empty((E, D, F), dtype=x_ND.dtype, device=x_ND.device, kind="grad")
+        dw = workspace.empty_as((E, D, F), x_ND, kind="grad")
     elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF, widths=(D, F)):
         return torch._grouped_mm(xt, dy_NF, offs=offs_E)
     else:
@@ -151,9 +160,5 @@ def grouped_gemm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor
         from .grouped_gemm_triton import grouped_gemm_triton
 
         return grouped_gemm_triton(x_ND, w_EDF, counts_E)
-    if x_ND.device.type == "cpu" or not torch.compiler.is_compiling():
-        # On CPU checking the sum is cheap; on CUDA this is a host sync we only pay on the torch path.
-        total = int(counts_E.sum())
-        if total != x_ND.shape[0]:
-            raise ValueError(f"grouped_gemm: counts sum to {total} but x has N={x_ND.shape[0]} rows")
+    check_counts_sum("grouped_gemm", x_ND, counts_E)
     return grouped_gemm_torch(x_ND, w_EDF, counts_E)

@@ -70,13 +70,9 @@ def inverse_routes(route_idx_N: torch.Tensor, num_routes: int) -> torch.Tensor:
     return inv_R
 
 
-def _ws(shape, like: torch.Tensor) -> torch.Tensor:
-    return workspace.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def _gather(rows_ND: torch.Tensor, idx_M: torch.Tensor) -> torch.Tensor:
     """rows_ND[idx_M] into a workspace buffer (reused across steps on CPU)."""
-    return torch.index_select(rows_ND, 0, idx_M, out=_ws((idx_M.shape[0], rows_ND.shape[1]), rows_ND))
+    return torch.index_select(rows_ND, 0, idx_M, out=workspace.empty_as((idx_M.shape[0], rows_ND.shape[1]), rows_ND))
 
 
 def _padded(rows_ND: torch.Tensor, inv_R: torch.Tensor) -> torch.Tensor:

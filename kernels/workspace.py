@@ -87,12 +87,19 @@ def _free(storage) -> bool:
     return _use_count(storage._cdata) == 1  # only the cache's own reference
 
 
+def _cached_nbytes(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Optional[int]:
+    """The request's size in bytes when the cache serves it (large, on CPU, cache on), else None."""
+    if torch.compiler.is_compiling():  # traced graphs allocate their own outputs
+        return None
+    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
+    if torch.device(device).type == "cpu" and nbytes >= MIN_BYTES and enabled():
+        return nbytes
+    return None
+
+
 def cacheable(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `empty` with these arguments is served from the cache (large, on CPU, cache on)."""
-    if torch.compiler.is_compiling():  # traced graphs allocate their own outputs
-        return False
-    nbytes = math.prod(int(s) for s in shape) * dtype.itemsize
-    return torch.device(device).type == "cpu" and nbytes >= MIN_BYTES and enabled()
+    return _cached_nbytes(shape, dtype, device) is not None
 
 
 def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, kind: str = "scratch") -> torch.Tensor:
@@ -104,9 +111,9 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, kin
     if kind not in KINDS:
         raise ValueError(f"workspace.empty: kind must be one of {KINDS}, got {kind!r}")
     shape = tuple(int(s) for s in shape)
-    if not cacheable(shape, dtype, device):
+    nbytes = _cached_nbytes(shape, dtype, device)
+    if nbytes is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
     size = _size_class(nbytes)
     global _tick
     with _lock:
@@ -125,6 +132,11 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, kin
         entry[1] = _tick
         storage = entry[0]
     return torch.empty((), dtype=dtype).set_(storage, 0, shape)
+
+
+def empty_as(shape: Sequence[int], like: torch.Tensor, kind: str = "scratch") -> torch.Tensor:
+    """`empty(shape)` with `like`'s dtype and device."""
+    return empty(shape, dtype=like.dtype, device=like.device, kind=kind)
 
 
 def _trim(keep: int, kinds=KINDS) -> None:

@@ -35,6 +35,18 @@ COUNTS_601 = [100, 0, 150, 51, 120, 80, 100]
 
 
 @pytest.fixture
+def ws_forced(monkeypatch):
+    """Every size goes through moesys.kernels.workspace (it normally serves only large blocks)."""
+    from moesys.kernels import workspace
+
+    monkeypatch.setattr(workspace, "MIN_BYTES", 0)
+    workspace.set_enabled(True)
+    workspace.release()
+    yield
+    workspace.release()
+
+
+@pytest.fixture
 def counts_601():
     return torch.tensor(COUNTS_601)
 

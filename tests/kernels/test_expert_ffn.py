@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moesys.kernels import workspace
 from moesys.kernels.expert_ffn import expert_ffn_torch
 
 ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -29,11 +28,10 @@ def _leaves(*ts, grads=None):
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "cached"])
-def cache(request, monkeypatch):
+def cache(request):
     if request.param:
-        monkeypatch.setattr(workspace, "MIN_BYTES", 0)
-    yield request.param
-    workspace.release()
+        request.getfixturevalue("ws_forced")
+    return request.param
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "swiglu"])

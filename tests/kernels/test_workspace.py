@@ -1,7 +1,7 @@
 """The CPU buffer cache: correct results through reuse, and no reuse anyone can observe.
 
-The cache serves only blocks of at least `workspace.MIN_BYTES`; the `forced` fixture lowers that
-to 0 so these small shapes go through it.
+The cache serves only blocks of at least `workspace.MIN_BYTES`; the `forced` fixture (conftest's
+`ws_forced`) lowers that to 0 so these small shapes go through it.
 """
 from __future__ import annotations
 
@@ -18,12 +18,8 @@ from moesys.kernels.permute import inverse_routes, permute, permute_fixed_k, unp
 
 
 @pytest.fixture
-def forced(monkeypatch):
-    monkeypatch.setattr(workspace, "MIN_BYTES", 0)
-    workspace.set_enabled(True)
-    workspace.release()
-    yield
-    workspace.release()
+def forced(ws_forced):
+    """The cache serves every size (conftest's ws_forced), under a short name for these tests."""
 
 
 def _grads(fn, x, w, counts, dy):
