@@ -24,7 +24,7 @@ python3 -c "import moesys" 2>/dev/null || python3 -m pip install -q --no-deps --
   || { cat "$LOG/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cpus', __import__('os').cpu_count())"
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gpu_compiled.py
-step kernels 120 python3 benchmarks/kernels.py
-step layer_gpu 120 python3 benchmarks/layer_gpu.py
-step ep 150 python3 benchmarks/ep.py --worlds 2 4 --tokens 2048 --hidden 512 --ffn 1024 --rounds 3 --steps 3
+step tests 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_gpu_compiled.py
+step kernels 70 python3 benchmarks/kernels.py
+step layer_gpu 90 python3 benchmarks/layer_gpu.py
+step ep 140 python3 benchmarks/ep.py --worlds 2 4 --tokens 2048 --hidden 512 --ffn 1024 --rounds 3 --steps 3

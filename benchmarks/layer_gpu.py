@@ -7,8 +7,9 @@
 Variants, each timed with CUDA events, interleaved in rounds (a shared machine hits them alike):
   dense         the dense FFN of width K*F (gelu; or swiglu with K*F gate and up widths): the
                 same active FLOPs, the limit an MoE layer can reach;
-  moesys        MoELayer with the default backend (Triton grouped GEMM, permute and top-k on CUDA);
-  moesys-torch  the same layer with kernel_backend="torch" (torch._grouped_mm / per-expert loop).
+  moesys        MoELayer with the default backend: expert GEMMs through torch._grouped_mm where it
+                supports the dtype on this GPU (bf16 on Hopper), else Triton; Triton permute/top-k;
+  moesys-triton the same layer with kernel_backend="triton" (our Triton grouped GEMM).
 Ratios are medians over rounds of the per-round ratio to dense. Peak memory is the growth of
 torch.cuda.max_memory_allocated over the set-up state during one fwd+bwd (activations + grads).
 Exit status 2 without a CUDA device unless --device cpu is given.
@@ -54,7 +55,7 @@ def build(kind, E, K, D, Fh, act, dtype, device):
         return m, (lambda x: (m(x), None))
     from moesys import MoEConfig, MoELayer
 
-    backend = "torch" if kind == "moesys-torch" else "auto"
+    backend = "triton" if kind == "moesys-triton" else "auto"
     m = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=E, top_k=K, activation=act,
                            kernel_backend=backend)).to(device=device, dtype=dtype)
 
@@ -88,7 +89,7 @@ def timed(fn, device) -> float:
 
 def run_shape(shape, args, dtype, device) -> None:
     name, E, K, T, D, Fh, act = shape
-    kinds = ["dense", "moesys", "moesys-torch"]
+    kinds = ["dense", "moesys", "moesys-triton"] if device.type == "cuda" else ["dense", "moesys"]
     models = {k: build(k, E, K, D, Fh, act, dtype, device) for k in kinds}
     x = torch.randn(T, D, dtype=dtype, device=device, requires_grad=True)
 

@@ -7,8 +7,9 @@ dW[e] = x_e^T @ dY_e as grouped GEMMs of their own, so no per-expert slice ever 
 full-size weight gradient (the naive per-expert autograd loop does, and is ~4.7x slower than a
 dense FFN here). Large CPU outputs (activations, and the expert weight gradients: E/K times the
 dense layer's) come from `workspace`, the reusable-buffer cache, and are written by a per-expert
-`torch.mm(..., out=)` loop; elsewhere `torch._grouped_mm` runs where its 16-byte stride rule
-holds, and a per-expert loop into a fresh output otherwise.
+`torch.mm(..., out=)` loop; elsewhere `torch._grouped_mm` runs where it supports the device and
+dtype (CPU fp32/bf16; on CUDA, bf16 on Hopper: probed once, `backend.grouped_mm_supported`) and
+its 16-byte stride rule holds, and a per-expert loop into a fresh output otherwise.
 """
 from __future__ import annotations
 
@@ -71,12 +72,16 @@ def _aligned(*tensors: torch.Tensor, widths=()) -> bool:
     return True
 
 
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor, widths) -> bool:
+    return _backend.grouped_mm_supported(a.device, a.dtype) and _aligned(a, b, widths=widths)
+
+
 def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
     """y_NF = grouped x @ w[e]."""
     N, F = x_ND.shape[0], w_EDF.shape[2]
-    if workspace.cacheable((N, F), x_ND.dtype, x_ND.device):
+    if workspace.cacheable((N, F), x_ND.dtype, x_ND.device):  # CPU only
         y = workspace.empty_as((N, F), x_ND)
-    elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
+    elif _grouped_mm_ok(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     else:
         y = x_ND.new_empty(N, F)
@@ -92,10 +97,13 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
     """dW_EDF[e] = x_e^T @ dy_e (zero for an expert with no rows)."""
     E, D, F = counts_E.shape[0], x_ND.shape[1], dy_NF.shape[1]
     xt = x_ND.t()
-    if workspace.cacheable((E, D, F), x_ND.dtype, x_ND.device):
+    if workspace.cacheable((E, D, F), x_ND.dtype, x_ND.device):  # CPU only
         dw = workspace.empty_as((E, D, F), x_ND, kind="grad")
-    elif x_ND.device.type == "cpu" and x_ND.dtype != torch.float16 and _aligned(xt, dy_NF, widths=(D, F)):
-        return torch._grouped_mm(xt, dy_NF, offs=offs_E)
+    elif _grouped_mm_ok(xt, dy_NF, widths=(D, F)):
+        dw = torch._grouped_mm(xt, dy_NF, offs=offs_E)
+        # an expert with no rows gets a zero gradient: zeroed on the device (no host sync), as not
+        # every grouped-GEMM build writes the output of an empty group
+        return dw.masked_fill_((counts_E == 0).view(E, 1, 1), 0)
     else:
         dw = x_ND.new_empty(E, D, F)
     start = 0
@@ -155,7 +163,7 @@ def grouped_gemm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor
         y_NF: [N, F], y[rows of e] = x[rows of e] @ w[e].
     """
     check_grouped_gemm_args(x_ND, w_EDF, counts_E)
-    which = _backend.resolve(backend, x_ND.device)
+    which = _backend.resolve(backend, x_ND.device, x_ND.dtype)
     if which == "triton":
         from .grouped_gemm_triton import grouped_gemm_triton
 

@@ -80,7 +80,7 @@ class GroupedExperts(nn.Module):
             dt = torch.get_autocast_dtype(dev)
             x_ND, w1, w2 = x_ND.to(dt), w1.to(dt), w2.to(dt)
             w3 = w3.to(dt) if w3 is not None else None
-        if resolve_backend(backend, x_ND.device) == "torch":
+        if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
             # one autograd node that owns its [N, F] intermediates (in-place activation backward)
             return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, self.cfg.activation)
         h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)

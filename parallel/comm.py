@@ -25,6 +25,10 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn there); older torch has only those
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _Pending:
     """Mutable state shared between a Start and its Wait (forward and backward)."""
@@ -120,7 +124,7 @@ class _AGStart(torch.autograd.Function):
     def forward(ctx, w, world, group, pending):
         w = w.contiguous()
         buf = w.new_empty((world * w.shape[0],) + tuple(w.shape[1:]))
-        pending.work = dist.all_gather_single(buf, w, group=group, async_op=True)
+        pending.work = _all_gather_single(buf, w, group=group, async_op=True)
         ctx.pending, ctx.keep = pending, w
         return buf
 
@@ -147,7 +151,7 @@ class _AGWait(torch.autograd.Function):
         p.bwd_buf = dbuf.new_empty((dbuf.shape[0] // world,) + tuple(dbuf.shape[1:]))
         p.bwd_keep = dbuf
         # sum of every rank's gradient for my shard: the dW of tokens on all ranks
-        p.bwd_work = dist.reduce_scatter_single(p.bwd_buf, dbuf, op=dist.ReduceOp.SUM, group=group,
+        p.bwd_work = _reduce_scatter_single(p.bwd_buf, dbuf, op=dist.ReduceOp.SUM, group=group,
                                                 async_op=True)
         return dbuf, None, None, None
 
@@ -190,7 +194,7 @@ def all_gather_counts(x_X: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     x_X = x_X.to(comm_device(group)).contiguous()
     flat = x_X.new_empty(world * x_X.numel())  # gloo wants the concatenated (flat) output shape
-    dist.all_gather_single(flat, x_X.view(-1), group=group)
+    _all_gather_single(flat, x_X.view(-1), group=group)
     return flat.view((world,) + tuple(x_X.shape)).cpu()
 
 
