@@ -55,7 +55,7 @@ class MoEConfig:
     gate_activation: str = "sigmoid"  # act_dts: sigma in softmax(sigma(Wr x)/tau + b)
     dts_balance_coef: float = 1e-2  # weight of EvoMoE's E^2 * mean_e(me_e * ce_e) loss
     # --- kernels -------------------------------------------------------------------------------
-    kernel_backend: str = "auto"  # "auto": Triton on CUDA, torch elsewhere
+    kernel_backend: str = "auto"  # "auto": CUDA: torch._grouped_mm where it runs, else Triton; torch elsewhere
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:

@@ -102,8 +102,9 @@ LAYER_SCRIPT = textwrap.dedent("""
             assert int(a1.tokens_per_expert[3]) == 0, tag
         def close(got, want, what):
             got = got.detach().float().cpu()
-            if dtype == torch.float32:
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{tag} {what} {m}")
+            if dtype == torch.float32:  # summation order differs: absolute error grows with the scale
+                atol = 1e-5 * max(1.0, want.abs().max().item())
+                torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=lambda m: f"{tag} {what} {m}")
             else:  # bf16 inputs and weights: errors relative to the tensor's scale
                 err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
                 assert err < 3e-2, f"{tag} {what}: relative error {err:.3g}"
