@@ -131,6 +131,25 @@ def test_tuner_explores_then_keeps_the_fastest_measured():
     assert picks[-1] == tried[0] and t.decisions_made == 1
 
 
+def test_tuner_always_times_the_no_overlap_degree_and_every_mode():
+    # a cheap network: the model ranks every overlap degree of ep above c=1
+    t = _tuner(warmup_steps=0, top_candidates=3, trials=1)
+    t.machine = Machine(bandwidth=1e9, latency=1e-9, flops=1e10)
+    stats = Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)
+    ranked = t.ranked(stats)
+    assert ranked[0][1] > 1 and ranked.index((ranked[0][0], 1)) >= 3  # c=1 is not in the model's top 3
+    first = t.choose(stats, None)
+    tried = list(dict.fromkeys([first] + t.queue))
+    assert tried[0] == ranked[0] and (ranked[0][0], 1) in tried
+    assert {m for m, _ in tried} == {"ep", "sharded_dp"} and len(tried) == 3
+    # so a measured c=1 that beats the predicted best wins
+    times = {k: (0.5 if k == (ranked[0][0], 1) else 1.0) for k in tried}
+    last = times[first]
+    for _ in range(4):
+        last = times.get(t.choose(stats, last), 1.0)
+    assert t.phase == "exploit" and t.decision == (ranked[0][0], 1)
+
+
 def test_tuner_re_decides_when_routing_shifts():
     t = _tuner(warmup_steps=0, top_candidates=1, trials=1, retune_rel_change=0.3)
     s1 = Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)
