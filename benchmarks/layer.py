@@ -23,6 +23,8 @@ large tensor is a fresh glibc mmap whose pages fault in every step: what the cac
 plain dense FFN pays those faults on its own activations; "through the same cached FFN" divides
 by the dense FFN run through moesys's fused expert FFN with one expert (cache included), so both
 sides allocate alike and the ratio is what routing to E experts costs.
+"Per-expert GEMM loop" is the same moesys layer with `moesys.kernels.cpu_blas` disabled: one
+`torch.mm` per expert and GEMM instead of one MKL batched call (`cblas_sgemm_batch`) each.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moesys.kernels import workspace
+from moesys.kernels import cpu_blas, workspace
 from _shapes import add_shape_args  # benchmarks/ is on sys.path when a script runs
 
 
@@ -64,7 +66,7 @@ def build(kind: str, E: int, T: int, D: int, Fh: int, K: int):
         m = DenseFFN(D, K * Fh)
         one = torch.tensor([T])
         return m, (lambda m, x: expert_ffn_torch(x, m.w1.unsqueeze(0), m.w2.unsqueeze(0), None, one, "gelu"))
-    if kind in ("moesys", "moesys_nocache"):  # the same layer; timing() turns the cache off for the second
+    if kind in ("moesys", "moesys_nocache", "moesys_loop"):  # the same layer; the worker turns the cache / batched GEMM off
         from moesys import MoEConfig, MoELayer
 
         m = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=E, top_k=K, activation="gelu"))
@@ -152,6 +154,7 @@ def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None
     """One variant in its own process: a step each time the coordinator says so, its time sent back."""
     torch.set_num_threads(threads)
     workspace.set_enabled(kind != "moesys_nocache")
+    cpu_blas.set_enabled(kind != "moesys_loop")
     T, D, Fh, K = shape
     if kind == "traffic":
         extra = _traffic_step(E, shape)
@@ -234,7 +237,7 @@ m, step = build({kind!r}, {E}, {args.tokens}, {args.hidden}, {args.ffn}, {args.t
 x = torch.randn({args.tokens}, {args.hidden}, requires_grad=True)
 fwd_bwd(m, step, torch.randn(64, {args.hidden}, requires_grad=True))  # load code paths
 m.zero_grad(set_to_none=True)
-from moesys.kernels import workspace
+from moesys.kernels import cpu_blas, workspace
 workspace.release()  # the measured step allocates its cached buffers anew: they count in its peak
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS
@@ -256,13 +259,14 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
-    kinds = ["dense", "dense_cached", "moesys", "moesys_nocache", "experts", "traffic"]
+    kinds = ["dense", "dense_cached", "moesys", "moesys_nocache", "moesys_loop", "experts", "traffic"]
     kinds += [] if args.no_deepspeed else ["deepspeed"]
     print(f"T={args.tokens} D={args.hidden} F={args.ffn} K={args.top_k} fp32, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved fwd+bwd; dense = FFN of width K*F\n")
     head = ("| E | dense ms | moesys ms | moesys / dense | moesys, buffer cache off / dense "
+            "| moesys, per-expert GEMM loop / dense "
             "| moesys / dense through the same cached FFN | expert GEMMs alone / dense | expert-weight traffic floor / dense |")
-    sep = "|---|---|---|---|---|---|---|---|"
+    sep = "|---|---|---|---|---|---|---|---|---|"
     if "deepspeed" in kinds:
         head += " DeepSpeed-MoE / dense |"
         sep += "---|"
@@ -277,6 +281,7 @@ def main(argv=None):
         d = t["dense"]
         r = t["ratio"]
         row = (f"| {E} | {d*1e3:.1f} | {t['moesys']*1e3:.1f} | {r['moesys/dense']:.3f} | {r['moesys_nocache/dense']:.3f} "
+               f"| {r['moesys_loop/dense']:.3f} "
                f"| {r['moesys/dense_cached']:.3f} | {r['experts/dense']:.3f} | {r['floor/dense']:.3f} |")
         if "deepspeed" in kinds:
             row += f" {r['deepspeed/dense']:.3f} |"

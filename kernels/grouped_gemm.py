@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from . import workspace
+from . import cpu_blas, workspace
 
 
 def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> None:
@@ -85,8 +85,11 @@ def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     else:
         y = x_ND.new_empty(N, F)
+    counts = counts_E.tolist()  # host sync: CPU, or the CUDA fallback path
+    if cpu_blas.mm_rows(x_ND, w_EDF, counts, y):  # fp32 on CPU with MKL: one batched call
+        return y
     start = 0
-    for e, n in enumerate(counts_E.tolist()):  # host sync: CPU, or the CUDA fallback path
+    for e, n in enumerate(counts):
         if n:
             torch.mm(x_ND[start : start + n], w_EDF[e], out=y[start : start + n])
         start += n
@@ -106,8 +109,11 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
         return dw.masked_fill_((counts_E == 0).view(E, 1, 1), 0)
     else:
         dw = x_ND.new_empty(E, D, F)
+    counts = counts_E.tolist()  # host sync: CPU, or the CUDA fallback path
+    if cpu_blas.mm_weight(x_ND, dy_NF, counts, dw):  # fp32 on CPU with MKL: one batched call
+        return dw
     start = 0
-    for e, n in enumerate(counts_E.tolist()):  # host sync: CPU, or the CUDA fallback path
+    for e, n in enumerate(counts):
         if n:
             torch.mm(xt[:, start : start + n], dy_NF[start : start + n], out=dw[e])
         else:
