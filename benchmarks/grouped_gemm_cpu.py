@@ -7,8 +7,10 @@ for three ways of running a grouped GEMM on CPU.
 Counts come from a random router's top-2 (uneven, as in the layer). For each GEMM of the expert
 FFN's forward and backward (fwd1 = x@w1, fwd2 = h@w2, dX2, dW2, dX1, dW1) it prints the median
 time of `torch._grouped_mm`, a per-expert `torch.mm` loop into fresh outputs, the same loop into
-outputs allocated once (what moesys does: its `workspace` hands the same blocks out every step),
-and a `bmm` over buffers padded to the largest expert (padding copies included), each divided by
+outputs allocated once (its `workspace` hands moesys the same blocks every step), one MKL
+`cblas_sgemm_batch` call into outputs allocated once (what moesys does for fp32 where torch has
+MKL: `moesys.kernels.cpu_blas`), and a `bmm` over buffers padded to the largest expert (padding
+copies included), each divided by
 the same GEMM on the dense FFN of width K*F (equal FLOPs, outputs allocated once). fp32. The gap
 between the fresh and the reused loop is the page-fault cost of fresh large outputs (the weight
 gradients are E/K times the dense layer's).
@@ -21,6 +23,7 @@ import time
 
 import torch
 
+from moesys.kernels import cpu_blas
 from _shapes import add_shape_args  # benchmarks/ is on sys.path when a script runs
 
 
@@ -91,8 +94,26 @@ def methods(counts_E: torch.Tensor):
             torch.mm(a[starts[e]:starts[e + 1]].t(), d[starts[e]:starts[e + 1]], out=out[e])
         return out
 
-    return {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w), "loop, reused outputs (moesys)": (loop_reused, loop_reused_w),
-            "padded bmm": (padded, padded_w)}
+    counts_list = counts_E.tolist()
+
+    def batched_reused(a, b):
+        out = buffer(("rows", a.shape, b.shape), (a.shape[0], b.shape[2]), a)
+        if not cpu_blas.mm_rows(a, b, counts_list, out):
+            raise RuntimeError("MKL's batched GEMM is not available in this torch build")
+        return out
+
+    def batched_reused_w(a, d):
+        out = buffer(("w", a.shape, d.shape), (E, a.shape[1], d.shape[1]), a)
+        if not cpu_blas.mm_weight(a, d, counts_list, out):
+            raise RuntimeError("MKL's batched GEMM is not available in this torch build")
+        return out
+
+    out = {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w),
+           "loop, reused outputs (moesys without MKL batch)": (loop_reused, loop_reused_w),
+           "padded bmm": (padded, padded_w)}
+    if cpu_blas.available():
+        out["MKL batched, reused outputs (moesys)"] = (batched_reused, batched_reused_w)
+    return out
 
 
 def main(argv=None):
