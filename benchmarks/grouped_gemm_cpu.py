@@ -8,12 +8,12 @@ Counts come from a random router's top-2 (uneven, as in the layer). For each GEM
 FFN's forward and backward (fwd1 = x@w1, fwd2 = h@w2, dX2, dW2, dX1, dW1) it prints the median
 time of `torch._grouped_mm`, a per-expert `torch.mm` loop into fresh outputs, the same loop into
 outputs allocated once (its `workspace` hands moesys the same blocks every step), one MKL
-`cblas_sgemm_batch` call into outputs allocated once (what moesys does for fp32 where torch has
-MKL: `moesys.kernels.cpu_blas`), and a `bmm` over buffers padded to the largest expert (padding
-copies included), each divided by
+`cblas_sgemm_batch` call into outputs allocated once, and a `bmm` over buffers padded to the
+largest expert (padding copies included), each divided by
 the same GEMM on the dense FFN of width K*F (equal FLOPs, outputs allocated once). fp32. The gap
 between the fresh and the reused loop is the page-fault cost of fresh large outputs (the weight
-gradients are E/K times the dense layer's).
+gradients are E/K times the dense layer's). moesys runs the batched call where experts average
+at most `cpu_blas.MAX_MEAN_ROWS` rows (fp32, torch with MKL) and the reused loop above that.
 """
 from __future__ import annotations
 
@@ -96,23 +96,25 @@ def methods(counts_E: torch.Tensor):
 
     counts_list = counts_E.tolist()
 
-    def batched_reused(a, b):
-        out = buffer(("rows", a.shape, b.shape), (a.shape[0], b.shape[2]), a)
-        if not cpu_blas.mm_rows(a, b, counts_list, out):
-            raise RuntimeError("MKL's batched GEMM is not available in this torch build")
+    def forced_batch(fn, a, b, out):  # batched at every size (moesys itself batches small GEMMs only)
+        limit, cpu_blas.MAX_MEAN_ROWS = cpu_blas.MAX_MEAN_ROWS, float("inf")
+        try:
+            if not fn(a, b, counts_list, out):
+                raise RuntimeError("MKL's batched GEMM is not available in this torch build")
+        finally:
+            cpu_blas.MAX_MEAN_ROWS = limit
         return out
+
+    def batched_reused(a, b):
+        return forced_batch(cpu_blas.mm_rows, a, b, buffer(("rows", a.shape, b.shape), (a.shape[0], b.shape[2]), a))
 
     def batched_reused_w(a, d):
-        out = buffer(("w", a.shape, d.shape), (E, a.shape[1], d.shape[1]), a)
-        if not cpu_blas.mm_weight(a, d, counts_list, out):
-            raise RuntimeError("MKL's batched GEMM is not available in this torch build")
-        return out
+        return forced_batch(cpu_blas.mm_weight, a, d, buffer(("w", a.shape, d.shape), (E, a.shape[1], d.shape[1]), a))
 
-    out = {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w),
-           "loop, reused outputs (moesys without MKL batch)": (loop_reused, loop_reused_w),
+    out = {"grouped_mm": (gmm, gmm_w), "loop": (loop, loop_w), "loop, reused outputs": (loop_reused, loop_reused_w),
            "padded bmm": (padded, padded_w)}
     if cpu_blas.available():
-        out["MKL batched, reused outputs (moesys)"] = (batched_reused, batched_reused_w)
+        out["MKL batched, reused outputs"] = (batched_reused, batched_reused_w)
     return out
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layer import fwd_bwd  # benchmarks/ is on sys.path when a script runs
+
 SHAPES = [  # (name, E, K, T, D, F, activation)
     ("mixtral-like", 8, 2, 8192, 4096, 14336, "swiglu"),
     ("deepseek-like", 64, 6, 8192, 2048, 1408, "swiglu"),
@@ -52,26 +54,17 @@ def build(kind, E, K, D, Fh, act, dtype, device):
     torch.manual_seed(0)
     if kind == "dense":
         m = DenseFFN(D, K * Fh, act, dtype, device)
-        return m, (lambda x: (m(x), None))
+        return m, (lambda m, x: m(x))
     from moesys import MoEConfig, MoELayer
 
     backend = "triton" if kind == "moesys-triton" else "auto"
     m = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=E, top_k=K, activation=act,
                            kernel_backend=backend)).to(device=device, dtype=dtype)
 
-    def step(x):
+    def step(m, x):
         y, aux = m(x)
         return y, aux.loss
     return m, step
-
-
-def fwd_bwd(step, x):
-    y, extra = step(x)
-    tensors, grads = [y], [torch.full_like(y, 1.0 / y.numel())]
-    if extra is not None:
-        tensors.append(extra)
-        grads.append(torch.ones_like(extra))
-    torch.autograd.backward(tensors, grads)
 
 
 def timed(fn, device) -> float:
@@ -97,7 +90,7 @@ def run_shape(shape, args, dtype, device) -> None:
         m, step = models[k]
         m.zero_grad(set_to_none=True)
         x.grad = None
-        fwd_bwd(step, x)
+        fwd_bwd(m, step, x)
 
     mem = {}
     for k in kinds:  # warm-up (Triton compiles and autotunes, cuBLAS picks algorithms), then peak memory

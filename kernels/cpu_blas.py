@@ -7,7 +7,8 @@ GEMM; MKL's batch interface spreads whole GEMMs over the threads instead. Measur
 cores (`python benchmarks/grouped_gemm_cpu.py --experts 64`, outputs reused in both): the six
 expert GEMMs at E=64 take 1.25x a dense GEMM of equal FLOPs batched, against 1.48x as a loop.
 
-Each call is one "group" per expert (group size 1), so every expert keeps its own row count: no
+It serves only small GEMMs (`MAX_MEAN_ROWS`): for large ones the loop wins. Each call is one
+"group" per expert (group size 1), so every expert keeps its own row count: no
 padding. Used by `grouped_gemm`'s torch path and `expert_ffn_torch` for fp32 on CPU when torch is
 built with MKL (the usual x86 wheels); elsewhere (OpenBLAS, Arm, macOS) `available()` is False and
 the callers keep their per-expert loop. `MOESYS_CPU_GEMM_BATCH=0` or `set_enabled(False)` turns it
@@ -45,6 +46,11 @@ def _load() -> Optional[ctypes._CFuncPtr]:
 
 
 _FN = _load()
+# Above this many rows an expert on average, a per-expert loop of multi-threaded GEMMs beats the
+# batch (`benchmarks/grouped_gemm_cpu.py`, 2 cores, all six GEMMs vs dense: ~1024 rows: loop
+# 0.98-1.04x, batch 1.12-1.14x; ~512 rows: loop 1.11x, batch 1.07x; ~128 rows: loop 1.48x,
+# batch 1.25x).
+MAX_MEAN_ROWS = 768
 _enabled = os.environ.get("MOESYS_CPU_GEMM_BATCH", "1") != "0"
 
 
@@ -89,50 +95,56 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
+def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts):
+    """What both entry points check and compute first: the three operands' layouts, and the row
+    start of every expert with rows. None when the batched path cannot run."""
+    if not _usable(a, b, out):
+        return None
+    la, lb, lc = _layout(a), _layout(b), _layout(out)
+    if la is None or lb is None or lc is None or la[0] != _NO_TRANS or lc[0] != _NO_TRANS:
+        return None
+    counts_np = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts_np)[:-1]))
+    live = np.nonzero(counts_np)[0]
+    if live.size and counts_np[live].mean() > MAX_MEAN_ROWS:
+        return None  # large GEMMs: the caller's loop is faster
+    return la, lb, lc, counts_np, starts, live
+
+
+_ES = 4  # fp32 bytes
+
+
 def mm_rows(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts, out_NF: torch.Tensor) -> bool:
     """out[rows of e] = x[rows of e] @ w[e] for every expert with rows, in one call.
 
     `counts` is a list of ints (rows per expert, summing to N). Returns False, writing nothing,
     when the batched path cannot run (then the caller loops)."""
-    if not _usable(x_ND, w_EDF, out_NF):
+    plan = _plan(x_ND, w_EDF, out_NF, counts)
+    if plan is None:
         return False
-    la, lb, lc = _layout(x_ND), _layout(w_EDF), _layout(out_NF)
-    if la is None or lb is None or lc is None or la[0] != _NO_TRANS or lc[0] != _NO_TRANS:
-        return False
-    counts_np = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts_np)[:-1]))
-    live = np.nonzero(counts_np)[0]
-    if live.size == 0:
-        return True
-    es = 4  # fp32 bytes
-    a_ptr = x_ND.data_ptr() + starts[live] * x_ND.stride(0) * es
-    b_ptr = w_EDF.data_ptr() + live * w_EDF.stride(0) * es
-    c_ptr = out_NF.data_ptr() + starts[live] * out_NF.stride(0) * es
-    _call(counts_np[live], out_NF.shape[1], x_ND.shape[1], a_ptr, la[1], la[0], b_ptr, lb[1], lb[0],
-          c_ptr, lc[1])
+    la, lb, lc, counts_np, starts, live = plan
+    if live.size:
+        a_ptr = x_ND.data_ptr() + starts[live] * x_ND.stride(0) * _ES
+        b_ptr = w_EDF.data_ptr() + live * w_EDF.stride(0) * _ES
+        c_ptr = out_NF.data_ptr() + starts[live] * out_NF.stride(0) * _ES
+        _call(counts_np[live], out_NF.shape[1], x_ND.shape[1], a_ptr, la[1], la[0], b_ptr, lb[1], lb[0],
+              c_ptr, lc[1])
     return True
 
 
 def mm_weight(x_ND: torch.Tensor, dy_NF: torch.Tensor, counts, out_EDF: torch.Tensor) -> bool:
     """out[e] = x[rows of e]^T @ dy[rows of e] for every expert with rows, in one call; experts
     with no rows are zeroed. Returns False, writing nothing, when the batched path cannot run."""
-    if not _usable(x_ND, dy_NF, out_EDF):
+    plan = _plan(x_ND, dy_NF, out_EDF, counts)
+    if plan is None:
         return False
-    la, lb, lc = _layout(x_ND), _layout(dy_NF), _layout(out_EDF)
-    if la is None or lb is None or lc is None or la[0] != _NO_TRANS or lc[0] != _NO_TRANS:
-        return False
-    counts_np = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts_np)[:-1]))
-    live = np.nonzero(counts_np)[0]
+    la, lb, lc, counts_np, starts, live = plan
     for e in np.nonzero(counts_np == 0)[0].tolist():
         out_EDF[e].zero_()
-    if live.size == 0:
-        return True
-    es = 4
-    a_ptr = x_ND.data_ptr() + starts[live] * x_ND.stride(0) * es  # stored [n_e, D]: used transposed
-    b_ptr = dy_NF.data_ptr() + starts[live] * dy_NF.stride(0) * es
-    c_ptr = out_EDF.data_ptr() + live * out_EDF.stride(0) * es
-    tb = lb[0]
-    _call(out_EDF.shape[1], out_EDF.shape[2], counts_np[live], a_ptr, la[1], _TRANS, b_ptr, lb[1], tb,
-          c_ptr, lc[1])
+    if live.size:
+        a_ptr = x_ND.data_ptr() + starts[live] * x_ND.stride(0) * _ES  # stored [n_e, D]: used transposed
+        b_ptr = dy_NF.data_ptr() + starts[live] * dy_NF.stride(0) * _ES
+        c_ptr = out_EDF.data_ptr() + live * out_EDF.stride(0) * _ES
+        _call(out_EDF.shape[1], out_EDF.shape[2], counts_np[live], a_ptr, la[1], _TRANS, b_ptr, lb[1], lb[0],
+              c_ptr, lc[1])
     return True

@@ -71,3 +71,15 @@ def test_all_experts_empty_is_a_no_op():
     out = torch.ones(3, 48, 40)
     assert cpu_blas.mm_weight(x, torch.randn(0, 40), [0, 0, 0], out)
     assert out.abs().sum() == 0
+
+
+def test_large_gemms_are_left_to_the_loop():
+    big = cpu_blas.MAX_MEAN_ROWS + 1
+    x, w = torch.randn(2 * big, 16), torch.randn(2, 16, 8)
+    out = torch.zeros(2 * big, 8)
+    assert not cpu_blas.mm_rows(x, w, [big, big], out)
+    assert not cpu_blas.mm_weight(x, torch.randn(2 * big, 8), [big, big], torch.zeros(2, 16, 8))
+    assert out.abs().sum() == 0
+    w3 = torch.randn(3, 16, 8)
+    assert cpu_blas.mm_rows(x, w3, [2 * big - 20, 10, 10], out)  # the mean is what counts
+    torch.testing.assert_close(out[: 2 * big - 20], x[: 2 * big - 20] @ w3[0])
