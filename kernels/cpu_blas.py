@@ -95,6 +95,11 @@ def _usable(*tensors: torch.Tensor) -> bool:
     return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether grouped GEMMs on tensors like `x` come here first (fp32 on CPU, MKL batch on)."""
+    return _usable(x)
+
+
 def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts):
     """What both entry points check and compute first: the three operands' layouts, and the row
     start of every expert with rows. None when the batched path cannot run."""

@@ -81,6 +81,8 @@ def _mm_rows(x_ND, w_EDF, counts_E, offs_E):
     N, F = x_ND.shape[0], w_EDF.shape[2]
     if workspace.cacheable((N, F), x_ND.dtype, x_ND.device):  # CPU only
         y = workspace.empty_as((N, F), x_ND)
+    elif cpu_blas.serves(x_ND):  # fp32 on CPU with MKL: batched below (or the loop for large GEMMs)
+        y = x_ND.new_empty(N, F)
     elif _grouped_mm_ok(x_ND, w_EDF, widths=(x_ND.shape[1], F)):
         return torch._grouped_mm(x_ND, w_EDF, offs=offs_E)
     else:
@@ -102,6 +104,8 @@ def _mm_weight(x_ND, dy_NF, counts_E, offs_E):
     xt = x_ND.t()
     if workspace.cacheable((E, D, F), x_ND.dtype, x_ND.device):  # CPU only
         dw = workspace.empty_as((E, D, F), x_ND, kind="grad")
+    elif cpu_blas.serves(x_ND):
+        dw = x_ND.new_empty(E, D, F)
     elif _grouped_mm_ok(xt, dy_NF, widths=(D, F)):
         dw = torch._grouped_mm(xt, dy_NF, offs=offs_E)
         # an expert with no rows gets a zero gradient: zeroed on the device (no host sync), as not

@@ -47,10 +47,12 @@ def test_resolve_rules(monkeypatch):
 
 
 def test_grouped_mm_path_zeroes_an_empty_expert_and_matches_the_reference(monkeypatch):
-    # the cache off, so the CPU torch path runs torch._grouped_mm itself (forward, dX and dW)
-    from moesys.kernels import workspace
+    # the cache and the MKL batch off, so the CPU torch path runs torch._grouped_mm itself
+    # (forward, dX and dW), as it does for bf16 or without MKL
+    from moesys.kernels import cpu_blas, workspace
 
     monkeypatch.setattr(workspace, "_enabled", False)  # restored after the test
+    monkeypatch.setattr(cpu_blas, "_enabled", False)
     counts = torch.tensor([100, 0, 150, 51, 120, 80, 100])
     x = torch.randn(601, 48, requires_grad=True)
     w = (torch.randn(7, 48, 64) / 7).requires_grad_()

@@ -83,3 +83,22 @@ def test_large_gemms_are_left_to_the_loop():
     w3 = torch.randn(3, 16, 8)
     assert cpu_blas.mm_rows(x, w3, [2 * big - 20, 10, 10], out)  # the mean is what counts
     torch.testing.assert_close(out[: 2 * big - 20], x[: 2 * big - 20] @ w3[0])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_with_the_batch_matches_the_loop(activation, monkeypatch):
+    from moesys import MoEConfig, MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=40, ffn_hidden_size=72, num_experts=7, top_k=2, activation=activation))
+    x = torch.randn(601, 40)
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(cpu_blas, "_enabled", on)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y, aux = layer(xi)
+        ((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + aux.loss).backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
