@@ -1,7 +1,9 @@
-"""Command-line shape options shared by the layer benchmarks (defaults: the issue's shape)."""
+"""Helpers shared by the benchmarks: the layer benchmarks' shape options (defaults: the issue's
+shape) and a one-call timer that uses CUDA events on a GPU."""
 from __future__ import annotations
 
 import argparse
+import time
 
 
 def add_shape_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -12,3 +14,19 @@ def add_shape_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64])
     p.add_argument("--repeats", type=int, default=7)
     return p
+
+
+def timed(fn, device) -> float:
+    """Seconds one call of fn takes: CUDA events (then a sync) on a GPU, a wall clock elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

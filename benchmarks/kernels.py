@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 SHAPES = [  # (E, T, D, F)
     (8, 16384, 4096, 14336),   # Mixtral-8x7B-like expert FFN
@@ -48,6 +47,7 @@ if not ARGS.small and not torch.cuda.is_available():
     sys.exit(2)
 
 from moesys.kernels import grouped_gemm, grouped_gemm_reference  # noqa: E402
+from _shapes import timed  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
 def loads(E: int, T: int, zipf: float) -> dict:
@@ -63,20 +63,7 @@ def timer(device: torch.device):
     def run(fn, iters: int) -> float:
         fn()  # warm-up: Triton compiles and autotunes here, cuBLAS picks its algorithm
         fn()
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(timed(fn, device) for _ in range(iters))
     return run
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layer import fwd_bwd  # benchmarks/ is on sys.path when a script runs
+from _shapes import timed  # benchmarks/ is on sys.path when a script runs
+from layer import fwd_bwd
 
 SHAPES = [  # (name, E, K, T, D, F, activation)
     ("mixtral-like", 8, 2, 8192, 4096, 14336, "swiglu"),
@@ -65,19 +65,6 @@ def build(kind, E, K, D, Fh, act, dtype, device):
         y, aux = m(x)
         return y, aux.loss
     return m, step
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def run_shape(shape, args, dtype, device) -> None:

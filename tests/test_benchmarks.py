@@ -1,0 +1,34 @@
+"""Every benchmark script runs end to end on tiny shapes (CPU), so none rots unnoticed.
+
+The figures they print are not checked here: speed targets are read from full runs, side by side
+(README), never from timed tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7", "--repeats", "1"]
+
+CASES = {
+    "layer": ["benchmarks/layer.py", *TINY, "--no-deepspeed", "--no-memory"],
+    "grouped_gemm_cpu": ["benchmarks/grouped_gemm_cpu.py", *TINY],
+    "layer_gpu": ["benchmarks/layer_gpu.py", "--small", "--device", "cpu", "--rounds", "1", "--steps", "1",
+                  "--warmup", "1"],
+    "kernels": ["benchmarks/kernels.py", "--small", "--iters", "1"],
+    "ep": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--rounds", "1",
+           "--steps", "1", "--auto-steps", "4"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_benchmark_runs(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, *CASES[name]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
