@@ -155,7 +155,7 @@ def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None
     torch.set_num_threads(threads)
     workspace.set_enabled(kind != "moesys_nocache")
     cpu_blas.set_enabled(kind != "moesys_loop")
-    T, D, Fh, K = shape
+    T, D, Fh, K = shape[:4]
     if kind == "traffic":
         extra = _traffic_step(E, shape)
         extra()
@@ -164,6 +164,11 @@ def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None
             conn.send(extra())
         return
     m, step = build(kind, E, T, D, Fh, K)
+    serve(m, step, T, D, conn)
+
+
+def serve(m, step, T: int, D: int, conn) -> None:
+    """The worker's loop: a warm-up step, then one timed fwd+bwd each time the coordinator asks."""
     torch.manual_seed(1)
     x = torch.randn(T, D, requires_grad=True)  # as inside a model: dX is computed
     fwd_bwd(m, step, x)  # warm-up
@@ -176,18 +181,19 @@ def _variant_worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None
         conn.send(time.perf_counter() - t0)
 
 
-def timing(kinds, E, args) -> dict:
+def timing(kinds, E, args, worker=None, extra_shape=()) -> dict:
     """Median step time of each variant. Each variant lives in its own process (its own allocator
     and buffer-cache state, as one layer in a training loop would see), and the steps are
     interleaved in time: one variant runs at a time, round-robin, so all see the same machine."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    shape = (args.tokens, args.hidden, args.ffn, args.top_k)
+    shape = (args.tokens, args.hidden, args.ffn, args.top_k, *extra_shape)
     workers = {}
     for k in kinds:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_variant_worker, args=(k, E, shape, torch.get_num_threads(), child), daemon=True)
+        proc = ctx.Process(target=worker or _variant_worker, args=(k, E, shape, torch.get_num_threads(), child),
+                           daemon=True)
         proc.start()
         workers[k] = (proc, parent)
     try:
@@ -214,7 +220,8 @@ def timing(kinds, E, args) -> dict:
     # back, so a slow spell of the shared machine hits both sides of a ratio alike)
     out["ratio"] = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b]))
                     for a in kinds for b in ("dense", "dense_cached") if a != b and b in times and a != "traffic"}
-    out["ratio"]["floor/dense"] = statistics.median((d + x) / d for d, x in zip(times["dense"], times["traffic"]))
+    if "traffic" in times:
+        out["ratio"]["floor/dense"] = statistics.median((d + x) / d for d, x in zip(times["dense"], times["traffic"]))
     return out
 
 

@@ -126,6 +126,7 @@ class TrainerConfig:
     deterministic: bool = True
     plots: bool = True
     cpu_buffer_cache: bool = True  # CPU: reuse the MoE layers' large buffers across steps (moesys.kernels.workspace)
+    cpu_buffer_cache_keep_scratch: bool = False  # CPU: keep step buffers across layers (faster, more memory)
 
 
 @dataclass

@@ -21,6 +21,10 @@ pile up at the end of the backward, which is where a layer's memory peaks, and s
 there would raise that peak (measured: E=64 peak RSS 437 MB instead of ~325 MB without this
 rule). The scratch freed there is mapped afresh when next needed (in a model of many MoE
 layers, by the next layer's backward); the grad blocks, the bulk of the bytes, are not.
+`set_keep_scratch(True)` (or `MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH=1`, or the trainer's
+`trainer.cpu_buffer_cache_keep_scratch=true`) skips that rule: a stack of MoE layers then
+reuses one layer's freed step buffers in the next layer's backward, faster for more memory
+(`python benchmarks/stack_cpu.py` measures both).
 
 Size classes: requests round up to 1/8 of their power of two, so varying row counts (capacity
 drops, expert-parallel receive sizes) reuse blocks. Requests under `MIN_BYTES` are not cached
@@ -44,6 +48,7 @@ _blocks: dict[tuple, list] = {}  # (size class in bytes, kind) -> [[UntypedStora
 KINDS = ("scratch", "grad")
 _tick = 0
 _enabled = os.environ.get("MOESYS_CPU_BUFFER_CACHE", "1") != "0"
+_keep_scratch = os.environ.get("MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH", "0") == "1"
 _limit: Optional[int] = None  # bytes of unused blocks kept; None = default
 _stats = {"hits": 0, "misses": 0}
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it nothing is cached
@@ -59,6 +64,17 @@ def set_enabled(flag: bool) -> None:
     the unused ones), so switching back on finds them again."""
     global _enabled
     _enabled = bool(flag)
+
+
+def set_keep_scratch(flag: bool) -> None:
+    """Keep idle scratch blocks when a grad block is taken (faster across many MoE layers, more
+    memory held at the end of the backward); off by default."""
+    global _keep_scratch
+    _keep_scratch = bool(flag)
+
+
+def keep_scratch() -> bool:
+    return _keep_scratch
 
 
 def enabled() -> bool:
@@ -118,7 +134,7 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, kin
     global _tick
     with _lock:
         _tick += 1
-        if kind == "grad":
+        if kind == "grad" and not _keep_scratch:
             _trim(0, kinds=("scratch",))
         blocks = _blocks.setdefault((size, kind), [])
         entry = next((b for b in blocks if _free(b[0])), None)

@@ -102,6 +102,7 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     workspace.set_enabled(cfg.trainer.cpu_buffer_cache)
+    workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     try:
@@ -148,12 +149,13 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
                                                  "LOCAL_WORLD_SIZE")}
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-        threads, cache_on = torch.get_num_threads(), workspace.enabled()
+        threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         try:
             return rank_main(cfg, out_dir, callbacks_fn)
         finally:
             torch.set_num_threads(threads)
             workspace.set_enabled(cache_on)
+            workspace.set_keep_scratch(keep)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -16,6 +16,7 @@ TINY = ["--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7", "-
 CASES = {
     "layer": ["benchmarks/layer.py", *TINY, "--no-deepspeed", "--no-memory"],
     "grouped_gemm_cpu": ["benchmarks/grouped_gemm_cpu.py", *TINY],
+    "stack_cpu": ["benchmarks/stack_cpu.py", *TINY, "--layers", "2"],
     "layer_gpu": ["benchmarks/layer_gpu.py", "--small", "--device", "cpu", "--rounds", "1", "--steps", "1",
                   "--warmup", "1"],
     "kernels": ["benchmarks/kernels.py", "--small", "--iters", "1"],

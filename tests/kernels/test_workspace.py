@@ -207,3 +207,29 @@ def test_taking_a_grad_block_frees_unused_scratch(forced):
     del live, h
     with pytest.raises(ValueError, match="kind must be one of"):
         workspace.empty((2, 2), dtype=torch.float32, device="cpu", kind="weights")
+
+
+def test_keep_scratch_leaves_idle_scratch_for_the_next_layer(forced, monkeypatch):
+    monkeypatch.setattr(workspace, "_keep_scratch", False)
+    workspace.set_keep_scratch(True)
+    assert workspace.keep_scratch()
+    base = workspace.stats()
+    idle = workspace.empty((200, 100), dtype=torch.float32, device="cpu")
+    ptr = idle.data_ptr()
+    del idle
+    g = workspace.empty((3, 10, 10), dtype=torch.float32, device="cpu", kind="grad")
+    # the idle block survived the grad take: the next scratch request of its size reuses its pages
+    again = workspace.empty((200, 100), dtype=torch.float32, device="cpu")
+    assert again.data_ptr() == ptr
+    assert workspace.stats()["hits"] == base["hits"] + 1
+    del g, again
+
+
+def test_keep_scratch_env_switch_and_trainer_field():
+    code = "from moesys.kernels import workspace; print(workspace.keep_scratch())"
+    env = dict(os.environ, MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    from moesys.configs.schema import TrainerConfig
+
+    assert TrainerConfig().cpu_buffer_cache_keep_scratch is False

@@ -60,6 +60,9 @@ def test_cpu_buffer_cache_on_and_off_train_alike(tmp_path, monkeypatch):
     off = train_mod.run(make_cfg(*common, "trainer.cpu_buffer_cache=false"), str(tmp_path / "off"))
     assert workspace.enabled()  # run() restores the process's setting
     np.testing.assert_allclose(on["train_losses"], off["train_losses"], rtol=1e-5, atol=1e-6)
+    keep = train_mod.run(make_cfg(*common, "trainer.cpu_buffer_cache_keep_scratch=true"), str(tmp_path / "keep"))
+    assert not workspace.keep_scratch()  # restored too
+    np.testing.assert_allclose(keep["train_losses"], on["train_losses"], rtol=1e-5, atol=1e-6)
     logged = [r for r in _records(str(tmp_path / "on")) if "mem/cpu_buffer_cache_mb" in r]
     assert logged and all(r["mem/cpu_buffer_cache_mb"] > 0 for r in logged)
     assert not any("mem/cpu_buffer_cache_mb" in r for r in _records(str(tmp_path / "off")))
