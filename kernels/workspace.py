@@ -138,6 +138,11 @@ def empty(shape: Sequence[int], *, dtype: torch.dtype, device: torch.device, kin
             _trim(0, kinds=("scratch",))
         blocks = _blocks.setdefault((size, kind), [])
         entry = next((b for b in blocks if _free(b[0])), None)
+        if entry is None:
+            # best fit: an idle block of the same kind up to 4x larger serves the request rather
+            # than a new block mapped beside it (which would raise the peak)
+            entry = next((b for key in sorted(k for k in _blocks if k[1] == kind and size < k[0] <= 4 * size)
+                          for b in _blocks[key] if _free(b[0])), None)
         if entry is not None:
             _stats["hits"] += 1
         else:

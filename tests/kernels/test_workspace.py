@@ -233,3 +233,24 @@ def test_keep_scratch_env_switch_and_trainer_field():
     from moesys.configs.schema import TrainerConfig
 
     assert TrainerConfig().cpu_buffer_cache_keep_scratch is False
+
+
+def test_best_fit_serves_a_smaller_request_from_an_idle_larger_block(forced):
+    cls = workspace._size_class
+    big = workspace.empty((1000, 100), dtype=torch.float32, device="cpu")  # 400 kB class
+    ptr, held = big.data_ptr(), workspace.stats()["held_bytes"]
+    del big
+    small = workspace.empty((300, 100), dtype=torch.float32, device="cpu")  # < 4x smaller: same block
+    assert small.data_ptr() == ptr and workspace.stats()["held_bytes"] == held
+    assert cls(300 * 100 * 4) < cls(1000 * 100 * 4)
+    tiny = workspace.empty((50, 100), dtype=torch.float32, device="cpu")  # the big block is in use: new
+    assert tiny.data_ptr() != ptr
+    del small, tiny
+    far = workspace.empty((100, 100), dtype=torch.float32, device="cpu")  # over 4x smaller: not that block
+    assert far.data_ptr() != ptr
+    g = workspace.empty((300, 100), dtype=torch.float32, device="cpu", kind="grad")  # kinds never mix
+    assert g.data_ptr() != ptr
+    small = workspace.empty((300, 100), dtype=torch.float32, device="cpu")
+    small.fill_(1.0)
+    torch.testing.assert_close(small.sum(), torch.tensor(30000.0))  # the view has its own shape
+    del far, g, small
