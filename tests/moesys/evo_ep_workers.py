@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -17,14 +19,11 @@ from moesys.evo import EvoMoELayer
 from moesys.experts import FFN_DIM, slice_ffn
 from moesys.parallel import DISPATCHERS, ParallelDims, apply_expert_parallel
 
-ATOL = 1e-5
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
+from ep_check import check_local_expert_grads, close  # noqa: E402
 
 
-def _close(name, a, b, fails, tag):
-    if a.shape != b.shape:
-        fails.append(f"{tag}: {name} shape {tuple(a.shape)} != {tuple(b.shape)}")
-    elif a.numel() and not torch.allclose(a, b, atol=ATOL, rtol=1e-4):
-        fails.append(f"{tag}: {name} max err {(a - b).abs().max().item():.3g}")
+
 
 
 def _gate(layer, tau, hard):
@@ -76,20 +75,14 @@ def dts_layer_worker(seed=0):
             torch.manual_seed(555 + me)
             y, aux = layer(x)
             (y * gys[me]).sum().add(aux.loss).backward()
-            _close("y", y.detach(), outs[me], fails, tag)
-            _close("dx", x.grad, dxs[me], fails, tag)
+            close("y", y.detach(), outs[me], fails, tag)
+            close("dx", x.grad, dxs[me], fails, tag)
             for n in ("router.weight", "router.gate_bias"):
                 if n in grads:
                     g = layer.get_parameter(n).grad.clone()
                     dist.all_reduce(g, group=dims.ep_group)
-                    _close(f"d {n}", g, grads[n], fails, tag)
-            lay = layer.runner.layout
-            for wn in FFN_DIM:
-                p = getattr(layer.experts, wn)
-                if p is None:
-                    continue
-                want = slice_ffn(wn, grads[f"experts.{wn}"][lay.expert_slice], lay.f_slice)
-                _close(f"d {wn}", p.grad, want, fails, tag)
+                    close(f"d {n}", g, grads[n], fails, tag)
+            check_local_expert_grads(layer, grads, fails, tag)
             checked += 1
     return {"fails": fails, "checked": checked, "combos": len(combos), "k_mean": k_mean}
 
@@ -112,18 +105,18 @@ def diversify_worker(num_experts_list=(1, 2, 4)):
             apply_expert_parallel(layer, dims.ep_group, dims=dims, timeout_s=60)
             x = torch.randn(5, 8, generator=torch.Generator().manual_seed(me))
             y_dense, _ = layer(x)  # the dense phase needs no communication
-            _close("dense phase y", y_dense.detach(), base(x)[0].detach(), fails, f"E={E} {method}")
+            close("dense phase y", y_dense.detach(), base(x)[0].detach(), fails, f"E={E} {method}")
             layer.diversify(seed=9, method=method)
             lay = layer.runner.layout
             for wn in FFN_DIM:
                 want = slice_ffn(wn, getattr(ref.experts, wn).detach()[lay.expert_slice], lay.f_slice)
-                _close(f"spawned {wn}", getattr(layer.experts, wn).detach(), want, fails, f"E={E} {method} rank {me}")
-            _close("router", layer.router.weight.detach(), ref.router.weight.detach(), fails, f"E={E} {method}")
+                close(f"spawned {wn}", getattr(layer.experts, wn).detach(), want, fails, f"E={E} {method} rank {me}")
+            close("router", layer.router.weight.detach(), ref.router.weight.detach(), fails, f"E={E} {method}")
             torch.manual_seed(77 + me)
             y, _ = layer(x)
             torch.manual_seed(77 + me)
             y_ref, _ = ref(x)
-            _close("moe y", y.detach(), y_ref.detach(), fails, f"E={E} {method}")
+            close("moe y", y.detach(), y_ref.detach(), fails, f"E={E} {method}")
     return fails
 
 

@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
-from moesys.experts import FFN_DIM, slice_ffn
 from moesys.parallel import (DISPATCHERS, AllGatherDispatcher, AllToAllVDispatcher, ExpertLayout,
                              HierarchicalDispatcher, PaddedDispatcher, ParallelDims, apply_expert_parallel)
 
-ATOL = 1e-5
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
+from ep_check import check_local_expert_grads, close  # noqa: E402
+
 RNG_SEED = 1234
 
 
-def _close(name, a, b, fails, tag):
-    if a.shape != b.shape:
-        fails.append(f"{tag}: {name} shape {tuple(a.shape)} != {tuple(b.shape)}")
-        return
-    if a.numel() and not torch.allclose(a, b, atol=ATOL, rtol=1e-4):
-        fails.append(f"{tag}: {name} max err {(a - b).abs().max().item():.3g}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,10 +65,10 @@ def dispatcher_worker(E_values, D=3):
         expert_N = torch.repeat_interleave(torch.arange(E), counts_E)
         want = x_ND.detach() * scale_E[expert_N][:, None]
         tag = f"{name} E={E} P={P} n_base={n_base}"
-        _close("y", y_ND.detach(), want, fails, tag)
+        close("y", y_ND.detach(), want, fails, tag)
         gy = torch.randn(y_ND.shape, generator=g)
         (y_ND * gy).sum().backward()
-        _close("dx", x_ND.grad, gy * scale_E[expert_N][:, None], fails, tag)
+        close("dx", x_ND.grad, gy * scale_E[expert_N][:, None], fails, tag)
     return fails
 
 
@@ -126,24 +123,19 @@ def layer_worker(cases, combos, seed=0):
             torch.manual_seed(RNG_SEED + me)
             y, aux = layer(x)
             (y * gys[me]).sum().add(aux.loss).backward()
-            _close("y", y.detach(), outs[me], fails, tag)
-            _close("dx", x.grad, dxs[me], fails, tag)
+            close("y", y.detach(), outs[me], fails, tag)
+            close("dx", x.grad, dxs[me], fails, tag)
             # router grads: each rank holds its own tokens' part; the sum is the reference
             rg = layer.router.weight.grad.clone()
             dist.all_reduce(rg, group=dims.ep_group)
-            _close("d router", rg, grads["router.weight"], fails, tag)
+            close("d router", rg, grads["router.weight"], fails, tag)
             lay = layer.runner.layout
             if disp == "alltoallv" and mode == "ep" and lay.shards == 1:
                 # dropless all-to-all-v moves exactly the routed rows: N x D x 4 bytes
                 want_bytes = float(aux.tokens_per_expert.sum()) * cfg.hidden_size * 4
                 if float(aux.metrics["runtime/bytes_sent"]) != want_bytes:
                     fails.append(f"{tag}: bytes_sent {float(aux.metrics['runtime/bytes_sent'])} != {want_bytes}")
-            for wn in FFN_DIM:
-                p = getattr(layer.experts, wn)
-                if p is None:
-                    continue
-                want = slice_ffn(wn, grads[f"experts.{wn}"][lay.expert_slice], lay.f_slice)
-                _close(f"d {wn}", p.grad, want, fails, tag)
+            check_local_expert_grads(layer, grads, fails, tag)
             checked += 1
     return {"fails": fails, "checked": checked, "skipped": skipped}
 
@@ -166,8 +158,8 @@ def auto_worker(cfg_kw, steps=8):
         torch.manual_seed(RNG_SEED + me)
         y, aux = layer(x)
         (y * gys[me]).sum().add(aux.loss).backward()
-        _close("y", y.detach(), outs[me], fails, f"auto step {step}")
-        _close("dx", x.grad, dxs[me], fails, f"auto step {step}")
+        close("y", y.detach(), outs[me], fails, f"auto step {step}")
+        close("dx", x.grad, dxs[me], fails, f"auto step {step}")
         m = aux.metrics
         decisions.append((float(m["runtime/mode_is_ep"]), float(m["runtime/degree"])))
     everyone = [None] * world
@@ -204,10 +196,10 @@ def grads_worker():
         fails.append(f"expert_param_groups: {len(groups.expert)} expert params")
     if any(is_expert_param(p) for p in groups.non_expert):
         fails.append("a non-expert param is tagged as expert")
-    _close("router", layer.router.weight.grad, ref.router.weight.grad, fails, "allreduce_gradients")
+    close("router", layer.router.weight.grad, ref.router.weight.grad, fails, "allreduce_gradients")
     sl = layer.runner.layout.expert_slice
-    _close("w1", layer.experts.w1.grad, ref.experts.w1.grad[sl], fails, "allreduce_gradients")
-    _close("w2", layer.experts.w2.grad, ref.experts.w2.grad[sl], fails, "allreduce_gradients")
+    close("w1", layer.experts.w1.grad, ref.experts.w1.grad[sl], fails, "allreduce_gradients")
+    close("w2", layer.experts.w2.grad, ref.experts.w2.grad[sl], fails, "allreduce_gradients")
     facts = dict(dp=dims.dp, ep=dims.ep, edp=dims.edp, ep_rank=dims.ep_rank,
                  edp_size=dist.get_world_size(dims.edp_group), ep_size=dist.get_world_size(dims.ep_group))
     return {"fails": fails, "dims": facts}
