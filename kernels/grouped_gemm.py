@@ -6,10 +6,11 @@ Torch path (this file): a custom autograd Function whose backward computes dX = 
 dW[e] = x_e^T @ dY_e as grouped GEMMs of their own, so no per-expert slice ever materialises a
 full-size weight gradient (the naive per-expert autograd loop does, and is ~4.7x slower than a
 dense FFN here). Large CPU outputs (activations, and the expert weight gradients: E/K times the
-dense layer's) come from `workspace`, the reusable-buffer cache, and are written by a per-expert
-`torch.mm(..., out=)` loop; elsewhere `torch._grouped_mm` runs where it supports the device and
-dtype (CPU fp32/bf16; on CUDA, bf16 on Hopper: probed once, `backend.grouped_mm_supported`) and
-its 16-byte stride rule holds, and a per-expert loop into a fresh output otherwise.
+dense layer's) come from `workspace`, the reusable-buffer cache. fp32 on CPU: one MKL batched
+call for small experts (`cpu_blas`), else a per-expert `torch.mm(..., out=)` loop. Elsewhere
+`torch._grouped_mm` runs where it supports the device and dtype (CPU bf16; on CUDA, bf16 on
+Hopper: probed once, `backend.grouped_mm_supported`) and its 16-byte stride rule holds, and a
+per-expert loop otherwise.
 """
 from __future__ import annotations
 
