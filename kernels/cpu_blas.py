@@ -54,9 +54,34 @@ MAX_MEAN_ROWS = 768
 _enabled = os.environ.get("MOESYS_CPU_GEMM_BATCH", "1") != "0"
 
 
+_checked: Optional[bool] = None  # the first use's check against torch.mm (wrong answers: never used)
+
+
 def available() -> bool:
-    """Whether the batched path runs in this process (MKL found and not turned off)."""
-    return _FN is not None and _enabled
+    """Whether the batched path runs in this process (MKL found, its answer checked against
+    torch.mm once, and not turned off)."""
+    global _checked
+    if _FN is None or not _enabled:
+        return False
+    if _checked is None:
+        _checked = False  # while checking, the calls below must not recurse into this check
+        _checked = _self_check()
+    return _checked
+
+
+def _self_check() -> bool:
+    """Two groups of different sizes, one transposed operand: the batched result must equal
+    per-group torch.mm (guards against an MKL built with another integer width or layout)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(7, 5, generator=g), torch.randn(2, 6, 5, generator=g).transpose(1, 2)
+    out = torch.zeros(7, 6)
+    starts = np.array([0, 3], dtype=np.int64)
+    a_ptr = x.data_ptr() + starts * x.stride(0) * 4
+    b_ptr = w.data_ptr() + np.arange(2) * w.stride(0) * 4
+    c_ptr = out.data_ptr() + starts * out.stride(0) * 4
+    _call(np.array([3, 4]), 6, 5, a_ptr, 5, _NO_TRANS, b_ptr, 5, _TRANS, c_ptr, 6)
+    want = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
+    return bool(torch.allclose(out, want, rtol=1e-5, atol=1e-5))
 
 
 def set_enabled(flag: bool) -> None:

@@ -102,3 +102,12 @@ def test_layer_with_the_batch_matches_the_loop(activation, monkeypatch):
         results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batched_gemm_that_answers_wrong_is_never_used(monkeypatch):
+    assert cpu_blas._self_check()
+    # e.g. an MKL that reads another integer width gets the sizes wrong; here it writes nothing
+    monkeypatch.setattr(cpu_blas, "_call", lambda *a: None)
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+    assert not cpu_blas.available()
+    assert not cpu_blas.mm_rows(torch.randn(601, 48), torch.randn(7, 48, 40), COUNTS, torch.zeros(601, 40))
