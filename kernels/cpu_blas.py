@@ -75,11 +75,7 @@ def _self_check() -> bool:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(7, 5, generator=g), torch.randn(2, 6, 5, generator=g).transpose(1, 2)
     out = torch.zeros(7, 6)
-    starts = np.array([0, 3], dtype=np.int64)
-    a_ptr = x.data_ptr() + starts * x.stride(0) * 4
-    b_ptr = w.data_ptr() + np.arange(2) * w.stride(0) * 4
-    c_ptr = out.data_ptr() + starts * out.stride(0) * 4
-    _call(np.array([3, 4]), 6, 5, a_ptr, 5, _NO_TRANS, b_ptr, 5, _TRANS, c_ptr, 6)
+    _rows_call(x, w, out, _layout(x), _layout(w), _layout(out), _groups([3, 4]))
     want = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
     return bool(torch.allclose(out, want, rtol=1e-5, atol=1e-5))
 
@@ -126,19 +122,25 @@ def serves(x: torch.Tensor) -> bool:
 
 
 def _plan(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, counts):
-    """What both entry points check and compute first: the three operands' layouts, and the row
-    start of every expert with rows. None when the batched path cannot run."""
+    """What both entry points check and compute first: the three operands' layouts and the expert
+    groups (`_groups`), or None when the batched path cannot run (dtype, device, layout, or
+    experts too large on average)."""
     if not _usable(a, b, out):
         return None
     la, lb, lc = _layout(a), _layout(b), _layout(out)
     if la is None or lb is None or lc is None or la[0] != _NO_TRANS or lc[0] != _NO_TRANS:
         return None
-    counts_np = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts_np)[:-1]))
-    live = np.nonzero(counts_np)[0]
+    groups = _groups(counts)
+    counts_np, _, live = groups
     if live.size and counts_np[live].mean() > MAX_MEAN_ROWS:
         return None  # large GEMMs: the caller's loop is faster
-    return la, lb, lc, counts_np, starts, live
+    return la, lb, lc, groups
+
+
+def _groups(counts):
+    """(rows per expert, each expert's first row, the experts with rows) as numpy arrays."""
+    counts_np = np.asarray(counts, dtype=np.int64)
+    return counts_np, np.concatenate(([0], np.cumsum(counts_np)[:-1])), np.nonzero(counts_np)[0]
 
 
 _ES = 4  # fp32 bytes
@@ -152,14 +154,19 @@ def mm_rows(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts, out_NF: torch.Tenso
     plan = _plan(x_ND, w_EDF, out_NF, counts)
     if plan is None:
         return False
-    la, lb, lc, counts_np, starts, live = plan
+    _rows_call(x_ND, w_EDF, out_NF, *plan)
+    return True
+
+
+def _rows_call(x_ND, w_EDF, out_NF, la, lb, lc, groups) -> None:
+    """mm_rows' call, its operands already checked (the self-check calls it directly)."""
+    counts_np, starts, live = groups
     if live.size:
         a_ptr = x_ND.data_ptr() + starts[live] * x_ND.stride(0) * _ES
         b_ptr = w_EDF.data_ptr() + live * w_EDF.stride(0) * _ES
         c_ptr = out_NF.data_ptr() + starts[live] * out_NF.stride(0) * _ES
         _call(counts_np[live], out_NF.shape[1], x_ND.shape[1], a_ptr, la[1], la[0], b_ptr, lb[1], lb[0],
               c_ptr, lc[1])
-    return True
 
 
 def mm_weight(x_ND: torch.Tensor, dy_NF: torch.Tensor, counts, out_EDF: torch.Tensor) -> bool:
@@ -168,7 +175,7 @@ def mm_weight(x_ND: torch.Tensor, dy_NF: torch.Tensor, counts, out_EDF: torch.Te
     plan = _plan(x_ND, dy_NF, out_EDF, counts)
     if plan is None:
         return False
-    la, lb, lc, counts_np, starts, live = plan
+    la, lb, lc, (counts_np, starts, live) = plan
     for e in np.nonzero(counts_np == 0)[0].tolist():
         out_EDF[e].zero_()
     if live.size:
