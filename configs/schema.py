@@ -72,6 +72,9 @@ class ParallelConfig:
     overlap: str = "auto"  # auto | 1 | 2 | 4 | 8  (chunks of dispatch/compute overlap)
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: float = 300.0
+    # check every collective's fingerprint (op, shapes, dtypes) across ranks before it runs: a
+    # mismatch then fails at once naming both sides, not deep in gloo or as an NCCL hang (slow: debug)
+    debug_collectives: bool = False
 
 
 @dataclass

@@ -103,6 +103,8 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     workspace.set_enabled(cfg.trainer.cpu_buffer_cache)
     workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
+    if cfg.parallel.debug_collectives:  # wraps every process group created from here on
+        dist.set_debug_level(dist.DebugLevel.DETAIL)
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
     try:

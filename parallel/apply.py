@@ -4,6 +4,10 @@
     apply_expert_parallel(layer, dims.ep_group, dims=dims)                 # dropless all-to-all-v, auto mode
     apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher="hierarchical", mode="ep", overlap=2)
 
+Adaptive decisions are global: by default every rank of the job takes part in each layer's
+decisions (`agree_group`, default the world), so every rank of the world must apply every layer,
+in the same order, as it must run its forward.
+
 Rank r of P keeps experts [r*E/P, (r+1)*E/P) as slices of the weights it already holds (so every
 rank must start from the same weights, e.g. the same seed); with P > E each expert's F is split
 over P/E ranks. Before any all-to-all the ranks compare the layer's structural config hash and the
@@ -119,12 +123,14 @@ def _hierarchical_groups(group, dims: Optional[ParallelDims], P: int, timeout_s:
 
 
 def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] = None,
-                          config: Optional[ExpertParallelConfig] = None, **options):
+                          config: Optional[ExpertParallelConfig] = None, agree_group=None, **options):
     """Shard `layer` (a moesys MoELayer) over `ep_group` in place and install the runner; returns layer.
 
     Args:
         ep_group: the expert-parallel process group (default dims.ep_group, else the world).
         dims: the ParallelDims (needed for the hierarchical dispatcher on a sub-world group).
+        agree_group: the ranks that take the adaptive runtime's decisions together: every rank whose
+            collectives can meet this layer's (default: the world). It must contain ep_group.
         config: an ExpertParallelConfig; keyword options override its fields:
             dispatcher ("alltoallv" | "padded" | "hierarchical" | "allgather"), mode ("auto" | "ep" |
             "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict).
@@ -143,6 +149,11 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         raise RuntimeError("apply_expert_parallel: the layer is already sharded")
     cfg = layer.cfg
     layout = ExpertLayout(world=P, rank=rank, num_experts=cfg.num_experts, ffn_size=cfg.ffn_hidden_size)
+    if agree_group is not None:
+        outside = set(dist.get_process_group_ranks(group)) - set(dist.get_process_group_ranks(agree_group))
+        if outside:
+            raise ValueError(f"apply_expert_parallel: agree_group must contain the ep group; ranks {sorted(outside)} "
+                             "are in the ep group only")
     _check_agreement(layer, epc, group)
 
     common = dict(timeout_s=epc.timeout_s)
@@ -158,12 +169,13 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     _shard_experts(experts, layout)
     shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
-    tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=group)
+    agree = agree_group if agree_group is not None else dist.group.WORLD
+    tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree)
     if not tuner.pinned:
-        tuner.machine = probe_machine(group, dtype)
+        tuner.machine = probe_machine(group, dtype, agree_group=agree)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
-                                  capacity_fn=layer.capacity)
+                                  capacity_fn=layer.capacity, agree_group=agree)
     layer.set_runner(runner)
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])

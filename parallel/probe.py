@@ -1,7 +1,8 @@
 """One-off measurement of the machine for the tuner's cost model (run at apply time, ~10 ms).
 
-Times a tiny all-to-all (latency), a larger one (bandwidth) and a GEMM (FLOP/s); every rank
-takes the slowest rank's figures (all_reduce MAX of the times), so the tuner's inputs agree.
+Times a tiny all-to-all (latency), a larger one (bandwidth) in the ep group and a GEMM (FLOP/s);
+every rank takes the slowest rank's figures over `agree_group` (all_reduce MAX of the times; the
+whole job by default), so the tuners of every ep group get the same inputs.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _timed(fn, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 20) -> Machine:
+def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 20, agree_group=None) -> Machine:
     P = dist.get_world_size(group)
     esize = torch.empty((), dtype=dtype).element_size()
     dev = comm_device(group)  # NCCL moves CUDA tensors only
@@ -36,7 +37,8 @@ def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 
     b = torch.randn(256, 256, dtype=dtype, device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t_mm = _timed(lambda: (a @ b, sync()), 5)
-    times = all_reduce_host(torch.tensor([t_lat, t_big, t_mm], dtype=torch.float64), group, op=dist.ReduceOp.MAX)
+    times = all_reduce_host(torch.tensor([t_lat, t_big, t_mm], dtype=torch.float64),
+                            group if agree_group is None else agree_group, op=dist.ReduceOp.MAX)
     t_lat, t_big, t_mm = times.tolist()
     sent = n * esize * (P - 1) / P  # bytes a rank sends to others
     return Machine(bandwidth=sent / max(t_big - t_lat, 1e-7), latency=t_lat, flops=2 * 128 * 256 * 256 / max(t_mm, 1e-9))

@@ -7,7 +7,14 @@ Per call it asks the tuner for (mode, overlap degree c), runs
               grouped by expert); chunk i+1's dispatch and chunk i-1's combine are in flight
               while chunk i's experts compute (forward; the backward mirrors it, see comm.py);
   sharded_dp: weights gathered in c F-chunks while the previous chunk computes,
-and reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/").
+and reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/";
+the keys are the same in every mode, METRICS, so reductions over ranks always line up).
+
+Decisions are global (see tuner.py): the routing statistics and step times go through one small
+all-gather in the ep group, then, when the job has several ep groups, one all-reduce (max) over
+`agree_group`, so every rank of the job feeds its tuner the same numbers on the same calls.
+Forward-only calls (evaluation, `torch.no_grad`) run the current decision and leave the tuner and
+its timings alone: every rank makes them at the same points, but a forward-only time is no trial.
 """
 from __future__ import annotations
 
@@ -16,19 +23,36 @@ from typing import Callable, Optional
 
 import torch
 
-from .comm import all_gather_counts
+import torch.distributed as dist
+
+from .comm import all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher
 from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
 from .sharded_dp import ShardedDataParallel
 from .timing import Timer
 from .tuner import Stats, Tuner
 
+# every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
+TIMER_KEYS = ("plan_s", "dispatch_start_s", "wait_s", "compute_s", "combine_start_s")
+METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
+                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions")
+
 
 class ExpertParallelRunner:
+    """Args:
+        group: the ep group (tokens move inside it).
+        agree_group: the ranks that take every decision together (the whole job; None: `group`).
+    """
+
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, capacity_fn: Callable[[int], Optional[int]]) -> None:
+                 tuner: Tuner, capacity_fn: Callable[[int], Optional[int]], agree_group=None) -> None:
         self.layout = layout
         self.group = group
+        self.agree_group = agree_group
+        # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
+        self._many_groups = agree_group is not None and dist.get_world_size(agree_group) != dist.get_world_size(group)
+        self.clock: Callable[[], float] = time.perf_counter  # what the tuner's trials are timed with
+        self.current: tuple = tuner.decision  # the (mode, degree) of the latest call
         self.dispatcher = dispatcher
         self.sharded = sharded
         self.tuner = tuner
@@ -47,7 +71,7 @@ class ExpertParallelRunner:
                 p.register_post_accumulate_grad_hook(lambda _p: self._mark_bwd(1))
 
     def _mark_bwd(self, which: int) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if which == 0 or self._bwd_marks[1] is None or now > self._bwd_marks[1]:
             self._bwd_marks[which] = now
 
@@ -78,6 +102,11 @@ class ExpertParallelRunner:
         stats = Stats(tokens=int(every_PX[:, -2].sum()), rows=int(counts_g.sum()), max_rank_rows=int(per_rank.max()),
                       max_local_rows=int(counts_PE.sum(1).max()))
         slowest = float(every_PX[:, -1].max())  # the step is as slow as its slowest rank
+        if self._many_groups:
+            # the job's view: the busiest ep group's statistics, the slowest rank's time (field-wise max)
+            job = all_reduce_host(torch.tensor(stats.as_list() + [slowest], dtype=torch.float64),
+                                  self.agree_group, op=dist.ReduceOp.MAX).tolist()
+            stats, slowest = Stats.from_list(job[:-1]), job[-1]
         return stats, (slowest if slowest >= 0 else None)
 
     def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
@@ -86,17 +115,20 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: counts_E has {counts_E.shape[0]} experts, layout has {self.layout.num_experts}"
             )
         counts_E = counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
-        self._last_seconds = self._previous_step_seconds()
-        if self.tuner.wants_stats():
-            stats, last = self._agreed_stats(counts_E)
-            mode, c = self.tuner.choose(stats, last)
-        elif self.tuner.pinned:
-            mode, c = self.tuner.choose(None, None)
+        tuning = torch.is_grad_enabled() and not self.tuner.pinned
+        if not tuning:
+            mode, c = self.tuner.decision if not self.tuner.pinned else self.tuner.choose(None, None)
         else:
-            mode, c = self.tuner.keep()
+            self._last_seconds = self._previous_step_seconds()
+            if self.tuner.wants_stats():
+                stats, last = self._agreed_stats(counts_E)
+                mode, c = self.tuner.choose(stats, last)
+            else:
+                mode, c = self.tuner.keep()
+        self.current = (mode, c)
         timer = Timer()
-        t0 = time.perf_counter()
-        metrics: dict = {}
+        t0 = self.clock()
+        metrics: dict = dict.fromkeys(METRICS, 0.0)
         if mode == "ep":
             y_ND = self._run_ep(x_ND, counts_E, experts, c, timer, metrics)
         else:
@@ -104,14 +136,17 @@ class ExpertParallelRunner:
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
-        self._fwd_seconds = time.perf_counter() - t0
-        if not self.tuner.pinned:
+        fwd_s = self.clock() - t0
+        if tuning:
+            self._fwd_seconds = fwd_s
             self._hook_backward(x_ND, y_ND)
         metrics.update({k: float(v) for k, v in timer.totals.items()})
-        metrics["fwd_s"] = self._fwd_seconds
+        metrics["fwd_s"] = fwd_s
         if self._last_seconds is not None:
             metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
         metrics.update(self.tuner.report())
+        if set(metrics) != set(METRICS):  # a new key must join METRICS, or ranks' reductions split
+            raise RuntimeError(f"ExpertParallelRunner: metrics {sorted(set(metrics) ^ set(METRICS))} not in METRICS")
         self.last_metrics = metrics
         return y_ND
 

@@ -30,13 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, fn, args, results):
+def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives, fn, args, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size),
     )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
+        if debug_collectives:  # fingerprint-check every collective: a mismatch raises, naming both ranks' ops
+            dist.set_debug_level(dist.DebugLevel.DETAIL)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         out = fn(*args)
@@ -51,13 +53,16 @@ def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, fn,
 
 
 def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo", timeout_s: float = 60.0,
-             local_world_size: Optional[int] = None, join_timeout_s: Optional[float] = None) -> list:
+             local_world_size: Optional[int] = None, join_timeout_s: Optional[float] = None,
+             debug_collectives: bool = False) -> list:
     """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order.
 
     Args:
         timeout_s: the process-group timeout of every collective.
         local_world_size: ranks per simulated node (LOCAL_WORLD_SIZE); default all on one node.
         join_timeout_s: how long to wait for all ranks (default 4 x timeout_s).
+        debug_collectives: check each collective's fingerprint (op, shapes) across ranks first
+            (torch.distributed's DETAIL debug level), so a mismatch is a clear error, not a gloo abort.
     """
     if world_size < 1:
         raise ValueError(f"simulate: world_size must be >= 1, got {world_size}")
@@ -68,7 +73,7 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, backend, timeout_s, lws, fn, args, results),
+        ctx.Process(target=_rank_main, args=(r, world_size, port, backend, timeout_s, lws, debug_collectives, fn, args, results),
                     daemon=True)
         for r in range(world_size)
     ]

@@ -1,9 +1,15 @@
 """Chooses, per layer, the mode ("ep" | "sharded_dp") and overlap degree c from a cost model,
 corrected by timing the first steps, and re-decides when the routing statistics shift.
 
-Every input the tuner sees is agreed across the ep group (all-reduced counts and timings, a
-broadcast probe), so every rank computes the same decision; the decision is broadcast from rank 0
-as well, since ranks disagreeing on the mode would issue mismatched collectives.
+Every decision is global: the whole job (every ep group and its edp replicas, the tuner's `group`)
+runs the same (mode, degree) at the same step. Decisions per ep group would be enough for the
+layer's own collectives, but not for the job's: the ranks of different ep groups meet in the dp
+all-reduces and the metric reductions, and a mode changes what each rank reports and when it
+finishes its backward; a job is as slow as its slowest ep group anyway. So every input the tuner
+sees is agreed over the whole job (the probe and the step times: the slowest rank's; the routing
+statistics: the busiest ep group's, see ExpertParallelRunner), every rank holds the same tuner state
+and advances it on the same calls, and the decision is also broadcast from the group's rank 0.
+What stays per ep group is the data: each group moves its own tokens with its own collectives.
 
 Cost model (seconds for forward + backward of one layer, per rank):
     comp_f = 2 * G * D * F * rows / flops           (G = 2, or 3 with swiglu; rows = rows the rank computes)
@@ -36,12 +42,22 @@ class Machine:
 
 @dataclass(frozen=True)
 class Stats:
-    """Global (summed over the ep group) routing statistics of one step."""
+    """Routing statistics of one step, summed over an ep group; agreed over the job as the
+    field-wise maximum over its ep groups (the busiest group bounds the step, see `worst`)."""
 
     tokens: int  # T over all ranks
     rows: int  # N over all ranks (= T * mean active K)
     max_rank_rows: int  # rows the busiest rank computes in ep mode
     max_local_rows: int  # largest N of one rank (what it computes in sharded_dp)
+
+    FIELDS = ("tokens", "rows", "max_rank_rows", "max_local_rows")
+
+    def as_list(self) -> list:
+        return [float(getattr(self, f)) for f in self.FIELDS]
+
+    @classmethod
+    def from_list(cls, values) -> "Stats":
+        return cls(**{f: int(v) for f, v in zip(cls.FIELDS, values)})
 
     @property
     def active_k(self) -> float:
@@ -108,6 +124,9 @@ class TunerSettings:
 
 @dataclass
 class Tuner:
+    """The adaptive decision of one layer. `group`: the ranks that agree on it (the whole job; None
+    for a single process). Every rank must call choose/keep on the same calls with the same inputs."""
+
     settings: TunerSettings
     shape: Shape
     machine: Machine
