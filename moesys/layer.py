@@ -34,18 +34,23 @@ class MoEAux:
 
 
 class LocalRunner:
-    """Runs all experts on this device: no communication."""
+    """Runs all experts on this device: no communication.
+
+    The runner contract (what `moesys.parallel` replaces this with): `y_ND = runner(x_ND, plan,
+    experts)`, x_ND the kept routes' rows grouped by expert; everything about the tokens (counts,
+    capacity, T) is in the Plan: the runner never calls back into the layer.
+    """
 
     def __init__(self) -> None:
         self.last_metrics: dict = {}
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-        if experts.num_local_experts != counts_E.shape[0]:
+    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: GroupedExperts) -> torch.Tensor:
+        if experts.num_local_experts != plan.counts_E.shape[0]:
             raise RuntimeError(
-                f"LocalRunner: the layer holds {experts.num_local_experts} of {counts_E.shape[0]} experts; "
+                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
                 "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
             )
-        return experts(x_ND, counts_E)
+        return experts(x_ND, plan.counts_E)
 
 
 class MoELayer(nn.Module):
@@ -106,11 +111,11 @@ class MoELayer(nn.Module):
             # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)
             inv_R = inverse_routes(plan.route_idx_N, routing.num_routes)
             x_ND = permute_fixed_k(x_TD, plan.route_idx_N, inv_R, K)
-            y_ND = self.runner(x_ND, plan.counts_E, self.experts)
+            y_ND = self.runner(x_ND, plan, self.experts)
             y_TD = unpermute_fixed_k(y_ND, routing.weight_R.view(T, K), plan.route_idx_N, inv_R)
         else:
             x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
-            y_ND = self.runner(x_ND, plan.counts_E, self.experts)
+            y_ND = self.runner(x_ND, plan, self.experts)
             y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
         aux = self._aux(routing, plan)
         return y_TD.reshape(shape).to(x.dtype), aux

@@ -27,6 +27,7 @@ class Plan:
     routed_E: torch.Tensor  # [E] routes per expert before capacity
     dropped: torch.Tensor  # 0-dim int64: routes dropped by capacity
     capacity: Optional[int]  # per-expert capacity C, None when dropless
+    num_tokens: int  # T: the tokens the routes came from (this rank's)
 
 
 def _priority_order(routing: Routing, policy: str, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -83,4 +84,5 @@ def make_plan(
         routed_E=routed_E,
         dropped=dropped,
         capacity=capacity,
+        num_tokens=routing.num_tokens,
     )

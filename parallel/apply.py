@@ -175,15 +175,8 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         tuner.machine = probe_machine(group, dtype, agree_group=agree)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
-                                  capacity_fn=layer.capacity, agree_group=agree)
+                                  agree_group=agree)
     layer.set_runner(runner)
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])
-
-    def _record_tokens(module, args, kwargs):
-        # the runner sees only x_ND; the padded dispatcher's capacity needs this rank's T
-        x = args[0] if args else kwargs["x"]
-        runner.num_tokens = x.numel() // cfg.hidden_size
-
-    runner._hook = layer.register_forward_pre_hook(_record_tokens, with_kwargs=True)
     return layer

@@ -20,7 +20,8 @@ Small metadata exchanges (counts) are plain blocking calls outside autograd.
 from __future__ import annotations
 
 import datetime
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,27 @@ import torch.distributed as dist
 # torch 2.13 renamed the flat-tensor collectives (the old names warn there); older torch has only those
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass(frozen=True)
+class A2AToken:
+    """An all-to-all in flight: `buf` fills when `all_to_all_wait(token)` returns it."""
+
+    buf: torch.Tensor
+    out_splits: tuple
+    in_splits: tuple
+    group: Any
+    pending: "_Pending"
+
+
+@dataclass(frozen=True)
+class AllGatherToken:
+    """An all-gather in flight: `buf` fills when `all_gather_wait(token)` returns it."""
+
+    buf: torch.Tensor
+    world: int
+    group: Any
+    pending: "_Pending"
 
 
 class _Pending:
@@ -105,11 +127,11 @@ def all_to_all_start(x_ND, out_splits: Sequence[int], in_splits: Sequence[int], 
     pending = _Pending(timeout)
     out_splits, in_splits = tuple(int(s) for s in out_splits), tuple(int(s) for s in in_splits)
     buf = _A2AStart.apply(x_ND, out_splits, in_splits, group, pending)
-    return (buf, out_splits, in_splits, group, pending)
+    return A2AToken(buf, out_splits, in_splits, group, pending)
 
 
-def all_to_all_wait(token) -> torch.Tensor:
-    return _A2AWait.apply(*token)
+def all_to_all_wait(token: A2AToken) -> torch.Tensor:
+    return _A2AWait.apply(token.buf, token.out_splits, token.in_splits, token.group, token.pending)
 
 
 def all_to_all(x_ND, out_splits, in_splits, group, timeout=None) -> torch.Tensor:
@@ -159,11 +181,11 @@ class _AGWait(torch.autograd.Function):
 def all_gather_start(w, group, timeout=None):
     pending = _Pending(timeout)
     world = dist.get_world_size(group)
-    return (_AGStart.apply(w, world, group, pending), world, group, pending)
+    return AllGatherToken(_AGStart.apply(w, world, group, pending), world, group, pending)
 
 
-def all_gather_wait(token) -> torch.Tensor:
-    return _AGWait.apply(*token)
+def all_gather_wait(token: AllGatherToken) -> torch.Tensor:
+    return _AGWait.apply(token.buf, token.world, token.group, token.pending)
 
 
 def all_gather(w, group, timeout=None) -> torch.Tensor:

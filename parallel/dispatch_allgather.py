@@ -32,7 +32,7 @@ class AllGatherHandle:
 class AllGatherDispatcher(Dispatcher):
     name = "allgather"
 
-    def plan(self, counts_list: list) -> list:
+    def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         return self.gather_count_matrix(counts_list)
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:

@@ -29,7 +29,7 @@ class AllToAllVHandle:
 class AllToAllVDispatcher(Dispatcher):
     name = "alltoallv"
 
-    def plan(self, counts_list: list) -> list:
+    def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         P, L = self.layout.world, self.layout.local_experts
         send_PcL = torch.stack([c[self.dest_X].view(P, L) for c in counts_list], 1)
         recv_PcL = comm.exchange_counts(send_PcL, self.group)  # one [P, chunks, L] exchange

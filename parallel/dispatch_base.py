@@ -55,9 +55,11 @@ class Dispatcher:
     def combine(self, y_MD: torch.Tensor, handle) -> torch.Tensor:
         return self.combine_finish(self.combine_start(y_MD, handle))
 
-    def plan(self, counts_list: list) -> list:
+    def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         """Metadata of several chunks with ONE small collective (the runner plans all chunks up
         front, so a chunk's dispatch costs one data collective, not a counts round-trip too).
+        capacity: this rank's per-expert capacity of one chunk (None: dropless); only fixed-size
+        buffers (the padded dispatcher) use it.
         Returns one opaque entry per chunk for `dispatch_start(..., plan=entry)`."""
         return [None] * len(counts_list)
 

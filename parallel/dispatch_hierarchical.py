@@ -65,7 +65,7 @@ class HierarchicalDispatcher(Dispatcher):
     def _stage(self, x, out_splits, in_splits, group):
         return self._stage_wait(self._stage_start(x, out_splits, in_splits, group))
 
-    def plan(self, counts_list: list) -> list:
+    def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         return self.gather_count_matrix(counts_list)
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:

@@ -1,8 +1,8 @@
 """Padded all-to-all dispatcher: fixed-size [E, C, D] buffers, equal splits.
 
-C is the layer's capacity cfg.capacity(local T); the runner sets `local_capacity` before each
-dispatch. Ranks can hold different T, hence different capacities, but equal-split buffers need
-one C: the ranks agree on the maximum with a tiny all_reduce (it is >= every rank's counts). A
+C is the layer's capacity (the Plan's, of local T; per chunk when the runner chunks), passed to
+`plan(counts_list, capacity=...)`. Ranks can hold different T, hence different capacities, but
+equal-split buffers need one C: the ranks agree on the maximum with a tiny all_reduce (it is >= every rank's counts). A
 dropless layer (capacity None) pads to the largest count over all ranks and experts instead.
 Rows beyond the real counts are zeros; experts compute on them (fixed shapes, as on GPUs) and
 their outputs are discarded by the combine, so they add nothing to any gradient.
@@ -30,14 +30,14 @@ class PaddedHandle:
 
 class PaddedDispatcher(Dispatcher):
     name = "padded"
-    local_capacity: Optional[int] = None  # set by the runner from cfg.capacity(local T)
 
-    def plan(self, counts_list: list) -> list:
-        C = self.agree_capacity(torch.stack(counts_list))  # one C for every chunk
+    def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
+        C = self.agree_capacity(torch.stack(counts_list), capacity)  # one C for every chunk
         return [C] * len(counts_list)
 
-    def agree_capacity(self, counts_E: torch.Tensor) -> int:
-        mine = torch.tensor([self.local_capacity or 0, int(counts_E.max()) if counts_E.numel() else 0])
+    def agree_capacity(self, counts_E: torch.Tensor, capacity: Optional[int] = None) -> int:
+        """One C for the ep group: the largest rank's capacity, or with none (dropless) the largest count."""
+        mine = torch.tensor([capacity or 0, int(counts_E.max()) if counts_E.numel() else 0])
         mine = comm.all_reduce_host(mine, self.group, op=dist.ReduceOp.MAX)
         cap, most = int(mine[0]), int(mine[1])
         if cap == 0:

@@ -1,6 +1,7 @@
 """ExpertParallelRunner: what the sharded MoELayer calls instead of its LocalRunner.
 
-    y_ND = runner(x_ND, counts_E, experts)   # x_ND: this rank's rows grouped by global expert
+    y_ND = runner(x_ND, plan, experts)   # x_ND: this rank's rows grouped by global expert;
+                                         # counts, capacity and T come from the layer's Plan
 
 Per call it asks the tuner for (mode, overlap degree c), runs
   ep:         rows split into c chunks (each expert's rows split evenly, so every chunk stays
@@ -45,7 +46,7 @@ class ExpertParallelRunner:
     """
 
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, capacity_fn: Callable[[int], Optional[int]], agree_group=None) -> None:
+                 tuner: Tuner, agree_group=None) -> None:
         self.layout = layout
         self.group = group
         self.agree_group = agree_group
@@ -56,8 +57,6 @@ class ExpertParallelRunner:
         self.dispatcher = dispatcher
         self.sharded = sharded
         self.tuner = tuner
-        self.capacity_fn = capacity_fn  # the layer's capacity(T); used by the padded dispatcher
-        self.num_tokens: int = 0  # local T of the current forward, set by a forward pre-hook
         self._last_seconds: Optional[float] = None
         self._fwd_seconds: Optional[float] = None
         self._bwd_marks: list = [None, None]  # perf_counter at backward start / latest end
@@ -90,11 +89,11 @@ class ExpertParallelRunner:
         return self._fwd_seconds + bwd
 
     # -- statistics every rank agrees on ------------------------------------------------------
-    def _agreed_stats(self, counts_E: torch.Tensor) -> tuple:
+    def _agreed_stats(self, counts_E: torch.Tensor, num_tokens: int) -> tuple:
         """One small all-gather of [counts_E, T, last step seconds]; every rank derives the same stats."""
         L = self.layout.local_experts
         last = self._last_seconds if self._last_seconds is not None else -1.0
-        mine = torch.cat([counts_E.to(torch.float64), torch.tensor([float(self.num_tokens), last], dtype=torch.float64)])
+        mine = torch.cat([counts_E.to(torch.float64), torch.tensor([float(num_tokens), last], dtype=torch.float64)])
         every_PX = all_gather_counts(mine, self.group)
         counts_PE = every_PX[:, :-2]
         counts_g = counts_PE.sum(0)
@@ -109,19 +108,21 @@ class ExpertParallelRunner:
             stats, slowest = Stats.from_list(job[:-1]), job[-1]
         return stats, (slowest if slowest >= 0 else None)
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts) -> torch.Tensor:
-        if counts_E.shape[0] != self.layout.num_experts:
+    def __call__(self, x_ND: torch.Tensor, plan, experts) -> torch.Tensor:
+        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens)."""
+        if plan.counts_E.shape[0] != self.layout.num_experts:
             raise ValueError(
-                f"ExpertParallelRunner: counts_E has {counts_E.shape[0]} experts, layout has {self.layout.num_experts}"
+                f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
+                f"layout has {self.layout.num_experts}"
             )
-        counts_E = counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
+        counts_E = plan.counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
         tuning = torch.is_grad_enabled() and not self.tuner.pinned
         if not tuning:
             mode, c = self.tuner.decision if not self.tuner.pinned else self.tuner.choose(None, None)
         else:
             self._last_seconds = self._previous_step_seconds()
             if self.tuner.wants_stats():
-                stats, last = self._agreed_stats(counts_E)
+                stats, last = self._agreed_stats(counts_E, plan.num_tokens)
                 mode, c = self.tuner.choose(stats, last)
             else:
                 mode, c = self.tuner.keep()
@@ -130,7 +131,7 @@ class ExpertParallelRunner:
         t0 = self.clock()
         metrics: dict = dict.fromkeys(METRICS, 0.0)
         if mode == "ep":
-            y_ND = self._run_ep(x_ND, counts_E, experts, c, timer, metrics)
+            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics)
         else:
             y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer)
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
@@ -150,20 +151,19 @@ class ExpertParallelRunner:
         self.last_metrics = metrics
         return y_ND
 
-    def _run_ep(self, x_ND, counts_E, experts, c: int, timer: Timer, metrics: dict) -> torch.Tensor:
+    def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
+                metrics: dict) -> torch.Tensor:
         d = self.dispatcher
-        cap = self.capacity_fn(self.num_tokens) if self.num_tokens else None
         if c == 1:
             chunk_counts, idxs = [counts_E], [None]
         else:
             chunk_counts = split_counts(counts_E, c)
             idxs = chunk_rows(counts_E, chunk_counts)
-        if hasattr(d, "local_capacity"):
-            # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
-            d.local_capacity = None if cap is None else -(-cap // c)
+        # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
+        chunk_capacity = None if capacity is None else -(-capacity // c)
 
         with timer.span("plan_s"):
-            plans = d.plan(chunk_counts)  # one small collective for all chunks
+            plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
 
         def start(i):
             x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i].to(x_ND.device))

@@ -41,5 +41,6 @@ def test_layer_equivalence_every_combo(world):
     results = _suite(world)
     fails = [f for r in results for f in r["layer"]["fails"]]
     assert not fails, "\n".join(fails[:20])
-    assert not results[0]["layer"]["skipped"]
-    assert results[0]["layer"]["checked"] == len(_matrix.cases(world)) * len(_matrix.COMBOS)
+    # every case x combo ran its checks on every rank (none skipped or cut short)
+    for r in results:
+        assert r["layer"]["checked"] == len(_matrix.cases(world)) * len(_matrix.COMBOS)
