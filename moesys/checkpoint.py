@@ -66,7 +66,8 @@ def _check_meshes(experts: Dict[str, torch.nn.Module], meshes: Optional[dict]) -
         fs = getattr(mod, "ffn_shard", None)
         if fs and fs[1] not in (meshes or {}):
             raise CheckpointError(f"{name}: experts are split along F over {fs[1]} ranks (EP larger than the number "
-                                  "of experts); pass meshes=ffn_shard_meshes(model, ep_group) (built once, collectively)")
+                                  "of experts); pass meshes=dims.ffn_shard_meshes() "
+                                  "(from ParallelDims.build(..., num_experts=E))")
 
 
 def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn.Module],
@@ -86,11 +87,6 @@ def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn
         else:
             out[key] = t
     return out
-
-
-def ffn_shard_meshes(model: torch.nn.Module, ep_group) -> dict:
-    """Device meshes for F-sharded experts ({} when none); collective over the world when some are."""
-    return cstate.ffn_shard_meshes(_expert_modules(model), ep_group)
 
 
 def model_state(model: torch.nn.Module, optimizer=None, meshes: Optional[dict] = None,
@@ -210,7 +206,7 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         structure: the model's STRUCTURAL_FIELDS values, written to moesys.json and checked on load.
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
         optimizer: torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer (saved per parameter, see checkpoint_state).
-        meshes: `ffn_shard_meshes(model, ep_group)`; needed when experts are split along F.
+        meshes: `dims.ffn_shard_meshes()` (the ParallelDims' F-shard mesh); needed when experts are split along F.
     """
     _check_meshes(_expert_modules(model), meshes)  # before any collective
     name = f"step_{step:08d}"

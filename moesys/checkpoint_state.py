@@ -14,7 +14,7 @@ So a checkpoint from either engine resumes on either, at any EP degree.
 
 F-sharded experts (EP group larger than num_experts: `ffn_shard = (j, S)`, w1/w3 hold [1, D, F/S],
 w2 [1, F/S, D]) are saved as the FULL expert tensor `<key>.e<g>` [D, F] / [F, D]: each rank hands DCP a
-DTensor with Shard(F dim) over a 1-D device mesh of the S ranks sharing expert g, so DCP writes
+DTensor with Shard(F dim) over the ParallelDims' F-shard mesh (the S ranks sharing expert g), so DCP writes
 one logical tensor in S chunks and any later layout (whole experts, or another S) reads its slice.
 """
 from __future__ import annotations
@@ -131,35 +131,6 @@ def adam_state(optimizer: torch.optim.Optimizer):
 def f_dim(param_name: str) -> int:
     """The F dim of one expert's slice ([D, F] for w1/w3, [F, D] for w2)."""
     return 0 if param_name == "w2" else 1
-
-
-def ffn_shard_meshes(experts: Dict[str, torch.nn.Module], ep_group) -> Dict[int, object]:
-    """{S: 1-D DeviceMesh over the S ranks that share this rank's expert}; {} when no expert is F-sharded.
-
-    Collective over the WORLD when some are (every rank creates every F-shard group of every EP group,
-    in one order, as dist.new_group requires). Call once and keep the result (the trainer does).
-    """
-    from torch.distributed.device_mesh import DeviceMesh
-
-    shards = sorted({m.ffn_shard[1] for m in experts.values() if getattr(m, "ffn_shard", None)})
-    # every rank must agree whether to enter the collectives below: the layout is the same on all ranks
-    if not shards:
-        return {}
-    mine = dist.get_process_group_ranks(ep_group)
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    ep_groups = sorted({tuple(g) for g in everyone})
-    me = dist.get_rank()
-    device = next(iter(experts.values())).w1.device.type
-    out = {}
-    for S in shards:
-        for ranks in ep_groups:
-            for start in range(0, len(ranks), S):
-                peers = list(ranks[start:start + S])
-                g = dist.new_group(peers)
-                if me in peers:
-                    out[S] = DeviceMesh.from_group(g, device, mesh=peers)
-    return out
 
 
 def full_expert_view(local: torch.Tensor, mod: torch.nn.Module, param_name: str, meshes: Dict[int, object]):

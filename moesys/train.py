@@ -113,7 +113,7 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
             dist.broadcast_object_list(box, src=0)
             out_dir = box[0]
         dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
-                                  local_world_size=local_world)
+                                  local_world_size=local_world, num_experts=cfg.moe.num_experts)
         callbacks = (callbacks_fn or build_callbacks)(cfg)
         trainer = Trainer(cfg, dims=dims, out_dir=out_dir, callbacks=callbacks, device=device)
         return trainer.fit(resume)

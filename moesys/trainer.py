@@ -274,9 +274,14 @@ class Trainer:
                 "history": self.history}
 
     def _meshes(self) -> dict:
-        """F-shard device meshes for checkpoints (collective the first time, when experts are F-sharded)."""
+        """F-shard device meshes for checkpoints: the ParallelDims' own (built with num_experts)."""
         if self._ckpt_meshes is None:
-            self._ckpt_meshes = ckpt.ffn_shard_meshes(self.model, self.dims.ep_group)
+            meshes = self.dims.ffn_shard_meshes()
+            E, ep = self.cfg.moe.num_experts, self.dims.ep
+            if ep > E and ep // E not in meshes:
+                raise ValueError(f"parallel.ep ({ep}) > moe.num_experts ({E}) splits experts along F: build the "
+                                 f"ParallelDims with num_experts={E} (ParallelDims.build(ep={ep}, num_experts={E}))")
+            self._ckpt_meshes = meshes
         return self._ckpt_meshes
 
     def save(self) -> Optional[str]:

@@ -15,8 +15,6 @@ options: a mismatch raises naming the fields, rather than hanging in a collectiv
 """
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
@@ -96,30 +94,16 @@ def _shard_experts(experts, layout: ExpertLayout) -> None:
 
 
 def _hierarchical_groups(group, dims: Optional[ParallelDims], P: int, timeout_s: float):
-    """(node_group, cross_group, ranks per node) for the hierarchical dispatcher."""
-    if dims is not None and dims.ep_node_group is not None:
+    """(node_group, cross_group, ranks per node) for the hierarchical dispatcher, from the mesh."""
+    if dims is None:
+        if dist.get_world_size(group) != dist.get_world_size():
+            raise ValueError("hierarchical dispatcher on an ep group smaller than the world needs "
+                             "dims=ParallelDims.build(ep=..., local_world_size=...)")
+        dims = ParallelDims.build(ep=P, timeout_s=timeout_s)  # collective, like this call
+    if dims.ep_node_group is not None:
         return dims.ep_node_group, dims.ep_cross_group, dims.local_world_size // dims.tp
-    if dims is not None:
-        lws = dims.local_world_size // dims.tp
-    else:
-        lws = int(os.environ.get("LOCAL_WORLD_SIZE", P))
-    lws = min(max(lws, 1), P)
-    if P % lws != 0:
-        raise ValueError(f"hierarchical dispatcher: ranks per node ({lws}) must divide the ep size ({P})")
-    if lws in (1, P):  # one stage is the identity: no sub-groups needed
-        return None, None, lws
-    if dist.get_world_size(group) != dist.get_world_size():
-        raise ValueError("hierarchical dispatcher on an ep group smaller than the world needs "
-                         "dims=ParallelDims.build(..., local_world_size=...)")
-    t = datetime.timedelta(seconds=timeout_s)
-    node = cross = None
-    for n in range(P // lws):  # new_group is collective: every rank creates every group, in order
-        g = dist.new_group(list(range(n * lws, (n + 1) * lws)), timeout=t)
-        node = g if dist.get_rank() // lws == n else node
-    for l in range(lws):
-        g = dist.new_group(list(range(l, P, lws)), timeout=t)
-        cross = g if dist.get_rank() % lws == l else cross
-    return node, cross, lws
+    # one stage is the identity (the ep group fits in a node, or one rank per node): no sub-groups
+    return None, None, min(max(dims.local_world_size // dims.tp, 1), P)
 
 
 def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] = None,

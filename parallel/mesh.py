@@ -1,4 +1,5 @@
-"""ParallelDims: the process-group mesh, built once and passed explicitly (never global).
+"""ParallelDims: the job's DeviceMesh and its process groups, built once and passed explicitly
+(never global).
 
 Rank layout (tp innermost, as Megatron): global rank = dp_index * tp + tp_index.
   dp group   : ranks with the same tp_index (size dp = world / tp)
@@ -62,8 +63,32 @@ def mesh_ranks(world_size: int, *, ep: int, tp: int = 1, local_world_size: Optio
     return out
 
 
+def _set_timeout(group, timeout: datetime.timedelta) -> None:
+    """Give a mesh-made group the job's collective timeout (DeviceMesh creates its groups with the
+    backend's default, 30 min on gloo). `_set_pg_timeout` is torch's own setter (private)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    if setter is not None:
+        setter(timeout, group)
+
+
 @dataclass
 class ParallelDims:
+    """The job's layout, one DeviceMesh `mesh` with dims ("edp", "ep", "tp") (tp innermost, as
+    Megatron) and the groups every part of moesys uses, all made from it in `build`:
+
+        dp      mesh["edp", "ep"] flattened ("dp"): dense gradients, losses, metrics
+        ep      mesh["ep"]: tokens move inside it; edp = mesh["edp"]: replicas of the same experts
+        ep_node / ep_cross: "ep" unflattened into ("ep_inter", "ep_intra") when a node holds
+                1 < ranks per node < ep ranks of one ep group (the hierarchical all-to-all)
+        ffn_shard_mesh: "ep" unflattened into ("ep_expert", "fshard") when ep > num_experts: the
+                S = ep / num_experts ranks that hold F-slices of one expert (checkpoints)
+
+    Nothing else in moesys creates a process group. Megatron's integration fills the group fields
+    from Megatron's own parallel_state instead (mesh None).
+    """
+
     world_size: int
     rank: int
     tp: int
@@ -78,33 +103,60 @@ class ParallelDims:
     edp_group: Any = field(repr=False, default=None)
     ep_node_group: Any = field(repr=False, default=None)  # None: no hierarchical split
     ep_cross_group: Any = field(repr=False, default=None)
+    mesh: Any = field(repr=False, default=None)  # DeviceMesh ("edp", "ep", "tp")
+    dp_mesh: Any = field(repr=False, default=None)  # DeviceMesh ("dp",)
+    ffn_shard_mesh: Any = field(repr=False, default=None)  # DeviceMesh ("fshard",) when ep > num_experts
+    ffn_shards: int = 1  # S: ranks sharing one expert's F (1: experts are whole)
 
     @classmethod
     def build(cls, *, ep: int, tp: int = 1, timeout_s: float = 300.0,
-              local_world_size: Optional[int] = None) -> "ParallelDims":
-        """Create every group once, after dist.init_process_group (all ranks must call it).
+              local_world_size: Optional[int] = None, num_experts: Optional[int] = None) -> "ParallelDims":
+        """Create the mesh and every group once, after dist.init_process_group (all ranks must call it).
 
         local_world_size defaults to the LOCAL_WORLD_SIZE environment variable (torchrun sets it).
+        num_experts: needed when ep > num_experts (experts split along F), for the F-shard mesh.
         """
+        from torch.distributed.device_mesh import init_device_mesh
+
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build: call torch.distributed.init_process_group first")
         world, rank = dist.get_world_size(), dist.get_rank()
         if local_world_size is None:
             local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        ranks = mesh_ranks(world, ep=ep, tp=tp, local_world_size=local_world_size)
+        ranks = mesh_ranks(world, ep=ep, tp=tp, local_world_size=local_world_size)  # validates the sizes
+        S = 1
+        if num_experts is not None and ep > num_experts:
+            if ep % num_experts:
+                raise ValueError(f"ParallelDims: ep ({ep}) > num_experts ({num_experts}) must be a multiple of it")
+            S = ep // num_experts
         timeout = datetime.timedelta(seconds=timeout_s)
-        mine = {}
-        # new_group is collective over the world: every rank creates every group, in the same order
-        for kind in ("dp", "ep", "edp", "ep_node", "ep_cross"):
-            for members in ranks[kind]:
-                g = dist.new_group(members, timeout=timeout)
-                if rank in members:
-                    mine[kind] = g
         dp = world // tp
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        # every mesh below is collective over the world: every rank makes each one, in this order
+        mesh = init_device_mesh(device_type, (dp // ep, ep, tp), mesh_dim_names=("edp", "ep", "tp"))
+        dp_mesh = mesh["edp", "ep"]._flatten("dp")
+        node = cross = None
+        if ranks["ep_node"]:
+            per_node = len(ranks["ep_node"][0])
+            split = mesh._unflatten("ep", (ep // per_node, per_node), ("ep_inter", "ep_intra"))
+            node, cross = split.get_group("ep_intra"), split.get_group("ep_inter")
+        fshard = None
+        if S > 1:
+            fshard = mesh._unflatten("ep", (ep // S, S), ("ep_expert", "fshard"))["fshard"]
+        groups = [mesh.get_group(d) for d in ("edp", "ep", "tp")] + [dp_mesh.get_group()]
+        groups += [g for g in (node, cross) if g is not None]
+        groups += [fshard.get_group()] if fshard is not None else []
+        for g in groups:
+            _set_timeout(g, timeout)
         return cls(world_size=world, rank=rank, tp=tp, dp=dp, ep=ep, edp=dp // ep,
                    ep_rank=(rank // tp) % ep, local_world_size=local_world_size, timeout_s=timeout_s,
-                   dp_group=mine["dp"], ep_group=mine["ep"], edp_group=mine["edp"],
-                   ep_node_group=mine.get("ep_node"), ep_cross_group=mine.get("ep_cross"))
+                   dp_group=dp_mesh.get_group(), ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("edp"),
+                   ep_node_group=node, ep_cross_group=cross, mesh=mesh, dp_mesh=dp_mesh,
+                   ffn_shard_mesh=fshard, ffn_shards=S)
+
+    def ffn_shard_meshes(self) -> dict:
+        """{S: the F-shard mesh} for checkpoints of F-sharded experts ({} when experts are whole)."""
+        return {} if self.ffn_shard_mesh is None else {self.ffn_shards: self.ffn_shard_mesh}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,10 @@ def register_expert_groups(dims, group_name: str) -> None:
                 f"build_engine: dims=None means one process, but the world has {dist.get_world_size()} ranks; "
                 "pass the ParallelDims built with moesys.parallel.ParallelDims.build(ep=...)"
             )
-        ep_group = edp_group = dist.new_group([0])
+        from moesys.parallel import ParallelDims
+
+        one = ParallelDims.build(ep=1)  # the one-rank groups come from a mesh too
+        ep_group, edp_group = one.ep_group, one.edp_group
     else:
         if getattr(dims, "tp", 1) != 1:
             raise ValueError(f"build_engine: tensor parallelism (dims.tp={dims.tp}) is not supported with DeepSpeed")

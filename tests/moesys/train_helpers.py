@@ -23,7 +23,7 @@ def build_trainer(cfg, out_dir):
     from moesys.parallel import ParallelDims
     from moesys.trainer import Trainer
 
-    dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=60)
+    dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=60, num_experts=cfg.moe.num_experts)
     return Trainer(cfg, dims=dims, out_dir=out_dir)
 
 

@@ -115,7 +115,7 @@ def trainer_matrix_worker(out_root: str, combos: list, steps: int) -> list:
                         f"parallel.dispatcher={dispatcher}", f"trainer.seed={seed}", f"trainer.steps={steps}",
                         "trainer.eval_interval=4", "trainer.log_interval=1", "trainer.save_final=false",
                         "trainer.plots=false", "logging.wandb_mode=disabled", "logging.tqdm=false")
-        dims = ParallelDims.build(ep=ep, timeout_s=60)
+        dims = ParallelDims.build(ep=ep, timeout_s=60, num_experts=cfg.moe.num_experts)
         run_dir = os.path.join(out_root, f"ep{ep}_{dispatcher}_s{seed}")
         tr = Trainer(cfg, dims=dims, out_dir=run_dir)
         summary = tr.fit(None)
