@@ -122,6 +122,8 @@ class TrainerConfig:
     save_final: bool = True
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # None | auto | path to an out dir or a checkpoint dir
+    extend_schedule: bool = False  # on resume: stretch the LR schedule to trainer.steps (default: keep the run's)
+    max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss / grad norm (each skipped)
     out_dir: Optional[str] = None  # None: Hydra's run dir
     engine: str = "plain"  # plain | deepspeed
     zero_stage: int = 1  # deepspeed only: 1 | 2
@@ -226,6 +228,8 @@ class TrainConfig:
             raise FileNotFoundError(f"trainer.ds_config={t.ds_config!r}: no such file")
         if t.clip < 0:
             raise ValueError(f"trainer.clip must be >= 0, got {t.clip}")
+        if t.max_bad_steps < 1:
+            raise ValueError(f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
         if len(self.optim.betas) != 2:
             raise ValueError(f"optim.betas must have two values, got {list(self.optim.betas)}")
         if self.logging.wandb_mode not in ("offline", "online", "disabled"):

@@ -9,6 +9,11 @@ Atomicity: every rank writes into the `.tmp` directory; after a barrier rank 0 w
 renames the directory to its final name and then points `latest` at it with os.replace. A crash
 anywhere before the rename leaves `latest` and the previous checkpoint untouched.
 
+Integrity: moesys.json lists every file of the checkpoint with its size and SHA-256 (the ranks hash
+the files between them after the write). `verify_checkpoint` checks them, and `prepare` runs it
+before any rank starts: a flipped byte or a truncated file is refused naming the file, and
+`trainer.resume=auto` falls back to the newest checkpoint that verifies (`resolve_verified`).
+
 Resharding: expert tensors are keyed by GLOBAL expert index (`blocks.1.moe.experts.w1.e5`) in both
 the model and the optimizer entries, so a run at any EP degree saves and loads exactly its own
 experts; non-expert tensors are replicated and DCP stores them once. A checkpoint written at EP=2
@@ -29,6 +34,7 @@ Flat state keys:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -45,6 +51,7 @@ from . import checkpoint_state as cstate
 
 META_FILE = "moesys.json"
 LATEST = "latest"
+FORMAT = 2  # moesys.json "format": 2 adds per-file checksums (format 1, without them, loads unverified)
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
                      "tie_embeddings", "num_experts", "activation", "router")
@@ -225,9 +232,11 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
     state[f"rng.rank{rank}"] = pickle.dumps(rng_state())
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
     _barrier()
+    files = _hash_files(tmp, rank)
     if rank == 0:
-        _write_atomic(os.path.join(tmp, META_FILE), json.dumps({"step": step, "structure": structure,
-                                                                "trainer": trainer_state}, indent=1, default=str))
+        _write_atomic(os.path.join(tmp, META_FILE), json.dumps({"format": FORMAT, "step": step, "structure": structure,
+                                                                "trainer": trainer_state, "files": files},
+                                                               indent=1, default=str))
         if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -237,8 +246,93 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
     return final
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_files(directory: str, rank: int) -> dict:
+    """{file name: {bytes, sha256}} of every file in `directory`; the ranks split the hashing
+    (collective when distributed: every rank calls it, after the files are written)."""
+    names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n)))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    mine = {n: {"bytes": os.path.getsize(os.path.join(directory, n)), "sha256": _sha256(os.path.join(directory, n))}
+            for n in names[rank::world]}
+    if world == 1:
+        return mine
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {k: v for part in everyone for k, v in sorted(part.items())}
+
+
+def verify_checkpoint(ckpt: str) -> bool:
+    """Check every file against the manifest's size and SHA-256 (local reads only).
+
+    Returns True when verified, False for a format-1 checkpoint (no checksums: loads unverified);
+    raises CheckpointError naming the checkpoint and the first file that is missing, truncated or changed.
+    """
+    meta = read_meta(ckpt)
+    files = meta.get("files")
+    if files is None:
+        return False
+    for name, want in sorted(files.items()):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: file {name} is missing")
+        size = os.path.getsize(path)
+        if size != want["bytes"]:
+            raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: file {name} has {size} bytes, "
+                                  f"the manifest says {want['bytes']} (truncated or overwritten)")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: file {name} does not match its SHA-256 "
+                                  "in the manifest (changed after it was written)")
+    return True
+
+
+def _step_dirs(root: str) -> list:
+    """Complete checkpoint directories under `root`, newest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))),
+                  reverse=True)
+
+
+def newest_checkpoint(root: str) -> Optional[str]:
+    """The checkpoint `latest` names under `root`, or None."""
+    try:
+        return resolve(root)
+    except CheckpointError:
+        return None
+
+
+def resolve_verified(root: str) -> Tuple[Optional[str], list]:
+    """The newest checkpoint under `root` (a checkpoints/ dir) that verifies, and a note per newer one
+    that did not. `latest` first, then every step_* directory newest first. (None, notes) if none does."""
+    notes, tried = [], []
+    try:
+        first = [resolve(root)]
+    except CheckpointError as e:
+        first = []
+        notes.append(str(e))
+    for cand in first + [os.path.join(root, d) for d in _step_dirs(root)]:
+        cand = os.path.normpath(cand)
+        if cand in tried:
+            continue
+        tried.append(cand)
+        try:
+            verify_checkpoint(cand)
+            read_meta(cand)
+            return cand, notes
+        except CheckpointError as e:
+            notes.append(str(e))
+    return None, notes
+
+
 def _prune(root: str, keep: int, newest: str) -> None:
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
+    done = sorted(_step_dirs(root))
     for d in done[: max(len(done) - max(keep, 1), 0)]:
         if d != newest:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Callable, List, Optional
 
 import torch
@@ -67,9 +68,15 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
     if t.resume == "auto":
         if not has_own:
             return None
-        path = ckpt.resolve(own)
+        path, notes = ckpt.resolve_verified(own)
+        if path is None:
+            raise ckpt.CheckpointError(f"trainer.resume=auto: no checkpoint under {own} verifies: " + "; ".join(notes))
+        if notes and os.environ.get("RANK", "0") == "0":
+            print(f"moesys-train: {'; '.join(notes)}; resuming from {path}, the newest checkpoint that verifies",
+                  file=sys.stderr)
     else:
         path = ckpt.resolve(t.resume)
+        ckpt.verify_checkpoint(path)
     ckpt.check_compatible(path, structure_of(cfg))
     return path
 
@@ -145,7 +152,9 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
     if under_torchrun():
         return rank_main(cfg, out_dir, callbacks_fn, share_out_dir)
     world = cfg.parallel.simulate_ranks
-    prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
+    resume = prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
+    if resume is not None:  # the ranks load exactly what the parent verified (resume=auto may have fallen back)
+        cfg.trainer.resume = resume
     if world == 1:
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                  "LOCAL_WORLD_SIZE")}

@@ -3,7 +3,11 @@
 Step s (plain engine):
     callbacks.on_step_start(s) -> lr(s) -> grad_accum x (forward, loss/accum backward)
     -> allreduce_gradients (experts over edp, the rest over dp) -> clip by the global norm
-    -> optimizer.step() -> layer.update_expert_bias(dp_group) -> callbacks.after_optimizer_step(s)
+    -> the ranks agree the step is finite (loss and grad norm) -> optimizer.step() (or skip it)
+    -> layer.update_expert_bias(dp_group) -> callbacks.after_optimizer_step(s)
+A step whose loss or gradient norm is not finite changes no weight on any rank (DeepSpeed's ZeRO
+optimizer skips it by its own overflow check); after trainer.max_bad_steps such steps in a row the
+run stops with NonFiniteError. A checkpoint is written only when every weight is finite.
 Callbacks are how schedules plug in (EvoMoE's tau schedule, expert diversification): any object
 with some of on_train_start(trainer), on_step_start(step), after_optimizer_step(step),
 on_train_end(trainer); missing methods are skipped.
@@ -29,6 +33,10 @@ from .logging_utils import RunLogger
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+
+
+class NonFiniteError(RuntimeError):
+    """trainer.max_bad_steps optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -116,6 +124,9 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.step = 0
+        self.schedule_total = t.steps  # the LR schedule's horizon (a resume keeps the checkpoint's)
+        self.bad_streak = 0  # consecutive skipped (non-finite) steps
+        self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
         self._ckpt_meshes: Optional[dict] = None
         self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
         self.tokens_per_step = t.batch_size * cfg.model.seq_len
@@ -176,7 +187,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step
         self._hook("on_step_start", step)
-        lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=t.steps,
+        lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=self.schedule_total,
                    min_ratio=cfg.schedule.min_lr_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -208,17 +219,28 @@ class Trainer:
             from moesys.parallel import allreduce_gradients
 
             allreduce_gradients(self.model, self.dims)
-            grad_norm = self._clip()
-            self.optimizer.step()
-        for _, layer in self.moe_layers():
-            layer.update_expert_bias(self.dims.dp_group)
+            grad_norm = self._clip()  # the global norm: the same on every rank
+            bad = not math.isfinite(grad_norm)
+        else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
+            bad = bool(getattr(self.engine.optimizer, "overflow", False))
+        # one small all-reduce: the loss every rank reports (mean over dp) and whether any rank saw a
+        # non-finite value, so every rank takes the same branch below
+        red = torch.stack([lm_sum, aux_sum, torch.tensor(float(bad))])
+        dist.all_reduce(red, group=self.dims.dp_group)
+        loss, aux_loss = float(red[0]) / self.dims.dp, float(red[1]) / self.dims.dp
+        skip = bool(red[2] > 0) or not (math.isfinite(loss) and math.isfinite(aux_loss))
+        if self.engine is None:
+            if skip:
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                self.optimizer.step()
+        if not skip:
+            for _, layer in self.moe_layers():
+                layer.update_expert_bias(self.dims.dp_group)
+        self.bad_streak = self.bad_streak + 1 if skip else 0
         self._hook("after_optimizer_step", step)
         self.step += 1
-        # the loss every rank reports: mean over data-parallel ranks (one small all-reduce)
-        red = torch.stack([lm_sum, aux_sum])
-        dist.all_reduce(red, group=self.dims.dp_group)
-        red /= self.dims.dp
-        out = {"loss": float(red[0]), "aux_loss": float(red[1]), "lr": lr, "grad_norm": grad_norm}
+        out = {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm, "skipped": float(skip)}
         if self.step % t.log_interval == 0 or self.step == t.steps:
             out.update(self._moe_metrics(loads, last_auxes))
         return out
@@ -284,7 +306,21 @@ class Trainer:
             self._ckpt_meshes = meshes
         return self._ckpt_meshes
 
+    def weights_finite(self) -> bool:
+        """Whether every rank's weights are all finite (collective over the dp group)."""
+        bad = torch.zeros(1)
+        for q in self.model.parameters():
+            if not bool(torch.isfinite(q.detach()).all()):
+                bad.fill_(1.0)
+                break
+        dist.all_reduce(bad, group=self.dims.dp_group)
+        return not bool(bad.item())
+
     def save(self) -> Optional[str]:
+        """A checkpoint of this step, or None (saving nothing) when some weight is not finite: a
+        non-finite checkpoint would rotate the last good one away."""
+        if not self.weights_finite():
+            return None
         # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
@@ -294,6 +330,10 @@ class Trainer:
         st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
                                   meshes=self._meshes())
         self.step = int(st["data_position"])
+        saved_total = (st.get("schedule") or {}).get("total_steps")
+        self.saved_schedule_total = saved_total
+        if saved_total is not None and not self.cfg.trainer.extend_schedule:
+            self.schedule_total = int(saved_total)  # the run's own LR horizon, whatever trainer.steps says now
         if self.engine is not None:  # DeepSpeed's own counters (logging, its step-based schedules)
             self.engine.global_steps = self.step
             self.engine.global_samples = self.step * self.cfg.trainer.batch_size
@@ -315,6 +355,19 @@ class Trainer:
         start = time.time()
         if resume_from is not None:
             log.message(f"resumed from {resume_from} at step {self.step}")
+            old = self.saved_schedule_total
+            if old is not None and old != t.steps:
+                how = (f"stretched to {t.steps} (trainer.extend_schedule=true)" if t.extend_schedule else
+                       f"kept at {old}; trainer.extend_schedule=true stretches it to {t.steps}")
+                log.message(f"trainer.steps is {t.steps}, the run was planned for {old}: the LR schedule's horizon is {how}")
+            if self.step >= t.steps:
+                v = self.evaluate()
+                log.message(f"nothing to train: the checkpoint is at step {self.step} and trainer.steps is {t.steps} "
+                            f"(raise trainer.steps to train on); val loss {v:.4f}")
+                log.close({"steps": self.step, "val_loss_end": v})
+                return {"steps": self.step, "elapsed_s": time.time() - start, "val_loss_start": v, "val_loss_end": v,
+                        "train_loss_end": float("nan"), "checkpoint": None, "out_dir": self.out_dir,
+                        "train_losses": [], "nothing_to_train": True}
         self._hook("on_train_start", self)
         if self.step == 0:
             v = self.evaluate()
@@ -325,6 +378,16 @@ class Trainer:
         while self.step < t.steps:
             m = self.train_step()
             last = m
+            if m["skipped"]:
+                log.message(f"step {self.step}: non-finite loss {m['loss']:.4g} or grad norm {m['grad_norm']:.4g}: "
+                            f"optimizer step skipped on every rank ({self.bad_streak} in a row, "
+                            f"limit trainer.max_bad_steps={t.max_bad_steps})")
+                if self.bad_streak >= t.max_bad_steps:
+                    newest = ckpt.newest_checkpoint(self.ckpt_root)
+                    raise NonFiniteError(
+                        f"stopping at step {self.step}: {self.bad_streak} steps in a row had a non-finite loss or "
+                        f"gradient norm (trainer.max_bad_steps={t.max_bad_steps}); no weight was changed by them; "
+                        f"last checkpoint: {newest or 'none'}. Lower optim.lr, set trainer.clip, or check the data")
             self.history["train"].append((self.step, m["loss"]))
             now = time.time()
             tok_s = self.tokens_per_step / max(now - t_last, 1e-9)
@@ -340,8 +403,11 @@ class Trainer:
                 log.message(f"step {self.step}: train loss {m['loss']:.4f}  val loss {v:.4f}  lr {m['lr']:.2e}")
             log.log(self.step, m)
             if t.ckpt_interval and self.step % t.ckpt_interval == 0 and self.step < t.steps:
-                self.save()
+                if self.save() is None:
+                    log.message(f"step {self.step}: a weight is not finite: checkpoint not written")
         saved = self.save() if t.save_final else None
+        if t.save_final and saved is None:
+            log.message(f"step {self.step}: a weight is not finite: final checkpoint not written")
         self._hook("on_train_end", self)
         elapsed = time.time() - start
         summary = {"steps": self.step, "elapsed_s": elapsed,

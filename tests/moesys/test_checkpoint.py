@@ -108,6 +108,14 @@ def test_bad_checkpoints_fail_clearly_and_touch_nothing(tmp_path, world1):
     shutil.copytree(good, bad)
     with open(os.path.join(bad, ".metadata"), "wb") as f:
         f.write(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match=r"corrupt: file \.metadata has 7 bytes, the manifest says"):
+        prepare(f"trainer.resume={bad}")
+    # a format-1 checkpoint (no checksums) is not verified; the unreadable .metadata is still named
+    with open(os.path.join(bad, ckpt.META_FILE)) as f:
+        meta = json.load(f)
+    del meta["files"]
+    with open(os.path.join(bad, ckpt.META_FILE), "w") as f:
+        json.dump(meta, f)
     with pytest.raises(ckpt.CheckpointError, match="corrupt: cannot read its DCP .metadata"):
         prepare(f"trainer.resume={bad}")
     with open(os.path.join(bad, ckpt.META_FILE), "w") as f:
