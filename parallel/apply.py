@@ -33,6 +33,7 @@ from .mesh import ParallelDims, mark_expert_param
 from .probe import probe_machine
 from .runner import ExpertParallelRunner
 from .sharded_dp import ShardedDataParallel
+from .timing import clock_for
 from .tuner import DEGREES, MODES, Shape, Tuner, TunerSettings
 
 DISPATCHERS = ("alltoallv", "padded", "hierarchical", "allgather")
@@ -156,10 +157,11 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     agree = agree_group if agree_group is not None else dist.group.WORLD
     tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree)
     if not tuner.pinned:
-        tuner.machine = probe_machine(group, dtype, agree_group=agree)
+        tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock_for(experts.w1.device))
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
                                   agree_group=agree)
+    runner.clock = clock_for(experts.w1.device)
     layer.set_runner(runner)
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])

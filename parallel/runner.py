@@ -20,7 +20,7 @@ its timings alone: every rank makes them at the same points, but a forward-only 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -30,7 +30,7 @@ from .comm import all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher
 from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
 from .sharded_dp import ShardedDataParallel
-from .timing import Timer
+from .timing import HostClock, Timer
 from .tuner import Stats, Tuner
 
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
@@ -52,14 +52,16 @@ class ExpertParallelRunner:
         self.agree_group = agree_group
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
         self._many_groups = agree_group is not None and dist.get_world_size(agree_group) != dist.get_world_size(group)
-        self.clock: Callable[[], float] = time.perf_counter  # what the tuner's trials are timed with
+        # what the tuner's trials are timed with (apply_expert_parallel sets CUDA events on a GPU)
+        self.clock = HostClock()
+        self._timing = False  # this step is one of the tuner's timed trials: mark its fwd and bwd
+        self._fwd_marks: Optional[tuple] = None  # (start, end) marks of the timed forward
         self.current: tuple = tuner.decision  # the (mode, degree) of the latest call
         self.dispatcher = dispatcher
         self.sharded = sharded
         self.tuner = tuner
         self._last_seconds: Optional[float] = None
-        self._fwd_seconds: Optional[float] = None
-        self._bwd_marks: list = [None, None]  # perf_counter at backward start / latest end
+        self._bwd_marks: list = [None, None]  # marks at the timed backward's start / latest end
         self.last_metrics: dict = {}
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
@@ -70,9 +72,9 @@ class ExpertParallelRunner:
                 p.register_post_accumulate_grad_hook(lambda _p: self._mark_bwd(1))
 
     def _mark_bwd(self, which: int) -> None:
-        now = self.clock()
-        if which == 0 or self._bwd_marks[1] is None or now > self._bwd_marks[1]:
-            self._bwd_marks[which] = now
+        # hooks fire in the order the backward runs, so the last end mark is the latest
+        if self._timing:
+            self._bwd_marks[which] = self.clock.mark()
 
     def _hook_backward(self, x_ND: torch.Tensor, y_ND: torch.Tensor) -> None:
         self._bwd_marks = [None, None]
@@ -82,11 +84,14 @@ class ExpertParallelRunner:
             x_ND.register_hook(lambda g: self._mark_bwd(1))
 
     def _previous_step_seconds(self) -> Optional[float]:
-        if self._fwd_seconds is None:
+        """Forward + backward seconds of the previous call if it was a timed trial, else None."""
+        if self._fwd_marks is None:
             return None
+        fwd = self.clock.seconds(*self._fwd_marks)
         start, end = self._bwd_marks
-        bwd = end - start if start is not None and end is not None and end > start else 0.0
-        return self._fwd_seconds + bwd
+        bwd = max(self.clock.seconds(start, end), 0.0) if start is not None and end is not None else 0.0
+        self._fwd_marks, self._bwd_marks = None, [None, None]
+        return fwd + bwd
 
     # -- statistics every rank agrees on ------------------------------------------------------
     def _agreed_stats(self, counts_E: torch.Tensor, num_tokens: int) -> tuple:
@@ -127,8 +132,11 @@ class ExpertParallelRunner:
             else:
                 mode, c = self.tuner.keep()
         self.current = (mode, c)
+        # a trial the tuner will read at its next decision: mark it (the same on every rank)
+        self._timing = tuning and self.tuner.timing_this_step
         timer = Timer()
-        t0 = self.clock()
+        t0 = time.perf_counter()
+        m0 = self.clock.mark() if self._timing else None
         metrics: dict = dict.fromkeys(METRICS, 0.0)
         if mode == "ep":
             y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics)
@@ -137,12 +145,11 @@ class ExpertParallelRunner:
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
-        fwd_s = self.clock() - t0
-        if tuning:
-            self._fwd_seconds = fwd_s
+        if self._timing:
+            self._fwd_marks = (m0, self.clock.mark())
             self._hook_backward(x_ND, y_ND)
         metrics.update({k: float(v) for k, v in timer.totals.items()})
-        metrics["fwd_s"] = fwd_s
+        metrics["fwd_s"] = time.perf_counter() - t0  # host time (on CUDA: launches)
         if self._last_seconds is not None:
             metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
         metrics.update(self.tuner.report())

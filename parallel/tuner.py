@@ -158,6 +158,11 @@ class Tuner:
             return False
         return self.phase != "exploit" or (self.step + 1) % self.settings.check_every == 0
 
+    @property
+    def timing_this_step(self) -> bool:
+        """Whether the step just chosen is a timed trial (its time is read at the next choose)."""
+        return self._timed is not None
+
     def keep(self) -> tuple:
         """This step's (mode, degree) without new statistics (every rank calls it on the same steps)."""
         self.step += 1

@@ -35,12 +35,17 @@ def job_choice(n_groups: int) -> tuple:
 
 
 class SkewedClock:
+    """A step clock (parallel.timing's mark / seconds) whose time runs at the skewed rate."""
+
     def __init__(self, runner, group_index: int) -> None:
         self.runner, self.group_index, self.now = runner, group_index, 0.0
 
-    def __call__(self) -> float:
+    def mark(self) -> float:
         self.now += skewed_cost(self.group_index, self.runner.current)
         return self.now
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
 
 
 def _layer(E: int, dims: ParallelDims, dispatcher: str, tuner: dict) -> MoELayer:
