@@ -38,12 +38,12 @@ def _make_dispatcher(name, layout, group, dims):
     return cls(layout, group, timeout_s=30)
 
 
-def dispatcher_worker(E_values, D=3):
+def dispatcher_worker(E_values, D=3, names=DISPATCHERS):
     torch.manual_seed(0)
     dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
     P, me = dims.ep, dims.ep_rank
     fails = []
-    for E, name, n_base in itertools.product(E_values, DISPATCHERS, (0, 5)):
+    for E, name, n_base in itertools.product(E_values, names, (0, 5)):
         layout = ExpertLayout(world=P, rank=me, num_experts=E, ffn_size=P * 2)
         d = _make_dispatcher(name, layout, dims.ep_group, dims)
         g = torch.Generator().manual_seed(100 + me + 10 * n_base)
@@ -309,6 +309,14 @@ def failing_worker():
 def suite_worker(cases, combos, E_values):
     """Everything one world size checks, in one spawn."""
     return {"dispatchers": dispatcher_worker(E_values), "layer": layer_worker(cases, combos)}
+
+
+def two_node_worker(cases, combos):
+    """The fast 4-rank checks, in one spawn on two simulated nodes (LOCAL_WORLD_SIZE=2): the
+    hierarchical dispatcher across nodes (plain tensors and the layer) and gradient sync at
+    dp = 4 > ep = 2 > 1."""
+    return {"dispatchers": dispatcher_worker((2, 4, 8), names=("hierarchical",)),
+            "layer": layer_worker(cases, combos), "grads": grads_worker()}
 
 
 def ctor_worker():
