@@ -1,27 +1,13 @@
 """Run the Triton kernels on CPU through the interpreter.
 
-TRITON_INTERPRET is read when a `@triton.jit` function is decorated, i.e. when a
-`moesys.kernels.*_triton` module is first imported, so it is set here at import time (before
-the test modules in this folder are collected). After collection the old value is restored so
-test folders collected alongside this one see the environment they expect; the autouse fixture
-sets it again around each test here (the backend resolver reads it per call).
+TRITON_INTERPRET must be set before `triton` is first imported; tests/conftest.py does that for
+the whole collection (whichever test folders are collected, in any order). Here the autouse
+fixture sets it around each test, because the backend resolver reads it per call.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-
-def pytest_collection_finish(session):
-    if _BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _BEFORE
 
 
 @pytest.fixture(autouse=True)

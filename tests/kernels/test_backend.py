@@ -30,6 +30,17 @@ def test_supported_on_cpu_by_dtype_and_never_off_cpu_cuda():
     assert not backend.grouped_mm_supported(torch.device("meta"), torch.bfloat16)
 
 
+def test_triton_itself_was_imported_under_the_interpreter():
+    # tests/conftest.py sets TRITON_INTERPRET before any import of triton: Triton's own helpers
+    # (tl.zeros) decorated without it fail inside every interpreted kernel that calls them, so the
+    # kernel tests would pass or fail by which test file happened to import moesys first
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(tl.zeros, InterpretedFunction)
+
+
 def test_resolve_rules(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert backend.resolve("auto", cpu, torch.float32) == "torch"

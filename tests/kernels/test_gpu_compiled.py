@@ -1,6 +1,6 @@
 """The compiled (not interpreted) Triton kernels on a CUDA device, against the torch references.
 
-This folder's conftest sets TRITON_INTERPRET=1 for the CPU tests, and the variable is read when
+The test conftests set TRITON_INTERPRET=1 for the CPU tests, and the variable is read when
 the kernels are first imported, so the GPU check runs in a fresh interpreter without it.
 Skipped without CUDA.
 """

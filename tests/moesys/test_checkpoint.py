@@ -9,7 +9,7 @@ import torch
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.parallel import simulate
-from train_helpers import build_trainer, load_and_probe, make_cfg, read_flat_checkpoint
+from train_helpers import build_trainer, expert_offset_worker, load_and_probe, make_cfg, read_flat_checkpoint
 
 
 def _snapshot(root):
@@ -157,6 +157,15 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
             torch.testing.assert_close(torch.from_numpy(probes[0][m]), ref[m], rtol=0, atol=0)
         assert probes[0]["step"] == 4.0 and results[0]["step"] == 4
 
+
+
+@pytest.mark.multirank
+def test_each_rank_loads_its_experts_at_their_global_offset(tmp_path):
+    """Save one layer at EP=2; load at EP=2 (rank 1 must read experts 2, 3) and at EP=1 (all four):
+    weights and AdamW moments equal the right slices of the global tensors, bit for bit."""
+    results = simulate(expert_offset_worker, 2, str(tmp_path / "ckpt"), timeout_s=60)
+    fails = [f for r in results for f in r]
+    assert not fails, "\n".join(fails)
 
 def test_checkpoint_meta_records_structure(tmp_path, world1):
     cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=1")

@@ -1,6 +1,7 @@
 """MoELayer against a per-token reference loop: outputs and every gradient."""
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -264,3 +265,16 @@ def test_zero_tokens(router):
 def test_narrow_ffn_widths(Fh):
     layer = make("topk", "gelu", Fh=Fh)
     assert_same(layer, torch.randn(29, 12))
+
+
+def test_outside_the_kernel_tests_cpu_takes_the_torch_path():
+    # tests/conftest.py sets TRITON_INTERPRET only while collecting (tests/kernels sets it per test):
+    # here forcing Triton on CPU is the documented error and "auto" is the torch path
+    from moesys.kernels import resolve_backend
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 was set by the caller")
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match="cannot run on device cpu"):
+        resolve_backend("triton", cpu)

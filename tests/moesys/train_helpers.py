@@ -66,3 +66,59 @@ def read_flat_checkpoint(ckpt_dir):
         path = os.path.join(d, "flat.pt")
         dcp_to_torch_save(ckpt_dir, path)
         return torch.load(path, weights_only=False)
+
+
+def expert_offset_worker(root):
+    """Rank fn (2 ranks): save a checkpoint of one MoE layer at EP=2, load it back at EP=2 and at EP=1
+    into differently initialised layers; report every local expert tensor (weights and AdamW moments)
+    that is not exactly its slice of the global [E, ...] tensor. Returns a list of failure strings."""
+    import copy
+
+    import torch.distributed as dist
+
+    from moesys import MoEConfig, MoELayer
+    from moesys import checkpoint as ckpt
+    from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel
+
+    cfg = MoEConfig(hidden_size=6, ffn_hidden_size=10, num_experts=4, top_k=2, activation="swiglu")
+    dims = ParallelDims.build(ep=2, timeout_s=60)
+    me = dist.get_rank()
+    torch.manual_seed(0)
+    layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, mode="ep", overlap=1, timeout_s=60)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(me))
+    layer(x)[0].square().sum().backward()
+    allreduce_gradients(layer, dims)  # the router stays replicated
+    opt.step()
+    names = ("w1", "w2", "w3")
+
+    def local(model, optimizer):
+        out = {}
+        for n in names:
+            p = getattr(model.experts, n)
+            out[n] = p.detach()
+            out.update({f"{n}.{m}": optimizer.state[p][m] for m in ("exp_avg", "exp_avg_sq")})
+        return out
+
+    def gather(t):  # [E/2, ...] on each rank -> the global [E, ...] tensor
+        parts = [torch.empty_like(t) for _ in range(2)]
+        dist.all_gather(parts, t.contiguous(), group=dims.ep_group)
+        return torch.cat(parts)
+
+    want = {k: gather(v) for k, v in local(layer, opt).items()}
+    path = ckpt.save_checkpoint(root, 1, model=layer, optimizer=opt, trainer_state={"world_size": 2}, structure={})
+    fails = []
+    for ep in (2, 1):
+        torch.manual_seed(100 + ep)  # other weights than the saved ones
+        fresh = MoELayer(cfg)
+        if ep == 2:
+            apply_expert_parallel(fresh, dims.ep_group, dims=dims, mode="ep", overlap=1, timeout_s=60)
+        fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        ckpt.load_checkpoint(path, model=fresh, optimizer=fresh_opt, structure={})
+        sl = slice(fresh.experts.expert_offset, fresh.experts.expert_offset + fresh.experts.num_local_experts)
+        for k, v in local(fresh, fresh_opt).items():
+            if not torch.equal(v, want[k][sl]):
+                fails.append(f"rank {me} EP={ep}: experts.{k} is not global experts [{sl.start}, {sl.stop})")
+        if not torch.equal(fresh.router.weight, layer.router.weight):
+            fails.append(f"rank {me} EP={ep}: router weight differs")
+    return fails

@@ -1,9 +1,29 @@
 import datetime
+import os
+import sys
 
 import pytest
 import torch.distributed as dist
 
-from moesys.parallel.simulate import free_port
+sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the workers by module name
+
+import _matrix  # noqa: E402
+import ep_workers  # noqa: E402
+
+from moesys.parallel import simulate  # noqa: E402
+from moesys.parallel.simulate import free_port  # noqa: E402
+
+# the layer through the hierarchical dispatcher across nodes: dropless, and with drops
+TWO_NODE_CASES = _matrix.cases(4)[:2]
+TWO_NODE_COMBOS = [("hierarchical", "ep", 1), ("hierarchical", "ep", 2)]
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """Per-rank results of ep_workers.two_node_worker: one 4-rank spawn (2 nodes of 2 ranks) shared
+    by the fast 4-rank tests, since a spawn costs seconds on a shared CPU."""
+    return simulate(ep_workers.two_node_worker, 4, TWO_NODE_CASES, TWO_NODE_COMBOS, timeout_s=60,
+                    local_world_size=2)
 
 
 @pytest.fixture

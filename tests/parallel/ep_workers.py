@@ -38,12 +38,12 @@ def _make_dispatcher(name, layout, group, dims):
     return cls(layout, group, timeout_s=30)
 
 
-def dispatcher_worker(E_values, D=3):
+def dispatcher_worker(E_values, D=3, names=DISPATCHERS):
     torch.manual_seed(0)
     dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
     P, me = dims.ep, dims.ep_rank
     fails = []
-    for E, name, n_base in itertools.product(E_values, DISPATCHERS, (0, 5)):
+    for E, name, n_base in itertools.product(E_values, names, (0, 5)):
         layout = ExpertLayout(world=P, rank=me, num_experts=E, ffn_size=P * 2)
         d = _make_dispatcher(name, layout, dims.ep_group, dims)
         g = torch.Generator().manual_seed(100 + me + 10 * n_base)
@@ -140,6 +140,68 @@ def layer_worker(cases, combos, seed=0):
     return {"fails": fails, "checked": checked}
 
 
+
+# ---------------------------------------------------------------------------------------------
+# sharded data parallel at overlap degrees whose F-chunks do not divide the width
+def sharded_dp_worker(cases, degrees, D=5):
+    """cases: (num_experts, ffn width F, activation); each rank runs its own rows with every expert.
+
+    The reference is the single-process GroupedExperts on each rank's rows; its weight grads summed
+    over ranks are what the all-gather's backward leaves on each owner (its slice of them).
+    """
+    from moesys.experts import FFN_DIM, GroupedExperts, slice_ffn
+    from moesys.parallel.sharded_dp import ShardedDataParallel, _f_chunks
+
+    P, me = dist.get_world_size(), dist.get_rank()
+    fails, spans = [], {}
+    for E, F, act in cases:
+        torch.manual_seed(E * 100 + F)
+        base = GroupedExperts(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=1, activation=act))
+        with torch.no_grad():  # weights of order one: a lost F column moves y far beyond atol
+            for w in (base.w1, base.w2, base.w3):
+                if w is not None:
+                    w.normal_(0, 0.5)
+        counts, xs, gys = [], [], []
+        for r in range(P):
+            g = torch.Generator().manual_seed(10 * F + r)
+            c_E = torch.randint(1, 5, (E,), generator=g)
+            if E > 1:
+                c_E[(r + 1) % E] = 0  # an expert this rank sends nothing to
+            counts.append(c_E)
+            xs.append(torch.randn(int(c_E.sum()), D, generator=g))
+            gys.append(torch.randn(int(c_E.sum()), D, generator=g))
+        ref = copy.deepcopy(base)
+        for r in range(P):
+            x = xs[r].clone().requires_grad_(True)
+            y = ref(x, counts[r])
+            (y * gys[r]).sum().backward()
+            if r == me:
+                want_y, want_dx = y.detach(), x.grad
+        layout = ExpertLayout(world=P, rank=me, num_experts=E, ffn_size=F)
+        for c in degrees:
+            tag = f"E={E} F={F} {act} c={c}"
+            experts = copy.deepcopy(base)
+            for wn in FFN_DIM:  # this rank's experts (and F-slice when P > E), as apply_expert_parallel keeps
+                w = getattr(experts, wn)
+                if w is not None:
+                    part = slice_ffn(wn, w.detach()[layout.expert_slice], layout.f_slice).clone()
+                    setattr(experts, wn, torch.nn.Parameter(part))
+            sdp = ShardedDataParallel(layout, dist.group.WORLD, timeout_s=30)
+            x = xs[me].clone().requires_grad_(True)
+            y = sdp(x, counts[me], experts, chunks=c)
+            (y * gys[me]).sum().backward()
+            spans[tag] = [(s.start, s.stop) for s in _f_chunks(experts.w1.shape[2], c)]
+            if sdp.last_chunks != len(spans[tag]):
+                fails.append(f"{tag}: ran {sdp.last_chunks} chunks, _f_chunks gives {spans[tag]}")
+            close("y", y.detach(), want_y, fails, tag)
+            close("dx", x.grad, want_dx, fails, tag)
+            for wn in FFN_DIM:
+                p = getattr(experts, wn)
+                if p is not None:
+                    want = slice_ffn(wn, getattr(ref, wn).grad[layout.expert_slice], layout.f_slice)
+                    close(f"d {wn}", p.grad, want, fails, tag)
+    return {"fails": fails, "spans": spans}
+
 # ---------------------------------------------------------------------------------------------
 # the tuner in auto mode: several steps, decisions agreed, every step exact
 def auto_worker(cfg_kw, steps=8):
@@ -182,6 +244,9 @@ def grads_worker():
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2)
     torch.manual_seed(5)
     base = MoELayer(cfg)
+    with torch.no_grad():  # weights of order one (init_std is 0.02): a grad off by 2x is far outside atol
+        for p in base.parameters():
+            p.normal_(0, 0.5)
     xs = [_tokens(r, lambda r: 5, 8, 99) for r in range(world)]
     ref = copy.deepcopy(base)
     loss = sum(ref(x)[0].square().sum() for x in xs) / world  # mean over dp ranks
@@ -247,6 +312,14 @@ def failing_worker():
 def suite_worker(cases, combos, E_values):
     """Everything one world size checks, in one spawn."""
     return {"dispatchers": dispatcher_worker(E_values), "layer": layer_worker(cases, combos)}
+
+
+def two_node_worker(cases, combos):
+    """The fast 4-rank checks, in one spawn on two simulated nodes (LOCAL_WORLD_SIZE=2): the
+    hierarchical dispatcher across nodes (plain tensors and the layer) and gradient sync at
+    dp = 4 > ep = 2 > 1."""
+    return {"dispatchers": dispatcher_worker((2, 4, 8), names=("hierarchical",)),
+            "layer": layer_worker(cases, combos), "grads": grads_worker()}
 
 
 def ctor_worker():

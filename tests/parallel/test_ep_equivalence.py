@@ -44,3 +44,13 @@ def test_layer_equivalence_every_combo(world):
     # every case x combo ran its checks on every rank (none skipped or cut short)
     for r in results:
         assert r["layer"]["checked"] == len(_matrix.cases(world)) * len(_matrix.COMBOS)
+
+
+@pytest.mark.multirank
+def test_hierarchical_across_two_nodes(two_nodes):
+    # world 4 as 2 nodes of 2: stage 1 within a node, stage 2 across; the fast tier's only run
+    # where a rank's node index is not 0
+    fails = [f for r in two_nodes for f in r["dispatchers"] + r["layer"]["fails"]]
+    assert not fails, "\n".join(fails[:20])
+    for r in two_nodes:
+        assert r["layer"]["checked"] == 4

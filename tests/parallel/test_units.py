@@ -72,6 +72,21 @@ def test_f_chunks_use_whole_16_byte_units():
     assert _f_chunks(4, 1) == [slice(0, 4)]
 
 
+
+def test_f_chunks_tile_any_width():
+    # widths the chunks do not divide: the last span must still end at the width
+    for width in [*range(1, 41), 1408]:
+        for chunks in range(1, 9):
+            spans = _f_chunks(width, chunks)
+            tag = f"_f_chunks({width}, {chunks}) = {spans}"
+            assert 1 <= len(spans) <= chunks, tag
+            assert spans[0].start == 0 and spans[-1].stop == width, tag
+            assert all(a.stop == b.start for a, b in zip(spans, spans[1:])), tag
+            assert all(s.stop > s.start for s in spans), tag
+            # the CPU grouped GEMM rejects a 1-wide operand; 4-aligned widths stay in 16-byte units
+            assert width < 2 or all(s.stop - s.start >= 2 for s in spans), tag
+            assert width % 4 or all(s.start % 4 == 0 for s in spans), tag
+
 # -- mesh ----------------------------------------------------------------------------------------
 def test_mesh_ranks_ep_edp_tp():
     r = mesh_ranks(8, ep=2, tp=2)
