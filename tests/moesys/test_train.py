@@ -42,11 +42,27 @@ def test_tiny_run_ep2_loss_falls_and_matches_ep1(tmp_path):
     assert os.path.isdir(tmp_path / "ep2" / "checkpoints")
 
 
-def test_bf16_autocast_runs(tmp_path):
+def test_bf16_autocast_runs(tmp_path, monkeypatch):
+    from moesys.kernels import cpu_blas
+
+    # as in a fresh process: the CPU GEMM batch's one-time check has not run before this run's
+    # autocast (issue 15: it then raised "Float did not match BFloat16")
+    monkeypatch.setattr(cpu_blas, "_checked", None)
     s = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4", "moe.activation=swiglu",
                                "trainer.precision=bf16", "trainer.save_final=false"), str(tmp_path / "o"))
     assert s["steps"] == 4 and math.isfinite(s["train_loss_end"])
     assert s["train_losses"][-1] < s["train_losses"][0]
+
+
+def test_readme_bf16_command_on_cpu(tmp_path, monkeypatch):
+    """The README's `moesys-train trainer.precision=bf16 trainer.grad_accum=4 trainer.clip=1.0`,
+    at the tiny preset's sizes, in a process whose CPU GEMM batch is not yet checked (issue 15)."""
+    from moesys.kernels import cpu_blas
+
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+    s = train_mod.run(make_cfg("trainer.precision=bf16", "trainer.grad_accum=4", "trainer.clip=1.0",
+                               "trainer.steps=3", "trainer.save_final=false"), str(tmp_path / "o"))
+    assert s["steps"] == 3 and all(math.isfinite(v) for v in s["train_losses"])
 
 
 def test_cpu_buffer_cache_on_and_off_train_alike(tmp_path, monkeypatch):
