@@ -14,7 +14,7 @@ from typing import Optional
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "probs", "random")
-AUX_LOSSES = ("switch", "seq", "none")
+AUX_LOSSES = ("switch", "gshard", "seq", "none")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -45,6 +45,7 @@ class MoEConfig:
     min_capacity: int = 4
     drop_policy: str = "position"  # one of DROP_POLICIES
     # --- balancing losses ----------------------------------------------------------------------
+    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only
     aux_loss: str = "switch"  # one of AUX_LOSSES
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0

@@ -34,12 +34,14 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
 
-    def balance_losses(self, probs_TE, logits_TE, token_idx_R, expert_idx_R, seq_len: int, top_k: float) -> dict:
+    def balance_losses(self, probs_TE, logits_TE, token_idx_R, expert_idx_R, slot_R, seq_len: int, top_k: float) -> dict:
         cfg = self.cfg
         losses = {}
         if cfg.aux_loss == "switch":
             counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
             losses["aux_loss"] = balance.switch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "gshard":
+            losses["aux_loss"] = balance.gshard_aux_loss(probs_TE, expert_idx_R, slot_R, cfg.aux_loss_coef)
         elif cfg.aux_loss == "seq":
             losses["aux_loss"] = balance.seq_aux_loss(probs_TE, token_idx_R, expert_idx_R, seq_len, top_k, cfg.aux_loss_coef)
         if cfg.z_loss_coef > 0:
@@ -63,7 +65,7 @@ class TopKRouter(Router):
         # softmax + top-k, fused into one kernel on the Triton path
         probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
-        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
+        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
 
@@ -95,7 +97,7 @@ class SigmoidBiasRouter(Router):
             with torch.no_grad():
                 self.load_since_update += torch.bincount(expert_R, minlength=cfg.num_experts).float()
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
+        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
 
