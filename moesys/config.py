@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +34,10 @@ class MoEConfig:
     top_k: int = 2
     # --- routing -------------------------------------------------------------------------------
     router: str = "topk"  # one of ROUTERS
-    normalize_topk: bool = True  # renormalise the k weights to sum to 1 (Mixtral/GShard)
+    # renormalise the k weights to sum to 1 (Mixtral/GShard); None: decide by K (True for K > 1,
+    # False for K = 1, where one renormalised weight is always 1 and the router would get no
+    # gradient from the task loss). Read it through `renormalize_topk`.
+    normalize_topk: Optional[bool] = None
     jitter_eps: float = 0.0  # multiply router input by U(1-eps, 1+eps); training only
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free (sigmoid_bias) update
     allow_noncausal: bool = False  # expert_choice looks at the whole batch: opt in for decoders
@@ -77,6 +81,18 @@ class MoEConfig:
         choice("aux_loss", AUX_LOSSES)
         choice("kernel_backend", KERNEL_BACKENDS)
         choice("gate_activation", GATE_ACTIVATIONS)
+        if self.normalize_topk is not None and not isinstance(self.normalize_topk, bool):
+            raise ValueError(
+                f"MoEConfig.normalize_topk must be True, False or None (decide by top_k), got {self.normalize_topk!r}"
+            )
+        if self.normalize_topk is True and self.top_k == 1 and self.router in ("topk", "sigmoid_bias"):
+            warnings.warn(
+                f"MoEConfig.normalize_topk=True with top_k=1 (router={self.router!r}): every combine weight is "
+                "then 1, so the task loss gives the router no gradient; leave normalize_topk unset (None: "
+                "False for K=1) to scale each output by its routing probability",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
@@ -117,6 +133,16 @@ class MoEConfig:
         """Routers whose number of experts per token varies (dense-to-sparse gates)."""
         return self.router in ("dts", "act_dts")
 
+    @property
+    def renormalize_topk(self) -> bool:
+        """Whether the top-k routers renormalise their K weights to sum to 1: `normalize_topk`, or
+        when it is None, K > 1. router="switch" never does (its output is scaled by p_max)."""
+        if self.router == "switch":
+            return False
+        if self.normalize_topk is None:
+            return self.top_k > 1
+        return self.normalize_topk
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -126,7 +152,9 @@ class MoEConfig:
         Compared across ranks before the first all-to-all so a mismatched config is an error,
         not a hang or silent garbage.
         """
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        fields = self.to_dict()
+        fields["normalize_topk"] = self.renormalize_topk  # None and its resolved value route alike
+        blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def capacity(self, num_tokens: int) -> Optional[int]:

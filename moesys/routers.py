@@ -53,7 +53,8 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """p = softmax(z); top-k; weights renormalised over the k when cfg.normalize_topk.
+    """p = softmax(z); top-k; weights renormalised over the k when cfg.renormalize_topk
+    (`normalize_topk`, by default: K > 1).
 
     router="switch": top-1 with the output scaled by p_max (no renormalisation).
     """
@@ -61,7 +62,7 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
-        normalize = cfg.normalize_topk and cfg.router != "switch"
+        normalize = cfg.renormalize_topk  # never for router="switch"
         # softmax + top-k, fused into one kernel on the Triton path
         probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
@@ -90,7 +91,7 @@ class SigmoidBiasRouter(Router):
         scores_TE = torch.sigmoid(logits_TE)
         idx_TK = (scores_TE.detach() + self.expert_bias).topk(cfg.top_k, dim=-1).indices
         w_TK = scores_TE.gather(1, idx_TK)
-        if cfg.normalize_topk:
+        if cfg.renormalize_topk:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         if self.training:

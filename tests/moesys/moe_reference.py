@@ -22,12 +22,14 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
     """[(token, expert, weight, slot)] decided independently of moesys's routing code."""
     T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
     logits = x_TD.float() @ router_w.float().t()
+    # normalize_topk=None means: renormalise for K > 1 only
+    normalize = cfg.normalize_topk if cfg.normalize_topk is not None else K > 1
     routes = []
     if cfg.router in ("topk", "switch"):
         probs = torch.softmax(logits, -1)
         for t in range(T):
             vals, idx = probs[t].topk(K)
-            if cfg.router == "topk" and cfg.normalize_topk:
+            if cfg.router == "topk" and normalize:
                 vals = vals / vals.sum()
             for k in range(K):
                 routes.append((t, int(idx[k]), vals[k], k))
@@ -37,7 +39,7 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
         for t in range(T):
             idx = (s[t].detach() + b).topk(K).indices
             vals = s[t][idx]
-            if cfg.normalize_topk:
+            if normalize:
                 vals = vals / vals.sum()
             for k in range(K):
                 routes.append((t, int(idx[k]), vals[k], k))
