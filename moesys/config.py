@@ -8,8 +8,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
@@ -99,9 +101,10 @@ class MoEConfig:
             )
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"MoEConfig.router='switch' is top-1; got top_k={self.top_k}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf):
             raise ValueError(
-                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+                f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}"
             )
         if self.router == "expert_choice" and self.capacity_factor is None:
             # expert choice always has a capacity: C = ceil(T * K / E) with cf defaulting to 1
@@ -161,7 +164,14 @@ class MoEConfig:
         """Per-expert capacity C = max(min_capacity, ceil(cf * K * T / E)); None when dropless."""
         if self.capacity_factor is None:
             return None
-        import math
+        return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts))
 
-        c = math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
-        return max(self.min_capacity, c)
+
+def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
+    """ceil(cf * K * T / E) in exact arithmetic, cf taken as the decimal it is written as.
+
+    In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
+    `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
+    is the number the user wrote in the config."""
+    cf = Fraction(str(capacity_factor))
+    return math.ceil(cf * top_k * num_tokens / num_experts)

@@ -6,8 +6,6 @@ between ranks and runs.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from moesys.kernels import topk_softmax
 
 from . import balance
-from .config import MoEConfig
+from .config import MoEConfig, exact_capacity
 from .routing import Routing, token_major_routes
 
 
@@ -121,7 +119,7 @@ class ExpertChoiceRouter(Router):
     def capacity(self, T: int) -> int:
         cfg = self.cfg
         cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-        return min(T, max(cfg.min_capacity, math.ceil(cf * cfg.top_k * T / cfg.num_experts)))
+        return min(T, max(cfg.min_capacity, exact_capacity(cf, cfg.top_k, T, cfg.num_experts)))
 
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg

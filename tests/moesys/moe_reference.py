@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
     elif cfg.router == "expert_choice":
         probs = torch.softmax(logits, -1)
         cf = cfg.capacity_factor or 1.0
-        C = min(T, max(cfg.min_capacity, math.ceil(cf * K * T / E)))
+        C = min(T, max(cfg.min_capacity, math.ceil(Fraction(str(cf)) * K * T / E)))
         for e in range(E):
             vals, toks = probs[:, e].topk(C)
             for c in range(C):
@@ -60,7 +61,7 @@ def apply_capacity(routes, cfg, T):
     """Positional priority: all first choices (in token order) before second choices."""
     if cfg.capacity_factor is None or cfg.router == "expert_choice":
         return routes, 0
-    C = max(cfg.min_capacity, math.ceil(cfg.capacity_factor * cfg.top_k * T / cfg.num_experts))
+    C = max(cfg.min_capacity, math.ceil(Fraction(str(cfg.capacity_factor)) * cfg.top_k * T / cfg.num_experts))
     used = [0] * cfg.num_experts
     kept = []
     for r in sorted(routes, key=lambda r: (r[3], r[0])):

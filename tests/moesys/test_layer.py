@@ -242,8 +242,8 @@ def test_bad_width_is_a_clear_error():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(top_k=9), r"top_k \(9\) must be <= num_experts \(7\)"),
-    (dict(capacity_factor=0.0), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=-1.0), r"capacity_factor must be > 0"),
+    (dict(capacity_factor=0.0), r"capacity_factor must be a finite number > 0"),
+    (dict(capacity_factor=-1.0), r"capacity_factor must be a finite number > 0"),
     (dict(router="hash"), r"router='hash' is not one of"),
     (dict(activation="tanh"), r"activation='tanh' is not one of"),
     (dict(num_experts=0), r"num_experts must be a positive integer, got 0"),
