@@ -16,7 +16,7 @@ from typing import Optional
 
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-DROP_POLICIES = ("position", "probs", "random")
+DROP_POLICIES = ("position", "bpr", "probs", "random")
 AUX_LOSSES = ("switch", "gshard", "seq", "none")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 TAU_SCHEDULES = ("linear", "exponential")
@@ -49,7 +49,10 @@ class MoEConfig:
     # --- capacity ------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None = dropless
     min_capacity: int = 4
-    drop_policy: str = "position"  # one of DROP_POLICIES
+    drop_policy: str = "position"  # one of DROP_POLICIES (moesys/plan.py); "bpr": Tutel's BPR
+    # DeepSpeed's top-2 gate: after drops, divide each token's kept weights by their sum (a token
+    # that lost one of two routes puts weight 1 on the survivor); needs weights that sum to 1
+    renormalize_after_drop: bool = False
     # --- balancing losses ----------------------------------------------------------------------
     # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only
     aux_loss: str = "switch"  # one of AUX_LOSSES
@@ -94,6 +97,14 @@ class MoEConfig:
                 "False for K=1) to scale each output by its routing probability",
                 UserWarning,
                 stacklevel=3,
+            )
+        if not isinstance(self.renormalize_after_drop, bool):
+            raise ValueError(f"MoEConfig.renormalize_after_drop must be True or False, got {self.renormalize_after_drop!r}")
+        if self.renormalize_after_drop and not (self.router in ("topk", "sigmoid_bias") and self.renormalize_topk):
+            raise ValueError(
+                "MoEConfig.renormalize_after_drop=True rescales each token's top-k weights, which sum to 1, over "
+                "the routes it keeps: it needs router 'topk' or 'sigmoid_bias' with top_k > 1 and normalize_topk "
+                f"not False; got router={self.router!r}, top_k={self.top_k}, normalize_topk={self.normalize_topk!r}"
             )
         if self.top_k > self.num_experts:
             raise ValueError(

@@ -102,7 +102,7 @@ def test_ample_capacity_equals_dropless():
     torch.testing.assert_close(ya, yb)
 
 
-@pytest.mark.parametrize("policy", ["position", "probs", "random"])
+@pytest.mark.parametrize("policy", ["position", "bpr", "probs", "random"])
 def test_tight_capacity_drops_exactly_the_overflow(policy):
     E, K, T = 7, 2, 90
     layer = make("topk", "gelu", E=E, K=K, capacity_factor=0.5, drop_policy=policy, min_capacity=1)
