@@ -71,13 +71,19 @@ def available() -> bool:
 
 def _self_check() -> bool:
     """Two groups of different sizes, one transposed operand: the batched result must equal
-    per-group torch.mm (guards against an MKL built with another integer width or layout)."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(7, 5, generator=g), torch.randn(2, 6, 5, generator=g).transpose(1, 2)
-    out = torch.zeros(7, 6)
-    _rows_call(x, w, out, _layout(x), _layout(w), _layout(out), _groups([3, 4]))
-    want = torch.cat([x[:3] @ w[0], x[3:] @ w[1]])
-    return bool(torch.allclose(out, want, rtol=1e-5, atol=1e-5))
+    per-group torch.mm (guards against an MKL built with another integer width or layout).
+
+    The check runs lazily, at the first fp32 grouped GEMM, which may be inside a caller's
+    `torch.autocast`: there `@` would give a bf16 reference (and `allclose` refuses mixed dtypes),
+    so the reference is computed with autocast off, in fp32 like the batched call itself."""
+    with torch.autocast("cpu", enabled=False):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(7, 5, generator=g, dtype=torch.float32)
+        w = torch.randn(2, 6, 5, generator=g, dtype=torch.float32).transpose(1, 2)
+        out = torch.zeros(7, 6, dtype=torch.float32)
+        _rows_call(x, w, out, _layout(x), _layout(w), _layout(out), _groups([3, 4]))
+        want = torch.cat([torch.mm(x[:3], w[0]), torch.mm(x[3:], w[1])])
+        return bool(torch.allclose(out, want, rtol=1e-5, atol=1e-5))
 
 
 def set_enabled(flag: bool) -> None:
@@ -113,7 +119,9 @@ def _call(m, n, k, a_ptr, lda, ta, b_ptr, ldb, tb, c_ptr, ldc) -> None:
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    # operands first: the MKL batch is sgemm (fp32) only, so bf16/fp16 operands never reach it,
+    # nor the one-time self-check that `available()` runs
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and available()
 
 
 def serves(x: torch.Tensor) -> bool:

@@ -4,6 +4,8 @@ Legend: T tokens, E experts, K routes per token (mean), R routes in all, S seque
 Formulas (DESIGN.md):
   switch  L = coef * E / (K * T^2) * sum_i (sum_t p_ti) * count_i     (Megatron's top-k form;
           = coef * E * sum_i f_i P_i for top-1)
+  gshard  L = coef * E * sum_i me_i * ce_i, me_i = mean_t p_ti, ce_i = fraction of tokens whose
+          FIRST choice is i (GShard, Tutel, DeepSpeed: second choices do not count; = switch at K=1)
   seq     the same per sequence of length S (probabilities normalised per token), averaged
   z       L_z = coef * mean_t (logsumexp_j z_tj)^2                      (ST-MoE)
   evo     L = coef * E^2 * mean_e(me_e * ce_e), me = mean_t p, ce = fraction of tokens routed
@@ -24,6 +26,18 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: float
     if T == 0:
         return probs_TE.sum() * 0.0
     return coef * E / (top_k * T * T) * (probs_TE.sum(0) * counts_E.to(probs_TE.dtype)).sum()
+
+
+def gshard_aux_loss(probs_TE: torch.Tensor, expert_idx_R: torch.Tensor, slot_R: torch.Tensor, coef: float) -> torch.Tensor:
+    """GShard's balance loss, as Tutel and DeepSpeed compute it: only first choices (slot 0) count.
+
+    Routes are counted before any capacity drop, as in those systems."""
+    T, E = probs_TE.shape
+    if T == 0:
+        return probs_TE.sum() * 0.0
+    me_E = probs_TE.mean(0)
+    ce_E = torch.bincount(expert_idx_R[slot_R == 0], minlength=E).to(probs_TE.dtype) / T
+    return coef * E * (me_E * ce_E).sum()
 
 
 def seq_aux_loss(

@@ -8,13 +8,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
-DROP_POLICIES = ("position", "probs", "random")
-AUX_LOSSES = ("switch", "seq", "none")
+DROP_POLICIES = ("position", "bpr", "probs", "random")
+AUX_LOSSES = ("switch", "gshard", "seq", "none")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -33,7 +36,10 @@ class MoEConfig:
     top_k: int = 2
     # --- routing -------------------------------------------------------------------------------
     router: str = "topk"  # one of ROUTERS
-    normalize_topk: bool = True  # renormalise the k weights to sum to 1 (Mixtral/GShard)
+    # renormalise the k weights to sum to 1 (Mixtral/GShard); None: decide by K (True for K > 1,
+    # False for K = 1, where one renormalised weight is always 1 and the router would get no
+    # gradient from the task loss). Read it through `renormalize_topk`.
+    normalize_topk: Optional[bool] = None
     jitter_eps: float = 0.0  # multiply router input by U(1-eps, 1+eps); training only
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free (sigmoid_bias) update
     allow_noncausal: bool = False  # expert_choice looks at the whole batch: opt in for decoders
@@ -43,8 +49,12 @@ class MoEConfig:
     # --- capacity ------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None = dropless
     min_capacity: int = 4
-    drop_policy: str = "position"  # one of DROP_POLICIES
+    drop_policy: str = "position"  # one of DROP_POLICIES (moesys/plan.py); "bpr": Tutel's BPR
+    # DeepSpeed's top-2 gate: after drops, divide each token's kept weights by their sum (a token
+    # that lost one of two routes puts weight 1 on the survivor); needs weights that sum to 1
+    renormalize_after_drop: bool = False
     # --- balancing losses ----------------------------------------------------------------------
+    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only
     aux_loss: str = "switch"  # one of AUX_LOSSES
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
@@ -76,15 +86,36 @@ class MoEConfig:
         choice("aux_loss", AUX_LOSSES)
         choice("kernel_backend", KERNEL_BACKENDS)
         choice("gate_activation", GATE_ACTIVATIONS)
+        if self.normalize_topk is not None and not isinstance(self.normalize_topk, bool):
+            raise ValueError(
+                f"MoEConfig.normalize_topk must be True, False or None (decide by top_k), got {self.normalize_topk!r}"
+            )
+        if self.normalize_topk is True and self.top_k == 1 and self.router in ("topk", "sigmoid_bias"):
+            warnings.warn(
+                f"MoEConfig.normalize_topk=True with top_k=1 (router={self.router!r}): every combine weight is "
+                "then 1, so the task loss gives the router no gradient; leave normalize_topk unset (None: "
+                "False for K=1) to scale each output by its routing probability",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not isinstance(self.renormalize_after_drop, bool):
+            raise ValueError(f"MoEConfig.renormalize_after_drop must be True or False, got {self.renormalize_after_drop!r}")
+        if self.renormalize_after_drop and not (self.router in ("topk", "sigmoid_bias") and self.renormalize_topk):
+            raise ValueError(
+                "MoEConfig.renormalize_after_drop=True rescales each token's top-k weights, which sum to 1, over "
+                "the routes it keeps: it needs router 'topk' or 'sigmoid_bias' with top_k > 1 and normalize_topk "
+                f"not False; got router={self.router!r}, top_k={self.top_k}, normalize_topk={self.normalize_topk!r}"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
             )
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"MoEConfig.router='switch' is top-1; got top_k={self.top_k}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf):
             raise ValueError(
-                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+                f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}"
             )
         if self.router == "expert_choice" and self.capacity_factor is None:
             # expert choice always has a capacity: C = ceil(T * K / E) with cf defaulting to 1
@@ -116,6 +147,16 @@ class MoEConfig:
         """Routers whose number of experts per token varies (dense-to-sparse gates)."""
         return self.router in ("dts", "act_dts")
 
+    @property
+    def renormalize_topk(self) -> bool:
+        """Whether the top-k routers renormalise their K weights to sum to 1: `normalize_topk`, or
+        when it is None, K > 1. router="switch" never does (its output is scaled by p_max)."""
+        if self.router == "switch":
+            return False
+        if self.normalize_topk is None:
+            return self.top_k > 1
+        return self.normalize_topk
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -125,14 +166,23 @@ class MoEConfig:
         Compared across ranks before the first all-to-all so a mismatched config is an error,
         not a hang or silent garbage.
         """
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        fields = self.to_dict()
+        fields["normalize_topk"] = self.renormalize_topk  # None and its resolved value route alike
+        blob = json.dumps(fields, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Per-expert capacity C = max(min_capacity, ceil(cf * K * T / E)); None when dropless."""
         if self.capacity_factor is None:
             return None
-        import math
+        return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts))
 
-        c = math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts)
-        return max(self.min_capacity, c)
+
+def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
+    """ceil(cf * K * T / E) in exact arithmetic, cf taken as the decimal it is written as.
+
+    In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
+    `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
+    is the number the user wrote in the config."""
+    cf = Fraction(str(capacity_factor))
+    return math.ceil(cf * top_k * num_tokens / num_experts)

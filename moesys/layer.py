@@ -91,7 +91,8 @@ class MoELayer(nn.Module):
     def route(self, x_TD: torch.Tensor, seq_len: int) -> tuple:
         routing = self.router(x_TD, seq_len=seq_len)
         cap = self.capacity(x_TD.shape[0]) if routing.capacity_applies else None
-        plan = make_plan(routing, self.cfg.num_experts, cap, self.cfg.drop_policy, self._generator)
+        plan = make_plan(routing, self.cfg.num_experts, cap, self.cfg.drop_policy, self._generator,
+                         renormalize=self.cfg.renormalize_after_drop)
         return routing, plan
 
     def forward(self, x: torch.Tensor):
@@ -112,7 +113,7 @@ class MoELayer(nn.Module):
             inv_R = inverse_routes(plan.route_idx_N, routing.num_routes)
             x_ND = permute_fixed_k(x_TD, plan.route_idx_N, inv_R, K)
             y_ND = self.runner(x_ND, plan, self.experts)
-            y_TD = unpermute_fixed_k(y_ND, routing.weight_R.view(T, K), plan.route_idx_N, inv_R)
+            y_TD = unpermute_fixed_k(y_ND, plan.weight_R.view(T, K), plan.route_idx_N, inv_R)
         else:
             x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
             y_ND = self.runner(x_ND, plan, self.experts)

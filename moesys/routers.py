@@ -6,8 +6,6 @@ between ranks and runs.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from moesys.kernels import topk_softmax
 
 from . import balance
-from .config import MoEConfig
+from .config import MoEConfig, exact_capacity
 from .routing import Routing, token_major_routes
 
 
@@ -34,12 +32,14 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
 
-    def balance_losses(self, probs_TE, logits_TE, token_idx_R, expert_idx_R, seq_len: int, top_k: float) -> dict:
+    def balance_losses(self, probs_TE, logits_TE, token_idx_R, expert_idx_R, slot_R, seq_len: int, top_k: float) -> dict:
         cfg = self.cfg
         losses = {}
         if cfg.aux_loss == "switch":
             counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
             losses["aux_loss"] = balance.switch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "gshard":
+            losses["aux_loss"] = balance.gshard_aux_loss(probs_TE, expert_idx_R, slot_R, cfg.aux_loss_coef)
         elif cfg.aux_loss == "seq":
             losses["aux_loss"] = balance.seq_aux_loss(probs_TE, token_idx_R, expert_idx_R, seq_len, top_k, cfg.aux_loss_coef)
         if cfg.z_loss_coef > 0:
@@ -51,7 +51,8 @@ class Router(nn.Module):
 
 
 class TopKRouter(Router):
-    """p = softmax(z); top-k; weights renormalised over the k when cfg.normalize_topk.
+    """p = softmax(z); top-k; weights renormalised over the k when cfg.renormalize_topk
+    (`normalize_topk`, by default: K > 1).
 
     router="switch": top-1 with the output scaled by p_max (no renormalisation).
     """
@@ -59,11 +60,11 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
-        normalize = cfg.normalize_topk and cfg.router != "switch"
+        normalize = cfg.renormalize_topk  # never for router="switch"
         # softmax + top-k, fused into one kernel on the Triton path
         probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
-        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
+        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
 
@@ -88,14 +89,14 @@ class SigmoidBiasRouter(Router):
         scores_TE = torch.sigmoid(logits_TE)
         idx_TK = (scores_TE.detach() + self.expert_bias).topk(cfg.top_k, dim=-1).indices
         w_TK = scores_TE.gather(1, idx_TK)
-        if cfg.normalize_topk:
+        if cfg.renormalize_topk:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         if self.training:
             with torch.no_grad():
                 self.load_since_update += torch.bincount(expert_R, minlength=cfg.num_experts).float()
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, seq_len, cfg.top_k)
+        losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
 
@@ -118,7 +119,7 @@ class ExpertChoiceRouter(Router):
     def capacity(self, T: int) -> int:
         cfg = self.cfg
         cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-        return min(T, max(cfg.min_capacity, math.ceil(cf * cfg.top_k * T / cfg.num_experts)))
+        return min(T, max(cfg.min_capacity, exact_capacity(cf, cfg.top_k, T, cfg.num_experts)))
 
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg

@@ -52,7 +52,8 @@ class EvoMoELayer(MoELayer):
         self._noise_key: Optional[tuple] = None  # (seed, step, rank); see set_noise_key
         self._noise_calls = 0
         if dense_phase:
-            self.dense = GroupedExperts(dataclasses.replace(cfg, num_experts=1, top_k=1))
+            # the dense FFN has no router: normalize_topk=None keeps a K>1 setting from warning at K=1
+            self.dense = GroupedExperts(dataclasses.replace(cfg, num_experts=1, top_k=1, normalize_topk=None))
         if ep_group is not None:
             from moesys.parallel import apply_expert_parallel
 

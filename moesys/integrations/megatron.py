@@ -102,8 +102,10 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
     none -> aux_loss switch / seq / none; moe_router_enable_expert_bias (with sigmoid score) ->
     router="sigmoid_bias", moe_router_bias_update_rate -> bias_update_rate; moe_aux_loss_coeff,
     moe_z_loss_coeff -> aux_loss_coef, z_loss_coef; moe_expert_capacity_factor -> capacity_factor
-    (None = dropless); moe_token_drop_policy -> drop_policy; moe_router_pre_softmax=False ->
-    normalize_topk=True; gated_linear_unit + silu -> swiglu; moe_input_jitter_eps -> jitter_eps;
+    (None = dropless); moe_token_drop_policy -> drop_policy; moe_router_pre_softmax=True ->
+    normalize_topk=False, else None (renormalise for K > 1: Megatron's softmax over the top-k
+    scores; it refuses K = 1 without pre-softmax), and None for sigmoid scores (Megatron
+    renormalises those for K > 1 whatever pre_softmax says); gated_linear_unit + silu -> swiglu; moe_input_jitter_eps -> jitter_eps;
     init_method_std -> init_std. Keyword `overrides` replace any resulting field.
     Unsupported settings (sinkhorn balancing, group-limited routing, top-k scaling factor) raise.
     """
@@ -133,7 +135,7 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
         num_experts=tc.num_moe_experts,
         top_k=tc.moe_router_topk,
         router=router,
-        normalize_topk=not tc.moe_router_pre_softmax,
+        normalize_topk=False if (tc.moe_router_pre_softmax and router == "topk") else None,
         jitter_eps=float(tc.moe_input_jitter_eps or 0.0),
         bias_update_rate=float(tc.moe_router_bias_update_rate),
         activation=_activation(tc),

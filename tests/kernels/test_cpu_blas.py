@@ -111,3 +111,32 @@ def test_a_batched_gemm_that_answers_wrong_is_never_used(monkeypatch):
     monkeypatch.setattr(cpu_blas, "_checked", None)
     assert not cpu_blas.available()
     assert not cpu_blas.mm_rows(torch.randn(601, 48), torch.randn(7, 48, 40), COUNTS, torch.zeros(601, 40))
+
+
+def test_first_check_inside_autocast_passes(monkeypatch):
+    # issue 15: the check runs lazily, at the first fp32 grouped GEMM, which in a bf16 training run
+    # is inside torch.autocast; there it compared an fp32 result with a bf16 reference and raised
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+    x, w = torch.randn(601, 48), torch.randn(7, 48, 40)
+    out = torch.zeros(601, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_blas.mm_rows(x, w, COUNTS, out)  # fp32 operands still take the fp32 batch
+    assert cpu_blas._checked is True
+    for e, (s, n) in enumerate(zip(_starts(COUNTS), COUNTS)):
+        torch.testing.assert_close(out[s : s + n], x[s : s + n] @ w[e], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_operands_never_reach_the_batch_or_its_check(monkeypatch):
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+
+    def no_check():
+        raise AssertionError("the fp32 self-check ran for bf16 operands")
+
+    monkeypatch.setattr(cpu_blas, "_self_check", no_check)
+    x, w = torch.randn(601, 48).bfloat16(), torch.randn(7, 48, 40).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_blas.serves(x)
+        assert not cpu_blas.mm_rows(x, w, COUNTS, torch.zeros(601, 40, dtype=torch.bfloat16))
+        assert not cpu_blas.mm_weight(x, torch.randn(601, 40).bfloat16(), COUNTS,
+                                      torch.zeros(7, 48, 40, dtype=torch.bfloat16))
+    assert cpu_blas._checked is None

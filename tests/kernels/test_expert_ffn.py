@@ -90,6 +90,43 @@ def test_bf16(counts_601):
         torch.testing.assert_close(g.grad.float(), r.grad, rtol=3e-2, atol=3e-2 * r.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_bf16_under_autocast_matches_float_reference(activation, cache, counts_601, monkeypatch):
+    """Issue 15: the CPU bf16 training path. Inside torch.autocast the experts get bf16 operands
+    (GroupedExperts casts them; autocast does not reach custom ops), which must take a bf16 path
+    (torch._grouped_mm, or the cached per-expert loop), never the fp32 MKL batch; the batch's
+    one-time fp32 self-check may itself first run here, for an fp32 grouped GEMM."""
+    from moesys.kernels import cpu_blas, grouped_gemm
+
+    monkeypatch.setattr(cpu_blas, "_checked", None)  # as in a fresh process: no check done yet
+    E, D, Fh = 7, 16, 24
+    x = torch.randn(601, D)
+    w1, w2 = torch.randn(E, D, Fh) / D**0.5, torch.randn(E, Fh, D) / Fh**0.5
+    w3 = torch.randn(E, D, Fh) / D**0.5 if activation == "swiglu" else None
+    dy = torch.randn(601, D)
+    ref = _leaves(x, w1, w2, w3)
+    y_ref = reference(*ref, counts_601, activation)
+    y_ref.backward(dy)
+    got = _leaves(x, w1, w2, w3)  # fp32 leaves, cast inside autocast as GroupedExperts does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = expert_ffn_torch(*[None if t is None else t.bfloat16() for t in got], counts_601, activation)
+        y_gg32 = grouped_gemm(x, w1, counts_601)  # fp32 operands under autocast: the fp32 path
+    y.float().backward(dy)
+    assert y.dtype == torch.bfloat16 and y_gg32.dtype == torch.float32
+    scale = y_ref.abs().max().item()
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=2e-2 * scale)
+    for name, g, r in zip(("x", "w1", "w2", "w3"), got, ref):
+        if g is not None:
+            assert g.grad.dtype == torch.float32
+            torch.testing.assert_close(g.grad, r.grad, rtol=3e-2, atol=3e-2 * r.grad.abs().max().item(),
+                                       msg=lambda m: f"d{name}: {m}")
+    starts = torch.cumsum(counts_601, 0) - counts_601
+    for e, (s, n) in enumerate(zip(starts.tolist(), counts_601.tolist())):
+        torch.testing.assert_close(y_gg32[s : s + n], x[s : s + n] @ w1[e], rtol=1e-5, atol=1e-5)
+    if cpu_blas._FN is not None and cpu_blas._enabled:
+        assert cpu_blas._checked is True  # the first check ran inside autocast, and passed
+
+
 def test_bad_arguments_are_clear_errors():
     x, c = torch.randn(5, 4), torch.tensor([2, 3])
     w1, w2 = torch.randn(2, 4, 6), torch.randn(2, 6, 4)

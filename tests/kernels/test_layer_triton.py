@@ -7,12 +7,17 @@ import torch
 from moesys import MoEConfig, MoELayer
 
 
-@pytest.mark.parametrize("activation,capacity_factor", [("gelu", None), ("swiglu", 1.0)])
-def test_layer_triton_equals_torch(activation, capacity_factor):
+@pytest.mark.parametrize("activation,capacity_factor,extra", [
+    ("gelu", None, {}),
+    ("swiglu", 1.0, {}),
+    # drops with renormalised survivors: the Triton path combines with plan.weight_N, torch with plan.weight_R
+    ("gelu", 0.6, dict(drop_policy="bpr", renormalize_after_drop=True, min_capacity=1)),
+])
+def test_layer_triton_equals_torch(activation, capacity_factor, extra):
     def build(backend):
         torch.manual_seed(1)
         cfg = MoEConfig(hidden_size=24, ffn_hidden_size=40, num_experts=7, top_k=2, activation=activation,
-                        capacity_factor=capacity_factor, kernel_backend=backend)
+                        capacity_factor=capacity_factor, kernel_backend=backend, **extra)
         return MoELayer(cfg)
 
     layer_tr, layer_ref = build("triton"), build("torch")

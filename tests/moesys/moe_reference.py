@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,14 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
     """[(token, expert, weight, slot)] decided independently of moesys's routing code."""
     T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
     logits = x_TD.float() @ router_w.float().t()
+    # normalize_topk=None means: renormalise for K > 1 only
+    normalize = cfg.normalize_topk if cfg.normalize_topk is not None else K > 1
     routes = []
     if cfg.router in ("topk", "switch"):
         probs = torch.softmax(logits, -1)
         for t in range(T):
             vals, idx = probs[t].topk(K)
-            if cfg.router == "topk" and cfg.normalize_topk:
+            if cfg.router == "topk" and normalize:
                 vals = vals / vals.sum()
             for k in range(K):
                 routes.append((t, int(idx[k]), vals[k], k))
@@ -37,14 +40,14 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
         for t in range(T):
             idx = (s[t].detach() + b).topk(K).indices
             vals = s[t][idx]
-            if cfg.normalize_topk:
+            if normalize:
                 vals = vals / vals.sum()
             for k in range(K):
                 routes.append((t, int(idx[k]), vals[k], k))
     elif cfg.router == "expert_choice":
         probs = torch.softmax(logits, -1)
         cf = cfg.capacity_factor or 1.0
-        C = min(T, max(cfg.min_capacity, math.ceil(cf * K * T / E)))
+        C = min(T, max(cfg.min_capacity, math.ceil(Fraction(str(cf)) * K * T / E)))
         for e in range(E):
             vals, toks = probs[:, e].topk(C)
             for c in range(C):
@@ -58,7 +61,7 @@ def apply_capacity(routes, cfg, T):
     """Positional priority: all first choices (in token order) before second choices."""
     if cfg.capacity_factor is None or cfg.router == "expert_choice":
         return routes, 0
-    C = max(cfg.min_capacity, math.ceil(cfg.capacity_factor * cfg.top_k * T / cfg.num_experts))
+    C = max(cfg.min_capacity, math.ceil(Fraction(str(cfg.capacity_factor)) * cfg.top_k * T / cfg.num_experts))
     used = [0] * cfg.num_experts
     kept = []
     for r in sorted(routes, key=lambda r: (r[3], r[0])):

@@ -43,6 +43,59 @@ def test_switch_aux_loss_top1_is_E_sum_f_P():
     assert math.isclose(float(aux.loss), 0.01 * 5 * float((f * P).sum()), rel_tol=1e-5)
 
 
+def _gshard_by_hand(x_TD, router_w, E, coef):
+    """GShard/Tutel/DeepSpeed: coef * E * sum_e me_e * ce_e, me_e = mean_t p_te, ce_e = share of
+    tokens whose first choice is e; one token at a time, differentiable w.r.t. router_w."""
+    T = x_TD.shape[0]
+    me = [0.0] * E
+    ce = [0.0] * E
+    for t in range(T):
+        p_t = torch.softmax(router_w @ x_TD[t], -1)
+        first = int(p_t.detach().argmax())
+        ce[first] += 1.0 / T
+        for e in range(E):
+            me[e] = me[e] + p_t[e] / T
+    return coef * E * sum(me[e] * ce[e] for e in range(E))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_gshard_aux_loss_value_and_router_grad_by_hand(K):
+    E, T = 7, 45
+    # a capacity that drops routes: the loss counts choices before any drop, as GShard does
+    layer = make(aux_loss="gshard", aux_loss_coef=0.1, num_experts=E, top_k=K, capacity_factor=0.5, min_capacity=1)
+    x = torch.randn(T, 10)
+    _, aux = layer(x)
+    assert int(aux.dropped) > 0
+    aux.loss.backward()
+    w = layer.router.weight.detach().clone().requires_grad_(True)
+    expected = _gshard_by_hand(x, w, E, 0.1)
+    expected.backward()
+    assert math.isclose(float(aux.loss), float(expected), rel_tol=1e-5)
+    torch.testing.assert_close(layer.router.weight.grad, w.grad, rtol=1e-4, atol=1e-7)
+    assert float(aux.metrics["aux_loss"]) == float(aux.loss)
+
+
+def test_gshard_equals_switch_at_top1_and_not_at_top2():
+    x = torch.randn(50, 10)
+    for K, same in ((1, True), (2, False)):
+        _, a_gs = make(aux_loss="gshard", top_k=K)(x)
+        _, a_sw = make(aux_loss="switch", top_k=K)(x)
+        assert math.isclose(float(a_gs.loss), float(a_sw.loss), rel_tol=1e-6) == same
+
+
+def test_gshard_with_the_sigmoid_bias_router_counts_its_first_choices():
+    layer = make(router="sigmoid_bias", aux_loss="gshard", aux_loss_coef=1.0)
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.3, -0.2, 0.0, 0.1]))
+    x = torch.randn(31, 10)
+    _, aux = layer(x)
+    s = torch.sigmoid(x @ layer.router.weight.t())
+    p = s / s.sum(-1, keepdim=True)
+    first = (s + layer.router.expert_bias).argmax(-1)  # selection sees the bias
+    ce = torch.bincount(first, minlength=5).float() / 31
+    assert math.isclose(float(aux.loss), 5 * float((p.mean(0) * ce).sum()), rel_tol=1e-5)
+
+
 def test_seq_aux_loss_per_sequence():
     layer = make(aux_loss="seq", aux_loss_coef=0.1)
     B, S, E, K = 3, 7, 5, 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -59,17 +60,21 @@ def test_moe_config_from_megatron():
              moe_router_load_balancing_type="seq_aux_loss")
     cfg = mg.moe_config_from_megatron(tc)
     assert (cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k) == (H, FF, E, 2)
-    assert cfg.activation == "swiglu" and cfg.router == "topk" and cfg.normalize_topk
+    assert cfg.activation == "swiglu" and cfg.router == "topk" and cfg.renormalize_topk
     assert cfg.aux_loss == "seq" and cfg.aux_loss_coef == 1e-2 and cfg.z_loss_coef == 1e-3
     assert cfg.capacity_factor == 1.25 and cfg.drop_policy == "position" and cfg.init_std == 0.01
     dense_ffn = mg.moe_config_from_megatron(_tc(moe_ffn_hidden_size=None, gated_linear_unit=False,
                                                 activation_func=F.gelu, moe_router_pre_softmax=True))
-    assert dense_ffn.ffn_hidden_size == 64 and dense_ffn.activation == "gelu" and not dense_ffn.normalize_topk
+    assert dense_ffn.ffn_hidden_size == 64 and dense_ffn.activation == "gelu" and not dense_ffn.renormalize_topk
     assert dense_ffn.capacity_factor is None  # dropless
     biased = mg.moe_config_from_megatron(_tc(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
                                              moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0))
     assert biased.router == "sigmoid_bias" and biased.aux_loss == "none"
-    assert mg.moe_config_from_megatron(tc, top_k=1).top_k == 1  # overrides
+    assert biased.renormalize_topk  # Megatron renormalises sigmoid scores for K > 1, pre_softmax or not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # K=1 is left to decide by K: no normalize_topk warning
+        top1 = mg.moe_config_from_megatron(tc, top_k=1)  # overrides
+    assert top1.top_k == 1 and not top1.renormalize_topk
     with pytest.raises(ValueError, match="num_moe_experts"):
         mg.moe_config_from_megatron(_tc(num_moe_experts=None, moe_ffn_hidden_size=None))
     with pytest.raises(ValueError, match="gated_linear_unit"):

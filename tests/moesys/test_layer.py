@@ -2,6 +2,7 @@
 import itertools
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def test_ample_capacity_equals_dropless():
     torch.testing.assert_close(ya, yb)
 
 
-@pytest.mark.parametrize("policy", ["position", "probs", "random"])
+@pytest.mark.parametrize("policy", ["position", "bpr", "probs", "random"])
 def test_tight_capacity_drops_exactly_the_overflow(policy):
     E, K, T = 7, 2, 90
     layer = make("topk", "gelu", E=E, K=K, capacity_factor=0.5, drop_policy=policy, min_capacity=1)
@@ -148,6 +149,63 @@ def test_topk_without_renormalisation():
     assert_same(layer, x)
 
 
+def test_top1_default_scales_by_pmax_and_router_learns_from_the_task_loss():
+    """Issue 15: router="topk", K=1 used to renormalise its one weight to 1, so the task loss gave
+    the router (almost) no gradient. By default (normalize_topk=None) K=1 keeps p_max."""
+    E, D, T = 7, 12, 37
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default warns about nothing
+        layer = make("topk", "gelu", E=E, K=1, D=D, aux_loss="none")
+    assert layer.cfg.normalize_topk is None and not layer.cfg.renormalize_topk
+    x = torch.randn(T, D)
+    up = torch.linspace(-1, 1, T * D).reshape(T, D)
+    y, _ = layer(x)
+    (y * up).sum().backward()
+    # by hand, one token at a time: y_t = p_max(t) * FFN_e(x_t), e = argmax_e p_te
+    w_r = layer.router.weight.detach().clone().requires_grad_(True)
+    ex = layer.experts
+    rows = []
+    for t in range(T):
+        p_t = torch.softmax(w_r @ x[t], -1)
+        e = int(p_t.detach().argmax())
+        rows.append(p_t[e] * (F.gelu(x[t] @ ex.w1[e].detach()) @ ex.w2[e].detach()))
+    y_ref = torch.stack(rows)
+    (y_ref * up).sum().backward()
+    torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-4, atol=2e-5)
+    assert layer.router.weight.grad.abs().max() > 1e-3
+    torch.testing.assert_close(layer.router.weight.grad, w_r.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_normalize_topk_true_with_k1_warns_and_starves_the_router():
+    with pytest.warns(UserWarning, match=r"MoEConfig.normalize_topk=True with top_k=1"):
+        layer = make("topk", "gelu", K=1, normalize_topk=True, aux_loss="none")
+    x = torch.randn(20, 12)
+    routing, _ = layer.route(x, 20)
+    assert torch.equal(routing.weight_R, torch.ones(20))
+    y, _ = layer(x)
+    y.square().sum().backward()
+    assert layer.router.weight.grad.abs().max() < 1e-6  # no task-loss gradient: why it is not the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MoEConfig(hidden_size=12, ffn_hidden_size=20, num_experts=7, top_k=2, normalize_topk=True)
+        MoEConfig(hidden_size=12, ffn_hidden_size=20, num_experts=7, top_k=1, normalize_topk=False)
+        MoEConfig(hidden_size=12, ffn_hidden_size=20, num_experts=7, top_k=1, router="switch")
+
+
+def test_normalize_topk_none_decides_by_k_in_hash_and_dict():
+    base = dict(hidden_size=12, ffn_hidden_size=20, num_experts=7)
+    k2 = MoEConfig(**base, top_k=2)
+    assert k2.renormalize_topk and k2.to_dict()["normalize_topk"] is None
+    assert MoEConfig(**k2.to_dict()) == k2  # round trip keeps "decide by K"
+    # the hash compares behaviour: None at K=2 routes as True does, None at K=1 as False does
+    assert k2.structural_hash() == MoEConfig(**base, top_k=2, normalize_topk=True).structural_hash()
+    assert k2.structural_hash() != MoEConfig(**base, top_k=2, normalize_topk=False).structural_hash()
+    k1 = MoEConfig(**base, top_k=1)
+    assert k1.structural_hash() == MoEConfig(**base, top_k=1, normalize_topk=False).structural_hash()
+    with pytest.warns(UserWarning):
+        assert k1.structural_hash() != MoEConfig(**base, top_k=1, normalize_topk=True).structural_hash()
+
+
 def test_expert_choice_gives_each_expert_exactly_C():
     E, K, T = 7, 2, 61
     layer = make("expert_choice", "gelu", E=E, K=K, capacity_factor=1.5, min_capacity=1)
@@ -185,8 +243,8 @@ def test_bad_width_is_a_clear_error():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(top_k=9), r"top_k \(9\) must be <= num_experts \(7\)"),
-    (dict(capacity_factor=0.0), r"capacity_factor must be > 0"),
-    (dict(capacity_factor=-1.0), r"capacity_factor must be > 0"),
+    (dict(capacity_factor=0.0), r"capacity_factor must be a finite number > 0"),
+    (dict(capacity_factor=-1.0), r"capacity_factor must be a finite number > 0"),
     (dict(router="hash"), r"router='hash' is not one of"),
     (dict(activation="tanh"), r"activation='tanh' is not one of"),
     (dict(num_experts=0), r"num_experts must be a positive integer, got 0"),
@@ -194,6 +252,9 @@ def test_bad_width_is_a_clear_error():
     (dict(aux_loss="global"), r"aux_loss='global'"),
     (dict(router="switch", top_k=2), r"router='switch' is top-1"),
     (dict(jitter_eps=-0.1), r"jitter_eps must be >= 0"),
+    (dict(normalize_topk="yes"), r"normalize_topk must be True, False or None .*'yes'"),
+    (dict(normalize_topk=1), r"normalize_topk must be True, False or None .*got 1"),
+    (dict(aux_loss="tutel"), r"aux_loss='tutel' is not one of \['switch', 'gshard', 'seq', 'none'\]"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
     base = dict(hidden_size=12, ffn_hidden_size=20, num_experts=7, top_k=2)
@@ -236,11 +297,14 @@ def test_grouped_gemm_path_is_not_slower_than_naive_loop():
 
 @pytest.mark.parametrize("router,activation", [("topk", "gelu"), ("expert_choice", "swiglu")])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_bf16_autocast_fwd_bwd(router, activation, xdtype):
+def test_bf16_autocast_fwd_bwd(router, activation, xdtype, monkeypatch):
+    from moesys.kernels import cpu_blas
+
     layer = make(router, activation, D=16, Fh=32)
     x = torch.randn(40, 16)
     y32, _ = layer(x)
     g32 = torch.autograd.grad(y32.sum(), layer.experts.w1)[0]
+    monkeypatch.setattr(cpu_blas, "_checked", None)  # the first CPU GEMM check may come under autocast
     xa = x.to(xdtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, aux = layer(xa)

@@ -42,11 +42,39 @@ def test_tiny_run_ep2_loss_falls_and_matches_ep1(tmp_path):
     assert os.path.isdir(tmp_path / "ep2" / "checkpoints")
 
 
-def test_bf16_autocast_runs(tmp_path):
+def test_bf16_autocast_runs(tmp_path, monkeypatch):
+    from moesys.kernels import cpu_blas
+
+    # as in a fresh process: the CPU GEMM batch's one-time check has not run before this run's
+    # autocast (issue 15: it then raised "Float did not match BFloat16")
+    monkeypatch.setattr(cpu_blas, "_checked", None)
     s = train_mod.run(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4", "moe.activation=swiglu",
                                "trainer.precision=bf16", "trainer.save_final=false"), str(tmp_path / "o"))
     assert s["steps"] == 4 and math.isfinite(s["train_loss_end"])
     assert s["train_losses"][-1] < s["train_losses"][0]
+
+
+def test_readme_bf16_command_on_cpu(tmp_path, monkeypatch):
+    """The README's `moesys-train trainer.precision=bf16 trainer.grad_accum=4 trainer.clip=1.0`,
+    at the tiny preset's sizes, in a process whose CPU GEMM batch is not yet checked (issue 15)."""
+    from moesys.kernels import cpu_blas
+
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+    s = train_mod.run(make_cfg("trainer.precision=bf16", "trainer.grad_accum=4", "trainer.clip=1.0",
+                               "trainer.steps=3", "trainer.save_final=false"), str(tmp_path / "o"))
+    assert s["steps"] == 3 and all(math.isfinite(v) for v in s["train_losses"])
+
+
+def test_issue15_moe_options_through_hydra(tmp_path):
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "trainer.save_final=false",
+                   "moe.aux_loss=gshard", "moe.drop_policy=bpr", "moe.renormalize_after_drop=true",
+                   "moe.capacity_factor=1.1", "moe.normalize_topk=null")
+    moe = cfg.moe_config()
+    assert (moe.aux_loss, moe.drop_policy, moe.renormalize_after_drop, moe.normalize_topk) == ("gshard", "bpr", True, None)
+    assert moe.renormalize_topk and moe.capacity(400) == 220  # K=2: ceil(1.1 * 2 * 400 / 4), exactly
+    s = train_mod.run(cfg, str(tmp_path / "o"))
+    assert s["steps"] == 2 and all(math.isfinite(v) for v in s["train_losses"])
+    assert make_cfg("moe.top_k=1").moe_config().renormalize_topk is False  # K=1 keeps p_max by default
 
 
 def test_cpu_buffer_cache_on_and_off_train_alike(tmp_path, monkeypatch):
@@ -133,6 +161,10 @@ def test_unknown_override_is_hydras_error():
     (["moe.router=expert_choice"], ValueError, "allow_noncausal"),
     (["trainer.batch_size=7"], ValueError, r"trainer.batch_size \(7\) must be divisible"),
     (["parallel.dispatcher=smoke"], ValueError, "parallel.dispatcher='smoke'"),
+    (["moe.aux_loss=tutel"], ValueError, r"MoEConfig.aux_loss='tutel' is not one of"),
+    (["moe.drop_policy=tutel"], ValueError, r"MoEConfig.drop_policy='tutel' is not one of"),
+    (["moe.top_k=1", "moe.renormalize_after_drop=true"], ValueError, r"MoEConfig.renormalize_after_drop=True .* top_k=1"),
+    (["moe.capacity_factor=inf"], ValueError, r"MoEConfig.capacity_factor must be a finite number > 0"),
 ])
 def test_bad_config_fails_in_the_parent_before_spawning(tmp_path, overrides, err, match):
     cfg = make_cfg(*overrides)
