@@ -12,7 +12,10 @@ it), and tests/kernels/conftest.py sets it again around each test that runs the 
 """
 from __future__ import annotations
 
+import datetime
 import os
+
+import pytest
 
 _BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -23,3 +26,17 @@ def pytest_collection_finish(session):
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _BEFORE
+
+
+@pytest.fixture
+def world1(monkeypatch):
+    """A one-rank gloo process group in this process (tests in every folder use it)."""
+    import torch.distributed as dist
+
+    from moesys.parallel.simulate import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    yield
+    dist.destroy_process_group()

@@ -1,9 +1,7 @@
-import datetime
 import os
 import sys
 
 import pytest
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the workers by module name
 
@@ -11,7 +9,6 @@ import _matrix  # noqa: E402
 import ep_workers  # noqa: E402
 
 from moesys.parallel import simulate  # noqa: E402
-from moesys.parallel.simulate import free_port  # noqa: E402
 
 # the layer through the hierarchical dispatcher across nodes: dropless, and with drops
 TWO_NODE_CASES = _matrix.cases(4)[:2]
@@ -24,13 +21,3 @@ def two_nodes():
     by the fast 4-rank tests, since a spawn costs seconds on a shared CPU."""
     return simulate(ep_workers.two_node_worker, 4, TWO_NODE_CASES, TWO_NODE_COMBOS, timeout_s=60,
                     local_world_size=2)
-
-
-@pytest.fixture
-def world1(monkeypatch):
-    """A one-rank gloo process group in this process."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    yield
-    dist.destroy_process_group()
