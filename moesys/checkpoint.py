@@ -293,11 +293,10 @@ def verify_checkpoint(ckpt: str) -> bool:
 
 
 def _step_dirs(root: str) -> list:
-    """Complete checkpoint directories under `root`, newest first."""
+    """Complete checkpoint directories under `root`, oldest first."""
     if not os.path.isdir(root):
         return []
-    return sorted((d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d))),
-                  reverse=True)
+    return sorted(d for d in os.listdir(root) if d.startswith("step_") and os.path.isdir(os.path.join(root, d)))
 
 
 def newest_checkpoint(root: str) -> Optional[str]:
@@ -317,14 +316,13 @@ def resolve_verified(root: str) -> Tuple[Optional[str], list]:
     except CheckpointError as e:
         first = []
         notes.append(str(e))
-    for cand in first + [os.path.join(root, d) for d in _step_dirs(root)]:
+    for cand in first + [os.path.join(root, d) for d in reversed(_step_dirs(root))]:
         cand = os.path.normpath(cand)
         if cand in tried:
             continue
         tried.append(cand)
         try:
-            verify_checkpoint(cand)
-            read_meta(cand)
+            verify_checkpoint(cand)  # reads (and checks) moesys.json first
             return cand, notes
         except CheckpointError as e:
             notes.append(str(e))
@@ -332,7 +330,7 @@ def resolve_verified(root: str) -> Tuple[Optional[str], list]:
 
 
 def _prune(root: str, keep: int, newest: str) -> None:
-    done = sorted(_step_dirs(root))
+    done = _step_dirs(root)
     for d in done[: max(len(done) - max(keep, 1), 0)]:
         if d != newest:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)

@@ -155,13 +155,14 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     agree = agree_group if agree_group is not None else dist.group.WORLD
+    clock = clock_for(experts.w1.device)  # CUDA events on a GPU, the host clock on CPU
     tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree)
     if not tuner.pinned:
-        tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock_for(experts.w1.device))
+        tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
                                   agree_group=agree)
-    runner.clock = clock_for(experts.w1.device)
+    runner.clock = clock
     layer.set_runner(runner)
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])

@@ -2,8 +2,8 @@
 
 C is the layer's capacity (the Plan's, of local T; per chunk when the runner chunks), passed to
 `plan(counts_list, capacity=...)`. Ranks can hold different T, hence different capacities, but
-equal-split buffers need one C: the ranks agree on the maximum with a tiny all_reduce (it is >= every rank's counts). A
-dropless layer (capacity None) pads to the largest count over all ranks and experts instead.
+equal-split buffers need one C: the ranks agree on the maximum with a tiny all_reduce (it is >=
+every rank's counts). A dropless layer (capacity None) pads to the largest count over all ranks and experts instead.
 Rows beyond the real counts are zeros; experts compute on them (fixed shapes, as on GPUs) and
 their outputs are discarded by the combine, so they add nothing to any gradient.
 """
