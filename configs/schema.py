@@ -1,9 +1,13 @@
 """Structured (typed) Hydra configs of `moesys-train`.
 
 Every group is a dataclass registered in Hydra's ConfigStore, so an override with a wrong type or an
-unknown key is rejected by Hydra itself before anything runs. `TrainConfig.validate()` adds the
-cross-field checks (EP divides E and the world size, the data file exists, ...) and runs on every
-rank before the process group is created, so a bad config never reaches a collective.
+unknown key is rejected by Hydra itself before anything runs. `TrainConfig.validate()` checks every
+field's range and the fields against each other (EP divides E and the world size, the data holds a
+window of model.seq_len, the device runs the precision, ...) and raises `ConfigError` naming the field
+and the value. `moesys-train` runs it in the parent before Hydra's run dir or any rank exists, and
+every rank runs it again before the process group is created, so a bad config never reaches a
+collective. `from_composed` turns Hydra's composed config into a TrainConfig (keys added with `+`
+that the schema lacks are errors).
 
 `MoESection` mirrors every field of `moesys.MoEConfig` except the two sizes that come from the model
 (hidden_size, ffn_hidden_size); it is derived from MoEConfig itself so the two never drift apart.
@@ -11,6 +15,9 @@ rank before the process group is created, so a bad config never reaches a collec
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +25,9 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from moesys import data as data_mod
 from moesys.config import MoEConfig
+from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.evo.schedule import EvoConfig
 
 # ---- moe: every MoEConfig field but the sizes the model owns -------------------------------------
@@ -132,6 +141,7 @@ class TrainerConfig:
     plots: bool = True
     cpu_buffer_cache: bool = True  # CPU: reuse the MoE layers' large buffers across steps (moesys.kernels.workspace)
     cpu_buffer_cache_keep_scratch: bool = False  # CPU: keep step buffers across layers (faster, more memory)
+    debug: bool = False  # moesys-train: a bad config prints its traceback too (default: one line, exit code 2)
 
 
 @dataclass
@@ -158,93 +168,245 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------
     def moe_config(self) -> MoEConfig:
-        """The MoEConfig of every MoE layer (validates the moe.* fields)."""
+        """The MoEConfig of every MoE layer (validates the moe.* fields).
+
+        Raises ConfigError with MoEConfig's message in the trainer's names (moe.top_k, model.d_model).
+        """
         kw = {f.name: getattr(self.moe, f.name) for f in dataclasses.fields(self.moe)}
-        return MoEConfig(hidden_size=self.model.d_model, ffn_hidden_size=self.model.ffn_hidden, **kw)
+        try:
+            return MoEConfig(hidden_size=self.model.d_model, ffn_hidden_size=self.model.ffn_hidden, **kw)
+        except ValueError as e:  # MoEConfig.__post_init__: every check there raises ValueError
+            raise ConfigError(_trainer_names(str(e))) from e
 
     def validate(self, world_size: Optional[int] = None) -> None:
-        """Cross-field checks; raises ValueError / FileNotFoundError naming the field.
+        """Checks every field and the fields against each other; raises ConfigError naming the field and value.
 
-        Runs on every rank before any collective. `world_size` is the world the job will run in
-        (None: derive from torchrun's WORLD_SIZE or parallel.simulate_ranks).
+        Runs in moesys-train's parent before anything is written or started, and on every rank before
+        any collective. Reads file sizes only (data.path, trainer.ds_config), never the tokens; the token
+        ids and the checkpoint to resume are checked by moesys.train.prepare. `world_size` is the
+        world the job will run in (None: torchrun's WORLD_SIZE or parallel.simulate_ranks).
         """
         m, p, d, t = self.model, self.parallel, self.data, self.trainer
-        moe = self.moe_config()
+        o, s, lg = self.optim, self.schedule, self.logging
         if world_size is None:
             world_size = int(os.environ.get("WORLD_SIZE", p.simulate_ranks))
+        _check_finite(self)
+        # ---- model --------------------------------------------------------------------------------
         for name in ("n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len"):
-            if getattr(m, name) <= 0:
-                raise ValueError(f"model.{name} must be > 0, got {getattr(m, name)}")
+            _check(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
         if m.d_model % m.n_heads:
-            raise ValueError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-        if m.moe_every < 0:
-            raise ValueError(f"model.moe_every must be >= 0, got {m.moe_every}")
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        _check(m.moe_every >= 0, f"model.moe_every must be >= 0, got {m.moe_every}")
+        _check(m.moe_every <= m.n_layers, f"model.moe_every ({m.moe_every}) > model.n_layers ({m.n_layers}): no layer "
+                                          "would be an MoE layer (model.moe_every=0 is the dense model)")
+        _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+        # ---- moe: MoEConfig's own checks, under the moe.* names ---------------------------------------
+        moe = self.moe_config()
         if moe.router == "expert_choice" and not moe.allow_noncausal:
-            raise ValueError(
+            raise ConfigError(
                 "moe.router=expert_choice is not causal (each expert picks tokens from the whole batch, "
                 "so a token's output depends on later tokens); set moe.allow_noncausal=true to use it "
                 "in this decoder anyway"
             )
-        if p.ep <= 0:
-            raise ValueError(f"parallel.ep must be > 0, got {p.ep}")
-        if p.simulate_ranks <= 0:
-            raise ValueError(f"parallel.simulate_ranks must be > 0, got {p.simulate_ranks}")
+        # ---- parallel -----------------------------------------------------------------------------
+        _check(p.ep > 0, f"parallel.ep must be > 0, got {p.ep}")
+        _check(p.simulate_ranks > 0, f"parallel.simulate_ranks must be > 0, got {p.simulate_ranks}")
         if p.ep <= moe.num_experts and moe.num_experts % p.ep:
-            raise ValueError(
+            raise ConfigError(
                 f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({p.ep})"
             )
         if p.ep > moe.num_experts:  # each expert's F is split over ep / num_experts ranks
             if p.ep % moe.num_experts:
-                raise ValueError(f"parallel.ep ({p.ep}) > moe.num_experts ({moe.num_experts}) needs parallel.ep "
-                                 "divisible by moe.num_experts (each expert's FFN is split over ep/num_experts ranks)")
+                raise ConfigError(f"parallel.ep ({p.ep}) > moe.num_experts ({moe.num_experts}) needs parallel.ep "
+                                  "divisible by moe.num_experts (each expert's FFN is split over ep/num_experts ranks)")
             if m.ffn_hidden % (p.ep // moe.num_experts):
-                raise ValueError(f"model.ffn_hidden ({m.ffn_hidden}) must be divisible by parallel.ep / "
-                                 f"moe.num_experts ({p.ep // moe.num_experts})")
+                raise ConfigError(f"model.ffn_hidden ({m.ffn_hidden}) must be divisible by parallel.ep / "
+                                  f"moe.num_experts ({p.ep // moe.num_experts})")
         if world_size % p.ep:
-            raise ValueError(f"world size ({world_size}) must be divisible by parallel.ep ({p.ep})")
-        if p.dispatcher not in ("alltoallv", "padded", "hierarchical", "allgather"):
-            raise ValueError(f"parallel.dispatcher={p.dispatcher!r} is not one of alltoallv|padded|hierarchical|allgather")
-        if p.mode not in ("auto", "ep", "sharded_dp"):
-            raise ValueError(f"parallel.mode={p.mode!r} is not one of auto|ep|sharded_dp")
-        if str(p.overlap) not in ("auto", "1", "2", "4", "8"):
-            raise ValueError(f"parallel.overlap={p.overlap!r} is not one of auto|1|2|4|8")
-        if p.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"parallel.backend={p.backend!r} is not one of auto|gloo|nccl")
+            raise ConfigError(f"world size ({world_size}) must be divisible by parallel.ep ({p.ep})")
+        _one_of("parallel.dispatcher", p.dispatcher, ("alltoallv", "padded", "hierarchical", "allgather"))
+        _one_of("parallel.mode", p.mode, ("auto", "ep", "sharded_dp"))
+        _one_of("parallel.overlap", str(p.overlap), ("auto", "1", "2", "4", "8"))
+        _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+        _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+        # ---- device and precision -----------------------------------------------------------------
+        cuda = _cuda_available()
+        if p.backend == "nccl" and not cuda:
+            raise ConfigError("parallel.backend='nccl' needs CUDA GPUs and this machine has none; use "
+                              "parallel.backend=auto (gloo on the CPU)")
+        on_cuda = p.backend == "nccl" or (p.backend == "auto" and cuda)
+        if t.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"trainer.precision={t.precision!r} is not one of fp32|bf16 (bf16 autocast runs on the "
+                              "CPU and on GPUs; fp16 is not supported: it needs a loss scale)")
+        if moe.kernel_backend == "triton" and not (on_cuda or _triton_interpreted()):
+            raise ConfigError("moe.kernel_backend='triton' needs a CUDA device and this run trains on the CPU "
+                              f"(parallel.backend={p.backend!r}); use moe.kernel_backend=auto or torch")
+        # ---- trainer ------------------------------------------------------------------------------
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
+            _check(getattr(t, name) > 0, f"trainer.{name} must be > 0, got {getattr(t, name)}")
         dp = world_size  # ep is a sub-axis of dp (tp = 1 here)
         if t.batch_size % (dp * t.grad_accum):
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.batch_size ({t.batch_size}) must be divisible by data-parallel size ({dp}) x "
                 f"trainer.grad_accum ({t.grad_accum})"
             )
-        if t.steps <= 0 or t.eval_interval <= 0 or t.log_interval <= 0 or t.eval_batches <= 0:
-            raise ValueError("trainer.steps, eval_interval, log_interval and eval_batches must be > 0")
-        if t.precision not in ("fp32", "bf16"):
-            raise ValueError(f"trainer.precision={t.precision!r} is not one of fp32|bf16")
-        if t.engine not in ("plain", "deepspeed"):
-            raise ValueError(f"trainer.engine={t.engine!r} is not one of plain|deepspeed")
-        if t.engine == "deepspeed" and t.zero_stage not in (1, 2):
-            raise ValueError(f"trainer.zero_stage must be 1 or 2 with MoE, got {t.zero_stage}")
-        if t.ds_config is not None and not os.path.isfile(t.ds_config):
-            raise FileNotFoundError(f"trainer.ds_config={t.ds_config!r}: no such file")
-        if t.clip < 0:
-            raise ValueError(f"trainer.clip must be >= 0, got {t.clip}")
-        if t.max_bad_steps < 1:
-            raise ValueError(f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
-        if len(self.optim.betas) != 2:
-            raise ValueError(f"optim.betas must have two values, got {list(self.optim.betas)}")
-        if self.logging.wandb_mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logging.wandb_mode={self.logging.wandb_mode!r} is not one of offline|online|disabled")
-        if not 0 < d.val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-        if d.dtype not in ("uint16", "uint32"):
-            raise ValueError(f"data.dtype={d.dtype!r} is not one of uint16|uint32")
-        if d.path is not None:
-            if not os.path.isfile(d.path):
-                raise FileNotFoundError(f"data.path={d.path!r}: no such file")
-            if not d.path.endswith(".bin") and d.vocab_size != 256:
-                raise ValueError(f"data.path={d.path!r} is a text file (byte-level): data.vocab_size must be 256, got {d.vocab_size}")
-        if d.vocab_size <= 0:
-            raise ValueError(f"data.vocab_size must be > 0, got {d.vocab_size}")
+        _check(t.ckpt_interval >= 0, f"trainer.ckpt_interval must be >= 0 (0: only at the end), got {t.ckpt_interval}")
+        _check(t.keep_checkpoints >= 1, f"trainer.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+        _check(0 <= t.seed < 2**32, f"trainer.seed must be in [0, 2**32), got {t.seed}")
+        _check(t.clip >= 0, f"trainer.clip must be >= 0 (0 disables), got {t.clip}")
+        _check(t.max_bad_steps >= 1, f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+        _one_of("trainer.engine", t.engine, ("plain", "deepspeed"))
+        if t.zero_stage not in (1, 2):
+            raise ConfigError(f"trainer.zero_stage must be 1 or 2 with MoE, got {t.zero_stage}")
+        if t.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("trainer.engine='deepspeed' needs the deepspeed package, which is not installed")
+        if t.ds_config is not None:
+            if t.engine != "deepspeed":
+                raise ConfigError(f"trainer.ds_config={t.ds_config!r} is only read by trainer.engine=deepspeed "
+                                  f"(trainer.engine={t.engine!r})")
+            _check_json_object("trainer.ds_config", t.ds_config)
+        if t.resume == "":
+            raise ConfigError("trainer.resume='' is empty: use null (a new run), auto or a checkpoint path")
+        if t.out_dir and os.path.exists(t.out_dir) and not os.path.isdir(t.out_dir):
+            raise ConfigError(f"trainer.out_dir={t.out_dir!r} exists and is not a directory")
+        # ---- optim and schedule -------------------------------------------------------------------
+        _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+        if len(o.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {list(o.betas)}")
+        for i, b in enumerate(o.betas):
+            _check(0 <= b < 1, f"optim.betas[{i}] must be in [0, 1), got {b}")
+        _check(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+        _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        _check(s.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+        _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
+        # ---- logging ------------------------------------------------------------------------------
+        _one_of("logging.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+        if lg.wandb_mode != "disabled" and not lg.wandb_project.strip():
+            raise ConfigError(f"logging.wandb_project must not be empty with logging.wandb_mode={lg.wandb_mode!r}")
+        if lg.run_name is not None and not lg.run_name.strip():
+            raise ConfigError("logging.run_name='' is empty: use null (W&B picks a name) or a name")
+        # ---- evo ----------------------------------------------------------------------------------
+        self._validate_evo(moe)
+        # ---- data: file sizes only, the token ids are checked when the tokens are loaded ------------
+        _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+        _one_of("data.dtype", d.dtype, ("uint16", "uint32"))
+        _check(d.vocab_size > 0, f"data.vocab_size must be > 0, got {d.vocab_size}")
+        if d.path is not None and not os.path.isfile(d.path):
+            raise ConfigFileNotFoundError(f"data.path={d.path!r}: no such file")
+        if d.path is None and d.vocab_size != 256:
+            raise ConfigError(f"data.path=null (the embedded corpus) is byte-level: data.vocab_size must be 256, "
+                              f"got {d.vocab_size}")
+        if d.path is not None and not d.path.endswith(".bin") and d.vocab_size != 256:
+            raise ConfigError(f"data.path={d.path!r} is a text file (byte-level): data.vocab_size must be 256, "
+                              f"got {d.vocab_size}")
+        data_mod.check_split(data_mod.count_tokens(d.path, d.dtype), d.val_fraction, m.seq_len)
+
+    def _validate_evo(self, moe: MoEConfig) -> None:
+        e = self.evo
+        try:  # EvoConfig checks itself at construction; a replace() re-runs them on the current values
+            dataclasses.replace(e)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if e.seed is not None:
+            _check(0 <= e.seed < 2**32, f"evo.seed must be null or in [0, 2**32), got {e.seed}")
+        if not e.enabled:
+            return
+        if self.model.moe_every == 0:
+            raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
+        try:
+            e.moe_config(moe)
+        except ValueError as err:
+            raise ConfigError(f"evo.gate={e.gate!r}: the layer after the switch is invalid: "
+                              f"{_trainer_names(str(err))}") from err
+
+    def warnings(self) -> List[str]:
+        """Settings that are valid but probably not meant (the run logs them as it starts)."""
+        s, t, e = self.schedule, self.trainer, self.evo
+        out = []
+        if s.warmup_steps > t.steps:
+            out.append(f"schedule.warmup_steps ({s.warmup_steps}) > trainer.steps ({t.steps}): the learning rate "
+                       f"never reaches optim.lr ({self.optim.lr})")
+        if e.enabled and e.diversify_step is not None and e.diversify_step >= t.steps:
+            out.append(f"evo.diversify_step ({e.diversify_step}) >= trainer.steps ({t.steps}): the run ends in the "
+                       "dense phase, before any expert is spawned")
+        return out
+
+
+# ---- checks ----------------------------------------------------------------------------------------
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, options: tuple) -> None:
+    _check(value in options, f"{name}={value!r} is not one of {'|'.join(options)}")
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """Every float setting (and float list entry) is finite: nan passes no comparison the range checks
+    below make, but inf does (capacity_factor, timeout_s, clip ...)."""
+    for group in dataclasses.fields(cfg):
+        node = getattr(cfg, group.name)
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            items = list(enumerate(v)) if isinstance(v, (list, tuple)) else [(None, v)]
+            for i, x in items:
+                if isinstance(x, float) and not math.isfinite(x):
+                    where = f"{group.name}.{f.name}" + ("" if i is None else f"[{i}]")
+                    raise ConfigError(f"{where} must be a finite number, got {x}")
+
+
+def _check_json_object(name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigFileNotFoundError(f"{name}={path!r}: no such file")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{name}={path!r} is not readable JSON ({e})") from e
+    _check(isinstance(obj, dict), f"{name}={path!r} must hold a JSON object, got {type(obj).__name__}")
+
+
+def _trainer_names(message: str) -> str:
+    """MoEConfig's message in the trainer's names: MoEConfig.top_k -> moe.top_k, hidden_size -> model.d_model."""
+    return (message.replace("MoEConfig.hidden_size", "model.d_model")
+            .replace("MoEConfig.ffn_hidden_size", "model.ffn_hidden").replace("MoEConfig.", "moe."))
+
+
+def _cuda_available() -> bool:
+    import torch  # moesys imports it anyway; kept local so the dataclasses above stay torch-free to read
+
+    return torch.cuda.is_available()
+
+
+def _triton_interpreted() -> bool:
+    from moesys.kernels import backend
+
+    return backend.triton_available() and backend.interpreting()
+
+
+def from_composed(dcfg) -> TrainConfig:
+    """The TrainConfig of Hydra's composed config (a DictConfig without the `hydra` node).
+
+    Raises ConfigError on a key the schema lacks (Hydra accepts `+trainer.stpes=5` and the run would
+    ignore it) and on EvoConfig's own checks, which run when the dataclasses are built.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key in dcfg.keys():
+        if key not in top:
+            raise ConfigError(f"{key} is not a setting (added with '+'?); the groups are {', '.join(top)}")
+        group = OmegaConf.get_type(dcfg, key)
+        known = {f.name for f in dataclasses.fields(group)} if dataclasses.is_dataclass(group) else None
+        extra = [k for k in dcfg[key].keys() if known is not None and k not in known]
+        if extra:
+            raise ConfigError(f"{key}.{extra[0]} is not a setting (added with '+'?): {key}.* has no field {extra[0]!r}")
+    try:
+        return OmegaConf.to_object(dcfg)
+    except (ValueError, OmegaConfBaseException) as e:  # EvoConfig.__post_init__; a value left at ???
+        raise ConfigError(str(e).splitlines()[0]) from e
 
 
 def register() -> None:

@@ -22,6 +22,8 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import ConfigError, ConfigFileNotFoundError
+
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: mixes (seed, step) into one generator seed
 
 
@@ -32,34 +34,51 @@ def embedded_corpus() -> bytes:
     return "".join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
+_NP_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+def count_tokens(path: Optional[str], dtype: str = "uint16") -> int:
+    """The number of tokens of the source from its size alone (no token is read).
+
+    Raises:
+        ConfigFileNotFoundError: `path` does not exist.
+        ConfigError: the file is empty or its size is not a multiple of the dtype.
+    """
+    if path is None:
+        return len(embedded_corpus())
+    if not os.path.isfile(path):
+        raise ConfigFileNotFoundError(f"data.path={path!r}: no such file")
+    size = os.path.getsize(path)
+    if path.endswith(".bin"):
+        itemsize = np.dtype(_NP_DTYPES[dtype]).itemsize
+        if size == 0 or size % itemsize:
+            raise ConfigError(f"data.path={path!r}: {size} bytes is not a non-empty multiple of {dtype} ({itemsize} bytes)")
+        return size // itemsize
+    if size == 0:
+        raise ConfigError(f"data.path={path!r} is empty")
+    return size
+
+
 def load_tokens(path: Optional[str], dtype: str = "uint16", vocab_size: int = 256) -> np.ndarray:
     """All tokens of the source as a 1-D integer array (a read-only memmap for .bin files).
 
     Raises:
-        FileNotFoundError: `path` does not exist.
-        ValueError: the file is empty, its size is not a multiple of the dtype, or a token id is
+        ConfigFileNotFoundError: `path` does not exist.
+        ConfigError: the file is empty, its size is not a multiple of the dtype, or a token id is
             >= vocab_size.
     """
     if path is None:
         return np.frombuffer(embedded_corpus(), dtype=np.uint8)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.path={path!r}: no such file")
+    count_tokens(path, dtype)  # the checks on the file's size
     if path.endswith(".bin"):
-        np_dtype = {"uint16": np.uint16, "uint32": np.uint32}[dtype]
-        size = os.path.getsize(path)
-        itemsize = np.dtype(np_dtype).itemsize
-        if size == 0 or size % itemsize:
-            raise ValueError(f"data.path={path!r}: {size} bytes is not a non-empty multiple of {dtype} ({itemsize} bytes)")
-        tokens = np.memmap(path, dtype=np_dtype, mode="r")
+        tokens = np.memmap(path, dtype=_NP_DTYPES[dtype], mode="r")
         # checks the whole file once: a token id >= vocab would index past the embedding later
         top = int(tokens.max())
         if top >= vocab_size:
-            raise ValueError(f"data.path={path!r} holds token id {top} >= data.vocab_size ({vocab_size})")
+            raise ConfigError(f"data.path={path!r} holds token id {top} >= data.vocab_size ({vocab_size})")
         return tokens
     with open(path, "rb") as f:
         raw = f.read()
-    if not raw:
-        raise ValueError(f"data.path={path!r} is empty")
     return np.frombuffer(raw, dtype=np.uint8)
 
 
@@ -71,20 +90,31 @@ class Split:
         return len(self.tokens)
 
 
+def check_split(num_tokens: int, val_fraction: float, seq_len: int) -> Tuple[int, int]:
+    """(train, validation) token counts of the fixed split; raises ConfigError when either is too short.
+
+    Validation needs one window of seq_len + 1 tokens; training one token more, because
+    TrainBatches draws window starts from [0, len - seq_len - 1).
+    """
+    n_val = int(num_tokens * val_fraction)
+    n_train = num_tokens - n_val
+    for name, n, need in (("train", n_train, seq_len + 2), ("validation", n_val, seq_len + 1)):
+        if n < need:
+            raise ConfigError(
+                f"model.seq_len={seq_len} does not fit the data: the {name} split has {n} tokens and needs at "
+                f"least {need} (model.seq_len + {need - seq_len}); use more data, a shorter model.seq_len or "
+                f"another data.val_fraction (now {val_fraction})"
+            )
+    return n_train, n_val
+
+
 def train_val_split(tokens: np.ndarray, val_fraction: float, seq_len: int) -> Tuple[Split, Split]:
     """Fixed split: the last `val_fraction` of the tokens is validation.
 
-    Raises ValueError when either split is shorter than one window of seq_len + 1 tokens.
+    Raises ConfigError when either split is too short for a window (see check_split).
     """
-    n_val = int(len(tokens) * val_fraction)
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-    for name, part in (("train", train), ("validation", val)):
-        if len(part) < seq_len + 1:
-            raise ValueError(
-                f"the {name} split has {len(part)} tokens, fewer than model.seq_len + 1 = {seq_len + 1}; "
-                f"use more data or a shorter model.seq_len"
-            )
-    return Split(train), Split(val)
+    n_train, _ = check_split(len(tokens), val_fraction, seq_len)
+    return Split(tokens[:n_train]), Split(tokens[n_train:])
 
 
 def _windows(split: Split, starts: np.ndarray, seq_len: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -11,18 +11,25 @@
 Without torchrun (no RANK/WORLD_SIZE in the environment) the app spawns parallel.simulate_ranks
 local gloo ranks itself. Every check of the config, the data and the checkpoint to resume runs on
 every rank before the process group exists, so bad input fails with a clear message and no hang.
+
+A bad override or setting is one line on stderr and exit code 2, before Hydra makes its run dir or
+any rank starts (`moesys-train: error: trainer.batch_size must be > 0, got 0`); trainer.debug=true
+prints the traceback as well.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
-from typing import Callable, List, Optional
+import traceback
+from typing import Callable, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 
-from moesys.configs.schema import TrainConfig, register
+from moesys.configs.schema import TrainConfig, from_composed, register
+from moesys.errors import ConfigError
 from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
@@ -49,10 +56,16 @@ def build_callbacks(cfg: TrainConfig) -> List:
     return []
 
 
+class ResumeError(ckpt.CheckpointError, ConfigError):
+    """The checkpoint trainer.resume names cannot be used (missing, corrupt, another model's): bad
+    input like a ConfigError, and a CheckpointError for callers that catch those."""
+
+
 def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
     """All local checks, run on every rank before any collective. Returns the checkpoint to resume.
 
-    Raises ValueError / FileNotFoundError / CheckpointError naming what is wrong. Writes nothing.
+    Raises ConfigError naming what is wrong: the config, the data, the out dir, or (ResumeError) the
+    checkpoint to resume. Writes nothing.
     """
     cfg.validate(world_size)
     tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
@@ -62,22 +75,28 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
     has_own = os.path.isfile(os.path.join(own, ckpt.LATEST))
     if t.resume is None:
         if has_own:
-            raise ValueError(f"{out_dir} already holds checkpoints ({own}); pass trainer.resume=auto to continue "
-                             "that run or choose another trainer.out_dir (nothing was overwritten)")
+            raise ConfigError(f"{out_dir} already holds checkpoints ({own}); pass trainer.resume=auto to continue "
+                              "that run or choose another trainer.out_dir (nothing was overwritten)")
         return None
     if t.resume == "auto":
         if not has_own:
             return None
         path, notes = ckpt.resolve_verified(own)
         if path is None:
-            raise ckpt.CheckpointError(f"trainer.resume=auto: no checkpoint under {own} verifies: " + "; ".join(notes))
+            raise ResumeError(f"trainer.resume=auto: no checkpoint under {own} verifies: " + "; ".join(notes))
         if notes and os.environ.get("RANK", "0") == "0":
             print(f"moesys-train: {'; '.join(notes)}; resuming from {path}, the newest checkpoint that verifies",
                   file=sys.stderr)
     else:
-        path = ckpt.resolve(t.resume)
-        ckpt.verify_checkpoint(path)
-    ckpt.check_compatible(path, structure_of(cfg))
+        try:
+            path = ckpt.resolve(t.resume)
+            ckpt.verify_checkpoint(path)
+        except ckpt.CheckpointError as e:
+            raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
+    try:
+        ckpt.check_compatible(path, structure_of(cfg))
+    except ckpt.CheckpointError as e:
+        raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
     return path
 
 
@@ -182,18 +201,84 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
 
 
 # ---- Hydra entry point -----------------------------------------------------------------------------
+# Bad input is reported as one line and exit code 2 (a usage error), never as a traceback through
+# Hydra and the spawned ranks: Hydra's own errors (unknown key, wrong type, bad override syntax,
+# missing preset) and ConfigError (the config's checks, the data, the checkpoint to resume). Only
+# ConfigError is caught: the checks raise it, training never does.
+ERROR_PREFIX = "moesys-train: error: "
+EXIT_BAD_INPUT = 2
+_DEBUG_OVERRIDE = re.compile(r"\+{0,2}trainer\.debug=(true|yes|on|1)", re.IGNORECASE)
+
+
+def _exit_bad_input(message: str, debug: bool) -> NoReturn:
+    if debug:
+        traceback.print_exc()
+    print(ERROR_PREFIX + " ".join(message.split("\n")).strip(), file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _hydra_message(e: Exception) -> str:
+    """One line from a Hydra composition error: its first line, the options it lists, and the first
+    line of the OmegaConf error under it (which names the key and the value)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    out = lines[0].rstrip(".")
+    if any(ln.startswith("Available options") for ln in lines):
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("Available options"))
+        opts = [ln for ln in lines[i + 1:] if not ln.startswith("Config search path")]
+        opts = opts[: next((k for k, ln in enumerate(opts) if ln.startswith("provider=")), len(opts))]
+        out += f" (available: {', '.join(opts)})"
+    elif e.__cause__ is not None and str(e.__cause__).strip():
+        out += ": " + str(e.__cause__).strip().splitlines()[0]
+    elif len(lines) > 1 and not lines[1].startswith("See "):
+        out += ": " + lines[1]
+    return out
+
+
+def check_overrides(overrides: List[str]) -> TrainConfig:
+    """Compose the config of these command-line overrides as Hydra will and check it.
+
+    Runs before Hydra creates its run dir and before any rank: a bad override or setting prints one
+    line (ERROR_PREFIX ...) and exits with EXIT_BAD_INPUT, writing nothing. Returns the checked config.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    debug = any(_DEBUG_OVERRIDE.fullmatch(a) for a in overrides)  # the config itself may not compose
+    try:
+        with initialize_config_module("moesys.configs", version_base="1.3"):
+            dcfg = compose("train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        _exit_bad_input(_hydra_message(e), debug)
+    debug = bool(dcfg.trainer.debug)
+    try:
+        cfg = from_composed(dcfg)
+        cfg.validate(world_size_of(cfg))
+    except ConfigError as e:
+        _exit_bad_input(str(e), debug)
+    return cfg
+
+
 def _hydra_main(dcfg) -> None:
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
-    cfg: TrainConfig = OmegaConf.to_object(dcfg)
-    out_dir = cfg.trainer.out_dir or HydraConfig.get().runtime.output_dir
-    run(cfg, os.path.abspath(out_dir), share_out_dir=cfg.trainer.out_dir is None)
+    try:
+        cfg: TrainConfig = from_composed(dcfg)
+        out_dir = cfg.trainer.out_dir or HydraConfig.get().runtime.output_dir
+        run(cfg, os.path.abspath(out_dir), share_out_dir=cfg.trainer.out_dir is None)
+    except ConfigError as e:  # from prepare(), in this process, before any rank starts
+        _exit_bad_input(str(e), bool(dcfg.trainer.debug))
 
 
 def main() -> None:
     import hydra
 
+    overrides = sys.argv[1:]
+    # flags (--help, --cfg, -m, -cd ...) and multirun sweeps go to Hydra untouched (its own messages)
+    if not any(a.startswith("-") or a.startswith("hydra.mode=") for a in overrides):
+        check_overrides(overrides)
     hydra.main(version_base="1.3", config_path="pkg://moesys.configs", config_name="train")(_hydra_main)()
 
 

@@ -353,6 +353,8 @@ class Trainer:
                         project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
                         start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
         start = time.time()
+        for w in cfg.warnings():  # valid but probably not meant; logged, not an error
+            log.message(f"warning: {w}")
         if resume_from is not None:
             log.message(f"resumed from {resume_from} at step {self.step}")
             old = self.saved_schedule_total

@@ -45,6 +45,32 @@ def test_split_too_short_for_seq_len():
         data.train_val_split(np.zeros(100, np.uint8), 0.1, seq_len=64)
 
 
+def test_split_boundary_is_what_the_batches_need():
+    """Validation needs one window of seq_len + 1 tokens; training one more (TrainBatches draws the
+    starts from [0, len - seq_len - 1)). A split the check passes must give a batch."""
+    S = 8
+    with pytest.raises(data.ConfigError, match=r"model.seq_len=8 does not fit the data: the train split has 9 tokens"):
+        data.train_val_split(np.zeros(18, np.uint8), 0.5, seq_len=S)
+    with pytest.raises(data.ConfigError, match=r"the validation split has 8 tokens and needs at least 9"):
+        data.train_val_split(np.zeros(20, np.uint8), 0.4, seq_len=S)
+    train, val = data.train_val_split(np.arange(19, dtype=np.uint8), 9 / 19, seq_len=S)
+    assert (len(train), len(val)) == (S + 2, S + 1)
+    x, y = next(data.TrainBatches(train, seq_len=S, global_batch=2, grad_accum=1, dp_rank=0, dp_size=1,
+                                  seed=0).step_batches(0))
+    assert x.shape == (2, S) and torch.equal(x[:, 1:], y[:, :-1])
+    (xv, _), = data.eval_batches(val, seq_len=S, batch_size=2, n_batches=1, dp_rank=0, dp_size=1)
+    assert xv.shape == (2, S)
+
+
+def test_count_tokens_reads_sizes_only(tmp_path):
+    p = tmp_path / "x.bin"
+    np.arange(300, dtype=np.uint32).tofile(p)
+    assert data.count_tokens(str(p), "uint32") == 300 and data.count_tokens(str(p), "uint16") == 600
+    assert data.count_tokens(None) == len(data.load_tokens(None))
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        data.count_tokens(str(tmp_path / "nope.bin"))
+
+
 def test_batches_are_a_function_of_step_and_shard_the_global_batch():
     toks = data.load_tokens(None)
     split, _ = data.train_val_split(toks, 0.1, seq_len=16)

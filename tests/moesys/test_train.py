@@ -11,6 +11,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from moesys import train as train_mod
+from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.trainer import lr_at
 from train_helpers import make_cfg
 
@@ -152,19 +153,19 @@ def test_unknown_override_is_hydras_error():
 
 
 @pytest.mark.parametrize("overrides, err, match", [
-    (["parallel.ep=3", "parallel.simulate_ranks=3"], ValueError, r"moe.num_experts \(4\) must be divisible by parallel.ep \(3\)"),
-    (["parallel.ep=4", "parallel.simulate_ranks=2"], ValueError, r"world size \(2\) must be divisible by parallel.ep \(4\)"),
-    (["parallel.ep=6", "parallel.simulate_ranks=6"], ValueError, r"parallel.ep \(6\) > moe.num_experts \(4\) needs"),
-    (["parallel.ep=8", "parallel.simulate_ranks=8", "model.ffn_hidden=63"], ValueError,
+    (["parallel.ep=3", "parallel.simulate_ranks=3"], ConfigError, r"moe.num_experts \(4\) must be divisible by parallel.ep \(3\)"),
+    (["parallel.ep=4", "parallel.simulate_ranks=2"], ConfigError, r"world size \(2\) must be divisible by parallel.ep \(4\)"),
+    (["parallel.ep=6", "parallel.simulate_ranks=6"], ConfigError, r"parallel.ep \(6\) > moe.num_experts \(4\) needs"),
+    (["parallel.ep=8", "parallel.simulate_ranks=8", "model.ffn_hidden=63"], ConfigError,
      r"model.ffn_hidden \(63\) must be divisible by parallel.ep / moe.num_experts \(2\)"),
-    (["data.path=/nonexistent/corpus.txt"], FileNotFoundError, "/nonexistent/corpus.txt"),
-    (["moe.router=expert_choice"], ValueError, "allow_noncausal"),
-    (["trainer.batch_size=7"], ValueError, r"trainer.batch_size \(7\) must be divisible"),
-    (["parallel.dispatcher=smoke"], ValueError, "parallel.dispatcher='smoke'"),
-    (["moe.aux_loss=tutel"], ValueError, r"MoEConfig.aux_loss='tutel' is not one of"),
-    (["moe.drop_policy=tutel"], ValueError, r"MoEConfig.drop_policy='tutel' is not one of"),
-    (["moe.top_k=1", "moe.renormalize_after_drop=true"], ValueError, r"MoEConfig.renormalize_after_drop=True .* top_k=1"),
-    (["moe.capacity_factor=inf"], ValueError, r"MoEConfig.capacity_factor must be a finite number > 0"),
+    (["data.path=/nonexistent/corpus.txt"], ConfigFileNotFoundError, "/nonexistent/corpus.txt"),
+    (["moe.router=expert_choice"], ConfigError, "allow_noncausal"),
+    (["trainer.batch_size=7"], ConfigError, r"trainer.batch_size \(7\) must be divisible"),
+    (["parallel.dispatcher=smoke"], ConfigError, "parallel.dispatcher='smoke'"),
+    (["moe.aux_loss=tutel"], ConfigError, r"moe.aux_loss='tutel' is not one of"),
+    (["moe.drop_policy=tutel"], ConfigError, r"moe.drop_policy='tutel' is not one of"),
+    (["moe.top_k=1", "moe.renormalize_after_drop=true"], ConfigError, r"moe.renormalize_after_drop=True .* top_k=1"),
+    (["moe.capacity_factor=inf"], ConfigError, r"moe.capacity_factor must be a finite number, got inf"),
 ])
 def test_bad_config_fails_in_the_parent_before_spawning(tmp_path, overrides, err, match):
     cfg = make_cfg(*overrides)
@@ -181,7 +182,7 @@ def test_torchrun_rank_fails_before_any_collective(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     cfg = make_cfg("parallel.ep=2", "moe.num_experts=5", "parallel.timeout_s=600")
     t0 = time.time()
-    with pytest.raises(ValueError, match=r"moe.num_experts \(5\) must be divisible by parallel.ep \(2\)"):
+    with pytest.raises(ConfigError, match=r"moe.num_experts \(5\) must be divisible by parallel.ep \(2\)"):
         train_mod.run(cfg, str(tmp_path / "o"))
     assert time.time() - t0 < 10
 
@@ -200,7 +201,10 @@ def test_cli_entry_point(tmp_path):
     assert os.path.isdir(out / "wandb")  # offline W&B run written locally, no network
     bad = subprocess.run([sys.executable, "-m", "moesys.train", "trainer.nonsense=1", f"hydra.run.dir={tmp_path}/h2"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "Could not override 'trainer.nonsense'" in bad.stderr
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == ["moesys-train: error: Could not override 'trainer.nonsense': "
+                                       "Key 'nonsense' not in 'TrainerConfig'"]
+    assert not os.path.exists(tmp_path / "h2")  # refused before Hydra made its run dir
 
 
 @pytest.mark.slow

@@ -1,0 +1,247 @@
+"""Config errors, early and short: a catalogue of bad inputs through `moesys-train`'s entry point.
+
+Every case must end with exit code 2 and ONE stderr line, `moesys-train: error: ...`, naming the
+field and the value; no traceback; nothing on stdout (rank 0 logs from its first step: nothing there
+means no rank ran); the given trainer.out_dir (which holds a file beforehand) unchanged; and, for
+the errors found by composing and validating the config, no Hydra run dir either.
+
+The slow test runs every case through the real CLI (`python -m moesys.train`, ~5-10 s of imports
+each); the fast tier runs every case in-process through `moesys.train.main` and a handful through
+the real CLI.
+"""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from moesys import train as train_mod
+
+CPU_ONLY = not torch.cuda.is_available()
+
+# (overrides, text the one line must hold). Placeholders: {tmp} a folder with files the cases name,
+# {out} the case's trainer.out_dir. Cases marked LATE fail after Hydra made its run dir (the token
+# ids and the checkpoint to resume are checked by prepare(), in the parent, before any rank starts).
+LATE = "late"
+CASES = [
+    # trainer
+    (["trainer.batch_size=0"], "trainer.batch_size must be > 0, got 0"),
+    (["trainer.grad_accum=0"], "trainer.grad_accum must be > 0, got 0"),
+    (["trainer.batch_size=7"], "trainer.batch_size (7) must be divisible by data-parallel size (2) x trainer.grad_accum (1)"),
+    (["trainer.steps=0"], "trainer.steps must be > 0, got 0"),
+    (["trainer.eval_interval=0"], "trainer.eval_interval must be > 0, got 0"),
+    (["trainer.log_interval=-5"], "trainer.log_interval must be > 0, got -5"),
+    (["trainer.eval_batches=0"], "trainer.eval_batches must be > 0, got 0"),
+    (["trainer.ckpt_interval=-1"], "trainer.ckpt_interval must be >= 0 (0: only at the end), got -1"),
+    (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints must be >= 1, got 0"),
+    (["trainer.clip=-1"], "trainer.clip must be >= 0 (0 disables), got -1.0"),
+    (["trainer.seed=-1"], "trainer.seed must be in [0, 2**32), got -1"),
+    (["trainer.max_bad_steps=0"], "trainer.max_bad_steps must be >= 1, got 0"),
+    (["trainer.precision=fp16"], "trainer.precision='fp16' is not one of fp32|bf16"),
+    (["trainer.engine=megatron"], "trainer.engine='megatron' is not one of plain|deepspeed"),
+    (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be 1 or 2 with MoE, got 3"),
+    (["trainer.ds_config={tmp}/ds.json"], "trainer.ds_config='{tmp}/ds.json' is only read by trainer.engine=deepspeed"),
+    (["trainer.out_dir={tmp}/a_file"], "trainer.out_dir='{tmp}/a_file' exists and is not a directory"),
+    (["trainer.resume={tmp}/nowhere"], "trainer.resume='{tmp}/nowhere': no checkpoint at", LATE),
+    # optim, schedule
+    (["optim.lr=-1e-3"], "optim.lr must be > 0, got -0.001"),
+    (["optim.lr=inf"], "optim.lr must be a finite number, got inf"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas[1] must be in [0, 1), got 1.5"),
+    (["optim.betas=[0.9]"], "optim.betas must have two values, got [0.9]"),
+    (["optim.eps=0"], "optim.eps must be > 0, got 0.0"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay must be >= 0, got -0.1"),
+    (["schedule.warmup_steps=-1"], "schedule.warmup_steps must be >= 0, got -1"),
+    (["schedule.min_lr_ratio=2"], "schedule.min_lr_ratio must be in [0, 1], got 2.0"),
+    # model
+    (["model.n_heads=3"], "model.d_model (32) must be divisible by model.n_heads (3)"),
+    (["model.n_layers=0"], "model.n_layers must be > 0, got 0"),
+    (["model.d_model=0"], "model.d_model must be > 0, got 0"),
+    (["model.moe_every=5"], "model.moe_every (5) > model.n_layers (2)"),
+    (["model.dropout=1.0"], "model.dropout must be in [0, 1), got 1.0"),
+    (["model.seq_len=100000"], "model.seq_len=100000 does not fit the data: the validation split has"),
+    # moe (MoEConfig's checks under the trainer's names)
+    (["moe.top_k=5"], "moe.top_k (5) must be <= num_experts (4)"),
+    (["moe.num_experts=0"], "moe.num_experts must be a positive integer, got 0"),
+    (["moe.capacity_factor=0"], "moe.capacity_factor must be a finite number > 0 or None (dropless), got 0.0"),
+    (["moe.aux_loss_coef=-1"], "moe.aux_loss_coef must be >= 0, got -1.0"),
+    (["moe.router=nope"], "moe.router='nope' is not one of"),
+    (["moe.activation=tanh"], "moe.activation='tanh' is not one of"),
+    (["moe.router=switch"], "moe.router='switch' is top-1; got top_k=2"),
+    (["moe.router=expert_choice"], "moe.router=expert_choice is not causal"),
+    # parallel
+    (["parallel.ep=3", "parallel.simulate_ranks=3"], "moe.num_experts (4) must be divisible by parallel.ep (3)"),
+    (["parallel.ep=4"], "world size (2) must be divisible by parallel.ep (4)"),
+    (["parallel.ep=0"], "parallel.ep must be > 0, got 0"),
+    (["parallel.simulate_ranks=0"], "parallel.simulate_ranks must be > 0, got 0"),
+    (["parallel.dispatcher=smoke"], "parallel.dispatcher='smoke' is not one of"),
+    (["parallel.mode=fast"], "parallel.mode='fast' is not one of auto|ep|sharded_dp"),
+    (["parallel.overlap=3"], "parallel.overlap='3' is not one of auto|1|2|4|8"),
+    (["parallel.timeout_s=0"], "parallel.timeout_s must be > 0, got 0.0"),
+    # data
+    (["data.path={tmp}/missing.txt"], "data.path='{tmp}/missing.txt': no such file"),
+    (["data.dtype=int8"], "data.dtype='int8' is not one of uint16|uint32"),
+    (["data.vocab_size=100"], "data.path=null (the embedded corpus) is byte-level: data.vocab_size must be 256, got 100"),
+    (["data.val_fraction=0"], "data.val_fraction must be in (0, 1), got 0.0"),
+    (["data.path={tmp}/tok.bin", "data.vocab_size=200"], "data.path='{tmp}/tok.bin' holds token id 299 >= data.vocab_size (200)", LATE),
+    # logging, evo
+    (["logging.wandb_mode=loud"], "logging.wandb_mode='loud' is not one of offline|online|disabled"),
+    (["evo=evomoe", "evo.spawn=bogus"], "evo.spawn='bogus' is not one of"),
+    (["evo.tau_min=5"], "evo.tau_min (5.0) and evo.tau_max (2.0) must satisfy"),
+    (["evo=evomoe", "model.moe_every=0"], "evo.enabled=true needs MoE layers, but model.moe_every=0"),
+    # Hydra's own errors: unknown key, wrong type, syntax, unknown preset, a key added with '+'
+    (["trainer.nonsense=1"], "Could not override 'trainer.nonsense': Key 'nonsense' not in 'TrainerConfig'"),
+    (["trainer.steps=abc"], "Error merging override trainer.steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.steps"], "Error parsing override 'trainer.steps'"),
+    (["evo=nope"], "Could not find 'evo/nope' (available: act_dts, dts, evomoe, upcycle)"),
+    (["+trainer.stpes=5"], "trainer.stpes is not a setting"),
+]
+if CPU_ONLY:
+    CASES += [
+        (["parallel.backend=nccl"], "parallel.backend='nccl' needs CUDA GPUs"),
+        (["moe.kernel_backend=triton"], "moe.kernel_backend='triton' needs a CUDA device"),
+    ]
+# through the real CLI (slow test): every group and every way an error is found, ~5-20 s a call
+CLI = [
+    "trainer.batch_size=0", "trainer.grad_accum=0", "trainer.batch_size=7", "trainer.steps=0",
+    "trainer.eval_interval=0", "trainer.keep_checkpoints=0", "trainer.precision=fp16",
+    "trainer.engine=deepspeed trainer.zero_stage=3", "trainer.ds_config={tmp}/ds.json", "trainer.out_dir={tmp}/a_file",
+    "trainer.resume={tmp}/nowhere",
+    "optim.lr=-1e-3", "optim.lr=inf", "optim.betas=[0.9,1.5]", "optim.eps=0", "optim.weight_decay=-0.1",
+    "schedule.warmup_steps=-1",
+    "model.n_heads=3", "model.moe_every=5", "model.seq_len=100000",
+    "moe.top_k=5", "moe.capacity_factor=0", "moe.aux_loss_coef=-1", "moe.router=nope", "moe.activation=tanh",
+    "parallel.ep=3 parallel.simulate_ranks=3", "parallel.dispatcher=smoke", "parallel.overlap=3", "parallel.timeout_s=0",
+    "data.path={tmp}/missing.txt", "data.vocab_size=100", "data.path={tmp}/tok.bin data.vocab_size=200",
+    "logging.wandb_mode=loud", "evo=evomoe evo.spawn=bogus",
+    "trainer.nonsense=1", "trainer.steps=abc", "trainer.steps", "evo=nope", "+trainer.stpes=5",
+]
+# one of each kind for the fast tier's real-CLI calls
+FAST_CLI = ["trainer.batch_size=0", "optim.lr=-1e-3", "moe.top_k=5", "trainer.steps=abc", "trainer.resume={tmp}/nowhere"]
+
+
+def _case_id(case):
+    return " ".join(case[0])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The files some cases name."""
+    tmp = tmp_path_factory.mktemp("inputs")
+    (np.arange(20000) % 300).astype(np.uint16).tofile(tmp / "tok.bin")
+    (tmp / "ds.json").write_text("{}")
+    (tmp / "a_file").write_text("not a directory")
+    return str(tmp)
+
+
+def _setup(case, inputs, root):
+    """Fill the placeholders; a trainer.out_dir holding one file; where Hydra's run dir would go."""
+    os.makedirs(root)
+    out = os.path.join(root, "out")
+    os.makedirs(out)
+    with open(os.path.join(out, "keep.txt"), "w") as f:
+        f.write("from an earlier run")
+    overrides = [o.format(tmp=inputs) for o in case[0]]
+    if not any(o.startswith("trainer.out_dir=") for o in overrides):
+        overrides.append(f"trainer.out_dir={out}")
+    args = ["preset=tiny", *overrides, f"hydra.run.dir={root}/hydra"]
+    return args, case[1].format(tmp=inputs), out
+
+
+def _snapshot(out):
+    return sorted((n, os.stat(os.path.join(out, n)).st_mtime_ns, open(os.path.join(out, n)).read())
+                  for n in os.listdir(out))
+
+
+def _check(case, stdout, stderr, expected, out, before, root):
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"{_case_id(case)}: stderr is not one line:\n{stderr[-3000:]}"
+    assert lines[0].startswith("moesys-train: error: "), lines[0]
+    assert expected in lines[0], f"{_case_id(case)}: {lines[0]!r} lacks {expected!r}"
+    assert "Traceback" not in stderr + stdout
+    assert stdout.strip() == "", f"{_case_id(case)}: something ran:\n{stdout[-2000:]}"
+    assert _snapshot(out) == before, f"{_case_id(case)}: trainer.out_dir changed"
+    hydra_dir = os.path.join(root, "hydra")
+    if len(case) > 2 and case[2] == LATE:  # Hydra made its run dir; only its own .hydra/ is in it
+        assert sorted(os.listdir(hydra_dir)) == [".hydra"]
+    else:
+        assert not os.path.exists(hydra_dir), f"{_case_id(case)}: Hydra's run dir was created"
+
+
+def _run_cli(case, inputs, root):
+    args, expected, out = _setup(case, inputs, root)
+    before = _snapshot(out)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
+    r = subprocess.run([sys.executable, "-m", "moesys.train", *args], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 2, f"{_case_id(case)}: exit {r.returncode}\n{r.stderr[-3000:]}"
+    _check(case, r.stdout, r.stderr, expected, out, before, root)
+
+
+def _run_many_cli(cases, inputs, tmp_path):
+    # two at a time: each call is mostly torch's import, on a 2-core machine
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(_run_cli, case, inputs, str(tmp_path / f"case{i}")) for i, case in enumerate(cases)]
+        errors = [f.exception() for f in futures]
+    failed = [str(e) for e in errors if e is not None]
+    assert not failed, f"{len(failed)} of {len(cases)} cases failed:\n" + "\n".join(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # 39 calls, two at a time; ~4 min on 2 idle cores, 10+ on a loaded machine
+def test_catalogue_through_the_cli(inputs, tmp_path):
+    cases = [c for c in CASES if _case_id(c) in CLI]
+    assert len(cases) == len(CLI) >= 30
+    _run_many_cli(cases, inputs, tmp_path)
+
+
+def test_representative_cases_through_the_cli(inputs, tmp_path):
+    cases = [c for c in CASES if _case_id(c) in FAST_CLI]
+    assert len(cases) == len(FAST_CLI)
+    _run_many_cli(cases, inputs, tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_catalogue_in_process(case, inputs, tmp_path, monkeypatch, capsys):
+    """The same cases through moesys.train.main in this process (argv patched)."""
+    args, expected, out = _setup(case, inputs, str(tmp_path / "case"))
+    before = _snapshot(out)
+    monkeypatch.setattr(sys, "argv", ["moesys-train", *args])
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_mod.main()
+    finally:
+        GlobalHydra.instance().clear()  # a LATE case ran Hydra's app in this process
+    assert e.value.code == 2
+    cap = capsys.readouterr()
+    _check(case, cap.out, cap.err, expected, out, before, str(tmp_path / "case"))
+
+
+def test_debug_shows_the_traceback(inputs, tmp_path, monkeypatch, capsys):
+    """trainer.debug=true: the traceback, then the same one line; still exit code 2."""
+    for extra, expected in ((["trainer.batch_size=0"], "trainer.batch_size must be > 0, got 0"),
+                            (["trainer.steps=abc"], "trainer.steps=abc")):
+        monkeypatch.setattr(sys, "argv", ["moesys-train", "preset=tiny", *extra, "trainer.debug=true",
+                                          f"hydra.run.dir={tmp_path}/hydra"])
+        with pytest.raises(SystemExit) as e:
+            train_mod.main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err
+        assert err.strip().splitlines()[-1].startswith("moesys-train: error: ") and expected in err
+
+
+def test_a_good_config_passes_the_checks(monkeypatch):
+    cfg = train_mod.check_overrides(["preset=tiny", "trainer.steps=3", "optim.betas=[0.8,0.99]"])
+    assert cfg.trainer.steps == 3 and cfg.optim.betas == [0.8, 0.99]
+
+
+def test_warnings_name_settings_that_are_probably_not_meant():
+    from train_helpers import make_cfg
+
+    assert make_cfg("trainer.steps=40", "schedule.warmup_steps=10").warnings() == []
+    (w,) = make_cfg("trainer.steps=4").warnings()  # preset=tiny warms up over 30 steps
+    assert w.startswith("schedule.warmup_steps (30) > trainer.steps (4)")
