@@ -111,3 +111,11 @@ def test_a_batched_gemm_that_answers_wrong_is_never_used(monkeypatch):
     monkeypatch.setattr(cpu_blas, "_checked", None)
     assert not cpu_blas.available()
     assert not cpu_blas.mm_rows(torch.randn(601, 48), torch.randn(7, 48, 40), COUNTS, torch.zeros(601, 40))
+
+
+def test_the_first_use_may_come_under_bf16_autocast(monkeypatch):
+    # moesys-train trainer.precision=bf16 first reaches the check inside autocast: its fp32 reference must not
+    # turn bf16 (that raised "Float did not match BFloat16")
+    monkeypatch.setattr(cpu_blas, "_checked", None)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert cpu_blas.available()
