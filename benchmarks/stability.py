@@ -109,12 +109,18 @@ def main() -> int:
         for n in names:
             for seed in args.seeds:
                 ov = [o.format(**files) for o in COMMANDS[n]]
-                res = run_one([*ov, *args.extra, f"trainer.steps={args.steps}", f"trainer.seed={seed}",
-                               f"trainer.eval_interval={args.steps}", *QUIET],
-                              os.path.join(tmp, f"{n}-{seed}"), args.timeout)
+                shown = " ".join(COMMANDS[n]).format(book="book.txt", tokens="tokens.bin") or "(none)"
+                try:
+                    res = run_one([*ov, *args.extra, f"trainer.steps={args.steps}", f"trainer.seed={seed}",
+                                   f"trainer.eval_interval={args.steps}", *QUIET],
+                                  os.path.join(tmp, f"{n}-{seed}"), args.timeout)
+                except RuntimeError as e:  # the run itself failed: a row that says so, its error on stderr
+                    print(e, file=sys.stderr)
+                    failed += 1
+                    print(f"| `{shown}` | {seed} | | | | ERROR |", flush=True)
+                    continue
                 first, worst, at, ok = verdict(res["train"])
                 failed += ok == "FAIL"
-                shown = " ".join(COMMANDS[n]).format(book="book.txt", tokens="tokens.bin") or "(none)"
                 print(f"| `{shown}` | {seed} | {first:.3f} | {worst:.3f} ({at}) | "
                       f"{res['train'][-1]:.3f} | {ok} |", flush=True)
         if args.full_default:
