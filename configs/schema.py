@@ -133,6 +133,11 @@ class TrainerConfig:
     resume: Optional[str] = None  # None | auto | path to an out dir or a checkpoint dir
     extend_schedule: bool = False  # on resume: stretch the LR schedule to trainer.steps (default: keep the run's)
     max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss / grad norm (each skipped)
+    # warn when, in an MoE layer, one expert takes more than collapse_share of the (kept) routes for
+    # collapse_steps optimizer steps in a row (moesys/collapse.py); 0 turns the check off. At top-k an
+    # expert takes at most 1/k of the routes (0.5 at top-2), so keep the share below 1/k
+    collapse_share: float = 0.4
+    collapse_steps: int = 10
     out_dir: Optional[str] = None  # None: Hydra's run dir
     engine: str = "plain"  # plain | deepspeed
     zero_stage: int = 1  # deepspeed only: 1 | 2
@@ -255,6 +260,8 @@ class TrainConfig:
         _check(0 <= t.seed < 2**32, f"trainer.seed must be in [0, 2**32), got {t.seed}")
         _check(t.clip >= 0, f"trainer.clip must be >= 0 (0 disables), got {t.clip}")
         _check(t.max_bad_steps >= 1, f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+        _check(0 <= t.collapse_share <= 1, f"trainer.collapse_share must be in [0, 1] (0: no collapse check), got {t.collapse_share}")
+        _check(t.collapse_steps >= 1, f"trainer.collapse_steps must be >= 1, got {t.collapse_steps}")
         _one_of("trainer.engine", t.engine, ("plain", "deepspeed"))
         if t.zero_stage not in (1, 2):
             raise ConfigError(f"trainer.zero_stage must be 1 or 2 with MoE, got {t.zero_stage}")

@@ -29,6 +29,7 @@ from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from .collapse import CollapseMonitor
 from .logging_utils import RunLogger
 from .model import GPTConfig, GPTMoE, lm_loss
 
@@ -129,6 +130,9 @@ class Trainer:
         self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
         self._ckpt_meshes: Optional[dict] = None
         self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
+        blocks = [i for i, _ in self.moe_layers()]
+        self.collapse = (CollapseMonitor(share=t.collapse_share, steps=t.collapse_steps, blocks=blocks)
+                         if t.collapse_share > 0 and blocks else None)
         self.tokens_per_step = t.batch_size * cfg.model.seq_len
 
     # ------------------------------------------------------------------------------------------
@@ -241,16 +245,21 @@ class Trainer:
         self._hook("after_optimizer_step", step)
         self.step += 1
         out = {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm, "skipped": float(skip)}
-        if self.step % t.log_interval == 0 or self.step == t.steps:
+        log_step = self.step % t.log_interval == 0 or self.step == t.steps
+        if loads is not None and (log_step or self.collapse is not None):
+            # routes per expert of this step over all dp ranks: [L, E] (the collapse check needs every step)
+            dist.all_reduce(loads, group=self.dims.dp_group)
+            if self.collapse is not None:
+                out["collapse_warnings"] = self.collapse.update(self.step, loads)
+        if log_step:
             out.update(self._moe_metrics(loads, last_auxes))
         return out
 
     def _moe_metrics(self, loads: Optional[torch.Tensor], auxes) -> dict:
-        """Per MoE layer: load share per expert (summed over all dp ranks), drop rate, losses,
-        router entropy and the runtime's decisions. Collective on the dp group."""
+        """Per MoE layer: load share per expert (`loads` [L, E]: already summed over all dp ranks), drop
+        rate, losses, router entropy and the runtime's decisions. Collective on the dp group."""
         if loads is None:
             return {}
-        dist.all_reduce(loads, group=self.dims.dp_group)
         blocks = [i for i, _ in self.moe_layers()]
         names = sorted({k for a in auxes for k, v in a.metrics.items()
                         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
@@ -371,6 +380,10 @@ class Trainer:
                         "train_loss_end": float("nan"), "checkpoint": None, "out_dir": self.out_dir,
                         "train_losses": [], "nothing_to_train": True}
         self._hook("on_train_start", self)
+        k = cfg.moe.top_k if cfg.moe.router in ("topk", "sigmoid_bias") else 1  # routes a token sends
+        if self.collapse is not None and t.collapse_share >= 1 / k:
+            log.message(f"note: no router collapse warning can fire: at moe.top_k={k} an expert takes at most 1/{k} "
+                        f"of the routes, not more than trainer.collapse_share={t.collapse_share:g}")
         if self.step == 0:
             v = self.evaluate()
             self.history["val"].append((0, v))
@@ -379,6 +392,8 @@ class Trainer:
         t_last, last = time.time(), None
         while self.step < t.steps:
             m = self.train_step()
+            for warning in m.pop("collapse_warnings", ()):
+                log.message(warning)
             last = m
             if m["skipped"]:
                 log.message(f"step {self.step}: non-finite loss {m['loss']:.4g} or grad norm {m['grad_norm']:.4g}: "

@@ -22,6 +22,7 @@ CASES = {
     "kernels": ["benchmarks/kernels.py", "--small", "--iters", "1"],
     "ep": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--rounds", "1",
            "--steps", "1", "--auto-steps", "4"],
+    "stability": ["benchmarks/stability.py", "--only", "tiny", "--seeds", "1", "--steps", "7"],
 }
 
 
