@@ -19,7 +19,8 @@ Rows are routes (token, expert); R = rows the busiest rank computes; V = bytes a
         the rank's L*D*(F/S)/c weights; compute 2*G*D*F*N_max at N_max/E rows per expert)
 
     total = local + plan + pipelined(comm_fwd, comp_fwd, c) + pipelined(comm_bwd, 2 comp_fwd, c)
-    local = hw.layer_overhead_s + c * hw.chunk_overhead_s + router GEMM + row permutes (memory)
+    local = hw.layer_overhead_s + router GEMM + row permutes (memory)
+            + c * (hw.chunk_overhead_s + experts in one call * hw.expert_overhead_s)   (ep: L, sharded_dp: E)
 """
 from __future__ import annotations
 
@@ -125,15 +126,15 @@ class Breakdown:
         return (self.mode, self.dispatcher, self.degree)
 
 
-def local_seconds(stats: Stats, shape: Shape, hw: Hardware, c: int, recv_rows: float = 0.0) -> float:
-    """Mode-independent work of the layer (router GEMM, permute/unpermute) and host overheads;
+def local_seconds(stats: Stats, shape: Shape, hw: Hardware, recv_rows: float = 0.0) -> float:
+    """Mode-independent work of the layer (router GEMM, permute/unpermute) and its host overhead;
     `recv_rows`: rows reordered expert-major after an ep dispatch (and back), when L > 1."""
     P, D, b = shape.world, shape.hidden, shape.dtype_bytes
     T = stats.tokens / P
     router = hw.gemm_seconds(3 * 2 * T * D * shape.num_experts, T)  # fwd + bwd (dX, dW)
     rows = stats.max_local_rows + recv_rows
     permutes = 8 * rows * D * b / hw.mem_bandwidth  # gather + scatter-back, fwd and bwd, read + write
-    return hw.layer_overhead_s + c * hw.chunk_overhead_s + router + permutes
+    return hw.layer_overhead_s + router + permutes
 
 
 def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, hw: Hardware,
@@ -153,7 +154,7 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
         comm = c * G * allgather_ring(w_chunk, P, hw)
         n_max = stats.max_local_rows
         comp = hw.gemm_seconds(2 * G * D * F * n_max, n_max / E)
-        total_local = local_seconds(stats, shape, hw, c)
+        total_local = local_seconds(stats, shape, hw) + hw.call_seconds(c, E)
         total = total_local + pipelined(comm, comp, c, hw.overlap) + pipelined(comm, 2 * comp, c, hw.overlap)
         return Breakdown(mode, "-", c, 3 * comp, 2 * comm, 0.0, total_local, total,
                          bytes_fwd=(P - 1) * L * G * D * (F / S) * b, collectives=2 * G * c)
@@ -180,16 +181,17 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
             per_chunk = allgather_ring(stats.max_local_rows / c * row_b, P, hw) + alltoall_flat(v_chunk, P, hw)
     comm = c * per_chunk
     comp = hw.gemm_seconds(2 * G * D * (F / S) * rows_chunk * c, rows_chunk / L)
-    total_local = local_seconds(stats, shape, hw, c, recv_rows=rows_chunk * c if L > 1 else 0.0)
+    total_local = (local_seconds(stats, shape, hw, recv_rows=rows_chunk * c if L > 1 else 0.0)
+                   + hw.call_seconds(c, L))
     total = total_local + plan + pipelined(comm, comp, c, hw.overlap) + pipelined(comm, 2 * comp, c, hw.overlap)
     return Breakdown(mode, dispatcher, c, 3 * comp, 2 * comm, plan, total_local, total,
                      bytes_fwd=per_chunk_bytes(dispatcher, v_chunk, stats, row_b, P, c), collectives=1 + 4 * c)
 
 
 def per_chunk_bytes(dispatcher: str, v_chunk: float, stats: Stats, row_b: float, P: int, c: int) -> float:
-    """Bytes the slowest rank moves in one forward (dispatch and combine), for the reports."""
+    """Bytes the slowest rank moves in one forward (dispatch and combine, its own share included)."""
     if dispatcher == "allgather":
-        return c * ((P - 1) * stats.max_local_rows / c * row_b + v_chunk)
+        return c * (P * stats.max_local_rows / c * row_b + v_chunk)  # every rank's rows (own too), outputs back
     return 2 * c * v_chunk
 
 

@@ -54,7 +54,8 @@ class Hardware:
     mem_bandwidth: float = math.inf  # bytes/s of device memory (row permutes, buffer copies)
     overlap: float = 1.0  # fraction of the shorter of (comm, compute) that chunked pipelining can hide
     layer_overhead_s: float = 0.0  # host time of one MoE layer fwd+bwd outside experts and collectives
-    chunk_overhead_s: float = 0.0  # host time of one overlap chunk fwd+bwd (index math, calls)
+    chunk_overhead_s: float = 0.0  # host time of one chunk's expert call fwd+bwd (launches, index math)
+    expert_overhead_s: float = 0.0  # and per expert in that call (a CPU's per-GEMM dispatch; ~0 on a GPU)
     memory_bytes: float = math.inf  # device memory per GPU
     notes: str = field(default="", compare=False)
 
@@ -65,11 +66,15 @@ class Hardware:
             raise ValueError(f"Hardware.gemm_flops must be > 0, got {self.gemm_flops}")
         if not 0.0 <= self.overlap <= 1.0:
             raise ValueError(f"Hardware.overlap must be in [0, 1], got {self.overlap}")
-        for name in ("gemm_half_rows", "layer_overhead_s", "chunk_overhead_s"):
+        for name in ("gemm_half_rows", "layer_overhead_s", "chunk_overhead_s", "expert_overhead_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Hardware.{name} must be >= 0, got {getattr(self, name)}")
         if not self.mem_bandwidth > 0 or not self.memory_bytes > 0:
             raise ValueError("Hardware.mem_bandwidth and Hardware.memory_bytes must be > 0")
+
+    def call_seconds(self, chunks: int, experts: int) -> float:
+        """Fixed host cost of `chunks` expert calls of `experts` experts each (fwd + bwd)."""
+        return chunks * (self.chunk_overhead_s + experts * self.expert_overhead_s)
 
     def gemm_seconds(self, flops: float, rows_per_expert: float) -> float:
         """Seconds for `flops` of expert GEMMs whose experts hold `rows_per_expert` rows each."""

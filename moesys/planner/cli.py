@@ -3,7 +3,7 @@
     moesys-plan --cluster a100_dgx --gpus 256 preset=gpu_small trainer.batch_size=2048
     moesys-plan --cluster h100_dgx --gpus 1024 --tokens-per-gpu 8192 model.d_model=2048 moe.num_experts=128
     moesys-plan --cluster h200_dgx --gpus 512 --config outputs/2026-12-01/10-00-00/.hydra/config.yaml
-    moesys-plan --cluster my_cluster.yaml --gpus 64 --ep 8 16 --plot scaling.png preset=gpu_small
+    moesys-plan --cluster my_cluster.yaml --gpus 64 --ep 8,16 --plot scaling.png preset=gpu_small
     moesys-plan --cluster this --gpus 2 preset=tiny      # probes this machine on 2 gloo ranks
 
 Arguments after the options are moesys-train's Hydra overrides (the same presets and fields), so a
@@ -54,21 +54,41 @@ def compose_train_config(overrides: list, config_path: Optional[str] = None):
         GlobalHydra.instance().clear()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2, as argparse's own)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> list:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list:
+    return [x for x in text.split(",") if x]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="moesys-plan", description=__doc__.splitlines()[0],
+    ap = _Parser(prog="moesys-plan", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="cluster presets: " + ", ".join(presets()))
     ap.add_argument("--cluster", default="a100_dgx", help="a preset, a YAML file of the same fields, or 'this'")
     ap.add_argument("--gpus", type=int, default=None,
                     help="world size (default: one node of the preset; parallel.simulate_ranks for 'this')")
-    ap.add_argument("--ep", type=int, nargs="+", default=None, help="EP sizes to price (default: every valid one)")
+    ap.add_argument("--ep", type=_int_list, default=None, help="EP sizes to price, e.g. 8,16 (default: every valid one)")
     ap.add_argument("--tokens-per-gpu", type=int, default=None,
                     help="set trainer.batch_size so each GPU runs this many tokens per micro-step")
     ap.add_argument("--skew", type=float, default=1.25, help="hottest expert's load / mean load (default 1.25)")
     ap.add_argument("--active-k", type=float, default=None,
                     help="mean experts per token (default: moe.top_k; 1 for switch; a dense-to-sparse gate's value)")
-    ap.add_argument("--dispatchers", nargs="+", default=list(DISPATCHERS), help="dispatchers to rank")
-    ap.add_argument("--degrees", type=int, nargs="+", default=list(DEGREES), help="overlap degrees to rank")
+    ap.add_argument("--dispatchers", type=_str_list, default=list(DISPATCHERS),
+                    help=f"dispatchers to rank (default: {','.join(DISPATCHERS)})")
+    ap.add_argument("--degrees", type=_int_list, default=list(DEGREES),
+                    help=f"overlap degrees to rank (default: {','.join(map(str, DEGREES))})")
     ap.add_argument("--config", default=None, help="a saved moesys-train config (YAML) as the base")
     ap.add_argument("--plot", default=None, help="write predicted step time vs GPUs (16..2048) per dispatcher here")
     ap.add_argument("--threads", type=int, default=None, help="'this': intra-op threads per rank")
@@ -145,7 +165,7 @@ def run(argv=None) -> str:
         pts = scaling_points(wl, hw, world, result.recommended)
         rec = result.recommended
         title = (f"{hw.name}\nweak scaling: {wl.tokens_per_rank(world):g} tokens and "
-                 f"{wl.moe.num_experts / rec.ep:g} experts per GPU, one ep group over all GPUs")
+                 f"{wl.moe.num_experts / rec.ep:g} expert(s) per GPU, one ep group over all GPUs")
         plot_scaling(pts, args.plot, title)
         text += f"\nplot: {args.plot}"
     return text

@@ -6,7 +6,7 @@ or any YAML file of the same fields, turned into the cost model's Hardware.
 
 Fields (units in the names): name, gpus_per_node, memory_gib, intra/inter {bandwidth_gb_s,
 latency_us, gap_us}, gemm_tflops {bf16, fp32}, gemm_half_rows, mem_bandwidth_tb_s, overlap,
-layer_overhead_ms, chunk_overhead_ms. "this" (this machine, probed) is not a file: see probe_host.py.
+layer_overhead_ms, chunk_overhead_ms, expert_overhead_ms. "this" (this machine, probed) is not a file: see probe_host.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from .workload import PlanError
 
 THIS = "this"
 REQUIRED = ("name", "gpus_per_node", "memory_gib", "intra", "inter", "gemm_tflops")
-OPTIONAL = ("gemm_half_rows", "mem_bandwidth_tb_s", "overlap", "layer_overhead_ms", "chunk_overhead_ms")
+OPTIONAL = ("gemm_half_rows", "mem_bandwidth_tb_s", "overlap", "layer_overhead_ms", "chunk_overhead_ms",
+            "expert_overhead_ms")
 LINK_FIELDS = ("bandwidth_gb_s", "latency_us", "gap_us")
 
 
@@ -93,6 +94,7 @@ def hardware_from_dict(d: dict, precision: str, src: str = "cluster") -> Hardwar
         overlap=overlap,
         layer_overhead_s=_number(src, "layer_overhead_ms", d.get("layer_overhead_ms", 0.0), strict=False) * 1e-3,
         chunk_overhead_s=_number(src, "chunk_overhead_ms", d.get("chunk_overhead_ms", 0.0), strict=False) * 1e-3,
+        expert_overhead_s=_number(src, "expert_overhead_ms", d.get("expert_overhead_ms", 0.0), strict=False) * 1e-3,
         memory_bytes=_number(src, "memory_gib", d["memory_gib"]) * 1024 ** 3,
         notes=src)
 

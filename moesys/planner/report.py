@@ -99,8 +99,11 @@ def plot_scaling(points: dict, path: str, title: str) -> None:
         style = "--" if label.startswith("static") else "-"
         ax.plot(xs, ys, style, marker="o", label=label)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    gpus = sorted({x for pts in points.values() for x, _ in pts})
+    ax.set_xticks(gpus, [str(g) for g in gpus])
     ax.set_xlabel("GPUs")
-    ax.set_ylabel("predicted step time (s)")
+    ax.set_ylabel("predicted step time (s, log)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -148,13 +148,13 @@ def check_ep(wl: Workload, world: int, ep: int) -> None:
     E, F = wl.moe.num_experts, wl.moe.ffn_hidden_size
     if ep <= 0:
         raise PlanError(f"--ep {ep}: parallel.ep must be > 0")
-    if world % ep:
-        raise PlanError(f"--ep {ep}: the world size ({world} GPUs) must be divisible by parallel.ep ({ep})")
     if ep <= E and E % ep:
         raise PlanError(f"--ep {ep}: moe.num_experts ({E}) must be divisible by parallel.ep ({ep})")
     if ep > E and (ep % E or F % (ep // E)):
         raise PlanError(f"--ep {ep}: parallel.ep > moe.num_experts ({E}) needs parallel.ep divisible by "
                         f"moe.num_experts and model.ffn_hidden ({F}) divisible by parallel.ep / moe.num_experts")
+    if world % ep:
+        raise PlanError(f"--ep {ep}: the world size ({world} GPUs) must be divisible by parallel.ep ({ep})")
     tokens = wl.tokens_per_rank(world)
     if tokens < 1 or not math.isclose(tokens, round(tokens)):
         raise PlanError(f"trainer.batch_size ({wl.batch_size}) x model.seq_len ({wl.seq_len}) must split into whole "

@@ -138,15 +138,22 @@ def test_hardware_from_this_machines_probe():
     from moesys.planner.probe_host import EXPERT_ROWS, hardware_from_probe
 
     cfg = MoEConfig(hidden_size=128, ffn_hidden_size=256, num_experts=8, top_k=2)
-    B, A = 1e-5, 5e-4  # 10 us a row per expert, 0.5 ms a call
-    m = {"allgather": 3e-4, "a2a_tiny": 4e-4, "a2a_1mb": 1.4e-3, "gemms": 1e-3, "both": 1.9e-3, "layer": 5e-3,
-         "copy": 1e-3, "experts": [A + B * r for r in EXPERT_ROWS], "bytes_1mb": 1 << 20, "copy_bytes": 16e6,
-         "flops_per_row": 6 * 2 * 128 * 256 * 2}
+    B = 1e-5  # 10 us a row of the rank's L = 2 experts
+    call, expert = 4e-4, 1e-4  # an expert call costs 0.4 ms plus 0.1 ms an expert in it
+    ep = [1e-3 + call + 2 * expert + B * r for r in EXPERT_ROWS]
+    ep_x8 = ep[-1] + 7 * (call + 2 * expert)
+    sdp_1 = 5e-3
+    sdp_x8 = sdp_1 + 7 * (call + 8 * expert)
+    m = {"allgather": 3e-4, "a2a_tiny": 4e-4, "a2a_1mb": 1.4e-3, "overlap": 0.5, "layer": 5e-3,
+         "copy": 1e-3, "experts": ep + [ep_x8, sdp_1, sdp_x8], "bytes_1mb": 1 << 20, "copy_bytes": 16e6,
+         "flops_per_row": 6 * 2 * 128 * 256 * 2, "local_experts": 2}
     hw = hardware_from_probe(m, 4, 1, 256, cfg)
     assert hw.intra.latency == pytest.approx(1e-4)  # 3 ring steps
     assert hw.intra.gap == pytest.approx(1e-4)  # (4e-4 - 1e-4) / 3
     assert hw.intra.bandwidth == pytest.approx((1 << 20) * 3 / 4 / 1e-3)
-    assert hw.gemm_half_rows == pytest.approx(50.0) and hw.gemm_flops == pytest.approx(6 * 2 * 128 * 256 * 2 / B)
+    assert hw.gemm_flops == pytest.approx(6 * 2 * 128 * 256 * 2 / B) and hw.gemm_half_rows == 0
+    assert hw.chunk_overhead_s == pytest.approx(call) and hw.expert_overhead_s == pytest.approx(expert)
+    assert hw.call_seconds(2, 8) == pytest.approx(2 * (call + 8 * expert))
     assert hw.overlap == pytest.approx(0.5) and hw.mem_bandwidth == pytest.approx(16e9)
     assert 0 < hw.layer_overhead_s < 5e-3 and not math.isinf(hw.memory_bytes)
 
