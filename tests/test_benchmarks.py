@@ -22,6 +22,10 @@ CASES = {
     "kernels": ["benchmarks/kernels.py", "--small", "--iters", "1"],
     "ep": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--rounds", "1",
            "--steps", "1", "--auto-steps", "4"],
+    "plan_check": ["benchmarks/plan_check.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
+                   "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
+    "plan_tutel": ["benchmarks/plan_tutel.py"],
+    "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
 }
 
 

@@ -1,7 +1,7 @@
 """Per-rank memory of a moesys-train job: parameters, gradients, optimizer state, activations.
 
-An estimate for sizing (no allocator fragmentation, no workspace beyond what is listed; expect it
-within ~25% of a measured peak). Engines (trainer.engine; moesys has no FSDP2 engine yet):
+An estimate for sizing (no allocator fragmentation, no workspace beyond what is listed; not yet
+checked against a measured GPU peak). Engines (trainer.engine; moesys has no FSDP2 engine yet):
     plain       AdamW on every rank's parameters: fp32 weights (4 B), fp32 grads (4 B), two fp32
                 moments (8 B); bf16 is autocast (weights stay fp32)
     deepspeed   ZeRO-1: optimizer state (moments, and the fp32 master copy when weights are bf16)
@@ -40,8 +40,11 @@ class Memory:
         return self.params + self.grads + self.optimizer + self.activations
 
     def gib(self) -> str:
-        return (f"params {self.params / GIB:.1f} + grads {self.grads / GIB:.1f} + optimizer "
-                f"{self.optimizer / GIB:.1f} + activations {self.activations / GIB:.1f} = {self.total / GIB:.1f} GiB")
+        """The four parts and the total, in GiB (MiB for a job under 1 GiB a rank)."""
+        scale, unit = (GIB, "GiB") if self.total >= GIB else (1024 ** 2, "MiB")
+        return (f"params {self.params / scale:.1f} + grads {self.grads / scale:.1f} + optimizer "
+                f"{self.optimizer / scale:.1f} + activations {self.activations / scale:.1f} = "
+                f"{self.total / scale:.1f} {unit}")
 
 
 def model_state(wl: Workload, world: int, ep: int) -> tuple:

@@ -12,7 +12,8 @@ Per EP size (ep ranks per expert-parallel group, edp = world / ep replicas):
   * the runtime's choice: what the tuner ranks first for the config's dispatcher (and its pins:
     parallel.mode / parallel.overlap); it then times its top few and keeps the fastest measured;
   * the best candidate over every dispatcher whose memory fits (the recommendation; the runtime
-    uses the dispatcher the config names, so switching it is parallel.dispatcher=...);
+    uses the dispatcher the config names, so switching it is parallel.dispatcher=...; recommended
+    only when predicted >= 5% faster than the runtime's choice, less is within the model's error);
   * the static baseline: ep mode, flat all-to-all-v, no overlap (c = 1);
   * the step: grad_accum micro-steps of (n_moe x the layer + the dense part: 6 x GEMM params x tokens
     + causal attention 6 t s d a layer) plus the gradient reduction (dense over dp, experts over
@@ -32,6 +33,7 @@ from . import memory as mem
 from .workload import PlanError, Workload, check_ep, ep_sizes
 
 FIT_FRACTION = 0.9  # of device memory: CUDA context, allocator slack
+SWITCH_MARGIN = 0.05  # recommend another dispatcher than the config's only when it is predicted this much faster
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ def plan_ep(wl: Workload, hw: Hardware, world: int, ep: int, dispatchers: Sequen
     runtime = next(b for b in ranked if allowed_runtime(b))
     in_scope = [b for b in ranked if b.degree in degrees and (b.mode == "sharded_dp" or b.dispatcher in dispatchers)]
     best = next((b for b in in_scope if fits[b.mode]), in_scope[0])
+    if fits[runtime.mode] and runtime.total <= (1 + SWITCH_MARGIN) * best.total:
+        best = runtime  # within the model's accuracy: keep the configured dispatcher
     baseline = next(b for b in ranked if b.key == ("ep", "alltoallv", 1))
     dense, sync = dense_seconds(wl, world, hw), grad_sync_seconds(wl, world, ep, hw)
     return EPPlan(ep=ep, edp=world // ep, stats=stats, ranked=ranked, runtime=runtime, best=best, baseline=baseline,

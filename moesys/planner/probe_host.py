@@ -22,6 +22,7 @@ degrees is measured (those are what the model predicts). Runs in a few seconds.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -144,15 +145,22 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
 
     # 2. local work, one shape at a time (2 untimed calls first: the CPU buffer cache then holds the
     #    shape's blocks, as in a run that repeats its shapes every step)
-    local = {"layer": layer_step, "copy": lambda: dst.copy_(src),
-             **{f"ep_{r}": ep_calls(r, 1) for r in EXPERT_ROWS}, "ep_x8": ep_calls(EXPERT_ROWS[-1], 8),
-             "sdp_1": sdp_calls(1), "sdp_x8": sdp_calls(8)}
+    local = {"layer": layer_step, "copy": lambda: dst.copy_(src), **{f"ep_{r}": ep_calls(r, 1) for r in EXPERT_ROWS}}
     for name, fn in local.items():
         fn()
         fn()
         samples[name] = [timed(fn) for _ in range(reps)]
     med = {name: statistics.median(v) for name, v in samples.items()}
-    names = ["allgather", "a2a_tiny", "a2a_1mb", "layer", "copy", *(f"ep_{r}" for r in EXPERT_ROWS), "ep_x8",
+    # 1 call vs 8 calls on the same rows, alternated: the median of the pairs' differences is what
+    # one more call costs (a difference of two separately noisy medians is noisier)
+    for one_name, one, many_name, many in (("ep_1", ep_calls(EXPERT_ROWS[-1], 1), "ep_x8", ep_calls(EXPERT_ROWS[-1], 8)),
+                                           ("sdp_1", sdp_calls(1), "sdp_x8", sdp_calls(8))):
+        for fn in (one, many, one, many):
+            fn()
+        pairs = [(timed(one), timed(many)) for _ in range(reps)]
+        med[one_name] = statistics.median(a for a, _ in pairs)
+        med[many_name] = med[one_name] + statistics.median(b - a for a, b in pairs)
+    names = ["allgather", "a2a_tiny", "a2a_1mb", "layer", "copy", *(f"ep_{r}" for r in EXPERT_ROWS), "ep_1", "ep_x8",
              "sdp_1", "sdp_x8"]
     times = torch.tensor([med[n] for n in names] + [-statistics.median(hidden)], dtype=torch.float64)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the whole job's slowest rank (and its least overlap)
@@ -173,7 +181,7 @@ def hardware_from_probe(m: dict, P: int, threads: int, tokens_per_rank: int, cfg
     bandwidth = moved / max(m["a2a_1mb"] - m["a2a_tiny"], 0.1 * m["a2a_1mb"], 1e-9)
     n = len(EXPERT_ROWS)
     _, B = _line([float(r) for r in EXPERT_ROWS], m["experts"][:n])  # seconds per row per expert call
-    ep_1, ep_x8, sdp_1, sdp_x8 = m["experts"][n - 1:n + 3]
+    ep_1, ep_x8, sdp_1, sdp_x8 = m["experts"][n:n + 4]
     gemm_flops = m["flops_per_row"] / B
     # fixed cost of one more expert call: 8 calls vs 1 on the same rows (ep: row chunks; sharded_dp: F-chunks)
     per_call_ep, per_call_sdp = max(0.0, (ep_x8 - ep_1) / 7), max(0.0, (sdp_x8 - sdp_1) / 7)
@@ -181,7 +189,8 @@ def hardware_from_probe(m: dict, P: int, threads: int, tokens_per_rank: int, cfg
     per_expert = max(0.0, (per_call_sdp - per_call_ep) / (E - L)) if E > L else 0.0
     per_chunk = max(0.0, per_call_ep - L * per_expert)
     mem_bw = m["copy_bytes"] / max(m["copy"], 1e-9)
-    link = Link(bandwidth=bandwidth, latency=latency, gap=gap)
+    # an ep group of one rank moves nothing: its collectives are free
+    link = Link(bandwidth=bandwidth, latency=latency, gap=gap) if P > 1 else Link(bandwidth=math.inf, latency=0.0)
     hw = Hardware(name=f"this machine ({world} gloo rank(s), {threads} thread(s) each)", gpus_per_node=P,
                   intra=link, inter=link, gemm_flops=gemm_flops, chunk_overhead_s=per_chunk,
                   expert_overhead_s=per_expert, mem_bandwidth=mem_bw,

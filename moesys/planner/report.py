@@ -56,7 +56,7 @@ def ep_table(p: EPPlan, hw_memory: float) -> str:
                f"{p.speedup('best', 'step'):.2f}x per step)")
     for mode, m in p.memory.items():
         verdict = "fits" if p.fits[mode] else "DOES NOT FIT"
-        out.append(f"  memory per GPU, {mode}: {m.gib()} of {hw_memory / GIB:.0f}: {verdict}")
+        out.append(f"  memory per GPU, {mode}: {m.gib()} (of {hw_memory / GIB:.0f} GiB): {verdict}")
     s = p.step_best
     out.append(f"  step (best): {s.total:.3f} s = MoE layers {s.moe:.3f} + dense {s.dense:.3f} + grad sync "
                f"{s.grad_sync:.3f}")

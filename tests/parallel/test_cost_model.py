@@ -145,7 +145,7 @@ def test_hardware_from_this_machines_probe():
     sdp_1 = 5e-3
     sdp_x8 = sdp_1 + 7 * (call + 8 * expert)
     m = {"allgather": 3e-4, "a2a_tiny": 4e-4, "a2a_1mb": 1.4e-3, "overlap": 0.5, "layer": 5e-3,
-         "copy": 1e-3, "experts": ep + [ep_x8, sdp_1, sdp_x8], "bytes_1mb": 1 << 20, "copy_bytes": 16e6,
+         "copy": 1e-3, "experts": ep + [ep[-1], ep_x8, sdp_1, sdp_x8], "bytes_1mb": 1 << 20, "copy_bytes": 16e6,
          "flops_per_row": 6 * 2 * 128 * 256 * 2, "local_experts": 2}
     hw = hardware_from_probe(m, 4, 1, 256, cfg)
     assert hw.intra.latency == pytest.approx(1e-4)  # 3 ring steps
