@@ -8,8 +8,10 @@ Per world size: the "this machine" probe (moesys/planner/probe_host.py: collecti
 at three row counts, the layer without experts; nothing of the modes or degrees), the routing
 statistics of the sweep's own inputs (same seeds as ep.py), the model's fwd+bwd time for each
 (mode, degree) of the all-to-all-v dispatcher, then ep.py's measured sweep (median, slowest rank).
-Prints the error per cell (each run's prediction against its own measurement, median over runs),
-the best cell measured vs predicted, and the tuner's pick.
+Two comparisons: medians (the machine as it is now, shared load included) and minima (the machine
+when nothing else runs: on a shared machine the reproducible figure; the probe's minima against
+the sweep's fastest step). Prints the error per cell (each run's prediction against its own
+measurement, median over runs), the best cell measured vs predicted, and the tuner's picks.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import ep  # noqa: E402  (benchmarks/ep.py: the measured sweep)
 from moesys import MoEConfig, MoELayer  # noqa: E402
 from moesys.parallel import ExpertLayout, simulate  # noqa: E402
 from moesys.parallel.cost_model import Shape, Stats, layer_time  # noqa: E402
-from moesys.planner.probe_host import probe_this_machine  # noqa: E402
+from moesys.planner.probe_host import probe_this_machine_both  # noqa: E402
 
 
 def sweep_stats(cfg: MoEConfig, world: int, tokens: int) -> Stats:
@@ -47,47 +49,56 @@ def sweep_stats(cfg: MoEConfig, world: int, tokens: int) -> Stats:
 
 
 def check_world(cfg: MoEConfig, world: int, a) -> dict:
-    hw = probe_this_machine(cfg, world, a.tokens, threads=1)
+    hws = probe_this_machine_both(cfg, world, a.tokens, threads=1)
     stats = sweep_stats(cfg, world, a.tokens)
     shape = Shape(world=world, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=4)
-    predicted = {k: layer_time(k[0], "alltoallv", k[1], stats, shape, hw) for k in ep.COMBOS}
+    predicted = {stat: {k: layer_time(k[0], "alltoallv", k[1], stats, shape, hw) for k in ep.COMBOS}
+                 for stat, hw in hws.items()}
     cfg_kw = dict(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, num_experts=cfg.num_experts,
                   top_k=cfg.top_k)
     res = simulate(ep.bench_worker, world, cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps, a.rounds,
                    timeout_s=600)[0]
-    measured = {k: v["step"] for k, v in res["rows"].items()}
-    return {"hw": hw, "stats": stats, "predicted": predicted, "measured": measured, "pick": tuple(res["pick"])}
+    measured = {"median": {k: v["step"] for k, v in res["rows"].items()},
+                "min": {k: v["step_min"] for k, v in res["rows"].items()}}
+    return {"hw": hws, "stats": stats, "predicted": predicted, "measured": measured, "pick": tuple(res["pick"])}
 
 
-def report(world: int, runs: list) -> list:
-    hw = runs[-1]["hw"]
+def report(world: int, runs: list) -> dict:
+    """Per statistic ("median": now, under whatever load; "min": the quiet machine), the error per cell:
+    each run's prediction against its own measurement, then the median over runs."""
     print(f"\n== {world} ranks: model vs measured (fwd+bwd of one layer, slowest rank; {len(runs)} run(s)) ==")
-    print(f"probe: latency {hw.intra.latency * 1e6:.0f} us, gap {hw.intra.gap * 1e6:.0f} us, "
-          f"bandwidth {hw.intra.bandwidth / 1e9:.2f} GB/s, GEMM {hw.gemm_flops / 1e9:.1f} GFLOP/s, expert call "
-          f"{hw.chunk_overhead_s * 1e3:.2f} ms + {hw.expert_overhead_s * 1e3:.2f} ms an expert, overlap "
-          f"{hw.overlap:.2f}, layer without experts {hw.layer_overhead_s * 1e3:.2f} ms")
-    print(f"{'mode':<11}{'c':>2} {'measured ms':>12} {'predicted ms':>13} {'error':>7}   "
-          f"{'comp':>6} {'comm':>6} {'plan':>5} {'local':>6}")
-    errors = []
+    for stat in ("median", "min"):
+        hw = runs[-1]["hw"][stat]
+        print(f"{stat} probe: latency {hw.intra.latency * 1e6:.0f} us, gap {hw.intra.gap * 1e6:.0f} us, "
+              f"bandwidth {hw.intra.bandwidth / 1e9:.2f} GB/s, GEMM {hw.gemm_flops / 1e9:.1f} GFLOP/s, expert call "
+              f"{hw.chunk_overhead_s * 1e3:.2f} ms + {hw.expert_overhead_s * 1e3:.2f} ms an expert, overlap "
+              f"{hw.overlap:.2f}, layer without experts {hw.layer_overhead_s * 1e3:.2f} ms")
+    print(f"{'mode':<11}{'c':>2} | {'median: measured':>16} {'predicted':>9} {'error':>6} | "
+          f"{'min: measured':>13} {'predicted':>9} {'error':>6}")
+    errors = {"median": [], "min": []}
+    cells = {}
     for k in ep.COMBOS:
-        meas = statistics.median(r["measured"][k] for r in runs)
-        pred = statistics.median(r["predicted"][k].total for r in runs)
-        b = runs[-1]["predicted"][k]
-        # each run's probe against its own sweep (the load drifts between runs), then the median
-        err = statistics.median(r["predicted"][k].total / r["measured"][k] - 1 for r in runs)
-        errors.append((k, err))
-        print(f"{k[0]:<11}{k[1]:>2} {meas * 1e3:12.2f} {pred * 1e3:13.2f} {err:+7.0%}   "
-              f"{b.compute * 1e3:6.2f} {b.comm * 1e3:6.2f} {b.plan * 1e3:5.2f} {b.local * 1e3:6.2f}")
-    med_meas = {k: statistics.median(r["measured"][k] for r in runs) for k in ep.COMBOS}
-    med_pred = {k: statistics.median(r["predicted"][k].total for r in runs) for k in ep.COMBOS}
-    best_m = min(med_meas, key=med_meas.get)
-    best_p = min(med_pred, key=med_pred.get)
-    within = sum(abs(e) <= 0.25 for _, e in errors)
-    print(f"cells within 25%: {within}/{len(errors)}; worst {max(abs(e) for _, e in errors):.0%}; "
-          f"best measured {best_m[0]} c={best_m[1]}, best predicted {best_p[0]} c={best_p[1]} "
-          f"({'agree' if best_m == best_p else 'DISAGREE'}); tuner picks: {[r['pick'] for r in runs]}")
-    return errors
+        line = f"{k[0]:<11}{k[1]:>2}"
+        for stat in ("median", "min"):
+            meas = statistics.median(r["measured"][stat][k] for r in runs)
+            pred = statistics.median(r["predicted"][stat][k].total for r in runs)
+            err = statistics.median(r["predicted"][stat][k].total / r["measured"][stat][k] - 1 for r in runs)
+            errors[stat].append((k, err))
+            cells[(stat, k)] = (meas, pred, err)
+            width = 16 if stat == "median" else 13
+            line += f" | {meas * 1e3:{width}.2f} {pred * 1e3:9.2f} {err:+6.0%}"
+        print(line)
+    for stat in ("median", "min"):
+        meas = {k: statistics.median(r["measured"][stat][k] for r in runs) for k in ep.COMBOS}
+        pred = {k: statistics.median(r["predicted"][stat][k].total for r in runs) for k in ep.COMBOS}
+        best_m, best_p = min(meas, key=meas.get), min(pred, key=pred.get)
+        within = sum(abs(e) <= 0.25 for _, e in errors[stat])
+        print(f"{stat}: cells within 25%: {within}/{len(errors[stat])}; worst {max(abs(e) for _, e in errors[stat]):.0%}; "
+              f"best measured {best_m[0]} c={best_m[1]}, best predicted {best_p[0]} c={best_p[1]} "
+              f"({'agree' if best_m == best_p else 'DISAGREE'})")
+    print(f"tuner picks (after timing): {[r['pick'] for r in runs]}")
+    return cells
 
 
 def main(argv=None) -> None:

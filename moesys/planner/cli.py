@@ -48,8 +48,7 @@ def compose_train_config(overrides: list, config_path: Optional[str] = None):
     except PlanError:
         raise
     except Exception as e:  # Hydra/OmegaConf: unknown key, wrong type, unknown preset ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PlanError(f"config: {first}") from None
+        raise PlanError(f"config: {_one_line(e)}") from None
     finally:
         GlobalHydra.instance().clear()
 
@@ -72,11 +71,26 @@ def _str_list(text: str) -> list:
     return [x for x in text.split(",") if x]
 
 
+def _one_line(e: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line that still names the field and the choices."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    out = lines[0]
+    if e.__cause__ is not None and str(e.__cause__).strip():
+        out = out.rstrip(".") + f": {str(e.__cause__).strip().splitlines()[0]}"
+    if any(x.startswith("Available options") for x in lines):
+        i = next(i for i, x in enumerate(lines) if x.startswith("Available options"))
+        opts = [x for x in lines[i + 1:] if not x.startswith(("Config search path", "provider="))]
+        out += f" (available: {', '.join(opts)})"
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="moesys-plan", description=__doc__.splitlines()[0],
+    ap = _Parser(prog="moesys-plan", description=__doc__.splitlines()[0].replace("`", ""),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="cluster presets: " + ", ".join(presets()))
-    ap.add_argument("--cluster", default="a100_dgx", help="a preset, a YAML file of the same fields, or 'this'")
+    ap.add_argument("--cluster", default="a100_dgx", help="a preset, a YAML file of the same fields, or 'this' (default: a100_dgx)")
     ap.add_argument("--gpus", type=int, default=None,
                     help="world size (default: one node of the preset; parallel.simulate_ranks for 'this')")
     ap.add_argument("--ep", type=_int_list, default=None, help="EP sizes to price, e.g. 8,16 (default: every valid one)")

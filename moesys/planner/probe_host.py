@@ -150,24 +150,30 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
         fn()
         fn()
         samples[name] = [timed(fn) for _ in range(reps)]
-    med = {name: statistics.median(v) for name, v in samples.items()}
     # 1 call vs 8 calls on the same rows, alternated: the median of the pairs' differences is what
-    # one more call costs (a difference of two separately noisy medians is noisier)
+    # one more call costs (a difference of two separately noisy figures is noisier)
+    extra = {}
     for one_name, one, many_name, many in (("ep_1", ep_calls(EXPERT_ROWS[-1], 1), "ep_x8", ep_calls(EXPERT_ROWS[-1], 8)),
                                            ("sdp_1", sdp_calls(1), "sdp_x8", sdp_calls(8))):
         for fn in (one, many, one, many):
             fn()
         pairs = [(timed(one), timed(many)) for _ in range(reps)]
-        med[one_name] = statistics.median(a for a, _ in pairs)
-        med[many_name] = med[one_name] + statistics.median(b - a for a, b in pairs)
+        samples[one_name] = [a for a, _ in pairs]
+        extra[many_name] = (one_name, statistics.median(b - a for a, b in pairs))
     names = ["allgather", "a2a_tiny", "a2a_1mb", "layer", "copy", *(f"ep_{r}" for r in EXPERT_ROWS), "ep_1", "ep_x8",
              "sdp_1", "sdp_x8"]
-    times = torch.tensor([med[n] for n in names] + [-statistics.median(hidden)], dtype=torch.float64)
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the whole job's slowest rank (and its least overlap)
-    t = dict(zip(names + ["overlap"], times.tolist()))
-    return {"allgather": t["allgather"], "a2a_tiny": t["a2a_tiny"], "a2a_1mb": t["a2a_1mb"], "overlap": -t["overlap"],
-            "layer": t["layer"], "copy": t["copy"], "experts": [t[n] for n in names[5:]], "bytes_1mb": n_big * 4,
-            "copy_bytes": src.numel() * 4 * 2, "flops_per_row": 6 * G * D * (F // S) * L, "local_experts": L}
+    out = {}
+    for stat, fn in (("median", statistics.median), ("min", min)):
+        figure = {name: fn(v) for name, v in samples.items()}
+        figure.update({many: figure[one] + d for many, (one, d) in extra.items()})
+        times = torch.tensor([figure[n] for n in names] + [-statistics.median(hidden)], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the whole job's slowest rank (and its least overlap)
+        t = dict(zip(names + ["overlap"], times.tolist()))
+        out[stat] = {"allgather": t["allgather"], "a2a_tiny": t["a2a_tiny"], "a2a_1mb": t["a2a_1mb"],
+                     "overlap": -t["overlap"], "layer": t["layer"], "copy": t["copy"],
+                     "experts": [t[n] for n in names[5:]], "bytes_1mb": n_big * 4, "copy_bytes": src.numel() * 4 * 2,
+                     "flops_per_row": 6 * G * D * (F // S) * L, "local_experts": L}
+    return out
 
 
 def hardware_from_probe(m: dict, P: int, threads: int, tokens_per_rank: int, cfg: MoEConfig,
@@ -213,11 +219,19 @@ def _ram_bytes() -> float:
 
 
 def probe_this_machine(cfg: MoEConfig, world: int, tokens_per_rank: int, threads: int = 1, reps: int = 15,
-                       ep: Optional[int] = None, timeout_s: float = 300.0) -> Hardware:
+                       ep: Optional[int] = None, timeout_s: float = 300.0, statistic: str = "median") -> Hardware:
     """Probe on `world` local gloo ranks (`threads` intra-op threads each) for layers shaped like `cfg`,
-    the collectives in ep groups of `ep` ranks (default: the world)."""
+    the collectives in ep groups of `ep` ranks (default: the world). statistic: "median" (what a
+    run on this machine sees now) or "min" (what it does when nothing else runs: the figure to
+    compare on a shared machine); `probe_this_machine_both` returns the two."""
+    return probe_this_machine_both(cfg, world, tokens_per_rank, threads, reps, ep, timeout_s)[statistic]
+
+
+def probe_this_machine_both(cfg: MoEConfig, world: int, tokens_per_rank: int, threads: int = 1, reps: int = 15,
+                            ep: Optional[int] = None, timeout_s: float = 300.0) -> dict:
+    """{"median": Hardware, "min": Hardware} from one probe."""
     from moesys.parallel import simulate
 
     ep = world if ep is None else ep
     m = simulate(_probe_rank, world, cfg.to_dict(), tokens_per_rank, threads, reps, ep, timeout_s=timeout_s)[0]
-    return hardware_from_probe(m, ep, threads, tokens_per_rank, cfg, world=world)
+    return {stat: hardware_from_probe(m[stat], ep, threads, tokens_per_rank, cfg, world=world) for stat in m}

@@ -22,7 +22,7 @@ def header(r: PlanResult) -> str:
     lines = [
         f"moesys-plan: {r.world} x {hw.name}",
         f"  model: {wl.n_layers} layers ({wl.n_moe_layers} MoE), d={wl.d_model}, F={m.ffn_hidden_size}, "
-        f"E={m.num_experts}, {wl.active_k:g} experts/token, {m.activation}, "
+        f"E={m.num_experts}, experts per token {wl.active_k:g}, {m.activation}, "
         f"capacity {'dropless' if m.capacity_factor is None else m.capacity_factor}; "
         f"{wl.dense_params / 1e6:.1f}M dense + {wl.n_moe_layers * wl.expert_params_per_layer / 1e6:.1f}M expert params",
         f"  batch: {wl.batch_size} x {wl.seq_len} tokens/step, grad_accum {wl.grad_accum}: {T:g} tokens per GPU per "

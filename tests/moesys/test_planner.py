@@ -77,7 +77,9 @@ def test_cli_prints_a_plan_and_a_plot(tmp_path):
     (["--ep", "3"], r"--ep 3: moe.num_experts \(8\) must be divisible by parallel.ep \(3\)"),
     (["--gpus", "8", "--ep", "16", "moe.num_experts=16"], r"world size \(8 GPUs\) must be divisible by parallel.ep \(16\)"),
     (["--cluster", "dgx9000"], r"--cluster='dgx9000' is not a preset \(a100_dgx, .*\) nor a YAML file"),
-    (["moe.nope=1"], r"config: .*nope"),
+    (["moe.nope=1"], r"config: Could not override 'moe.nope': Key 'nope' not in 'MoESection'"),
+    (["moe.top_k=abc"], r"config: Error merging override moe.top_k=abc: .*abc"),
+    (["preset=nope"], r"config: In 'train': Could not find 'preset/nope' \(available: gpu_small, tiny\)"),
     (["--gpus", "8", "--tokens-per-gpu", "65536", "model.d_model=8192", "model.ffn_hidden=32768", "model.n_heads=64",
       "model.seq_len=2048", "moe.num_experts=64", "model.n_layers=8"], r"no layout fits in 80 GiB per GPU .*parallel.ep="),
     (["--skew", "0.5"], r"--skew must be >= 1"),
@@ -98,6 +100,15 @@ def test_cluster_yaml_errors_name_the_field(tmp_path, capsys):
     assert "gemm_tflops needs a fp32 entry (trainer.precision=fp32)" in _fails(["--cluster", str(bad)], capsys)
     good = run(["--cluster", str(bad), "--gpus", "8", "trainer.precision=bf16", *SMALL])
     assert "moesys-plan: 8 x x" in good
+
+
+def test_cli_plans_a_saved_run_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.structured(compose_train_config(SMALL + ["moe.num_experts=16"])), saved)
+    out = run(["--cluster", "a100_dgx", "--gpus", "16", "--config", str(saved), "moe.top_k=1"])
+    assert "E=16, experts per token 1," in out and "EP=16 " in out  # the file's E, the override's top-k
 
 
 def readme_plan_commands() -> list:
