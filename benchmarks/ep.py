@@ -73,7 +73,7 @@ def bench_worker(cfg_kw: dict, tokens: int, steps: int, warmup: int, auto_steps:
             if key != "auto":
                 samples[key]["bytes"] = _slowest(float(m["runtime/bytes_sent"]), g)
                 samples[key]["bytes_min"] = _slowest(float(m["runtime/bytes_min"]), g)
-    rows = {k: dict(fwd=statistics.median(v["fwd"]), step=statistics.median(v["step"]),
+    rows = {k: dict(fwd=statistics.median(v["fwd"]), step=statistics.median(v["step"]), step_min=min(v["step"]),
                     wait=statistics.median(v["wait"]), bytes=v["bytes"], bytes_min=v["bytes_min"])
             for k, v in samples.items() if k != "auto"}
     return {"rows": rows, "pick": pick, "pick_step": statistics.median(samples["auto"]["step"])}

@@ -33,10 +33,9 @@ from .mesh import ParallelDims, mark_expert_param
 from .probe import probe_machine
 from .runner import ExpertParallelRunner
 from .sharded_dp import ShardedDataParallel
+from .cost_model import DISPATCHERS
 from .timing import clock_for
 from .tuner import DEGREES, MODES, Shape, Tuner, TunerSettings
-
-DISPATCHERS = ("alltoallv", "padded", "hierarchical", "allgather")
 
 
 @dataclass
@@ -156,7 +155,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
                   matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     agree = agree_group if agree_group is not None else dist.group.WORLD
     clock = clock_for(experts.w1.device)  # CUDA events on a GPU, the host clock on CPU
-    tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree)
+    tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree, dispatcher=epc.dispatcher)
     if not tuner.pinned:
         tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,

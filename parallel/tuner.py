@@ -11,13 +11,9 @@ statistics: the busiest ep group's, see ExpertParallelRunner), every rank holds 
 and advances it on the same calls, and the decision is also broadcast from the group's rank 0.
 What stays per ep group is the data: each group moves its own tokens with its own collectives.
 
-Cost model (seconds for forward + backward of one layer, per rank):
-    comp_f = 2 * G * D * F * rows / flops           (G = 2, or 3 with swiglu; rows = rows the rank computes)
-    comm_f = bytes / bandwidth + n_collectives * latency
-    chunked(comm, comp, c) = max(comm, comp) + min(comm, comp) / c + (c - 1) * chunk_overhead
-    total = chunked(comm_f, comp_f, c) + chunked(comm_f, 2 * comp_f, c)     (backward: dX and dW)
-ep moves rows (2 all-to-alls), sharded_dp moves weights (all-gather + reduce-scatter in backward)
-and computes only local rows, but with all E experts.
+Cost model: parallel/cost_model.py (shared with `moesys-plan`). The tuner ranks its candidates by
+`cost_model.layer_time` for the layer's dispatcher, on a Hardware made from the probed Machine
+(one node of P ranks: every link is the probed one), then times the best few and keeps the fastest.
 """
 from __future__ import annotations
 
@@ -27,8 +23,10 @@ from typing import Optional
 
 import torch
 
-MODES = ("ep", "sharded_dp")
-DEGREES = (1, 2, 4, 8)
+from .cost_model import DEGREES, MODES, Shape, Stats, layer_time
+from .cost_network import Hardware, Link, pipelined
+
+__all__ = ["DEGREES", "MODES", "Machine", "Shape", "Stats", "Tuner", "TunerSettings", "chunked", "predict"]
 
 
 @dataclass(frozen=True)
@@ -36,70 +34,26 @@ class Machine:
     """Measured once at apply time (agreed: the slowest rank's figures)."""
 
     bandwidth: float  # bytes/s of an all-to-all per rank
-    latency: float  # s per collective
-    flops: float  # fp32 FLOP/s of a GEMM on one rank
+    latency: float  # s per collective (a tiny all-to-all among the ep group)
+    flops: float  # FLOP/s of a large GEMM on one rank
+    half_rows: float = 0.0  # GEMM rows at which throughput is half of `flops` (0: not probed)
+    overlap: float = 1.0  # fraction of the shorter of comm / compute an async collective hides
 
-
-@dataclass(frozen=True)
-class Stats:
-    """Routing statistics of one step, summed over an ep group; agreed over the job as the
-    field-wise maximum over its ep groups (the busiest group bounds the step, see `worst`)."""
-
-    tokens: int  # T over all ranks
-    rows: int  # N over all ranks (= T * mean active K)
-    max_rank_rows: int  # rows the busiest rank computes in ep mode
-    max_local_rows: int  # largest N of one rank (what it computes in sharded_dp)
-
-    FIELDS = ("tokens", "rows", "max_rank_rows", "max_local_rows")
-
-    def as_list(self) -> list:
-        return [float(getattr(self, f)) for f in self.FIELDS]
-
-    @classmethod
-    def from_list(cls, values) -> "Stats":
-        return cls(**{f: int(v) for f, v in zip(cls.FIELDS, values)})
-
-    @property
-    def active_k(self) -> float:
-        return self.rows / max(self.tokens, 1)
-
-    def shifted(self, other: "Stats", rel: float) -> bool:
-        def moved(a, b):
-            return abs(a - b) > rel * max(abs(b), 1e-9)
-
-        return moved(self.active_k, other.active_k) or moved(
-            self.max_rank_rows / max(self.rows, 1), other.max_rank_rows / max(other.rows, 1)
-        ) or moved(self.tokens, other.tokens)
-
-
-@dataclass(frozen=True)
-class Shape:
-    world: int
-    num_experts: int
-    hidden: int
-    ffn: int
-    matrices: int  # G
-    dtype_bytes: int
+    def hardware(self, world: int) -> Hardware:
+        """The cost model's view: one node of `world` ranks whose every link is the probed one."""
+        link = Link(bandwidth=self.bandwidth, latency=self.latency)
+        return Hardware(name="probed", gpus_per_node=max(1, world), intra=link, inter=link, gemm_flops=self.flops,
+                        gemm_half_rows=self.half_rows, overlap=self.overlap)
 
 
 def chunked(comm: float, comp: float, c: int, overhead: float) -> float:
-    return max(comm, comp) + min(comm, comp) / c + (c - 1) * overhead
+    """Perfectly overlapped chunks plus a fixed cost per extra chunk (cost_network.pipelined)."""
+    return pipelined(comm, comp, c, 1.0) + (c - 1) * overhead
 
 
-def predict(mode: str, c: int, s: Stats, shape: Shape, m: Machine) -> float:
-    P, D, F, G, b = shape.world, shape.hidden, shape.ffn, shape.matrices, shape.dtype_bytes
-    S = max(1, P // shape.num_experts)
-    if mode == "ep":
-        comp = 2 * G * D * (F / S) * s.max_rank_rows / m.flops
-        remote_rows = s.rows * S * (P - 1) / P / P  # rows a rank sends elsewhere, on average
-        comm = 2 * remote_rows * D * b / m.bandwidth + 3 * m.latency  # counts + dispatch + combine
-        per_chunk = 3 * m.latency
-    else:
-        comp = 2 * G * D * F * s.max_local_rows / m.flops
-        weights = shape.num_experts * G * D * F * b
-        comm = weights * (P - 1) / P / m.bandwidth + G * m.latency
-        per_chunk = G * m.latency
-    return chunked(comm, comp, c, per_chunk) + chunked(comm, 2 * comp, c, per_chunk)
+def predict(mode: str, c: int, s: Stats, shape: Shape, m: Machine, dispatcher: str = "alltoallv") -> float:
+    """Predicted fwd+bwd seconds of one layer call (cost_model.layer_time on the probed machine)."""
+    return layer_time(mode, dispatcher, c, s, shape, m.hardware(shape.world)).total
 
 
 @dataclass
@@ -138,6 +92,7 @@ class Tuner:
     measured: dict = field(default_factory=dict)  # candidate -> list of seconds
     ref_stats: Optional[Stats] = None
     decisions_made: int = 0
+    dispatcher: str = "alltoallv"  # the layer's dispatcher (the model prices its collectives)
 
     @property
     def pinned(self) -> bool:
@@ -149,7 +104,7 @@ class Tuner:
         return [(m, c) for m in modes for c in degrees]
 
     def ranked(self, stats: Stats) -> list:
-        preds = {k: predict(k[0], k[1], stats, self.shape, self.machine) for k in self.candidates()}
+        preds = {k: predict(k[0], k[1], stats, self.shape, self.machine, self.dispatcher) for k in self.candidates()}
         return sorted(preds, key=lambda k: (preds[k], k))
 
     def wants_stats(self) -> bool:

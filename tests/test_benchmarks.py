@@ -23,6 +23,10 @@ CASES = {
     "ep": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--rounds", "1",
            "--steps", "1", "--auto-steps", "4"],
     "stability": ["benchmarks/stability.py", "--only", "tiny", "--seeds", "1", "--steps", "7"],
+    "plan_check": ["benchmarks/plan_check.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
+                   "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
+    "plan_tutel": ["benchmarks/plan_tutel.py"],
+    "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
 }
 
 

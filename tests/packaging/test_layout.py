@@ -54,6 +54,7 @@ def test_wheel_installs_and_imports_the_same_way(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "moesys/parallel/__init__.py" in names and "moesys/kernels/__init__.py" in names
     assert "moesys/configs/__init__.py" in names
+    assert "moesys/configs/cluster/a100_dgx.yaml" in names and "moesys/planner/cli.py" in names  # moesys-plan
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"moesys"}, tops  # nothing else claimed at top level
     target = tmp_path / "site"

@@ -1,0 +1,129 @@
+"""moesys-plan: the plan function, its memory model and the CLI's errors (single process; fast)."""
+import os
+import re
+import shlex
+
+import pytest
+
+from moesys.planner import PlanError, load_hardware, plan, presets, workload_from_config
+from moesys.planner.cli import compose_train_config, main, run
+from moesys.planner.memory import GIB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.ffn_hidden=512", "model.seq_len=64",
+         "moe.num_experts=8", "trainer.batch_size=64"]
+
+
+def _fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line
+    assert err.startswith("moesys-plan: error: "), err
+    return err
+
+
+def test_presets_ship_with_the_package():
+    assert {"a100_dgx", "h100_dgx", "h200_dgx", "this"} <= set(presets())
+    a100, h200 = load_hardware("a100_dgx", "bf16"), load_hardware("h200_dgx", "fp32")
+    assert a100.gpus_per_node == 8 and a100.inter.bandwidth < a100.intra.bandwidth
+    assert h200.memory_bytes > a100.memory_bytes and h200.gemm_flops < load_hardware("h200_dgx", "bf16").gemm_flops
+
+
+def test_plan_prices_every_candidate_and_picks_what_fits():
+    cfg = compose_train_config(SMALL + ["trainer.precision=bf16"])
+    wl = workload_from_config(cfg)
+    r = plan(wl, load_hardware("a100_dgx", "bf16"), world=16)
+    assert [p.ep for p in r.plans] == [1, 2, 4, 8, 16]  # 16: each expert F-sharded over 2 ranks
+    for p in r.plans:
+        assert len(p.ranked) == 4 * 4 + 4  # ep x 4 dispatchers x 4 degrees + sharded_dp x 4
+        assert p.runtime.mode == "sharded_dp" or p.runtime.dispatcher == "alltoallv"  # the config's dispatcher
+        assert p.best.total <= p.runtime.total <= p.baseline.total
+        assert p.speedup("best") >= 1 and p.step_best.total > 0
+    assert r.recommended in r.plans and r.recommended.fits[r.recommended.best.mode]
+    # pins: the runtime's choice respects parallel.mode / parallel.overlap
+    pinned = workload_from_config(compose_train_config(SMALL + ["parallel.mode=sharded_dp", "parallel.overlap=2"]))
+    p = plan(pinned, load_hardware("a100_dgx", "fp32"), world=16, eps=[8]).plans[0]
+    assert p.runtime.key == ("sharded_dp", "-", 2)
+
+
+def test_memory_model_by_hand():
+    cfg = compose_train_config(SMALL)
+    wl = workload_from_config(cfg)
+    p = plan(wl, load_hardware("a100_dgx", "fp32"), world=8, eps=[8]).plans[0]
+    m = p.memory["ep"]
+    experts = 2 * 8 * 2 * 256 * 512 / 8  # 2 MoE layers of 8 experts (w1, w2), one expert per rank
+    n = wl.dense_params + experts
+    assert (m.params, m.grads, m.optimizer) == (4 * n, 4 * n, 8 * n)  # fp32 AdamW on the plain engine
+    # sharded_dp keeps every layer's gathered experts for the backward
+    gathered = 2 * 8 * 2 * 256 * 512 * 4
+    assert p.memory["sharded_dp"].activations - gathered < p.memory["ep"].activations
+    # ZeRO-2 splits optimizer state and gradients over the data-parallel ranks
+    ds = workload_from_config(compose_train_config(SMALL + ["trainer.engine=deepspeed", "trainer.zero_stage=2"]))
+    z = plan(ds, load_hardware("a100_dgx", "fp32"), world=8, eps=[8]).plans[0].memory["ep"]
+    assert z.optimizer == pytest.approx(8 * (ds.dense_params / 8 + experts / 1))
+    assert z.grads == pytest.approx(4 * (ds.dense_params / 8 + experts / 1))
+
+
+def test_cli_prints_a_plan_and_a_plot(tmp_path):
+    out = run(["--cluster", "h100_dgx", "--gpus", "32", "--tokens-per-gpu", "2048", "--plot",
+               str(tmp_path / "s.png"), *SMALL])
+    assert "EP=8 " in out and "runtime's choice" in out and re.search(r"recommended: parallel\.ep=\d+", out)
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--ep", "3"], r"--ep 3: moe.num_experts \(8\) must be divisible by parallel.ep \(3\)"),
+    (["--gpus", "8", "--ep", "16", "moe.num_experts=16"], r"world size \(8 GPUs\) must be divisible by parallel.ep \(16\)"),
+    (["--cluster", "dgx9000"], r"--cluster='dgx9000' is not a preset \(a100_dgx, .*\) nor a YAML file"),
+    (["moe.nope=1"], r"config: Could not override 'moe.nope': Key 'nope' not in 'MoESection'"),
+    (["moe.top_k=abc"], r"config: Error merging override moe.top_k=abc: .*abc"),
+    (["preset=nope"], r"config: In 'train': Could not find 'preset/nope' \(available: gpu_small, tiny\)"),
+    (["--gpus", "8", "--tokens-per-gpu", "65536", "model.d_model=8192", "model.ffn_hidden=32768", "model.n_heads=64",
+      "model.seq_len=2048", "moe.num_experts=64", "model.n_layers=8"], r"no layout fits in 80 GiB per GPU .*parallel.ep="),
+    (["--skew", "0.5"], r"--skew must be >= 1"),
+    (["--gpus", "many"], r"argument --gpus: invalid int value: .many."),
+    (["--tokens-per-gpu", "100"], r"multiple of model.seq_len \(128\)"),
+])
+def test_cli_errors_name_the_field(argv, msg, capsys):
+    err = _fails(argv, capsys)
+    assert re.search(msg, err), err
+
+
+def test_cluster_yaml_errors_name_the_field(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: x\ngpus_per_node: 8\nmemory_gib: 80\nintra: {bandwidth_gb_s: 100, latency_us: 2}\n"
+                   "inter: {bandwidth_gb_s: 10, latency_us: 5}\ngemm_tflops: {bf16: 100}\nnics: 8\n")
+    assert "unknown field 'nics'" in _fails(["--cluster", str(bad)], capsys)
+    bad.write_text(bad.read_text().replace("nics: 8\n", ""))
+    assert "gemm_tflops needs a fp32 entry (trainer.precision=fp32)" in _fails(["--cluster", str(bad)], capsys)
+    good = run(["--cluster", str(bad), "--gpus", "8", "trainer.precision=bf16", *SMALL])
+    assert "moesys-plan: 8 x x" in good
+
+
+def test_cli_plans_a_saved_run_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    saved = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.structured(compose_train_config(SMALL + ["moe.num_experts=16"])), saved)
+    out = run(["--cluster", "a100_dgx", "--gpus", "16", "--config", str(saved), "moe.top_k=1"])
+    assert "E=16, experts per token 1," in out and "EP=16 " in out  # the file's E, the override's top-k
+
+
+def readme_plan_commands() -> list:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line.split("#")[0].strip() for b in blocks for line in b.splitlines() if line.startswith("moesys-plan")]
+
+
+def test_readme_plan_commands_run(tmp_path):
+    cmds = readme_plan_commands()
+    assert len(cmds) >= 3, cmds
+    for cmd in cmds:
+        argv = shlex.split(cmd)[1:]
+        if "--plot" in argv:
+            argv[argv.index("--plot") + 1] = str(tmp_path / "plot.png")
+        out = run(argv)
+        assert "recommended:" in out, (cmd, out[-500:])
