@@ -26,7 +26,7 @@ import torch
 
 import torch.distributed as dist
 
-from .comm import all_gather_counts, all_reduce_host
+from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher
 from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
 from .sharded_dp import ShardedDataParallel
@@ -45,11 +45,19 @@ class ExpertParallelRunner:
         agree_group: the ranks that take every decision together (the whole job; None: `group`).
     """
 
+    @property
+    def group(self):
+        return self._group.get()
+
+    @property
+    def agree_group(self):
+        return self._agree.get()
+
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
                  tuner: Tuner, agree_group=None) -> None:
         self.layout = layout
-        self.group = group
-        self.agree_group = agree_group
+        # borrowed, never owned (GroupRef): destroy_process_group() must be able to destroy them
+        self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
         self._many_groups = agree_group is not None and dist.get_world_size(agree_group) != dist.get_world_size(group)
         # what the tuner's trials are timed with (apply_expert_parallel sets CUDA events on a GPU)
