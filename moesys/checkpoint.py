@@ -54,7 +54,9 @@ LATEST = "latest"
 FORMAT = 2  # moesys.json "format": 2 adds per-file checksums (format 1, without them, loads unverified)
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
-                     "tie_embeddings", "num_experts", "activation", "router")
+                     "tie_embeddings", "qk_norm", "num_experts", "activation", "router")
+# what a checkpoint written before a structural field existed had (its manifest lacks the key)
+STRUCTURAL_DEFAULTS = {"qk_norm": False}
 
 
 class CheckpointError(RuntimeError):
@@ -372,6 +374,7 @@ def check_compatible(ckpt: str, structure: dict) -> dict:
     """Raise CheckpointError naming every structural field that differs; return the metadata."""
     meta = read_meta(ckpt)
     saved = meta["structure"]
+    saved = {**STRUCTURAL_DEFAULTS, **saved}
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
              for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
     if diffs:
