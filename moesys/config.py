@@ -18,7 +18,7 @@ ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
 AUX_LOSSES = ("switch", "gshard", "seq", "none")
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
 
@@ -65,7 +65,12 @@ class MoEConfig:
     gate_activation: str = "sigmoid"  # act_dts: sigma in softmax(sigma(Wr x)/tau + b)
     dts_balance_coef: float = 1e-2  # weight of EvoMoE's E^2 * mean_e(me_e * ce_e) loss
     # --- kernels -------------------------------------------------------------------------------
-    kernel_backend: str = "auto"  # "auto": CUDA: torch._grouped_mm where it runs, else Triton; torch elsewhere
+    # "auto": CUDA: the sync-free grouped_mm path where torch._grouped_mm runs, else Triton; torch elsewhere.
+    # "grouped_mm": the sync-free path (static shapes, no host reads; torch.compile fullgraph, CUDA
+    # graphs) on any device; needs hidden/ffn sizes that are multiples of 16 bytes / element size.
+    # The dense-to-sparse gates (dts, act_dts) are its documented exception: their number of routes
+    # depends on the data, so they keep the host plan (experts still on torch._grouped_mm).
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -133,6 +138,12 @@ class MoEConfig:
         if not 0 < self.tau_min <= self.tau_max:
             raise ValueError(
                 f"MoEConfig.tau_min ({self.tau_min}) and tau_max ({self.tau_max}) must satisfy 0 < tau_min <= tau_max"
+            )
+        if self.kernel_backend == "grouped_mm" and (self.hidden_size % 4 or self.ffn_hidden_size % 4):
+            raise ValueError(
+                f"MoEConfig.kernel_backend='grouped_mm' needs hidden_size ({self.hidden_size}) and ffn_hidden_size "
+                f"({self.ffn_hidden_size}) to be multiples of 4 (torch._grouped_mm rows are 16-byte aligned: 4 fp32 "
+                "or 8 bf16 elements); pad them or use kernel_backend='torch'"
             )
         if not self.init_std > 0:
             raise ValueError(f"MoEConfig.init_std must be > 0, got {self.init_std}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moesys.kernels import grouped_gemm, resolve_backend
 from moesys.kernels.expert_ffn import expert_ffn_torch
+from moesys.kernels.grouped_mm_ffn import expert_ffn_grouped_mm, grouped_mm_aligned
 
 from .config import MoEConfig
 
@@ -74,12 +75,12 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """The expert FFNs with explicit weights (len(counts_E) == w1.shape[0])."""
         backend = self.cfg.kernel_backend
-        dev = x_ND.device.type
-        if torch.is_autocast_enabled(dev):
-            # autocast does not reach custom autograd ops: cast to its dtype here (differentiably)
-            dt = torch.get_autocast_dtype(dev)
-            x_ND, w1, w2 = x_ND.to(dt), w1.to(dt), w2.to(dt)
-            w3 = w3.to(dt) if w3 is not None else None
+        x_ND, w1, w2, w3 = _autocast(x_ND, w1, w2, w3)
+        if backend == "grouped_mm" and grouped_mm_aligned(w1.shape[1], w1.shape[2], x_ND.dtype):
+            # the host plan's path under grouped_mm (expert parallelism, dense-to-sparse gates): the
+            # expert GEMMs still run on torch._grouped_mm, with offsets from the counts on the device
+            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+            return expert_ffn_grouped_mm(x_ND, w1, w2, w3, offs_E, self.cfg.activation)
         if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
             # one autograd node that owns its [N, F] intermediates (in-place activation backward)
             return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, self.cfg.activation)
@@ -93,6 +94,23 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3)
 
+    def forward_offsets(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """The sync-free path: groups given by int32 device offsets (rows past offs_E[-1] are padding)."""
+        if self.num_local_experts != self.num_experts:
+            raise RuntimeError("GroupedExperts.forward_offsets: the sync-free path runs all experts on one device; "
+                               f"this one holds {self.num_local_experts} of {self.num_experts}")
+        x_MD, w1, w2, w3 = _autocast(x_MD, self.w1, self.w2, self.w3)
+        return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, self.cfg.activation)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "
                 f"D={self.cfg.hidden_size}, F={self.w1.shape[-1]}, activation={self.cfg.activation}")
+
+
+def _autocast(x_ND, w1, w2, w3):
+    """autocast does not reach custom autograd ops: cast to its dtype here (differentiably)."""
+    dev = x_ND.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x_ND, w1, w2, w3
+    dt = torch.get_autocast_dtype(dev)
+    return x_ND.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
