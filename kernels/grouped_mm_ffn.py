@@ -54,14 +54,13 @@ class _GroupedMMFFN(torch.autograd.Function):
             g = None
             a = _act(h, activation)
         y = torch._grouped_mm(a, w2, offs=offs_E)
-        # a is recomputed in backward from h (one elementwise op) rather than kept: [M, F] less memory
-        ctx.save_for_backward(x_MD, w1, w2, w3, offs_E, h, g)
+        ctx.save_for_backward(x_MD, w1, w2, w3, offs_E, h, g, a)
         ctx.activation = activation
         return y
 
     @staticmethod
     def backward(ctx, dy_MD):
-        x_MD, w1, w2, w3, offs_E, h, g = ctx.saved_tensors
+        x_MD, w1, w2, w3, offs_E, h, g, a = ctx.saved_tensors
         act = ctx.activation
         dy_MD = dy_MD.contiguous()  # may be zero-stride (expand of a sum): _grouped_mm needs real strides
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
@@ -71,12 +70,12 @@ class _GroupedMMFFN(torch.autograd.Function):
         if act == "swiglu":
             s = F.silu(h)
             if need_w2:
-                dw2 = _weight_grad(s * g, dy_MD, offs_E)
+                dw2 = _weight_grad(a, dy_MD, offs_E)
             dg = da * s
             dh = torch.ops.aten.silu_backward(da * g, h)
         else:
             if need_w2:
-                dw2 = _weight_grad(_act(h, act), dy_MD, offs_E)
+                dw2 = _weight_grad(a, dy_MD, offs_E)
             if act == "gelu":
                 dh = torch.ops.aten.gelu_backward(da, h)
             elif act == "relu":

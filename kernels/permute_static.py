@@ -26,7 +26,7 @@ def _pad_row(rows: torch.Tensor) -> torch.Tensor:
 
 def _sum_routes(rows_MD: torch.Tensor, dest_R: torch.Tensor, T: int, K: int, padded: bool) -> torch.Tensor:
     src = _pad_row(rows_MD) if padded else rows_MD
-    g = src.index_select(0, dest_R).view(T, K, -1)
+    g = src.index_select(0, dest_R).view(T, K, rows_MD.shape[1])
     return g[:, 0] if K == 1 else g.sum(1)
 
 
@@ -34,12 +34,14 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, row_route_M, dest_R, top_k, padded):
         T = x_TD.shape[0]
+        ctx.save_for_backward(dest_R)
+        ctx.T, ctx.K, ctx.padded = T, top_k, padded
+        if T == 0:  # no token: every row of the buffer is empty
+            return x_TD.new_zeros(row_route_M.shape[0], x_TD.shape[1])
         # row_route_M // K is the token; an empty row (route R) gives T: clamp to a real row
         src_M = torch.div(row_route_M, top_k, rounding_mode="floor")
         if padded:
             src_M = src_M.clamp_max_(T - 1)
-        ctx.save_for_backward(dest_R)
-        ctx.T, ctx.K, ctx.padded = T, top_k, padded
         return x_TD.index_select(0, src_M)
 
     @staticmethod
@@ -53,11 +55,11 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_MD, weight_TK, row_route_M, dest_R, padded):
         T, K = weight_TK.shape
         src = _pad_row(y_MD) if padded else y_MD
-        y_TKD = src.index_select(0, dest_R).view(T, K, -1)
+        y_TKD = src.index_select(0, dest_R).view(T, K, y_MD.shape[1])
         w = weight_TK.to(y_MD.dtype)  # a no-op in fp32; bf16 experts combine in bf16 as the torch path
         ctx.save_for_backward(y_TKD, w, row_route_M)
         ctx.padded, ctx.w_dtype = padded, weight_TK.dtype
-        return torch.bmm(w.unsqueeze(1), y_TKD).view(T, -1)
+        return torch.bmm(w.unsqueeze(1), y_TKD).view(T, y_MD.shape[1])
 
     @staticmethod
     def backward(ctx, dout_TD):

@@ -48,6 +48,7 @@ class _TopKRoute(torch.autograd.Function):
         ctx.save_for_backward(probs, w, idx, s, c_E)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(idx, routed_E)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no [T, E] zeros
         return probs, w, idx, routed_E, loss
 
     @staticmethod

@@ -23,7 +23,7 @@ from . import balance
 from .config import MoEConfig
 from .experts import GroupedExperts
 from .plan import Plan, make_plan
-from .static_plan import make_static_plan
+from .static_plan import make_static_plan, uniform_offsets
 from .routers import build_router
 
 
@@ -154,14 +154,14 @@ class MoELayer(nn.Module):
             routing = self.router(x_TD, seq_len=seq_len)
             C = routing.num_routes // E
             x_MD = x_TD.index_select(0, routing.token_idx_R)
-            offs_E = torch.arange(C, E * C + 1, C, dtype=torch.int32, device=x_TD.device)
+            offs_E = uniform_offsets(E, C, x_TD.device)
             y_MD = self.experts.forward_offsets(x_MD, offs_E)
             contrib = y_MD * routing.weight_R.to(y_MD.dtype).unsqueeze(1)
             y_TD = contrib.new_zeros(T, contrib.shape[1]).index_add(0, routing.token_idx_R, contrib)
             counts_E = torch.full((E,), C, dtype=torch.int64, device=x_TD.device)
             dropped = counts_E.new_zeros(())
             return y_TD, self._make_aux(routing.losses, routing.probs_TE, routing.logits_TE, counts_E, counts_E,
-                                        routing.num_routes, dropped)
+                                        routing.num_routes, dropped, static=True)
         sr = self.router.route_static(x_TD, seq_len)
         K = cfg.top_k
         cap = self.capacity(T)
@@ -171,18 +171,23 @@ class MoELayer(nn.Module):
         y_MD = self.experts.forward_offsets(x_MD, plan.offs_E)
         y_TD = combine_static(y_MD, plan.weight_TK, plan.row_route_M, plan.dest_R, plan.padded)
         return y_TD, self._make_aux(sr.losses, sr.probs_TE, sr.logits_TE, plan.counts_E, plan.routed_E, T * K,
-                                    plan.dropped)
+                                    plan.dropped, static=True)
 
     def _aux(self, routing, plan: Plan) -> MoEAux:
         return self._make_aux(routing.losses, routing.probs_TE, routing.logits_TE, plan.counts_E, plan.routed_E,
                               routing.num_routes, plan.dropped)
 
-    def _make_aux(self, losses, probs_TE, logits_TE, counts_E, routed_E, num_routes: int, dropped) -> MoEAux:
+    def _make_aux(self, losses, probs_TE, logits_TE, counts_E, routed_E, num_routes: int, dropped,
+                  static: bool = False) -> MoEAux:
         if losses:
-            loss = sum(losses.values())
+            first, *rest = losses.values()
+            loss = first + sum(rest) if rest else first
         else:
             loss = logits_TE.new_zeros(())
-        metrics = balance.router_metrics(probs_TE, routed_E, num_routes, dropped)
+        if static:
+            metrics = balance.router_metrics_static(probs_TE, routed_E, num_routes, dropped)
+        else:
+            metrics = balance.router_metrics(probs_TE, routed_E, num_routes, dropped)
         for name, value in losses.items():
             metrics[name] = value.detach()
         for name, value in getattr(self.runner, "last_metrics", {}).items():

@@ -40,6 +40,13 @@ class StaticPlan:
         return self.capacity is not None
 
 
+def uniform_offsets(E: int, C: int, device) -> torch.Tensor:
+    """[E] int32 group ends of an [E, C] buffer: C, 2C, ..., EC (from the shapes alone)."""
+    if C == 0:
+        return torch.zeros(E, dtype=torch.int32, device=device)
+    return torch.arange(C, E * C + 1, C, dtype=torch.int32, device=device)
+
+
 def _priority_rank(expert_TK, weight_TK, probs_TE, policy: str) -> torch.Tensor:
     """[T, K] int64: rank of each route in the drop policy's priority order (0 = kept first)."""
     T, K = expert_TK.shape
@@ -95,7 +102,7 @@ def make_static_plan(expert_TK: torch.Tensor, weight_TK: torch.Tensor, routed_E:
     dest_R = torch.empty_like(dest_sorted).scatter_(0, order_R, dest_sorted)
     # every dropped route writes the spare slot M (sliced off): which one wins does not matter
     row_route_M = torch.full((M + 1,), R, dtype=torch.int64, device=expert_R.device).scatter_(0, dest_sorted, order_R)[:M]
-    offs_E = torch.arange(C, M + 1, C, dtype=torch.int32, device=expert_R.device)
+    offs_E = uniform_offsets(E, C, expert_R.device)
     counts_E = routed_E.clamp_max(C)
     dropped = (routed_E - counts_E).sum()
     if renormalize:
