@@ -23,7 +23,22 @@ import torch.nn.functional as F
 from .expert_ffn import ACTIVATIONS
 
 
-def _weight_grad(x_MD: torch.Tensor, dy_MF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+# torch._grouped_mm behind custom ops of our own: its meta function accepts bf16 only, so
+# torch.compile could not trace the fp32 calls (which run fine eagerly on CPU); these fakes give
+# the output shape for any dtype. Each op is one kernel launch.
+@torch.library.custom_op("moesys::gmm_offs", mutates_args=())
+def gmm_offs(x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y_MF[rows of group e] = x[rows of e] @ w[e]; rows past offs_E[-1] are left unwritten."""
+    return torch._grouped_mm(x_MD, w_EDF, offs=offs_E)
+
+
+@gmm_offs.register_fake
+def _(x_MD, w_EDF, offs_E):
+    return x_MD.new_empty(x_MD.shape[0], w_EDF.shape[2])
+
+
+@torch.library.custom_op("moesys::gmm_offs_dw", mutates_args=())
+def gmm_offs_dw(x_MD: torch.Tensor, dy_MF: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """dW_EDF[e] = x_e^T @ dy_e, zero for an empty group."""
     dw = torch._grouped_mm(x_MD.t(), dy_MF, offs=offs_E)
     if x_MD.device.type != "cpu":
@@ -32,6 +47,14 @@ def _weight_grad(x_MD: torch.Tensor, dy_MF: torch.Tensor, offs_E: torch.Tensor) 
         starts_E = torch.cat([offs_E.new_zeros(1), offs_E[:-1]])
         dw = dw.masked_fill_((offs_E == starts_E).view(-1, 1, 1), 0)
     return dw
+
+
+@gmm_offs_dw.register_fake
+def _(x_MD, dy_MF, offs_E):
+    return x_MD.new_empty(offs_E.shape[0], x_MD.shape[1], dy_MF.shape[1])
+
+
+_weight_grad = gmm_offs_dw
 
 
 def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -46,14 +69,14 @@ class _GroupedMMFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MD, w1, w2, w3, offs_E, activation):
         x_MD = x_MD.contiguous()
-        h = torch._grouped_mm(x_MD, w1, offs=offs_E)
+        h = gmm_offs(x_MD, w1, offs_E)
         if activation == "swiglu":
-            g = torch._grouped_mm(x_MD, w3, offs=offs_E)
+            g = gmm_offs(x_MD, w3, offs_E)
             a = F.silu(h) * g
         else:
             g = None
             a = _act(h, activation)
-        y = torch._grouped_mm(a, w2, offs=offs_E)
+        y = gmm_offs(a, w2, offs_E)
         ctx.save_for_backward(x_MD, w1, w2, w3, offs_E, h, g, a)
         ctx.activation = activation
         return y
@@ -65,7 +88,7 @@ class _GroupedMMFFN(torch.autograd.Function):
         dy_MD = dy_MD.contiguous()  # may be zero-stride (expand of a sum): _grouped_mm needs real strides
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         dx = dw1 = dw2 = dw3 = None
-        da = torch._grouped_mm(dy_MD, w2.transpose(1, 2), offs=offs_E)
+        da = gmm_offs(dy_MD, w2.transpose(1, 2), offs_E)
         dg = None
         if act == "swiglu":
             s = F.silu(h)
@@ -87,9 +110,9 @@ class _GroupedMMFFN(torch.autograd.Function):
         if need_w3 and dg is not None:
             dw3 = _weight_grad(x_MD, dg, offs_E)
         if need_x:
-            dx = torch._grouped_mm(dh, w1.transpose(1, 2), offs=offs_E)
+            dx = gmm_offs(dh, w1.transpose(1, 2), offs_E)
             if dg is not None:
-                dx = dx + torch._grouped_mm(dg, w3.transpose(1, 2), offs=offs_E)
+                dx = dx + gmm_offs(dg, w3.transpose(1, 2), offs_E)
         return dx, dw1, dw2, dw3, None, None
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+import torch
+
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
@@ -195,5 +197,13 @@ def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_expe
     In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
     `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
     is the number the user wrote in the config."""
-    cf = Fraction(str(capacity_factor))
-    return math.ceil(cf * top_k * num_tokens / num_experts)
+    num, den = _decimal_ratio(capacity_factor)
+    return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil: traceable with a symbolic T
+
+
+@torch.compiler.assume_constant_result
+def _decimal_ratio(x: float) -> tuple:
+    """(numerator, denominator) of the decimal `x` is written as. A constant for torch.compile (it
+    cannot trace Fraction), so capacity stays a Python int of the shapes in a compiled graph."""
+    f = Fraction(str(x))
+    return f.numerator, f.denominator
