@@ -143,8 +143,8 @@ class MoEConfig:
             )
         if self.kernel_backend == "grouped_mm" and (self.hidden_size % 4 or self.ffn_hidden_size % 4):
             raise ValueError(
-                f"MoEConfig.kernel_backend='grouped_mm' needs hidden_size ({self.hidden_size}) and ffn_hidden_size "
-                f"({self.ffn_hidden_size}) to be multiples of 4 (torch._grouped_mm rows are 16-byte aligned: 4 fp32 "
+                f"MoEConfig.kernel_backend='grouped_mm' needs MoEConfig.hidden_size ({self.hidden_size}) and "
+                f"MoEConfig.ffn_hidden_size ({self.ffn_hidden_size}) to be multiples of 4 (torch._grouped_mm rows are 16-byte aligned: 4 fp32 "
                 "or 8 bf16 elements); pad them or use kernel_backend='torch'"
             )
         if not self.init_std > 0:

@@ -72,6 +72,9 @@ CASES = [
     (["moe.activation=tanh"], "moe.activation='tanh' is not one of"),
     (["moe.router=switch"], "moe.router='switch' is top-1; got top_k=2"),
     (["moe.router=expert_choice"], "moe.router=expert_choice is not causal"),
+    (["moe.kernel_backend=grouped_mm", "model.d_model=30"],
+     "moe.kernel_backend='grouped_mm' needs model.d_model (30) and model.ffn_hidden (64) to be multiples of 4"),
+    (["moe.kernel_backend=fast"], "moe.kernel_backend='fast' is not one of"),
     # parallel
     (["parallel.ep=3", "parallel.simulate_ranks=3"], "moe.num_experts (4) must be divisible by parallel.ep (3)"),
     (["parallel.ep=4"], "world size (2) must be divisible by parallel.ep (4)"),

@@ -289,8 +289,8 @@ def test_dense_to_sparse_gates_keep_the_host_plan_with_grouped_mm_experts():
 
 @pytest.mark.parametrize("D,Fh", [(10, 20), (12, 6)])
 def test_unaligned_sizes_are_a_clear_config_error(D, Fh):
-    with pytest.raises(ValueError, match=r"kernel_backend='grouped_mm' needs hidden_size \(%d\) and ffn_hidden_size "
-                                         r"\(%d\) to be multiples of 4" % (D, Fh)):
+    with pytest.raises(ValueError, match=r"kernel_backend='grouped_mm' needs MoEConfig.hidden_size \(%d\) and "
+                                         r"MoEConfig.ffn_hidden_size \(%d\) to be multiples of 4" % (D, Fh)):
         MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=4, kernel_backend="grouped_mm")
 
 
