@@ -60,9 +60,12 @@ class MoELayer(nn.Module):
         cfg: the layer's MoEConfig.
         ep_group: optional process group; when given, the layer is sharded over it right away
             (same as calling `moesys.parallel.apply_expert_parallel(layer, ep_group)`).
+        balance_group: for aux_loss="global_batch", the process group whose ranks' tokens make
+            the batch the balance loss sees (the data-parallel group; under expert parallelism too,
+            since EP ranks hold different tokens); see `set_balance_group`.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None):
+    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
@@ -71,10 +74,17 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.runner = LocalRunner()
         self._generator: Optional[torch.Generator] = None
+        self.set_balance_group(balance_group)
         if ep_group is not None:
             from moesys.parallel import apply_expert_parallel
 
             apply_expert_parallel(self, ep_group)
+
+    def set_balance_group(self, group) -> None:
+        """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
+        all-reduce of E + 1 numbers per training forward); None: this process's tokens only. Stored
+        by reference (not module state): deep copies share it, checkpoints never hold it."""
+        self.router.balance_group.group = group
 
     def set_runner(self, runner) -> None:
         self.runner = runner
