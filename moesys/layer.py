@@ -82,8 +82,12 @@ class MoELayer(nn.Module):
 
     def set_balance_group(self, group) -> None:
         """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
-        all-reduce of E + 1 numbers per training forward); None: this process's tokens only. Stored
+        all-reduce of E + 1 numbers per training forward). None: this process's tokens, and an error
+        in a multi-rank job (a forgotten group would silently balance each rank alone); "local": this
+        process's tokens, on purpose (e.g. a single-process reference inside a multi-rank test). Stored
         by reference (not module state): deep copies share it, checkpoints never hold it."""
+        if isinstance(group, str) and group != "local":
+            raise ValueError(f"MoELayer.set_balance_group: a process group, None or 'local', got {group!r}")
         self.router.balance_group.group = group
 
     def set_runner(self, runner) -> None:

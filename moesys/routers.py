@@ -70,6 +70,8 @@ class Router(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return None
         group = self.balance_group.group
+        if isinstance(group, str):  # "local" (set_balance_group checked it)
+            return None
         if group is None:
             import torch.distributed as dist
 
@@ -77,7 +79,8 @@ class Router(nn.Module):
                 raise RuntimeError(
                     "MoEConfig.aux_loss='global_batch' in a job of "
                     f"{dist.get_world_size()} ranks needs the group whose tokens make the batch: call "
-                    "layer.set_balance_group(dp_group) (moesys-train does), or MoELayer(cfg, balance_group=...)"
+                    "layer.set_balance_group(dp_group) (moesys-train does), or MoELayer(cfg, balance_group=...); "
+                    "set_balance_group('local') counts this process's tokens only"
                 )
         return group
 
