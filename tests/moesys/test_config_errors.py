@@ -255,3 +255,9 @@ def test_warnings_name_settings_that_are_probably_not_meant():
     assert make_cfg("trainer.steps=40", "schedule.warmup_steps=10").warnings() == []
     (w,) = make_cfg("trainer.steps=4").warnings()  # preset=tiny warms up over 30 steps
     assert w.startswith("schedule.warmup_steps (30) > trainer.steps (4)")
+    # groups not aligned with the EP ranks: a token can reach more than topk_groups ranks
+    ok = ["trainer.steps=40", "schedule.warmup_steps=10", "moe.num_experts=12", "moe.topk_groups=1"]
+    assert make_cfg(*ok, "moe.num_groups=4", "parallel.ep=2").warnings() == []  # 2 groups a rank
+    assert make_cfg(*ok, "moe.num_groups=2", "parallel.ep=4").warnings() == []  # a group = 2 ranks (a node)
+    (w,) = make_cfg(*ok, "moe.num_groups=3", "parallel.ep=2").warnings()
+    assert w.startswith("moe.num_groups (3) and parallel.ep (2): groups are not aligned")
