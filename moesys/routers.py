@@ -29,7 +29,7 @@ def group_limited_mask(scores_TE: torch.Tensor, num_groups: int, topk_groups: in
     group_score_TG = scores_TE.view(T, num_groups, per_group).topk(min(2, per_group), dim=-1).values.sum(-1)
     keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=scores_TE.device)
     keep_TG.scatter_(1, group_score_TG.topk(topk_groups, dim=-1).indices, True)
-    return keep_TG.repeat_interleave(per_group, dim=1)
+    return keep_TG.unsqueeze(-1).expand(T, num_groups, per_group).reshape(T, E)
 
 
 def limited_topk(choice_TE: torch.Tensor, k: int, cfg: MoEConfig) -> torch.Tensor:
@@ -50,6 +50,10 @@ class GroupRef:
 
     def __deepcopy__(self, memo) -> "GroupRef":
         return GroupRef(self.group)
+
+    def __reduce__(self):
+        # a pickled layer (torch.save of the module) comes back without its group: groups are per job
+        return (GroupRef, ("local" if isinstance(self.group, str) else None,))
 
 
 class Router(nn.Module):

@@ -148,3 +148,8 @@ def test_global_batch_without_a_group_in_a_multirank_job_is_an_error(world1, mon
 
     assert copy.deepcopy(layer).router.balance_group.group is dist.group.WORLD  # shared, not copied
     assert not any("balance" in k for k in layer.state_dict())
+    import pickle
+
+    assert pickle.loads(pickle.dumps(layer)).router.balance_group.group is None  # groups are per job
+    with pytest.raises(ValueError, match="'local'"):
+        layer.set_balance_group("everyone")

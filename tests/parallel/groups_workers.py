@@ -53,19 +53,52 @@ def _reference(base, xs, gys, global_batch):
     return outs, dxs, grads, losses
 
 
-def destinations_per_token(layer, x) -> torch.Tensor:
-    """[T]: how many EP ranks receive each token, from the kept routes the runtime dispatches."""
+def destinations_per_token(layer, x) -> tuple:
+    """([T] how many EP ranks receive each token, rows dispatched), from the kept routes the
+    runtime dispatches (one row per route, to the rank that holds the route's expert)."""
     routing, plan = layer.route(x, seq_len=x.shape[0])
     lay = layer.runner.layout
     expert_N = torch.repeat_interleave(torch.arange(layer.cfg.num_experts), plan.counts_E.cpu())
     rank_N = expert_N // lay.local_experts
     pairs = torch.unique(plan.token_idx_N.cpu() * lay.world + rank_N)
-    return torch.bincount(pairs // lay.world, minlength=x.shape[0])
+    return torch.bincount(pairs // lay.world, minlength=x.shape[0]), int(plan.counts_E.sum())
 
 
-def groups_worker(cases, ep, T=9, seed=0, dispatcher="alltoallv", overlap=1):
-    """cases: MoEConfig kwargs. Returns failures, checks run and, per case, the max destinations per
-    token (over all ranks) and the dispatched rows / distinct (token, rank) pairs summed over ranks."""
+COMBOS = (("alltoallv", "ep", 1), ("padded", "ep", 2), ("alltoallv", "sharded_dp", 1))
+
+
+def _check_one(base, cfg, dims, xs, gys, outs, dxs, grads, losses, gb, fails, tag, dispatcher, mode, overlap):
+    me, world = dims.rank, len(xs)
+    layer = copy.deepcopy(base)
+    apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=dispatcher, mode=mode, overlap=overlap,
+                          timeout_s=60)
+    layer.set_balance_group(dims.dp_group)
+    x = xs[me].clone().requires_grad_(True)
+    y, aux = layer(x)
+    ((y * gys[me]).sum() + aux.loss).backward()
+    close("y", y.detach(), outs[me], fails, tag)
+    close("dx", x.grad, dxs[me], fails, tag)
+    # the balance loss: global_batch's rank mean is the loss over all tokens; else each rank's own
+    loss = aux.loss.detach().reshape(1).clone()
+    if gb:
+        dist.all_reduce(loss, group=dims.dp_group)
+        close("aux loss (mean over ranks)", loss / world, losses[0].reshape(1), fails, tag)
+    else:
+        close("aux loss", loss, losses[me].reshape(1), fails, tag)
+    allreduce_gradients(layer, dims)  # the trainer's sync: mean over dp (experts: over edp)
+    close("d router x dp", layer.router.weight.grad * dims.dp, grads["router.weight"], fails, tag)
+    for wn in ("w1", "w2", "w3"):
+        p = getattr(layer.experts, wn)
+        if p is not None:
+            p.grad.mul_(dims.dp)
+    check_local_expert_grads(layer, grads, fails, tag)
+    return layer
+
+
+def groups_worker(cases, ep, T=9, seed=0, combos=COMBOS):
+    """cases: MoEConfig kwargs; combos: (dispatcher, mode, overlap). Returns failures, checks run and,
+    per case, the max destinations per token (over all ranks) and the dispatched rows / distinct
+    (token, rank) pairs summed over ranks (of the first combo)."""
     world = dist.get_world_size()
     dims = ParallelDims.build(ep=ep, timeout_s=60)
     me = dims.rank
@@ -79,38 +112,19 @@ def groups_worker(cases, ep, T=9, seed=0, dispatcher="alltoallv", overlap=1):
         xs, gys = _data(world, T, cfg.hidden_size, seed)
         gb = cfg.aux_loss == "global_batch"
         outs, dxs, grads, losses = _reference(base, xs, gys, gb)
-        tag = f"case{ci}({kw.get('router', 'topk')} G={cfg.num_groups} TG={cfg.topk_groups} aux={cfg.aux_loss}) " \
-              f"world={world} ep={ep} {dispatcher}/c={overlap}"
-        layer = copy.deepcopy(base)
-        apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=dispatcher, mode="ep", overlap=overlap,
-                              timeout_s=60)
-        layer.set_balance_group(dims.dp_group)
-        x = xs[me].clone().requires_grad_(True)
-        y, aux = layer(x)
-        ((y * gys[me]).sum() + aux.loss).backward()
-        close("y", y.detach(), outs[me], fails, tag)
-        close("dx", x.grad, dxs[me], fails, tag)
-        # the balance loss: global_batch's rank mean is the loss over all tokens; else each rank's own
-        loss = aux.loss.detach().reshape(1).clone()
-        if gb:
-            dist.all_reduce(loss, group=dims.dp_group)
-            close("aux loss (mean over ranks)", loss / world, losses[0].reshape(1), fails, tag)
-        else:
-            close("aux loss", loss, losses[me].reshape(1), fails, tag)
-        allreduce_gradients(layer, dims)  # the trainer's sync: mean over dp (experts: over edp)
-        close("d router x dp", layer.router.weight.grad * dims.dp, grads["router.weight"], fails, tag)
-        for wn in ("w1", "w2", "w3"):
-            p = getattr(layer.experts, wn)
-            if p is not None:
-                p.grad.mul_(dims.dp)
-        check_local_expert_grads(layer, grads, fails, tag)
-        # fan-out: to how many EP ranks each token goes, and rows vs distinct (token, rank) pairs
-        with torch.no_grad():
-            dest = destinations_per_token(layer, xs[me])
-        stats = torch.tensor([float(dest.max()), float(aux.tokens_per_expert.sum()), float(dest.sum())])
-        mx, rest = stats[:1].clone(), stats[1:].clone()
-        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dims.ep_group)
-        dist.all_reduce(rest, group=dims.ep_group)
-        fanout.append({"max_dest": int(mx), "rows": int(rest[0]), "pairs": int(rest[1])})
-        checked += 1
+        for k, (dispatcher, mode, overlap) in enumerate(combos):
+            tag = (f"case{ci}({kw.get('router', 'topk')} G={cfg.num_groups} TG={cfg.topk_groups} aux={cfg.aux_loss}) "
+                   f"world={world} ep={ep} {dispatcher}/{mode}/c={overlap}")
+            layer = _check_one(base, cfg, dims, xs, gys, outs, dxs, grads, losses, gb, fails, tag,
+                               dispatcher, mode, overlap)
+            checked += 1
+            if k == 0:
+                # fan-out: to how many EP ranks each token goes, and rows vs distinct (token, rank) pairs
+                with torch.no_grad():  # no_grad: the route() below issues no collective
+                    dest, rows = destinations_per_token(layer, xs[me])
+                stats = torch.tensor([float(dest.max()), float(rows), float(dest.sum())])
+                mx, rest = stats[:1].clone(), stats[1:].clone()
+                dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dims.ep_group)
+                dist.all_reduce(rest, group=dims.ep_group)
+                fanout.append({"max_dest": int(mx), "rows": int(rest[0]), "pairs": int(rest[1])})
     return {"fails": fails, "checked": checked, "fanout": fanout}
