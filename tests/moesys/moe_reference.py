@@ -34,7 +34,7 @@ def allowed_experts(scores_E, cfg):
 
 def pick(scores_E, K, allowed):
     """The K allowed experts with the highest scores, best first."""
-    return sorted(allowed, key=lambda e: -float(scores_E[e]))[:K]
+    return sorted(allowed, key=lambda e: -float(scores_E[e].detach()))[:K]
 
 
 def reference_routes(x_TD, cfg, router_w, expert_bias=None):
