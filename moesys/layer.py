@@ -20,7 +20,7 @@ from . import balance
 from .config import MoEConfig
 from .experts import GroupedExperts
 from .plan import Plan, make_plan
-from .routers import build_router
+from .routers import BalanceGroupRef, build_router
 
 
 @dataclass
@@ -84,11 +84,12 @@ class MoELayer(nn.Module):
         """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
         all-reduce of E + 1 numbers per training forward). None: this process's tokens, and an error
         in a multi-rank job (a forgotten group would silently balance each rank alone); "local": this
-        process's tokens, on purpose (e.g. a single-process reference inside a multi-rank test). Stored
-        by reference (not module state): deep copies share it, checkpoints never hold it."""
+        process's tokens, on purpose (e.g. a single-process reference inside a multi-rank test). Held
+        weakly and not as module state: deep copies share it, checkpoints never hold it, and
+        destroy_process_group() still destroys it."""
         if isinstance(group, str) and group != "local":
             raise ValueError(f"MoELayer.set_balance_group: a process group, None or 'local', got {group!r}")
-        self.router.balance_group.group = group
+        self.router.balance_group = BalanceGroupRef(group)
 
     def set_runner(self, runner) -> None:
         self.runner = runner

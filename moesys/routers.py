@@ -6,6 +6,8 @@ between ranks and runs.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -41,19 +43,34 @@ def limited_topk(choice_TE: torch.Tensor, k: int, cfg: MoEConfig) -> torch.Tenso
     return choice_TE.topk(k, dim=-1).indices
 
 
-class GroupRef:
-    """Holds a process group (or None) on a module without making it module state: deep copies of
-    the layer share it (a ProcessGroup cannot be copied) and state_dict never sees it."""
+class BalanceGroupRef:
+    """The balance group of aux_loss="global_batch", kept on the router without being module state:
+    None, "local", or a process group held weakly, as moesys.parallel holds its groups (comm.GroupRef):
+    the layer borrows the group, so destroy_process_group() still tears it down (a group kept alive
+    past it can abort the interpreter at exit). Deep copies share the group; a pickled layer comes
+    back without it (groups belong to a job); state_dict never sees it."""
+
+    __slots__ = ("_value", "_ref")
 
     def __init__(self, group) -> None:
-        self.group = group
+        self._value = group if group is None or isinstance(group, str) else None
+        self._ref = None if self._value is not None or group is None else weakref.ref(group)
 
-    def __deepcopy__(self, memo) -> "GroupRef":
-        return GroupRef(self.group)
+    @property
+    def group(self):
+        if self._ref is None:
+            return self._value
+        group = self._ref()
+        if group is None:
+            raise RuntimeError("MoELayer: the balance group of aux_loss='global_batch' was destroyed "
+                               "(destroy_process_group) while the layer still uses it")
+        return group
+
+    def __deepcopy__(self, memo) -> "BalanceGroupRef":
+        return BalanceGroupRef(self.group)
 
     def __reduce__(self):
-        # a pickled layer (torch.save of the module) comes back without its group: groups are per job
-        return (GroupRef, ("local" if isinstance(self.group, str) else None,))
+        return (BalanceGroupRef, (self._value,))
 
 
 class Router(nn.Module):
@@ -64,7 +81,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
-        self.balance_group = GroupRef(None)  # aux_loss="global_batch": where counts are summed
+        self.balance_group = BalanceGroupRef(None)  # aux_loss="global_batch": where counts are summed
 
     def global_batch_group(self):
         """The group for aux_loss="global_batch" in this forward, or None (local counts).

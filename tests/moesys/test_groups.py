@@ -153,3 +153,21 @@ def test_global_batch_without_a_group_in_a_multirank_job_is_an_error(world1, mon
     assert pickle.loads(pickle.dumps(layer)).router.balance_group.group is None  # groups are per job
     with pytest.raises(ValueError, match="'local'"):
         layer.set_balance_group("everyone")
+
+
+def test_balance_group_is_borrowed_not_owned(world1):
+    """The layer holds its balance group weakly (as moesys.parallel does): destroy_process_group()
+    frees it, and a later training forward says so instead of using a dead group."""
+    import gc
+
+    import torch.distributed as dist
+
+    layer = make(G=None, TG=None, aux_loss="global_batch")
+    g = dist.new_group([0])
+    layer.set_balance_group(g)
+    layer(torch.randn(5, 12))  # reduces over g
+    dist.destroy_process_group(g)
+    del g
+    gc.collect()
+    with pytest.raises(RuntimeError, match="balance group.*destroyed"):
+        layer(torch.randn(5, 12))
