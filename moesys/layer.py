@@ -3,7 +3,8 @@
 Legend: T tokens, D hidden, E experts, R routes, N kept routes.
 The layer is single-device; `moesys.parallel.apply_expert_parallel` swaps its runner (and slices
 its experts) to move tokens between ranks. The layer never touches a process group itself,
-except the optional one passed to `update_expert_bias`.
+except the optional one passed to `update_expert_bias` and the balance group of
+aux_loss="global_batch" (`set_balance_group`: one all-reduce of E + 1 counts per training forward).
 """
 from __future__ import annotations
 
