@@ -53,14 +53,14 @@ def _reference(base, xs, gys, global_batch):
     return outs, dxs, grads, losses
 
 
-def destinations_per_token(layer, x) -> tuple:
-    """([T] how many EP ranks receive each token, rows dispatched), from the kept routes the
-    runtime dispatches (one row per route, to the rank that holds the route's expert)."""
+def destinations_per_token(layer, x, ranks_per_node=1) -> tuple:
+    """([T] how many EP ranks (nodes, with ranks_per_node > 1) receive each token, rows dispatched),
+    from the kept routes the runtime dispatches (one row per route, to the rank holding its expert)."""
     routing, plan = layer.route(x, seq_len=x.shape[0])
     lay = layer.runner.layout
     expert_N = torch.repeat_interleave(torch.arange(layer.cfg.num_experts), plan.counts_E.cpu())
-    rank_N = expert_N // lay.local_experts
-    pairs = torch.unique(plan.token_idx_N.cpu() * lay.world + rank_N)
+    dest_N = expert_N // lay.local_experts // ranks_per_node
+    pairs = torch.unique(plan.token_idx_N.cpu() * lay.world + dest_N)
     return torch.bincount(pairs // lay.world, minlength=x.shape[0]), int(plan.counts_E.sum())
 
 
@@ -122,9 +122,11 @@ def groups_worker(cases, ep, T=9, seed=0, combos=COMBOS):
                 # fan-out: to how many EP ranks each token goes, and rows vs distinct (token, rank) pairs
                 with torch.no_grad():  # no_grad: the route() below issues no collective
                     dest, rows = destinations_per_token(layer, xs[me])
-                stats = torch.tensor([float(dest.max()), float(rows), float(dest.sum())])
-                mx, rest = stats[:1].clone(), stats[1:].clone()
+                    nodes, _ = destinations_per_token(layer, xs[me], dims.local_world_size)
+                mx = torch.tensor([float(dest.max()), float(nodes.max())])
+                rest = torch.tensor([float(rows), float(dest.sum())])
                 dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=dims.ep_group)
                 dist.all_reduce(rest, group=dims.ep_group)
-                fanout.append({"max_dest": int(mx), "rows": int(rest[0]), "pairs": int(rest[1])})
+                fanout.append({"max_dest": int(mx[0]), "max_nodes": int(mx[1]), "rows": int(rest[0]),
+                               "pairs": int(rest[1])})
     return {"fails": fails, "checked": checked, "fanout": fanout}

@@ -61,3 +61,20 @@ def test_ep4_on_4_ranks():
 @pytest.mark.slow
 def test_ep2_on_4_ranks_two_ep_groups():
     _run(4, 2)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_node_limited_routing_two_nodes_hierarchical():
+    """DeepSeek-V3's node-limited routing: 2 nodes of 2 ranks, one group per node, the hierarchical
+    (2-D) dispatcher: each token reaches one node (two ranks at most), and equals one process."""
+    cases = [dict(BASE, top_k=3, num_groups=2, topk_groups=1, router="sigmoid_bias", aux_loss="global_batch"),
+             dict(BASE, top_k=3, num_groups=2, topk_groups=2)]  # no limit
+    combos = (("hierarchical", "ep", 1), ("hierarchical", "ep", 2))
+    results = simulate(groups_workers.groups_worker, 4, cases, 4, 9, 0, combos, timeout_s=120, local_world_size=2)
+    fails = [f for r in results for f in r["fails"]]
+    assert not fails, "\n".join(fails[:20])
+    assert all(r["checked"] == len(cases) * len(combos) for r in results)
+    limited, free = results[0]["fanout"]
+    assert limited["max_nodes"] == 1 and limited["max_dest"] <= 2
+    assert free["max_nodes"] == 2
