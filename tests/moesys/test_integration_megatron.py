@@ -95,6 +95,8 @@ def test_moe_config_from_megatron_groups_and_global_aux_loss():
     # Megatron ranks softmax groups by logits without pre-softmax: refused, not silently different
     with pytest.raises(ValueError, match="pre_softmax=False.*logits"):
         mg.moe_config_from_megatron(_tc(num_moe_experts=8, moe_router_num_groups=4, moe_router_group_topk=1))
+    with pytest.raises(ValueError, match="moe_router_topk_limited_devices is deprecated"):
+        mg.moe_config_from_megatron(_tc(moe_router_topk_limited_devices=2))
     # a group score of top-(4 // 4) = top-1 is not moesys's top-2
     with pytest.raises(ValueError, match=r"4 // 4 = 1 scores; moesys by its top 2"):
         mg.moe_config_from_megatron(_tc(num_moe_experts=8, moe_router_topk=4, moe_router_num_groups=4,
