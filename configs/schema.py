@@ -334,6 +334,12 @@ class TrainConfig:
         if s.warmup_steps > t.steps:
             out.append(f"schedule.warmup_steps ({s.warmup_steps}) > trainer.steps ({t.steps}): the learning rate "
                        f"never reaches optim.lr ({self.optim.lr})")
+        m, p = self.moe, self.parallel
+        if m.num_groups is not None and m.topk_groups is not None and m.topk_groups < m.num_groups and p.ep > 1:
+            if m.num_groups % p.ep and p.ep % m.num_groups:
+                out.append(f"moe.num_groups ({m.num_groups}) and parallel.ep ({p.ep}): groups are not aligned with "
+                           f"the expert-parallel ranks, so a token can reach more than moe.topk_groups "
+                           f"({m.topk_groups}) ranks; a num_groups that is a multiple of ep aligns them")
         if e.enabled and e.diversify_step is not None and e.diversify_step >= t.steps:
             out.append(f"evo.diversify_step ({e.diversify_step}) >= trainer.steps ({t.steps}): the run ends in the "
                        "dense phase, before any expert is spawned")

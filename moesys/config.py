@@ -17,7 +17,9 @@ from typing import Optional
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
-AUX_LOSSES = ("switch", "gshard", "seq", "none")
+AUX_LOSSES = ("switch", "gshard", "seq", "global_batch", "none")
+GROUP_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers that take num_groups / topk_groups
+GLOBAL_BATCH_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers whose Switch loss can pool counts
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -43,6 +45,13 @@ class MoEConfig:
     jitter_eps: float = 0.0  # multiply router input by U(1-eps, 1+eps); training only
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free (sigmoid_bias) update
     allow_noncausal: bool = False  # expert_choice looks at the whole batch: opt in for decoders
+    # group-limited routing (DeepSeek-V3; Megatron moe_router_num_groups / moe_router_group_topk):
+    # experts e in [g*E/G, (g+1)*E/G) form group g; each token keeps the topk_groups groups with
+    # the highest sum of their top-2 routing scores (top-1 when a group has one expert), then its
+    # top-k inside them. None: no group limit. Groups aligned with EP ranks (G a multiple of ep)
+    # send each token to at most topk_groups ranks. Routers: topk, switch, sigmoid_bias.
+    num_groups: Optional[int] = None
+    topk_groups: Optional[int] = None
     # --- experts -------------------------------------------------------------------------------
     activation: str = "gelu"  # one of ACTIVATIONS; swiglu adds w3
     init_std: float = 0.02
@@ -54,7 +63,9 @@ class MoEConfig:
     # that lost one of two routes puts weight 1 on the survivor); needs weights that sum to 1
     renormalize_after_drop: bool = False
     # --- balancing losses ----------------------------------------------------------------------
-    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only
+    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only;
+    # global_batch: switch with the routes per expert summed over the layer's balance group (the
+    # trainer's dp group: the whole global batch) before the loss (Qwen, Qiu et al. 2025)
     aux_loss: str = "switch"  # one of AUX_LOSSES
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
@@ -106,6 +117,12 @@ class MoEConfig:
                 "the routes it keeps: it needs router 'topk' or 'sigmoid_bias' with top_k > 1 and normalize_topk "
                 f"not False; got router={self.router!r}, top_k={self.top_k}, normalize_topk={self.normalize_topk!r}"
             )
+        self._check_groups()
+        if self.aux_loss == "global_batch" and self.router not in GLOBAL_BATCH_ROUTERS:
+            raise ValueError(
+                f"MoEConfig.aux_loss='global_batch' pools the Switch loss's counts; router={self.router!r} has no "
+                f"Switch loss (routers that do: {list(GLOBAL_BATCH_ROUTERS)})"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
@@ -137,7 +154,39 @@ class MoEConfig:
         if not self.init_std > 0:
             raise ValueError(f"MoEConfig.init_std must be > 0, got {self.init_std}")
 
+    def _check_groups(self) -> None:
+        G, TG, E, K = self.num_groups, self.topk_groups, self.num_experts, self.top_k
+        for name, v in (("num_groups", G), ("topk_groups", TG)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"MoEConfig.{name} must be a positive integer or None (no group limit), got {v!r}")
+        if G is None and TG is None:
+            return
+        if G is None or TG is None:
+            raise ValueError(
+                f"MoEConfig.num_groups ({G}) and MoEConfig.topk_groups ({TG}) go together: set both for group-limited "
+                "routing, or neither"
+            )
+        if self.router not in GROUP_ROUTERS:
+            raise ValueError(
+                f"MoEConfig.num_groups={G}: group-limited routing needs router in {list(GROUP_ROUTERS)}, "
+                f"got router={self.router!r}"
+            )
+        if E % G != 0:
+            raise ValueError(f"MoEConfig.num_groups ({G}) must divide MoEConfig.num_experts ({E})")
+        if TG > G:
+            raise ValueError(f"MoEConfig.topk_groups ({TG}) must be <= MoEConfig.num_groups ({G})")
+        if K > TG * (E // G):
+            raise ValueError(
+                f"MoEConfig.top_k ({K}) must be <= MoEConfig.topk_groups ({TG}) x experts per group ({E // G} = "
+                f"num_experts {E} / num_groups {G}) = {TG * (E // G)}: the kept groups hold too few experts"
+            )
+
     # ------------------------------------------------------------------------------------------
+    @property
+    def group_limited(self) -> bool:
+        """Whether routing is restricted to topk_groups of num_groups expert groups."""
+        return self.num_groups is not None and self.topk_groups < self.num_groups
+
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"

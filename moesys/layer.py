@@ -3,7 +3,8 @@
 Legend: T tokens, D hidden, E experts, R routes, N kept routes.
 The layer is single-device; `moesys.parallel.apply_expert_parallel` swaps its runner (and slices
 its experts) to move tokens between ranks. The layer never touches a process group itself,
-except the optional one passed to `update_expert_bias`.
+except the optional one passed to `update_expert_bias` and the balance group of
+aux_loss="global_batch" (`set_balance_group`: one all-reduce of E + 1 counts per training forward).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from . import balance
 from .config import MoEConfig
 from .experts import GroupedExperts
 from .plan import Plan, make_plan
-from .routers import build_router
+from .routers import BalanceGroupRef, build_router
 
 
 @dataclass
@@ -60,9 +61,12 @@ class MoELayer(nn.Module):
         cfg: the layer's MoEConfig.
         ep_group: optional process group; when given, the layer is sharded over it right away
             (same as calling `moesys.parallel.apply_expert_parallel(layer, ep_group)`).
+        balance_group: for aux_loss="global_batch", the process group whose ranks' tokens make
+            the batch the balance loss sees (the data-parallel group; under expert parallelism too,
+            since EP ranks hold different tokens); see `set_balance_group`.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None):
+    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
@@ -71,10 +75,22 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         self.runner = LocalRunner()
         self._generator: Optional[torch.Generator] = None
+        self.set_balance_group(balance_group)
         if ep_group is not None:
             from moesys.parallel import apply_expert_parallel
 
             apply_expert_parallel(self, ep_group)
+
+    def set_balance_group(self, group) -> None:
+        """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
+        all-reduce of E + 1 numbers per training forward). None: this process's tokens, and an error
+        in a multi-rank job (a forgotten group would silently balance each rank alone); "local": this
+        process's tokens, on purpose (e.g. a single-process reference inside a multi-rank test). Held
+        weakly and not as module state: deep copies share it, checkpoints never hold it, and
+        destroy_process_group() still destroys it."""
+        if isinstance(group, str) and group != "local":
+            raise ValueError(f"MoELayer.set_balance_group: a process group, None or 'local', got {group!r}")
+        self.router.balance_group = BalanceGroupRef(group)
 
     def set_runner(self, runner) -> None:
         self.runner = runner

@@ -104,6 +104,10 @@ class Trainer:
             for _, layer in self.model.moe_layers():
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
                                       overlap=overlap)
+        # aux_loss=global_batch: routes per expert summed over every data-parallel rank, i.e. over the
+        # whole global batch of the micro-step (EP ranks hold different tokens, so the dp group, not ep)
+        for _, layer in self.model.moe_layers():
+            layer.set_balance_group(dims.dp_group)
         # per-rank streams from here on (jitter, dropout), so ranks do not draw identical noise
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))
 
