@@ -150,14 +150,15 @@ class MoEConfig:
         fs = self.shared_ffn_hidden_size
         if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs <= 0):
             raise ValueError(f"MoEConfig.shared_ffn_hidden_size must be a positive integer or None "
-                             f"(ffn_hidden_size), got {fs!r}")
+                             f"(= MoEConfig.ffn_hidden_size), got {fs!r}")
         for name in ("shared_expert_gate", "recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if S == 0 and (fs is not None or self.shared_expert_gate):
             raise ValueError(
-                f"MoEConfig.num_shared_experts is 0 but shared_ffn_hidden_size={fs!r} / shared_expert_gate="
-                f"{self.shared_expert_gate!r} is set: set num_shared_experts >= 1 to have shared experts"
+                f"MoEConfig.num_shared_experts is 0 but MoEConfig.shared_ffn_hidden_size={fs!r} / "
+                f"MoEConfig.shared_expert_gate={self.shared_expert_gate!r} is set: shared experts need "
+                "MoEConfig.num_shared_experts >= 1"
             )
 
     # ------------------------------------------------------------------------------------------

@@ -144,8 +144,8 @@ def test_recompute_keeps_no_intermediate_from_the_forward(activation):
     (dict(num_shared_experts=1.5), r"num_shared_experts must be an integer >= 0, got 1.5"),
     (dict(num_shared_experts=True), r"num_shared_experts must be an integer >= 0, got True"),
     (dict(num_shared_experts=1, shared_ffn_hidden_size=0), r"shared_ffn_hidden_size must be a positive integer or None"),
-    (dict(shared_ffn_hidden_size=8), r"num_shared_experts is 0 but shared_ffn_hidden_size=8"),
-    (dict(shared_expert_gate=True), r"num_shared_experts is 0 but .*shared_expert_gate=True"),
+    (dict(shared_ffn_hidden_size=8), r"num_shared_experts is 0 but MoEConfig.shared_ffn_hidden_size=8"),
+    (dict(shared_expert_gate=True), r"num_shared_experts is 0 but .*MoEConfig.shared_expert_gate=True"),
     (dict(num_shared_experts=1, shared_expert_gate="yes"), r"shared_expert_gate must be True or False, got 'yes'"),
     (dict(recompute=1), r"recompute must be True or False, got 1"),
 ])
