@@ -106,7 +106,12 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
     normalize_topk=False, else None (renormalise for K > 1: Megatron's softmax over the top-k
     scores; it refuses K = 1 without pre-softmax), and None for sigmoid scores (Megatron
     renormalises those for K > 1 whatever pre_softmax says); gated_linear_unit + silu -> swiglu; moe_input_jitter_eps -> jitter_eps;
-    init_method_std -> init_std. Keyword `overrides` replace any resulting field.
+    init_method_std -> init_std; moe_shared_expert_intermediate_size I -> one shared expert of width I
+    (num_shared_experts=1, shared_ffn_hidden_size=I: Megatron runs its shared experts as one MLP of the
+    total width, which is the sum of S experts of width I/S), moe_shared_expert_gate -> shared_expert_gate
+    (moe_shared_expert_overlap is accepted either way: moesys always overlaps them with the dispatch under
+    expert parallelism); recompute_granularity="selective" with "moe" or "moe_act" in recompute_modules ->
+    recompute. Keyword `overrides` replace any resulting field.
     Unsupported settings (sinkhorn balancing, group-limited routing, top-k scaling factor) raise.
     """
     if not tc.num_moe_experts:
@@ -146,6 +151,13 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
         aux_loss_coef=float(_one(tc.moe_aux_loss_coeff, "moe_aux_loss_coeff") or 0.0),
         z_loss_coef=float(tc.moe_z_loss_coeff or 0.0),
     )
+    shared = getattr(tc, "moe_shared_expert_intermediate_size", None)
+    if shared:
+        fields.update(num_shared_experts=1, shared_ffn_hidden_size=int(shared),
+                      shared_expert_gate=bool(getattr(tc, "moe_shared_expert_gate", False)))
+    modules = getattr(tc, "recompute_modules", None) or ()
+    if getattr(tc, "recompute_granularity", None) == "selective" and {"moe", "moe_act"} & set(modules):
+        fields["recompute"] = True
     fields.update(overrides)
     return MoEConfig(**fields)
 
