@@ -60,3 +60,15 @@ def test_ep2_resume_with_shared_experts_reproduces_the_uninterrupted_run(tmp_pat
     resumed = train_mod.run(make_cfg(*common, f"trainer.resume={half}"), str(tmp_path / "b"))
     assert straight["train_losses"] == resumed["train_losses"] and len(resumed["train_losses"]) == 4
     assert straight["val_loss_end"] == resumed["val_loss_end"]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_readme_shared_experts_command(tmp_path):
+    """The README's `moesys-train moe.num_shared_experts=1 moe.shared_expert_gate=true moe.recompute=true`
+    (default parallel.ep=2 on 2 ranks) at the tiny preset's sizes."""
+    import math
+
+    s = train_mod.run(make_cfg("moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.recompute=true",
+                               "trainer.steps=3", "trainer.save_final=false", *QUIET), str(tmp_path / "o"))
+    assert s["steps"] == 3 and all(math.isfinite(v) for v in s["train_losses"])
