@@ -28,6 +28,7 @@ class GPTConfig:
     moe_every: int = 1  # 1: every block's FFN is MoE; k: blocks k-1, 2k-1, ...; 0: dense
     dropout: float = 0.0
     tie_embeddings: bool = True
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before the dot product
 
     def is_moe(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -39,12 +40,17 @@ class CausalSelfAttention(nn.Module):
         self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        hd = cfg.d_model // cfg.n_heads
+        self.q_norm = nn.RMSNorm(hd) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(hd) if cfg.qk_norm else None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         # (B, H, S, hd)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(o.transpose(1, 2).reshape(B, S, D))
 

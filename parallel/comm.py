@@ -16,12 +16,17 @@ the same order (a mismatch would hang).
 The backward of an all-to-all is the reverse all-to-all (splits swapped); the backward of an
 all-gather is a reduce-scatter (sum); the backward of a reduce-scatter is an all-gather.
 Small metadata exchanges (counts) are plain blocking calls outside autograd.
+
+The runtime never owns a process group: dispatchers, the sharded-DP mode and the autograd graph
+hold it through a `GroupRef` (a weak reference), so `destroy_process_group()` destroys it on the
+spot and joins its gloo worker threads while the interpreter is intact (issue 11).
 """
 from __future__ import annotations
 
 import datetime
+import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +36,34 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+class GroupRef:
+    """A process group held weakly; `get()` returns it, or None for a group given as None.
+
+    Why weakly: an autograd graph can outlive the step that built it (the user keeps an output, or a
+    collective's Work holds a tensor whose graph reaches here), and the last reference to a graph
+    can be dropped on a gloo worker thread as it releases a finished Work. A group the graph (or a
+    dispatcher) kept alive past destroy_process_group() then lived on with its worker threads, and
+    one of them, releasing a Work while Python finalized, needed the GIL and aborted the process
+    ("terminate called without an active exception"); dropped on its own worker thread, it
+    deadlocked in the group's destructor. Whoever made the group owns it (torch's registry, the
+    user's ParallelDims); the runtime only borrows it.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, group) -> None:
+        self._ref = None if group is None else weakref.ref(group)
+
+    def get(self):
+        if self._ref is None:
+            return None
+        group = self._ref()
+        if group is None:
+            raise RuntimeError("moesys.parallel: the process group was destroyed (destroy_process_group) "
+                               "while an expert-parallel layer or its autograd graph still uses it")
+        return group
+
+
 @dataclass(frozen=True)
 class A2AToken:
     """An all-to-all in flight: `buf` fills when `all_to_all_wait(token)` returns it."""
@@ -38,8 +71,12 @@ class A2AToken:
     buf: torch.Tensor
     out_splits: tuple
     in_splits: tuple
-    group: Any
+    group_ref: GroupRef
     pending: "_Pending"
+
+    @property
+    def group(self):
+        return self.group_ref.get()
 
 
 @dataclass(frozen=True)
@@ -48,8 +85,12 @@ class AllGatherToken:
 
     buf: torch.Tensor
     world: int
-    group: Any
+    group_ref: GroupRef
     pending: "_Pending"
+
+    @property
+    def group(self):
+        return self.group_ref.get()
 
 
 class _Pending:
@@ -104,12 +145,13 @@ class _A2AWait(torch.autograd.Function):
     def forward(ctx, buf, out_splits, in_splits, group, pending):
         _wait(pending.work, pending.timeout, "all-to-all")
         pending.work = None
-        ctx.meta = (out_splits, in_splits, group, pending)
+        ctx.meta = (out_splits, in_splits, GroupRef(group), pending)
         return buf.view_as(buf)
 
     @staticmethod
     def backward(ctx, dy):
-        out_splits, in_splits, group, p = ctx.meta
+        out_splits, in_splits, group_ref, p = ctx.meta
+        group = group_ref.get()
         dy = dy.contiguous()
         p.bwd_buf = dy.new_empty((sum(in_splits),) + tuple(dy.shape[1:]))
         p.bwd_keep = dy
@@ -127,7 +169,7 @@ def all_to_all_start(x_ND, out_splits: Sequence[int], in_splits: Sequence[int], 
     pending = _Pending(timeout)
     out_splits, in_splits = tuple(int(s) for s in out_splits), tuple(int(s) for s in in_splits)
     buf = _A2AStart.apply(x_ND, out_splits, in_splits, group, pending)
-    return A2AToken(buf, out_splits, in_splits, group, pending)
+    return A2AToken(buf, out_splits, in_splits, GroupRef(group), pending)
 
 
 def all_to_all_wait(token: A2AToken) -> torch.Tensor:
@@ -163,12 +205,13 @@ class _AGWait(torch.autograd.Function):
     def forward(ctx, buf, world, group, pending):
         _wait(pending.work, pending.timeout, "all-gather")
         pending.work = None
-        ctx.meta = (world, group, pending)
+        ctx.meta = (world, GroupRef(group), pending)
         return buf.view_as(buf)
 
     @staticmethod
     def backward(ctx, dbuf):
-        world, group, p = ctx.meta
+        world, group_ref, p = ctx.meta
+        group = group_ref.get()
         dbuf = dbuf.contiguous()
         p.bwd_buf = dbuf.new_empty((dbuf.shape[0] // world,) + tuple(dbuf.shape[1:]))
         p.bwd_keep = dbuf
@@ -181,7 +224,7 @@ class _AGWait(torch.autograd.Function):
 def all_gather_start(w, group, timeout=None):
     pending = _Pending(timeout)
     world = dist.get_world_size(group)
-    return AllGatherToken(_AGStart.apply(w, world, group, pending), world, group, pending)
+    return AllGatherToken(_AGStart.apply(w, world, group, pending), world, GroupRef(group), pending)
 
 
 def all_gather_wait(token: AllGatherToken) -> torch.Tensor:

@@ -38,10 +38,14 @@ class Dispatcher:
 
     def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
         self.layout = layout
-        self.group = group
+        self._group = comm.GroupRef(group)  # borrowed, never owned: see comm.GroupRef
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # dest_X[j*L + i]: the i-th global expert rank j holds; the order rows are sent in
         self.dest_X = layout.dest_experts()
+
+    @property
+    def group(self):
+        return self._group.get()
 
     # -- contract ---------------------------------------------------------------------------
     def dispatch(self, x_ND: torch.Tensor, counts_E: torch.Tensor):

@@ -46,11 +46,19 @@ class HierarchicalDispatcher(Dispatcher):
             )
         self.lw, self.nodes = Lw, P // Lw
         # one rank per node: stage 1 is the identity; one node: stage 2 is (None = identity)
-        self.node_group = None if Lw == 1 else (group if Lw == P else node_group)
-        self.cross_group = None if Lw == P else (group if Lw == 1 else cross_group)
+        self._node = comm.GroupRef(None if Lw == 1 else (group if Lw == P else node_group))
+        self._cross = comm.GroupRef(None if Lw == P else (group if Lw == 1 else cross_group))
         if (1 < Lw < P) and (node_group is None or cross_group is None):
             raise ValueError("hierarchical dispatcher: node_group and cross_group are required when 1 < "
                              f"local_world_size ({Lw}) < ep size ({P})")
+
+    @property
+    def node_group(self):
+        return self._node.get()
+
+    @property
+    def cross_group(self):
+        return self._cross.get()
 
     def _stage_start(self, x, out_splits, in_splits, group):
         if group is None:

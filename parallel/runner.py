@@ -7,7 +7,7 @@ Per call it asks the tuner for (mode, overlap degree c), runs
   ep:         rows split into c chunks (each expert's rows split evenly, so every chunk stays
               grouped by expert); chunk i+1's dispatch and chunk i-1's combine are in flight
               while chunk i's experts compute (forward; the backward mirrors it, see comm.py);
-  sharded_dp: weights gathered in c F-chunks while the previous chunk computes,
+  sharded_dp: weights gathered in c F-chunks while the previous chunk computes.
 With shared experts the layer hands the runner its shared work (`shared=SharedWork`, dense FFNs on
 the layer's own tokens, no communication): it runs after the first dispatch is issued and before
 it is waited for (ep), or while the first weight chunk is gathered (sharded_dp), so the dense FFN
@@ -30,7 +30,7 @@ import torch
 
 import torch.distributed as dist
 
-from .comm import all_gather_counts, all_reduce_host
+from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher
 from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
 from .sharded_dp import ShardedDataParallel
@@ -51,11 +51,19 @@ class ExpertParallelRunner:
 
     overlaps_shared = True  # takes the layer's shared-expert work and runs it while tokens travel
 
+    @property
+    def group(self):
+        return self._group.get()
+
+    @property
+    def agree_group(self):
+        return self._agree.get()
+
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
                  tuner: Tuner, agree_group=None) -> None:
         self.layout = layout
-        self.group = group
-        self.agree_group = agree_group
+        # borrowed, never owned (GroupRef): destroy_process_group() must be able to destroy them
+        self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
         self._many_groups = agree_group is not None and dist.get_world_size(agree_group) != dist.get_world_size(group)
         # what the tuner's trials are timed with (apply_expert_parallel sets CUDA events on a GPU)

@@ -56,9 +56,13 @@ class ShardedDataParallel:
 
     def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
         self.layout = layout
-        self.group = group
+        self._group = comm.GroupRef(group)  # borrowed, never owned: see comm.GroupRef
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         self.last_chunks = 0
+
+    @property
+    def group(self):
+        return self._group.get()
 
     def _start(self, experts, fs: slice):
         ws = [experts.w1[:, :, fs], experts.w2[:, fs, :]]

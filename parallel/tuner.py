@@ -84,7 +84,7 @@ class Tuner:
     settings: TunerSettings
     shape: Shape
     machine: Machine
-    group: object = None
+    group: object = None  # held weakly (comm.GroupRef): the runtime never keeps a group alive
     phase: str = "warmup"
     step: int = 0
     decision: tuple = ("ep", 1)
@@ -93,6 +93,12 @@ class Tuner:
     ref_stats: Optional[Stats] = None
     decisions_made: int = 0
     dispatcher: str = "alltoallv"  # the layer's dispatcher (the model prices its collectives)
+
+    def __post_init__(self) -> None:
+        from .comm import GroupRef
+
+        if not isinstance(self.group, GroupRef):
+            self.group = GroupRef(self.group)
 
     @property
     def pinned(self) -> bool:
@@ -173,10 +179,11 @@ class Tuner:
     def _decide(self, stats: Stats) -> None:
         best = min(self.measured, key=lambda k: (statistics.median(self.measured[k]), k))
         idx = torch.tensor([self.candidates().index(best)], dtype=torch.long)
-        if self.group is not None:
+        group = self.group.get()
+        if group is not None:
             from .comm import broadcast_host
 
-            idx = broadcast_host(idx, 0, self.group)
+            idx = broadcast_host(idx, 0, group)
         self.decision = self.candidates()[int(idx)]
         self.phase = "exploit"
         self.ref_stats = stats

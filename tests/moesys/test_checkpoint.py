@@ -9,6 +9,7 @@ import torch
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.parallel import simulate
+from moesys.trainer import structure_of
 from train_helpers import build_trainer, expert_offset_worker, load_and_probe, make_cfg, read_flat_checkpoint
 
 
@@ -175,3 +176,20 @@ def test_checkpoint_meta_records_structure(tmp_path, world1):
     meta = json.load(open(os.path.join(path, ckpt.META_FILE)))
     assert meta["step"] == 1 and meta["structure"]["num_experts"] == 4
     assert open(os.path.join(tr.ckpt_root, ckpt.LATEST)).read().strip() == "step_00000001"
+
+
+def test_checkpoint_from_before_qk_norm_loads_as_qk_norm_false(tmp_path, world1):
+    """A manifest written before model.qk_norm existed lacks the key: it is a model without it, so
+    it loads with qk_norm=false and is refused, naming the field, with qk_norm=true."""
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=1", "model.qk_norm=false")
+    tr = build_trainer(cfg, str(tmp_path))
+    tr.train_step()
+    path = tr.save()
+    meta_path = os.path.join(path, ckpt.META_FILE)
+    meta = json.load(open(meta_path))
+    del meta["structure"]["qk_norm"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    ckpt.check_compatible(path, structure_of(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="qk_norm: checkpoint has False, this run has True"):
+        ckpt.check_compatible(path, structure_of(make_cfg("model.qk_norm=true")))

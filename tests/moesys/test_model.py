@@ -53,3 +53,46 @@ def test_tied_embeddings_and_seq_len_limit():
     assert m.head.weight is m.tok_emb.weight
     with pytest.raises(ValueError, match="seq_len"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_qk_norm_matches_a_hand_written_attention():
+    """model.qk_norm: each head's q and k are RMS-normalised (learned scale) before q·k/sqrt(hd);
+    checked against attention written out by hand (softmax of masked scores), outputs and grads."""
+    from moesys.model import CausalSelfAttention
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, n_layers=1, d_model=24, n_heads=3, ffn_hidden=8, seq_len=7, qk_norm=True)
+    attn = CausalSelfAttention(cfg)
+    with torch.no_grad():  # non-trivial learned scales
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    y = attn(x)
+
+    B, S, D, H = 2, 7, 24, 3
+    hd = D // H
+    q, k, v = (x @ attn.qkv.weight.T).split(D, dim=-1)
+    outs = []
+    for h in range(H):
+        sl = slice(h * hd, (h + 1) * hd)
+        qh, kh, vh = q[..., sl], k[..., sl], v[..., sl]
+        qh = qh / torch.sqrt(qh.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * attn.q_norm.weight
+        kh = kh / torch.sqrt(kh.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps) * attn.k_norm.weight
+        scores = qh @ kh.transpose(-1, -2) / hd ** 0.5
+        scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        outs.append(scores.softmax(-1) @ vh)
+    ref = torch.cat(outs, -1) @ attn.proj.weight.T
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(ref.shape, generator=g)
+    (ref * w).sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
+    for p in [x, *attn.parameters()]:
+        p.grad = None
+    (y * w).sum().backward()
+    got = [x.grad] + [p.grad for p in attn.parameters()]
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert attn.q_norm.weight.grad.abs().sum() > 0  # the scales learn
+    plain = CausalSelfAttention(GPTConfig(vocab_size=64, n_layers=1, d_model=24, n_heads=3, ffn_hidden=8, seq_len=7))
+    assert plain.q_norm is None and sum(1 for _ in plain.parameters()) == 2

@@ -333,3 +333,45 @@ def ctor_worker():
     ya, yb = a(x)[0], b(x)[0]
     return {"local_experts": a.experts.w1.shape[0], "offset": a.experts.expert_offset,
             "max_diff": float((ya - yb).abs().max()), "sharded": type(a.runner).__name__}
+
+
+def borrowed_group_worker():
+    """Dispatchers, the sharded-DP mode and the autograd graph borrow a group and never own it:
+    destroy_process_group(group) destroys it while they (and a graph through them) are still held,
+    and using them afterwards is a clear error (issue 11)."""
+    import weakref
+
+    from moesys.parallel import comm
+    from moesys.parallel.sharded_dp import ShardedDataParallel
+
+    P, me = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(P)))
+    layout = ExpertLayout(world=P, rank=me, num_experts=2 * P, ffn_size=8)
+    E = layout.num_experts
+    counts_E = torch.arange(E) % 3 + me  # rows per expert, different on each rank
+    x_ND = torch.randn(int(counts_E.sum()), 4, generator=torch.Generator().manual_seed(me), requires_grad=True)
+    keep = []  # outputs (with their graphs) and runtime objects, all still held at destroy time
+    for name in ("alltoallv", "allgather"):  # all-to-all and all-gather Start/Wait pairs
+        d = _make_dispatcher(name, layout, group, None)
+        x_MD, counts_L, handle = d.dispatch(x_ND, counts_E)
+        y_ND = d.combine(x_MD * 2.0, handle)
+        y_ND.sum().backward(retain_graph=True)
+        keep += [d, y_ND]
+    sharded = ShardedDataParallel(layout, group, timeout_s=30)
+    w_LDF = torch.randn(layout.local_experts, 4, 8, requires_grad=True)
+    gathered = comm.all_gather(w_LDF, group)  # the sharded mode's weight path
+    gathered.sum().backward(retain_graph=True)
+    keep += [sharded, gathered]
+    alive = weakref.ref(group)
+    dist.destroy_process_group(group)
+    del group
+    fails = []
+    if alive() is not None:
+        fails.append("the group outlived destroy_process_group while dispatchers and graphs held it")
+    try:
+        keep[0].dispatch(x_ND, counts_E)
+        fails.append("dispatching on a destroyed group raised nothing")
+    except RuntimeError as err:
+        if "destroyed" not in str(err):
+            fails.append(f"dispatching on a destroyed group: unclear error {err}")
+    return fails

@@ -1,0 +1,57 @@
+"""Issue 11: nothing the runtime starts outlives the process group.
+
+A user's torchrun script that ends with destroy_process_group() aborted at exit in 3 of 6 runs
+("terminate called without an active exception", exit code -6): the runtime kept the group alive
+past destroy_process_group(), so its gloo worker threads lived on into interpreter shutdown, and one
+of them, releasing a finished collective's tensors, needed the GIL while Python finalized.
+The abort is a race, so one launch proves little: tests/parallel/exit_script.py runs under torchrun
+20 times (two launches at a time: each is four fresh interpreters importing torch, ~15 s of CPU)
+and every launch must exit 0; the script also checks that the group is gone right after
+destroy_process_group().
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import ep_workers  # noqa: E402
+
+from moesys.parallel import simulate  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_script.py")
+LAUNCHES, AT_ONCE, RANKS = 20, 2, 4
+
+
+@pytest.mark.multirank
+def test_dispatchers_and_graphs_borrow_the_group():
+    fails = [f for r in simulate(ep_workers.borrowed_group_worker, 2, timeout_s=30) for f in r]
+    assert not fails, "\n".join(fails)
+
+
+def _launch() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={RANKS}", SCRIPT],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.timeout(1200)
+def test_script_ending_in_destroy_process_group_exits_0_every_time():
+    done, running = 0, []
+    try:
+        while done < LAUNCHES:
+            running = [_launch() for _ in range(min(AT_ONCE, LAUNCHES - done))]
+            for proc in running:
+                out, _ = proc.communicate(timeout=300)
+                done += 1
+                assert proc.returncode == 0, (
+                    f"launch {done} of {LAUNCHES} exited {proc.returncode}; its output ends:\n{out[-3000:]}")
+    finally:
+        for proc in running:
+            if proc.poll() is None:
+                proc.terminate()  # torchrun stops its ranks on SIGTERM
+                proc.wait(timeout=60)
