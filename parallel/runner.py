@@ -11,7 +11,10 @@ Per call it asks the tuner for (mode, overlap degree c), runs
 With shared experts the layer hands the runner its shared work (`shared=SharedWork`, dense FFNs on
 the layer's own tokens, no communication): it runs after the first dispatch is issued and before
 it is waited for (ep), or while the first weight chunk is gathered (sharded_dp), so the dense FFN
-hides the dispatch. The call then returns (y_ND, s_TD).
+hides the dispatch. The call then returns (y_ND, s_TD). The backward overlaps too, by the autograd
+engine's order: of the nodes ready, it runs the latest-created first, so the shared FFN's backward
+(created between the dispatch's Start and Wait) runs after the Wait node launches the reverse
+all-to-all and before the Start node waits for it (tests/parallel/test_shared_experts_ep.py).
 Reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/";
 the keys are the same in every mode, METRICS, so reductions over ranks always line up).
 

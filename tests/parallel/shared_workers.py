@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
-from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, is_expert_param
+from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, comm, is_expert_param
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
 from ep_check import check_local_expert_grads, close  # noqa: E402
@@ -50,6 +50,35 @@ def _reference(base, xs, gys):
         outs.append(y.detach())
         dxs.append(x.grad)
     return outs, dxs, {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+class _BackwardLog:
+    """Log, in the autograd engine's order, each all-to-all's backward launch (its Wait node) and
+    wait (its Start node), and the start of the shared FFN's backward (`shared_output_hook`)."""
+
+    def __init__(self):
+        self.events: list = []
+        self._saved = (comm._A2AWait.backward, comm._A2AStart.backward)
+
+    def __enter__(self):
+        wait_bwd, start_bwd = self._saved
+
+        def launch(ctx, dy):
+            self.events.append("launch")
+            return wait_bwd(ctx, dy)
+
+        def wait(ctx, g):
+            self.events.append("wait")
+            return start_bwd(ctx, g)
+
+        comm._A2AWait.backward, comm._A2AStart.backward = staticmethod(launch), staticmethod(wait)
+        return self
+
+    def __exit__(self, *exc):
+        comm._A2AWait.backward, comm._A2AStart.backward = (staticmethod(f) for f in self._saved)
+
+    def shared_output_hook(self, module, args, out):
+        out.grad_fn.register_prehook(lambda grads: self.events.append("shared"))
 
 
 def _record_order(layer, events: list) -> None:
@@ -94,9 +123,20 @@ def shared_worker(ep: int):
             events: list = []
             if mode == "ep":
                 _record_order(layer, events)
+            bwd = _BackwardLog()
+            if disp == "alltoallv" and mode == "ep":
+                layer.shared_experts.register_forward_hook(bwd.shared_output_hook)
             x = xs[rank].clone().requires_grad_(True)
             y, aux = layer(x)
-            (y * gys[rank]).sum().add(aux.loss).backward()
+            with bwd:
+                (y * gys[rank]).sum().add(aux.loss).backward()
+            if disp == "alltoallv" and mode == "ep":
+                # backward: the shared FFN's runs after the dispatch's reverse all-to-all is launched
+                # and before it is waited for (the engine runs later-created ready nodes first)
+                ev = bwd.events
+                last_launch = len(ev) - 1 - ev[::-1].index("launch") if "launch" in ev else len(ev)
+                if "launch" not in ev or ev.count("shared") != 1 or not (last_launch < ev.index("shared") < len(ev) - 1 and ev[-1] == "wait"):
+                    fails.append(f"{tag}: backward order {ev}")
             close("y", y.detach(), outs[rank], fails, tag)
             close("dx", x.grad, dxs[rank], fails, tag)
             sh = layer.shared_experts

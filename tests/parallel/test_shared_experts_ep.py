@@ -4,7 +4,8 @@ Real gloo ranks (moesys.parallel.simulate): ep = world (2 and 4 ranks) and ep < 
 ranks: two ep groups); every dispatcher kind, both modes, overlap 1 and 2. Outputs, input grads
 and, after allreduce_gradients, every parameter gradient (router, shared experts as dense
 parameters over dp, each rank's expert slice over edp). The shared FFN runs between the first
-dispatch's start and finish (the overlap), and stays whole and untagged on every rank.
+dispatch's start and finish (the overlap), its backward between the launch of the dispatch's
+reverse all-to-all and its wait, and the shared experts stay whole and untagged on every rank.
 """
 import os
 import sys
