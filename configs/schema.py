@@ -321,6 +321,10 @@ class TrainConfig:
             return
         if self.model.moe_every == 0:
             raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
+        if moe.num_shared_experts:
+            raise ConfigError(f"evo.enabled=true does not support shared experts (moe.num_shared_experts="
+                              f"{moe.num_shared_experts}): EvoMoE's dense phase and its spawn have no place for "
+                              "them; set moe.num_shared_experts=0")
         try:
             e.moe_config(moe)
         except ValueError as err:

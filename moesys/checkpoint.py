@@ -54,9 +54,10 @@ LATEST = "latest"
 FORMAT = 2  # moesys.json "format": 2 adds per-file checksums (format 1, without them, loads unverified)
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
-                     "tie_embeddings", "qk_norm", "num_experts", "activation", "router")
+                     "tie_embeddings", "qk_norm", "num_experts", "activation", "router", "num_shared_experts",
+                     "shared_ffn_hidden", "shared_expert_gate")
 # what a checkpoint written before a structural field existed had (its manifest lacks the key)
-STRUCTURAL_DEFAULTS = {"qk_norm": False}
+STRUCTURAL_DEFAULTS = {"qk_norm": False, "num_shared_experts": 0, "shared_ffn_hidden": 0, "shared_expert_gate": False}
 
 
 class CheckpointError(RuntimeError):
@@ -373,8 +374,7 @@ def read_meta(ckpt: str) -> dict:
 def check_compatible(ckpt: str, structure: dict) -> dict:
     """Raise CheckpointError naming every structural field that differs; return the metadata."""
     meta = read_meta(ckpt)
-    saved = meta["structure"]
-    saved = {**STRUCTURAL_DEFAULTS, **saved}
+    saved, structure = {**STRUCTURAL_DEFAULTS, **meta["structure"]}, {**STRUCTURAL_DEFAULTS, **structure}
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
              for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
     if diffs:

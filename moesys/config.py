@@ -55,6 +55,14 @@ class MoEConfig:
     # --- experts -------------------------------------------------------------------------------
     activation: str = "gelu"  # one of ACTIVATIONS; swiglu adds w3
     init_std: float = 0.02
+    # shared experts (DeepSeek-MoE, Qwen2-MoE): S dense FFNs every token goes through, added to the
+    # routed output; replicated under expert parallelism (dense parameters)
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: Optional[int] = None  # Fs of each shared expert; None: ffn_hidden_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . g), one g [D] per layer
+    # recompute the expert FFNs' [N, F] intermediates in backward instead of keeping them from the
+    # forward (routed and shared experts): less activation memory, one more first-layer GEMM per step
+    recompute: bool = False
     # --- capacity ------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None = dropless
     min_capacity: int = 4
@@ -153,6 +161,22 @@ class MoEConfig:
             )
         if not self.init_std > 0:
             raise ValueError(f"MoEConfig.init_std must be > 0, got {self.init_std}")
+        S = self.num_shared_experts
+        if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+            raise ValueError(f"MoEConfig.num_shared_experts must be an integer >= 0, got {S!r}")
+        fs = self.shared_ffn_hidden_size
+        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs <= 0):
+            raise ValueError(f"MoEConfig.shared_ffn_hidden_size must be a positive integer or None "
+                             f"(= MoEConfig.ffn_hidden_size), got {fs!r}")
+        for name in ("shared_expert_gate", "recompute"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if S == 0 and (fs is not None or self.shared_expert_gate):
+            raise ValueError(
+                f"MoEConfig.num_shared_experts is 0 but MoEConfig.shared_ffn_hidden_size={fs!r} / "
+                f"MoEConfig.shared_expert_gate={self.shared_expert_gate!r} is set: shared experts need "
+                "MoEConfig.num_shared_experts >= 1"
+            )
 
     def _check_groups(self) -> None:
         G, TG, E, K = self.num_groups, self.topk_groups, self.num_experts, self.top_k
@@ -190,6 +214,11 @@ class MoEConfig:
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
+
+    @property
+    def shared_ffn(self) -> int:
+        """Fs, the hidden width of each shared expert (shared_ffn_hidden_size, else ffn_hidden_size)."""
+        return self.shared_ffn_hidden_size if self.shared_ffn_hidden_size is not None else self.ffn_hidden_size
 
     @property
     def variable_k(self) -> bool:

@@ -53,8 +53,11 @@ def structure_of(cfg) -> dict:
     m, moe = cfg.model, cfg.moe
     return {"vocab_size": cfg.data.vocab_size, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
             "ffn_hidden": m.ffn_hidden, "seq_len": m.seq_len, "moe_every": m.moe_every,
-            "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts, "activation": moe.activation,
-            "router": moe.router}
+            "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts,
+            "activation": moe.activation, "router": moe.router, "num_shared_experts": moe.num_shared_experts,
+            # the resolved width (None means model.ffn_hidden), 0 without shared experts
+            "shared_ffn_hidden": (moe.shared_ffn_hidden_size or m.ffn_hidden) if moe.num_shared_experts else 0,
+            "shared_expert_gate": bool(moe.shared_expert_gate)}
 
 
 def build_model(cfg) -> GPTMoE:

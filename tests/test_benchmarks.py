@@ -29,6 +29,7 @@ CASES = {
                    "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
+    "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
 }
 
 

@@ -134,7 +134,12 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
     form, whose mean over the data-parallel ranks is the Switch loss of the whole batch; Megatron's
     per-rank value is that divided by its reduce group's size, and it pools the counts of the
     gradient-accumulation micro-batches, which moesys does not; Megatron counts the un-limited top-k
-    choices for its aux losses, moesys the routes taken). Keyword `overrides` replace any field.
+    choices for its aux losses, moesys the routes taken). moe_shared_expert_intermediate_size I -> one shared expert of width I
+    (num_shared_experts=1, shared_ffn_hidden_size=I: Megatron runs its shared experts as one MLP of the
+    total width, which is the sum of S experts of width I/S), moe_shared_expert_gate -> shared_expert_gate
+    (moe_shared_expert_overlap is accepted either way: moesys always overlaps them with the dispatch under
+    expert parallelism); recompute_granularity="selective" with "moe" or "moe_act" in recompute_modules ->
+    recompute. Keyword `overrides` replace any field.
     Unsupported settings (sinkhorn balancing, top-k scaling factor) raise.
     """
     if not tc.num_moe_experts:
@@ -180,6 +185,13 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
         num_groups=num_groups or None,
         topk_groups=group_topk if num_groups else None,
     )
+    shared = getattr(tc, "moe_shared_expert_intermediate_size", None)
+    if shared:
+        fields.update(num_shared_experts=1, shared_ffn_hidden_size=int(shared),
+                      shared_expert_gate=bool(getattr(tc, "moe_shared_expert_gate", False)))
+    modules = getattr(tc, "recompute_modules", None) or ()
+    if getattr(tc, "recompute_granularity", None) == "selective" and {"moe", "moe_act"} & set(modules):
+        fields["recompute"] = True
     fields.update(overrides)
     return MoEConfig(**fields)
 

@@ -82,6 +82,14 @@ CASES = [
      "moe.num_groups=2: group-limited routing needs router in ['topk', 'switch', 'sigmoid_bias'], got router='dts'"),
     (["moe.router=dts", "moe.top_k=1", "moe.aux_loss=global_batch"], "moe.aux_loss='global_batch' pools the Switch loss's counts; router='dts'"),
     (["moe.aux_loss=global"], "moe.aux_loss='global' is not one of"),
+    (["moe.num_shared_experts=-1"], "moe.num_shared_experts must be an integer >= 0, got -1"),
+    (["moe.num_shared_experts=1", "moe.shared_ffn_hidden_size=0"],
+     "moe.shared_ffn_hidden_size must be a positive integer or None (= model.ffn_hidden), got 0"),
+    (["moe.shared_expert_gate=true"], "moe.num_shared_experts is 0 but moe.shared_ffn_hidden_size=None / "
+     "moe.shared_expert_gate=True is set: shared experts need moe.num_shared_experts >= 1"),
+    (["evo=evomoe", "moe.num_shared_experts=1"], "evo.enabled=true does not support shared experts "
+     "(moe.num_shared_experts=1)"),
+    (["moe.recompute=maybe"], "moe.recompute=maybe"),
     # parallel
     (["parallel.ep=3", "parallel.simulate_ranks=3"], "moe.num_experts (4) must be divisible by parallel.ep (3)"),
     (["parallel.ep=4"], "world size (2) must be divisible by parallel.ep (4)"),

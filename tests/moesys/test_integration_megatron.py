@@ -75,6 +75,13 @@ def test_moe_config_from_megatron():
         warnings.simplefilter("error")  # K=1 is left to decide by K: no normalize_topk warning
         top1 = mg.moe_config_from_megatron(tc, top_k=1)  # overrides
     assert top1.top_k == 1 and not top1.renormalize_topk
+    assert cfg.num_shared_experts == 0 and not cfg.recompute
+    shared = mg.moe_config_from_megatron(_tc(moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True,
+                                             moe_shared_expert_overlap=True, moe_token_dispatcher_type="alltoall",
+                                             recompute_granularity="selective",
+                                             recompute_modules=["core_attn", "moe"]))
+    assert (shared.num_shared_experts, shared.shared_ffn_hidden_size, shared.shared_expert_gate) == (1, 48, True)
+    assert shared.recompute
     with pytest.raises(ValueError, match="num_moe_experts"):
         mg.moe_config_from_megatron(_tc(num_moe_experts=None, moe_ffn_hidden_size=None))
     with pytest.raises(ValueError, match="gated_linear_unit"):
@@ -103,9 +110,10 @@ def test_moe_config_from_megatron_groups_and_global_aux_loss():
                                         moe_router_group_topk=4, moe_router_pre_softmax=True))
 
 
-@pytest.mark.parametrize("aux_loss", ["switch", "seq", "global_batch"])
-def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss):
-    tc = _tc()
+@pytest.mark.parametrize("aux_loss,shared", [("switch", False), ("seq", False), ("global_batch", False),
+                                             ("switch", True)])
+def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss, shared):
+    tc = _tc(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True) if shared else _tc()
     cfg = mg.moe_config_from_megatron(tc, aux_loss=aux_loss, kernel_backend="torch")
     scale = 0.5
     torch.manual_seed(0)
@@ -129,11 +137,16 @@ def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss):
 
     torch.testing.assert_close(out, y.transpose(0, 1), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad.transpose(0, 1), rtol=1e-5, atol=1e-6)
-    for name in ("router.weight", "experts.w1", "experts.w2", "experts.w3"):
+    names = [n for n, _ in ref.named_parameters()]
+    assert any(n.startswith("shared_experts.") for n in names) == shared
+    for name in names:
         a = mlp.moe.get_parameter(name).grad
         b = ref.get_parameter(name).grad
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     assert "aux_loss" in mlp.last_aux_metrics
+    # Megatron DDP reduces allreduce=False params over expert-DP: the shared experts are dense
+    for name, p in mlp.moe.named_parameters():
+        assert getattr(p, "allreduce", True) == (not name.startswith("experts.")), name
 
 
 def test_aux_loss_scale_reaches_router(world1):
