@@ -137,8 +137,13 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
     workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
     if cfg.parallel.debug_collectives:  # wraps every process group created from here on
         dist.set_debug_level(dist.DebugLevel.DETAIL)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    # Under torchrun the ranks share the agent's TCPStore, which outlives a restart (--max-restarts):
+    # keys of the failed attempt (a dead rank's gloo address) would be read by the new one, and the
+    # new ranks connect to ports nobody listens on and hang. Each attempt gets its own key space.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    store = dist.PrefixStore(f"moesys/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     try:
         with preemption.StopSignal() as stop:  # a signal from here on stops at a step boundary
             if share_out_dir:

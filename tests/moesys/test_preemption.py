@@ -185,3 +185,75 @@ def test_a_sigkilled_parent_leaves_no_rank_running(tmp_path):
     while any(_alive(r) for r in ranks) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(r) for r in ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_torchrun_restarts_a_job_whose_rank_was_sigkilled_and_ends_with_the_uninterrupted_weights(tmp_path, reference):
+    """`torchrun --nproc_per_node=2 --max-restarts=1`: rank 1 SIGKILLs itself at step 3 (first attempt
+    only); torchrun restarts both ranks, trainer.resume=auto continues from step_00000002, and the
+    final weights equal the uninterrupted 2-rank run's."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "--monitor-interval=0.2", os.path.join(HERE, "stop_helpers.py"), "torchrun", out, "5", "3", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-4000:]
+    step2 = os.path.join(out, "checkpoints", "step_00000002")
+    assert f"resumed from {step2} at step 2" in p.stdout, p.stdout[-3000:]
+    final = os.path.join(out, "checkpoints", "step_00000005")
+    _assert_same_weights(final, reference["checkpoint"])
+
+
+@pytest.mark.slow
+def test_sigkill_while_dcp_writes_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, capsys):
+    """The process is SIGKILLed inside DCP's write of step 4 (its data files written, not its
+    .metadata nor moesys.json): step 2 still verifies and is `latest`; resume=auto from it gives the
+    uninterrupted run's losses and weights, bitwise (one process)."""
+    out = str(tmp_path / "run")
+    p = _helper("blocksave", out, 6, 2)
+    marker = os.path.join(out, "blocked")
+    deadline = time.time() + 400
+    while not os.path.exists(marker) and time.time() < deadline:
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    root = os.path.join(out, "checkpoints")
+    step2 = os.path.join(root, "step_00000002")
+    partial = os.path.join(root, ".step_00000004.tmp")
+    assert any(f.endswith(".distcp") for f in os.listdir(partial))  # killed mid-write, truly
+    assert not os.path.exists(os.path.join(partial, ckpt.META_FILE))
+    assert sorted(d for d in os.listdir(root) if not d.startswith(".")) == ["latest", "step_00000002"]
+    assert ckpt.resolve_verified(root) == (step2, []) and ckpt.verify_checkpoint(step2)
+    ov = ("parallel.simulate_ranks=1", "parallel.ep=1", "trainer.steps=6", "trainer.keep_checkpoints=5")
+    resumed = train_mod.run(_cfg(out, *ov, "trainer.resume=auto"), out)
+    assert f"resumed from {step2} at step 2" in capsys.readouterr().out
+    ref_out = str(tmp_path / "ref")
+    ref = train_mod.run(_cfg(ref_out, *ov), ref_out)
+    assert resumed["train_losses"] == ref["train_losses"]
+    a, b = _weights(resumed["checkpoint"]), _weights(ref["checkpoint"])
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert not os.path.exists(partial)  # the crashed save's leftovers are gone once step 4 is written
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_readme_restart_commands_run(tmp_path):
+    """The two commands of README "Stopping, preemption and restarts", as written (real torchrun
+    through launchers/torchrun.sh, then moesys-train resuming the same out_dir)."""
+    root = os.path.dirname(os.path.dirname(HERE))
+    text = open(os.path.join(root, "README.md")).read()
+    block = text.split("### Stopping, preemption and restarts", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    cmds = [ln.split("#")[0].strip() for ln in block.strip().splitlines()]
+    assert cmds[0].startswith("launchers/torchrun.sh --nproc 2 --max-restarts 1") and cmds[1].startswith("moesys-train")
+    env = {**os.environ, "MASTER_PORT": str(train_mod._free_port())}
+    bindir = os.path.dirname(sys.executable)  # moesys-train and torchrun of this environment
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    p = subprocess.run(os.path.join(root, cmds[0]), shell=True, cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "runs" / "a" / "checkpoints" / "step_00000020")
+    p = subprocess.run(cmds[1], shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step_00000020 at step 20" in p.stdout
+    assert os.path.isdir(tmp_path / "runs" / "a" / "checkpoints" / "step_00000030")
