@@ -288,8 +288,13 @@ def cli_run(cfg: TrainConfig, out_dir: str, argv: List[str], callbacks_fn: Optio
             share_out_dir: bool = False) -> int:
     """run() as the command line does it: returns the exit status (0; 130/143 after a stop, with the
     stop line on stderr; 1 when a rank failed, with its error on stderr). ConfigError propagates."""
+    runner = run
+    if under_torchrun():  # torchrun's failure summary shows this rank's exception (its error file)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        runner = record(run)
     try:
-        summary = run(cfg, out_dir, callbacks_fn, share_out_dir)
+        summary = runner(cfg, out_dir, callbacks_fn, share_out_dir)
     except supervise.RankFailedError as e:
         print(f"moesys-train: {e}", file=sys.stderr, flush=True)
         return EXIT_RANK_FAILED

@@ -4,7 +4,7 @@ Module-level so spawned ranks unpickle them by name (bind arguments with functoo
 
 Run as a script (the parent process of a test):
     python stop_helpers.py cli   OUT STEPS STEP RANK SIGNUM|raise [self|parent]   # cli_run, 2 simulated ranks
-    python stop_helpers.py torchrun OUT STEPS KILL_STEP KILL_RANK          # one torchrun rank
+    python stop_helpers.py torchrun OUT STEPS STEP RANK [kill|raise]              # one torchrun rank
     python stop_helpers.py blocksave OUT STEPS BLOCK_AT_SAVE               # 1 rank; SIGKILL me mid-save
 """
 from __future__ import annotations
@@ -51,6 +51,14 @@ class RaiseAt:
             raise ValueError(f"injected failure at step {step} on rank {self.rank}")
 
 
+class AbortAt(RaiseAt):
+    """os.abort() (SIGABRT, as a failed native assertion in a collective ends) at `step` on `rank`."""
+
+    def on_step_start(self, step: int) -> None:
+        if step == self.step and self.trainer.rank == self.rank:
+            os.abort()
+
+
 class KillSelfAt:
     """SIGKILL this rank at the start of `step` on rank `rank`; under torchrun on the first attempt
     only (TORCHELASTIC_RESTART_COUNT, set by torchrun, is read here in the test, not by moesys)."""
@@ -77,6 +85,10 @@ def signal_at(step, rank, sig, to="self"):
 
 def raise_at(step, rank):
     return functools.partial(callbacks, kind=RaiseAt, step=step, rank=rank)
+
+
+def abort_at(step, rank):
+    return functools.partial(callbacks, kind=AbortAt, step=step, rank=rank)
 
 
 def kill_self_at(step, rank):
@@ -129,9 +141,10 @@ def main(argv) -> int:
         return train.cli_run(_cfg("preset=tiny", *ov), out, ov, callbacks_fn=cb)
     if mode == "torchrun":  # one rank of `torchrun --nproc_per_node=2 --max-restarts=1`
         kill_step, kill_rank = int(argv[3]), int(argv[4])
+        how = argv[5] if len(argv) > 5 else "kill"
         ov = ["parallel.ep=2", f"trainer.steps={steps}", f"trainer.out_dir={out}", "trainer.resume=auto",
               "trainer.ckpt_interval=2", "parallel.timeout_s=30", *COMMON]
-        cb = sh.kill_self_at(kill_step, kill_rank) if kill_step >= 0 else None
+        cb = (sh.kill_self_at if how == "kill" else sh.raise_at)(kill_step, kill_rank)
         return train.cli_run(_cfg("preset=tiny", *ov), out, ov, callbacks_fn=cb)
     if mode == "blocksave":
         _block_saves(int(argv[3]), os.path.join(out, "blocked"))

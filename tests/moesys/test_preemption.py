@@ -21,7 +21,7 @@ import torch
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.supervise import RankFailedError
-from stop_helpers import COMMON, kill_self_at, raise_at, signal_at
+from stop_helpers import COMMON, abort_at, kill_self_at, raise_at, signal_at
 from train_helpers import make_cfg, read_flat_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,12 +92,12 @@ def test_sigusr1_in_one_process_saves_and_stops(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("fault", ["raise", "sigkill"])
+@pytest.mark.parametrize("fault", ["raise", "sigkill", pytest.param("sigabrt", marks=pytest.mark.slow)])
 def test_a_rank_that_dies_takes_the_job_down_at_once_named(tmp_path, fault):
-    """Rank 1 raises (or is SIGKILLed) at step 2 while rank 0 waits in a collective whose timeout is
-    10 minutes: the parent names rank 1 and its error, and rank 0 is killed within seconds."""
+    """Rank 1 raises (or is SIGKILLed, or aborts) at step 2 while rank 0 waits in a collective whose
+    timeout is 10 minutes: the parent names rank 1 and its error, and rank 0 is killed at once."""
     out = str(tmp_path / "run")
-    cb = raise_at(2, 1) if fault == "raise" else kill_self_at(2, 1)
+    cb = {"raise": raise_at, "sigkill": kill_self_at, "sigabrt": abort_at}[fault](2, 1)
     t0 = time.time()
     with pytest.raises(RankFailedError) as e:
         train_mod.run(_cfg(out, *TWO, "trainer.steps=5", "parallel.timeout_s=600"), out, callbacks_fn=cb)
@@ -107,8 +107,11 @@ def test_a_rank_that_dies_takes_the_job_down_at_once_named(tmp_path, fault):
         assert e.value.exitcode == 1
         assert "rank 1 of 2 failed (exit code 1): ValueError: injected failure at step 2 on rank 1" in msg
         assert "stop_helpers.py" in msg  # its traceback
-    else:
-        assert e.value.exitcode == -signal.SIGKILL and "rank 1 of 2 was killed by SIGKILL" in msg
+    elif fault == "sigkill":
+        assert e.value.exitcode == -signal.SIGKILL and "rank 1 of 2 was killed by SIGKILL (no Python error" in msg
+    else:  # the native crash's stack, from faulthandler: where the rank was
+        assert e.value.exitcode == -signal.SIGABRT and "rank 1 of 2 was killed by SIGABRT; its stack:" in msg
+        assert "Fatal Python error: Aborted" in msg and "stop_helpers.py" in msg
     assert "the other ranks were stopped" in msg
     assert time.time() - t0 < 300  # far below the 600 s collective timeout, startup included
 
@@ -257,3 +260,18 @@ def test_readme_restart_commands_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout and "step_00000020 at step 20" in p.stdout
     assert os.path.isdir(tmp_path / "runs" / "a" / "checkpoints" / "step_00000030")
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_torchrun_names_the_rank_that_raised(tmp_path):
+    """Under torchrun (no restarts) torchrun's failure summary names rank 1 and its exception (the
+    rank writes torchrun's error file)."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--monitor-interval=0.2", os.path.join(HERE, "stop_helpers.py"), "torchrun", out, "5", "2", "1", "raise"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert p.returncode == 1
+    root = p.stderr.split("Root Cause", 1)[1]
+    assert re.search(r"rank\s*: 1 ", root), root
+    assert "ValueError: injected failure at step 2 on rank 1" in root, root
