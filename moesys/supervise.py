@@ -124,7 +124,8 @@ def _describe(workdir: str, rank: int, world: int, exitcode: Optional[int]) -> R
         else:
             detail = f"{how} (no Python error: killed from outside, e.g. `kill -9` or the out-of-memory killer)"
     else:
-        detail = f"rank {rank} of {world} exited with code {exitcode} without a Python error"
+        detail = (f"rank {rank} of {world} exited with code {exitcode} before its error could be recorded "
+                  "(while starting: see its output above)")
     return RankFailedError(detail + "\nthe other ranks were stopped", rank=rank, exitcode=exitcode, error=error)
 
 
