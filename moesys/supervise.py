@@ -42,12 +42,16 @@ class RankFailedError(RuntimeError):
     """A rank ended with an error or was killed; the message names the rank and its error.
 
     Attributes: rank, exitcode (negative: killed by signal -exitcode), error (the rank's exception
-    text, or None when it left none).
+    text, or None when it left none), stopped_by.
     """
 
-    def __init__(self, message: str, *, rank: int, exitcode: Optional[int], error: Optional[str]):
+    def __init__(self, message: str, *, rank: int, exitcode: Optional[int], error: Optional[str],
+                 stopped_by: Optional[int] = None):
         super().__init__(message)
         self.rank, self.exitcode, self.error = rank, exitcode, error
+        # the stop signal this process forwarded, when the rank died of it before it could handle
+        # it (still starting): a stop, not a fault
+        self.stopped_by = stopped_by
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -157,6 +161,7 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     workdir = tempfile.mkdtemp(prefix="moesys-ranks-")
     procs: List[Any] = []
     sigints = [0]
+    forwarded: List[int] = []  # stop signals passed on to the ranks
 
     def kill_all() -> None:
         for p in procs:
@@ -169,6 +174,7 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     def forward(signum, frame) -> None:  # os.kill only: no I/O here
         if signum == signal.SIGINT:
             sigints[0] += 1
+        forwarded.append(signum)
         for p in procs:
             if p.pid is not None:
                 try:
@@ -185,8 +191,10 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
                             name=f"moesys-rank{rank}")
             p.start()
             procs.append(p)
-        while any(p.exitcode is None for p in procs):
-            wait([p.sentinel for p in procs if p.exitcode is None], timeout=poll_s)
+        while True:  # the checks run once more after the last rank ended (they may all end at once)
+            running = [p.sentinel for p in procs if p.exitcode is None]
+            if running:
+                wait(running, timeout=poll_s)
             if sigints[0] > 1:
                 kill_all()
                 for p in procs:
@@ -198,7 +206,13 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
                 for p in procs:
                     p.join()
                 rank, code = _first_failure(workdir, failed)
+                if code is not None and -code in forwarded and not os.path.isfile(_error_file(workdir, rank)):
+                    raise RankFailedError(f"the ranks were stopped by {_signal_name(-code)} while starting, before "
+                                          "their first step", rank=rank, exitcode=code, error=None,
+                                          stopped_by=-code)
                 raise _describe(workdir, rank, world, code)
+            if not running:
+                break
         results = []
         for rank in range(world):
             path = _result_file(workdir, rank)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 import traceback
@@ -296,6 +297,11 @@ def cli_run(cfg: TrainConfig, out_dir: str, argv: List[str], callbacks_fn: Optio
     try:
         summary = runner(cfg, out_dir, callbacks_fn, share_out_dir)
     except supervise.RankFailedError as e:
+        if e.stopped_by is not None:  # a stop signal that came while the ranks were starting
+            newest = ckpt.newest_checkpoint(os.path.join(out_dir, "checkpoints"))
+            print(f"moesys-train: stopped by {signal.Signals(e.stopped_by).name} while the ranks were starting; "
+                  f"nothing trained, latest checkpoint {newest or 'none'}", file=sys.stderr, flush=True)
+            return preemption.exit_code(e.stopped_by)
         print(f"moesys-train: {e}", file=sys.stderr, flush=True)
         return EXIT_RANK_FAILED
     stopped = (summary or {}).get("stopped")

@@ -275,3 +275,21 @@ def test_torchrun_names_the_rank_that_raised(tmp_path):
     root = p.stderr.split("Root Cause", 1)[1]
     assert re.search(r"rank\s*: 1 ", root), root
     assert "ValueError: injected failure at step 2 on rank 1" in root, root
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_sigterm_while_the_ranks_start_is_a_stop_not_a_failure(tmp_path):
+    """SIGTERM to the parent as soon as its ranks exist (here they are still importing torch, before
+    any handler): exit 143 and a stop line, not "rank failed" (on a fast machine the ranks may
+    already handle it and stop after step 1: the same exit code and line)."""
+    out = str(tmp_path / "run")
+    p = _helper("cli", out, 100000, 10**9, 0, "raise")
+    deadline = time.time() + 120
+    while len([c for c in _children(p.pid) if _alive(c)]) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 143, err
+    assert [ln for ln in err.splitlines() if ln.startswith("moesys-train:")][0].startswith(
+        "moesys-train: stopped by SIGTERM"), err
