@@ -7,7 +7,6 @@
 - torchrun --max-restarts=1 with a rank SIGKILLed mid-run ends with the uninterrupted weights;
 - a SIGKILL while DCP is writing leaves the previous checkpoint whole, and resume is exact.
 """
-import json
 import os
 import re
 import signal
