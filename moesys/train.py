@@ -15,11 +15,17 @@ every rank before the process group exists, so bad input fails with a clear mess
 A bad override or setting is one line on stderr and exit code 2, before Hydra makes its run dir or
 any rank starts (`moesys-train: error: trainer.batch_size must be > 0, got 0`); trainer.debug=true
 prints the traceback as well.
+
+SIGTERM or SIGUSR1 (to this process or to any rank) stops every rank at the next step boundary
+after a checkpoint; SIGINT stops without one. The process prints one line (the step, the
+checkpoint, the command that resumes) and exits with 143 (SIGTERM, SIGUSR1) or 130 (SIGINT). A rank
+that dies takes the job down: exit code 1 and a message naming the rank and its error.
 """
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import sys
 import traceback
@@ -34,6 +40,7 @@ from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import preemption, supervise
 from .trainer import Trainer, structure_of
 
 register()
@@ -131,18 +138,24 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
     workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
     if cfg.parallel.debug_collectives:  # wraps every process group created from here on
         dist.set_debug_level(dist.DebugLevel.DETAIL)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    # Under torchrun the ranks share the agent's TCPStore, which outlives a restart (--max-restarts):
+    # keys of the failed attempt (a dead rank's gloo address) would be read by the new one, and the
+    # new ranks connect to ports nobody listens on and hang. Each attempt gets its own key space.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    store = dist.PrefixStore(f"moesys/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     try:
-        if share_out_dir:
-            box = [out_dir]
-            dist.broadcast_object_list(box, src=0)
-            out_dir = box[0]
-        dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
-                                  local_world_size=local_world, num_experts=cfg.moe.num_experts)
-        callbacks = (callbacks_fn or build_callbacks)(cfg)
-        trainer = Trainer(cfg, dims=dims, out_dir=out_dir, callbacks=callbacks, device=device)
-        return trainer.fit(resume)
+        with preemption.StopSignal() as stop:  # a signal from here on stops at a step boundary
+            if share_out_dir:
+                box = [out_dir]
+                dist.broadcast_object_list(box, src=0)
+                out_dir = box[0]
+            dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
+                                      local_world_size=local_world, num_experts=cfg.moe.num_experts)
+            callbacks = (callbacks_fn or build_callbacks)(cfg)
+            trainer = Trainer(cfg, dims=dims, out_dir=out_dir, callbacks=callbacks, device=device, stop=stop)
+            return trainer.fit(resume)
     finally:
         dist.destroy_process_group()
 
@@ -153,22 +166,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str, queue, callbacks_fn) -> None:
+def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str, callbacks_fn) -> Optional[dict]:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     summary = rank_main(cfg, out_dir, callbacks_fn)
-    if rank == 0:
-        queue.put(summary)
+    return summary if rank == 0 else None
 
 
 def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:
     """Train; returns rank 0's summary (None on other torchrun ranks).
 
     Under torchrun this process is one rank. Otherwise parallel.simulate_ranks local gloo ranks are
-    spawned (1: this process alone). `callbacks_fn(cfg) -> [callbacks]` must be picklable (a
-    module-level function) when ranks are spawned.
+    spawned (1: this process alone; see moesys.supervise). `callbacks_fn(cfg) -> [callbacks]` must be
+    picklable (a module-level function) when ranks are spawned. A run stopped by a signal returns
+    its summary with `stopped` ({signal, exit_code, step, checkpoint, saved}); a rank that fails
+    raises supervise.RankFailedError naming it.
     """
     if under_torchrun():
+        supervise.die_with_parent(os.getppid())  # torchrun's agent: no rank outlives it
         return rank_main(cfg, out_dir, callbacks_fn, share_out_dir)
     world = cfg.parallel.simulate_ranks
     resume = prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
@@ -191,13 +206,7 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(world, _free_port(), cfg, out_dir, queue, callbacks_fn), nprocs=world,
-                       join=True, start_method="spawn")
-    return queue.get() if not queue.empty() else None
+    return supervise.run_ranks(_spawned, world, (world, _free_port(), cfg, out_dir, callbacks_fn))[0]
 
 
 # ---- Hydra entry point -----------------------------------------------------------------------------
@@ -261,15 +270,59 @@ def check_overrides(overrides: List[str]) -> TrainConfig:
     return cfg
 
 
+EXIT_RANK_FAILED = 1
+
+
+def stop_line(stopped: dict, out_dir: str, argv: List[str]) -> str:
+    """The one line a stopped run prints: the step, the checkpoint, the command that resumes."""
+    import shlex
+
+    keep = [a for a in argv if not re.match(r"\+{0,2}trainer\.(out_dir|resume)=", a)]
+    prog = "torchrun <same options> -m moesys.train" if under_torchrun() else "moesys-train"
+    cmd = " ".join([prog, *map(shlex.quote, keep), shlex.quote(f"trainer.out_dir={out_dir}"), "trainer.resume=auto"])
+    where = (f"checkpoint {stopped['checkpoint']}" if stopped["saved"] else
+             f"no checkpoint written, latest {stopped['checkpoint'] or 'none'}")
+    return f"moesys-train: stopped by {stopped['signal']} at step {stopped['step']}; {where}; resume: {cmd}"
+
+
+def cli_run(cfg: TrainConfig, out_dir: str, argv: List[str], callbacks_fn: Optional[Callable] = None,
+            share_out_dir: bool = False) -> int:
+    """run() as the command line does it: returns the exit status (0; 130/143 after a stop, with the
+    stop line on stderr; 1 when a rank failed, with its error on stderr). ConfigError propagates."""
+    runner = run
+    if under_torchrun():  # torchrun's failure summary shows this rank's exception (its error file)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        runner = record(run)
+    try:
+        summary = runner(cfg, out_dir, callbacks_fn, share_out_dir)
+    except supervise.RankFailedError as e:
+        if e.stopped_by is not None:  # a stop signal that came while the ranks were starting
+            newest = ckpt.newest_checkpoint(os.path.join(out_dir, "checkpoints"))
+            print(f"moesys-train: stopped by {signal.Signals(e.stopped_by).name} while the ranks were starting; "
+                  f"nothing trained, latest checkpoint {newest or 'none'}", file=sys.stderr, flush=True)
+            return preemption.exit_code(e.stopped_by)
+        print(f"moesys-train: {e}", file=sys.stderr, flush=True)
+        return EXIT_RANK_FAILED
+    stopped = (summary or {}).get("stopped")
+    if stopped is None:
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(stop_line(stopped, (summary or {}).get("out_dir", out_dir), argv), file=sys.stderr, flush=True)
+    return int(stopped["exit_code"])
+
+
 def _hydra_main(dcfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
         cfg: TrainConfig = from_composed(dcfg)
         out_dir = cfg.trainer.out_dir or HydraConfig.get().runtime.output_dir
-        run(cfg, os.path.abspath(out_dir), share_out_dir=cfg.trainer.out_dir is None)
+        code = cli_run(cfg, os.path.abspath(out_dir), sys.argv[1:], share_out_dir=cfg.trainer.out_dir is None)
     except ConfigError as e:  # from prepare(), in this process, before any rank starts
         _exit_bad_input(str(e), bool(dcfg.trainer.debug))
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:

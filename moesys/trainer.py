@@ -11,6 +11,9 @@ run stops with NonFiniteError. A checkpoint is written only when every weight is
 Callbacks are how schedules plug in (EvoMoE's tau schedule, expert diversification): any object
 with some of on_train_start(trainer), on_step_start(step), after_optimizer_step(step),
 on_train_end(trainer); missing methods are skipped.
+Stopping (moesys.preemption): a stop request (SIGINT, SIGTERM, SIGUSR1 on any rank) rides in the
+step's loss all-reduce, so every rank stops after the same step; SIGTERM and SIGUSR1 write a
+checkpoint of that step first. fit() then returns a summary with `stopped`.
 
 Legend: B local sequences, S seq_len, V vocab, E experts.
 """
@@ -29,6 +32,7 @@ from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import preemption
 from .collapse import CollapseMonitor
 from .logging_utils import RunLogger
 from .model import GPTConfig, GPTMoE, lm_loss
@@ -88,10 +92,14 @@ class Trainer:
         out_dir: the run's output directory (same on every rank).
         callbacks: step hooks (see module docstring).
         device: where the model lives.
+        stop: a moesys.preemption.StopSignal (entered) whose request the ranks agree on every step.
     """
 
-    def __init__(self, cfg, *, dims, out_dir: str, callbacks: Iterable = (), device: torch.device = torch.device("cpu")):
+    def __init__(self, cfg, *, dims, out_dir: str, callbacks: Iterable = (), device: torch.device = torch.device("cpu"),
+                 stop: Optional[preemption.StopSignal] = None):
         self.cfg, self.dims, self.out_dir, self.device = cfg, dims, out_dir, device
+        self.stop = stop  # this rank's stop request (None: never stops early)
+        self.stop_signal: Optional[int] = None  # the stop every rank agreed on, after a step
         self.callbacks: List = list(callbacks)
         self.rank = dims.rank
         t, p = cfg.trainer, cfg.parallel
@@ -234,10 +242,16 @@ class Trainer:
             bad = not math.isfinite(grad_norm)
         else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
             bad = bool(getattr(self.engine.optimizer, "overflow", False))
-        # one small all-reduce: the loss every rank reports (mean over dp) and whether any rank saw a
-        # non-finite value, so every rank takes the same branch below
-        red = torch.stack([lm_sum, aux_sum, torch.tensor(float(bad))])
+        # one small all-reduce: the loss every rank reports (mean over dp), whether any rank saw a
+        # non-finite value, and any rank's stop request, so every rank takes the same branches below
+        flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
+        red = torch.cat([torch.stack([lm_sum, aux_sum, torch.tensor(float(bad))]), flags])
         dist.all_reduce(red, group=self.dims.dp_group)
+        if self.dims.dp != self.dims.world_size:  # the stop must be agreed over the whole world
+            flags = red[3:].clone()
+            dist.all_reduce(flags)
+            red[3:] = flags
+        self.stop_signal = preemption.agreed_signal(red[3:])
         loss, aux_loss = float(red[0]) / self.dims.dp, float(red[1]) / self.dims.dp
         skip = bool(red[2] > 0) or not (math.isfinite(loss) and math.isfinite(aux_loss))
         if self.engine is None:
@@ -426,9 +440,13 @@ class Trainer:
                 self.history["val"].append((self.step, v))
                 log.message(f"step {self.step}: train loss {m['loss']:.4f}  val loss {v:.4f}  lr {m['lr']:.2e}")
             log.log(self.step, m)
+            saved_now = None
             if t.ckpt_interval and self.step % t.ckpt_interval == 0 and self.step < t.steps:
-                if self.save() is None:
+                saved_now = self.save()
+                if saved_now is None:
                     log.message(f"step {self.step}: a weight is not finite: checkpoint not written")
+            if self.stop_signal is not None and self.step < t.steps:
+                return self._stopped(log, start, last, saved_now)
         saved = self.save() if t.save_final else None
         if t.save_final and saved is None:
             log.message(f"step {self.step}: a weight is not finite: final checkpoint not written")
@@ -445,6 +463,32 @@ class Trainer:
             log.message(f"done: {self.step} steps in {elapsed:.1f}s; val loss {summary['val_loss_start']:.4f} -> "
                         f"{summary['val_loss_end']:.4f}; outputs in {self.out_dir}")
         log.close({k: v for k, v in summary.items() if k != "train_losses"})
+        return summary
+
+    def _stopped(self, log, start: float, last: Optional[dict], saved_now: Optional[str]) -> dict:
+        """Every rank agreed to stop after this step: write a checkpoint if the signal asks for one
+        (collective), and return the summary with `stopped`."""
+        import signal as signal_mod
+
+        signum = self.stop_signal
+        name = signal_mod.Signals(signum).name
+        saved = saved_now
+        if saved is None and signum in preemption.SAVING_SIGNALS:
+            saved = self.save()
+            if saved is None:
+                log.message(f"step {self.step}: a weight is not finite: checkpoint not written")
+        newest = saved or ckpt.newest_checkpoint(self.ckpt_root)
+        self._hook("on_train_end", self)
+        summary = {"steps": self.step, "elapsed_s": time.time() - start,
+                   "val_loss_start": self.history["val"][0][1] if self.history["val"] else float("nan"),
+                   "val_loss_end": self.history["val"][-1][1] if self.history["val"] else float("nan"),
+                   "train_loss_end": last["loss"] if last else float("nan"), "checkpoint": saved,
+                   "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]],
+                   "stopped": {"signal": name, "exit_code": preemption.exit_code(signum), "step": self.step,
+                               "checkpoint": newest, "saved": saved is not None}}
+        log.message(f"stopped by {name} at step {self.step}; " + (
+            f"checkpoint {saved}" if saved else f"no checkpoint written (latest: {newest or 'none'})"))
+        log.close({k: v for k, v in summary.items() if k not in ("train_losses", "stopped")})
         return summary
 
 
