@@ -20,7 +20,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,16 @@ from .logging_utils import RunLogger
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over the validation set: mean loss (nats/token), tokens scored, and per MoE block the
+    routes each expert received (all dp ranks)."""
+
+    loss: float
+    tokens: int
+    load: Dict[int, List[float]]
 
 
 class NonFiniteError(RuntimeError):
@@ -279,21 +289,34 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+    def evaluation(self) -> "Evaluation":
+        """The fixed validation set (independent of the world size): summed next-token loss, tokens,
+        and the routes per expert of every MoE layer, over all dp ranks. Collective on the dp group."""
         cfg = self.cfg
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64)
+        loads = None  # [L, E] routes per expert (the runtime reports each rank's tokens to all E)
         for x, y in data_mod.eval_batches(self.val_split, seq_len=cfg.model.seq_len, batch_size=cfg.trainer.batch_size,
                                           n_batches=cfg.trainer.eval_batches, dp_rank=self.dims.rank,
                                           dp_size=self.dims.dp):
             with self._autocast():
-                logits, _, _ = self.model(x.to(self.device))
+                logits, _, auxes = self.model(x.to(self.device))
             tot[0] += lm_loss(logits, y.to(self.device), reduction="sum").double().cpu()
             tot[1] += y.numel()
+            if auxes:
+                cnt = torch.stack([a.tokens_per_expert.detach().double().cpu() for a in auxes])
+                loads = cnt if loads is None else loads + cnt
         dist.all_reduce(tot, group=self.dims.dp_group)
+        if loads is not None:
+            dist.all_reduce(loads, group=self.dims.dp_group)
         self.model.train()
-        return float(tot[0] / tot[1])
+        blocks = [i for i, _ in self.moe_layers()]
+        return Evaluation(loss=float(tot[0] / tot[1]), tokens=int(tot[1]),
+                          load={b: loads[j].tolist() for j, b in enumerate(blocks)} if loads is not None else {})
+
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+        return self.evaluation().loss
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -333,7 +356,8 @@ class Trainer:
         # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes())
+                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes(),
+                                    config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
         st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
@@ -361,6 +385,8 @@ class Trainer:
         log = RunLogger(self.out_dir, enabled=self.rank == 0, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
                         start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
+        if self.rank == 0:
+            write_config(self.out_dir, cfg)
         start = time.time()
         for w in cfg.warnings():  # valid but probably not meant; logged, not an error
             log.message(f"warning: {w}")
@@ -445,6 +471,23 @@ def _plots(out_dir: str, history: dict) -> list:
     from .plots import write_all
 
     return write_all(out_dir, history)
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def write_config(out_dir: str, cfg) -> str:
+    """<out_dir>/config.yaml: the run's resolved config (every field, defaults included); a resumed
+    run replaces it with the config it was started with."""
+    from omegaconf import OmegaConf
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, CONFIG_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(_as_dict(cfg))))
+    os.replace(tmp, path)
+    return path
 
 
 def _as_dict(cfg) -> dict:
