@@ -81,6 +81,8 @@ class GenerateConfig:
                 raise ConfigError("device=cuda but this machine has no CUDA GPU; use device=cpu")
         if self.prompt and self.prompt_tokens is not None:
             raise ConfigError("give prompt or prompt_tokens, not both")
+        if not self.prompt and not self.prompt_tokens:
+            raise ConfigError("the prompt is empty: give prompt=TEXT or prompt_tokens=[ids]")
 
 
 def checked(dcfg, schema):

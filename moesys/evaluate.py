@@ -127,11 +127,11 @@ def _checked(dcfg) -> EvalConfig:
 
 
 def _hydra_main(dcfg) -> None:
-    ecfg = _checked(dcfg)
     try:
+        ecfg = _checked(dcfg)
         res = evaluate_checkpoint(ecfg)
-    except ConfigError as e:  # from prepare(), in this process, before any rank starts
-        cli.exit_bad_input(PROG, str(e), ecfg.debug)
+    except ConfigError as e:  # from the checks and prepare(), in this process, before any rank starts
+        cli.exit_bad_input(PROG, str(e), bool(dcfg.debug))
     if res is None:
         return
     print(report(res), flush=True)
