@@ -139,7 +139,7 @@ class Trainer:
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
         self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
         self._ckpt_meshes: Optional[dict] = None
-        self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
+        self.history = {"train": [], "val": [], "load_steps": [], "load": {}, "drop_rate": {}, "router_entropy": {}}
         blocks = [i for i, _ in self.moe_layers()]
         self.collapse = (CollapseMonitor(share=t.collapse_share, steps=t.collapse_steps, blocks=blocks)
                          if t.collapse_share > 0 and blocks else None)
@@ -279,8 +279,11 @@ class Trainer:
         out = {}
         share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
         self.history["load_steps"].append(self.step)
+        routing = {k: names.index(k) for k in ("drop_rate", "router_entropy") if k in names}
         for j, b in enumerate(blocks):
             self.history["load"].setdefault(b, []).append(share[j].tolist())
+            for k, n in routing.items():  # plotted in routing.png
+                self.history.setdefault(k, {}).setdefault(b, []).append(float(vals[j, n]))
             out[f"moe/block{b}/expert_load"] = share[j].tolist()
             out[f"moe/block{b}/max_over_mean_load"] = float(share[j].max() * share.shape[-1])
             for n, k in enumerate(names):
@@ -372,7 +375,8 @@ class Trainer:
             self.engine.global_samples = self.step * self.cfg.trainer.batch_size
         if st.get("history"):
             self.history = st["history"]
-            self.history["load"] = {int(k): v for k, v in self.history.get("load", {}).items()}
+            for key in ("load", "drop_rate", "router_entropy"):  # JSON-like round trips can make the keys str
+                self.history[key] = {int(k): v for k, v in self.history.get(key, {}).items()}
         if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
             torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
         return st
@@ -460,17 +464,18 @@ class Trainer:
                    "checkpoint": saved, "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]]}
         if self.rank == 0:
             if t.plots:
-                summary["plots"] = _plots(self.out_dir, self.history)
+                summary["plots"] = _plots(self.out_dir, self.history, cfg)
             log.message(f"done: {self.step} steps in {elapsed:.1f}s; val loss {summary['val_loss_start']:.4f} -> "
                         f"{summary['val_loss_end']:.4f}; outputs in {self.out_dir}")
         log.close({k: v for k, v in summary.items() if k != "train_losses"})
         return summary
 
 
-def _plots(out_dir: str, history: dict) -> list:
-    from .plots import write_all
+def _plots(out_dir: str, history: dict, cfg) -> list:
+    from .plots import evo_marks, write_all
 
-    return write_all(out_dir, history)
+    last = history["train"][-1][0] if history["train"] else 0
+    return write_all(out_dir, history, num_experts=cfg.moe.num_experts, marks=evo_marks(cfg.evo, last))
 
 
 CONFIG_FILE = "config.yaml"
