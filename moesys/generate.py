@@ -1,7 +1,7 @@
 """`moesys-generate`: sample a continuation from a checkpoint.
 
-    moesys-generate checkpoint=runs/a prompt="The " max_new_tokens=200
-    moesys-generate checkpoint=runs/a prompt="def " temperature=0.8 top_k=40 top_p=0.95 seed=3
+    moesys-generate checkpoint=runs/a 'prompt="The "' max_new_tokens=200
+    moesys-generate checkpoint=runs/a 'prompt="def "' temperature=0.8 top_k=40 top_p=0.95 seed=3
     moesys-generate checkpoint=runs/a prompt="Th" temperature=0         # greedy
     moesys-generate checkpoint=runs/tok prompt_tokens=[464,3290] max_new_tokens=20   # .bin token data
 

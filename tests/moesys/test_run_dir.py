@@ -27,11 +27,12 @@ def _saved(run_dir):
 
 @pytest.mark.slow
 def test_out_dir_run_saves_config_and_leaves_no_hydra_dirs(tmp_path):
-    _train(tmp_path, "trainer.out_dir=runs/a")
+    _train(tmp_path, "trainer.out_dir=runs/a", "trainer.plots=true")
     assert sorted(os.listdir(tmp_path)) == ["runs"]  # no outputs/<date>/<time>/
     run = tmp_path / "runs" / "a"
     assert not (run / ".hydra").exists()
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.jsonl"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "expert_load.png", "loss.png", "metrics.jsonl",
+                                       "routing.png"]
     cfg = _saved(str(run))
     assert (cfg.trainer.steps, cfg.moe.num_experts, cfg.moe.top_k, cfg.model.n_layers) == (2, 3, 1, 1)
     assert cfg.trainer.out_dir == "runs/a" and cfg.moe.router == "topk"  # every field, defaults included
