@@ -136,6 +136,8 @@ def eval_run_config(ecfg: EvalConfig, run: TrainConfig) -> TrainConfig:
         cfg.data = dataclasses.replace(run.data, path=ecfg.data.path if ecfg.data.path is not None else run.data.path,
                                        dtype=ecfg.data.dtype if ecfg.data.dtype is not None else run.data.dtype)
     cfg.logging = dataclasses.replace(run.logging, wandb_mode="disabled", tqdm=False)
+    # a run that forced Triton experts on GPUs evaluates anywhere: the same math on what exists here
+    cfg.moe = dataclasses.replace(run.moe, kernel_backend="auto")
     return cfg
 
 

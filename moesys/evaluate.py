@@ -116,6 +116,9 @@ def report(res: dict) -> str:
         E = len(next(iter(res["expert_load"].values()))["share"])
         lines.append(f"expert load (share of routes; balanced = 1/{E} = {1 / E:.3f}):")
         for b, v in res["expert_load"].items():
+            if not sum(v["routes"]):
+                lines.append(f"  block {b}: no routes (EvoMoE dense phase: one dense FFN)")
+                continue
             lines.append(f"  block {b}: " + " ".join(f"{s:.3f}" for s in v["share"]) +
                          f"   max/mean {v['max_over_mean']:.2f}")
     return "\n".join(lines)

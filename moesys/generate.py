@@ -53,6 +53,8 @@ def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[G
 
     ckpt, meta = open_checkpoint(path)
     cfg = saved_run_config(ckpt, meta)
+    # the run may have forced Triton experts on its GPUs; the same math runs here on whatever exists
+    cfg.moe.kernel_backend = "auto"
     model = build_model(cfg).to(device)
     try:
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent here
