@@ -30,7 +30,7 @@ from moesys.kernels import workspace
 from . import checkpoint as ckpt
 from . import data as data_mod
 from .collapse import CollapseMonitor
-from .logging_utils import RunLogger
+from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
@@ -390,7 +390,7 @@ class Trainer:
                         project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
                         start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
         if self.rank == 0:
-            write_config(self.out_dir, cfg)
+            write_config(self.out_dir, _as_dict(cfg))
         start = time.time()
         for w in cfg.warnings():  # valid but probably not meant; logged, not an error
             log.message(f"warning: {w}")
@@ -476,23 +476,6 @@ def _plots(out_dir: str, history: dict, cfg) -> list:
 
     last = history["train"][-1][0] if history["train"] else 0
     return write_all(out_dir, history, num_experts=cfg.moe.num_experts, marks=evo_marks(cfg.evo, last))
-
-
-CONFIG_FILE = "config.yaml"
-
-
-def write_config(out_dir: str, cfg) -> str:
-    """<out_dir>/config.yaml: the run's resolved config (every field, defaults included); a resumed
-    run replaces it with the config it was started with."""
-    from omegaconf import OmegaConf
-
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, CONFIG_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(_as_dict(cfg))))
-    os.replace(tmp, path)
-    return path
 
 
 def _as_dict(cfg) -> dict:
