@@ -1,4 +1,5 @@
-"""Run logging: a JSONL metrics file (always), W&B (offline by default), tqdm progress (rank 0); the run's config.yaml.
+"""Run logging: a JSONL metrics file (always), W&B (offline by default), tqdm progress (rank 0),
+and the run's resolved config.yaml.
 
 Only rank 0 writes; other ranks get a logger whose methods do nothing, so the trainer never
 branches on the rank to log.
