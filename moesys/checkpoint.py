@@ -206,7 +206,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None) -> str:
+                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None,
+                    config: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final directory.
 
     Args:
@@ -217,6 +218,8 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
         optimizer: torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer (saved per parameter, see checkpoint_state).
         meshes: `dims.ffn_shard_meshes()` (the ParallelDims' F-shard mesh); needed when experts are split along F.
+        config: the run's resolved config as plain data, written to moesys.json ("config"), so the
+            checkpoint can be evaluated or sampled from alone (moesys-eval, moesys-generate).
     """
     _check_meshes(_expert_modules(model), meshes)  # before any collective
     name = f"step_{step:08d}"
@@ -237,9 +240,10 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
     _barrier()
     files = _hash_files(tmp, rank)
     if rank == 0:
-        _write_atomic(os.path.join(tmp, META_FILE), json.dumps({"format": FORMAT, "step": step, "structure": structure,
-                                                                "trainer": trainer_state, "files": files},
-                                                               indent=1, default=str))
+        meta = {"format": FORMAT, "step": step, "structure": structure, "trainer": trainer_state, "files": files}
+        if config is not None:
+            meta["config"] = config
+        _write_atomic(os.path.join(tmp, META_FILE), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,10 +34,20 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import preemption
 from .collapse import CollapseMonitor
-from .logging_utils import RunLogger
+from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over the validation set: mean loss (nats/token), tokens scored, and per MoE block the
+    routes each expert received (all dp ranks)."""
+
+    loss: float
+    tokens: int
+    load: Dict[int, List[float]]
 
 
 class NonFiniteError(RuntimeError):
@@ -144,7 +154,7 @@ class Trainer:
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
         self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
         self._ckpt_meshes: Optional[dict] = None
-        self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
+        self.history = {"train": [], "val": [], "load_steps": [], "load": {}, "drop_rate": {}, "router_entropy": {}}
         blocks = [i for i, _ in self.moe_layers()]
         self.collapse = (CollapseMonitor(share=t.collapse_share, steps=t.collapse_steps, blocks=blocks)
                          if t.collapse_share > 0 and blocks else None)
@@ -290,8 +300,11 @@ class Trainer:
         out = {}
         share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
         self.history["load_steps"].append(self.step)
+        routing = {k: names.index(k) for k in ("drop_rate", "router_entropy") if k in names}
         for j, b in enumerate(blocks):
             self.history["load"].setdefault(b, []).append(share[j].tolist())
+            for k, n in routing.items():  # plotted in routing.png
+                self.history.setdefault(k, {}).setdefault(b, []).append(float(vals[j, n]))
             out[f"moe/block{b}/expert_load"] = share[j].tolist()
             out[f"moe/block{b}/max_over_mean_load"] = float(share[j].max() * share.shape[-1])
             for n, k in enumerate(names):
@@ -300,21 +313,34 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+    def evaluation(self) -> "Evaluation":
+        """The fixed validation set (independent of the world size): summed next-token loss, tokens,
+        and the routes per expert of every MoE layer, over all dp ranks. Collective on the dp group."""
         cfg = self.cfg
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64)
+        loads = None  # [L, E] routes per expert (the runtime reports each rank's tokens to all E)
         for x, y in data_mod.eval_batches(self.val_split, seq_len=cfg.model.seq_len, batch_size=cfg.trainer.batch_size,
                                           n_batches=cfg.trainer.eval_batches, dp_rank=self.dims.rank,
                                           dp_size=self.dims.dp):
             with self._autocast():
-                logits, _, _ = self.model(x.to(self.device))
+                logits, _, auxes = self.model(x.to(self.device))
             tot[0] += lm_loss(logits, y.to(self.device), reduction="sum").double().cpu()
             tot[1] += y.numel()
+            if auxes:
+                cnt = torch.stack([a.tokens_per_expert.detach().double().cpu() for a in auxes])
+                loads = cnt if loads is None else loads + cnt
         dist.all_reduce(tot, group=self.dims.dp_group)
+        if loads is not None:
+            dist.all_reduce(loads, group=self.dims.dp_group)
         self.model.train()
-        return float(tot[0] / tot[1])
+        blocks = [i for i, _ in self.moe_layers()]
+        return Evaluation(loss=float(tot[0] / tot[1]), tokens=int(tot[1]),
+                          load={b: loads[j].tolist() for j, b in enumerate(blocks)} if loads is not None else {})
+
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+        return self.evaluation().loss
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -354,7 +380,8 @@ class Trainer:
         # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes())
+                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes(),
+                                    config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
         st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
@@ -369,7 +396,8 @@ class Trainer:
             self.engine.global_samples = self.step * self.cfg.trainer.batch_size
         if st.get("history"):
             self.history = st["history"]
-            self.history["load"] = {int(k): v for k, v in self.history.get("load", {}).items()}
+            for key in ("load", "drop_rate", "router_entropy"):  # JSON-like round trips can make the keys str
+                self.history[key] = {int(k): v for k, v in self.history.get(key, {}).items()}
         if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
             torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
         return st
@@ -382,6 +410,8 @@ class Trainer:
         log = RunLogger(self.out_dir, enabled=self.rank == 0, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
                         start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
+        if self.rank == 0:
+            write_config(self.out_dir, _as_dict(cfg))
         start = time.time()
         for w in cfg.warnings():  # valid but probably not meant; logged, not an error
             log.message(f"warning: {w}")
@@ -459,7 +489,7 @@ class Trainer:
                    "checkpoint": saved, "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]]}
         if self.rank == 0:
             if t.plots:
-                summary["plots"] = _plots(self.out_dir, self.history)
+                summary["plots"] = _plots(self.out_dir, self.history, cfg)
             log.message(f"done: {self.step} steps in {elapsed:.1f}s; val loss {summary['val_loss_start']:.4f} -> "
                         f"{summary['val_loss_end']:.4f}; outputs in {self.out_dir}")
         log.close({k: v for k, v in summary.items() if k != "train_losses"})
@@ -492,10 +522,11 @@ class Trainer:
         return summary
 
 
-def _plots(out_dir: str, history: dict) -> list:
-    from .plots import write_all
+def _plots(out_dir: str, history: dict, cfg) -> list:
+    from .plots import evo_marks, write_all
 
-    return write_all(out_dir, history)
+    last = history["train"][-1][0] if history["train"] else 0
+    return write_all(out_dir, history, num_experts=cfg.moe.num_experts, marks=evo_marks(cfg.evo, last))
 
 
 def _as_dict(cfg) -> dict:
