@@ -68,7 +68,7 @@ class ModelConfig:
     moe_every: int = 1  # 1: every layer is MoE; 2: every other layer (1, 3, ...); 0: dense model
     dropout: float = 0.0
     tie_embeddings: bool = True
-    qk_norm: bool = False
+    qk_norm: bool = True  # RMSNorm of each head's q and k (stability: README, "Training stability")
 
 
 @dataclass
