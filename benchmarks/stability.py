@@ -35,6 +35,8 @@ COMMANDS = {
     "sigmoid_bias": ["moe.router=sigmoid_bias", "moe.num_experts=16", "parallel.ep=4", "parallel.simulate_ranks=4"],
     "capacity": ["parallel.mode=ep", "parallel.overlap=2", "parallel.dispatcher=padded", "moe.capacity_factor=1.25"],
     "bf16": ["trainer.precision=bf16", "trainer.grad_accum=4", "trainer.clip=1.0"],
+    "groups": ["moe.num_groups=2", "moe.topk_groups=1", "moe.aux_loss=global_batch", "parallel.ep=2"],
+    "shared": ["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.recompute=true"],
     "book": ["data.path={book}"],
     "tokens": ["data.path={tokens}", "data.dtype=uint16", "data.vocab_size=50304"],
     "deepspeed": ["trainer.engine=deepspeed", "trainer.zero_stage=2", "trainer.ds_config=launchers/ds_zero2.json"],

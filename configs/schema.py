@@ -68,7 +68,7 @@ class ModelConfig:
     moe_every: int = 1  # 1: every layer is MoE; 2: every other layer (1, 3, ...); 0: dense model
     dropout: float = 0.0
     tie_embeddings: bool = True
-    qk_norm: bool = False
+    qk_norm: bool = True  # RMSNorm of each head's q and k (stability: README, "Training stability")
 
 
 @dataclass
@@ -321,6 +321,10 @@ class TrainConfig:
             return
         if self.model.moe_every == 0:
             raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
+        if moe.num_shared_experts:
+            raise ConfigError(f"evo.enabled=true does not support shared experts (moe.num_shared_experts="
+                              f"{moe.num_shared_experts}): EvoMoE's dense phase and its spawn have no place for "
+                              "them; set moe.num_shared_experts=0")
         try:
             e.moe_config(moe)
         except ValueError as err:
@@ -334,6 +338,12 @@ class TrainConfig:
         if s.warmup_steps > t.steps:
             out.append(f"schedule.warmup_steps ({s.warmup_steps}) > trainer.steps ({t.steps}): the learning rate "
                        f"never reaches optim.lr ({self.optim.lr})")
+        m, p = self.moe, self.parallel
+        if m.num_groups is not None and m.topk_groups is not None and m.topk_groups < m.num_groups and p.ep > 1:
+            if m.num_groups % p.ep and p.ep % m.num_groups:
+                out.append(f"moe.num_groups ({m.num_groups}) and parallel.ep ({p.ep}): groups are not aligned with "
+                           f"the expert-parallel ranks, so a token can reach more than moe.topk_groups "
+                           f"({m.topk_groups}) ranks; a num_groups that is a multiple of ep aligns them")
         if e.enabled and e.diversify_step is not None and e.diversify_step >= t.steps:
             out.append(f"evo.diversify_step ({e.diversify_step}) >= trainer.steps ({t.steps}): the run ends in the "
                        "dense phase, before any expert is spawned")

@@ -6,6 +6,12 @@ Formulas (DESIGN.md):
           = coef * E * sum_i f_i P_i for top-1)
   gshard  L = coef * E * sum_i me_i * ce_i, me_i = mean_t p_ti, ce_i = fraction of tokens whose
           FIRST choice is i (GShard, Tutel, DeepSpeed: second choices do not count; = switch at K=1)
+  global_batch  L_r = coef * E * sum_i f_i * P_i on rank r, f_i = c_i / (K * T) with the routes
+          per expert c_i and the tokens T summed over the balance group (no gradient: counts),
+          P_i = mean_t p_ti over this rank's tokens only (Qwen's global-batch LBL, Qiu et al.
+          2025). With equal tokens per rank, mean_r L_r (what data-parallel gradient averaging
+          applies) is the switch loss of all the group's tokens in one process. Megatron's
+          global_aux_loss is the same per-rank loss divided by the group size (it sums over ranks)
   seq     the same per sequence of length S (probabilities normalised per token), averaged
   z       L_z = coef * mean_t (logsumexp_j z_tj)^2                      (ST-MoE)
   evo     L = coef * E^2 * mean_e(me_e * ce_e), me = mean_t p, ce = fraction of tokens routed
@@ -26,6 +32,24 @@ def switch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: float
     if T == 0:
         return probs_TE.sum() * 0.0
     return coef * E / (top_k * T * T) * (probs_TE.sum(0) * counts_E.to(probs_TE.dtype)).sum()
+
+
+def global_batch_aux_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: float, coef: float,
+                          group=None) -> torch.Tensor:
+    """The switch loss with f (routes per expert / (K * tokens)) taken over every rank of `group`.
+
+    One all-reduce (sum) of E + 1 numbers on `group`; None: this process holds the whole batch (then
+    it equals `switch_aux_loss`). The reduced counts are plain numbers: only this rank's P carries
+    gradient, so each rank's gradient is its own tokens' share."""
+    T, E = probs_TE.shape
+    stats = torch.cat([counts_E.detach().to(torch.float64), counts_E.new_tensor([T], dtype=torch.float64)])
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, group=group)
+    f_E = (stats[:E] / (top_k * stats[E].clamp_min(1))).to(probs_TE.dtype)
+    P_E = probs_TE.sum(0) / max(T, 1)
+    return coef * E * (P_E * f_E).sum()
 
 
 def gshard_aux_loss(probs_TE: torch.Tensor, expert_idx_R: torch.Tensor, slot_R: torch.Tensor, coef: float) -> torch.Tensor:

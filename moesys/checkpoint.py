@@ -54,9 +54,10 @@ LATEST = "latest"
 FORMAT = 2  # moesys.json "format": 2 adds per-file checksums (format 1, without them, loads unverified)
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
-                     "tie_embeddings", "qk_norm", "num_experts", "activation", "router")
+                     "tie_embeddings", "qk_norm", "num_experts", "activation", "router", "num_shared_experts",
+                     "shared_ffn_hidden", "shared_expert_gate")
 # what a checkpoint written before a structural field existed had (its manifest lacks the key)
-STRUCTURAL_DEFAULTS = {"qk_norm": False}
+STRUCTURAL_DEFAULTS = {"qk_norm": False, "num_shared_experts": 0, "shared_ffn_hidden": 0, "shared_expert_gate": False}
 
 
 class CheckpointError(RuntimeError):
@@ -205,7 +206,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None) -> str:
+                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None,
+                    config: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final directory.
 
     Args:
@@ -216,6 +218,8 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
         optimizer: torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer (saved per parameter, see checkpoint_state).
         meshes: `dims.ffn_shard_meshes()` (the ParallelDims' F-shard mesh); needed when experts are split along F.
+        config: the run's resolved config as plain data, written to moesys.json ("config"), so the
+            checkpoint can be evaluated or sampled from alone (moesys-eval, moesys-generate).
     """
     _check_meshes(_expert_modules(model), meshes)  # before any collective
     name = f"step_{step:08d}"
@@ -236,9 +240,10 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
     _barrier()
     files = _hash_files(tmp, rank)
     if rank == 0:
-        _write_atomic(os.path.join(tmp, META_FILE), json.dumps({"format": FORMAT, "step": step, "structure": structure,
-                                                                "trainer": trainer_state, "files": files},
-                                                               indent=1, default=str))
+        meta = {"format": FORMAT, "step": step, "structure": structure, "trainer": trainer_state, "files": files}
+        if config is not None:
+            meta["config"] = config
+        _write_atomic(os.path.join(tmp, META_FILE), json.dumps(meta, indent=1, default=str))
         if os.path.exists(final):  # the same step saved again (e.g. a re-run): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -373,8 +378,7 @@ def read_meta(ckpt: str) -> dict:
 def check_compatible(ckpt: str, structure: dict) -> dict:
     """Raise CheckpointError naming every structural field that differs; return the metadata."""
     meta = read_meta(ckpt)
-    saved = meta["structure"]
-    saved = {**STRUCTURAL_DEFAULTS, **saved}
+    saved, structure = {**STRUCTURAL_DEFAULTS, **meta["structure"]}, {**STRUCTURAL_DEFAULTS, **structure}
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
              for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
     if diffs:

@@ -19,7 +19,9 @@ import torch
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
-AUX_LOSSES = ("switch", "gshard", "seq", "none")
+AUX_LOSSES = ("switch", "gshard", "seq", "global_batch", "none")
+GROUP_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers that take num_groups / topk_groups
+GLOBAL_BATCH_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers whose Switch loss can pool counts
 KERNEL_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
@@ -45,9 +47,24 @@ class MoEConfig:
     jitter_eps: float = 0.0  # multiply router input by U(1-eps, 1+eps); training only
     bias_update_rate: float = 1e-3  # gamma of the aux-loss-free (sigmoid_bias) update
     allow_noncausal: bool = False  # expert_choice looks at the whole batch: opt in for decoders
+    # group-limited routing (DeepSeek-V3; Megatron moe_router_num_groups / moe_router_group_topk):
+    # experts e in [g*E/G, (g+1)*E/G) form group g; each token keeps the topk_groups groups with
+    # the highest sum of their top-2 routing scores (top-1 when a group has one expert), then its
+    # top-k inside them. None: no group limit. Groups aligned with EP ranks (G a multiple of ep)
+    # send each token to at most topk_groups ranks. Routers: topk, switch, sigmoid_bias.
+    num_groups: Optional[int] = None
+    topk_groups: Optional[int] = None
     # --- experts -------------------------------------------------------------------------------
     activation: str = "gelu"  # one of ACTIVATIONS; swiglu adds w3
     init_std: float = 0.02
+    # shared experts (DeepSeek-MoE, Qwen2-MoE): S dense FFNs every token goes through, added to the
+    # routed output; replicated under expert parallelism (dense parameters)
+    num_shared_experts: int = 0
+    shared_ffn_hidden_size: Optional[int] = None  # Fs of each shared expert; None: ffn_hidden_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . g), one g [D] per layer
+    # recompute the expert FFNs' [N, F] intermediates in backward instead of keeping them from the
+    # forward (routed and shared experts): less activation memory, one more first-layer GEMM per step
+    recompute: bool = False
     # --- capacity ------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None = dropless
     min_capacity: int = 4
@@ -56,7 +73,9 @@ class MoEConfig:
     # that lost one of two routes puts weight 1 on the survivor); needs weights that sum to 1
     renormalize_after_drop: bool = False
     # --- balancing losses ----------------------------------------------------------------------
-    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only
+    # switch: Megatron's form over all K choices; gshard: GShard/Tutel/DeepSpeed, first choices only;
+    # global_batch: switch with the routes per expert summed over the layer's balance group (the
+    # trainer's dp group: the whole global batch) before the loss (Qwen, Qiu et al. 2025)
     aux_loss: str = "switch"  # one of AUX_LOSSES
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 0.0
@@ -113,6 +132,12 @@ class MoEConfig:
                 "the routes it keeps: it needs router 'topk' or 'sigmoid_bias' with top_k > 1 and normalize_topk "
                 f"not False; got router={self.router!r}, top_k={self.top_k}, normalize_topk={self.normalize_topk!r}"
             )
+        self._check_groups()
+        if self.aux_loss == "global_batch" and self.router not in GLOBAL_BATCH_ROUTERS:
+            raise ValueError(
+                f"MoEConfig.aux_loss='global_batch' pools the Switch loss's counts; router={self.router!r} has no "
+                f"Switch loss (routers that do: {list(GLOBAL_BATCH_ROUTERS)})"
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
@@ -141,19 +166,77 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.tau_min ({self.tau_min}) and tau_max ({self.tau_max}) must satisfy 0 < tau_min <= tau_max"
             )
-        if self.kernel_backend == "grouped_mm" and (self.hidden_size % 4 or self.ffn_hidden_size % 4):
-            raise ValueError(
-                f"MoEConfig.kernel_backend='grouped_mm' needs MoEConfig.hidden_size ({self.hidden_size}) and "
-                f"MoEConfig.ffn_hidden_size ({self.ffn_hidden_size}) to be multiples of 4 (torch._grouped_mm rows are 16-byte aligned: 4 fp32 "
-                "or 8 bf16 elements); pad them or use kernel_backend='torch'"
-            )
         if not self.init_std > 0:
             raise ValueError(f"MoEConfig.init_std must be > 0, got {self.init_std}")
+        S = self.num_shared_experts
+        if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+            raise ValueError(f"MoEConfig.num_shared_experts must be an integer >= 0, got {S!r}")
+        fs = self.shared_ffn_hidden_size
+        if fs is not None and (isinstance(fs, bool) or not isinstance(fs, int) or fs <= 0):
+            raise ValueError(f"MoEConfig.shared_ffn_hidden_size must be a positive integer or None "
+                             f"(= MoEConfig.ffn_hidden_size), got {fs!r}")
+        for name in ("shared_expert_gate", "recompute"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if S == 0 and (fs is not None or self.shared_expert_gate):
+            raise ValueError(
+                f"MoEConfig.num_shared_experts is 0 but MoEConfig.shared_ffn_hidden_size={fs!r} / "
+                f"MoEConfig.shared_expert_gate={self.shared_expert_gate!r} is set: shared experts need "
+                "MoEConfig.num_shared_experts >= 1"
+            )
+        if self.kernel_backend == "grouped_mm":
+            sizes = [("hidden_size", self.hidden_size), ("ffn_hidden_size", self.ffn_hidden_size)]
+            if S:
+                sizes.append(("shared_ffn_hidden_size", self.shared_ffn))
+            bad = [f"MoEConfig.{n} ({v})" for n, v in sizes if v % 4]
+            if bad:
+                raise ValueError(
+                    f"MoEConfig.kernel_backend='grouped_mm' needs {' and '.join(bad)} divisible by 4 "
+                    "(torch._grouped_mm rows are 16-byte aligned: 4 fp32 or 8 bf16 elements); pad them or use "
+                    "kernel_backend='torch'"
+                )
+
+    def _check_groups(self) -> None:
+        G, TG, E, K = self.num_groups, self.topk_groups, self.num_experts, self.top_k
+        for name, v in (("num_groups", G), ("topk_groups", TG)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"MoEConfig.{name} must be a positive integer or None (no group limit), got {v!r}")
+        if G is None and TG is None:
+            return
+        if G is None or TG is None:
+            raise ValueError(
+                f"MoEConfig.num_groups ({G}) and MoEConfig.topk_groups ({TG}) go together: set both for group-limited "
+                "routing, or neither"
+            )
+        if self.router not in GROUP_ROUTERS:
+            raise ValueError(
+                f"MoEConfig.num_groups={G}: group-limited routing needs router in {list(GROUP_ROUTERS)}, "
+                f"got router={self.router!r}"
+            )
+        if E % G != 0:
+            raise ValueError(f"MoEConfig.num_groups ({G}) must divide MoEConfig.num_experts ({E})")
+        if TG > G:
+            raise ValueError(f"MoEConfig.topk_groups ({TG}) must be <= MoEConfig.num_groups ({G})")
+        if K > TG * (E // G):
+            raise ValueError(
+                f"MoEConfig.top_k ({K}) must be <= MoEConfig.topk_groups ({TG}) x experts per group ({E // G} = "
+                f"num_experts {E} / num_groups {G}) = {TG * (E // G)}: the kept groups hold too few experts"
+            )
 
     # ------------------------------------------------------------------------------------------
     @property
+    def group_limited(self) -> bool:
+        """Whether routing is restricted to topk_groups of num_groups expert groups."""
+        return self.num_groups is not None and self.topk_groups < self.num_groups
+
+    @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
+
+    @property
+    def shared_ffn(self) -> int:
+        """Fs, the hidden width of each shared expert (shared_ffn_hidden_size, else ffn_hidden_size)."""
+        return self.shared_ffn_hidden_size if self.shared_ffn_hidden_size is not None else self.ffn_hidden_size
 
     @property
     def variable_k(self) -> bool:

@@ -1,6 +1,7 @@
-"""Grouped experts: E feed-forward networks evaluated with grouped GEMMs.
+"""Grouped experts: E feed-forward networks evaluated with grouped GEMMs; the shared experts.
 
-Legend: N routed rows grouped by expert, D hidden, F ffn hidden, E experts (local to this rank).
+Legend: N routed rows grouped by expert, T tokens, D hidden, F ffn hidden, E experts (local to this
+rank), S shared experts, Fs a shared expert's ffn hidden.
 FFN_e(x) = act(x @ w1[e]) @ w2[e];  swiglu: (silu(x @ w1[e]) * (x @ w3[e])) @ w2[e].
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moesys.kernels import grouped_gemm, resolve_backend
 from moesys.kernels.expert_ffn import expert_ffn_torch
@@ -28,6 +30,63 @@ def slice_ffn(name: str, t: torch.Tensor, f_slice: Optional[slice]) -> torch.Ten
     if f_slice is None:
         return t
     return t[:, :, f_slice] if FFN_DIM[name] == 2 else t[:, f_slice, :]
+
+
+def composed_ffn(x_ND, counts_E, w1, w2, w3, activation: str, backend: str) -> torch.Tensor:
+    """The expert FFN as grouped GEMMs and an activation, each its own autograd node (Triton, CUDA)."""
+    h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)
+    if activation == "swiglu":
+        h_NF = F.silu(h_NF) * grouped_gemm(x_ND, w3, counts_E, backend=backend)
+    else:
+        h_NF = _ACTS[activation](h_NF)
+    return grouped_gemm(h_NF, w2, counts_E, backend=backend)
+
+
+def expert_ffn(x_ND, counts_E, w1, w2, w3, cfg: MoEConfig, recompute: Optional[bool] = None) -> torch.Tensor:
+    """y_ND = FFN_e(rows of e) for every expert e with the given weights, on cfg's kernel backend.
+
+    recompute (default cfg.recompute): keep no [N, F] intermediate from the forward; the backward
+    recomputes them. The torch path does it inside its fused Function (its intermediates live on
+    ctx, out of checkpoint's reach); the composed path (Triton, CUDA grouped_mm), whose nodes save
+    with save_for_backward, through non-reentrant activation checkpointing."""
+    recompute = cfg.recompute if recompute is None else recompute
+    backend = cfg.kernel_backend
+    x_ND, w1, w2, w3 = _autocast(x_ND, w1, w2, w3)
+    if backend == "grouped_mm" and grouped_mm_aligned(w1.shape[1], w1.shape[2], x_ND.dtype):
+        # the host plan's path under grouped_mm (expert parallelism, dense-to-sparse gates): the
+        # expert GEMMs still run on torch._grouped_mm, with offsets from the counts on the device
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return _grouped_mm_ffn(x_ND, offs_E, w1, w2, w3, cfg.activation, recompute)
+    if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
+        # one autograd node that owns its [N, F] intermediates (in-place activation backward)
+        return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, cfg.activation, recompute=recompute)
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(composed_ffn, x_ND, counts_E, w1, w2, w3, cfg.activation, backend, use_reentrant=False)
+    return composed_ffn(x_ND, counts_E, w1, w2, w3, cfg.activation, backend)
+
+
+def _autocast(x_ND, w1, w2, w3):
+    """autocast does not reach custom autograd ops: cast to its dtype here (differentiably)."""
+    dev = x_ND.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x_ND, w1, w2, w3
+    dt = torch.get_autocast_dtype(dev)
+    return x_ND.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
+
+
+def _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, activation: str, recompute: bool) -> torch.Tensor:
+    """The grouped_mm expert FFN (its Function saves with save_for_backward, so recompute is
+    non-reentrant activation checkpointing)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(expert_ffn_grouped_mm, x_MD, w1, w2, w3, offs_E, activation, use_reentrant=False)
+    return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, activation)
+
+
+def expert_ffn_offsets(x_MD, offs_E, w1, w2, w3, cfg: MoEConfig) -> torch.Tensor:
+    """The sync-free path's expert FFN: groups given by int32 device offsets (rows past offs_E[-1]
+    are padding); cfg.recompute as in `expert_ffn`."""
+    x_MD, w1, w2, w3 = _autocast(x_MD, w1, w2, w3)
+    return _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, cfg.activation, cfg.recompute)
 
 
 class GroupedExperts(nn.Module):
@@ -74,22 +133,7 @@ class GroupedExperts(nn.Module):
         w3: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The expert FFNs with explicit weights (len(counts_E) == w1.shape[0])."""
-        backend = self.cfg.kernel_backend
-        x_ND, w1, w2, w3 = _autocast(x_ND, w1, w2, w3)
-        if backend == "grouped_mm" and grouped_mm_aligned(w1.shape[1], w1.shape[2], x_ND.dtype):
-            # the host plan's path under grouped_mm (expert parallelism, dense-to-sparse gates): the
-            # expert GEMMs still run on torch._grouped_mm, with offsets from the counts on the device
-            offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            return expert_ffn_grouped_mm(x_ND, w1, w2, w3, offs_E, self.cfg.activation)
-        if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
-            # one autograd node that owns its [N, F] intermediates (in-place activation backward)
-            return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, self.cfg.activation)
-        h_NF = grouped_gemm(x_ND, w1, counts_E, backend=backend)
-        if self.cfg.gated:
-            h_NF = F.silu(h_NF) * grouped_gemm(x_ND, w3, counts_E, backend=backend)
-        else:
-            h_NF = _ACTS[self.cfg.activation](h_NF)
-        return grouped_gemm(h_NF, w2, counts_E, backend=backend)
+        return expert_ffn(x_ND, counts_E, w1, w2, w3, self.cfg)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3)
@@ -99,18 +143,60 @@ class GroupedExperts(nn.Module):
         if self.num_local_experts != self.num_experts:
             raise RuntimeError("GroupedExperts.forward_offsets: the sync-free path runs all experts on one device; "
                                f"this one holds {self.num_local_experts} of {self.num_experts}")
-        x_MD, w1, w2, w3 = _autocast(x_MD, self.w1, self.w2, self.w3)
-        return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, self.cfg.activation)
+        return expert_ffn_offsets(x_MD, offs_E, self.w1, self.w2, self.w3, self.cfg)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "
                 f"D={self.cfg.hidden_size}, F={self.w1.shape[-1]}, activation={self.cfg.activation}")
 
 
-def _autocast(x_ND, w1, w2, w3):
-    """autocast does not reach custom autograd ops: cast to its dtype here (differentiably)."""
-    dev = x_ND.device.type
-    if not torch.is_autocast_enabled(dev):
-        return x_ND, w1, w2, w3
-    dt = torch.get_autocast_dtype(dev)
-    return x_ND.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
+class SharedExperts(nn.Module):
+    """S dense FFNs every token goes through (DeepSeek-MoE's shared experts; Qwen2-MoE's gated one).
+
+    Holds w1 [S, D, Fs], w2 [S, Fs, D] (+ w3 [S, D, Fs] for swiglu), the routed experts' layout, and
+    with `shared_expert_gate` a gate g [D]:  s(x) = sum_s FFN_s(x)  (* sigmoid(x . g)).
+    Dense parameters: replicated under expert parallelism, their gradients all-reduced over the
+    data-parallel group like any other dense weight (no `expert_offset`: checkpoints store them
+    whole, as dense tensors).
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        if cfg.num_shared_experts < 1:
+            raise ValueError(f"SharedExperts: MoEConfig.num_shared_experts is {cfg.num_shared_experts}")
+        self.cfg = cfg
+        S, D, Fs = cfg.num_shared_experts, cfg.hidden_size, cfg.shared_ffn
+        self.w1 = nn.Parameter(torch.empty(S, D, Fs))
+        self.w2 = nn.Parameter(torch.empty(S, Fs, D))
+        self.w3 = nn.Parameter(torch.empty(S, D, Fs)) if cfg.gated else None
+        self.gate = nn.Parameter(torch.empty(D)) if cfg.shared_expert_gate else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in (self.w1, self.w2, self.w3, self.gate):
+            if w is not None:
+                nn.init.normal_(w, std=self.cfg.init_std)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """s_TD for x_TD [T, D]."""
+        S, D, Fs = self.w1.shape
+        T = x_TD.shape[0]
+        # sum_s FFN_s(x) is one FFN of width S*Fs (the activation is elementwise over F): lay the S
+        # experts side by side along F and run it as one expert over all T rows
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if S > 1:
+            w1 = w1.transpose(0, 1).reshape(1, D, S * Fs)
+            w2 = w2.reshape(1, S * Fs, D)
+            w3 = w3.transpose(0, 1).reshape(1, D, S * Fs) if w3 is not None else None
+        counts = torch.tensor([T], dtype=torch.long, device=x_TD.device)
+        y_TD = expert_ffn(x_TD, counts, w1, w2, w3, self.cfg)
+        if self.gate is not None:
+            # the gate logit in fp32, as the router's: one scalar per token
+            g_T1 = torch.sigmoid(x_TD.float() @ self.gate.float()).unsqueeze(1)
+            y_TD = y_TD * g_T1.to(y_TD.dtype)
+        return y_TD
+
+    def extra_repr(self) -> str:
+        S, D, Fs = self.w1.shape
+        return f"num_shared_experts={S}, D={D}, Fs={Fs}, activation={self.cfg.activation}, gate={self.gate is not None}"

@@ -3,7 +3,12 @@
 Legend: T tokens, D hidden, E experts, R routes, N kept routes.
 The layer is single-device; `moesys.parallel.apply_expert_parallel` swaps its runner (and slices
 its experts) to move tokens between ranks. The layer never touches a process group itself,
-except the optional one passed to `update_expert_bias`.
+except the optional one passed to `update_expert_bias` and the balance group of
+aux_loss="global_batch" (`set_balance_group`: one all-reduce of E + 1 counts per training forward).
+
+Shared experts (`num_shared_experts` > 0): y = routed(x) + shared_experts(x). A runner that moves
+tokens (`overlaps_shared = True`) is handed the shared work and runs it while its first dispatch
+is in flight; otherwise the layer runs it before the routed experts.
 """
 from __future__ import annotations
 
@@ -21,10 +26,10 @@ from moesys.kernels.permute_static import combine_static, dispatch_static
 
 from . import balance
 from .config import MoEConfig
-from .experts import GroupedExperts
+from .experts import GroupedExperts, SharedExperts
 from .plan import Plan, make_plan
+from .routers import BalanceGroupRef, build_router
 from .static_plan import make_static_plan, uniform_offsets
-from .routers import build_router
 
 
 @dataclass
@@ -35,6 +40,18 @@ class MoEAux:
     tokens_per_expert: torch.Tensor  # [E] kept routes per expert (this rank's tokens)
     dropped: torch.Tensor  # 0-dim int64: (token, expert) routes dropped by capacity
     metrics: dict = field(default_factory=dict)  # name -> detached 0-dim tensor or float
+
+
+@dataclass(frozen=True)
+class SharedWork:
+    """The shared experts' work of one forward, handed to a runner so it can overlap communication:
+    `work()` returns s_TD = shared_experts(x_TD)."""
+
+    experts: nn.Module
+    x_TD: torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        return self.experts(self.x_TD)
 
 
 class LocalRunner:
@@ -64,21 +81,38 @@ class MoELayer(nn.Module):
         cfg: the layer's MoEConfig.
         ep_group: optional process group; when given, the layer is sharded over it right away
             (same as calling `moesys.parallel.apply_expert_parallel(layer, ep_group)`).
+        balance_group: for aux_loss="global_batch", the process group whose ranks' tokens make
+            the batch the balance loss sees (the data-parallel group; under expert parallelism too,
+            since EP ranks hold different tokens); see `set_balance_group`.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None):
+    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.router = build_router(cfg)
         self.experts = GroupedExperts(cfg)
+        # dense FFNs every token goes through (replicated under expert parallelism)
+        self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.runner = LocalRunner()
         self._generator: Optional[torch.Generator] = None
+        self.set_balance_group(balance_group)
         if ep_group is not None:
             from moesys.parallel import apply_expert_parallel
 
             apply_expert_parallel(self, ep_group)
+
+    def set_balance_group(self, group) -> None:
+        """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
+        all-reduce of E + 1 numbers per training forward). None: this process's tokens, and an error
+        in a multi-rank job (a forgotten group would silently balance each rank alone); "local": this
+        process's tokens, on purpose (e.g. a single-process reference inside a multi-rank test). Held
+        weakly and not as module state: deep copies share it, checkpoints never hold it, and
+        destroy_process_group() still destroys it."""
+        if isinstance(group, str) and group != "local":
+            raise ValueError(f"MoELayer.set_balance_group: a process group, None or 'local', got {group!r}")
+        self.router.balance_group = BalanceGroupRef(group)
 
     def set_runner(self, runner) -> None:
         self.runner = runner
@@ -112,6 +146,8 @@ class MoELayer(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else max(T, 1)
         if self._takes_sync_free_path(x_TD):
             y_TD, aux = self._forward_sync_free(x_TD, seq_len)
+            if self.shared_experts is not None:  # one more FFN over all T rows: static too
+                y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
             return y_TD.reshape(shape).to(x.dtype), aux
         routing, plan = self.route(x_TD, seq_len)
         K = routing.fixed_k
@@ -119,14 +155,26 @@ class MoELayer(nn.Module):
             # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)
             inv_R = inverse_routes(plan.route_idx_N, routing.num_routes)
             x_ND = permute_fixed_k(x_TD, plan.route_idx_N, inv_R, K)
-            y_ND = self.runner(x_ND, plan, self.experts)
+            y_ND, s_TD = self._run(x_ND, plan, x_TD)
             y_TD = unpermute_fixed_k(y_ND, plan.weight_R.view(T, K), plan.route_idx_N, inv_R)
         else:
             x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
-            y_ND = self.runner(x_ND, plan, self.experts)
+            y_ND, s_TD = self._run(x_ND, plan, x_TD)
             y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
+        if s_TD is not None:
+            y_TD = y_TD + s_TD.to(y_TD.dtype)
         aux = self._aux(routing, plan)
         return y_TD.reshape(shape).to(x.dtype), aux
+
+    def _run(self, x_ND: torch.Tensor, plan: Plan, x_TD: torch.Tensor) -> tuple:
+        """(y_ND, s_TD): the routed experts through the runner; the shared experts' s_TD (None without)."""
+        if self.shared_experts is None:
+            return self.runner(x_ND, plan, self.experts), None
+        work = SharedWork(self.shared_experts, x_TD)
+        if getattr(self.runner, "overlaps_shared", False):
+            return self.runner(x_ND, plan, self.experts, shared=work)
+        s_TD = work()
+        return self.runner(x_ND, plan, self.experts), s_TD
 
     def _takes_sync_free_path(self, x_TD: torch.Tensor) -> bool:
         """kernel_backend="grouped_mm" (or "auto" on CUDA where torch._grouped_mm runs): the sync-free
@@ -202,4 +250,5 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"E={c.num_experts}, K={c.top_k}, router={c.router}, capacity_factor={c.capacity_factor}"
+        shared = f", shared={c.num_shared_experts}" if c.num_shared_experts else ""
+        return f"E={c.num_experts}, K={c.top_k}, router={c.router}, capacity_factor={c.capacity_factor}{shared}"

@@ -1,4 +1,5 @@
-"""Run logging: a JSONL metrics file (always), W&B (offline by default), tqdm progress (rank 0).
+"""Run logging: a JSONL metrics file (always), W&B (offline by default), tqdm progress (rank 0),
+and the run's resolved config.yaml.
 
 Only rank 0 writes; other ranks get a logger whose methods do nothing, so the trainer never
 branches on the rank to log.
@@ -95,3 +96,20 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._f.close()
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def write_config(out_dir: str, config: dict) -> str:
+    """<out_dir>/config.yaml: the run's resolved config (every field, defaults included), replaced
+    atomically; a resumed run replaces it with the config it was started with."""
+    from omegaconf import OmegaConf
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, CONFIG_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
+    os.replace(tmp, path)
+    return path

@@ -7,7 +7,7 @@ Single-device model code: expert parallelism is applied afterwards by the traine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,26 @@ class GPTConfig:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
 
 
+class KVCache:
+    """Keys and values of every attention layer for the tokens seen so far (incremental decoding).
+
+    `length` tokens are cached; GPTMoE.forward(idx, cache=c) treats idx as the next tokens (positions
+    length ... length+S-1) and appends their keys and values. The positions are learned and absolute,
+    so the cache holds at most model.seq_len tokens (moesys.generate slides the window by recomputing).
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: List[Optional[torch.Tensor]] = [None] * n_layers  # (B, H, length, hd)
+        self.v: List[Optional[torch.Tensor]] = [None] * n_layers
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -44,14 +64,25 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(hd) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(hd) if cfg.qk_norm else None
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         # (B, H, S, hd)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # (B, H, past+S, hd)
+        if past == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # query i (position past+i) sees keys 0 .. past+i
+            mask_SL = (torch.arange(past + S, device=q.device)[None, :]
+                       <= past + torch.arange(S, device=q.device)[:, None])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SL,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(o.transpose(1, 2).reshape(B, S, D))
 
 
@@ -75,8 +106,8 @@ class Block(nn.Module):
         self.ffn = None if use_moe else DenseFFN(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BSD: torch.Tensor):
-        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD)))
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+        x_BSD = x_BSD + self.drop(self.attn(self.ln1(x_BSD), cache, layer))
         h = self.ln2(x_BSD)
         if self.moe is not None:
             y, aux = self.moe(h)
@@ -86,7 +117,7 @@ class Block(nn.Module):
 
 
 class GPTMoE(nn.Module):
-    """Decoder-only GPT; `forward(idx_BS) -> (logits_BSV, aux_loss, [MoEAux per MoE block])`."""
+    """Decoder-only GPT; `forward(idx_BS, cache=None) -> (logits_BSV, aux_loss, [MoEAux per MoE block])`."""
 
     def __init__(self, cfg: GPTConfig, moe_cfg: MoEConfig):
         super().__init__()
@@ -122,17 +153,21 @@ class GPTMoE(nn.Module):
         """(block index, layer) of every MoE block."""
         return [(i, b.moe) for i, b in enumerate(self.blocks) if b.moe is not None]
 
-    def forward(self, idx_BS: torch.Tensor):
+    def forward(self, idx_BS: torch.Tensor, cache: Optional[KVCache] = None):
+        """cache: a KVCache to extend (incremental decoding; idx_BS are the tokens after its `length`)."""
         B, S = idx_BS.shape
-        if S > self.cfg.seq_len:
-            raise ValueError(f"sequence length {S} > model.seq_len {self.cfg.seq_len}")
-        pos = torch.arange(S, device=idx_BS.device)
+        past = cache.length if cache is not None else 0
+        if past + S > self.cfg.seq_len:
+            raise ValueError(f"sequence length {past + S} > model.seq_len {self.cfg.seq_len}")
+        pos = torch.arange(past, past + S, device=idx_BS.device)
         x = self.tok_emb(idx_BS) + self.pos_emb(pos)[None]
         auxes: List[MoEAux] = []
-        for blk in self.blocks:
-            x, aux = blk(x)
+        for i, blk in enumerate(self.blocks):
+            x, aux = blk(x, cache, i)
             if aux is not None:
                 auxes.append(aux)
+        if cache is not None:
+            cache.length += S
         logits_BSV = self.head(self.ln_f(x))
         aux_loss = sum((a.loss for a in auxes), start=logits_BSV.new_zeros((), dtype=torch.float32))
         return logits_BSV, aux_loss, auxes

@@ -6,6 +6,8 @@ between ranks and runs.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +20,60 @@ from .config import MoEConfig, exact_capacity
 from .routing import Routing, StaticRouting, token_major_routes
 
 
+def group_limited_mask(scores_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """[T, E] bool: the experts of each token's `topk_groups` best groups (DeepSeek-V3).
+
+    Experts e in [g*E/G, (g+1)*E/G) form group g; a group's score is the sum of its two highest
+    scores (its highest when a group holds one expert). Called on detached scores: the choice of
+    groups, like the choice of experts, carries no gradient.
+    """
+    T, E = scores_TE.shape
+    per_group = E // num_groups
+    group_score_TG = scores_TE.view(T, num_groups, per_group).topk(min(2, per_group), dim=-1).values.sum(-1)
+    keep_TG = torch.zeros(T, num_groups, dtype=torch.bool, device=scores_TE.device)
+    keep_TG.scatter_(1, group_score_TG.topk(topk_groups, dim=-1).indices, True)
+    return keep_TG.unsqueeze(-1).expand(T, num_groups, per_group).reshape(T, E)
+
+
+def limited_topk(choice_TE: torch.Tensor, k: int, cfg: MoEConfig) -> torch.Tensor:
+    """idx_TK of the top-k of `choice_TE` (detached), inside each token's best groups when
+    cfg.group_limited."""
+    if cfg.group_limited:
+        mask_TE = group_limited_mask(choice_TE, cfg.num_groups, cfg.topk_groups)
+        choice_TE = choice_TE.masked_fill(~mask_TE, float("-inf"))
+    return choice_TE.topk(k, dim=-1).indices
+
+
+class BalanceGroupRef:
+    """The balance group of aux_loss="global_batch", kept on the router without being module state:
+    None, "local", or a process group held weakly, as moesys.parallel holds its groups (comm.GroupRef):
+    the layer borrows the group, so destroy_process_group() still tears it down (a group kept alive
+    past it can abort the interpreter at exit). Deep copies share the group; a pickled layer comes
+    back without it (groups belong to a job); state_dict never sees it."""
+
+    __slots__ = ("_value", "_ref")
+
+    def __init__(self, group) -> None:
+        self._value = group if group is None or isinstance(group, str) else None
+        self._ref = None if self._value is not None or group is None else weakref.ref(group)
+
+    @property
+    def group(self):
+        if self._ref is None:
+            return self._value
+        group = self._ref()
+        if group is None:
+            raise RuntimeError("MoELayer: the balance group of aux_loss='global_batch' was destroyed "
+                               "(destroy_process_group) while the layer still uses it")
+        return group
+
+    def __deepcopy__(self, memo) -> "BalanceGroupRef":
+        return BalanceGroupRef(self.group)
+
+    def __reduce__(self):
+        return (BalanceGroupRef, (self._value,))
+
+
 class Router(nn.Module):
     """Base: holds `weight` [E, D]; subclasses turn logits into routes."""
 
@@ -26,6 +82,29 @@ class Router(nn.Module):
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
+        self.balance_group = BalanceGroupRef(None)  # aux_loss="global_batch": where counts are summed
+
+    def global_batch_group(self):
+        """The group for aux_loss="global_batch" in this forward, or None (local counts).
+
+        Only training forwards with autograd on reduce (evaluation may run on some ranks only and
+        its loss is not used); an unset group in a multi-rank job is an error, not a silent local loss."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        group = self.balance_group.group
+        if isinstance(group, str):  # "local" (set_balance_group checked it)
+            return None
+        if group is None:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                raise RuntimeError(
+                    "MoEConfig.aux_loss='global_batch' in a job of "
+                    f"{dist.get_world_size()} ranks needs the group whose tokens make the batch: call "
+                    "layer.set_balance_group(dp_group) (moesys-train does), or MoELayer(cfg, balance_group=...); "
+                    "set_balance_group('local') counts this process's tokens only"
+                )
+        return group
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter_eps > 0:
@@ -39,6 +118,10 @@ class Router(nn.Module):
         if cfg.aux_loss == "switch":
             counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
             losses["aux_loss"] = balance.switch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "global_batch":
+            counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
+            losses["aux_loss"] = balance.global_batch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef,
+                                                               self.global_batch_group())
         elif cfg.aux_loss == "gshard":
             losses["aux_loss"] = balance.gshard_aux_loss(probs_TE, expert_idx_R, slot_R, cfg.aux_loss_coef)
         elif cfg.aux_loss == "seq":
@@ -55,6 +138,9 @@ class Router(nn.Module):
         losses = {}
         if aux and cfg.aux_loss == "switch":
             losses["aux_loss"] = balance.switch_aux_loss(probs_TE, routed_E, K, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "global_batch":  # an all-reduce of device counts (no host read)
+            losses["aux_loss"] = balance.global_batch_aux_loss(probs_TE, routed_E, K, cfg.aux_loss_coef,
+                                                               self.global_batch_group())
         elif aux and cfg.aux_loss == "gshard":
             first_E = histogram(expert_TK[:, 0], cfg.num_experts)
             losses["aux_loss"] = balance.switch_aux_loss(probs_TE, first_E, 1, cfg.aux_loss_coef)
@@ -81,8 +167,17 @@ class TopKRouter(Router):
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         normalize = cfg.renormalize_topk  # never for router="switch"
-        # softmax + top-k, fused into one kernel on the Triton path
-        probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
+        if cfg.group_limited:
+            # group-limited: groups ranked by the sum of their top-2 probabilities (plain torch: the
+            # fused kernel has no group step)
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            idx_TK = limited_topk(probs_TE.detach(), cfg.top_k, cfg)
+            w_TK = probs_TE.gather(1, idx_TK)
+            if normalize:
+                w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        else:
+            # softmax + top-k, fused into one kernel on the Triton path
+            probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
@@ -93,6 +188,16 @@ class TopKRouter(Router):
         histogram and the switch/gshard loss in one fused node (moesys.kernels.topk_route)."""
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
+        if cfg.group_limited:
+            # the group step is plain device ops (a masked top-k), as in `forward`
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            idx_TK = limited_topk(probs_TE.detach(), cfg.top_k, cfg)
+            w_TK = probs_TE.gather(1, idx_TK)
+            if cfg.renormalize_topk:
+                w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+            routed_E = histogram(idx_TK, cfg.num_experts)
+            losses = self.static_losses(probs_TE, logits_TE, idx_TK, routed_E, seq_len)
+            return StaticRouting(idx_TK, w_TK, routed_E, probs_TE, logits_TE, losses)
         fused = cfg.aux_loss if cfg.aux_loss in ("switch", "gshard") else "none"
         probs_TE, w_TK, idx_TK, routed_E, aux = topk_route(logits_TE, cfg.top_k, cfg.renormalize_topk, fused,
                                                            cfg.aux_loss_coef)
@@ -119,7 +224,8 @@ class SigmoidBiasRouter(Router):
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        idx_TK = (scores_TE.detach() + self.expert_bias).topk(cfg.top_k, dim=-1).indices
+        # groups too are ranked on the biased scores (DeepSeek-V3, Megatron)
+        idx_TK = limited_topk(scores_TE.detach() + self.expert_bias, cfg.top_k, cfg)
         w_TK = scores_TE.gather(1, idx_TK)
         if cfg.renormalize_topk:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
@@ -137,7 +243,7 @@ class SigmoidBiasRouter(Router):
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        idx_TK = (scores_TE.detach() + self.expert_bias).topk(cfg.top_k, dim=-1).indices
+        idx_TK = limited_topk(scores_TE.detach() + self.expert_bias, cfg.top_k, cfg)
         w_TK = scores_TE.gather(1, idx_TK)
         if cfg.renormalize_topk:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)

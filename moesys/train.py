@@ -15,15 +15,21 @@ every rank before the process group exists, so bad input fails with a clear mess
 A bad override or setting is one line on stderr and exit code 2, before Hydra makes its run dir or
 any rank starts (`moesys-train: error: trainer.batch_size must be > 0, got 0`); trainer.debug=true
 prints the traceback as well.
+
+SIGTERM or SIGUSR1 (to this process or to any rank) stops every rank at the next step boundary
+after a checkpoint; SIGINT stops without one. The process prints one line (the step, the
+checkpoint, the command that resumes) and exits with 143 (SIGTERM, SIGUSR1) or 130 (SIGINT). A rank
+that dies takes the job down: exit code 1 and a message naming the rank and its error.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import socket
 import sys
-import traceback
-from typing import Callable, List, NoReturn, Optional
+from typing import Callable, Iterator, List, NoReturn, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,7 +39,9 @@ from moesys.errors import ConfigError
 from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
+from . import cli
 from . import data as data_mod
+from . import preemption, supervise
 from .trainer import Trainer, structure_of
 
 register()
@@ -106,20 +114,16 @@ def _backend(cfg: TrainConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
-              share_out_dir: bool = False) -> dict:
-    """One rank: checks, process group, trainer. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env.
-
-    share_out_dir: every rank adopts rank 0's out_dir (torchrun ranks each get their own Hydra run
-    dir, whose timestamps can differ by a second).
-    """
+@contextlib.contextmanager
+def rank_context(cfg: TrainConfig) -> Iterator[Tuple[object, torch.device]]:
+    """This rank's process group and ParallelDims (cfg.parallel) and device; the group is destroyed on
+    exit. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env; run every local check before it."""
     import datetime
 
     from moesys.parallel import ParallelDims
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    resume = prepare(cfg, out_dir, world)  # before the first collective
     backend = _backend(cfg)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -131,20 +135,38 @@ def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] =
     workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
     if cfg.parallel.debug_collectives:  # wraps every process group created from here on
         dist.set_debug_level(dist.DebugLevel.DETAIL)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    # Under torchrun the ranks share the agent's TCPStore, which outlives a restart (--max-restarts):
+    # keys of the failed attempt (a dead rank's gloo address) would be read by the new one, and the
+    # new ranks connect to ports nobody listens on and hang. Each attempt gets its own key space.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    store = dist.PrefixStore(f"moesys/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     try:
-        if share_out_dir:
-            box = [out_dir]
-            dist.broadcast_object_list(box, src=0)
-            out_dir = box[0]
         dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
                                   local_world_size=local_world, num_experts=cfg.moe.num_experts)
-        callbacks = (callbacks_fn or build_callbacks)(cfg)
-        trainer = Trainer(cfg, dims=dims, out_dir=out_dir, callbacks=callbacks, device=device)
-        return trainer.fit(resume)
+        yield dims, device
     finally:
         dist.destroy_process_group()
+
+
+def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
+              share_out_dir: bool = False) -> dict:
+    """One rank: checks, process group, trainer. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env.
+
+    share_out_dir: every rank adopts rank 0's out_dir (torchrun ranks each get their own Hydra run
+    dir, whose timestamps can differ by a second).
+    """
+    resume = prepare(cfg, out_dir, int(os.environ["WORLD_SIZE"]))  # before the first collective
+    with rank_context(cfg) as (dims, device):
+        with preemption.StopSignal() as stop:  # a signal from here on stops at a step boundary
+            if share_out_dir:
+                box = [out_dir]
+                dist.broadcast_object_list(box, src=0)
+                out_dir = box[0]
+            callbacks = (callbacks_fn or build_callbacks)(cfg)
+            trainer = Trainer(cfg, dims=dims, out_dir=out_dir, callbacks=callbacks, device=device, stop=stop)
+            return trainer.fit(resume)
 
 
 def _free_port() -> int:
@@ -153,27 +175,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, world: int, port: int, cfg: TrainConfig, out_dir: str, queue, callbacks_fn) -> None:
+def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
-    summary = rank_main(cfg, out_dir, callbacks_fn)
-    if rank == 0:
-        queue.put(summary)
+    result = fn(*args)
+    return result if rank == 0 else None
 
 
-def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:
-    """Train; returns rank 0's summary (None on other torchrun ranks).
+def launch(world: int, fn: Callable, *args):
+    """Run `fn(*args)` as every rank of a local gloo world of `world` ranks; returns rank 0's result.
 
-    Under torchrun this process is one rank. Otherwise parallel.simulate_ranks local gloo ranks are
-    spawned (1: this process alone). `callbacks_fn(cfg) -> [callbacks]` must be picklable (a
-    module-level function) when ranks are spawned.
-    """
-    if under_torchrun():
-        return rank_main(cfg, out_dir, callbacks_fn, share_out_dir)
-    world = cfg.parallel.simulate_ranks
-    resume = prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
-    if resume is not None:  # the ranks load exactly what the parent verified (resume=auto may have fallen back)
-        cfg.trainer.resume = resume
+    world == 1 runs it in this process (the rank environment set for the call and restored after);
+    otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable): signals
+    are forwarded to them, they die with this process, and a rank that fails raises
+    supervise.RankFailedError naming it, with the others killed at once."""
     if world == 1:
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                  "LOCAL_WORLD_SIZE")}
@@ -181,7 +196,7 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         try:
-            return rank_main(cfg, out_dir, callbacks_fn)
+            return fn(*args)
         finally:
             torch.set_num_threads(threads)
             workspace.set_enabled(cache_on)
@@ -191,49 +206,44 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    import torch.multiprocessing as mp
+    return supervise.run_ranks(_spawned, world, (world, _free_port(), fn, args))[0]
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(world, _free_port(), cfg, out_dir, queue, callbacks_fn), nprocs=world,
-                       join=True, start_method="spawn")
-    return queue.get() if not queue.empty() else None
+
+def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:
+    """Train; returns rank 0's summary (None on other torchrun ranks).
+
+    Under torchrun this process is one rank. Otherwise parallel.simulate_ranks local gloo ranks are
+    spawned (1: this process alone; see moesys.supervise). `callbacks_fn(cfg) -> [callbacks]` must be
+    picklable (a module-level function) when ranks are spawned. A run stopped by a signal returns
+    its summary with `stopped` ({signal, exit_code, step, checkpoint, saved}); a rank that fails
+    raises supervise.RankFailedError naming it.
+    """
+    if under_torchrun():
+        supervise.die_with_parent(os.getppid())  # torchrun's agent: no rank outlives it
+        return rank_main(cfg, out_dir, callbacks_fn, share_out_dir)
+    world = cfg.parallel.simulate_ranks
+    resume = prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
+    if resume is not None:  # the ranks load exactly what the parent verified (resume=auto may have fallen back)
+        cfg.trainer.resume = resume
+    return launch(world, rank_main, cfg, out_dir, callbacks_fn)
 
 
 # ---- Hydra entry point -----------------------------------------------------------------------------
-# Bad input is reported as one line and exit code 2 (a usage error), never as a traceback through
-# Hydra and the spawned ranks: Hydra's own errors (unknown key, wrong type, bad override syntax,
-# missing preset) and ConfigError (the config's checks, the data, the checkpoint to resume). Only
-# ConfigError is caught: the checks raise it, training never does.
-ERROR_PREFIX = "moesys-train: error: "
-EXIT_BAD_INPUT = 2
-_DEBUG_OVERRIDE = re.compile(r"\+{0,2}trainer\.debug=(true|yes|on|1)", re.IGNORECASE)
+# Bad input is one line and exit code 2 (moesys.cli, shared with moesys-eval and moesys-generate).
+# Only ConfigError is caught: the checks raise it, training never does.
+PROG = "moesys-train"
+ERROR_PREFIX = cli.error_prefix(PROG)
+EXIT_BAD_INPUT = cli.EXIT_BAD_INPUT
 
 
 def _exit_bad_input(message: str, debug: bool) -> NoReturn:
-    if debug:
-        traceback.print_exc()
-    print(ERROR_PREFIX + " ".join(message.split("\n")).strip(), file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    cli.exit_bad_input(PROG, message, debug)
 
 
-def _hydra_message(e: Exception) -> str:
-    """One line from a Hydra composition error: its first line, the options it lists, and the first
-    line of the OmegaConf error under it (which names the key and the value)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    out = lines[0].rstrip(".")
-    if any(ln.startswith("Available options") for ln in lines):
-        i = next(k for k, ln in enumerate(lines) if ln.startswith("Available options"))
-        opts = [ln for ln in lines[i + 1:] if not ln.startswith("Config search path")]
-        opts = opts[: next((k for k, ln in enumerate(opts) if ln.startswith("provider=")), len(opts))]
-        out += f" (available: {', '.join(opts)})"
-    elif e.__cause__ is not None and str(e.__cause__).strip():
-        out += ": " + str(e.__cause__).strip().splitlines()[0]
-    elif len(lines) > 1 and not lines[1].startswith("See "):
-        out += ": " + lines[1]
-    return out
+def _checked(dcfg) -> TrainConfig:
+    cfg = from_composed(dcfg)
+    cfg.validate(world_size_of(cfg))
+    return cfg
 
 
 def check_overrides(overrides: List[str]) -> TrainConfig:
@@ -242,23 +252,50 @@ def check_overrides(overrides: List[str]) -> TrainConfig:
     Runs before Hydra creates its run dir and before any rank: a bad override or setting prints one
     line (ERROR_PREFIX ...) and exits with EXIT_BAD_INPUT, writing nothing. Returns the checked config.
     """
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    return cli.compose_checked(PROG, "train", overrides, _checked, debug_key="trainer.debug")
 
-    debug = any(_DEBUG_OVERRIDE.fullmatch(a) for a in overrides)  # the config itself may not compose
+
+EXIT_RANK_FAILED = 1
+
+
+def stop_line(stopped: dict, out_dir: str, argv: List[str]) -> str:
+    """The one line a stopped run prints: the step, the checkpoint, the command that resumes."""
+    import shlex
+
+    keep = [a for a in argv if not re.match(r"\+{0,2}trainer\.(out_dir|resume)=", a)
+            and a not in _no_run_dir([])]  # what main() added for Hydra
+    prog = "torchrun <same options> -m moesys.train" if under_torchrun() else "moesys-train"
+    cmd = " ".join([prog, *map(shlex.quote, keep), shlex.quote(f"trainer.out_dir={out_dir}"), "trainer.resume=auto"])
+    where = (f"checkpoint {stopped['checkpoint']}" if stopped["saved"] else
+             f"no checkpoint written, latest {stopped['checkpoint'] or 'none'}")
+    return f"moesys-train: stopped by {stopped['signal']} at step {stopped['step']}; {where}; resume: {cmd}"
+
+
+def cli_run(cfg: TrainConfig, out_dir: str, argv: List[str], callbacks_fn: Optional[Callable] = None,
+            share_out_dir: bool = False) -> int:
+    """run() as the command line does it: returns the exit status (0; 130/143 after a stop, with the
+    stop line on stderr; 1 when a rank failed, with its error on stderr). ConfigError propagates."""
+    runner = run
+    if under_torchrun():  # torchrun's failure summary shows this rank's exception (its error file)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        runner = record(run)
     try:
-        with initialize_config_module("moesys.configs", version_base="1.3"):
-            dcfg = compose("train", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        _exit_bad_input(_hydra_message(e), debug)
-    debug = bool(dcfg.trainer.debug)
-    try:
-        cfg = from_composed(dcfg)
-        cfg.validate(world_size_of(cfg))
-    except ConfigError as e:
-        _exit_bad_input(str(e), debug)
-    return cfg
+        summary = runner(cfg, out_dir, callbacks_fn, share_out_dir)
+    except supervise.RankFailedError as e:
+        if e.stopped_by is not None:  # a stop signal that came while the ranks were starting
+            newest = ckpt.newest_checkpoint(os.path.join(out_dir, "checkpoints"))
+            print(f"moesys-train: stopped by {signal.Signals(e.stopped_by).name} while the ranks were starting; "
+                  f"nothing trained, latest checkpoint {newest or 'none'}", file=sys.stderr, flush=True)
+            return preemption.exit_code(e.stopped_by)
+        print(f"moesys-train: {e}", file=sys.stderr, flush=True)
+        return EXIT_RANK_FAILED
+    stopped = (summary or {}).get("stopped")
+    if stopped is None:
+        return 0
+    if os.environ.get("RANK", "0") == "0":
+        print(stop_line(stopped, (summary or {}).get("out_dir", out_dir), argv), file=sys.stderr, flush=True)
+    return int(stopped["exit_code"])
 
 
 def _hydra_main(dcfg) -> None:
@@ -267,9 +304,21 @@ def _hydra_main(dcfg) -> None:
     try:
         cfg: TrainConfig = from_composed(dcfg)
         out_dir = cfg.trainer.out_dir or HydraConfig.get().runtime.output_dir
-        run(cfg, os.path.abspath(out_dir), share_out_dir=cfg.trainer.out_dir is None)
+        code = cli_run(cfg, os.path.abspath(out_dir), sys.argv[1:], share_out_dir=cfg.trainer.out_dir is None)
     except ConfigError as e:  # from prepare(), in this process, before any rank starts
         _exit_bad_input(str(e), bool(dcfg.trainer.debug))
+    if code:
+        sys.exit(code)
+
+
+def _no_run_dir(overrides: List[str]) -> List[str]:
+    """With trainer.out_dir set, Hydra needs no run dir of its own: point it at the working directory
+    and write no `.hydra/` (the run's config is saved as <out_dir>/config.yaml and in every
+    checkpoint), so no stray outputs/<date>/<time>/ appears. A hydra.run.dir or hydra.output_subdir
+    on the command line is kept as given."""
+    if any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in overrides):
+        return []
+    return ["hydra.run.dir=.", "hydra.output_subdir=null"]
 
 
 def main() -> None:
@@ -277,8 +326,10 @@ def main() -> None:
 
     overrides = sys.argv[1:]
     # flags (--help, --cfg, -m, -cd ...) and multirun sweeps go to Hydra untouched (its own messages)
-    if not any(a.startswith("-") or a.startswith("hydra.mode=") for a in overrides):
-        check_overrides(overrides)
+    if cli.plain_overrides(overrides):
+        cfg = check_overrides(overrides)
+        if cfg.trainer.out_dir:
+            sys.argv = [sys.argv[0], *overrides, *_no_run_dir(overrides)]
     hydra.main(version_base="1.3", config_path="pkg://moesys.configs", config_name="train")(_hydra_main)()
 
 

@@ -11,6 +11,9 @@ run stops with NonFiniteError. A checkpoint is written only when every weight is
 Callbacks are how schedules plug in (EvoMoE's tau schedule, expert diversification): any object
 with some of on_train_start(trainer), on_step_start(step), after_optimizer_step(step),
 on_train_end(trainer); missing methods are skipped.
+Stopping (moesys.preemption): a stop request (SIGINT, SIGTERM, SIGUSR1 on any rank) rides in the
+step's loss all-reduce, so every rank stops after the same step; SIGTERM and SIGUSR1 write a
+checkpoint of that step first. fit() then returns a summary with `stopped`.
 
 Legend: B local sequences, S seq_len, V vocab, E experts.
 """
@@ -20,7 +23,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,11 +32,22 @@ from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import preemption
 from .collapse import CollapseMonitor
-from .logging_utils import RunLogger
+from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One pass over the validation set: mean loss (nats/token), tokens scored, and per MoE block the
+    routes each expert received (all dp ranks)."""
+
+    loss: float
+    tokens: int
+    load: Dict[int, List[float]]
 
 
 class NonFiniteError(RuntimeError):
@@ -53,8 +67,11 @@ def structure_of(cfg) -> dict:
     m, moe = cfg.model, cfg.moe
     return {"vocab_size": cfg.data.vocab_size, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
             "ffn_hidden": m.ffn_hidden, "seq_len": m.seq_len, "moe_every": m.moe_every,
-            "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts, "activation": moe.activation,
-            "router": moe.router}
+            "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts,
+            "activation": moe.activation, "router": moe.router, "num_shared_experts": moe.num_shared_experts,
+            # the resolved width (None means model.ffn_hidden), 0 without shared experts
+            "shared_ffn_hidden": (moe.shared_ffn_hidden_size or m.ffn_hidden) if moe.num_shared_experts else 0,
+            "shared_expert_gate": bool(moe.shared_expert_gate)}
 
 
 def build_model(cfg) -> GPTMoE:
@@ -85,10 +102,14 @@ class Trainer:
         out_dir: the run's output directory (same on every rank).
         callbacks: step hooks (see module docstring).
         device: where the model lives.
+        stop: a moesys.preemption.StopSignal (entered) whose request the ranks agree on every step.
     """
 
-    def __init__(self, cfg, *, dims, out_dir: str, callbacks: Iterable = (), device: torch.device = torch.device("cpu")):
+    def __init__(self, cfg, *, dims, out_dir: str, callbacks: Iterable = (), device: torch.device = torch.device("cpu"),
+                 stop: Optional[preemption.StopSignal] = None):
         self.cfg, self.dims, self.out_dir, self.device = cfg, dims, out_dir, device
+        self.stop = stop  # this rank's stop request (None: never stops early)
+        self.stop_signal: Optional[int] = None  # the stop every rank agreed on, after a step
         self.callbacks: List = list(callbacks)
         self.rank = dims.rank
         t, p = cfg.trainer, cfg.parallel
@@ -104,6 +125,10 @@ class Trainer:
             for _, layer in self.model.moe_layers():
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
                                       overlap=overlap)
+        # aux_loss=global_batch: routes per expert summed over every data-parallel rank, i.e. over the
+        # whole global batch of the micro-step (EP ranks hold different tokens, so the dp group, not ep)
+        for _, layer in self.model.moe_layers():
+            layer.set_balance_group(dims.dp_group)
         # per-rank streams from here on (jitter, dropout), so ranks do not draw identical noise
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))
 
@@ -129,7 +154,7 @@ class Trainer:
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
         self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
         self._ckpt_meshes: Optional[dict] = None
-        self.history = {"train": [], "val": [], "load_steps": [], "load": {}}
+        self.history = {"train": [], "val": [], "load_steps": [], "load": {}, "drop_rate": {}, "router_entropy": {}}
         blocks = [i for i, _ in self.moe_layers()]
         self.collapse = (CollapseMonitor(share=t.collapse_share, steps=t.collapse_steps, blocks=blocks)
                          if t.collapse_share > 0 and blocks else None)
@@ -229,10 +254,16 @@ class Trainer:
             bad = not math.isfinite(grad_norm)
         else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
             bad = bool(getattr(self.engine.optimizer, "overflow", False))
-        # one small all-reduce: the loss every rank reports (mean over dp) and whether any rank saw a
-        # non-finite value, so every rank takes the same branch below
-        red = torch.stack([lm_sum.cpu(), aux_sum.cpu(), torch.tensor(float(bad))])
+        # one small all-reduce: the loss every rank reports (mean over dp), whether any rank saw a
+        # non-finite value, and any rank's stop request, so every rank takes the same branches below
+        flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
+        red = torch.cat([torch.stack([lm_sum.cpu(), aux_sum.cpu(), torch.tensor(float(bad))]), flags])
         dist.all_reduce(red, group=self.dims.dp_group)
+        if self.dims.dp != self.dims.world_size:  # the stop must be agreed over the whole world
+            flags = red[3:].clone()
+            dist.all_reduce(flags)
+            red[3:] = flags
+        self.stop_signal = preemption.agreed_signal(red[3:])
         loss, aux_loss = float(red[0]) / self.dims.dp, float(red[1]) / self.dims.dp
         skip = bool(red[2] > 0) or not (math.isfinite(loss) and math.isfinite(aux_loss))
         if self.engine is None:
@@ -272,8 +303,11 @@ class Trainer:
         out = {}
         share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
         self.history["load_steps"].append(self.step)
+        routing = {k: names.index(k) for k in ("drop_rate", "router_entropy") if k in names}
         for j, b in enumerate(blocks):
             self.history["load"].setdefault(b, []).append(share[j].tolist())
+            for k, n in routing.items():  # plotted in routing.png
+                self.history.setdefault(k, {}).setdefault(b, []).append(float(vals[j, n]))
             out[f"moe/block{b}/expert_load"] = share[j].tolist()
             out[f"moe/block{b}/max_over_mean_load"] = float(share[j].max() * share.shape[-1])
             for n, k in enumerate(names):
@@ -282,21 +316,34 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+    def evaluation(self) -> "Evaluation":
+        """The fixed validation set (independent of the world size): summed next-token loss, tokens,
+        and the routes per expert of every MoE layer, over all dp ranks. Collective on the dp group."""
         cfg = self.cfg
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64)
+        loads = None  # [L, E] routes per expert (the runtime reports each rank's tokens to all E)
         for x, y in data_mod.eval_batches(self.val_split, seq_len=cfg.model.seq_len, batch_size=cfg.trainer.batch_size,
                                           n_batches=cfg.trainer.eval_batches, dp_rank=self.dims.rank,
                                           dp_size=self.dims.dp):
             with self._autocast():
-                logits, _, _ = self.model(x.to(self.device))
+                logits, _, auxes = self.model(x.to(self.device))
             tot[0] += lm_loss(logits, y.to(self.device), reduction="sum").double().cpu()
             tot[1] += y.numel()
+            if auxes:
+                cnt = torch.stack([a.tokens_per_expert.detach().double().cpu() for a in auxes])
+                loads = cnt if loads is None else loads + cnt
         dist.all_reduce(tot, group=self.dims.dp_group)
+        if loads is not None:
+            dist.all_reduce(loads, group=self.dims.dp_group)
         self.model.train()
-        return float(tot[0] / tot[1])
+        blocks = [i for i, _ in self.moe_layers()]
+        return Evaluation(loss=float(tot[0] / tot[1]), tokens=int(tot[1]),
+                          load={b: loads[j].tolist() for j, b in enumerate(blocks)} if loads is not None else {})
+
+    def evaluate(self) -> float:
+        """Mean next-token loss on the fixed validation set (independent of the world size)."""
+        return self.evaluation().loss
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -336,7 +383,8 @@ class Trainer:
         # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes())
+                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes(),
+                                    config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
         st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
@@ -351,7 +399,8 @@ class Trainer:
             self.engine.global_samples = self.step * self.cfg.trainer.batch_size
         if st.get("history"):
             self.history = st["history"]
-            self.history["load"] = {int(k): v for k, v in self.history.get("load", {}).items()}
+            for key in ("load", "drop_rate", "router_entropy"):  # JSON-like round trips can make the keys str
+                self.history[key] = {int(k): v for k, v in self.history.get(key, {}).items()}
         if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
             torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
         return st
@@ -364,6 +413,8 @@ class Trainer:
         log = RunLogger(self.out_dir, enabled=self.rank == 0, wandb_mode=cfg.logging.wandb_mode,
                         project=cfg.logging.wandb_project, run_name=cfg.logging.run_name, total_steps=t.steps,
                         start_step=self.step, config=_as_dict(cfg), use_tqdm=cfg.logging.tqdm)
+        if self.rank == 0:
+            write_config(self.out_dir, _as_dict(cfg))
         start = time.time()
         for w in cfg.warnings():  # valid but probably not meant; logged, not an error
             log.message(f"warning: {w}")
@@ -422,9 +473,13 @@ class Trainer:
                 self.history["val"].append((self.step, v))
                 log.message(f"step {self.step}: train loss {m['loss']:.4f}  val loss {v:.4f}  lr {m['lr']:.2e}")
             log.log(self.step, m)
+            saved_now = None
             if t.ckpt_interval and self.step % t.ckpt_interval == 0 and self.step < t.steps:
-                if self.save() is None:
+                saved_now = self.save()
+                if saved_now is None:
                     log.message(f"step {self.step}: a weight is not finite: checkpoint not written")
+            if self.stop_signal is not None and self.step < t.steps:
+                return self._stopped(log, start, last, saved_now)
         saved = self.save() if t.save_final else None
         if t.save_final and saved is None:
             log.message(f"step {self.step}: a weight is not finite: final checkpoint not written")
@@ -437,17 +492,44 @@ class Trainer:
                    "checkpoint": saved, "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]]}
         if self.rank == 0:
             if t.plots:
-                summary["plots"] = _plots(self.out_dir, self.history)
+                summary["plots"] = _plots(self.out_dir, self.history, cfg)
             log.message(f"done: {self.step} steps in {elapsed:.1f}s; val loss {summary['val_loss_start']:.4f} -> "
                         f"{summary['val_loss_end']:.4f}; outputs in {self.out_dir}")
         log.close({k: v for k, v in summary.items() if k != "train_losses"})
         return summary
 
+    def _stopped(self, log, start: float, last: Optional[dict], saved_now: Optional[str]) -> dict:
+        """Every rank agreed to stop after this step: write a checkpoint if the signal asks for one
+        (collective), and return the summary with `stopped`."""
+        import signal as signal_mod
 
-def _plots(out_dir: str, history: dict) -> list:
-    from .plots import write_all
+        signum = self.stop_signal
+        name = signal_mod.Signals(signum).name
+        saved = saved_now
+        if saved is None and signum in preemption.SAVING_SIGNALS:
+            saved = self.save()
+            if saved is None:
+                log.message(f"step {self.step}: a weight is not finite: checkpoint not written")
+        newest = saved or ckpt.newest_checkpoint(self.ckpt_root)
+        self._hook("on_train_end", self)
+        summary = {"steps": self.step, "elapsed_s": time.time() - start,
+                   "val_loss_start": self.history["val"][0][1] if self.history["val"] else float("nan"),
+                   "val_loss_end": self.history["val"][-1][1] if self.history["val"] else float("nan"),
+                   "train_loss_end": last["loss"] if last else float("nan"), "checkpoint": saved,
+                   "out_dir": self.out_dir, "train_losses": [l for _, l in self.history["train"]],
+                   "stopped": {"signal": name, "exit_code": preemption.exit_code(signum), "step": self.step,
+                               "checkpoint": newest, "saved": saved is not None}}
+        log.message(f"stopped by {name} at step {self.step}; " + (
+            f"checkpoint {saved}" if saved else f"no checkpoint written (latest: {newest or 'none'})"))
+        log.close({k: v for k, v in summary.items() if k not in ("train_losses", "stopped")})
+        return summary
 
-    return write_all(out_dir, history)
+
+def _plots(out_dir: str, history: dict, cfg) -> list:
+    from .plots import evo_marks, write_all
+
+    last = history["train"][-1][0] if history["train"] else 0
+    return write_all(out_dir, history, num_experts=cfg.moe.num_experts, marks=evo_marks(cfg.evo, last))
 
 
 def _as_dict(cfg) -> dict:

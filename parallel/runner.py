@@ -7,8 +7,15 @@ Per call it asks the tuner for (mode, overlap degree c), runs
   ep:         rows split into c chunks (each expert's rows split evenly, so every chunk stays
               grouped by expert); chunk i+1's dispatch and chunk i-1's combine are in flight
               while chunk i's experts compute (forward; the backward mirrors it, see comm.py);
-  sharded_dp: weights gathered in c F-chunks while the previous chunk computes,
-and reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/";
+  sharded_dp: weights gathered in c F-chunks while the previous chunk computes.
+With shared experts the layer hands the runner its shared work (`shared=SharedWork`, dense FFNs on
+the layer's own tokens, no communication): it runs after the first dispatch is issued and before
+it is waited for (ep), or while the first weight chunk is gathered (sharded_dp), so the dense FFN
+hides the dispatch. The call then returns (y_ND, s_TD). The backward overlaps too, by the autograd
+engine's order: of the nodes ready, it runs the latest-created first, so the shared FFN's backward
+(created between the dispatch's Start and Wait) runs after the Wait node launches the reverse
+all-to-all and before the Start node waits for it (tests/parallel/test_shared_experts_ep.py).
+Reports timings, bytes and decisions in `last_metrics` (the layer adds the prefix "runtime/";
 the keys are the same in every mode, METRICS, so reductions over ranks always line up).
 
 Decisions are global (see tuner.py): the routing statistics and step times go through one small
@@ -34,7 +41,7 @@ from .timing import HostClock, Timer
 from .tuner import Stats, Tuner
 
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
-TIMER_KEYS = ("plan_s", "dispatch_start_s", "wait_s", "compute_s", "combine_start_s")
+TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
                         "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions")
 
@@ -44,6 +51,8 @@ class ExpertParallelRunner:
         group: the ep group (tokens move inside it).
         agree_group: the ranks that take every decision together (the whole job; None: `group`).
     """
+
+    overlaps_shared = True  # takes the layer's shared-expert work and runs it while tokens travel
 
     @property
     def group(self):
@@ -121,8 +130,10 @@ class ExpertParallelRunner:
             stats, slowest = Stats.from_list(job[:-1]), job[-1]
         return stats, (slowest if slowest >= 0 else None)
 
-    def __call__(self, x_ND: torch.Tensor, plan, experts) -> torch.Tensor:
-        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens)."""
+    def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
+        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens).
+
+        shared: the layer's SharedWork (a callable returning s_TD) or None; given, returns (y_ND, s_TD)."""
         if plan.counts_E.shape[0] != self.layout.num_experts:
             raise ValueError(
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
@@ -146,10 +157,12 @@ class ExpertParallelRunner:
         t0 = time.perf_counter()
         m0 = self.clock.mark() if self._timing else None
         metrics: dict = dict.fromkeys(METRICS, 0.0)
+        out: dict = {}
         if mode == "ep":
-            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics)
+            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics, shared, out)
         else:
-            y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer)
+            y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer, shared=shared,
+                                out=out)
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
@@ -164,10 +177,10 @@ class ExpertParallelRunner:
         if set(metrics) != set(METRICS):  # a new key must join METRICS, or ranks' reductions split
             raise RuntimeError(f"ExpertParallelRunner: metrics {sorted(set(metrics) ^ set(METRICS))} not in METRICS")
         self.last_metrics = metrics
-        return y_ND
+        return y_ND if shared is None else (y_ND, out["shared"])
 
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
-                metrics: dict) -> torch.Tensor:
+                metrics: dict, shared=None, out: Optional[dict] = None) -> torch.Tensor:
         d = self.dispatcher
         if c == 1:
             chunk_counts, idxs = [counts_E], [None]
@@ -186,6 +199,9 @@ class ExpertParallelRunner:
                 return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
         flight = start(0)
+        if shared is not None:
+            with timer.span("shared_s"):  # the dense shared experts while chunk 0's tokens travel
+                out["shared"] = shared()
         combines = []
         nbytes = nremote = 0
         for i in range(len(chunk_counts)):

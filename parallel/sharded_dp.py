@@ -82,11 +82,18 @@ class ShardedDataParallel:
         local = sum(w.numel() * w.element_size() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
         return (self.layout.world - 1) * local
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1, timer=None):
-        """y_ND for this rank's rows with all E experts; `timer` (optional) accumulates wait/compute time."""
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1, timer=None,
+                 shared=None, out: Optional[dict] = None):
+        """y_ND for this rank's rows with all E experts; `timer` (optional) accumulates wait/compute time.
+
+        shared (optional): the layer's shared-expert work, run while the first weight chunk is
+        gathered; its s_TD goes to out["shared"]."""
         spans = _f_chunks(experts.w1.shape[2], chunks)
         self.last_chunks = len(spans)
         pending = self._start(experts, spans[0])
+        if shared is not None:
+            with maybe_span(timer, "shared_s"):
+                out["shared"] = shared()
         y_ND = None
         for i in range(len(spans)):
             with maybe_span(timer, "wait_s"):

@@ -22,6 +22,8 @@ CASES = {
     "kernels": ["benchmarks/kernels.py", "--small", "--iters", "1"],
     "ep": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--rounds", "1",
            "--steps", "1", "--auto-steps", "4"],
+    "ep_groups": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--experts",
+                  "8", "--top-k", "4", "--groups", "4", "--topk-groups", "2", "--rounds", "1", "--steps", "1"],
     "stability": ["benchmarks/stability.py", "--only", "tiny", "--seeds", "1", "--steps", "7"],
     "plan_check": ["benchmarks/plan_check.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
                    "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
@@ -29,6 +31,7 @@ CASES = {
                   "--repeats", "1"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
+    "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
 }
 
 

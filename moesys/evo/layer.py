@@ -45,6 +45,9 @@ class EvoMoELayer(MoELayer):
     """
 
     def __init__(self, cfg: MoEConfig, *, dense_phase: bool = True, layer_index: int = 0, ep_group=None):
+        if cfg.num_shared_experts:
+            raise ValueError(f"EvoMoELayer does not support shared experts (MoEConfig.num_shared_experts="
+                             f"{cfg.num_shared_experts}): the dense phase and the spawn have no place for them")
         super().__init__(cfg, ep_group=None)
         self.layer_index = layer_index
         self.register_buffer("phase", torch.tensor(DENSE if dense_phase else SPARSE, dtype=torch.int64))

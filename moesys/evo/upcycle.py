@@ -54,6 +54,11 @@ def upcycle_model(dense: GPTMoE, moe_cfg: MoEConfig, *, seed: int, spawn: str = 
             f"upcycle: MoEConfig sizes (D={moe_cfg.hidden_size}, F={moe_cfg.ffn_hidden_size}) != dense model "
             f"(d_model={gcfg.d_model}, ffn_hidden={gcfg.ffn_hidden})"
         )
+    if moe_cfg.num_shared_experts:
+        raise ValueError(
+            f"upcycle: MoEConfig.num_shared_experts={moe_cfg.num_shared_experts} is not supported: the dense model "
+            "has no shared experts to copy, and fresh ones would change the upcycled model's function"
+        )
     any_dense_ffn = any(b.ffn is not None for b in dense.blocks)
     if any_dense_ffn and moe_cfg.activation != "gelu":
         raise ValueError(f"upcycle: the dense FFN is GELU; MoEConfig.activation={moe_cfg.activation!r}")

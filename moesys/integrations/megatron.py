@@ -94,6 +94,26 @@ def _one(value, name: str):
     return value
 
 
+def _check_groups_like_megatron(tc: TransformerConfig, num_groups: int, group_topk) -> None:
+    """Group-limited routing maps only where moesys picks the same groups as Megatron."""
+    if not group_topk:
+        raise ValueError(f"moe_config_from_megatron: moe_router_num_groups={num_groups} needs moe_router_group_topk")
+    E, K = tc.num_moe_experts, tc.moe_router_topk
+    per_group = E // num_groups if E % num_groups == 0 else None
+    # Megatron scores a group by the sum of its top-(topk // group_topk) scores; moesys (DeepSeek-V3)
+    # by its top-2 (its top-1 when a group holds one expert)
+    if per_group is not None and K // group_topk != min(2, per_group):
+        raise ValueError(
+            f"moe_config_from_megatron: Megatron scores a group by its top moe_router_topk // "
+            f"moe_router_group_topk = {K} // {group_topk} = {K // group_topk} scores; moesys by its top "
+            f"{min(2, per_group)} (DeepSeek-V3), so the groups chosen would differ")
+    if tc.moe_router_score_function == "softmax" and not tc.moe_router_pre_softmax:
+        raise ValueError(
+            "moe_config_from_megatron: with moe_router_score_function='softmax' and moe_router_pre_softmax=False "
+            "Megatron ranks groups by their logits, moesys by the softmax probabilities (the groups can differ): "
+            "set moe_router_pre_softmax=True, or sigmoid scores with moe_router_enable_expert_bias")
+
+
 def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
     """MoEConfig from a Megatron TransformerConfig (MegaBlocks `Arguments.from_megatron` style).
 
@@ -106,18 +126,35 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
     normalize_topk=False, else None (renormalise for K > 1: Megatron's softmax over the top-k
     scores; it refuses K = 1 without pre-softmax), and None for sigmoid scores (Megatron
     renormalises those for K > 1 whatever pre_softmax says); gated_linear_unit + silu -> swiglu; moe_input_jitter_eps -> jitter_eps;
-    init_method_std -> init_std. Keyword `overrides` replace any resulting field.
-    Unsupported settings (sinkhorn balancing, group-limited routing, top-k scaling factor) raise.
+    init_method_std -> init_std; moe_router_num_groups, moe_router_group_topk -> num_groups,
+    topk_groups (where moesys picks the same groups: a group's score is the sum of its top-2 scores,
+    i.e. moe_router_topk // moe_router_group_topk == 2, and softmax scores need pre-softmax: Megatron
+    ranks groups by logits otherwise; else it raises); moe_router_load_balancing_type
+    global_aux_loss -> aux_loss global_batch, coefficient unchanged (moesys's per-rank loss is Qwen's
+    form, whose mean over the data-parallel ranks is the Switch loss of the whole batch; Megatron's
+    per-rank value is that divided by its reduce group's size, and it pools the counts of the
+    gradient-accumulation micro-batches, which moesys does not; Megatron counts the un-limited top-k
+    choices for its aux losses, moesys the routes taken). moe_shared_expert_intermediate_size I -> one shared expert of width I
+    (num_shared_experts=1, shared_ffn_hidden_size=I: Megatron runs its shared experts as one MLP of the
+    total width, which is the sum of S experts of width I/S), moe_shared_expert_gate -> shared_expert_gate
+    (moe_shared_expert_overlap is accepted either way: moesys always overlaps them with the dispatch under
+    expert parallelism); recompute_granularity="selective" with "moe" or "moe_act" in recompute_modules ->
+    recompute. Keyword `overrides` replace any field.
+    Unsupported settings (sinkhorn balancing, top-k scaling factor) raise.
     """
     if not tc.num_moe_experts:
         raise ValueError("moe_config_from_megatron: TransformerConfig.num_moe_experts is not set")
     balancing = _one(tc.moe_router_load_balancing_type, "moe_router_load_balancing_type")
-    aux_map = {"aux_loss": "switch", "seq_aux_loss": "seq", "none": "none"}
+    aux_map = {"aux_loss": "switch", "seq_aux_loss": "seq", "global_aux_loss": "global_batch", "none": "none"}
     if balancing not in aux_map:
         raise ValueError(f"moe_config_from_megatron: moe_router_load_balancing_type={balancing!r} "
                          f"is not one of {list(aux_map)}")
-    if getattr(tc, "moe_router_num_groups", None):
-        raise ValueError("moe_config_from_megatron: group-limited routing (moe_router_num_groups) is not supported")
+    num_groups, group_topk = getattr(tc, "moe_router_num_groups", None), getattr(tc, "moe_router_group_topk", None)
+    if getattr(tc, "moe_router_topk_limited_devices", None):
+        raise ValueError("moe_config_from_megatron: moe_router_topk_limited_devices is deprecated in Megatron; "
+                         "set moe_router_num_groups (= EP size) and moe_router_group_topk instead")
+    if num_groups:
+        _check_groups_like_megatron(tc, num_groups, group_topk)
     if getattr(tc, "moe_router_topk_scaling_factor", None) not in (None, 1.0):
         raise ValueError("moe_config_from_megatron: moe_router_topk_scaling_factor is not supported")
     router = "topk"
@@ -145,7 +182,16 @@ def moe_config_from_megatron(tc: TransformerConfig, **overrides) -> MoEConfig:
         aux_loss=aux_map[balancing],
         aux_loss_coef=float(_one(tc.moe_aux_loss_coeff, "moe_aux_loss_coeff") or 0.0),
         z_loss_coef=float(tc.moe_z_loss_coeff or 0.0),
+        num_groups=num_groups or None,
+        topk_groups=group_topk if num_groups else None,
     )
+    shared = getattr(tc, "moe_shared_expert_intermediate_size", None)
+    if shared:
+        fields.update(num_shared_experts=1, shared_ffn_hidden_size=int(shared),
+                      shared_expert_gate=bool(getattr(tc, "moe_shared_expert_gate", False)))
+    modules = getattr(tc, "recompute_modules", None) or ()
+    if getattr(tc, "recompute_granularity", None) == "selective" and {"moe", "moe_act"} & set(modules):
+        fields["recompute"] = True
     fields.update(overrides)
     return MoEConfig(**fields)
 
@@ -226,7 +272,11 @@ class MoesysMLP(MegatronModule):
         self.aux_loss_scale = float(aux_loss_scale)
         self.layer_number: Optional[int] = None
         self.last_aux_metrics: dict = {}
-        self.moe = MoELayer(cfg)
+        # aux_loss=global_batch: counts over the data-parallel ranks (with context parallelism: its
+        # ranks too; TP is 1), i.e. the whole batch; one process when parallel_state is not set up
+        balance_group = (parallel_state.get_data_parallel_group(with_context_parallel=True)
+                         if parallel_state.model_parallel_is_initialized() else None)
+        self.moe = MoELayer(cfg, balance_group=balance_group)
         ep = parallel_state.get_expert_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
         if ep > 1:
             from moesys.parallel import apply_expert_parallel

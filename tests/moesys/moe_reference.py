@@ -19,6 +19,24 @@ def ffn(x_D, cfg, w1, w2, w3, e):
     return h @ w2[e]
 
 
+def allowed_experts(scores_E, cfg):
+    """Group-limited routing, per token in plain Python: the experts of the cfg.topk_groups groups
+    whose two best scores sum highest (all experts without groups)."""
+    E = cfg.num_experts
+    if cfg.num_groups is None:
+        return list(range(E))
+    n = E // cfg.num_groups
+    s = [float(v) for v in scores_E.detach()]
+    group_score = [sum(sorted(s[g * n:(g + 1) * n], reverse=True)[:2]) for g in range(cfg.num_groups)]
+    best = sorted(range(cfg.num_groups), key=lambda g: -group_score[g])[:cfg.topk_groups]
+    return [e for g in best for e in range(g * n, (g + 1) * n)]
+
+
+def pick(scores_E, K, allowed):
+    """The K allowed experts with the highest scores, best first."""
+    return sorted(allowed, key=lambda e: -float(scores_E[e].detach()))[:K]
+
+
 def reference_routes(x_TD, cfg, router_w, expert_bias=None):
     """[(token, expert, weight, slot)] decided independently of moesys's routing code."""
     T, E, K = x_TD.shape[0], cfg.num_experts, cfg.top_k
@@ -29,7 +47,8 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
     if cfg.router in ("topk", "switch"):
         probs = torch.softmax(logits, -1)
         for t in range(T):
-            vals, idx = probs[t].topk(K)
+            idx = pick(probs[t], K, allowed_experts(probs[t], cfg))
+            vals = probs[t][idx]
             if cfg.router == "topk" and normalize:
                 vals = vals / vals.sum()
             for k in range(K):
@@ -38,7 +57,8 @@ def reference_routes(x_TD, cfg, router_w, expert_bias=None):
         s = torch.sigmoid(logits)
         b = expert_bias if expert_bias is not None else torch.zeros(E)
         for t in range(T):
-            idx = (s[t].detach() + b).topk(K).indices
+            choice = s[t].detach() + b
+            idx = pick(choice, K, allowed_experts(choice, cfg))
             vals = s[t][idx]
             if normalize:
                 vals = vals / vals.sum()

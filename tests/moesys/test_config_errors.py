@@ -73,8 +73,26 @@ CASES = [
     (["moe.router=switch"], "moe.router='switch' is top-1; got top_k=2"),
     (["moe.router=expert_choice"], "moe.router=expert_choice is not causal"),
     (["moe.kernel_backend=grouped_mm", "model.d_model=30"],
-     "moe.kernel_backend='grouped_mm' needs model.d_model (30) and model.ffn_hidden (64) to be multiples of 4"),
+     "moe.kernel_backend='grouped_mm' needs model.d_model (30) divisible by 4"),
     (["moe.kernel_backend=fast"], "moe.kernel_backend='fast' is not one of"),
+    (["moe.num_groups=3", "moe.topk_groups=1"], "moe.num_groups (3) must divide moe.num_experts (4)"),
+    (["moe.num_groups=2", "moe.topk_groups=3"], "moe.topk_groups (3) must be <= moe.num_groups (2)"),
+    (["moe.num_groups=4", "moe.topk_groups=1"],
+     "moe.top_k (2) must be <= moe.topk_groups (1) x experts per group (1 = num_experts 4 / num_groups 4) = 1"),
+    (["moe.num_groups=2"], "moe.num_groups (2) and moe.topk_groups (None) go together"),
+    (["moe.num_groups=0", "moe.topk_groups=1"], "moe.num_groups must be a positive integer or None (no group limit), got 0"),
+    (["moe.router=dts", "moe.top_k=1", "moe.num_groups=2", "moe.topk_groups=1"],
+     "moe.num_groups=2: group-limited routing needs router in ['topk', 'switch', 'sigmoid_bias'], got router='dts'"),
+    (["moe.router=dts", "moe.top_k=1", "moe.aux_loss=global_batch"], "moe.aux_loss='global_batch' pools the Switch loss's counts; router='dts'"),
+    (["moe.aux_loss=global"], "moe.aux_loss='global' is not one of"),
+    (["moe.num_shared_experts=-1"], "moe.num_shared_experts must be an integer >= 0, got -1"),
+    (["moe.num_shared_experts=1", "moe.shared_ffn_hidden_size=0"],
+     "moe.shared_ffn_hidden_size must be a positive integer or None (= model.ffn_hidden), got 0"),
+    (["moe.shared_expert_gate=true"], "moe.num_shared_experts is 0 but moe.shared_ffn_hidden_size=None / "
+     "moe.shared_expert_gate=True is set: shared experts need moe.num_shared_experts >= 1"),
+    (["evo=evomoe", "moe.num_shared_experts=1"], "evo.enabled=true does not support shared experts "
+     "(moe.num_shared_experts=1)"),
+    (["moe.recompute=maybe"], "moe.recompute=maybe"),
     # parallel
     (["parallel.ep=3", "parallel.simulate_ranks=3"], "moe.num_experts (4) must be divisible by parallel.ep (3)"),
     (["parallel.ep=4"], "world size (2) must be divisible by parallel.ep (4)"),
@@ -248,3 +266,9 @@ def test_warnings_name_settings_that_are_probably_not_meant():
     assert make_cfg("trainer.steps=40", "schedule.warmup_steps=10").warnings() == []
     (w,) = make_cfg("trainer.steps=4").warnings()  # preset=tiny warms up over 30 steps
     assert w.startswith("schedule.warmup_steps (30) > trainer.steps (4)")
+    # groups not aligned with the EP ranks: a token can reach more than topk_groups ranks
+    ok = ["trainer.steps=40", "schedule.warmup_steps=10", "moe.num_experts=12", "moe.topk_groups=1"]
+    assert make_cfg(*ok, "moe.num_groups=4", "parallel.ep=2").warnings() == []  # 2 groups a rank
+    assert make_cfg(*ok, "moe.num_groups=2", "parallel.ep=4").warnings() == []  # a group = 2 ranks (a node)
+    (w,) = make_cfg(*ok, "moe.num_groups=3", "parallel.ep=2").warnings()
+    assert w.startswith("moe.num_groups (3) and parallel.ep (2): groups are not aligned")

@@ -44,14 +44,18 @@ class TinyMoELM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, VOCAB), tgt_BS.reshape(-1)) + aux.loss
 
 
-def _cfg() -> MoEConfig:
+# shared experts (dense, replicated) with Qwen2-MoE's gate, and recompute
+SHARED = dict(num_shared_experts=2, shared_ffn_hidden_size=12, shared_expert_gate=True, recompute=True)
+
+
+def _cfg(**kw) -> MoEConfig:
     return MoEConfig(hidden_size=D, ffn_hidden_size=FF, num_experts=E, top_k=2, activation="swiglu",
-                     aux_loss_coef=1e-2, z_loss_coef=1e-3, kernel_backend="torch")
+                     aux_loss_coef=1e-2, z_loss_coef=1e-3, kernel_backend="torch", **kw)
 
 
-def _model(dims=None) -> TinyMoELM:
+def _model(dims=None, **kw) -> TinyMoELM:
     torch.manual_seed(0)
-    model = TinyMoELM(_cfg())
+    model = TinyMoELM(_cfg(**kw))
     if dims is not None and dims.ep > 1:
         from moesys.parallel import apply_expert_parallel
 
@@ -83,9 +87,9 @@ def _clip_(model, dims, clip: float) -> float:
     return norm
 
 
-def plain_losses(dims=None) -> tuple:
+def plain_losses(dims=None, **kw) -> tuple:
     """(loss per micro-step, grad norm per optimizer step)"""
-    model = _model(dims)
+    model = _model(dims, **kw)
     groups = ds_int.moe_param_groups(model, weight_decay=OPT["weight_decay"], group_name="experts")
     opt = torch.optim.AdamW(groups, lr=OPT["lr"], betas=OPT["betas"], eps=OPT["eps"])
     rank = 0 if dims is None else dims.rank
@@ -105,8 +109,8 @@ def plain_losses(dims=None) -> tuple:
     return losses, norms
 
 
-def ds_losses(zero_stage: int, dims=None, config=None) -> tuple:
-    model = _model(dims)
+def ds_losses(zero_stage: int, dims=None, config=None, **kw) -> tuple:
+    model = _model(dims, **kw)
     engine = ds_int.build_engine(model, optimizer_cfg=OPT, zero_stage=zero_stage, dims=dims,
                                  grad_accum=ACCUM, clip=CLIP, config=config)
     rank = 0 if dims is None else dims.rank
@@ -191,6 +195,19 @@ def test_deepspeed_matches_plain_loop_world1(world1, zero_stage):
     torch.testing.assert_close(torch.tensor(got_norms), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
 
 
+def test_shared_experts_are_dense_for_deepspeed_and_match_plain_loop_world1(world1):
+    from deepspeed.moe.utils import is_moe_param
+
+    model = _model(**SHARED)
+    experts = ds_int.mark_expert_params(model, "ep_size_1")
+    assert len(experts) == 3 and not any(is_moe_param(p) for p in model.moe.shared_experts.parameters())
+    ref, ref_norms = plain_losses(**SHARED)
+    got, got_norms = ds_losses(2, **SHARED)
+    assert ref != plain_losses()[0]  # the shared experts change the model
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got_norms), torch.tensor(ref_norms), rtol=1e-5, atol=1e-7)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -227,14 +244,14 @@ def test_engine_uses_expert_data_parallel_group(world1):
 
 
 # ---------------------------------------------------------------------------------------------
-def _ep2_rank(zero_stage: int) -> dict:
+def _ep2_rank(zero_stage: int, kw=None) -> dict:
     from moesys.parallel import ParallelDims
 
     dims = ParallelDims.build(ep=2, timeout_s=120)
     from deepspeed.utils import groups as ds_groups
 
-    ref, ref_norms = plain_losses(dims)
-    got, got_norms = ds_losses(zero_stage, dims)
+    ref, ref_norms = plain_losses(dims, **(kw or {}))
+    got, got_norms = ds_losses(zero_stage, dims, **(kw or {}))
     name = ds_int.expert_group_name(2)
     return {
         "ref": ref,
@@ -248,12 +265,12 @@ def _ep2_rank(zero_stage: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_deepspeed_matches_plain_loop_ep2(zero_stage):
+@pytest.mark.parametrize("zero_stage,kw", [(1, None), (2, None), (2, SHARED)], ids=["zero1", "zero2", "zero2-shared"])
+def test_deepspeed_matches_plain_loop_ep2(zero_stage, kw):
     parallel = pytest.importorskip("moesys.parallel")
     if not hasattr(parallel, "simulate") or not hasattr(parallel, "apply_expert_parallel"):
         pytest.skip("moesys.parallel has not landed yet")
-    results = parallel.simulate(_ep2_rank, 2, zero_stage, timeout_s=240)
+    results = parallel.simulate(_ep2_rank, 2, zero_stage, kw, timeout_s=240)
     for rank, r in enumerate(results):
         assert r["ep_ranks"] == [0, 1] and r["edp_ranks"] == [rank]
         torch.testing.assert_close(torch.tensor(r["got"]), torch.tensor(r["ref"]), rtol=1e-5, atol=1e-6)

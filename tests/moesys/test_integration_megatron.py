@@ -75,19 +75,51 @@ def test_moe_config_from_megatron():
         warnings.simplefilter("error")  # K=1 is left to decide by K: no normalize_topk warning
         top1 = mg.moe_config_from_megatron(tc, top_k=1)  # overrides
     assert top1.top_k == 1 and not top1.renormalize_topk
+    assert cfg.num_shared_experts == 0 and not cfg.recompute
+    shared = mg.moe_config_from_megatron(_tc(moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True,
+                                             moe_shared_expert_overlap=True, moe_token_dispatcher_type="alltoall",
+                                             recompute_granularity="selective",
+                                             recompute_modules=["core_attn", "moe"]))
+    assert (shared.num_shared_experts, shared.shared_ffn_hidden_size, shared.shared_expert_gate) == (1, 48, True)
+    assert shared.recompute
     with pytest.raises(ValueError, match="num_moe_experts"):
         mg.moe_config_from_megatron(_tc(num_moe_experts=None, moe_ffn_hidden_size=None))
     with pytest.raises(ValueError, match="gated_linear_unit"):
         mg.moe_config_from_megatron(_tc(activation_func=F.gelu))
 
 
-@pytest.mark.parametrize("aux_loss", ["switch", "seq"])
-def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss):
-    tc = _tc()
+def test_moe_config_from_megatron_groups_and_global_aux_loss():
+    # DeepSeek-V3's form: sigmoid scores + expert bias, groups scored by their top-2 (4 // 2)
+    tc = _tc(num_moe_experts=8, moe_router_topk=4, moe_router_num_groups=4, moe_router_group_topk=2,
+             moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+             moe_router_load_balancing_type="global_aux_loss")
+    cfg = mg.moe_config_from_megatron(tc)
+    assert (cfg.router, cfg.num_groups, cfg.topk_groups, cfg.aux_loss) == ("sigmoid_bias", 4, 2, "global_batch")
+    pre = mg.moe_config_from_megatron(_tc(num_moe_experts=8, moe_router_topk=2, moe_router_num_groups=4,
+                                          moe_router_group_topk=1, moe_router_pre_softmax=True))
+    assert (pre.router, pre.num_groups, pre.topk_groups, pre.renormalize_topk) == ("topk", 4, 1, False)
+    assert mg.moe_config_from_megatron(_tc()).num_groups is None
+    # Megatron ranks softmax groups by logits without pre-softmax: refused, not silently different
+    with pytest.raises(ValueError, match="pre_softmax=False.*logits"):
+        mg.moe_config_from_megatron(_tc(num_moe_experts=8, moe_router_num_groups=4, moe_router_group_topk=1))
+    with pytest.raises(ValueError, match="moe_router_topk_limited_devices is deprecated"):
+        mg.moe_config_from_megatron(_tc(moe_router_topk_limited_devices=2))
+    # a group score of top-(4 // 4) = top-1 is not moesys's top-2
+    with pytest.raises(ValueError, match=r"4 // 4 = 1 scores; moesys by its top 2"):
+        mg.moe_config_from_megatron(_tc(num_moe_experts=8, moe_router_topk=4, moe_router_num_groups=4,
+                                        moe_router_group_topk=4, moe_router_pre_softmax=True))
+
+
+@pytest.mark.parametrize("aux_loss,shared", [("switch", False), ("seq", False), ("global_batch", False),
+                                             ("switch", True)])
+def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss, shared):
+    tc = _tc(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True) if shared else _tc()
     cfg = mg.moe_config_from_megatron(tc, aux_loss=aux_loss, kernel_backend="torch")
     scale = 0.5
     torch.manual_seed(0)
     mlp = mg.MoesysMLP(tc, moe_config=cfg, aux_loss_scale=scale)
+    # global_batch counts over Megatron's data-parallel (+ context-parallel) group
+    assert mlp.moe.router.balance_group.group is parallel_state.get_data_parallel_group(with_context_parallel=True)
     torch.manual_seed(0)
     ref = MoELayer(cfg)
     torch.manual_seed(1)
@@ -105,11 +137,16 @@ def test_mlp_wrapper_equals_moelayer_on_transposed_input(world1, aux_loss):
 
     torch.testing.assert_close(out, y.transpose(0, 1), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad.transpose(0, 1), rtol=1e-5, atol=1e-6)
-    for name in ("router.weight", "experts.w1", "experts.w2", "experts.w3"):
+    names = [n for n, _ in ref.named_parameters()]
+    assert any(n.startswith("shared_experts.") for n in names) == shared
+    for name in names:
         a = mlp.moe.get_parameter(name).grad
         b = ref.get_parameter(name).grad
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     assert "aux_loss" in mlp.last_aux_metrics
+    # Megatron DDP reduces allreduce=False params over expert-DP: the shared experts are dense
+    for name, p in mlp.moe.named_parameters():
+        assert getattr(p, "allreduce", True) == (not name.startswith("experts.")), name
 
 
 def test_aux_loss_scale_reaches_router(world1):
@@ -239,6 +276,48 @@ def _ep2_rank() -> dict:
         }
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def _ep2_groups_global_rank() -> dict:
+    """EP=2 through Megatron's groups: DeepSeek-V3 routing (sigmoid + bias, one of two groups per
+    token) and global_aux_loss, against one process holding both ranks' tokens."""
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+    try:
+        rank = dist.get_rank()
+        tc = _tc(moe_router_num_groups=2, moe_router_group_topk=1, moe_router_score_function="sigmoid",
+                 moe_router_enable_expert_bias=True, moe_router_load_balancing_type="global_aux_loss",
+                 moe_aux_loss_coeff=0.5)
+        cfg = mg.moe_config_from_megatron(tc, kernel_backend="torch")
+        torch.manual_seed(0)
+        mlp = mg.MoesysMLP(tc, moe_config=cfg)
+        torch.manual_seed(0)
+        ref = MoELayer(cfg, balance_group="local")
+        with torch.no_grad():
+            for m in (mlp.moe, ref):
+                m.router.expert_bias.copy_(torch.tensor([0.1, -0.2, 0.05, 0.0]))
+        xs = [torch.randn(S, B, H, generator=torch.Generator().manual_seed(10 + r)) for r in range(2)]
+        gs = [torch.randn(S, B, H, generator=torch.Generator().manual_seed(20 + r)) for r in range(2)]
+        out, _ = mlp(xs[rank])
+        (out * gs[rank]).sum().backward()
+        y, aux = ref(torch.cat(xs, 1).transpose(0, 1))  # [2B, S, H]: both ranks' sequences
+        ((y.transpose(0, 1) * torch.cat(gs, 1)).sum() + 2 * aux.loss).backward()  # each rank adds its aux loss
+        router_grad = mlp.moe.router.weight.grad.clone()
+        dist.all_reduce(router_grad)
+        routing, _ = mlp.moe.route(xs[rank].transpose(0, 1).reshape(-1, H), seq_len=S)
+        return {"out_err": float((out - y.transpose(0, 1)[:, rank * B:(rank + 1) * B]).abs().max()),
+                "router_err": float((router_grad - ref.router.weight.grad).abs().max()),
+                "same_group": bool(((routing.expert_idx_R.view(-1, 2) // 2).diff(dim=1) == 0).all())}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_megatron_groups_and_global_aux_loss_ep2_match_one_process():
+    results = pytest.importorskip("moesys.parallel").simulate(_ep2_groups_global_rank, 2, timeout_s=180)
+    for r in results:
+        assert r["out_err"] < 1e-5 and r["router_err"] < 1e-5, r
+        assert r["same_group"], r  # one group (= one EP rank) per token
 
 
 @pytest.mark.slow

@@ -254,7 +254,7 @@ def test_bad_width_is_a_clear_error():
     (dict(jitter_eps=-0.1), r"jitter_eps must be >= 0"),
     (dict(normalize_topk="yes"), r"normalize_topk must be True, False or None .*'yes'"),
     (dict(normalize_topk=1), r"normalize_topk must be True, False or None .*got 1"),
-    (dict(aux_loss="tutel"), r"aux_loss='tutel' is not one of \['switch', 'gshard', 'seq', 'none'\]"),
+    (dict(aux_loss="tutel"), r"aux_loss='tutel' is not one of \['switch', 'gshard', 'seq', 'global_batch', 'none'\]"),
 ])
 def test_bad_config_is_a_clear_error(kw, match):
     base = dict(hidden_size=12, ffn_hidden_size=20, num_experts=7, top_k=2)

@@ -287,11 +287,16 @@ def test_dense_to_sparse_gates_keep_the_host_plan_with_grouped_mm_experts():
         torch.testing.assert_close(gp[n], gp_r[n], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("D,Fh", [(10, 20), (12, 6)])
-def test_unaligned_sizes_are_a_clear_config_error(D, Fh):
-    with pytest.raises(ValueError, match=r"kernel_backend='grouped_mm' needs MoEConfig.hidden_size \(%d\) and "
-                                         r"MoEConfig.ffn_hidden_size \(%d\) to be multiples of 4" % (D, Fh)):
-        MoEConfig(hidden_size=D, ffn_hidden_size=Fh, num_experts=4, kernel_backend="grouped_mm")
+@pytest.mark.parametrize("kw,names", [
+    (dict(hidden_size=10, ffn_hidden_size=20), r"MoEConfig.hidden_size \(10\)"),
+    (dict(hidden_size=12, ffn_hidden_size=6), r"MoEConfig.ffn_hidden_size \(6\)"),
+    (dict(hidden_size=10, ffn_hidden_size=6), r"MoEConfig.hidden_size \(10\) and MoEConfig.ffn_hidden_size \(6\)"),
+    (dict(hidden_size=12, ffn_hidden_size=8, num_shared_experts=1, shared_ffn_hidden_size=6),
+     r"MoEConfig.shared_ffn_hidden_size \(6\)"),
+])
+def test_unaligned_sizes_are_a_clear_config_error(kw, names):
+    with pytest.raises(ValueError, match=r"kernel_backend='grouped_mm' needs " + names + " divisible by 4"):
+        MoEConfig(num_experts=4, kernel_backend="grouped_mm", **kw)
 
 
 def test_bf16_rows_need_8_elements():

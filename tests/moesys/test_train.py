@@ -1,4 +1,5 @@
 """moesys-train end to end: loss falls, EP=2 equals EP=1, CLI, hooks, options, bad input."""
+import importlib.util
 import json
 import math
 import os
@@ -220,6 +221,38 @@ def test_deepspeed_engine_matches_plain(tmp_path, stage):
     ds = train_mod.run(make_cfg(*common, "trainer.engine=deepspeed", f"trainer.zero_stage={stage}",
                                 f"trainer.ds_config={ds_json}"), str(tmp_path / "ds"))
     np.testing.assert_allclose(ds["train_losses"], plain["train_losses"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_groups_and_global_batch_ep2_match_one_rank_and_resume(tmp_path):
+    """moe.num_groups / moe.topk_groups / moe.aux_loss=global_batch through moesys-train: 2 ranks
+    (EP=2, groups aligned to the ranks) report the aux loss of one rank holding the whole batch and
+    train alike, on the plain and the DeepSpeed engine; a resume from a mid-run checkpoint reproduces
+    the run (no new state)."""
+    common = ["moe.num_groups=2", "moe.topk_groups=1", "moe.aux_loss=global_batch", "moe.aux_loss_coef=0.1",
+              "trainer.steps=4", "trainer.log_interval=1", "trainer.eval_interval=4"]
+    ep2 = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.ckpt_interval=2",
+                                 "trainer.keep_checkpoints=3"), str(tmp_path / "ep2"))
+    ep1 = train_mod.run(make_cfg(*common, "parallel.ep=1", "parallel.simulate_ranks=1", "trainer.save_final=false"),
+                        str(tmp_path / "ep1"))
+    aux2 = [r["aux_loss"] for r in _records(str(tmp_path / "ep2")) if "aux_loss" in r]
+    aux1 = [r["aux_loss"] for r in _records(str(tmp_path / "ep1")) if "aux_loss" in r]
+    assert len(aux2) == len(aux1) == 4
+    # the mean of the ranks' global-batch losses is the loss over the whole batch (a per-rank switch
+    # loss would differ here: each rank's counts alone)
+    np.testing.assert_allclose(aux2, aux1, rtol=1e-5)
+    np.testing.assert_allclose(ep2["train_losses"], ep1["train_losses"], rtol=1e-5)
+    if importlib.util.find_spec("deepspeed") is not None:  # the DeepSpeed engine (ZeRO-1) trains alike
+        ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "ds_zero1.json")
+        ds = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.engine=deepspeed",
+                                    "trainer.zero_stage=1", f"trainer.ds_config={ds_json}", "trainer.save_final=false"),
+                           str(tmp_path / "ds"))
+        np.testing.assert_allclose(ds["train_losses"], ep2["train_losses"], rtol=1e-5, atol=1e-6)
+    half = str(tmp_path / "ep2" / "checkpoints" / "step_00000002")
+    resumed = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", f"trainer.resume={half}",
+                                     "trainer.save_final=false"), str(tmp_path / "resumed"))
+    assert resumed["train_losses"] == ep2["train_losses"]
 
 
 def test_grouped_mm_backend_trains_like_the_torch_backend(tmp_path):

@@ -1,0 +1,231 @@
+"""The parent of simulated ranks: start them, forward stop signals, and take the job down when one dies.
+
+`moesys-train parallel.simulate_ranks=N` runs N local ranks as child processes (spawn). This
+module is the parent's side (torchrun's elastic agent plays the same part under torchrun):
+
+- **Signals.** SIGINT, SIGTERM and SIGUSR1 sent to the parent are forwarded to every rank, which
+  stop together at the next step boundary (moesys.preemption). A second SIGINT kills the ranks at
+  once (no checkpoint) and raises KeyboardInterrupt.
+- **No orphans.** Each rank asks the kernel to SIGKILL it when the parent dies (Linux
+  `prctl(PR_SET_PDEATHSIG)`; elsewhere a thread watching the parent's pid), so a killed parent
+  leaves no rank training on.
+- **A rank that dies takes the job down** with a message naming the rank, how it ended (exit code
+  or signal) and its error: each rank writes its exception (type, message, traceback, time) to a
+  per-rank error file, and its native stack to another (faulthandler: SIGABRT, SIGSEGV). The
+  parent kills the other ranks at once with SIGKILL: they may be blocked in a collective, and
+  waiting for its timeout (parallel.timeout_s) helps nobody. The first rank to fail is named;
+  the others usually failed because it did.
+"""
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import json
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from multiprocessing.connection import wait
+from typing import Any, Callable, List, Optional, Sequence
+
+from .preemption import STOP_SIGNALS
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class RankFailedError(RuntimeError):
+    """A rank ended with an error or was killed; the message names the rank and its error.
+
+    Attributes: rank, exitcode (negative: killed by signal -exitcode), error (the rank's exception
+    text, or None when it left none), stopped_by.
+    """
+
+    def __init__(self, message: str, *, rank: int, exitcode: Optional[int], error: Optional[str],
+                 stopped_by: Optional[int] = None):
+        super().__init__(message)
+        self.rank, self.exitcode, self.error = rank, exitcode, error
+        # the stop signal this process forwarded, when the rank died of it before it could handle
+        # it (still starting): a stop, not a fault
+        self.stopped_by = stopped_by
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process die (SIGKILL) when its parent does. Call first thing in a child."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="moesys-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _error_file(workdir: str, rank: int) -> str:
+    return os.path.join(workdir, f"rank{rank}.error.json")
+
+
+def _fault_file(workdir: str, rank: int) -> str:
+    return os.path.join(workdir, f"rank{rank}.fault.txt")
+
+
+def _result_file(workdir: str, rank: int) -> str:
+    return os.path.join(workdir, f"rank{rank}.result.pkl")
+
+
+def _child(rank: int, parent_pid: int, workdir: str, target: Callable, args: tuple) -> None:
+    """A rank's entry point (spawned): guard, run target(rank, *args), write its result or its error."""
+    die_with_parent(parent_pid)
+    fault = open(_fault_file(workdir, rank), "w")
+    faulthandler.enable(file=fault, all_threads=True)  # native crashes (SIGABRT from a collective, SIGSEGV)
+    try:
+        result = target(rank, *args)
+    except BaseException as e:  # recorded for the parent, then re-raised: the rank still fails
+        with open(_error_file(workdir, rank) + ".tmp", "w") as f:
+            json.dump({"rank": rank, "time": time.time(), "type": type(e).__name__, "message": str(e),
+                       "traceback": traceback.format_exc()}, f)
+        os.replace(_error_file(workdir, rank) + ".tmp", _error_file(workdir, rank))
+        raise
+    if result is not None:
+        with open(_result_file(workdir, rank), "wb") as f:
+            pickle.dump(result, f)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _describe(workdir: str, rank: int, world: int, exitcode: Optional[int]) -> RankFailedError:
+    error = None
+    path = _error_file(workdir, rank)
+    if os.path.isfile(path):
+        with open(path) as f:
+            rec = json.load(f)
+        error = f"{rec['type']}: {rec['message']}".strip()
+        tb = rec["traceback"].rstrip().splitlines()
+        detail = f"rank {rank} of {world} failed (exit code {exitcode}): {error}\n" + "\n".join(tb[-12:])
+    elif exitcode is not None and exitcode < 0:
+        how = f"rank {rank} of {world} was killed by {_signal_name(-exitcode)}"
+        stack = ""
+        if os.path.isfile(_fault_file(workdir, rank)):
+            with open(_fault_file(workdir, rank)) as f:
+                stack = f.read().strip()
+        if stack:
+            detail = f"{how}; its stack:\n" + "\n".join(stack.splitlines()[:30])
+        else:
+            detail = f"{how} (no Python error: killed from outside, e.g. `kill -9` or the out-of-memory killer)"
+    else:
+        detail = (f"rank {rank} of {world} exited with code {exitcode} before its error could be recorded "
+                  "(while starting: see its output above)")
+    return RankFailedError(detail + "\nthe other ranks were stopped", rank=rank, exitcode=exitcode, error=error)
+
+
+def _first_failure(workdir: str, failed: Sequence[tuple]) -> tuple:
+    """Of the ranks found dead in one look, the one that failed first: a rank killed by a signal
+    (it left no error file; its peers' errors are most likely about its absence), else the earliest
+    error file."""
+    def key(item):
+        rank, code = item
+        path = _error_file(workdir, rank)
+        if not os.path.isfile(path):
+            return (0, 0.0, rank)
+        with open(path) as f:
+            return (1, float(json.load(f)["time"]), rank)
+
+    return min(failed, key=key)
+
+
+def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float = 1.0) -> List[Any]:
+    """Run `target(rank, *args)` in `world` spawned processes; return their results by rank.
+
+    `target` and `args` must be picklable (module-level). Raises RankFailedError for the first rank
+    that fails (the others are killed). While it runs, this process's SIGINT/SIGTERM/SIGUSR1
+    handlers forward the signal to the ranks (main thread only; restored on return).
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workdir = tempfile.mkdtemp(prefix="moesys-ranks-")
+    procs: List[Any] = []
+    sigints = [0]
+    forwarded: List[int] = []  # stop signals passed on to the ranks
+
+    def kill_all() -> None:
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def forward(signum, frame) -> None:  # os.kill only: no I/O here
+        if signum == signal.SIGINT:
+            sigints[0] += 1
+        forwarded.append(signum)
+        for p in procs:
+            if p.pid is not None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL if sigints[0] > 1 else signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        for rank in range(world):
+            p = ctx.Process(target=_child, args=(rank, os.getpid(), workdir, target, args), daemon=False,
+                            name=f"moesys-rank{rank}")
+            p.start()
+            procs.append(p)
+        while True:  # the checks run once more after the last rank ended (they may all end at once)
+            running = [p.sentinel for p in procs if p.exitcode is None]
+            if running:
+                wait(running, timeout=poll_s)
+            if sigints[0] > 1:
+                kill_all()
+                for p in procs:
+                    p.join()
+                raise KeyboardInterrupt("a second SIGINT: the ranks were killed without a checkpoint")
+            failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed:
+                kill_all()  # do not wait for the survivors' collective timeouts
+                for p in procs:
+                    p.join()
+                rank, code = _first_failure(workdir, failed)
+                if code is not None and -code in forwarded and not os.path.isfile(_error_file(workdir, rank)):
+                    raise RankFailedError(f"the ranks were stopped by {_signal_name(-code)} while starting, before "
+                                          "their first step", rank=rank, exitcode=code, error=None,
+                                          stopped_by=-code)
+                raise _describe(workdir, rank, world, code)
+            if not running:
+                break
+        results = []
+        for rank in range(world):
+            path = _result_file(workdir, rank)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    results.append(pickle.load(f))
+            else:
+                results.append(None)
+        return results
+    finally:
+        kill_all()
+        for p in procs:
+            p.join()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        shutil.rmtree(workdir, ignore_errors=True)

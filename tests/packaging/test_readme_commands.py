@@ -1,0 +1,149 @@
+"""Every `moesys-train`, `moesys-eval` and `moesys-generate` command the README shows runs, so a
+documented command that crashes fails CI; and every `$ command` block prints what the README says.
+
+The README's ```bash blocks are read in order and each block's commands run in order in one scratch
+directory shared by the module (a block that resumes `runs/a` finds the run its earlier line made),
+through the installed console scripts. moesys-train commands run at tiny sizes: `preset=tiny` goes
+first (the command's own settings win over it) and `trainer.steps=2` last (or the command's own
+`trainer.ckpt_interval`, so the checkpoint a later line names exists); a command without
+`trainer.out_dir` gets its own `hydra.run.dir` (Hydra's time-stamped dirs collide within a second).
+The files the commands name (book.txt, tokens.bin, launchers/) are made in the scratch directory.
+`moesys-plan` lines run in tests/moesys/test_planner.py::test_readme_plan_commands_run (checked below
+that it finds every one). Lines for torchrun.sh, sbatch and Python snippets are not run here.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+APPS = {"moesys-train": "moesys.train", "moesys-eval": "moesys.evaluate", "moesys-generate": "moesys.generate"}
+
+
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def fenced_blocks() -> list:
+    """[(info string, [lines])] of every ``` fenced block, in order."""
+    out, cur = [], None
+    for line in _readme().splitlines():
+        if line.startswith("```"):
+            if cur is None:
+                cur = (line[3:].strip(), [])
+            else:
+                out.append(cur)
+                cur = None
+        elif cur is not None:
+            cur[1].append(line)
+    return out
+
+
+def bash_blocks() -> list:
+    """[[argv, ...] per ```bash block that shows a moesys-train/eval/generate command]; a command
+    after `&&` (the set-up line) counts."""
+    out = []
+    for info, lines in fenced_blocks():
+        if info != "bash":
+            continue
+        cmds = []
+        for line in lines:
+            argv = shlex.split(line.split("&&")[-1], comments=True)
+            if argv and argv[0] in APPS:
+                cmds.append(argv)
+        if cmds:
+            out.append(cmds)
+    return out
+
+
+def shown_sessions() -> list:
+    """[(argv, expected output lines)] from the README's plain ``` blocks of `$ command` lines."""
+    out = []
+    for info, lines in fenced_blocks():
+        if info:
+            continue
+        for i, line in enumerate(lines):
+            if line.startswith("$ "):
+                argv = shlex.split(line[2:], comments=True)
+                if argv and argv[0] in APPS:
+                    expect = []
+                    for nxt in lines[i + 1:]:
+                        if nxt.startswith("$ "):
+                            break
+                        expect.append(nxt)
+                    out.append((argv, expect))
+    return out
+
+
+def _exe(name: str) -> list:
+    script = os.path.join(os.path.dirname(sys.executable), name)
+    return [script] if os.path.isfile(script) else [sys.executable, "-m", APPS[name]]
+
+
+def tiny(argv: list, n: int) -> list:
+    """The command at tiny sizes (see the module docstring)."""
+    name, args = argv[0], argv[1:]
+    if name != "moesys-train":
+        return _exe(name) + args
+    keys = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    steps = keys.get("trainer.ckpt_interval", "2")
+    extra = [f"trainer.steps={steps}"]
+    if "trainer.out_dir" not in keys:
+        extra.append(f"hydra.run.dir=hydra_runs/{n}")
+    return _exe(name) + ["preset=tiny", *args, *extra]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    d = tmp_path_factory.mktemp("readme")
+    from moesys.data import embedded_corpus
+
+    (d / "book.txt").write_bytes(embedded_corpus()[:60_000])
+    rng = np.random.default_rng(0)
+    rng.integers(0, 50304, size=40_000, dtype=np.uint16).tofile(d / "tokens.bin")
+    os.symlink(os.path.join(ROOT, "launchers"), d / "launchers")
+    return d
+
+
+def _run(cmd: list, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_the_readme_shows_commands_of_each_app():
+    names = {argv[0] for block in bash_blocks() for argv in block}
+    assert names == set(APPS), names
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_planner_tests", os.path.join(ROOT, "tests", "moesys",
+                                                                                  "test_planner.py"))
+    planner_tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(planner_tests)
+    readme_plan_commands = planner_tests.readme_plan_commands  # the moesys-plan lines run there
+    shown = sum(line.startswith("moesys-plan") for info, lines in fenced_blocks() if info == "bash" for line in lines)
+    assert len(readme_plan_commands()) == shown >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("block", range(len(bash_blocks())),
+                         ids=[" ".join(b[0][:3])[:60] for b in bash_blocks()])
+def test_readme_block_runs(block, scratch):
+    for n, argv in enumerate(bash_blocks()[block]):
+        cmd = tiny(argv, 100 * block + n)
+        r = _run(cmd, scratch)
+        assert r.returncode == 0, f"README command {shlex.join(argv)!r} failed as {shlex.join(cmd)!r}:\n" + \
+            r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.parametrize("argv, expect", shown_sessions(), ids=[" ".join(a[1:]) for a, _ in shown_sessions()])
+def test_readme_shown_output(argv, expect, tmp_path):
+    r = _run(_exe(argv[0]) + argv[1:], tmp_path)
+    assert (r.stdout + r.stderr).splitlines() == expect
+    assert r.returncode == 2 and os.listdir(tmp_path) == []
