@@ -88,19 +88,37 @@ CASES = [
     ("expert_choice", "gelu", 2, None, "position", "none", False),
     ("expert_choice", "swiglu", 2, 0.5, "position", "none", False),
 ]
+# merged-in features: group-limited routing + global_batch loss, shared experts (gated), recompute
+EXTRA = {
+    "groups_global_batch": dict(router="topk", K=2, E=8, num_groups=4, topk_groups=2, aux_loss="global_batch"),
+    "groups_sigmoid_capacity": dict(router="sigmoid_bias", K=2, E=8, num_groups=2, topk_groups=1, capacity_factor=1.0),
+    "shared_gate_recompute": dict(router="topk", K=2, activation="swiglu", num_shared_experts=2,
+                                  shared_ffn_hidden_size=8, shared_expert_gate=True, recompute=True, capacity_factor=1.0),
+}
+CASES += [(k, None, None, None, None, None, None) for k in EXTRA]
 
 
 @pytest.mark.parametrize("router,activation,K,cf,policy,aux_loss,renorm", CASES)
 def test_matches_host_plan_path_601_tokens_7_experts_one_empty(router, activation, K, cf, policy, aux_loss, renorm):
-    layer = make(router, activation, K=K, capacity_factor=cf, drop_policy=policy, aux_loss=aux_loss,
-                 renormalize_after_drop=renorm, z_loss_coef=1e-3)
+    if router in EXTRA:
+        kw = dict(EXTRA[router])
+        router = kw.pop("router")
+        layer = make(router, kw.pop("activation", "gelu"), z_loss_coef=1e-3, **kw)
+        if layer.cfg.aux_loss == "global_batch":
+            layer.set_balance_group("local")
+        cf = layer.cfg.capacity_factor
+    else:
+        layer = make(router, activation, K=K, capacity_factor=cf, drop_policy=policy, aux_loss=aux_loss,
+                     renormalize_after_drop=renorm, z_loss_coef=1e-3)
     x = torch.randn(601, 12)
     if router != "expert_choice":  # expert choice fills every expert by construction
         x = starve_expert(layer, x)
     if router == "sigmoid_bias":
         with torch.no_grad():
-            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 7))
+            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, layer.cfg.num_experts))
     ref = twin(layer, "torch")
+    if layer.cfg.aux_loss == "global_batch":
+        ref.set_balance_group("local")
     y, aux, gx, gp = run(layer, x)
     y_r, aux_r, gx_r, gp_r = run(ref, x)
     torch.testing.assert_close(y, y_r, atol=1e-5, rtol=1e-4)
@@ -209,6 +227,18 @@ def test_no_host_read_in_forward_or_backward(router, cf, policy, no_host_reads):
     assert x.grad is not None and layer.experts.w1.grad is not None and layer.router.weight.grad is not None
     # what the layer reports stays on the device: nothing here was read
     assert isinstance(aux.tokens_per_expert, torch.Tensor) and isinstance(aux.dropped, torch.Tensor)
+
+
+@pytest.mark.parametrize("name", list(EXTRA))
+def test_no_host_read_with_groups_shared_experts_recompute(name, no_host_reads):
+    kw = dict(EXTRA[name])
+    layer = make(kw.pop("router"), kw.pop("activation", "gelu"), **kw)
+    if layer.cfg.aux_loss == "global_batch":
+        layer.set_balance_group("local")
+    x = torch.randn(2, 15, 12, requires_grad=True)
+    with RecordOps():
+        one_step(layer, x, torch.randn(2, 15, 12))
+    assert x.grad is not None and layer.experts.w1.grad is not None
 
 
 def test_the_spies_catch_a_host_read(no_host_reads):
