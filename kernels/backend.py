@@ -4,6 +4,9 @@
 dtype (bf16 on Hopper: measured 0.94x a dense matmul against 0.65x for our Triton kernel on an
 H200, `benchmarks/kernels.py`), and Triton otherwise (fp32, older GPUs); the other kernels
 (permute, top-k) take Triton on CUDA. On CPU everything takes the torch path.
+"grouped_mm" (and "auto" on CUDA where the `torch._grouped_mm` probe passes for the experts' dtype)
+selects the layer's sync-free path (moesys/static_plan.py, `sync_free`); its single kernel calls
+(permute, top-k, grouped GEMM) take the torch path.
 `TRITON_INTERPRET=1` makes the Triton path runnable on CPU (slowly) for tests; a config setting
 (`MoEConfig.kernel_backend`) can force either path.
 """
@@ -14,7 +17,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 
 
 def _probe_triton() -> bool:
@@ -94,7 +97,7 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
     if backend not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} is not one of {list(BACKENDS)}")
     can_triton = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
-    if backend == "torch":
+    if backend in ("torch", "grouped_mm"):
         return "torch"
     if backend == "triton":
         if not can_triton:
@@ -106,3 +109,13 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
     if device.type == "cuda" and dtype is not None and grouped_mm_supported(device, dtype):
         return "torch"
     return "triton" if (can_triton and device.type == "cuda") else "torch"
+
+
+def sync_free(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the layer takes its sync-free path (static shapes, `torch._grouped_mm` with device
+    offsets): forced by "grouped_mm" on any device (CPU included, so CI covers it); chosen by "auto"
+    on CUDA where `torch._grouped_mm` runs for `dtype` (the probe above). Never on CPU by "auto": the
+    CPU torch path (MKL batched GEMMs, gathers) stays the faster default there."""
+    if backend == "grouped_mm":
+        return True
+    return backend == "auto" and device.type == "cuda" and grouped_mm_supported(device, dtype)

@@ -116,3 +116,21 @@ def router_metrics(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_routes: i
         "experts_per_token": torch.tensor(num_routes / T),
         "drop_rate": torch.as_tensor(dropped, dtype=torch.float32) / max(num_routes, 1),
     }
+
+
+@torch.no_grad()
+def router_metrics_static(probs_TE: torch.Tensor, routed_E: torch.Tensor, num_routes: int, dropped: torch.Tensor) -> dict:
+    """`router_metrics` for the sync-free path, in fewer ops: routed_E sums to num_routes (every route
+    counted before capacity), so the mean load is the Python number num_routes / E; all values stay
+    0-dim device tensors (read on the host only when the trainer logs them)."""
+    T, E = max(probs_TE.shape[0], 1), routed_E.shape[0]
+    mean_load = num_routes / E
+    max_load = routed_E.max().float()
+    return {
+        "router_entropy": torch.special.entr(probs_TE.float()).sum() / T,
+        "max_load": max_load,
+        "mean_load": torch.tensor(float(mean_load)),
+        "max_over_mean_load": max_load / max(mean_load, 1e-9),
+        "experts_per_token": torch.tensor(num_routes / T),
+        "drop_rate": dropped / max(num_routes, 1),
+    }

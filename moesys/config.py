@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+import torch
+
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
 AUX_LOSSES = ("switch", "gshard", "seq", "global_batch", "none")
 GROUP_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers that take num_groups / topk_groups
 GLOBAL_BATCH_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers whose Switch loss can pool counts
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
 
@@ -84,7 +86,12 @@ class MoEConfig:
     gate_activation: str = "sigmoid"  # act_dts: sigma in softmax(sigma(Wr x)/tau + b)
     dts_balance_coef: float = 1e-2  # weight of EvoMoE's E^2 * mean_e(me_e * ce_e) loss
     # --- kernels -------------------------------------------------------------------------------
-    kernel_backend: str = "auto"  # "auto": CUDA: torch._grouped_mm where it runs, else Triton; torch elsewhere
+    # "auto": CUDA: the sync-free grouped_mm path where torch._grouped_mm runs, else Triton; torch elsewhere.
+    # "grouped_mm": the sync-free path (static shapes, no host reads; torch.compile fullgraph, CUDA
+    # graphs) on any device; needs hidden/ffn sizes that are multiples of 16 bytes / element size.
+    # The dense-to-sparse gates (dts, act_dts) are its documented exception: their number of routes
+    # depends on the data, so they keep the host plan (experts still on torch._grouped_mm).
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -177,6 +184,17 @@ class MoEConfig:
                 f"MoEConfig.shared_expert_gate={self.shared_expert_gate!r} is set: shared experts need "
                 "MoEConfig.num_shared_experts >= 1"
             )
+        if self.kernel_backend == "grouped_mm":
+            sizes = [("hidden_size", self.hidden_size), ("ffn_hidden_size", self.ffn_hidden_size)]
+            if S:
+                sizes.append(("shared_ffn_hidden_size", self.shared_ffn))
+            bad = [f"MoEConfig.{n} ({v})" for n, v in sizes if v % 4]
+            if bad:
+                raise ValueError(
+                    f"MoEConfig.kernel_backend='grouped_mm' needs {' and '.join(bad)} divisible by 4 "
+                    "(torch._grouped_mm rows are 16-byte aligned: 4 fp32 or 8 bf16 elements); pad them or use "
+                    "kernel_backend='torch'"
+                )
 
     def _check_groups(self) -> None:
         G, TG, E, K = self.num_groups, self.topk_groups, self.num_experts, self.top_k
@@ -262,5 +280,13 @@ def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_expe
     In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
     `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
     is the number the user wrote in the config."""
-    cf = Fraction(str(capacity_factor))
-    return math.ceil(cf * top_k * num_tokens / num_experts)
+    num, den = _decimal_ratio(capacity_factor)
+    return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil: traceable with a symbolic T
+
+
+@torch.compiler.assume_constant_result
+def _decimal_ratio(x: float) -> tuple:
+    """(numerator, denominator) of the decimal `x` is written as. A constant for torch.compile (it
+    cannot trace Fraction), so capacity stays a Python int of the shapes in a compiled graph."""
+    f = Fraction(str(x))
+    return f.numerator, f.denominator

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moesys.kernels import grouped_gemm, resolve_backend
 from moesys.kernels.expert_ffn import expert_ffn_torch
+from moesys.kernels.grouped_mm_ffn import expert_ffn_grouped_mm, grouped_mm_aligned
 
 from .config import MoEConfig
 
@@ -50,18 +51,42 @@ def expert_ffn(x_ND, counts_E, w1, w2, w3, cfg: MoEConfig, recompute: Optional[b
     with save_for_backward, through non-reentrant activation checkpointing."""
     recompute = cfg.recompute if recompute is None else recompute
     backend = cfg.kernel_backend
-    dev = x_ND.device.type
-    if torch.is_autocast_enabled(dev):
-        # autocast does not reach custom autograd ops: cast to its dtype here (differentiably)
-        dt = torch.get_autocast_dtype(dev)
-        x_ND, w1, w2 = x_ND.to(dt), w1.to(dt), w2.to(dt)
-        w3 = w3.to(dt) if w3 is not None else None
+    x_ND, w1, w2, w3 = _autocast(x_ND, w1, w2, w3)
+    if backend == "grouped_mm" and grouped_mm_aligned(w1.shape[1], w1.shape[2], x_ND.dtype):
+        # the host plan's path under grouped_mm (expert parallelism, dense-to-sparse gates): the
+        # expert GEMMs still run on torch._grouped_mm, with offsets from the counts on the device
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return _grouped_mm_ffn(x_ND, offs_E, w1, w2, w3, cfg.activation, recompute)
     if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
         # one autograd node that owns its [N, F] intermediates (in-place activation backward)
         return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, cfg.activation, recompute=recompute)
     if recompute and torch.is_grad_enabled():
         return checkpoint(composed_ffn, x_ND, counts_E, w1, w2, w3, cfg.activation, backend, use_reentrant=False)
     return composed_ffn(x_ND, counts_E, w1, w2, w3, cfg.activation, backend)
+
+
+def _autocast(x_ND, w1, w2, w3):
+    """autocast does not reach custom autograd ops: cast to its dtype here (differentiably)."""
+    dev = x_ND.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x_ND, w1, w2, w3
+    dt = torch.get_autocast_dtype(dev)
+    return x_ND.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
+
+
+def _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, activation: str, recompute: bool) -> torch.Tensor:
+    """The grouped_mm expert FFN (its Function saves with save_for_backward, so recompute is
+    non-reentrant activation checkpointing)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(expert_ffn_grouped_mm, x_MD, w1, w2, w3, offs_E, activation, use_reentrant=False)
+    return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, activation)
+
+
+def expert_ffn_offsets(x_MD, offs_E, w1, w2, w3, cfg: MoEConfig) -> torch.Tensor:
+    """The sync-free path's expert FFN: groups given by int32 device offsets (rows past offs_E[-1]
+    are padding); cfg.recompute as in `expert_ffn`."""
+    x_MD, w1, w2, w3 = _autocast(x_MD, w1, w2, w3)
+    return _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, cfg.activation, cfg.recompute)
 
 
 class GroupedExperts(nn.Module):
@@ -112,6 +137,13 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3)
+
+    def forward_offsets(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """The sync-free path: groups given by int32 device offsets (rows past offs_E[-1] are padding)."""
+        if self.num_local_experts != self.num_experts:
+            raise RuntimeError("GroupedExperts.forward_offsets: the sync-free path runs all experts on one device; "
+                               f"this one holds {self.num_local_experts} of {self.num_experts}")
+        return expert_ffn_offsets(x_MD, offs_E, self.w1, self.w2, self.w3, self.cfg)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "

@@ -19,13 +19,17 @@ import torch
 import torch.nn as nn
 
 from moesys.kernels import permute, resolve_backend, unpermute
+from moesys.kernels.backend import sync_free
+from moesys.kernels.grouped_mm_ffn import grouped_mm_aligned
 from moesys.kernels.permute import inverse_routes, permute_fixed_k, unpermute_fixed_k
+from moesys.kernels.permute_static import combine_static, dispatch_static
 
 from . import balance
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts
 from .plan import Plan, make_plan
 from .routers import BalanceGroupRef, build_router
+from .static_plan import make_static_plan, uniform_offsets
 
 
 @dataclass
@@ -140,6 +144,11 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.hidden_size)
         T = x_TD.shape[0]
         seq_len = shape[-2] if x.dim() >= 3 else max(T, 1)
+        if self._takes_sync_free_path(x_TD):
+            y_TD, aux = self._forward_sync_free(x_TD, seq_len)
+            if self.shared_experts is not None:  # one more FFN over all T rows: static too
+                y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
+            return y_TD.reshape(shape).to(x.dtype), aux
         routing, plan = self.route(x_TD, seq_len)
         K = routing.fixed_k
         if K is not None and resolve_backend(cfg.kernel_backend, x_TD.device) == "torch":
@@ -167,18 +176,71 @@ class MoELayer(nn.Module):
         s_TD = work()
         return self.runner(x_ND, plan, self.experts), s_TD
 
+    def _takes_sync_free_path(self, x_TD: torch.Tensor) -> bool:
+        """kernel_backend="grouped_mm" (or "auto" on CUDA where torch._grouped_mm runs): the sync-free
+        path, except under expert parallelism (the runner's all-to-all-v needs host splits: it keeps
+        the host plan, its expert GEMMs on torch._grouped_mm) and for the dense-to-sparse gates
+        (their number of routes depends on the data: the documented exception)."""
+        cfg = self.cfg
+        if cfg.variable_k or not isinstance(self.runner, LocalRunner):
+            return False
+        dev = x_TD.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x_TD.dtype
+        if not sync_free(cfg.kernel_backend, dev, dtype):
+            return False
+        if cfg.kernel_backend == "auto" and not grouped_mm_aligned(cfg.hidden_size, cfg.ffn_hidden_size, dtype):
+            return False  # "auto" falls back; a forced "grouped_mm" raises the kernel's clear error
+        return True
+
+    def _forward_sync_free(self, x_TD: torch.Tensor, seq_len: int):
+        """Router -> static plan -> gather -> grouped_mm experts -> gather-combine, with no host read
+        and shapes fixed by (T, K, E, C) alone (moesys/static_plan.py)."""
+        cfg = self.cfg
+        T, E = x_TD.shape[0], cfg.num_experts
+        if cfg.router == "expert_choice":
+            # each expert holds exactly C routes, expert-major: the buffer is the route list itself
+            routing = self.router(x_TD, seq_len=seq_len)
+            C = routing.num_routes // E
+            x_MD = x_TD.index_select(0, routing.token_idx_R)
+            offs_E = uniform_offsets(E, C, x_TD.device)
+            y_MD = self.experts.forward_offsets(x_MD, offs_E)
+            contrib = y_MD * routing.weight_R.to(y_MD.dtype).unsqueeze(1)
+            y_TD = contrib.new_zeros(T, contrib.shape[1]).index_add(0, routing.token_idx_R, contrib)
+            counts_E = torch.full((E,), C, dtype=torch.int64, device=x_TD.device)
+            dropped = counts_E.new_zeros(())
+            return y_TD, self._make_aux(routing.losses, routing.probs_TE, routing.logits_TE, counts_E, counts_E,
+                                        routing.num_routes, dropped, static=True)
+        sr = self.router.route_static(x_TD, seq_len)
+        K = cfg.top_k
+        cap = self.capacity(T)
+        plan = make_static_plan(sr.expert_TK, sr.weight_TK, sr.routed_E, sr.probs_TE, cap, cfg.drop_policy,
+                                renormalize=cfg.renormalize_after_drop)
+        x_MD = dispatch_static(x_TD, plan.row_route_M, plan.dest_R, K, plan.padded)
+        y_MD = self.experts.forward_offsets(x_MD, plan.offs_E)
+        y_TD = combine_static(y_MD, plan.weight_TK, plan.row_route_M, plan.dest_R, plan.padded)
+        return y_TD, self._make_aux(sr.losses, sr.probs_TE, sr.logits_TE, plan.counts_E, plan.routed_E, T * K,
+                                    plan.dropped, static=True)
+
     def _aux(self, routing, plan: Plan) -> MoEAux:
-        losses = routing.losses
+        return self._make_aux(routing.losses, routing.probs_TE, routing.logits_TE, plan.counts_E, plan.routed_E,
+                              routing.num_routes, plan.dropped)
+
+    def _make_aux(self, losses, probs_TE, logits_TE, counts_E, routed_E, num_routes: int, dropped,
+                  static: bool = False) -> MoEAux:
         if losses:
-            loss = sum(losses.values())
+            first, *rest = losses.values()
+            loss = first + sum(rest) if rest else first
         else:
-            loss = routing.logits_TE.new_zeros(())
-        metrics = balance.router_metrics(routing.probs_TE, plan.routed_E, routing.num_routes, plan.dropped)
+            loss = logits_TE.new_zeros(())
+        if static:
+            metrics = balance.router_metrics_static(probs_TE, routed_E, num_routes, dropped)
+        else:
+            metrics = balance.router_metrics(probs_TE, routed_E, num_routes, dropped)
         for name, value in losses.items():
             metrics[name] = value.detach()
         for name, value in getattr(self.runner, "last_metrics", {}).items():
             metrics[f"runtime/{name}"] = value
-        return MoEAux(loss=loss, tokens_per_expert=plan.counts_E, dropped=plan.dropped, metrics=metrics)
+        return MoEAux(loss=loss, tokens_per_expert=counts_E, dropped=dropped, metrics=metrics)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

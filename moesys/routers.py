@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moesys.kernels import topk_softmax
+from moesys.kernels.topk_route import histogram, topk_route
 
 from . import balance
 from .config import MoEConfig, exact_capacity
-from .routing import Routing, token_major_routes
+from .routing import Routing, StaticRouting, token_major_routes
 
 
 def group_limited_mask(scores_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
@@ -129,6 +130,28 @@ class Router(nn.Module):
             losses["z_loss"] = balance.z_loss(logits_TE, cfg.z_loss_coef)
         return losses
 
+    def static_losses(self, probs_TE, logits_TE, expert_TK, routed_E, seq_len: int, aux: bool = True) -> dict:
+        """`balance_losses` for [T, K] routes without a host sync (no bincount, no boolean mask).
+        aux=False: the aux loss was computed already (the fused top-k kernel)."""
+        cfg = self.cfg
+        T, K = expert_TK.shape
+        losses = {}
+        if aux and cfg.aux_loss == "switch":
+            losses["aux_loss"] = balance.switch_aux_loss(probs_TE, routed_E, K, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "global_batch":  # an all-reduce of device counts (no host read)
+            losses["aux_loss"] = balance.global_batch_aux_loss(probs_TE, routed_E, K, cfg.aux_loss_coef,
+                                                               self.global_batch_group())
+        elif aux and cfg.aux_loss == "gshard":
+            first_E = histogram(expert_TK[:, 0], cfg.num_experts)
+            losses["aux_loss"] = balance.switch_aux_loss(probs_TE, first_E, 1, cfg.aux_loss_coef)
+        elif cfg.aux_loss == "seq":
+            token_R = torch.div(torch.arange(T * K, device=expert_TK.device), K, rounding_mode="floor")
+            losses["aux_loss"] = balance.seq_aux_loss(probs_TE, token_R, expert_TK.reshape(-1), seq_len, K,
+                                                      cfg.aux_loss_coef)
+        if cfg.z_loss_coef > 0:
+            losses["z_loss"] = balance.z_loss(logits_TE, cfg.z_loss_coef)
+        return losses
+
     def update_expert_bias(self, group=None) -> None:
         """Only the aux-loss-free router has a bias; the others have nothing to update."""
 
@@ -159,6 +182,28 @@ class TopKRouter(Router):
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
+
+    def route_static(self, x_TD: torch.Tensor, seq_len: int) -> StaticRouting:
+        """The same decision as `forward`, sync-free: softmax, top-k, renormalisation, the routes'
+        histogram and the switch/gshard loss in one fused node (moesys.kernels.topk_route)."""
+        cfg = self.cfg
+        logits_TE = self.logits(x_TD)
+        if cfg.group_limited:
+            # the group step is plain device ops (a masked top-k), as in `forward`
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            idx_TK = limited_topk(probs_TE.detach(), cfg.top_k, cfg)
+            w_TK = probs_TE.gather(1, idx_TK)
+            if cfg.renormalize_topk:
+                w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+            routed_E = histogram(idx_TK, cfg.num_experts)
+            losses = self.static_losses(probs_TE, logits_TE, idx_TK, routed_E, seq_len)
+            return StaticRouting(idx_TK, w_TK, routed_E, probs_TE, logits_TE, losses)
+        fused = cfg.aux_loss if cfg.aux_loss in ("switch", "gshard") else "none"
+        probs_TE, w_TK, idx_TK, routed_E, aux = topk_route(logits_TE, cfg.top_k, cfg.renormalize_topk, fused,
+                                                           cfg.aux_loss_coef)
+        losses = {"aux_loss": aux} if fused != "none" else {}
+        losses.update(self.static_losses(probs_TE, logits_TE, idx_TK, routed_E, seq_len, aux=False))
+        return StaticRouting(idx_TK, w_TK, routed_E, probs_TE, logits_TE, losses)
 
 
 class SigmoidBiasRouter(Router):
@@ -192,6 +237,23 @@ class SigmoidBiasRouter(Router):
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,
                        fixed_k=cfg.top_k)
+
+    def route_static(self, x_TD: torch.Tensor, seq_len: int) -> StaticRouting:
+        """`forward` without a host sync: the load is a device histogram (no bincount)."""
+        cfg = self.cfg
+        logits_TE = self.logits(x_TD)
+        scores_TE = torch.sigmoid(logits_TE)
+        idx_TK = limited_topk(scores_TE.detach() + self.expert_bias, cfg.top_k, cfg)
+        w_TK = scores_TE.gather(1, idx_TK)
+        if cfg.renormalize_topk:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        routed_E = histogram(idx_TK, cfg.num_experts)
+        if self.training:
+            with torch.no_grad():
+                self.load_since_update += routed_E
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        losses = self.static_losses(probs_TE, logits_TE, idx_TK, routed_E, seq_len)
+        return StaticRouting(idx_TK, w_TK, routed_E, probs_TE, logits_TE, losses)
 
     @torch.no_grad()
     def update_expert_bias(self, group=None) -> None:

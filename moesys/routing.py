@@ -30,6 +30,19 @@ class Routing:
         return int(self.token_idx_R.shape[0])
 
 
+@dataclass(frozen=True)
+class StaticRouting:
+    """A fixed-K router's decision kept as [T, K] tensors (the sync-free path, moesys/static_plan.py):
+    no route list is built, and nothing here has a data-dependent shape."""
+
+    expert_TK: torch.Tensor  # [T, K] int64 expert of each route (route r = t*K + k)
+    weight_TK: torch.Tensor  # [T, K] fp32 combine weight, differentiable w.r.t. the router
+    routed_E: torch.Tensor  # [E] int64 routes per expert (device histogram)
+    probs_TE: torch.Tensor  # [T, E] fp32 router probabilities
+    logits_TE: torch.Tensor  # [T, E] fp32 raw logits
+    losses: dict = field(default_factory=dict)  # name -> scalar tensor, already coefficient-weighted
+
+
 def token_major_routes(idx_TK: torch.Tensor, weight_TK: torch.Tensor):
     """Flatten [T, K] choices into routes ordered token-major: route t*K + k."""
     T, K = idx_TK.shape

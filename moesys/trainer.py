@@ -223,8 +223,9 @@ class Trainer:
         self.model.train()
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
-        lm_sum = torch.zeros(())
-        aux_sum = torch.zeros(())
+        # summed on the device; read on the host once per step (below), not once per micro-batch
+        lm_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
         loads = None
         last_auxes = []
         for x, y in self.batches.step_batches(step):
@@ -238,9 +239,10 @@ class Trainer:
                 # the engine divides by its gradient_accumulation_steps itself
                 self.engine.backward(loss_lm + aux_loss)
                 self.engine.step()
-            lm_sum += loss_lm.detach().float().cpu() / t.grad_accum
-            aux_sum += aux_loss.detach().float().cpu() / t.grad_accum
-            cnt = torch.stack([a.tokens_per_expert.detach().float().cpu() for a in auxes]) if auxes else None
+            lm_sum += loss_lm.detach().float() / t.grad_accum
+            aux_sum += aux_loss.detach().float() / t.grad_accum
+            # routes per expert stay device tensors (the sync-free layer path reads nothing on the host)
+            cnt = torch.stack([a.tokens_per_expert.detach().float() for a in auxes]) if auxes else None
             loads = cnt if loads is None else loads + cnt
             last_auxes = auxes
         grad_norm = float("nan")
@@ -255,7 +257,7 @@ class Trainer:
         # one small all-reduce: the loss every rank reports (mean over dp), whether any rank saw a
         # non-finite value, and any rank's stop request, so every rank takes the same branches below
         flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
-        red = torch.cat([torch.stack([lm_sum, aux_sum, torch.tensor(float(bad))]), flags])
+        red = torch.cat([torch.stack([lm_sum.cpu(), aux_sum.cpu(), torch.tensor(float(bad))]), flags])
         dist.all_reduce(red, group=self.dims.dp_group)
         if self.dims.dp != self.dims.world_size:  # the stop must be agreed over the whole world
             flags = red[3:].clone()
@@ -279,6 +281,7 @@ class Trainer:
         log_step = self.step % t.log_interval == 0 or self.step == t.steps
         if loads is not None and (log_step or self.collapse is not None):
             # routes per expert of this step over all dp ranks: [L, E] (the collapse check needs every step)
+            loads = loads.cpu()
             dist.all_reduce(loads, group=self.dims.dp_group)
             if self.collapse is not None:
                 out["collapse_warnings"] = self.collapse.update(self.step, loads)

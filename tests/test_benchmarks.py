@@ -27,6 +27,8 @@ CASES = {
     "stability": ["benchmarks/stability.py", "--only", "tiny", "--seeds", "1", "--steps", "7"],
     "plan_check": ["benchmarks/plan_check.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
                    "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
+    "sync_free": ["benchmarks/sync_free.py", "--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7",
+                  "--repeats", "1"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],

@@ -88,6 +88,17 @@ class EvoMoELayer(MoELayer):
             self._max_k = k_T.max() if routing.num_tokens else k_T.new_zeros(())
         return routing, plan
 
+    def _takes_sync_free_path(self, x_TD: torch.Tensor) -> bool:
+        # expert choice gives a token a data-dependent number of experts: its max-K metric needs the
+        # host plan's routes (the dts gates keep the host plan anyway)
+        return self.cfg.router != "expert_choice" and super()._takes_sync_free_path(x_TD)
+
+    def _forward_sync_free(self, x_TD: torch.Tensor, seq_len: int):
+        with self._noise_stream(x_TD.device):
+            out = super()._forward_sync_free(x_TD, seq_len)
+        self._max_k = torch.tensor(self.cfg.top_k, device=x_TD.device)  # fixed K: every token has K
+        return out
+
     def forward(self, x: torch.Tensor):
         if not self.in_dense_phase:
             y, aux = super().forward(x)

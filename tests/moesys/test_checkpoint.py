@@ -193,3 +193,16 @@ def test_checkpoint_from_before_qk_norm_loads_as_qk_norm_false(tmp_path, world1)
     ckpt.check_compatible(path, structure_of(cfg))
     with pytest.raises(ckpt.CheckpointError, match="qk_norm: checkpoint has False, this run has True"):
         ckpt.check_compatible(path, structure_of(make_cfg("model.qk_norm=true")))
+
+
+def test_kernel_backend_is_not_structural_a_torch_checkpoint_loads_on_grouped_mm(tmp_path, world1):
+    """moe.kernel_backend picks kernels, not parameters: a checkpoint trained on the torch path loads
+    into a grouped_mm (sync-free) run, which then evaluates it to the same loss."""
+    common = ("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=1")
+    tr = build_trainer(make_cfg(*common, "moe.kernel_backend=torch"), str(tmp_path / "a"))
+    tr.train_step()
+    path = tr.save()
+    gm = build_trainer(make_cfg(*common, "moe.kernel_backend=grouped_mm"), str(tmp_path / "b"))
+    gm.load(path)
+    assert gm.step == 1
+    assert abs(gm.evaluate() - tr.evaluate()) < 1e-5

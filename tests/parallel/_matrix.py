@@ -16,6 +16,11 @@ def cases(world: int) -> list:
         (dict(small, num_experts=4, top_k=2), "zero", False),  # a rank with no tokens
         (dict(small, num_experts=world // 2, top_k=1), "uneven", False),  # E < P: F-sharded experts
         (dict(small, num_experts=4, top_k=2, router="dts"), "uneven", False),  # variable K (N > T*K possible)
+        # kernel_backend=grouped_mm: the reference (one process) takes the sync-free path; under EP the
+        # runner keeps the host plan and runs its local experts on torch._grouped_mm (whole or F-sliced)
+        (dict(small, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1, kernel_backend="grouped_mm"),
+         "uneven", False),
+        (dict(small, num_experts=max(world // 2, 1), top_k=1, kernel_backend="grouped_mm"), "uneven", False),
     ]
     if world == 4:
         out.append((dict(small, num_experts=8, top_k=2, capacity_factor=2.0), "uneven", False))  # L = 2, ample
