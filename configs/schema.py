@@ -68,7 +68,7 @@ class ModelConfig:
     moe_every: int = 1  # 1: every layer is MoE; 2: every other layer (1, 3, ...); 0: dense model
     dropout: float = 0.0
     tie_embeddings: bool = True
-    qk_norm: bool = True  # RMSNorm of each head's q and k (stability: README, "Training stability")
+    qk_norm: bool = False  # RMSNorm of each head's q and k before the dot product (README, "Training stability")
 
 
 @dataclass
