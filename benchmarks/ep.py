@@ -158,8 +158,8 @@ def report(world: int, res: dict, cfg_kw: dict, tokens: int) -> None:
           f"the auto layer itself: {res['pick_step'] * 1e3:.2f} ms ({res['pick_step'] / rows[best]['step'] - 1:+.1%})")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    """The sweep's shape and schedule (also benchmarks/plan_check.py's, which predicts this sweep)."""
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
     ap.add_argument("--hidden", type=int, default=128)
@@ -170,6 +170,11 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds over all combinations")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--auto-steps", type=int, default=16)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_sweep_args(ap)
     ap.add_argument("--groups", type=int, default=None, help="compare routing without / with this many groups")
     ap.add_argument("--topk-groups", type=int, default=1, help="groups kept per token (with --groups)")
     a = ap.parse_args(argv)

@@ -103,16 +103,7 @@ def report(world: int, runs: list) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--ffn", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per combination and round (ep.py)")
-    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds over all combinations (ep.py)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--auto-steps", type=int, default=16)
+    ep.add_sweep_args(ap)  # the sweep it predicts and measures
     ap.add_argument("--repeat", type=int, default=1, help="probe + sweep this many times; medians per cell")
     a = ap.parse_args(argv)
     cfg = MoEConfig(hidden_size=a.hidden, ffn_hidden_size=a.ffn, num_experts=a.experts, top_k=a.top_k)

@@ -85,3 +85,15 @@ def plain_overrides(overrides: List[str]) -> bool:
     """No Hydra flags (--help, --cfg, -m, -cd ...) and no multirun: the early check applies (with
     flags Hydra's own messages and behaviour are kept)."""
     return not any(a.startswith("-") or a.startswith("hydra.mode=") for a in overrides)
+
+
+def run_app(prog: str, config_name: str, check: Callable, hydra_main: Callable) -> None:
+    """A Hydra app's main(): plain overrides are composed and checked first (bad input is one line
+    and EXIT_BAD_INPUT, nothing written), then Hydra runs `hydra_main` on configs/<config_name>.yaml;
+    flags (--help, --cfg ...) and sweeps go to Hydra untouched."""
+    import hydra
+
+    overrides = sys.argv[1:]
+    if plain_overrides(overrides):
+        compose_checked(prog, config_name, overrides, check)
+    hydra.main(version_base="1.3", config_path="pkg://moesys.configs", config_name=config_name)(hydra_main)()

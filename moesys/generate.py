@@ -160,12 +160,7 @@ def _hydra_main(dcfg) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    overrides = sys.argv[1:]
-    if cli.plain_overrides(overrides):
-        cli.compose_checked(PROG, "generate", overrides, _checked)
-    hydra.main(version_base="1.3", config_path="pkg://moesys.configs", config_name="generate")(_hydra_main)()
+    cli.run_app(PROG, "generate", _checked, _hydra_main)
 
 
 if __name__ == "__main__":
