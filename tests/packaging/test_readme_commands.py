@@ -7,6 +7,7 @@ through the installed console scripts. moesys-train commands run at tiny sizes: 
 first (the command's own settings win over it) and `trainer.steps=2` last (or the command's own
 `trainer.ckpt_interval`, so the checkpoint a later line names exists); a command without
 `trainer.out_dir` gets its own `hydra.run.dir` (Hydra's time-stamped dirs collide within a second).
+A command with one of Hydra's flags (`moesys-train --help`) runs as written: it trains nothing.
 The files the commands name (book.txt, tokens.bin, launchers/) are made in the scratch directory.
 `moesys-plan` lines run in tests/moesys/test_planner.py::test_readme_plan_commands_run (checked below
 that it finds every one). Lines for torchrun.sh, sbatch and Python snippets are not run here.
@@ -89,7 +90,7 @@ def _exe(name: str) -> list:
 def tiny(argv: list, n: int) -> list:
     """The command at tiny sizes (see the module docstring)."""
     name, args = argv[0], argv[1:]
-    if name != "moesys-train":
+    if name != "moesys-train" or any(a.startswith("-") for a in args):  # Hydra's flags (--help): as written
         return _exe(name) + args
     keys = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
     steps = keys.get("trainer.ckpt_interval", "2")
