@@ -50,11 +50,20 @@ if ! [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
 fi
 if [[ "$MAX_RESTARTS" -gt 0 ]]; then
   # a restarted rank must find the run it continues: a fixed out_dir, resumed from its latest checkpoint
-  if ! printf '%s\n' "$@" | grep -q '^trainer\.out_dir='; then
+  # (a loop, not `printf | grep -q`: under pipefail grep's early exit can SIGPIPE printf and fail the test)
+  HAS_OUT_DIR=0
+  HAS_RESUME=0
+  for arg in "$@"; do
+    case "$arg" in
+      trainer.out_dir=*|+trainer.out_dir=*|++trainer.out_dir=*) HAS_OUT_DIR=1 ;;
+      trainer.resume=*|+trainer.resume=*|++trainer.resume=*) HAS_RESUME=1 ;;
+    esac
+  done
+  if [[ "$HAS_OUT_DIR" -eq 0 ]]; then
     echo "torchrun.sh: --max-restarts $MAX_RESTARTS needs trainer.out_dir=DIR among the overrides (the restarted ranks resume from DIR/checkpoints)" >&2
     exit 2
   fi
-  if ! printf '%s\n' "$@" | grep -q '^trainer\.resume='; then
+  if [[ "$HAS_RESUME" -eq 0 ]]; then
     set -- "$@" trainer.resume=auto
   fi
 fi
