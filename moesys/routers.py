@@ -220,15 +220,21 @@ class SigmoidBiasRouter(Router):
         # routes per expert seen in training since the last update (not saved: transient)
         self.register_buffer("load_since_update", torch.zeros(cfg.num_experts), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
+    def _select(self, x_TD: torch.Tensor):
+        """(logits, sigmoid scores, top-k expert ids, their weights): experts picked on the biased
+        scores (groups too are ranked on them: DeepSeek-V3, Megatron), weighted by the unbiased."""
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        # groups too are ranked on the biased scores (DeepSeek-V3, Megatron)
         idx_TK = limited_topk(scores_TE.detach() + self.expert_bias, cfg.top_k, cfg)
         w_TK = scores_TE.gather(1, idx_TK)
         if cfg.renormalize_topk:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return logits_TE, scores_TE, idx_TK, w_TK
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
+        cfg = self.cfg
+        logits_TE, scores_TE, idx_TK, w_TK = self._select(x_TD)
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         if self.training:
             with torch.no_grad():
@@ -241,12 +247,7 @@ class SigmoidBiasRouter(Router):
     def route_static(self, x_TD: torch.Tensor, seq_len: int) -> StaticRouting:
         """`forward` without a host sync: the load is a device histogram (no bincount)."""
         cfg = self.cfg
-        logits_TE = self.logits(x_TD)
-        scores_TE = torch.sigmoid(logits_TE)
-        idx_TK = limited_topk(scores_TE.detach() + self.expert_bias, cfg.top_k, cfg)
-        w_TK = scores_TE.gather(1, idx_TK)
-        if cfg.renormalize_topk:
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        logits_TE, scores_TE, idx_TK, w_TK = self._select(x_TD)
         routed_E = histogram(idx_TK, cfg.num_experts)
         if self.training:
             with torch.no_grad():
