@@ -27,7 +27,7 @@ import torch
 
 from _shapes import add_shape_args, timed  # benchmarks/ is on sys.path when a script runs
 from layer import fwd_bwd, timing
-from stack_cpu import Stack
+from stack_cpu import Stack, status_mib
 
 KINDS = ["off", "on"]
 
@@ -57,13 +57,6 @@ def _worker(kind: str, E: int, shape: tuple, threads: int, conn) -> None:
     serve(m, step, T, D, conn)
 
 
-def _status_mib(key: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 def _measure(kind: str, args) -> None:
     """This process: steady-state peak MiB of one fwd+bwd (third step) above the set-up state."""
     dev = torch.device(args.device)
@@ -77,7 +70,7 @@ def _measure(kind: str, args) -> None:
         from moesys.kernels import workspace
 
         workspace.release()  # the measured steps map their cached buffers anew: they count
-        base = _status_mib("VmRSS")
+        base = status_mib("VmRSS")
     for i in range(3):
         m.zero_grad(set_to_none=True)
         x.grad = None
@@ -90,7 +83,7 @@ def _measure(kind: str, args) -> None:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # reset the peak (VmHWM) to the current RSS
         seconds = timed(lambda: fwd_bwd(m, step, x), dev)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _status_mib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else status_mib("VmHWM")
     print(peak - base, seconds)
 
 

@@ -85,7 +85,8 @@ def steady_peak_mib(kind: str, E: int, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
+    """A /proc/self/status figure (VmRSS, VmHWM ...) in MiB."""
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
@@ -98,7 +99,7 @@ def _measure_memory(kind: str, args) -> None:
     fwd_bwd(m, step, torch.randn(64, args.hidden, requires_grad=True))  # load code paths and thread pools
     m.zero_grad(set_to_none=True)
     workspace.release()  # the measured steps map their cached buffers anew: they count
-    base = _status_mib("VmRSS")
+    base = status_mib("VmRSS")
     for i in range(3):
         m.zero_grad(set_to_none=True)
         x.grad = None
@@ -106,7 +107,7 @@ def _measure_memory(kind: str, args) -> None:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak (VmHWM) to the current RSS
         fwd_bwd(m, step, x)
-    print(_status_mib("VmHWM") - base)
+    print(status_mib("VmHWM") - base)
 
 
 def main(argv=None) -> None:
