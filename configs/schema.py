@@ -140,8 +140,14 @@ class TrainerConfig:
     collapse_share: float = 0.4
     collapse_steps: int = 10
     out_dir: Optional[str] = None  # None: Hydra's run dir
-    engine: str = "plain"  # plain | deepspeed
+    engine: str = "plain"  # plain | fsdp | deepspeed
     zero_stage: int = 1  # deepspeed only: 1 | 2
+    # fsdp only (FSDP2, parallel/fsdp.py): free gathered weights after each block's forward (ZeRO-3);
+    # the dtype weights are gathered and computed in (bf16: FSDP2's mixed precision), and the
+    # gradient reduce-scatter's
+    fsdp_reshard_after_forward: bool = True
+    fsdp_param_dtype: str = "fp32"  # fp32 | bf16
+    fsdp_reduce_dtype: str = "fp32"  # fp32 | bf16
     ds_config: Optional[str] = None  # deepspeed only: a base JSON (e.g. launchers/ds_zero2.json); trainer.* wins
     deterministic: bool = True
     plots: bool = True
@@ -263,7 +269,16 @@ class TrainConfig:
         _check(t.max_bad_steps >= 1, f"trainer.max_bad_steps must be >= 1, got {t.max_bad_steps}")
         _check(0 <= t.collapse_share <= 1, f"trainer.collapse_share must be in [0, 1] (0: no collapse check), got {t.collapse_share}")
         _check(t.collapse_steps >= 1, f"trainer.collapse_steps must be >= 1, got {t.collapse_steps}")
-        _one_of("trainer.engine", t.engine, ("plain", "deepspeed"))
+        _one_of("trainer.engine", t.engine, ("plain", "fsdp", "deepspeed"))
+        _one_of("trainer.fsdp_param_dtype", t.fsdp_param_dtype, ("fp32", "bf16"))
+        _one_of("trainer.fsdp_reduce_dtype", t.fsdp_reduce_dtype, ("fp32", "bf16"))
+        if t.engine == "fsdp":
+            E, ep = moe.num_experts, p.ep
+            if ep > E:
+                raise ConfigError(
+                    f"trainer.engine=fsdp with parallel.ep ({ep}) > moe.num_experts ({E}): each expert would be "
+                    "split along F over ep/E ranks (a 2-D DTensor), which FSDP2 does not compose with; use "
+                    f"parallel.ep <= {E} (the edp dim then shards the experts) or trainer.engine=plain")
         if t.zero_stage not in (1, 2):
             raise ConfigError(f"trainer.zero_stage must be 1 or 2 with MoE, got {t.zero_stage}")
         if t.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

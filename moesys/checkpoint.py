@@ -14,21 +14,19 @@ the files between them after the write). `verify_checkpoint` checks them, and `p
 before any rank starts: a flipped byte or a truncated file is refused naming the file, and
 `trainer.resume=auto` falls back to the newest checkpoint that verifies (`resolve_verified`).
 
-Resharding: expert tensors are keyed by GLOBAL expert index (`blocks.1.moe.experts.w1.e5`) in both
-the model and the optimizer entries, so a run at any EP degree saves and loads exactly its own
-experts; non-expert tensors are replicated and DCP stores them once. A checkpoint written at EP=2
-loads at EP=1 or EP=4 with the same numbers (optimizer state included). When the EP group has more
-ranks than experts (each expert's F split over S ranks) the `.e<g>` entries are still the FULL expert:
-every rank contributes its F-slice as a DTensor chunk (checkpoint_state), so EP=4 with 2 experts
-reshards to EP=2 or EP=1 and back.
+Resharding: expert weights are DTensors of their global shape ([E, D, F], Shard(0) over the ep mesh;
+over (edp, ep) under FSDP2), dense weights are replicated tensors (or FSDP2's dp-sharded DTensors), and
+the entries come from DCP's state_dict API (`get_model_state_dict` / `get_optimizer_state_dict`, and
+their `set_*` on load). DCP writes each logical tensor once and every rank reads exactly its part, so
+a checkpoint written at any EP degree, F-shard or FSDP layout resumes at any other. Engines: the
+plain and FSDP2 engines' AdamW and DeepSpeed ZeRO-1/2 save the same entries (ZeRO's flat fp32
+partitions are assembled per parameter, its local expert shards wrapped as DTensors:
+checkpoint_state), so any engine resumes a checkpoint of any other. Formats 1 and 2 (one entry per
+expert, `<key>.e<g>`) still load: read as full tensors and placed.
 
-Engines: the plain engine's AdamW and DeepSpeed ZeRO-1/2 save the same entries (ZeRO's flat fp32
-partitions are assembled per parameter, checkpoint_state.ZeroAdamState), so either engine resumes
-a checkpoint of either.
-
-Flat state keys:
-    model.<name>[.e<g>]                         parameters and persistent buffers
-    optim.<param>[.e<g>].{exp_avg,exp_avg_sq}   AdamW moments; optim.<param>.step
+Flat state keys (format 3):
+    model.<name>                                parameters and persistent buffers
+    optim.<param>.{exp_avg,exp_avg_sq,step}     AdamW moments and step
     rng.rank<r>                                 torch / numpy / python RNG states of rank r (pickled)
     trainer                                     step, data position, LR schedule, world/ep (pickled)
 """
@@ -51,7 +49,9 @@ from . import checkpoint_state as cstate
 
 META_FILE = "moesys.json"
 LATEST = "latest"
-FORMAT = 2  # moesys.json "format": 2 adds per-file checksums (format 1, without them, loads unverified)
+# moesys.json "format": 2 added per-file checksums (format 1, without them, loads unverified); 3 stores
+# expert weights as whole DTensor entries (format 1 and 2: one entry per expert, read by _load_legacy)
+FORMAT = 3
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
                      "tie_embeddings", "qk_norm", "num_experts", "activation", "router", "num_shared_experts",
@@ -64,115 +64,111 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model being trained."""
 
 
-# ---- expert tensors keyed by global index ---------------------------------------------------------
-def _expert_modules(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    """name -> the grouped-experts module (holds w1/w2[/w3] with leading dim E_local)."""
-    return {name: mod for name, mod in model.named_modules()
-            if hasattr(mod, "expert_offset") and isinstance(getattr(mod, "w1", None), torch.Tensor)}
+# ---- what a checkpoint holds -----------------------------------------------------------------------
+def _is_zero(optimizer) -> bool:
+    return optimizer is not None and isinstance(cstate.adam_state(optimizer), cstate.ZeroAdamState)
 
 
-def _check_meshes(experts: Dict[str, torch.nn.Module], meshes: Optional[dict]) -> None:
-    for name, mod in experts.items():
-        fs = getattr(mod, "ffn_shard", None)
-        if fs and fs[1] not in (meshes or {}):
-            raise CheckpointError(f"{name}: experts are split along F over {fs[1]} ranks (EP larger than the number "
-                                  "of experts); pass meshes=dims.ffn_shard_meshes() "
-                                  "(from ParallelDims.build(..., num_experts=E))")
-
-
-def _split_experts(tensors: Dict[str, torch.Tensor], experts: Dict[str, torch.nn.Module],
-                   meshes: Optional[dict]) -> Dict[str, torch.Tensor]:
-    """Replace each expert tensor [E_local, ...] by E_local entries `<key>.e<global index>`; an F-sharded
-    expert's entry is a DTensor of the full expert (see checkpoint_state)."""
-    out = {}
-    for key, t in tensors.items():
-        mod_name, _, pname = key.rpartition(".")
-        mod = experts.get(mod_name)
-        if mod is not None and t.dim() >= 1 and t.shape[0] == mod.num_local_experts:
-            for j in range(t.shape[0]):
-                v = t[j]
-                if getattr(mod, "ffn_shard", None):
-                    v = cstate.full_expert_view(v, mod, pname, meshes)
-                out[f"{key}.e{mod.expert_offset + j}"] = v
-        else:
-            out[key] = t
-    return out
-
-
-def model_state(model: torch.nn.Module, optimizer=None, meshes: Optional[dict] = None,
-                shapes_only: bool = False) -> Dict[str, torch.Tensor]:
-    """Flat model entries (detached views of this rank's tensors, expert tensors split per expert).
-
-    With a ZeRO optimizer the parameters are its fp32 master weights (collective over dp groups unless
-    shapes_only, which gives fp32 tensors of the right shapes and no collective).
-    """
-    adapter = cstate.adam_state(optimizer) if optimizer is not None else None
-    sd = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if adapter is not None and adapter.has_master and isinstance(v, torch.nn.Parameter) and adapter.holds(v):
-            sd[k] = torch.empty_like(v, dtype=torch.float32) if shapes_only else adapter.master(v)
-        else:
-            sd[k] = v.detach()
-    return _split_experts(sd, _expert_modules(model), meshes)
-
-
-def _param_names(model: torch.nn.Module) -> Dict[int, str]:
+def _param_fqns(model: torch.nn.Module) -> Dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-def optim_state(model: torch.nn.Module, optimizer, meshes: Optional[dict] = None,
-                shapes_only: bool = False) -> Dict[str, torch.Tensor]:
-    """Flat AdamW entries, experts split by global index; a parameter without state yet saves zeros.
+def _zeros_state(p: torch.Tensor) -> dict:
+    """AdamW's state of a parameter that has none yet (never had a gradient): equivalent to none."""
+    return {"step": torch.zeros((), dtype=torch.float32),
+            **{m: torch.zeros_like(p, dtype=torch.float32) for m in cstate.MOMENTS}}
 
-    Collective with a ZeRO optimizer (unless shapes_only): every rank walks the parameters in model order.
-    """
+
+def _torch_optim_state(model: torch.nn.Module, optimizer, template: bool) -> Dict[str, dict]:
+    """{fqn: {exp_avg, exp_avg_sq, step}} of a torch optimizer (plain or FSDP2: DTensors where the
+    parameters are), through DCP's state_dict API; zeros for a parameter without state yet. template:
+    fresh zeros of the right shapes and placements, without touching the optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {}
+    if not template and optimizer.state:  # (an empty optimizer would be initialised by a fake step)
+        state = dict(get_optimizer_state_dict(model, optimizer)["state"])
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        if id(p) in held and n not in state:
+            state[n] = _zeros_state(p.detach())
+    return {n: {k: v for k, v in st.items() if k in cstate.MOMENTS + ("step",)} for n, st in state.items()}
+
+
+def _zero_state(model: torch.nn.Module, optimizer, template: bool) -> Tuple[dict, dict]:
+    """Model and optimizer entries of a DeepSpeed ZeRO-1/2 run: the fp32 masters and per-parameter
+    moments assembled from the flat partitions (collective unless template), each expert tensor a
+    DTensor of the global shape built from this rank's local shard (cstate.global_view)."""
     adapter = cstate.adam_state(optimizer)
-    experts = _expert_modules(model)
-    out = {}
+    owners = cstate.expert_owners(model)
+    msd = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.nn.Parameter) and adapter.holds(v):
+            v = torch.empty_like(v, dtype=torch.float32) if template else adapter.master(v)
+        msd[k] = cstate.global_view(owners, k, v.detach())
+    osd = {}
     for n, p in model.named_parameters():
         if not adapter.holds(p):
             continue
-        if shapes_only:
-            st = {k: torch.empty_like(p, dtype=torch.float32) for k in cstate.MOMENTS}
-            st["step"] = torch.zeros((), dtype=torch.float32)
-        else:
-            st = adapter.get(p)
-        # moments sit at "<param>.exp_avg": split on the param's module, then move the suffix last
-        for m in cstate.MOMENTS:
-            for k2, v in _split_experts({n: st[m]}, experts, meshes).items():
-                out[f"optim.{k2}.{m}"] = v
-        out[f"optim.{n}.step"] = st["step"]
+        st = _zeros_state(p.detach()) if template else adapter.get(p)
+        osd[n] = {k: (cstate.global_view(owners, n, v) if k != "step" else v) for k, v in st.items()}
+    return msd, osd
+
+
+def engine_state(model: torch.nn.Module, optimizer=None, template: bool = False) -> Tuple[dict, dict]:
+    """(model entries {fqn: tensor}, optimizer entries {fqn: {exp_avg, exp_avg_sq, step}}) of this
+    rank, the same keys whatever the engine: expert weights are DTensors of their global shape, so
+    DCP writes each logical tensor once and any other layout reads its own part.
+
+    plain and fsdp engines: DCP's state_dict API (`get_model_state_dict` / `get_optimizer_state_dict`);
+    DeepSpeed ZeRO-1/2: its flat partitions per parameter (checkpoint_state.ZeroAdamState).
+    template: tensors of the right shapes to load into (no collective, nothing changed).
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if optimizer is not None and _is_zero(optimizer):
+        return _zero_state(model, optimizer, template)
+    msd = dict(get_model_state_dict(model))
+    if template:
+        msd = {k: torch.empty_like(v) for k, v in msd.items()}
+    osd = _torch_optim_state(model, optimizer, template) if optimizer is not None else {}
+    return msd, osd
+
+
+def flat_entries(msd: dict, osd: dict) -> Dict[str, torch.Tensor]:
+    """DCP keys: model.<fqn> and optim.<fqn>.{exp_avg,exp_avg_sq,step}."""
+    out = {f"model.{k}": v for k, v in msd.items()}
+    for n, st in osd.items():
+        out.update({f"optim.{n}.{k}": v for k, v in st.items()})
     return out
 
 
-def _collect(flat: Dict[str, torch.Tensor], key: str, like: torch.Tensor, experts: Dict[str, torch.nn.Module],
-             spell) -> torch.Tensor:
-    """The loaded value of `key` for this rank: expert tensors are stacked from their global entries."""
-    mod = experts.get(key.rpartition(".")[0])
-    if mod is not None and like.dim() >= 1 and like.shape[0] == mod.num_local_experts:
-        parts = [flat[spell(f"{key}.e{mod.expert_offset + j}")] for j in range(like.shape[0])]
-        return torch.stack([t.to_local() if hasattr(t, "to_local") else t for t in parts])
-    return flat[spell(key)]
-
-
-def _assign(model: torch.nn.Module, optimizer, flat: Dict[str, torch.Tensor]) -> None:
-    """Copy loaded flat entries back into this rank's model (and optimizer, and ZeRO's fp32 masters)."""
-    experts = _expert_modules(model)
-    adapter = cstate.adam_state(optimizer) if optimizer is not None else None
-    with torch.no_grad():
-        for key, t in model.state_dict(keep_vars=True).items():
-            value = _collect(flat, key, t, experts, lambda k: f"model.{k}")
-            t.copy_(value)
-            if adapter is not None and isinstance(t, torch.nn.Parameter) and adapter.holds(t):
-                adapter.set_master(t, value.to(torch.float32))
-    if adapter is None:
+def _apply_loaded(model: torch.nn.Module, optimizer, flat: Dict[str, torch.Tensor]) -> None:
+    """Put loaded entries (engine_state's keys) into this rank's model and optimizer."""
+    msd = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    if optimizer is not None and _is_zero(optimizer):
+        adapter = cstate.adam_state(optimizer)
+        local = cstate.local_value
+        with torch.no_grad():
+            for k, t in model.state_dict(keep_vars=True).items():
+                value = local(msd[k])
+                t.copy_(value)
+                if isinstance(t, torch.nn.Parameter) and adapter.holds(t):
+                    adapter.set_master(t, value.to(torch.float32))
+        for n, p in model.named_parameters():
+            if adapter.holds(p):
+                adapter.set(p, {m: local(flat[f"optim.{n}.{m}"]) for m in cstate.MOMENTS + ("step",)})
         return
-    for n, p in model.named_parameters():
-        if adapter.holds(p):
-            st = {"step": flat[f"optim.{n}.step"]}
-            for m in cstate.MOMENTS:
-                st[m] = _collect(flat, n, p, experts, lambda k, m=m: f"optim.{k}.{m}")
-            adapter.set(p, st)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, msd)
+    if optimizer is not None:
+        fqn = _param_fqns(model)
+        state = {n: {m: flat[f"optim.{n}.{m}"] for m in cstate.MOMENTS + ("step",)}
+                 for n, p in model.named_parameters() if f"optim.{n}.step" in flat}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(q)] for q in g["params"]]}
+                  for g in optimizer.param_groups]
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
@@ -206,8 +202,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, structure: dict, keep: int = 2, meshes: Optional[dict] = None,
-                    config: Optional[dict] = None) -> str:
+                    trainer_state: dict, structure: dict, keep: int = 2, config: Optional[dict] = None) -> str:
     """Collective: every rank calls it. Returns the final directory.
 
     Args:
@@ -216,12 +211,11 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         trainer_state: small picklable dict (step, data position, schedule, world size, ep).
         structure: the model's STRUCTURAL_FIELDS values, written to moesys.json and checked on load.
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
-        optimizer: torch AdamW, or DeepSpeed's ZeRO-1/2 optimizer (saved per parameter, see checkpoint_state).
-        meshes: `dims.ffn_shard_meshes()` (the ParallelDims' F-shard mesh); needed when experts are split along F.
+        optimizer: torch AdamW (plain or FSDP2 model), or DeepSpeed's ZeRO-1/2 optimizer (saved per
+            parameter, see checkpoint_state).
         config: the run's resolved config as plain data, written to moesys.json ("config"), so the
             checkpoint can be evaluated or sampled from alone (moesys-eval, moesys-generate).
     """
-    _check_meshes(_expert_modules(model), meshes)  # before any collective
     name = f"step_{step:08d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f".{name}.tmp")
     rank = _rank()
@@ -230,8 +224,7 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         if os.path.exists(tmp):  # left by a crashed save
             shutil.rmtree(tmp)
     _barrier()
-    state = {**{f"model.{k}": v for k, v in model_state(model, optimizer, meshes).items()},
-             **optim_state(model, optimizer, meshes)}
+    state = flat_entries(*engine_state(model, optimizer))
     # small Python objects go in as pickled bytes: DCP flattens nested dicts into separate entries,
     # which a loader at another world size could not ask for by name
     state["trainer"] = pickle.dumps(dict(trainer_state))
@@ -392,16 +385,11 @@ def check_compatible(ckpt: str, structure: dict) -> dict:
 
 
 def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], saved_keys: Iterable[str],
-                     rank: int, meshes: Optional[dict] = None) -> Tuple[dict, bool]:
-    """The state dict this rank asks DCP for (fresh tensors), and whether its RNG entry exists.
-
-    Raises CheckpointError when an entry this rank needs is missing or has another shape.
-    """
+                     rank: int) -> Tuple[dict, bool]:
+    """The state dict this rank asks DCP for (fresh tensors of engine_state's keys), and whether its RNG
+    entry exists. Raises CheckpointError when an entry this rank needs is missing or has another shape."""
     saved_keys = dict(saved_keys) if not isinstance(saved_keys, dict) else saved_keys
-    want = {f"model.{k}": torch.empty_like(v)
-            for k, v in model_state(model, optimizer, meshes, shapes_only=True).items()}
-    if optimizer is not None:
-        want.update({k: torch.empty_like(v) for k, v in optim_state(model, optimizer, meshes, shapes_only=True).items()})
+    want = flat_entries(*engine_state(model, optimizer, template=True))
     for k, v in want.items():
         md = saved_keys.get(k)
         if md is None:
@@ -416,19 +404,114 @@ def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opt
     return want, has_rng
 
 
+def _legacy_request(model: torch.nn.Module, optimizer, saved_keys: dict) -> Tuple[dict, dict]:
+    """Format 2 (per-expert entries `<key>.e<g>`, before experts were DTensors): the request for every
+    entry as a full plain tensor, and {format-3 key: [its E per-expert keys]} to stack them back."""
+    msd, osd = engine_state(model, optimizer, template=True)
+    flat = flat_entries(msd, osd)
+    from moesys.parallel import expert_parameters
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    expert_fqns = {names[id(p)] for p in expert_parameters(model) if id(p) in names}
+    E = {names[id(p)]: m.experts.num_experts for m in _moe_layers(model) for p in m.experts.parameters()
+         if id(p) in names}
+    want, stacks = {}, {}
+    for k, v in flat.items():
+        fqn = k[len("model."):] if k.startswith("model.") else k[len("optim."):].rpartition(".")[0]
+        if fqn in expert_fqns and not k.endswith(".step"):
+            keys = [f"model.{fqn}.e{g}" if k.startswith("model.") else f"optim.{fqn}.e{g}.{k.rpartition('.')[2]}"
+                    for g in range(E[fqn])]
+            stacks[k] = keys
+            for kk in keys:
+                md = saved_keys.get(kk)
+                if md is None:
+                    raise CheckpointError(f"format-2 checkpoint lacks entry {kk!r} that this run needs")
+                want[kk] = torch.empty(tuple(md.size), dtype=torch.float32)
+        else:
+            md = saved_keys.get(k)
+            if md is None:
+                raise CheckpointError(f"format-2 checkpoint lacks entry {k!r} that this run needs")
+            want[k] = torch.empty(tuple(md.size), dtype=getattr(md.properties, "dtype", torch.float32)) \
+                if hasattr(md, "size") else b""
+    return want, stacks
+
+
+def _moe_layers(model: torch.nn.Module) -> list:
+    from moesys.layer import MoELayer
+
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def _load_legacy(ckpt: str, model, optimizer, saved_keys: dict, rank: int) -> Tuple[dict, bool]:
+    """Read a format-2 checkpoint as full tensors and place this rank's parts (DCP's full-state-dict
+    path for plain and FSDP2 models; the experts' `sharding` for DeepSpeed's local shards)."""
+    want, stacks = _legacy_request(model, optimizer, saved_keys)
+    want["trainer"] = b""
+    has_rng = f"rng.rank{rank}" in saved_keys
+    if has_rng:
+        want[f"rng.rank{rank}"] = b""
+    dcp.load(want, storage_reader=dcp.FileSystemReader(ckpt))
+    full = {k: v for k, v in want.items() if isinstance(v, torch.Tensor)}
+    for k, keys in stacks.items():
+        full[k] = torch.stack([want.pop(kk) for kk in keys])
+        for kk in keys:
+            full.pop(kk, None)
+    msd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    osd: dict = {}
+    for k, v in full.items():
+        if k.startswith("optim."):
+            fqn, _, m = k[len("optim."):].rpartition(".")
+            osd.setdefault(fqn, {})[m] = v
+    if optimizer is not None and _is_zero(optimizer):
+        owners = cstate.expert_owners(model)
+        local = {}
+        for k, v in flat_entries(msd, osd).items():
+            fqn = k[len("model."):] if k.startswith("model.") else k[len("optim."):].rpartition(".")[0]
+            if fqn in owners and not k.endswith(".step"):
+                mod, name = owners[fqn]
+                sh = mod.sharding
+                v = v[sh.first:sh.first + sh.count]
+                if sh.f_slice is not None:
+                    from moesys.experts import slice_ffn
+
+                    v = slice_ffn(name, v, sh.f_slice)
+            local[k] = v
+        _apply_loaded(model, optimizer, local)
+    else:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, msd, options=opts)
+        if optimizer is not None:
+            fqn = _param_fqns(model)
+            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(q)] for q in g["params"]]}
+                      for g in optimizer.param_groups]
+            set_optimizer_state_dict(model, optimizer, {"state": osd, "param_groups": groups}, options=opts)
+    return want, has_rng
+
+
 def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    structure: dict, restore_rng: bool = True, meshes: Optional[dict] = None) -> dict:
+                    structure: dict, restore_rng: bool = True) -> dict:
     """Collective. Loads model (+ optimizer, + this rank's RNG if the world matches); returns trainer state.
 
-    optimizer: torch AdamW or DeepSpeed's ZeRO-1/2 optimizer; meshes: as for save_checkpoint.
+    optimizer: torch AdamW (plain or FSDP2 model) or DeepSpeed's ZeRO-1/2 optimizer. Any layout reads a
+    checkpoint of any other: DCP reads each rank's part of every DTensor entry. A format-2 checkpoint
+    (per-expert entries) is read as full tensors and placed; older formats are refused by name.
     """
-    _check_meshes(_expert_modules(model), meshes)
     meta = check_compatible(ckpt, structure)
+    fmt = int(meta.get("format", 1))
     rank = _rank()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank, meshes)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
-    _assign(model, optimizer, state)
+    if fmt > FORMAT:
+        raise CheckpointError(f"checkpoint {ckpt!r} has format {fmt}; this moesys reads formats 1 to {FORMAT} "
+                              "(written by a newer moesys)")
+    if fmt < FORMAT:
+        state, has_rng = _load_legacy(ckpt, model, optimizer, meta["_keys"], rank)
+    else:
+        state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
+        dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
+        _apply_loaded(model, optimizer, state)
     trainer_state = pickle.loads(state["trainer"])
     if restore_rng and has_rng and trainer_state.get("world_size") == world:
         set_rng_state(pickle.loads(state[f"rng.rank{rank}"]))

@@ -1,7 +1,7 @@
-"""Engine adapters for moesys checkpoints: AdamW state per parameter, and F-sharded experts as DTensors.
+"""Engine adapters for moesys checkpoints: AdamW state per parameter, and local expert shards as DTensors.
 
 Checkpoints store every optimizer entry per model parameter, shaped like the parameter
-(`optim.<param>[.e<g>].{exp_avg,exp_avg_sq}`, `optim.<param>.step`), whichever engine trained:
+(`optim.<param>.{exp_avg,exp_avg_sq,step}`), whichever engine trained:
 - the plain engine's torch AdamW keeps exactly that (`PlainAdamState`);
 - DeepSpeed ZeRO-1/2 keeps, per param group, one flat fp32 master partition and flat Adam moments
   over the data-parallel group of that group (the expert-data-parallel group for experts).
@@ -12,10 +12,10 @@ Checkpoints store every optimizer entry per model parameter, shaped like the par
   fresh engine does not have yet. Model entries of a ZeRO run are the fp32 master weights.
 So a checkpoint from either engine resumes on either, at any EP degree.
 
-F-sharded experts (EP group larger than num_experts: `ffn_shard = (j, S)`, w1/w3 hold [1, D, F/S],
-w2 [1, F/S, D]) are saved as the FULL expert tensor `<key>.e<g>` [D, F] / [F, D]: each rank hands DCP a
-DTensor with Shard(F dim) over the ParallelDims' F-shard mesh (the S ranks sharing expert g), so DCP writes
-one logical tensor in S chunks and any later layout (whole experts, or another S) reads its slice.
+Expert weights that an engine keeps as plain local shards (DeepSpeed) are handed to DCP as DTensors of
+the global shape built from the shard and the experts' `sharding` (`global_view`), the same entries a
+plain or FSDP2 run's DTensor parameters give, so DCP writes one logical tensor and any later layout
+reads its part.
 """
 from __future__ import annotations
 
@@ -127,23 +127,45 @@ def adam_state(optimizer: torch.optim.Optimizer):
     return PlainAdamState(optimizer)
 
 
-# ---- F-sharded experts as DTensors -----------------------------------------------------------------
-def f_dim(param_name: str) -> int:
-    """The F dim of one expert's slice ([D, F] for w1/w3, [F, D] for w2)."""
-    return 0 if param_name == "w2" else 1
+# ---- local expert shards as DTensors -----------------------------------------------------------------
+def expert_owners(model: torch.nn.Module) -> Dict[str, tuple]:
+    """{fqn of an expert weight held as a plain local shard: (its GroupedExperts, weight name)}: the
+    expert-parallel weights of an engine that keeps them local (DeepSpeed, Megatron). Empty when the
+    experts are DTensors (they carry their layout) or unsharded."""
+    from moesys.parallel import expert_parameters
+
+    experts = {id(p) for p in expert_parameters(model)}
+    out = {}
+    for mod_name, mod in model.named_modules():
+        sh = getattr(mod, "sharding", None)
+        if sh is None:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in experts and not hasattr(p, "device_mesh"):
+                out[f"{mod_name}.{pname}" if mod_name else pname] = (mod, pname)
+    return out
 
 
-def full_expert_view(local: torch.Tensor, mod: torch.nn.Module, param_name: str, meshes: Dict[int, object]):
-    """This rank's F-slice of one expert as a DTensor of the full expert's shape (Shard on the F dim)."""
-    from torch.distributed.tensor import DTensor, Shard
+def global_view(owners: Dict[str, tuple], key: str, local: torch.Tensor) -> torch.Tensor:
+    """`local` as a DTensor of the global [E, D, F] / [E, F, D] shape over the experts' mesh when `key`
+    is a local expert shard (see expert_owners); otherwise `local` unchanged."""
+    if key not in owners:
+        return local
+    from torch.distributed.tensor import DTensor
 
-    j, S = mod.ffn_shard
-    mesh = meshes[S]
-    if tuple(mesh.get_coordinate() or ()) != (j,):
-        raise RuntimeError(f"F-shard mesh coordinate {mesh.get_coordinate()} != this rank's F-shard {j}")
-    d = f_dim(param_name)
+    from moesys.experts import FFN_DIM
+
+    mod, name = owners[key]
+    sh = mod.sharding
     shape = list(local.shape)
-    shape[d] *= S
-    full_stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local.contiguous(), mesh, [Shard(d)], run_check=False, shape=torch.Size(shape),
-                              stride=full_stride)
+    shape[0] = mod.num_experts
+    if sh.shards > 1:
+        shape[FFN_DIM[name]] = mod.cfg.ffn_hidden_size
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local.contiguous(), sh.mesh, sh.placements_for(name), run_check=False,
+                              shape=torch.Size(shape), stride=stride)
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a loaded entry (a DTensor's local shard; a plain tensor as is)."""
+    return t.to_local() if hasattr(t, "to_local") else t

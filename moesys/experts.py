@@ -6,6 +6,7 @@ FFN_e(x) = act(x @ w1[e]) @ w2[e];  swiglu: (silu(x @ w1[e]) * (x @ w3[e])) @ w2
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -89,12 +90,81 @@ def expert_ffn_offsets(x_MD, offs_E, w1, w2, w3, cfg: MoEConfig) -> torch.Tensor
     return _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, cfg.activation, cfg.recompute)
 
 
-class GroupedExperts(nn.Module):
-    """Holds w1 [E_local, D, F], w2 [E_local, F, D] (+ w3 [E_local, D, F] for swiglu).
+@dataclass(frozen=True)
+class ExpertSharding:
+    """Where this rank's expert weights sit in the global [E, D, F] tensors (set by
+    `moesys.parallel.apply_expert_parallel`; None on a single device).
 
-    Single-device by default (E_local = E). `moesys.parallel.apply_expert_parallel` slices the
-    parameters in place and sets `expert_offset` / `num_local_experts` (and an F-shard when the
-    group has more ranks than experts).
+    mesh / placements: the DTensor spec of every expert weight: `Shard(0)` over the ep mesh, or over
+    ("ep_expert", "fshard") `(Shard(0), Shard(F dim))` when the ep group has more ranks than experts.
+    A weight whose F axis is dim 1 (w2) gets Shard(1) in place of Shard(2): `placements_for(name)`.
+    first / count: the global experts held; f_slice: the F columns held (None: whole experts).
+    """
+
+    mesh: object
+    first: int
+    count: int
+    f_slice: Optional[slice] = None
+    shards: int = 1  # S: ranks sharing one expert's F
+
+    def placements_for(self, name: str) -> tuple:
+        from torch.distributed.tensor import Shard
+
+        if self.shards == 1:
+            return (Shard(0),)
+        return (Shard(0), Shard(FFN_DIM[name]))
+
+
+def _wrapped(module: nn.Module) -> bool:
+    """Whether FSDP2 wraps `module` (fully_shard swaps in a subclass of FSDPModule)."""
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
+def _no_view(out):
+    """FSDP2 hooks the backward of a unit's outputs; a view output would lose the hook to a later
+    in-place op, so a runner's view (a combine's reshape) is copied when the experts are an FSDP unit."""
+    if isinstance(out, tuple):
+        return tuple(_no_view(o) for o in out)
+    return out.clone() if isinstance(out, torch.Tensor) and out._base is not None else out
+
+
+def local_tensor(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """This rank's part of an expert weight: `w.to_local()` for a DTensor (differentiable), else w."""
+    if w is None:
+        return None
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+@torch.no_grad()
+def copy_global_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param <- full, `full` the parameter's global value: a DTensor parameter keeps its own part
+    (each rank cuts its chunk locally, no communication); a plain one takes it all."""
+    full = full.to(device=param.device, dtype=param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """The global value of a (possibly DTensor) tensor: collective over its mesh for a DTensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class GroupedExperts(nn.Module):
+    """Holds w1 [E, D, F], w2 [E, F, D] (+ w3 [E, D, F] for swiglu): the global shapes.
+
+    Single-device by default (plain tensors). `moesys.parallel.apply_expert_parallel` makes them
+    DTensor parameters sharded over the ep mesh (`sharding` says how): `w1` keeps its global meaning
+    and `local_weights()` gives this rank's [E/P, D, F] (or [1, D, F/S] when experts are split along
+    F). Integrations whose engines flatten parameter storage (DeepSpeed ZeRO, Megatron DDP) hold the
+    local shards as plain tensors instead; `sharding` describes them the same way.
+
+    One call per layer forward (the unit FSDP2 gathers and reshards around):
+        experts(x_ND, counts_E)                    every local expert on rows grouped by expert
+        experts(x_MD, offs_E=offs)                 the sync-free path (int32 device offsets)
+        experts(x_ND, plan=p, runner=r, shared=w)  a runner that moves rows (expert parallelism)
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -102,27 +172,42 @@ class GroupedExperts(nn.Module):
         self.cfg = cfg
         E, D, Fh = cfg.num_experts, cfg.hidden_size, cfg.ffn_hidden_size
         self.num_experts = E
-        self.num_local_experts = E
-        self.expert_offset = 0
-        self.ffn_shard: Optional[tuple] = None  # (j, S): this rank holds the j-th of S F-slices
+        self.sharding: Optional[ExpertSharding] = None
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh)) if cfg.gated else None
         self.reset_parameters()
 
+    # -- where the weights live -------------------------------------------------------------------
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts if self.sharding is None else self.sharding.count
+
+    @property
+    def expert_offset(self) -> int:
+        return 0 if self.sharding is None else self.sharding.first
+
+    @property
+    def ffn_shard(self) -> Optional[tuple]:
+        """(j, S): this rank holds the j-th of S F-slices; None when experts are whole."""
+        sh = self.sharding
+        if sh is None or sh.f_slice is None:
+            return None
+        return sh.f_slice.start // (self.cfg.ffn_hidden_size // sh.shards), sh.shards
+
     def ffn_slice(self) -> Optional[slice]:
         """This rank's part of the F axis when experts are F-sharded; None when they are whole."""
-        if self.ffn_shard is None:
-            return None
-        j, S = self.ffn_shard
-        width = self.cfg.ffn_hidden_size // S
-        return slice(j * width, (j + 1) * width)
+        return None if self.sharding is None else self.sharding.f_slice
+
+    def local_weights(self) -> tuple:
+        """(w1, w2, w3) of this rank (w3 None without swiglu), differentiable into the parameters."""
+        return local_tensor(self.w1), local_tensor(self.w2), local_tensor(self.w3)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for w in (self.w1, self.w2, self.w3):
             if w is not None:
-                nn.init.normal_(w, std=self.cfg.init_std)
+                nn.init.normal_(local_tensor(w), std=self.cfg.init_std)
 
     def compute(
         self,
@@ -132,22 +217,30 @@ class GroupedExperts(nn.Module):
         w2: torch.Tensor,
         w3: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """The expert FFNs with explicit weights (len(counts_E) == w1.shape[0])."""
+        """The expert FFNs with explicit (local) weights (len(counts_E) == w1.shape[0])."""
         return expert_ffn(x_ND, counts_E, w1, w2, w3, self.cfg)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3)
+    def forward(self, x_ND: torch.Tensor, counts_E: Optional[torch.Tensor] = None, *,
+                offs_E: Optional[torch.Tensor] = None, plan=None, runner=None, shared=None):
+        if runner is not None:
+            out = runner(x_ND, plan, self) if shared is None else runner(x_ND, plan, self, shared=shared)
+            return _no_view(out) if _wrapped(self) else out
+        if offs_E is not None:
+            return self.forward_offsets(x_ND, offs_E)
+        if counts_E is None:
+            raise TypeError("GroupedExperts: give counts_E, offs_E, or plan and runner")
+        return self.compute(x_ND, counts_E, *self.local_weights())
 
     def forward_offsets(self, x_MD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         """The sync-free path: groups given by int32 device offsets (rows past offs_E[-1] are padding)."""
         if self.num_local_experts != self.num_experts:
             raise RuntimeError("GroupedExperts.forward_offsets: the sync-free path runs all experts on one device; "
                                f"this one holds {self.num_local_experts} of {self.num_experts}")
-        return expert_ffn_offsets(x_MD, offs_E, self.w1, self.w2, self.w3, self.cfg)
+        return expert_ffn_offsets(x_MD, offs_E, *self.local_weights(), self.cfg)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "
-                f"D={self.cfg.hidden_size}, F={self.w1.shape[-1]}, activation={self.cfg.activation}")
+                f"D={self.cfg.hidden_size}, F={self.cfg.ffn_hidden_size}, activation={self.cfg.activation}")
 
 
 class SharedExperts(nn.Module):

@@ -71,7 +71,7 @@ class LocalRunner:
                 f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
                 "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
             )
-        return experts(x_ND, plan.counts_E)
+        return experts.compute(x_ND, plan.counts_E, *experts.local_weights())
 
 
 class MoELayer(nn.Module):
@@ -167,14 +167,18 @@ class MoELayer(nn.Module):
         return y_TD.reshape(shape).to(x.dtype), aux
 
     def _run(self, x_ND: torch.Tensor, plan: Plan, x_TD: torch.Tensor) -> tuple:
-        """(y_ND, s_TD): the routed experts through the runner; the shared experts' s_TD (None without)."""
+        """(y_ND, s_TD): the routed experts through the runner; the shared experts' s_TD (None without).
+
+        The runner is called from inside one call of the experts module (`experts(x_ND, plan=...,
+        runner=...)`), so a wrapper around that module (FSDP2 gathering the expert weights over edp)
+        sees one forward per layer however many chunks the runner computes."""
         if self.shared_experts is None:
-            return self.runner(x_ND, plan, self.experts), None
+            return self.experts(x_ND, plan=plan, runner=self.runner), None
         work = SharedWork(self.shared_experts, x_TD)
         if getattr(self.runner, "overlaps_shared", False):
-            return self.runner(x_ND, plan, self.experts, shared=work)
+            return self.experts(x_ND, plan=plan, runner=self.runner, shared=work)
         s_TD = work()
-        return self.runner(x_ND, plan, self.experts), s_TD
+        return self.experts(x_ND, plan=plan, runner=self.runner), s_TD
 
     def _takes_sync_free_path(self, x_TD: torch.Tensor) -> bool:
         """kernel_backend="grouped_mm" (or "auto" on CUDA where torch._grouped_mm runs): the sync-free
@@ -203,7 +207,7 @@ class MoELayer(nn.Module):
             C = routing.num_routes // E
             x_MD = x_TD.index_select(0, routing.token_idx_R)
             offs_E = uniform_offsets(E, C, x_TD.device)
-            y_MD = self.experts.forward_offsets(x_MD, offs_E)
+            y_MD = self.experts(x_MD, offs_E=offs_E)
             contrib = y_MD * routing.weight_R.to(y_MD.dtype).unsqueeze(1)
             y_TD = contrib.new_zeros(T, contrib.shape[1]).index_add(0, routing.token_idx_R, contrib)
             counts_E = torch.full((E,), C, dtype=torch.int64, device=x_TD.device)
@@ -216,7 +220,7 @@ class MoELayer(nn.Module):
         plan = make_static_plan(sr.expert_TK, sr.weight_TK, sr.routed_E, sr.probs_TE, cap, cfg.drop_policy,
                                 renormalize=cfg.renormalize_after_drop)
         x_MD = dispatch_static(x_TD, plan.row_route_M, plan.dest_R, K, plan.padded)
-        y_MD = self.experts.forward_offsets(x_MD, plan.offs_E)
+        y_MD = self.experts(x_MD, offs_E=plan.offs_E)
         y_TD = combine_static(y_MD, plan.weight_TK, plan.row_route_M, plan.dest_R, plan.padded)
         return y_TD, self._make_aux(sr.losses, sr.probs_TE, sr.logits_TE, plan.counts_E, plan.routed_E, T * K,
                                     plan.dropped, static=True)

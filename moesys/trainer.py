@@ -2,7 +2,8 @@
 
 Step s (plain engine):
     callbacks.on_step_start(s) -> lr(s) -> grad_accum x (forward, loss/accum backward)
-    -> allreduce_gradients (experts over edp, the rest over dp) -> clip by the global norm
+    -> allreduce_gradients (experts over edp, the rest over dp; the fsdp engine reduce-scatters in
+       the backward instead) -> clip by the global norm over every shard
     -> the ranks agree the step is finite (loss and grad norm) -> optimizer.step() (or skip it)
     -> layer.update_expert_bias(dp_group) -> callbacks.after_optimizer_step(s)
 A step whose loss or gradient norm is not finite changes no weight on any rank (DeepSpeed's ZeRO
@@ -87,10 +88,15 @@ def build_model(cfg) -> GPTMoE:
     return model
 
 
-def _is_expert(p: torch.Tensor) -> bool:
-    from moesys.parallel import is_expert_param
+def _mesh_key(p: torch.Tensor):
+    """Which optimizer group a parameter joins: torch's foreach kernels take one kind of tensor per
+    list (plain tensors, or DTensors of one mesh)."""
+    mesh = getattr(p, "device_mesh", None)
+    return None if mesh is None else id(mesh)
 
-    return is_expert_param(p)
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class Trainer:
@@ -122,9 +128,11 @@ class Trainer:
             from moesys.parallel import apply_expert_parallel
 
             overlap = p.overlap if str(p.overlap) == "auto" else int(p.overlap)
+            # experts become DTensors over the ep mesh; DeepSpeed flattens parameter storage, so it
+            # keeps the local shards (its checkpoints wrap them: checkpoint_state.global_view)
             for _, layer in self.model.moe_layers():
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
-                                      overlap=overlap)
+                                      overlap=overlap, dtensor=t.engine != "deepspeed")
         # aux_loss=global_batch: routes per expert summed over every data-parallel rank, i.e. over the
         # whole global batch of the micro-step (EP ranks hold different tokens, so the dp group, not ep)
         for _, layer in self.model.moe_layers():
@@ -140,9 +148,18 @@ class Trainer:
 
         # --- optimizer / engine ------------------------------------------------------------------
         o = cfg.optim
-        decay = [q for q in self.model.parameters() if q.dim() >= 2]
-        no_decay = [q for q in self.model.parameters() if q.dim() < 2]
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if t.engine == "fsdp":
+            from moesys.parallel import apply_fsdp
+
+            apply_fsdp(self.model, dims, reshard_after_forward=t.fsdp_reshard_after_forward,
+                       param_dtype=None if t.fsdp_param_dtype == "fp32" else t.fsdp_param_dtype,
+                       reduce_dtype=t.fsdp_reduce_dtype)
+        # decay / no decay, and one group per kind of tensor (plain, or DTensors of one mesh)
+        keyed: dict = {}
+        for q in self.model.parameters():
+            keyed.setdefault((q.dim() >= 2, _mesh_key(q)), []).append(q)
+        groups = [{"params": ps, "weight_decay": o.weight_decay if decay else 0.0}
+                  for (decay, _), ps in keyed.items()]
         self.engine = None
         if t.engine == "deepspeed":
             self.engine = self._build_deepspeed()
@@ -153,7 +170,6 @@ class Trainer:
         self.schedule_total = t.steps  # the LR schedule's horizon (a resume keeps the checkpoint's)
         self.bad_streak = 0  # consecutive skipped (non-finite) steps
         self.saved_schedule_total: Optional[int] = None  # the resumed run's horizon
-        self._ckpt_meshes: Optional[dict] = None
         self.history = {"train": [], "val": [], "load_steps": [], "load": {}, "drop_rate": {}, "router_entropy": {}}
         blocks = [i for i, _ in self.moe_layers()]
         self.collapse = (CollapseMonitor(share=t.collapse_share, steps=t.collapse_steps, blocks=blocks)
@@ -191,26 +207,11 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _clip(self) -> float:
-        """Clip by the global grad norm: non-expert grads are replicated (count once), expert grads
-        are summed over the EP group. Returns the norm before clipping."""
-        exp_sq = torch.zeros((), dtype=torch.float64)
-        rest_sq = torch.zeros((), dtype=torch.float64)
-        params = [q for q in self.model.parameters() if q.grad is not None]
-        for q in params:
-            s = q.grad.detach().double().pow(2).sum().cpu()
-            if _is_expert(q):
-                exp_sq += s
-            else:
-                rest_sq += s
-        if self.dims.ep > 1:
-            dist.all_reduce(exp_sq, group=self.dims.ep_group)
-        norm = float((exp_sq + rest_sq).sqrt())
-        clip = self.cfg.trainer.clip
-        if clip > 0 and norm > clip:
-            scale = clip / (norm + 1e-6)
-            for q in params:
-                q.grad.mul_(scale)
-        return norm
+        """Clip by the global grad norm over every shard (moesys.parallel.clip_grad_norm_: torch's
+        norm and clipping, grouped by mesh). Returns the norm before clipping."""
+        from moesys.parallel import clip_grad_norm_
+
+        return float(clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip))
 
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
@@ -228,7 +229,10 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         loads = None
         last_auxes = []
-        for x, y in self.batches.step_batches(step):
+        fsdp = t.engine == "fsdp"
+        for i, (x, y) in enumerate(self.batches.step_batches(step)):
+            if fsdp:  # reduce-scatter the gradients once, in the last micro-batch's backward
+                self.model.set_requires_gradient_sync(i == t.grad_accum - 1)
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits, aux_loss, auxes = (self.model if self.engine is None else self.engine)(x)
@@ -247,9 +251,10 @@ class Trainer:
             last_auxes = auxes
         grad_norm = float("nan")
         if self.engine is None:
-            from moesys.parallel import allreduce_gradients
+            if not fsdp:  # FSDP2 reduce-scattered them in the backward
+                from moesys.parallel import allreduce_gradients
 
-            allreduce_gradients(self.model, self.dims)
+                allreduce_gradients(self.model, self.dims)
             grad_norm = self._clip()  # the global norm: the same on every rank
             bad = not math.isfinite(grad_norm)
         else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
@@ -354,25 +359,14 @@ class Trainer:
                              "total_steps": self.cfg.trainer.steps},
                 "history": self.history}
 
-    def _meshes(self) -> dict:
-        """F-shard device meshes for checkpoints: the ParallelDims' own (built with num_experts)."""
-        if self._ckpt_meshes is None:
-            meshes = self.dims.ffn_shard_meshes()
-            E, ep = self.cfg.moe.num_experts, self.dims.ep
-            if ep > E and ep // E not in meshes:
-                raise ValueError(f"parallel.ep ({ep}) > moe.num_experts ({E}) splits experts along F: build the "
-                                 f"ParallelDims with num_experts={E} (ParallelDims.build(ep={ep}, num_experts={E}))")
-            self._ckpt_meshes = meshes
-        return self._ckpt_meshes
-
     def weights_finite(self) -> bool:
         """Whether every rank's weights are all finite (collective over the dp group)."""
         bad = torch.zeros(1)
-        for q in self.model.parameters():
-            if not bool(torch.isfinite(q.detach()).all()):
+        for q in self.model.parameters():  # each rank checks its own shards (experts, FSDP2)
+            if not bool(torch.isfinite(_local(q.detach())).all()):
                 bad.fill_(1.0)
                 break
-        dist.all_reduce(bad, group=self.dims.dp_group)
+        dist.all_reduce(bad)
         return not bool(bad.item())
 
     def save(self) -> Optional[str]:
@@ -383,12 +377,10 @@ class Trainer:
         # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
         return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
                                     trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints, meshes=self._meshes(),
-                                    config=_as_dict(self.cfg))
+                                    keep=self.cfg.trainer.keep_checkpoints, config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
-        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
-                                  meshes=self._meshes())
+        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg))
         self.step = int(st["data_position"])
         saved_total = (st.get("schedule") or {}).get("total_steps")
         self.saved_schedule_total = saved_total

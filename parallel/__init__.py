@@ -6,24 +6,25 @@
 
 Mesh and groups (mesh.py), differentiable collectives (comm.py), one dispatcher per file
 (dispatch_*.py), expert-sharded data parallel (sharded_dp.py), the runner and its tuner
-(runner.py, tuner.py), simulated ranks on one machine (simulate.py).
+(runner.py, tuner.py), FSDP2 over the same mesh (fsdp.py), simulated ranks on one machine (simulate.py).
 """
-from .apply import DISPATCHERS, ExpertParallelConfig, apply_expert_parallel
+from .apply import DISPATCHERS, ExpertParallelConfig, apply_expert_parallel, localize_experts
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_base import Dispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_padded import PaddedDispatcher
+from .fsdp import apply_fsdp
 from .layout import ExpertLayout
-from .mesh import (ExpertParamGroups, ParallelDims, allreduce_gradients, expert_param_groups, is_expert_param,
-                   mark_expert_param, mesh_ranks)
+from .mesh import (ExpertParamGroups, ParallelDims, allreduce_gradients, clip_grad_norm_, expert_param_groups,
+                   expert_parameters, mesh_ranks)
 from .runner import ExpertParallelRunner
 from .simulate import simulate
 from .tuner import Machine, Stats, Tuner, TunerSettings
 
 __all__ = [
-    "apply_expert_parallel", "ExpertParallelConfig", "DISPATCHERS", "ParallelDims", "mesh_ranks",
-    "allreduce_gradients", "expert_param_groups", "ExpertParamGroups", "is_expert_param", "mark_expert_param",
+    "apply_expert_parallel", "apply_fsdp", "localize_experts", "ExpertParallelConfig", "DISPATCHERS", "ParallelDims", "mesh_ranks",
+    "allreduce_gradients", "clip_grad_norm_", "expert_param_groups", "ExpertParamGroups", "expert_parameters",
     "Dispatcher", "AllToAllVDispatcher", "PaddedDispatcher", "HierarchicalDispatcher", "AllGatherDispatcher",
     "ExpertLayout", "ExpertParallelRunner", "simulate", "Tuner", "TunerSettings", "Machine", "Stats",
 ]

@@ -10,7 +10,9 @@ in the same order, as it must run its forward.
 
 Rank r of P keeps experts [r*E/P, (r+1)*E/P) as slices of the weights it already holds (so every
 rank must start from the same weights, e.g. the same seed); with P > E each expert's F is split
-over P/E ranks. Before any all-to-all the ranks compare the layer's structural config hash and the
+over P/E ranks. The weights become DTensor parameters of the global shape ([E, D, F], Shard(0)
+over the ep mesh; `experts.local_weights()` is this rank's part), so FSDP2, DCP and torch's
+gradient clipping see where they live. Before any all-to-all the ranks compare the layer's structural config hash and the
 options: a mismatch raises naming the fields, rather than hanging in a collective.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_padded import PaddedDispatcher
 from .layout import ExpertLayout
-from .mesh import ParallelDims, mark_expert_param
+from .mesh import ParallelDims
 from .probe import probe_machine
 from .runner import ExpertParallelRunner
 from .sharded_dp import ShardedDataParallel
@@ -47,6 +49,10 @@ class ExpertParallelConfig:
     overlap: Union[str, int] = "auto"  # "auto" | 1 | 2 | 4 | 8
     timeout_s: float = 300.0
     tuner: TunerSettings = field(default_factory=TunerSettings)
+    # expert weights as DTensor parameters over the ep mesh (FSDP2, DCP, torch's clipping see their
+    # layout); False keeps the plain local shards, for engines that flatten parameter storage
+    # (DeepSpeed ZeRO, Megatron DDP)
+    dtensor: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tuner, dict):
@@ -80,17 +86,44 @@ def _check_agreement(layer, epc: ExpertParallelConfig, group) -> None:
             )
 
 
-def _shard_experts(experts, layout: ExpertLayout) -> None:
-    """Replace w1/w2/w3 by this rank's slices (clones: the full weights can be freed)."""
+def _expert_mesh(group, dims: Optional[ParallelDims], layout: ExpertLayout):
+    """The DeviceMesh the expert weights become DTensors over (see ParallelDims.expert_mesh)."""
+    if dims is not None and dims.mesh is not None:
+        if dims.ep != layout.world:
+            raise ValueError(f"apply_expert_parallel: dims.ep ({dims.ep}) differs from the ep group's size ({layout.world})")
+        return dims.expert_mesh_for(layout.shards)
+    if layout.shards > 1:
+        if dist.get_world_size(group) != dist.get_world_size():
+            raise ValueError("apply_expert_parallel: experts split along F (ep group larger than num_experts) on a "
+                             f"sub-world group need dims=ParallelDims.build(ep={layout.world}, "
+                             f"num_experts={layout.num_experts})")
+        # the world is the ep group: its F-shard mesh (collective, like this call)
+        return ParallelDims.build(ep=layout.world, num_experts=layout.num_experts).expert_mesh
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
+
+
+def _shard_experts(experts, layout: ExpertLayout, mesh, dtensor: bool) -> None:
+    """Replace w1/w2/w3 by this rank's slices (clones: the full weights can be freed), as DTensor
+    parameters of the global shape over `mesh` (or the plain local slices, dtensor=False)."""
+    from torch.distributed.tensor import DTensor
+
+    from moesys.experts import ExpertSharding
+
+    sharding = ExpertSharding(mesh=mesh, first=layout.expert_slice.start, count=layout.local_experts,
+                              f_slice=layout.f_slice, shards=layout.shards)
     for name in FFN_DIM:
         w = getattr(experts, name, None)
         if w is None:
             continue
-        part = slice_ffn(name, w.detach()[layout.expert_slice], layout.f_slice)
-        setattr(experts, name, mark_expert_param(nn.Parameter(part.clone(), requires_grad=w.requires_grad)))
-    experts.num_local_experts = layout.local_experts
-    experts.expert_offset = layout.expert_slice.start
-    experts.ffn_shard = None if layout.f_slice is None else (layout.rank % layout.shards, layout.shards)
+        part = slice_ffn(name, w.detach()[layout.expert_slice], layout.f_slice).clone()
+        if dtensor:
+            part = DTensor.from_local(part, mesh, sharding.placements_for(name), run_check=False,
+                                      shape=w.shape, stride=w.stride())
+        setattr(experts, name, nn.Parameter(part, requires_grad=w.requires_grad))
+    experts.sharding = sharding
 
 
 def _hierarchical_groups(group, dims: Optional[ParallelDims], P: int, timeout_s: float):
@@ -117,7 +150,8 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
             collectives can meet this layer's (default: the world). It must contain ep_group.
         config: an ExpertParallelConfig; keyword options override its fields:
             dispatcher ("alltoallv" | "padded" | "hierarchical" | "allgather"), mode ("auto" | "ep" |
-            "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict).
+            "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict),
+            dtensor (default True: expert weights become DTensor parameters over the ep mesh).
     """
     base = asdict(config) if config is not None else {}
     unknown = set(options) - {f.name for f in fields(ExpertParallelConfig)}
@@ -129,7 +163,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     group = ep_group if ep_group is not None else (dims.ep_group if dims is not None else dist.group.WORLD)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     experts = layer.experts
-    if experts.num_local_experts != experts.num_experts or getattr(experts, "ffn_shard", None):
+    if experts.sharding is not None:
         raise RuntimeError("apply_expert_parallel: the layer is already sharded")
     cfg = layer.cfg
     layout = ExpertLayout(world=P, rank=rank, num_experts=cfg.num_experts, ffn_size=cfg.ffn_hidden_size)
@@ -150,7 +184,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         dispatcher = cls[epc.dispatcher](layout, group, **common)
 
     dtype = experts.w1.dtype
-    _shard_experts(experts, layout)
+    _shard_experts(experts, layout, _expert_mesh(group, dims, layout), epc.dtensor)
     shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     agree = agree_group if agree_group is not None else dist.group.WORLD
@@ -166,3 +200,27 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])
     return layer
+
+
+def localize_experts(model: nn.Module) -> int:
+    """Turn every MoE layer's DTensor expert weights into plain Parameters holding this rank's shard
+    (for engines that flatten parameter storage: DeepSpeed ZeRO, Megatron DDP); the experts'
+    `sharding` keeps their place in the global tensors. Returns how many weights changed. Call
+    before building the optimizer."""
+    from moesys.layer import MoELayer
+
+    changed = 0
+    for m in model.modules():
+        if not isinstance(m, MoELayer):
+            continue
+        ex, here = m.experts, 0
+        for name in FFN_DIM:
+            w = getattr(ex, name, None)
+            if w is not None and hasattr(w, "to_local"):
+                setattr(ex, name, nn.Parameter(w.detach().to_local().clone(), requires_grad=w.requires_grad))
+                here += 1
+        changed += here
+        runner = m.runner
+        if here and hasattr(runner, "watch_params") and not runner.tuner.pinned:
+            runner.watch_params([ex.w1, ex.w2, ex.w3])  # the tuner's backward marks, on the new tensors
+    return changed

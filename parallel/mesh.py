@@ -83,7 +83,9 @@ class ParallelDims:
         ep_node / ep_cross: "ep" unflattened into ("ep_inter", "ep_intra") when a node holds
                 1 < ranks per node < ep ranks of one ep group (the hierarchical all-to-all)
         ffn_shard_mesh: "ep" unflattened into ("ep_expert", "fshard") when ep > num_experts: the
-                S = ep / num_experts ranks that hold F-slices of one expert (checkpoints)
+                S = ep / num_experts ranks that hold F-slices of one expert
+        expert_mesh: the mesh the expert weights are DTensors over: mesh["ep"] (Shard(0)), or the
+                2-D ("ep_expert", "fshard") one when experts are split along F (Shard(0), Shard(F dim))
 
     Nothing else in moesys creates a process group. Megatron's integration fills the group fields
     from Megatron's own parallel_state instead (mesh None).
@@ -107,6 +109,8 @@ class ParallelDims:
     dp_mesh: Any = field(repr=False, default=None)  # DeviceMesh ("dp",)
     ffn_shard_mesh: Any = field(repr=False, default=None)  # DeviceMesh ("fshard",) when ep > num_experts
     ffn_shards: int = 1  # S: ranks sharing one expert's F (1: experts are whole)
+    # what expert weights are DTensors over: mesh["ep"], or ("ep_expert", "fshard") when ep > num_experts
+    expert_mesh: Any = field(repr=False, default=None)
 
     @classmethod
     def build(cls, *, ep: int, tp: int = 1, timeout_s: float = 300.0,
@@ -141,8 +145,10 @@ class ParallelDims:
             split = mesh._unflatten("ep", (ep // per_node, per_node), ("ep_inter", "ep_intra"))
             node, cross = split.get_group("ep_intra"), split.get_group("ep_inter")
         fshard = None
+        expert_mesh = mesh["ep"]
         if S > 1:
-            fshard = mesh._unflatten("ep", (ep // S, S), ("ep_expert", "fshard"))["fshard"]
+            split = mesh._unflatten("ep", (ep // S, S), ("ep_expert", "fshard"))
+            fshard, expert_mesh = split["fshard"], split["ep_expert", "fshard"]
         groups = [mesh.get_group(d) for d in ("edp", "ep", "tp")] + [dp_mesh.get_group()]
         groups += [g for g in (node, cross) if g is not None]
         groups += [fshard.get_group()] if fshard is not None else []
@@ -152,23 +158,47 @@ class ParallelDims:
                    ep_rank=(rank // tp) % ep, local_world_size=local_world_size, timeout_s=timeout_s,
                    dp_group=dp_mesh.get_group(), ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("edp"),
                    ep_node_group=node, ep_cross_group=cross, mesh=mesh, dp_mesh=dp_mesh,
-                   ffn_shard_mesh=fshard, ffn_shards=S)
+                   ffn_shard_mesh=fshard, ffn_shards=S, expert_mesh=expert_mesh)
 
-    def ffn_shard_meshes(self) -> dict:
-        """{S: the F-shard mesh} for checkpoints of F-sharded experts ({} when experts are whole)."""
-        return {} if self.ffn_shard_mesh is None else {self.ffn_shards: self.ffn_shard_mesh}
+    def expert_mesh_for(self, shards: int):
+        """The mesh expert weights are DTensors over when each expert's F is split over `shards` ranks
+        of the ep group: mesh["ep"] (1), or "ep" unflattened into ("ep_expert", "fshard"). Collective
+        the first time for a new `shards` (every rank calls it, as apply_expert_parallel does)."""
+        if shards == self.ffn_shards and self.expert_mesh is not None:
+            return self.expert_mesh
+        if shards == 1:
+            return self.mesh["ep"]
+        if self.ep % shards:
+            raise ValueError(f"ParallelDims: {shards} F-shards do not divide ep ({self.ep})")
+        cache = self.__dict__.setdefault("_fshard_meshes", {})
+        if shards not in cache:
+            split = self.mesh._unflatten("ep", (self.ep // shards, shards), ("ep_expert", "fshard"))
+            for g in (split.get_group("ep_expert"), split.get_group("fshard")):
+                _set_timeout(g, datetime.timedelta(seconds=self.timeout_s))
+            cache[shards] = split["ep_expert", "fshard"]
+        return cache[shards]
 
 
 # ---------------------------------------------------------------------------------------------
-# expert parameter tagging
-def mark_expert_param(p: nn.Parameter) -> nn.Parameter:
-    p._moesys_expert = True
-    return p
+# expert parameters: found from the model's structure, never from a tag on the tensor
+def expert_parameters(model: nn.Module) -> list:
+    """The routed experts' weights of every MoE layer in `model` (each once, module order).
 
+    An expert parameter is a parameter of a `MoELayer`'s `experts` module, sharded (DTensor over the
+    ep mesh, or the local shard under DeepSpeed/Megatron) or not. Other `GroupedExperts` modules are
+    not experts: EvoMoE's replicated dense FFN (`layer.dense`) is one, and its grads reduce over the
+    whole data-parallel group. The one helper every engine and integration uses.
+    """
+    from moesys.layer import MoELayer
 
-def is_expert_param(p: torch.Tensor) -> bool:
-    """True for parameters sharded over the ep group (their grads reduce over edp, not dp)."""
-    return bool(getattr(p, "_moesys_expert", False))
+    seen, out = set(), []
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            for p in m.experts.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
 
 
 @dataclass(frozen=True)
@@ -187,24 +217,28 @@ class ExpertParamGroups:
 
 
 def expert_param_groups(model: nn.Module) -> ExpertParamGroups:
-    """Split model.parameters() into expert (tagged by apply_expert_parallel) and non-expert lists."""
-    expert, other = [], []
-    for p in model.parameters():
-        (expert if is_expert_param(p) else other).append(p)
-    return ExpertParamGroups(expert=expert, non_expert=other)
+    """model.parameters() split into the experts' (`expert_parameters`) and the rest."""
+    experts = expert_parameters(model)
+    ids = {id(p) for p in experts}
+    return ExpertParamGroups(expert=experts, non_expert=[p for p in model.parameters() if id(p) not in ids])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 @torch.no_grad()
 def allreduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
-    """Gradient sync for plain-DDP users: expert grads over edp, the rest over dp.
+    """Gradient sync of the plain (replicated) engine: expert grads over edp, the rest over dp.
 
     Both end up as the gradient of the mean loss over the dp ranks: a non-expert grad is the mean
     over dp; an expert grad already sums the tokens of the whole ep group (the all-to-all brought
-    them), so summing over edp covers all dp ranks and the same 1/dp applies.
+    them), so summing over edp covers all dp ranks and the same 1/dp applies. Expert grads are
+    DTensors (Shard over ep): their local shards are what the edp replicas share.
     """
     groups = expert_param_groups(model)
     for params, group in ((groups.non_expert, dims.dp_group), (groups.expert, dims.edp_group)):
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [_local(p.grad) for p in params if p.grad is not None]
         if not grads:
             continue
         flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per group, not per tensor
@@ -214,3 +248,30 @@ def allreduce_gradients(model: nn.Module, dims: ParallelDims) -> None:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """Clip by the global norm over every shard; returns the norm before clipping (a plain tensor).
+
+    torch's own pieces (`get_total_norm`, `clip_grads_with_norm_`), grouped by where the gradients
+    live: DTensor gradients on one mesh give a DTensor norm whose `full_tensor()` reduces over that
+    mesh (experts over ep or (edp, ep), FSDP-sharded dense weights over dp); plain (replicated)
+    gradients count once. max_norm <= 0 only measures.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    by_mesh: dict = {}
+    for p in params:
+        mesh = getattr(p.grad, "device_mesh", None)
+        key = None if mesh is None else (id(mesh), tuple(str(x) for x in p.grad.placements))
+        by_mesh.setdefault(key, []).append(p)
+    norms = []
+    for group in by_mesh.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=norm_type, foreach=None)
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    if not norms:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]), norm_type)
+    if max_norm > 0:
+        for group in by_mesh.values():  # one list per mesh: foreach kernels do not mix DTensors and tensors
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=None)
+    return total

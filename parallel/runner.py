@@ -199,6 +199,7 @@ class ExpertParallelRunner:
                 return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
         flight = start(0)
+        weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
         if shared is not None:
             with timer.span("shared_s"):  # the dense shared experts while chunk 0's tokens travel
                 out["shared"] = shared()
@@ -212,7 +213,7 @@ class ExpertParallelRunner:
             if i + 1 < len(chunk_counts):
                 flight = start(i + 1)  # in flight while chunk i computes
             with timer.span("compute_s"):
-                y_MD = experts(x_MD, counts_L)
+                y_MD = experts.compute(x_MD, counts_L, *weights)
             with timer.span("combine_start_s"):
                 combines.append(d.combine_start(y_MD, handle))
         with timer.span("wait_s"):

@@ -65,9 +65,10 @@ class ShardedDataParallel:
         return self._group.get()
 
     def _start(self, experts, fs: slice):
-        ws = [experts.w1[:, :, fs], experts.w2[:, fs, :]]
-        if experts.w3 is not None:
-            ws.append(experts.w3[:, :, fs])
+        w1, w2, w3 = experts.local_weights()
+        ws = [w1[:, :, fs], w2[:, fs, :]]
+        if w3 is not None:
+            ws.append(w3[:, :, fs])
         return [comm.all_gather_start(w, self.group, self.timeout) for w in ws]
 
     def _finish(self, tokens):
@@ -79,7 +80,7 @@ class ShardedDataParallel:
 
     def weight_bytes(self, experts) -> int:
         """Bytes each rank receives per forward: the other ranks' expert weights."""
-        local = sum(w.numel() * w.element_size() for w in (experts.w1, experts.w2, experts.w3) if w is not None)
+        local = sum(w.numel() * w.element_size() for w in experts.local_weights() if w is not None)
         return (self.layout.world - 1) * local
 
     def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1, timer=None,
@@ -88,7 +89,7 @@ class ShardedDataParallel:
 
         shared (optional): the layer's shared-expert work, run while the first weight chunk is
         gathered; its s_TD goes to out["shared"]."""
-        spans = _f_chunks(experts.w1.shape[2], chunks)
+        spans = _f_chunks(experts.local_weights()[0].shape[2], chunks)
         self.last_chunks = len(spans)
         pending = self._start(experts, spans[0])
         if shared is not None:

@@ -10,7 +10,13 @@ from moesys.experts import FFN_DIM, slice_ffn
 ATOL = 1e-5
 
 
+def local(t):
+    """A rank's part of a tensor: a DTensor's local shard (sharded expert weights and their grads)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def close(name, a, b, fails, tag):
+    a, b = local(a), local(b)
     if a.shape != b.shape:
         fails.append(f"{tag}: {name} shape {tuple(a.shape)} != {tuple(b.shape)}")
     elif a.numel() and not torch.allclose(a, b, atol=ATOL, rtol=1e-4):

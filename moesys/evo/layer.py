@@ -28,7 +28,7 @@ import torch
 
 from moesys import balance
 from moesys.config import MoEConfig
-from moesys.experts import GroupedExperts
+from moesys.experts import GroupedExperts, copy_global_, full_value, local_tensor
 from moesys.layer import MoEAux, MoELayer
 
 from . import diversify as _div
@@ -137,19 +137,25 @@ class EvoMoELayer(MoELayer):
         if self.dense is None:
             raise RuntimeError("EvoMoELayer.diversify: this layer was built without a dense phase")
         ex = self.experts
-        first, L = self.local_expert_range()
-        f_slice = ex.ffn_slice()
-        dense_w = {"w1": self.dense.w1[0], "w2": self.dense.w2[0]}
+        # the dense FFN's weights (FSDP2 shards them over dp: gathered here, on every rank alike)
+        dense_w = {"w1": full_value(self.dense.w1)[0], "w2": full_value(self.dense.w2)[0]}
         if self.dense.w3 is not None:
-            dense_w["w3"] = self.dense.w3[0]
-        new = _div.spawn_slice(dense_w, first_expert=first, num_local=L, layer=self.layer_index, seed=seed,
-                               method=method, f_slice=f_slice, **spawn_kw)
-        for name, w in new.items():
-            p = getattr(ex, name)
-            p.copy_(w.to(device=p.device, dtype=p.dtype))
-        r = self.router.weight
-        r.copy_(_div.fresh_router(self.cfg.num_experts, self.cfg.hidden_size, layer=self.layer_index,
-                                  seed=seed, std=router_std).to(device=r.device, dtype=r.dtype))
+            dense_w["w3"] = full_value(self.dense.w3)[0]
+        if hasattr(ex.w1, "device_mesh") and (ex.sharding is None or ex.w1.device_mesh is not ex.sharding.mesh):
+            # experts that FSDP2 also shards (over (edp, ep)): spawn all E, each rank keeps its part
+            new = _div.spawn_slice(dense_w, first_expert=0, num_local=self.cfg.num_experts, layer=self.layer_index,
+                                   seed=seed, method=method, f_slice=None, **spawn_kw)
+            for name, w in new.items():
+                copy_global_(getattr(ex, name), w)
+        else:
+            first, L = self.local_expert_range()
+            new = _div.spawn_slice(dense_w, first_expert=first, num_local=L, layer=self.layer_index, seed=seed,
+                                   method=method, f_slice=ex.ffn_slice(), **spawn_kw)
+            for name, w in new.items():
+                p = local_tensor(getattr(ex, name))  # a DTensor over ep: its local experts
+                p.copy_(w.to(device=p.device, dtype=p.dtype))
+        copy_global_(self.router.weight, _div.fresh_router(self.cfg.num_experts, self.cfg.hidden_size,
+                                                           layer=self.layer_index, seed=seed, std=router_std))
         gb = getattr(self.router, "gate_bias", None)
         if gb is not None:
             gb.zero_()

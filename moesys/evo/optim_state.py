@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from moesys import checkpoint_state as cstate
-from moesys.experts import slice_ffn
+from moesys.experts import copy_global_, full_value, slice_ffn
 
 WEIGHTS = ("w1", "w2", "w3")
 
@@ -53,8 +53,10 @@ def transfer_optimizer_state(optimizer, layers, policy: str) -> None:
                         f"got {type(optimizer).__name__}")
     layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
     adam = cstate.adam_state(optimizer)
-    # the dense FFNs' state, full [1, D, F] (collectives over their data-parallel group under ZeRO)
-    srcs = [{w: adam.get(p) for w, p in _weights(layer.dense).items() if adam.holds(p)} for layer in layers]
+    # the dense FFNs' state, full [1, D, F] (collectives over their data-parallel group under ZeRO,
+    # and under FSDP2, whose states are sharded like the parameters)
+    srcs = [{w: {k: full_value(v) for k, v in adam.get(p).items()} for w, p in _weights(layer.dense).items()
+             if adam.holds(p)} for layer in layers]
     if policy == "reset" and adam.has_master:
         _check_step_peers(adam, layers)
     for layer, src in zip(layers, srcs):
@@ -84,6 +86,13 @@ def _write(adam, layer, src: dict, policy: str) -> None:
             adam.set(p, _zero_state(p, torch.zeros((), dtype=torch.float32)))
             continue
         st = {"step": src[w]["step"]}
+        if hasattr(p, "device_mesh"):  # DTensor experts: tile to all E, each rank keeps its part
+            E = layer.experts.num_experts
+            for m in cstate.MOMENTS:
+                st[m] = torch.zeros_like(p, dtype=torch.float32)
+                copy_global_(st[m], src[w][m].expand(E, *src[w][m].shape[1:]).contiguous())
+            adam.set(p, st)
+            continue
         for m in cstate.MOMENTS:  # [1, D, F] tiled to [L, D, F], then this rank's F-slice
             t = slice_ffn(w, src[w][m].expand(p.shape[0], *src[w][m].shape[1:]), f_slice)
             if t.shape != p.shape:

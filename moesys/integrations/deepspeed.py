@@ -12,9 +12,11 @@ In code (after `dist.init_process_group`, `dims = ParallelDims.build(ep=...)`,
 
 How moesys experts meet DeepSpeed's MoE conventions (read from deepspeed/moe/utils.py,
 deepspeed/utils/groups.py, runtime/zero/stage_1_and_2.py of 0.19.8):
-- Every expert parameter (the weights of each `GroupedExperts`, or any parameter tagged
-  `_moesys_expert` by `moesys.parallel.apply_expert_parallel`) gets `allreduce = False` and
-  `group_name = "ep_size_<ep>"`; DeepSpeed's `is_moe_param` keys on exactly these two attributes.
+- Every expert parameter (`moesys.parallel.expert_parameters`: the weights of each MoE layer's
+  `experts`) gets `allreduce = False` and `group_name = "ep_size_<ep>"`; DeepSpeed's `is_moe_param`
+  keys on exactly these two attributes. ZeRO flattens parameter storage, so expert weights that
+  `apply_expert_parallel` made DTensors are turned back into their plain local shards first
+  (`moesys.parallel.localize_experts`; their `sharding` keeps the layout for checkpoints).
 - The optimizer's param groups put those parameters in groups `{"moe": True, "name": "ep_size_<ep>"}`,
   so ZeRO partitions them over (and reduces their gradients in) the expert-data-parallel group of
   that name only; dense parameters stay in groups reduced over the whole data-parallel group.
@@ -132,27 +134,13 @@ def load_ds_config(path: Union[str, Path]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # parameters
-def _is_tagged_expert(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "_moesys_expert", False))
-
-
 def expert_params(model: nn.Module) -> list:
-    """Expert parameters of `model`, each once, in module order.
+    """Expert parameters of `model` (moesys.parallel.expert_parameters: the weights of every MoE layer's
+    `experts`, each once). EvoMoE's replicated dense FFN (`layer.dense`) is not one: its grads reduce
+    over the whole data-parallel group."""
+    from moesys.parallel import expert_parameters
 
-    An expert parameter is a parameter of a MoE layer's `experts` (sharded or not) or one tagged
-    `_moesys_expert` (what `moesys.parallel.apply_expert_parallel` does to sharded experts). Other
-    `GroupedExperts` modules are not experts: EvoMoE's replicated dense FFN (`layer.dense`) is one,
-    and its grads must reduce over the whole data-parallel group.
-    """
-    from moesys.layer import MoELayer
-
-    experts = {id(p) for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()}
-    seen, out = set(), []
-    for p in model.parameters():
-        if id(p) not in seen and (id(p) in experts or _is_tagged_expert(p)):
-            seen.add(id(p))
-            out.append(p)
-    return out
+    return expert_parameters(model)
 
 
 def mark_expert_params(model: nn.Module, group_name: str) -> list:
@@ -381,6 +369,9 @@ def build_engine(
     ep = 1 if dims is None else int(dims.ep)
     name = expert_group_name(ep)
     num_experts = _num_experts(model)
+    from moesys.parallel import localize_experts
+
+    localize_experts(model)  # ZeRO flattens parameter storage: plain local shards, not DTensors
     experts = mark_expert_params(model, name)
     if experts:
         register_expert_groups(dims, name)

@@ -282,11 +282,12 @@ class MoesysMLP(MegatronModule):
             from moesys.parallel import apply_expert_parallel
 
             dims = parallel_dims_from_megatron()
-            apply_expert_parallel(self.moe, dims.ep_group, dims=dims, **(ep_options or {}))
+            # Megatron's DDP flattens parameter storage into its buffers: the experts stay plain local
+            # shards (their `sharding` still says where they sit in the global [E, D, F])
+            apply_expert_parallel(self.moe, dims.ep_group, dims=dims, **{"dtensor": False, **(ep_options or {})})
         for p in self.moe.experts.parameters():
             # Megatron DDP: params with allreduce=False are expert params, reduced over expert-DP
             p.allreduce = False
-            p._moesys_expert = True
 
     def set_layer_number(self, layer_number: int) -> None:
         self.layer_number = layer_number

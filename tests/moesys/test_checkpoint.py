@@ -142,8 +142,8 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
     saved = ckpt.resolve(out)
     flat = read_flat_checkpoint(saved)
     key = ("blocks.1.moe.experts", "w1", 3)
-    ref = {m: flat[f"optim.blocks.1.moe.experts.w1.e3.{m}"] for m in ("exp_avg", "exp_avg_sq")}
-    ref["weight"] = flat["model.blocks.1.moe.experts.w1.e3"]
+    ref = {m: flat[f"optim.blocks.1.moe.experts.w1.{m}"][3] for m in ("exp_avg", "exp_avg_sq")}
+    ref["weight"] = flat["model.blocks.1.moe.experts.w1"][3]
     assert ref["exp_avg"].abs().sum() > 0
 
     for ep in (1, 4):
@@ -206,3 +206,63 @@ def test_kernel_backend_is_not_structural_a_torch_checkpoint_loads_on_grouped_mm
     gm.load(path)
     assert gm.step == 1
     assert abs(gm.evaluate() - tr.evaluate()) < 1e-5
+
+
+def _write_format2(tr, root):
+    """A checkpoint as moesys wrote it before experts were DTensors (format 2): one DCP entry per
+    expert (`<key>.e<g>`), the rest as today, a manifest with checksums."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from moesys.parallel import expert_parameters
+
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    experts = {names[id(p)] for p in expert_parameters(tr.model)}
+
+    def split(key, fqn, t):
+        return {f"{key}.e{g}": t[g].clone() for g in range(t.shape[0])} if fqn in experts else {key: t.clone()}
+
+    state = {}
+    for k, v in tr.model.state_dict().items():
+        state.update(split(f"model.{k}", k, v))
+    for p, st in tr.optimizer.state.items():
+        n = names[id(p)]
+        for m in ("exp_avg", "exp_avg_sq"):
+            state.update({f"{kk}.{m}": vv for kk, vv in split(f"optim.{n}", n, st[m]).items()})
+        state[f"optim.{n}.step"] = st["step"].clone()
+    state["trainer"] = pickle.dumps(tr.trainer_state())
+    path = os.path.join(root, "step_00000002")
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+    meta = {"format": 2, "step": 2, "structure": structure_of(tr.cfg), "trainer": tr.trainer_state(),
+            "files": ckpt._hash_files(path, 0)}
+    with open(os.path.join(path, ckpt.META_FILE), "w") as f:
+        json.dump(meta, f, default=str)
+    return path
+
+
+def test_format2_checkpoint_loads_and_a_newer_format_is_refused(tmp_path, world1):
+    """A format-2 checkpoint (per-expert entries) loads into today's model: every weight and AdamW
+    moment exactly; a manifest from a newer moesys is refused naming its format."""
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "moe.activation=swiglu")
+    tr = build_trainer(cfg, str(tmp_path / "a"))
+    tr.train_step()
+    tr.train_step()
+    path = _write_format2(tr, str(tmp_path / "old"))
+    assert ckpt.verify_checkpoint(path)
+    cfg.trainer.seed = 99  # other initial weights than the saved ones
+    fresh = build_trainer(cfg, str(tmp_path / "b"))
+    assert not torch.equal(fresh.model.blocks[1].moe.experts.w3, tr.model.blocks[1].moe.experts.w3)
+    fresh.load(path)
+    assert fresh.step == 2
+    for (n, p), q in zip(tr.model.named_parameters(), fresh.model.parameters()):
+        assert torch.equal(p, q), n
+        for m in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(tr.optimizer.state[p][m], fresh.optimizer.state[q][m]), (n, m)
+    meta_path = os.path.join(path, ckpt.META_FILE)
+    meta = json.load(open(meta_path))
+    meta["format"] = ckpt.FORMAT + 1
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ckpt.CheckpointError, match=f"has format {ckpt.FORMAT + 1}; this moesys reads formats 1 to 3"):
+        fresh.load(path)

@@ -10,6 +10,7 @@ import torch.nn as nn
 from moesys import MoEConfig, MoELayer
 from moesys.evo import EvoConfig, EvoController, EvoMoELayer, TauSchedule, spawn_slice
 from moesys.evo.layer import DENSE, SPARSE
+from moesys.experts import ExpertSharding
 
 
 # ---- tau schedule --------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def fake_shard(layer, P, r):
         w = getattr(ex, name)
         if w is not None:
             setattr(ex, name, nn.Parameter(w.detach()[r * L:(r + 1) * L].clone()))
-    ex.expert_offset, ex.num_local_experts = r * L, L
+    ex.sharding = ExpertSharding(mesh=None, first=r * L, count=L)
     return layer
 
 

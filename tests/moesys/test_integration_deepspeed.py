@@ -73,9 +73,10 @@ def _batches(rank: int):
 def _clip_(model, dims, clip: float) -> float:
     """Global-norm clip over dense params and the experts of every ep rank (DeepSpeed's norm)."""
     experts = {id(p) for p in ds_int.expert_params(model)}
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor experts: their shard)
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
     dense_sq = sum((g.double() ** 2).sum() for p, g in zip(model.parameters(), grads) if id(p) not in experts)
-    expert_sq = sum((p.grad.double() ** 2).sum() for p in model.parameters() if id(p) in experts)
+    expert_sq = sum((local(p.grad).double() ** 2).sum() for p in model.parameters() if id(p) in experts)
     expert_sq = torch.as_tensor(expert_sq, dtype=torch.float64)
     if dims is not None and dims.ep > 1:
         dist.all_reduce(expert_sq, group=dims.ep_group)  # experts differ across the ep group

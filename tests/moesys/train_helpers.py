@@ -41,10 +41,12 @@ def load_and_probe(cfg, ckpt_dir, out_dir, probe_key):
     j = g - mod.expert_offset
     if 0 <= j < mod.num_local_experts:
         st = tr.optimizer.state[p]
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor experts)
         # numpy, not tensors: torch's queue pickling passes tensors as shared-memory fds, which breaks
         # when the rank exits before the parent reads them
-        probe = {"exp_avg": st["exp_avg"][j].numpy().copy(), "exp_avg_sq": st["exp_avg_sq"][j].numpy().copy(),
-                 "weight": p.detach()[j].numpy().copy(), "step": float(st["step"]),
+        probe = {"exp_avg": local(st["exp_avg"])[j].numpy().copy(),
+                 "exp_avg_sq": local(st["exp_avg_sq"])[j].numpy().copy(),
+                 "weight": local(p.detach())[j].numpy().copy(), "step": float(st["step"]),
                  "ffn_shard": getattr(mod, "ffn_shard", None)}
     return {"loss": loss, "probe": probe, "step": tr.step}
 
@@ -94,10 +96,11 @@ def expert_offset_worker(root):
 
     def local(model, optimizer):
         out = {}
+        shard = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor experts)
         for n in names:
             p = getattr(model.experts, n)
-            out[n] = p.detach()
-            out.update({f"{n}.{m}": optimizer.state[p][m] for m in ("exp_avg", "exp_avg_sq")})
+            out[n] = shard(p.detach())
+            out.update({f"{n}.{m}": shard(optimizer.state[p][m]) for m in ("exp_avg", "exp_avg_sq")})
         return out
 
     def gather(t):  # [E/2, ...] on each rank -> the global [E, ...] tensor

@@ -190,7 +190,7 @@ def sharded_dp_worker(cases, degrees, D=5):
             x = xs[me].clone().requires_grad_(True)
             y = sdp(x, counts[me], experts, chunks=c)
             (y * gys[me]).sum().backward()
-            spans[tag] = [(s.start, s.stop) for s in _f_chunks(experts.w1.shape[2], c)]
+            spans[tag] = [(s.start, s.stop) for s in _f_chunks(experts.local_weights()[0].shape[2], c)]
             if sdp.last_chunks != len(spans[tag]):
                 fails.append(f"{tag}: ran {sdp.last_chunks} chunks, _f_chunks gives {spans[tag]}")
             close("y", y.detach(), want_y, fails, tag)
@@ -236,7 +236,7 @@ def auto_worker(cfg_kw, steps=8):
 # ---------------------------------------------------------------------------------------------
 # allreduce_gradients (ep x edp mesh): equals the mean-loss gradient of one process
 def grads_worker():
-    from moesys.parallel import allreduce_gradients, expert_param_groups, is_expert_param
+    from moesys.parallel import allreduce_gradients, expert_param_groups
 
     world = dist.get_world_size()
     ep = 2
@@ -257,10 +257,12 @@ def grads_worker():
     allreduce_gradients(layer, dims)
     fails = []
     groups = expert_param_groups(layer)
-    if len(groups.expert) != 2 or not all(is_expert_param(p) for p in groups.expert):
-        fails.append(f"expert_param_groups: {len(groups.expert)} expert params")
-    if any(is_expert_param(p) for p in groups.non_expert):
-        fails.append("a non-expert param is tagged as expert")
+    if [id(p) for p in groups.expert] != [id(layer.experts.w1), id(layer.experts.w2)]:
+        fails.append(f"expert_param_groups: {len(groups.expert)} expert params, not w1 and w2")
+    if any(hasattr(p, "device_mesh") for p in groups.non_expert):
+        fails.append("a non-expert param is a DTensor")
+    if not all(hasattr(p, "device_mesh") and p.shape[0] == cfg.num_experts for p in groups.expert):
+        fails.append("expert weights are not DTensors of the global shape")
     close("router", layer.router.weight.grad, ref.router.weight.grad, fails, "allreduce_gradients")
     sl = layer.runner.layout.expert_slice
     close("w1", layer.experts.w1.grad, ref.experts.w1.grad[sl], fails, "allreduce_gradients")
@@ -331,7 +333,7 @@ def ctor_worker():
     b = apply_expert_parallel(MoELayer(cfg), dist.group.WORLD)
     x = torch.randn(6 + dist.get_rank(), 8, generator=torch.Generator().manual_seed(dist.get_rank()))
     ya, yb = a(x)[0], b(x)[0]
-    return {"local_experts": a.experts.w1.shape[0], "offset": a.experts.expert_offset,
+    return {"local_experts": a.experts.w1.to_local().shape[0], "offset": a.experts.expert_offset,
             "max_diff": float((ya - yb).abs().max()), "sharded": type(a.runner).__name__}
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
-from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, comm, is_expert_param
+from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, comm, expert_parameters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
 from ep_check import check_local_expert_grads, close  # noqa: E402
@@ -140,8 +140,8 @@ def shared_worker(ep: int):
             close("y", y.detach(), outs[rank], fails, tag)
             close("dx", x.grad, dxs[rank], fails, tag)
             sh = layer.shared_experts
-            if any(is_expert_param(p) for p in sh.parameters()):
-                fails.append(f"{tag}: a shared-expert parameter is tagged as an expert (sharded) parameter")
+            if {id(p) for p in sh.parameters()} & {id(p) for p in expert_parameters(layer)}:
+                fails.append(f"{tag}: a shared-expert parameter is counted as an expert (sharded) parameter")
             if sh.w1.shape != base.shared_experts.w1.shape:
                 fails.append(f"{tag}: shared experts were sliced: {tuple(sh.w1.shape)}")
             allreduce_gradients(layer, dims)

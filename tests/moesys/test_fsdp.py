@@ -1,0 +1,101 @@
+"""trainer.engine=fsdp (FSDP2 over the job's DeviceMesh, experts over edp): 4 real gloo ranks train
+like one process, and its checkpoints resume at other EP layouts and on the other engines."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from moesys import checkpoint as ckpt
+from moesys import train as train_mod
+from moesys.errors import ConfigError
+from train_helpers import make_cfg
+
+# 20 steps, 2 micro-batches per step, a clip that is active on most steps; the runtime in auto mode
+# (its tuner tries both modes and several overlap degrees during the run). The balance loss over the
+# global batch is the same function of the weights however the batch is split over ranks (a per-rank
+# balance loss is not: 4 ranks of one sequence each would differ from one process by ~1e-4)
+COMMON = ["trainer.steps=20", "trainer.grad_accum=2", "trainer.clip=0.05", "trainer.log_interval=1",
+          "trainer.eval_interval=20", "trainer.save_final=false", "moe.aux_loss=global_batch"]
+
+
+def _records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _norms(out_dir):
+    return [r["grad_norm"] for r in _records(out_dir) if "grad_norm" in r]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The plain engine on one process: the reference curve (losses and clipped grad norms)."""
+    out = str(tmp_path_factory.mktemp("ref") / "ref")
+    summary = train_mod.run(make_cfg(*COMMON, "parallel.ep=1", "parallel.simulate_ranks=1"), out)
+    return summary, _norms(out)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep", [2, 4, 1], ids=["ep2xedp2", "ep4", "fsdp_only"])
+def test_fsdp_four_ranks_train_like_one_process(tmp_path, one_process, ep):
+    ref, ref_norms = one_process
+    assert sum(n > 0.05 for n in ref_norms) >= 10, "the clip must act on most steps for the test to mean anything"
+    out = str(tmp_path / f"fsdp{ep}")
+    got = train_mod.run(make_cfg(*COMMON, "trainer.engine=fsdp", f"parallel.ep={ep}", "parallel.simulate_ranks=4"),
+                        out)
+    assert got["steps"] == 20
+    np.testing.assert_allclose(got["train_losses"], ref["train_losses"], rtol=1e-5)
+    np.testing.assert_allclose(_norms(out), ref_norms, rtol=1e-5)
+    assert got["val_loss_end"] == pytest.approx(ref["val_loss_end"], rel=1e-5)
+    if ep > 1:  # the runtime ran under FSDP in both of its modes
+        modes = {r[k] for r in _records(out) for k in r if k.endswith("runtime/mode_is_ep")}
+        assert modes == {0.0, 1.0}, modes
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(tmp_path):
+    """An fsdp run at ep=2 x edp=2 (4 ranks) checkpoints at step 4; resuming it at ep=4 (fsdp), ep=1
+    (fsdp, 2 ranks), on the plain engine and on DeepSpeed ZeRO-1 gives the same evaluation loss at the
+    resume and the same continued losses as the uninterrupted run."""
+    common = ["trainer.steps=8", "trainer.eval_interval=4", "trainer.clip=0.05", "trainer.log_interval=1",
+              "parallel.mode=ep", "parallel.overlap=1"]
+    out = str(tmp_path / "a")
+    straight = train_mod.run(make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=2", "parallel.simulate_ranks=4",
+                                      "trainer.ckpt_interval=4", "trainer.keep_checkpoints=3"), out)
+    half = os.path.join(out, "checkpoints", "step_00000004")
+    assert ckpt.read_meta(half)["format"] == ckpt.FORMAT
+    val_at_4 = {r["step"]: r["val/loss"] for r in _records(out) if "val/loss" in r}[4]
+    layouts = {"fsdp_ep4": ["trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4"],
+               "fsdp_ep1": ["trainer.engine=fsdp", "parallel.ep=1", "parallel.simulate_ranks=2"],
+               "plain_ep2": ["parallel.ep=2", "parallel.simulate_ranks=2"]}
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        layouts["deepspeed_ep2"] = ["trainer.engine=deepspeed", "trainer.zero_stage=1", "parallel.ep=2",
+                                    "parallel.simulate_ranks=2"]
+    for name, extra in layouts.items():
+        resumed = train_mod.run(make_cfg(*common, *extra, f"trainer.resume={half}"), str(tmp_path / name))
+        np.testing.assert_allclose(resumed["train_losses"], straight["train_losses"], rtol=1e-5, err_msg=name)
+        assert resumed["val_loss_end"] == pytest.approx(straight["val_loss_end"], rel=1e-5), name
+    # the evaluation loss right at the checkpoint, from a fresh model at another layout
+    from moesys.parallel import simulate
+    from train_helpers import load_and_probe
+
+    cfg = make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4")
+    results = simulate(load_and_probe, 4, cfg, half, str(tmp_path / "probe"), ("blocks.1.moe.experts", "w1", 3),
+                       timeout_s=300)
+    assert {round(r["loss"], 6) for r in results} == {round(val_at_4, 6)}
+
+
+def test_fsdp_refuses_experts_split_along_f():
+    with pytest.raises(ConfigError, match=r"trainer.engine=fsdp with parallel.ep \(4\) > moe.num_experts \(2\)"):
+        make_cfg("trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4", "moe.num_experts=2").validate()
+
+
+@pytest.mark.parametrize("field,value", [("fsdp_param_dtype", "fp16"), ("fsdp_reduce_dtype", "int8")])
+def test_fsdp_dtype_fields_are_checked(field, value):
+    with pytest.raises(ConfigError, match=f"trainer.{field}"):
+        make_cfg("trainer.engine=fsdp", f"trainer.{field}={value}").validate()
