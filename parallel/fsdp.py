@@ -102,9 +102,11 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, *, blocks: Optional[Iterabl
             unit = fully_shard(layer.experts, mesh=edp_mesh,
                                shard_placement_fn=_expert_shard_dim(layer.experts, dims.edp), **common)
             # experts' grads: summed over edp, divided by dp (see the module docstring); NCCL does it
-            # in the reduce-scatter (PREMUL_SUM), gloo has no such op: a sum, then the division
+            # in the reduce-scatter (PREMUL_SUM), gloo has no such op: a sum, then the division.
+            # (With edp = 1 there is no collective and FSDP2 divides in its copy; forcing the sum as
+            # well would divide twice: torch 2.13, tests/parallel/test_fsdp_units.py's ep=4 cases.)
             unit.set_gradient_divide_factor(float(dims.dp))
-            if dist.get_backend(edp_mesh.get_group()) == "gloo":
+            if dims.edp > 1 and dist.get_backend(edp_mesh.get_group()) == "gloo":
                 unit.set_force_sum_reduction_for_comms(True)
     if blocks is None:
         blocks = list(getattr(model, "blocks", []))
