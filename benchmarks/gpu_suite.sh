@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA machine, in one run (each step bounded, a failure does not stop the rest):
-#   1. the compiled Triton kernels and the whole MoELayer on CUDA against the CPU torch path (tests);
-#   2. benchmarks/kernels.py: grouped GEMM vs dense, the per-expert loop and torch._grouped_mm (bf16);
-#   3. benchmarks/layer_gpu.py: MoELayer fwd+bwd vs the dense FFN of equal active FLOPs;
+# The checks that need a CUDA machine, in one run (each step bounded, a failure does not stop the rest;
+# the limits sum to 450 s, so the suite stays under 8 minutes with the install):
+#   1. the compiled Triton kernels (the persistent grouped GEMM included) and the whole MoELayer on
+#      CUDA against the CPU torch path; CUDA-graph capture of the layer and of the persistent GEMM,
+#      replay vs eager (tests);
+#   2. benchmarks/kernels.py: grouped GEMM (persistent, Triton) vs dense, the per-expert loop and
+#      torch._grouped_mm (bf16; E=8 balanced and Zipf, E=64 fine-grained), and what `auto` picks;
+#   3. benchmarks/layer_gpu.py: MoELayer fwd+bwd vs the dense FFN of equal active FLOPs, and the
+#      fixed overhead at T=256 eager and with CUDA-graph replay;
 #   4. benchmarks/ep.py on the host's cores (gloo ranks with spare cores: the overlap figure that a
 #      2-core machine cannot give).
 # Usage: benchmarks/gpu_suite.sh [LOGDIR]    (needs torch with CUDA and triton; installs moesys --no-deps)
@@ -24,7 +29,7 @@ python3 -c "import moesys" 2>/dev/null || python3 -m pip install -q --no-deps --
   || { cat "$LOG/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cpus', __import__('os').cpu_count())"
-step tests 150 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_gpu_compiled.py
-step kernels 70 python3 benchmarks/kernels.py
-step layer_gpu 90 python3 benchmarks/layer_gpu.py
-step ep 140 python3 benchmarks/ep.py --worlds 2 4 --tokens 2048 --hidden 512 --ffn 1024 --rounds 3 --steps 3
+step tests 170 python3 -m pytest -q -s -p no:cacheprovider tests/kernels/test_gpu_compiled.py tests/kernels/test_cuda_graph.py
+step kernels 110 python3 benchmarks/kernels.py --iters 5
+step layer_gpu 90 python3 benchmarks/layer_gpu.py --rounds 3 --steps 3
+step ep 80 python3 benchmarks/ep.py --worlds 2 4 --tokens 2048 --hidden 512 --ffn 1024 --rounds 2 --steps 2

@@ -1,5 +1,5 @@
-"""Grouped GEMM fwd+bwd: Triton kernels vs dense matmul of equal FLOPs, a per-expert loop and
-torch._grouped_mm, for balanced and Zipf-skewed expert loads. bf16 on one GPU, < 5 minutes.
+"""Grouped GEMM fwd+bwd: our Triton kernels (persistent and not) vs dense matmul of equal FLOPs, a
+per-expert loop and torch._grouped_mm, for balanced and Zipf-skewed expert loads. bf16 on one GPU.
 
     python benchmarks/kernels.py                 # one CUDA GPU: E=8 (D=4096, F=14336) and E=64 (D=2048, F=1408), T=16384
     python benchmarks/kernels.py --iters 20      # more timed repeats per cell
@@ -9,8 +9,11 @@ Legend: T routed rows (tokens x top-k), D input width, F output width, E experts
 One fwd+bwd = y = x@w[e], dx = dy@w[e]^T, dw[e] = x_e^T@dy_e: 3 * 2*T*D*F FLOPs, the same as a
 dense [T, D] @ [D, F] matmul with its two backward matmuls, which is the limit a grouped GEMM can
 reach ("dense" column). Ratios are measured against that dense run in the same process, side by
-side. Targets on H100/H200: >= 0.9x dense balanced, >= 0.75x skewed, faster than the loop.
-Exit status 2 (and a message) when there is no CUDA device and --small is not given.
+side. "persistent" is kernel_backend="triton_persistent" (one program per SM over every expert's
+tiles, TMA loads on sm90+); "auto picks" is what `auto` chose for the shape bucket when measured
+(kernels/gemm_select.py). Targets of issue 13 on an H200, persistent/dense: >= 0.90x at E=8
+balanced, >= 0.80x Zipf-skewed, >= 0.80x at E=64 fine-grained.
+Exit status 2 (and a one-line message) when there is no CUDA device and --small is not given.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ if not ARGS.small and not torch.cuda.is_available():
           "Run it on a GPU, or pass --small for a CPU smoke test under TRITON_INTERPRET=1.", file=sys.stderr)
     sys.exit(2)
 
-from moesys.kernels import grouped_gemm, grouped_gemm_reference  # noqa: E402
+from moesys.kernels import gemm_select, grouped_gemm, grouped_gemm_reference  # noqa: E402
+from moesys.kernels.backend import grouped_mm_supported  # noqa: E402
 from _shapes import timed  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 
@@ -98,18 +102,25 @@ def bench_cell(E, T, D, F, counts, device, dtype, run, iters):
     flops = 3 * 2 * T * D * F
     row = {}
     row["dense"] = run(fwd_bwd(lambda a, b: a @ b, x, w_dense, dy), iters)
+    row["persistent"] = run(fwd_bwd(lambda a, b: grouped_gemm(a, b, counts_E, backend="triton_persistent"), x, w, dy),
+                            iters)
     row["triton"] = run(fwd_bwd(lambda a, b: grouped_gemm(a, b, counts_E, backend="triton"), x, w, dy), iters)
     row["loop"] = run(fwd_bwd(lambda a, b: grouped_gemm_reference(a, b, counts_E), x, w, dy), iters)
     try:
         row["_grouped_mm"] = run(grouped_mm_step(x, w, dy, counts_E), iters)
     except RuntimeError as err:  # needs sm90+ and bf16 on CUDA; report why instead of a number
         row["_grouped_mm"] = f"n/a: {str(err).splitlines()[0][:60]}"
-    # the numbers mean nothing if the kernel is wrong: check the forward against the loop
+    # the numbers mean nothing if a kernel is wrong: check both forwards against the loop
     with torch.no_grad():
-        y = grouped_gemm(x, w, counts_E, backend="triton").float()
         ref = grouped_gemm_reference(x, w, counts_E).float()
-        rel_err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-    return {k: (flops / v / 1e12 if isinstance(v, float) else v) for k, v in row.items()}, rel_err
+        rel_err = max(
+            ((grouped_gemm(x, w, counts_E, backend=b).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            for b in ("triton", "triton_persistent"))
+        auto = "-"
+        if device.type == "cuda" and grouped_mm_supported(device, dtype):
+            auto = gemm_select.choose(x, w, torch.cumsum(counts_E, 0, dtype=torch.int32))
+    tf = {k: (flops / v / 1e12 if isinstance(v, float) else v) for k, v in row.items()}
+    return tf, rel_err, auto
 
 
 def main() -> int:
@@ -119,18 +130,19 @@ def main() -> int:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (TRITON_INTERPRET=1: timings meaningless)"
     import triton
     print(f"# grouped GEMM fwd+bwd, {dtype}, {name}, torch {torch.__version__}, triton {triton.__version__}\n")
-    cols = ["dense", "triton", "loop", "_grouped_mm"]
+    cols = ["dense", "persistent", "triton", "loop", "_grouped_mm"]
+    ratios = ["persistent", "triton", "loop", "_grouped_mm"]
     print("| E | T | D | F | load | max/min rows | " + " | ".join(f"{c} TFLOP/s" for c in cols)
-          + " | triton/dense | loop/dense | _grouped_mm/dense | triton fwd rel err |")
-    print("|" + "---|" * (6 + len(cols) + 4))
+          + " | " + " | ".join(f"{c}/dense" for c in ratios) + " | auto picks | fwd rel err (max of ours) |")
+    print("|" + "---|" * (6 + len(cols) + len(ratios) + 2))
     for E, T, D, F in (SMALL_SHAPES if ARGS.small else SHAPES):
         for load, counts in loads(E, T, ARGS.zipf).items():
-            tf, err = bench_cell(E, T, D, F, counts, device, dtype, run, ARGS.iters)
+            tf, err, auto = bench_cell(E, T, D, F, counts, device, dtype, run, ARGS.iters)
             fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
             ratio = lambda k: f"{tf[k] / tf['dense']:.2f}x" if isinstance(tf[k], float) else "n/a"  # noqa: E731
             spread = f"{max(counts)}/{min(counts)}"
             print(f"| {E} | {T} | {D} | {F} | {load} | {spread} | " + " | ".join(fmt(tf[c]) for c in cols)
-                  + f" | {ratio('triton')} | {ratio('loop')} | {ratio('_grouped_mm')} | {err:.1e} |", flush=True)
+                  + " | " + " | ".join(ratio(c) for c in ratios) + f" | {auto} | {err:.1e} |", flush=True)
     return 0
 
 

@@ -7,6 +7,10 @@ H200, `benchmarks/kernels.py`), and Triton otherwise (fp32, older GPUs); the oth
 "grouped_mm" (and "auto" on CUDA where the `torch._grouped_mm` probe passes for the experts' dtype)
 selects the layer's sync-free path (moesys/static_plan.py, `sync_free`); its single kernel calls
 (permute, top-k, grouped GEMM) take the torch path.
+"triton_persistent": grouped GEMMs through the persistent Triton kernel (grouped_gemm_persistent.py,
+TMA loads on sm90+); the other kernels through the ordinary Triton ones (it resolves to "triton").
+Under "auto" on CUDA a grouped GEMM that would take `torch._grouped_mm` instead takes whichever of
+it and the persistent kernel measured faster for its shape bucket (gemm_select.py).
 `TRITON_INTERPRET=1` makes the Triton path runnable on CPU (slowly) for tests; a config setting
 (`MoEConfig.kernel_backend`) can force either path.
 """
@@ -17,7 +21,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "grouped_mm")
+BACKENDS = ("auto", "torch", "triton", "triton_persistent", "grouped_mm")
 
 
 def _probe_triton() -> bool:
@@ -90,7 +94,8 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
     """Return "torch" or "triton" for a call on `device`.
 
     "auto" picks Triton only where it can run: on CUDA, or on CPU under TRITON_INTERPRET=1 when
-    forced. Given `dtype` (grouped GEMM calls), "auto" on CUDA prefers the torch path when
+    forced ("triton" or "triton_persistent", which resolves to "triton": the grouped GEMM tells the
+    two apart itself). Given `dtype` (grouped GEMM calls), "auto" on CUDA prefers the torch path when
     `torch._grouped_mm` supports that dtype there. Forcing "triton" where it cannot run is an
     error rather than a silent fallback.
     """
@@ -99,10 +104,10 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
     can_triton = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
     if backend in ("torch", "grouped_mm"):
         return "torch"
-    if backend == "triton":
+    if backend in ("triton", "triton_persistent"):
         if not can_triton:
             raise RuntimeError(
-                f"kernel backend 'triton' was forced but cannot run on device {device}: "
+                f"kernel backend {backend!r} was forced but cannot run on device {device}: "
                 "Triton needs a CUDA device, or TRITON_INTERPRET=1 on CPU"
             )
         return "triton"

@@ -169,15 +169,35 @@ def grouped_gemm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor
         x_ND: [N, D] rows grouped contiguously by expert, in the order of `counts_E`.
         w_EDF: [E, D, F] expert weights.
         counts_E: [E] integer rows per expert, on x's device, summing to N.
-        backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        backend: "auto", "torch", "grouped_mm" (the torch path), "triton" or "triton_persistent"
+            (kernels/backend.py). "auto": torch on CPU; on CUDA where `torch._grouped_mm` serves the
+            dtype and strides, the faster of it and the persistent kernel for this shape bucket
+            (measured once, gemm_select.py); Triton elsewhere on CUDA.
     Returns:
         y_NF: [N, F], y[rows of e] = x[rows of e] @ w[e].
     """
     check_grouped_gemm_args(x_ND, w_EDF, counts_E)
     which = _backend.resolve(backend, x_ND.device, x_ND.dtype)
+    if (which == "triton" and backend == "triton_persistent") or _auto_takes_persistent(backend, x_ND, w_EDF, counts_E):
+        from .grouped_gemm_persistent import grouped_gemm_persistent
+
+        return grouped_gemm_persistent(x_ND, w_EDF, counts_E)
     if which == "triton":
         from .grouped_gemm_triton import grouped_gemm_triton
 
         return grouped_gemm_triton(x_ND, w_EDF, counts_E)
     check_counts_sum("grouped_gemm", x_ND, counts_E)
     return grouped_gemm_torch(x_ND, w_EDF, counts_E)
+
+
+def _auto_takes_persistent(backend: str, x_ND, w_EDF, counts_E) -> bool:
+    """"auto" on CUDA, where it would take torch._grouped_mm: whether the persistent kernel measured
+    faster for this shape bucket (never on CPU: "auto" there is exactly the torch path)."""
+    if backend != "auto" or x_ND.device.type != "cuda" or not _backend.triton_available():
+        return False
+    if not _grouped_mm_ok(x_ND, w_EDF, widths=(x_ND.shape[1], w_EDF.shape[2])):
+        return False
+    from . import gemm_select
+
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    return gemm_select.choose(x_ND, w_EDF, offs_E) == gemm_select.PERSISTENT

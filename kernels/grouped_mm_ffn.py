@@ -12,6 +12,12 @@ The backward is written out (torch's own `_grouped_mm` backward rejects the zero
 a `.sum()` produces): dX = dY @ w[e]^T and dW[e] = x_e^T @ dY_e, both grouped GEMMs over the same
 offsets. Rows past offs_E[-1] (padding of a static buffer) are never written by `_grouped_mm`: the
 callers never read them, and their gradient rows are undefined too.
+
+`gemm` picks the grouped GEMM under all of them: "grouped_mm" (`torch._grouped_mm`, the default),
+"triton_persistent" (our persistent kernel, grouped_gemm_persistent.py: same offsets, same
+padding rule), or "auto" (on CUDA, per weight, whichever measured faster for the shape bucket,
+gemm_select.py; on CPU "grouped_mm"). The choice is made per weight in the forward and kept for
+its three GEMMs (y, dX, dW).
 """
 from __future__ import annotations
 
@@ -54,7 +60,32 @@ def _(x_MD, dy_MF, offs_E):
     return x_MD.new_empty(offs_E.shape[0], x_MD.shape[1], dy_MF.shape[1])
 
 
-_weight_grad = gmm_offs_dw
+GEMMS = ("grouped_mm", "triton_persistent", "auto")
+
+
+def _pick(gemm: str, x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) -> str:
+    """"grouped_mm" or "triton_persistent" for the GEMMs of weight w_EDF."""
+    if gemm != "auto":
+        return gemm
+    from . import gemm_select
+
+    return gemm_select.choose(x_MD, w_EDF, offs_E)
+
+
+def _mm(x_MD, w_EDF, offs_E, which: str) -> torch.Tensor:
+    if which == "triton_persistent":
+        from .grouped_gemm_persistent import persistent_mm
+
+        return persistent_mm(x_MD, w_EDF, offs_E, True)
+    return gmm_offs(x_MD, w_EDF, offs_E)
+
+
+def _weight_grad(x_MD, dy_MF, offs_E, which: str = "grouped_mm") -> torch.Tensor:
+    if which == "triton_persistent":
+        from .grouped_gemm_persistent import persistent_mm_dw
+
+        return persistent_mm_dw(x_MD, dy_MF, offs_E, True)
+    return gmm_offs_dw(x_MD, dy_MF, offs_E)
 
 
 def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -67,38 +98,42 @@ def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
 
 class _GroupedMMFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_MD, w1, w2, w3, offs_E, activation):
+    def forward(ctx, x_MD, w1, w2, w3, offs_E, activation, gemm):
         x_MD = x_MD.contiguous()
-        h = gmm_offs(x_MD, w1, offs_E)
+        g1 = _pick(gemm, x_MD, w1, offs_E)  # w1 and w3 share a shape: one choice
+        h = _mm(x_MD, w1, offs_E, g1)
         if activation == "swiglu":
-            g = gmm_offs(x_MD, w3, offs_E)
+            g = _mm(x_MD, w3, offs_E, g1)
             a = F.silu(h) * g
         else:
             g = None
             a = _act(h, activation)
-        y = gmm_offs(a, w2, offs_E)
+        g2 = _pick(gemm, a, w2, offs_E)
+        y = _mm(a, w2, offs_E, g2)
         ctx.save_for_backward(x_MD, w1, w2, w3, offs_E, h, g, a)
         ctx.activation = activation
+        ctx.gemms = (g1, g2)
         return y
 
     @staticmethod
     def backward(ctx, dy_MD):
         x_MD, w1, w2, w3, offs_E, h, g, a = ctx.saved_tensors
         act = ctx.activation
+        g1, g2 = ctx.gemms
         dy_MD = dy_MD.contiguous()  # may be zero-stride (expand of a sum): _grouped_mm needs real strides
         need_x, need_w1, need_w2, need_w3 = ctx.needs_input_grad[:4]
         dx = dw1 = dw2 = dw3 = None
-        da = gmm_offs(dy_MD, w2.transpose(1, 2), offs_E)
+        da = _mm(dy_MD, w2.transpose(1, 2), offs_E, g2)
         dg = None
         if act == "swiglu":
             s = F.silu(h)
             if need_w2:
-                dw2 = _weight_grad(a, dy_MD, offs_E)
+                dw2 = _weight_grad(a, dy_MD, offs_E, g2)
             dg = da * s
             dh = torch.ops.aten.silu_backward(da * g, h)
         else:
             if need_w2:
-                dw2 = _weight_grad(a, dy_MD, offs_E)
+                dw2 = _weight_grad(a, dy_MD, offs_E, g2)
             if act == "gelu":
                 dh = torch.ops.aten.gelu_backward(da, h)
             elif act == "relu":
@@ -106,14 +141,14 @@ class _GroupedMMFFN(torch.autograd.Function):
             else:
                 dh = torch.ops.aten.silu_backward(da, h)
         if need_w1:
-            dw1 = _weight_grad(x_MD, dh, offs_E)
+            dw1 = _weight_grad(x_MD, dh, offs_E, g1)
         if need_w3 and dg is not None:
-            dw3 = _weight_grad(x_MD, dg, offs_E)
+            dw3 = _weight_grad(x_MD, dg, offs_E, g1)
         if need_x:
-            dx = gmm_offs(dh, w1.transpose(1, 2), offs_E)
+            dx = _mm(dh, w1.transpose(1, 2), offs_E, g1)
             if dg is not None:
-                dx = dx + gmm_offs(dg, w3.transpose(1, 2), offs_E)
-        return dx, dw1, dw2, dw3, None, None
+                dx = dx + _mm(dg, w3.transpose(1, 2), offs_E, g1)
+        return dx, dw1, dw2, dw3, None, None, None
 
 
 def check_grouped_mm_shapes(x_MD: torch.Tensor, w1: torch.Tensor) -> None:
@@ -134,7 +169,7 @@ def grouped_mm_aligned(D: int, F_: int, dtype: torch.dtype) -> bool:
 
 
 def expert_ffn_grouped_mm(x_MD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: Optional[torch.Tensor],
-                          offs_E: torch.Tensor, activation: str) -> torch.Tensor:
+                          offs_E: torch.Tensor, activation: str, gemm: str = "grouped_mm") -> torch.Tensor:
     """y_MD = FFN_e(rows of group e) for every expert e, sync-free.
 
     Args:
@@ -142,7 +177,10 @@ def expert_ffn_grouped_mm(x_MD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
         w1, w3: [E, D, F]; w2: [E, F, D] (w3 for swiglu only).
         offs_E: [E] int32 cumulative row ends on x's device (offs_E[-1] <= M).
         activation: one of gelu, relu, silu, swiglu.
+        gemm: "grouped_mm", "triton_persistent" or "auto" (module docstring).
     """
+    if gemm not in GEMMS:
+        raise ValueError(f"expert_ffn_grouped_mm: gemm {gemm!r} is not one of {list(GEMMS)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"expert_ffn_grouped_mm: activation {activation!r} is not one of {list(ACTIVATIONS)}")
     if (activation == "swiglu") != (w3 is not None):
@@ -153,4 +191,6 @@ def expert_ffn_grouped_mm(x_MD: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
     check_grouped_mm_shapes(x_MD, w1)
     w1, w2 = w1.contiguous(), w2.contiguous()
     w3 = w3.contiguous() if w3 is not None else None
-    return _GroupedMMFFN.apply(x_MD, w1, w2, w3, offs_E, activation)
+    if gemm == "auto" and x_MD.device.type != "cuda":
+        gemm = "grouped_mm"  # CPU: exactly the torch path, nothing measured
+    return _GroupedMMFFN.apply(x_MD, w1, w2, w3, offs_E, activation, gemm)

@@ -22,7 +22,7 @@ DROP_POLICIES = ("position", "bpr", "probs", "random")
 AUX_LOSSES = ("switch", "gshard", "seq", "global_batch", "none")
 GROUP_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers that take num_groups / topk_groups
 GLOBAL_BATCH_ROUTERS = ("topk", "switch", "sigmoid_bias")  # routers whose Switch loss can pool counts
-KERNEL_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
+KERNEL_BACKENDS = ("auto", "torch", "triton", "triton_persistent", "grouped_mm")
 TAU_SCHEDULES = ("linear", "exponential")
 GATE_ACTIVATIONS = ("sigmoid", "tanh")
 
@@ -87,6 +87,7 @@ class MoEConfig:
     dts_balance_coef: float = 1e-2  # weight of EvoMoE's E^2 * mean_e(me_e * ce_e) loss
     # --- kernels -------------------------------------------------------------------------------
     # "auto": CUDA: the sync-free grouped_mm path where torch._grouped_mm runs, else Triton; torch elsewhere.
+    # "triton_persistent": like "triton", with grouped GEMMs through the persistent (TMA on sm90+) kernel.
     # "grouped_mm": the sync-free path (static shapes, no host reads; torch.compile fullgraph, CUDA
     # graphs) on any device; needs hidden/ffn sizes that are multiples of 16 bytes / element size.
     # The dense-to-sparse gates (dts, act_dts) are its documented exception: their number of routes
