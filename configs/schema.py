@@ -250,9 +250,9 @@ class TrainConfig:
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"trainer.precision={t.precision!r} is not one of fp32|bf16 (bf16 autocast runs on the "
                               "CPU and on GPUs; fp16 is not supported: it needs a loss scale)")
-        if moe.kernel_backend == "triton" and not (on_cuda or _triton_interpreted()):
-            raise ConfigError("moe.kernel_backend='triton' needs a CUDA device and this run trains on the CPU "
-                              f"(parallel.backend={p.backend!r}); use moe.kernel_backend=auto or torch")
+        if moe.kernel_backend in ("triton", "triton_persistent") and not (on_cuda or _triton_interpreted()):
+            raise ConfigError(f"moe.kernel_backend={moe.kernel_backend!r} needs a CUDA device and this run trains on "
+                              f"the CPU (parallel.backend={p.backend!r}); use moe.kernel_backend=auto or torch")
         # ---- trainer ------------------------------------------------------------------------------
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval"):
             _check(getattr(t, name) > 0, f"trainer.{name} must be > 0, got {getattr(t, name)}")

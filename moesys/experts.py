@@ -75,19 +75,25 @@ def _autocast(x_ND, w1, w2, w3):
     return x_ND.to(dt), w1.to(dt), w2.to(dt), (w3.to(dt) if w3 is not None else None)
 
 
-def _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, activation: str, recompute: bool) -> torch.Tensor:
+def _offsets_gemm(backend: str) -> str:
+    """The grouped GEMM of the offsets path for a kernel_backend: "auto" measures ours against
+    torch._grouped_mm per shape bucket on CUDA (torch._grouped_mm elsewhere)."""
+    return backend if backend in ("auto", "triton_persistent") else "grouped_mm"
+
+
+def _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, activation: str, recompute: bool, gemm: str = "grouped_mm"):
     """The grouped_mm expert FFN (its Function saves with save_for_backward, so recompute is
     non-reentrant activation checkpointing)."""
     if recompute and torch.is_grad_enabled():
-        return checkpoint(expert_ffn_grouped_mm, x_MD, w1, w2, w3, offs_E, activation, use_reentrant=False)
-    return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, activation)
+        return checkpoint(expert_ffn_grouped_mm, x_MD, w1, w2, w3, offs_E, activation, gemm, use_reentrant=False)
+    return expert_ffn_grouped_mm(x_MD, w1, w2, w3, offs_E, activation, gemm)
 
 
 def expert_ffn_offsets(x_MD, offs_E, w1, w2, w3, cfg: MoEConfig) -> torch.Tensor:
     """The sync-free path's expert FFN: groups given by int32 device offsets (rows past offs_E[-1]
     are padding); cfg.recompute as in `expert_ffn`."""
     x_MD, w1, w2, w3 = _autocast(x_MD, w1, w2, w3)
-    return _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, cfg.activation, cfg.recompute)
+    return _grouped_mm_ffn(x_MD, offs_E, w1, w2, w3, cfg.activation, cfg.recompute, _offsets_gemm(cfg.kernel_backend))
 
 
 @dataclass(frozen=True)

@@ -176,8 +176,11 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
+    from moesys.parallel.simulate import AGENT_STORE_ENV
+
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+                       **AGENT_STORE_ENV})
     result = fn(*args)
     return result if rank == 0 else None
 
@@ -189,11 +192,15 @@ def launch(world: int, fn: Callable, *args):
     otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable): signals
     are forwarded to them, they die with this process, and a rank that fails raises
     supervise.RankFailedError naming it, with the others killed at once."""
+    from moesys.parallel.simulate import AGENT_STORE_ENV, serve_store
+
+    # the rendezvous store is served from here, on a port that stays bound (no EADDRINUSE race)
+    store = serve_store(timeout_s=1800)
     if world == 1:
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                 "LOCAL_WORLD_SIZE")}
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV)}
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV})
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         try:
             return fn(*args)
@@ -206,7 +213,7 @@ def launch(world: int, fn: Callable, *args):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    return supervise.run_ranks(_spawned, world, (world, _free_port(), fn, args))[0]
+    return supervise.run_ranks(_spawned, world, (world, store.port, fn, args))[0]
 
 
 def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:

@@ -30,10 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# what the ranks' env:// rendezvous reads to join a store the launcher serves (torchrun's agent store)
+AGENT_STORE_ENV = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+
+
+def serve_store(timeout_s: float) -> "dist.TCPStore":
+    """A TCPStore served by this (launching) process on a port the OS picks and keeps bound, for
+    ranks that join it as clients (AGENT_STORE_ENV, as under torchrun's agent). A port picked free
+    and then released for rank 0 to bind could be taken in between by another process: rank 0 then
+    died with EADDRINUSE (seen in CI with tests running side by side)."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives, fn, args, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size),
+        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size), **AGENT_STORE_ENV,
     )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
@@ -71,7 +84,8 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
         raise ValueError(f"simulate: local_world_size ({lws}) must divide world_size ({world_size})")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    store = serve_store(timeout_s)  # held until the ranks are done (see serve_store)
+    port = store.port
     procs = [
         ctx.Process(target=_rank_main, args=(r, world_size, port, backend, timeout_s, lws, debug_collectives, fn, args, results),
                     daemon=True)

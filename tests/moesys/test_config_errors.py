@@ -42,7 +42,7 @@ CASES = [
     (["trainer.seed=-1"], "trainer.seed must be in [0, 2**32), got -1"),
     (["trainer.max_bad_steps=0"], "trainer.max_bad_steps must be >= 1, got 0"),
     (["trainer.precision=fp16"], "trainer.precision='fp16' is not one of fp32|bf16"),
-    (["trainer.engine=megatron"], "trainer.engine='megatron' is not one of plain|deepspeed"),
+    (["trainer.engine=megatron"], "trainer.engine='megatron' is not one of plain|fsdp|deepspeed"),
     (["trainer.engine=deepspeed", "trainer.zero_stage=3"], "trainer.zero_stage must be 1 or 2 with MoE, got 3"),
     (["trainer.ds_config={tmp}/ds.json"], "trainer.ds_config='{tmp}/ds.json' is only read by trainer.engine=deepspeed"),
     (["trainer.out_dir={tmp}/a_file"], "trainer.out_dir='{tmp}/a_file' exists and is not a directory"),
@@ -119,11 +119,15 @@ CASES = [
     (["trainer.steps"], "Error parsing override 'trainer.steps'"),
     (["evo=nope"], "Could not find 'evo/nope' (available: act_dts, dts, evomoe, upcycle)"),
     (["+trainer.stpes=5"], "trainer.stpes is not a setting"),
+    (["trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4", "moe.num_experts=2"],
+     "trainer.engine=fsdp with parallel.ep (4) > moe.num_experts (2)"),
+    (["trainer.engine=fsdp", "trainer.fsdp_param_dtype=fp16"], "trainer.fsdp_param_dtype='fp16' is not one of"),
 ]
 if CPU_ONLY:
     CASES += [
         (["parallel.backend=nccl"], "parallel.backend='nccl' needs CUDA GPUs"),
         (["moe.kernel_backend=triton"], "moe.kernel_backend='triton' needs a CUDA device"),
+        (["moe.kernel_backend=triton_persistent"], "moe.kernel_backend='triton_persistent' needs a CUDA device"),
     ]
 # through the real CLI (slow test): every group and every way an error is found, ~5-20 s a call
 CLI = [
