@@ -31,6 +31,8 @@ CASES = {
                   "--repeats", "1"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
+    "memory": ["benchmarks/memory.py", "--ranks", "2", "--ep", "1", "2", "--d-model", "32", "--experts", "4",
+               "--ffn", "48", "--seq-len", "16", "--steps", "1", "--engines", "plain", "fsdp"],
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
 }
 
