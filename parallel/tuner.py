@@ -99,6 +99,8 @@ class Tuner:
 
         if not isinstance(self.group, GroupRef):
             self.group = GroupRef(self.group)
+        if self.pinned:  # what report() says (runtime/mode_is_ep, degree) is what runs
+            self.decision = (self.settings.mode, self.settings.degree)
 
     @property
     def pinned(self) -> bool:

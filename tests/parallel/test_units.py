@@ -194,3 +194,11 @@ def test_options_are_validated():
         ExpertParallelConfig(mode="tp")
     c = ExpertParallelConfig(mode="ep", overlap=2, tuner={"trials": 2})
     assert (c.tuner.mode, c.tuner.degree, c.tuner.trials) == ("ep", 2, 2)
+
+
+def test_pinned_tuner_reports_what_runs():
+    """runtime/mode_is_ep and runtime/degree of a pinned layer are the pinned ones (they said ("ep", 1)
+    whatever was pinned, so a pinned sharded_dp run logged mode_is_ep=1)."""
+    t = _tuner(mode="sharded_dp", degree=2)
+    assert t.pinned and t.choose(None, None) == ("sharded_dp", 2)
+    assert t.report()["mode_is_ep"] == 0.0 and t.report()["degree"] == 2.0
