@@ -83,6 +83,8 @@ class ExpertParallelRunner:
         self._fwd_marks: Optional[tuple] = None  # (start, end) marks of the timed forward
         self.current: tuple = tuner.decision  # the (mode, degree) of the latest call
         self.dispatcher = dispatcher
+        # the global experts this rank holds (Python ints: host-side metric math)
+        self._mine_list = dispatcher.dest_list[layout.rank * layout.local_experts:(layout.rank + 1) * layout.local_experts]
         self.sharded = sharded
         self.tuner = tuner
         self._last_seconds: Optional[float] = None
@@ -123,7 +125,8 @@ class ExpertParallelRunner:
         """One small all-gather of [counts_E, T, last step seconds]; every rank derives the same stats."""
         L = self.layout.local_experts
         last = self._last_seconds if self._last_seconds is not None else -1.0
-        mine = torch.cat([counts_E.to(torch.float64), torch.tensor([float(num_tokens), last], dtype=torch.float64)])
+        mine = torch.cat([counts_E.to(device="cpu", dtype=torch.float64),
+                          torch.tensor([float(num_tokens), last], dtype=torch.float64)])
         every_PX = all_gather_counts(mine, self.group)
         counts_PE = every_PX[:, :-2]
         counts_g = counts_PE.sum(0)
@@ -148,8 +151,10 @@ class ExpertParallelRunner:
                 f"layout has {self.layout.num_experts}"
             )
         static = getattr(self.dispatcher, "static", False)
-        # host copy: splits are host-side integers anyway (a static buffer needs none: counts stay put)
-        counts_E = plan.counts_E.to(torch.long) if static else plan.counts_E.to(torch.long).cpu()
+        # host copy: splits are host-side integers anyway; a static buffer needs none, and the
+        # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
+        on_device = static or getattr(self.dispatcher, "host_counts_in_plan", False)
+        counts_E = plan.counts_E.to(torch.long) if on_device else plan.counts_E.to(torch.long).cpu()
         tuning = torch.is_grad_enabled() and not self.tuner.pinned
         if not tuning:
             mode, c = self.tuner.decision if not self.tuner.pinned else self.tuner.choose(None, None)
@@ -254,16 +259,25 @@ class ExpertParallelRunner:
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
                 metrics: dict, shared=None, out: Optional[dict] = None) -> torch.Tensor:
         d = self.dispatcher
-        if c == 1:
-            chunk_counts, idxs = [counts_E], [None]
-        else:
-            chunk_counts = split_counts(counts_E, c)
-            idxs = chunk_rows(counts_E, chunk_counts)
+        chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
         # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
         chunk_capacity = None if capacity is None else -(-capacity // c)
 
         with timer.span("plan_s"):
             plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
+        if getattr(d, "host_counts_in_plan", False):
+            # the plan read the counts: the rest is Python integers (no further host read)
+            host_E = [sum(col) for col in zip(*(p.counts_E for p in plans))]
+            totals = [sum(p.counts_E) for p in plans]
+            if c > 1:
+                idxs = chunk_rows(torch.tensor(host_E), [torch.tensor(p.counts_E) for p in plans], totals)
+            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in self._mine_list)
+        else:
+            if c > 1:
+                idxs = chunk_rows(counts_E, chunk_counts)
+            n_rows, n_mine = int(counts_E.sum()), int(counts_E[self._mine_list].sum())
+        if c == 1:
+            idxs = [None]
 
         def start(i):
             x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i].to(x_ND.device))
@@ -293,8 +307,7 @@ class ExpertParallelRunner:
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once
-        mine = self.dispatcher.dest_X.view(self.layout.world, -1)[self.layout.rank]
-        n_remote_min = int(counts_E.sum()) * self.layout.shards - int(counts_E[mine].sum())
+        n_remote_min = n_rows * self.layout.shards - n_mine
         metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
         if c == 1:
             return ys[0]

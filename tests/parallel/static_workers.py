@@ -141,3 +141,62 @@ def error_worker():
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+# ---------------------------------------------------------------------------------------------
+# host reads on the dispatch path, counted per layer forward
+READS = ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__")
+
+
+class CountingRunner:
+    """Wraps the installed runner; counts Python-level host reads of tensors while it runs."""
+
+    def __init__(self, runner) -> None:
+        self.inner = runner
+        self.reads: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        saved = {n: getattr(torch.Tensor, n) for n in READS}
+        reads = self.reads
+
+        def spy(name):
+            orig = saved[name]
+
+            def f(t, *a, **k):
+                reads.append(f"{name} {''.join(traceback.format_stack(limit=3)[:1]).strip()}")
+                return orig(t, *a, **k)
+            return f
+
+        for n in READS:
+            setattr(torch.Tensor, n, spy(n))
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            for n, fn in saved.items():
+                setattr(torch.Tensor, n, fn)
+
+
+def host_reads_worker(setups):
+    """setups: (name, apply_expert_parallel options); pinned mode, one chunk. Returns, per setup,
+    the host reads of each of 2 layer forwards (the runner's, i.e. the dispatch path; the experts
+    run on torch._grouped_mm with device offsets, which reads nothing)."""
+    dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, kernel_backend="grouped_mm")
+    out = {}
+    for name, opts in setups:
+        torch.manual_seed(0)
+        layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, mode="ep", timeout_s=30, **opts)
+        spy = CountingRunner(layer.runner)
+        layer.set_runner(spy)
+        per_forward = []
+        for step in range(2):
+            spy.reads.clear()
+            x = torch.randn(9, 8, generator=torch.Generator().manual_seed(10 * step + dims.rank), requires_grad=True)
+            y, aux = layer(x)
+            y.sum().backward()
+            per_forward.append(list(spy.reads))
+        out[name] = per_forward
+    return out

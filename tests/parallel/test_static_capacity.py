@@ -58,3 +58,21 @@ def test_overflow_error_raises_on_every_rank():
 def test_config_refuses(kw, text):
     with pytest.raises(ValueError, match=text.replace("(", r"\(").replace("[", r"\[")):
         ExpertParallelConfig(**kw)
+
+
+@pytest.mark.multirank
+def test_host_reads_per_layer_forward():
+    """Host reads (.item/.tolist/.cpu/.numpy, int/float/bool/index of a tensor) while the runner runs,
+    per layer forward, pinned ep mode: the dropless all-to-all-v path reads exactly once (the
+    splits: the send and received counts in one read after the counts exchange), at overlap 1 and 2;
+    the static-capacity padded path reads nothing."""
+    setups = [("alltoallv", dict(dispatcher="alltoallv", overlap=1)),
+              ("alltoallv c=2", dict(dispatcher="alltoallv", overlap=2)),
+              ("static", dict(dispatcher="padded", overlap=1, static_capacity_factor=1.0)),
+              ("static c=2", dict(dispatcher="padded", overlap=2, static_capacity_factor=1.0))]
+    results = simulate(static_workers.host_reads_worker, 2, setups, timeout_s=30)
+    want = {"alltoallv": 1, "alltoallv c=2": 1, "static": 0, "static c=2": 0}
+    for r in results:
+        for name, per_forward in r.items():
+            for reads in per_forward:
+                assert len(reads) == want[name], f"{name}: {len(reads)} host reads:\n" + "\n".join(reads)
