@@ -80,6 +80,10 @@ class ParallelConfig:
     dispatcher: str = "alltoallv"  # alltoallv | padded | hierarchical | allgather
     mode: str = "auto"  # auto (adaptive) | ep | sharded_dp
     overlap: str = "auto"  # auto | 1 | 2 | 4 | 8  (chunks of dispatch/compute overlap)
+    # dispatcher=padded only: a static buffer of ceil(f * T * K / E) rows per (source rank, expert),
+    # so the dispatch needs no per-step agreement collective and no host read (null: agreed per step)
+    static_capacity_factor: Optional[float] = None
+    overflow: str = "drop"  # rows past the static buffer: drop (counted: runtime/overflow_dropped) | error
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: float = 300.0
     # check every collective's fingerprint (op, shapes, dtypes) across ranks before it runs: a
@@ -241,6 +245,20 @@ class TrainConfig:
         _one_of("parallel.overlap", str(p.overlap), ("auto", "1", "2", "4", "8"))
         _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
         _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+        f = p.static_capacity_factor
+        if f is not None:
+            _check(math.isfinite(f) and f > 0, f"parallel.static_capacity_factor must be a finite number > 0 or null, "
+                                               f"got {f}")
+            if p.dispatcher != "padded":
+                raise ConfigError(f"parallel.static_capacity_factor={f} needs parallel.dispatcher=padded (a fixed "
+                                  f"buffer), got parallel.dispatcher={p.dispatcher!r}")
+            if moe.variable_k:
+                raise ConfigError(f"parallel.static_capacity_factor={f} needs a fixed number of experts per token "
+                                  f"(C = f*T*K/E); moe.router={moe.router!r} routes a variable number")
+        _one_of("parallel.overflow", p.overflow, ("drop", "error"))
+        if p.overflow != "drop" and f is None:
+            raise ConfigError(f"parallel.overflow={p.overflow!r} applies to a static buffer only: set "
+                              "parallel.static_capacity_factor too")
         # ---- device and precision -----------------------------------------------------------------
         cuda = _cuda_available()
         if p.backend == "nccl" and not cuda:

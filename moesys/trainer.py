@@ -132,7 +132,8 @@ class Trainer:
             # keeps the local shards (its checkpoints wrap them: checkpoint_state.global_view)
             for _, layer in self.model.moe_layers():
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
-                                      overlap=overlap, dtensor=t.engine != "deepspeed")
+                                      overlap=overlap, dtensor=t.engine != "deepspeed",
+                                      static_capacity_factor=p.static_capacity_factor, overflow=p.overflow)
         # aux_loss=global_batch: routes per expert summed over every data-parallel rank, i.e. over the
         # whole global batch of the micro-step (EP ranks hold different tokens, so the dp group, not ep)
         for _, layer in self.model.moe_layers():

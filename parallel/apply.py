@@ -17,6 +17,7 @@ options: a mismatch raises naming the fields, rather than hanging in a collectiv
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Union
 
@@ -53,6 +54,12 @@ class ExpertParallelConfig:
     # layout); False keeps the plain local shards, for engines that flatten parameter storage
     # (DeepSpeed ZeRO, Megatron DDP)
     dtensor: bool = True
+    # the padded dispatcher with a static buffer of max(1, ceil(f * T * K / E)) rows per (source
+    # rank, expert): no agreement collective and no host read on the dispatch (None: C agreed per step)
+    static_capacity_factor: Optional[float] = None
+    # rows past the static buffer: "drop" (counted in runtime/overflow_dropped) | "error" (one
+    # all-reduce after the combine; every rank raises)
+    overflow: str = "drop"
 
     def __post_init__(self) -> None:
         if isinstance(self.tuner, dict):
@@ -65,6 +72,19 @@ class ExpertParallelConfig:
             raise ValueError(f"ExpertParallelConfig.overlap={self.overlap!r} is not one of {['auto', *DEGREES]}")
         if not self.timeout_s > 0:
             raise ValueError(f"ExpertParallelConfig.timeout_s must be > 0, got {self.timeout_s}")
+        f = self.static_capacity_factor
+        if f is not None:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not f > 0:
+                raise ValueError(f"ExpertParallelConfig.static_capacity_factor must be a finite number > 0 or None, "
+                                 f"got {f!r}")
+            if self.dispatcher != "padded":
+                raise ValueError(f"ExpertParallelConfig.static_capacity_factor={f} needs dispatcher='padded' (a fixed "
+                                 f"buffer), got dispatcher={self.dispatcher!r}")
+        if self.overflow not in ("drop", "error"):
+            raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} is not one of ['drop', 'error']")
+        if self.overflow != "drop" and f is None:
+            raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} applies to a static buffer only: set "
+                             "static_capacity_factor too")
         # pins flow into the tuner
         self.tuner.mode = None if self.mode == "auto" else self.mode
         self.tuner.degree = None if self.overlap == "auto" else int(self.overlap)
@@ -151,7 +171,9 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         config: an ExpertParallelConfig; keyword options override its fields:
             dispatcher ("alltoallv" | "padded" | "hierarchical" | "allgather"), mode ("auto" | "ep" |
             "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict),
-            dtensor (default True: expert weights become DTensor parameters over the ep mesh).
+            dtensor (default True: expert weights become DTensor parameters over the ep mesh),
+            static_capacity_factor (None | f > 0: the padded dispatcher's static buffer, see
+            dispatch_padded.py), overflow ("drop" | "error": rows past that buffer).
     """
     base = asdict(config) if config is not None else {}
     unknown = set(options) - {f.name for f in fields(ExpertParallelConfig)}
@@ -172,6 +194,9 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         if outside:
             raise ValueError(f"apply_expert_parallel: agree_group must contain the ep group; ranks {sorted(outside)} "
                              "are in the ep group only")
+    if epc.static_capacity_factor is not None and cfg.variable_k:
+        raise ValueError(f"apply_expert_parallel: static_capacity_factor={epc.static_capacity_factor} needs a fixed "
+                         f"number of routes per token (C = f*T*K/E); router={cfg.router!r} routes a variable number")
     _check_agreement(layer, epc, group)
 
     common = dict(timeout_s=epc.timeout_s)
@@ -181,6 +206,8 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
                                             local_world_size=lw, **common)
     else:
         cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}
+        if epc.dispatcher == "padded":
+            common.update(static_capacity_factor=epc.static_capacity_factor, top_k=cfg.top_k)
         dispatcher = cls[epc.dispatcher](layout, group, **common)
 
     dtype = experts.w1.dtype
@@ -194,7 +221,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
-                                  agree_group=agree)
+                                  agree_group=agree, overflow=epc.overflow)
     runner.clock = clock
     layer.set_runner(runner)
     if not tuner.pinned:

@@ -254,6 +254,14 @@ def exchange_counts(send_PX: torch.Tensor, group) -> torch.Tensor:
     return recv_PX.cpu()  # host sync: the splits are host integers
 
 
+def exchange_counts_on_device(send_PX: torch.Tensor, group) -> torch.Tensor:
+    """exchange_counts, with the result left on the collective's device (no host read here)."""
+    send_PX = send_PX.to(comm_device(group)).contiguous()
+    recv_PX = torch.empty_like(send_PX)
+    dist.all_to_all_single(recv_PX, send_PX, group=group)
+    return recv_PX
+
+
 def all_gather_counts(x_X: torch.Tensor, group) -> torch.Tensor:
     """Returns [P, *x.shape] on the CPU: every rank's tensor (blocking)."""
     world = dist.get_world_size(group)

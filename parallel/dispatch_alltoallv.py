@@ -2,6 +2,9 @@
 
 Counts are exchanged first with one small all_to_all of [P, L] int64, then the rows move with an
 uneven all_to_all: no padding, so bytes moved = routed rows x D x dtype size (`bytes_sent`).
+One host read per layer call (`plan`): the send counts of every chunk and the received counts come
+to the host together, once, after the exchange; the splits, the chunks' rows and the metrics are
+then Python integers (tests/parallel/test_static_capacity.py counts the reads).
 Legend as in dispatch_base: x_ND grouped by global expert, x_MD grouped by local expert.
 """
 from __future__ import annotations
@@ -26,24 +29,53 @@ class AllToAllVHandle:
     bytes_remote: int  # of which to other ranks (the unavoidable part)
 
 
+@dataclass(frozen=True)
+class AllToAllVPlan:
+    """One chunk's host-side metadata, from the plan's single host read."""
+
+    counts_E: tuple  # rows per global expert I hold (Python ints)
+    recv_counts_PL: torch.Tensor  # [P, L] host tensor: rows each source sends my local experts
+    in_splits: tuple  # rows I send to each rank
+    out_splits: tuple  # rows I receive from each rank
+
+
 class AllToAllVDispatcher(Dispatcher):
     name = "alltoallv"
+    host_counts_in_plan = True  # plan() brings the counts to the host: the runner reads none itself
 
     def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
-        P, L = self.layout.world, self.layout.local_experts
-        send_PcL = torch.stack([c[self.dest_X].view(P, L) for c in counts_list], 1)
-        recv_PcL = comm.exchange_counts(send_PcL, self.group)  # one [P, chunks, L] exchange
-        return [recv_PcL[:, i] for i in range(len(counts_list))]
+        """One [P, chunks, L] counts exchange on the collective's device, then the one host read."""
+        P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
+        c = len(counts_list)
+        dev = comm.comm_device(self.group)
+        counts_cE = torch.stack(counts_list).to(device=dev, dtype=torch.long)
+        dest = self.dest_X.to(dev)
+        send_PcL = counts_cE.index_select(1, dest).view(c, P, L).transpose(0, 1)
+        recv_PcL = comm.exchange_counts_on_device(send_PcL, self.group)
+        # the one host read of the layer call: what I send (per chunk) and what I receive, together
+        flat = torch.cat([counts_cE.reshape(-1), recv_PcL.reshape(-1)]).tolist()
+        dest_X = self.dest_list
+        out = []
+        for i in range(c):
+            counts_E = tuple(flat[i * E:(i + 1) * E])
+            send = [counts_E[e] for e in dest_X]
+            recv = [flat[c * E + (p * c + i) * L + l] for p in range(P) for l in range(L)]
+            out.append(AllToAllVPlan(counts_E, torch.tensor(recv, dtype=torch.long).view(P, L),
+                                     tuple(sum(send[p * L:(p + 1) * L]) for p in range(P)),
+                                     tuple(sum(recv[p * L:(p + 1) * L]) for p in range(P))))
+        return out
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
-        self.check(x_ND, counts_E)
-        counts_E = counts_E.cpu()  # index math on the host
-        P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
-        send_counts_PL = counts_E[self.dest_X].view(P, L)
-        recv_counts_PL = self.plan([counts_E])[0] if plan is None else plan
-        in_splits = send_counts_PL.sum(1).tolist()  # host sync: splits must be known on the host
-        out_splits = recv_counts_PL.sum(1).tolist()
-        x_send, send_idx = self.send_rows(x_ND, counts_E)
+        E = self.layout.num_experts
+        if counts_E.dim() != 1 or counts_E.shape[0] != E:
+            raise ValueError(f"{self.name} dispatcher: counts_E must have shape [{E}], got {tuple(counts_E.shape)}")
+        p: AllToAllVPlan = self.plan([counts_E])[0] if plan is None else plan
+        if sum(p.counts_E) != x_ND.shape[0]:
+            raise ValueError(f"{self.name} dispatcher: counts_E sums to {sum(p.counts_E)} but x_ND has "
+                             f"{x_ND.shape[0]} rows")
+        me = self.layout.rank
+        recv_counts_PL, in_splits, out_splits = p.recv_counts_PL, list(p.in_splits), list(p.out_splits)
+        x_send, send_idx = self.send_rows(x_ND, torch.tensor(p.counts_E, dtype=torch.long))
         token = self.a2a_start(x_send, out_splits, in_splits)
         rb = row_bytes(x_ND)
         state = (recv_counts_PL, tuple(in_splits), tuple(out_splits), send_idx, x_ND.shape[0],

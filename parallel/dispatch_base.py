@@ -42,6 +42,7 @@ class Dispatcher:
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # dest_X[j*L + i]: the i-th global expert rank j holds; the order rows are sent in
         self.dest_X = layout.dest_experts()
+        self.dest_list = self.dest_X.tolist()  # the same as Python ints, for host-side split math
 
     @property
     def group(self):
@@ -108,11 +109,12 @@ class Dispatcher:
     @staticmethod
     def to_expert_major(x_rows: torch.Tensor, recv_counts_PL: torch.Tensor):
         """Rows arrive source-major ([src][local expert]); experts want expert-major ([l][src]).
+        recv_counts_PL is a host tensor; x_rows.shape[0] is its sum (so nothing is read here).
 
         Row moves use index_select, not x[idx]: the advanced-indexing path is slower on CPU."""
         if recv_counts_PL.shape[1] == 1:
             return x_rows, None
-        perm = block_permutation(recv_counts_PL).to(x_rows.device)
+        perm = block_permutation(recv_counts_PL, total=x_rows.shape[0]).to(x_rows.device)
         return x_rows.index_select(0, perm), perm
 
     @staticmethod

@@ -6,9 +6,19 @@ equal-split buffers need one C: the ranks agree on the maximum with a tiny all_r
 every rank's counts). A dropless layer (capacity None) pads to the largest count over all ranks and experts instead.
 Rows beyond the real counts are zeros; experts compute on them (fixed shapes, as on GPUs) and
 their outputs are discarded by the combine, so they add nothing to any gradient.
+
+Static capacity (`static_capacity_factor` f; Megatron's drop-and-pad all-to-all, the idea behind
+its "paged stash"): C = max(1, ceil(f * T * K / E)) rows per (source rank, expert), from this call's
+T and the config's K, E alone, so no collective agrees on C and nothing is read on the host: the
+buffer shapes and splits are Python integers, the row positions are device index math
+(`static_plan`). Every rank of the ep group must pass the same T (the trainer's equal micro-batches
+do). Rows past C of an expert are not sent and combine to zero (dropped, positional: the Plan's order
+within each expert decides); `static_plan` returns their number as a 0-dim device tensor. Overlap
+chunks are static too: chunk i carries buffer slots [lo_i, hi_i) of every expert (C split evenly).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,8 +38,68 @@ class PaddedHandle:
     bytes_remote: int
 
 
+@dataclass(frozen=True)
+class StaticChunk:
+    """One chunk of a static-capacity dispatch: buffer slots [lo, lo + width) of every expert."""
+
+    dest_N: torch.Tensor  # [N] row i goes to row dest_N[i] of the flattened [E, width] buffer; E*width = not sent
+    width: int  # slots of each expert in this chunk
+
+
+@dataclass(frozen=True)
+class StaticHandle:
+    dest_N: torch.Tensor
+    width: int
+    n_rows: int
+    bytes_sent: int
+    bytes_remote: int
+
+
 class PaddedDispatcher(Dispatcher):
+    """Args (besides Dispatcher's): static_capacity_factor: None (C agreed per step, see the module
+    docstring) or f > 0 (static capacity); top_k: K of the capacity formula (static mode)."""
+
     name = "padded"
+
+    def __init__(self, layout, group, timeout_s=None, static_capacity_factor: Optional[float] = None,
+                 top_k: int = 1) -> None:
+        super().__init__(layout, group, timeout_s)
+        self.static_capacity_factor = static_capacity_factor
+        self.top_k = top_k
+
+    @property
+    def static(self) -> bool:
+        return self.static_capacity_factor is not None
+
+    def static_capacity(self, num_tokens: int) -> int:
+        """C = max(1, ceil(f * T * K / E)) rows per (source rank, expert): host integers only."""
+        f, E = self.static_capacity_factor, self.layout.num_experts
+        return max(1, math.ceil(f * num_tokens * self.top_k / E))
+
+    def static_plan(self, counts_E: torch.Tensor, expert_N: torch.Tensor, num_tokens: int, chunks: int = 1):
+        """Chunks of a static dispatch, with no host read and no collective.
+
+        Args:
+            counts_E: [E] rows per expert (on the device); expert_N: [N] expert of each row (non-decreasing).
+            num_tokens: T of this call (the same on every rank of the group).
+            chunks: the overlap degree c; C is split into c near-equal slot ranges (empty ones skipped).
+        Returns (list of StaticChunk, keep_N [N] bool: row within C, dropped: 0-dim int64 rows past C, C).
+        """
+        C = self.static_capacity(num_tokens)
+        E, N = self.layout.num_experts, expert_N.shape[0]
+        dev = expert_N.device
+        counts_E = counts_E.to(device=dev, dtype=torch.long)
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        slot_N = torch.arange(N, device=dev) - starts_E[expert_N]  # position within its expert
+        keep_N = slot_N < C
+        dropped = (counts_E - C).clamp_min(0).sum()
+        out, lo = [], 0
+        for i in range(min(chunks, C)):
+            w = C // chunks + (1 if i < C % chunks else 0)
+            inside = keep_N & (slot_N >= lo) & (slot_N < lo + w)
+            out.append(StaticChunk(torch.where(inside, expert_N * w + (slot_N - lo), E * w), w))
+            lo += w
+        return out, keep_N, dropped, C
 
     def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         C = self.agree_capacity(torch.stack(counts_list), capacity)  # one C for every chunk
@@ -49,7 +119,22 @@ class PaddedDispatcher(Dispatcher):
             )
         return cap
 
+    def _static_start(self, x_ND: torch.Tensor, chunk: StaticChunk) -> Flight:
+        P, L, E, w = self.layout.world, self.layout.local_experts, self.layout.num_experts, chunk.width
+        D = x_ND.shape[1]
+        # one spare row takes the rows this chunk does not send; it is cut off before the all-to-all
+        buf_ECD = x_ND.new_zeros(E * w + 1, D).index_add(0, chunk.dest_N, x_ND)[: E * w].view(E, w, D)
+        if self.layout.shards > 1:
+            buf_ECD = buf_ECD.index_select(0, self.dest_X.to(x_ND.device))
+        splits = [L * w] * P
+        token = self.a2a_start(buf_ECD.reshape(P * L * w, D), splits, splits)
+        rb = row_bytes(x_ND)
+        state = StaticHandle(chunk.dest_N, w, x_ND.shape[0], P * L * w * rb, (P - 1) * L * w * rb)
+        return Flight(token, state)
+
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
+        if isinstance(plan, StaticChunk):
+            return self._static_start(x_ND, plan)  # no check(): it would read counts on the host
         self.check(x_ND, counts_E)
         counts_E = counts_E.cpu()  # index math on the host
         P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
@@ -68,8 +153,9 @@ class PaddedDispatcher(Dispatcher):
         return Flight(token, state)
 
     def dispatch_finish(self, flight: Flight):
-        h: PaddedHandle = flight.state
-        P, L, C = self.layout.world, self.layout.local_experts, h.capacity
+        h = flight.state
+        P, L = self.layout.world, self.layout.local_experts
+        C = h.width if isinstance(h, StaticHandle) else h.capacity
         x_recv = comm.all_to_all_wait(flight.token)
         D = x_recv.shape[1]
         # [src, local expert, C] -> [local expert, src, C]: each local expert's rows contiguous
@@ -77,20 +163,26 @@ class PaddedDispatcher(Dispatcher):
         counts_L = torch.full((L,), P * C, dtype=torch.long, device=x_MD.device)
         return x_MD, counts_L, h
 
-    def combine_start(self, y_MD: torch.Tensor, handle: PaddedHandle) -> Flight:
-        P, L, C = self.layout.world, self.layout.local_experts, handle.capacity
+    def combine_start(self, y_MD: torch.Tensor, handle) -> Flight:
+        P, L = self.layout.world, self.layout.local_experts
+        C = handle.width if isinstance(handle, StaticHandle) else handle.capacity
         D = y_MD.shape[1]
         y_send = y_MD.view(L, P, C, D).transpose(0, 1).reshape(P * L * C, D)
         splits = [L * C] * P
         return Flight(self.a2a_start(y_send, splits, splits), handle)
 
     def combine_finish(self, flight: Flight) -> torch.Tensor:
-        h: PaddedHandle = flight.state
-        E, C = self.layout.num_experts, h.capacity
+        """y_ND in x_ND's rows; in static mode rows not in this chunk (or dropped) are zero."""
+        h = flight.state
+        E = self.layout.num_experts
+        C = h.width if isinstance(h, StaticHandle) else h.capacity
         y_back = comm.all_to_all_wait(flight.token)
         D = y_back.shape[1]
         if self.layout.shards > 1:
             # sum the partial outputs of the S F-shard ranks of each expert
             y_back = y_back.new_zeros(E * C, D).view(E, C, D).index_add(
                 0, self.dest_X.to(y_back.device), y_back.view(self.dest_X.numel(), C, D))
+        if isinstance(h, StaticHandle):
+            y_pad = torch.cat([y_back.reshape(E * C, D), y_back.new_zeros(1, D)])  # the spare row: zeros
+            return y_pad.index_select(0, h.dest_N)
         return y_back.reshape(E * C, D).index_select(0, h.pos_N)

@@ -90,21 +90,22 @@ def expand_rows(counts_E: torch.Tensor, experts_X: torch.Tensor) -> torch.Tensor
     return torch.arange(total) + rep_start
 
 
-def block_permutation(sizes_AB: torch.Tensor) -> torch.Tensor:
+def block_permutation(sizes_AB: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
     """Row indices that reorder blocks laid out A-major ([a][b]) into B-major ([b][a]).
 
     sizes_AB[a, b] is the number of rows in block (a, b). Returns idx so that x[idx] is B-major.
+    total: sizes_AB.sum() when the caller knows it as a Python int (then nothing is read here).
     """
     A, B = sizes_AB.shape
     flat = sizes_AB.reshape(-1)
     starts = (torch.cumsum(flat, 0) - flat).reshape(A, B)
     order_starts = starts.t().reshape(-1)
     order_sizes = sizes_AB.t().reshape(-1)
-    total = int(order_sizes.sum())
+    total = int(order_sizes.sum()) if total is None else total
     if total == 0:
         return torch.zeros(0, dtype=torch.long)
     block_start = torch.cumsum(order_sizes, 0) - order_sizes
-    return torch.arange(total) + torch.repeat_interleave(order_starts - block_start, order_sizes)
+    return torch.arange(total) + torch.repeat_interleave(order_starts - block_start, order_sizes, output_size=total)
 
 
 def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
@@ -120,17 +121,20 @@ def split_counts(counts_E: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     return [base + (rem > i).to(counts_E.dtype) for i in range(chunks)]
 
 
-def chunk_rows(counts_E: torch.Tensor, chunk_counts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Row indices into x_ND of each chunk (each chunk still grouped by expert)."""
+def chunk_rows(counts_E: torch.Tensor, chunk_counts: list[torch.Tensor],
+               totals: Optional[list] = None) -> list[torch.Tensor]:
+    """Row indices into x_ND of each chunk (each chunk still grouped by expert).
+    totals: each chunk's row count as Python ints, when known (then nothing is read here)."""
     offsets_E = torch.cumsum(counts_E, 0) - counts_E
     done = torch.zeros_like(counts_E)
     out = []
-    for c_E in chunk_counts:
-        total = int(c_E.sum())
+    for i, c_E in enumerate(chunk_counts):
+        total = int(c_E.sum()) if totals is None else totals[i]
         if total == 0:
             out.append(torch.zeros(0, dtype=torch.long))
         else:
             block_start = torch.cumsum(c_E, 0) - c_E
-            out.append(torch.arange(total) + torch.repeat_interleave(offsets_E + done - block_start, c_E))
+            out.append(torch.arange(total) + torch.repeat_interleave(offsets_E + done - block_start, c_E,
+                                                                     output_size=total))
         done = done + c_E
     return out

@@ -23,6 +23,13 @@ all-gather in the ep group, then, when the job has several ep groups, one all-re
 `agree_group`, so every rank of the job feeds its tuner the same numbers on the same calls.
 Forward-only calls (evaluation, `torch.no_grad`) run the current decision and leave the tuner and
 its timings alone: every rank makes them at the same points, but a forward-only time is no trial.
+
+Static capacity (the padded dispatcher with `static_capacity_factor`): the ep mode runs with no host
+read and no collective but the data all-to-alls (the counts stay on the device; its chunks are slot
+ranges of the fixed buffer). Rows past the capacity are dropped in every mode (sharded_dp zeroes
+the same rows), so the modes still give the same numbers; `overflow_dropped` (a 0-dim device
+tensor) counts them. overflow="error" then checks, after the combine, with one all-reduce over
+the ep group, and raises on every rank together.
 """
 from __future__ import annotations
 
@@ -43,7 +50,7 @@ from .tuner import Stats, Tuner
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
 TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
-                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions")
+                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped")
 
 
 class ExpertParallelRunner:
@@ -63,8 +70,9 @@ class ExpertParallelRunner:
         return self._agree.get()
 
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, agree_group=None) -> None:
+                 tuner: Tuner, agree_group=None, overflow: str = "drop") -> None:
         self.layout = layout
+        self.overflow = overflow  # static capacity: "drop" (count) | "error" (raise on every rank)
         # borrowed, never owned (GroupRef): destroy_process_group() must be able to destroy them
         self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
@@ -75,6 +83,8 @@ class ExpertParallelRunner:
         self._fwd_marks: Optional[tuple] = None  # (start, end) marks of the timed forward
         self.current: tuple = tuner.decision  # the (mode, degree) of the latest call
         self.dispatcher = dispatcher
+        # the global experts this rank holds (Python ints: host-side metric math)
+        self._mine_list = dispatcher.dest_list[layout.rank * layout.local_experts:(layout.rank + 1) * layout.local_experts]
         self.sharded = sharded
         self.tuner = tuner
         self._last_seconds: Optional[float] = None
@@ -115,7 +125,8 @@ class ExpertParallelRunner:
         """One small all-gather of [counts_E, T, last step seconds]; every rank derives the same stats."""
         L = self.layout.local_experts
         last = self._last_seconds if self._last_seconds is not None else -1.0
-        mine = torch.cat([counts_E.to(torch.float64), torch.tensor([float(num_tokens), last], dtype=torch.float64)])
+        mine = torch.cat([counts_E.to(device="cpu", dtype=torch.float64),
+                          torch.tensor([float(num_tokens), last], dtype=torch.float64)])
         every_PX = all_gather_counts(mine, self.group)
         counts_PE = every_PX[:, :-2]
         counts_g = counts_PE.sum(0)
@@ -139,7 +150,11 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
                 f"layout has {self.layout.num_experts}"
             )
-        counts_E = plan.counts_E.to(torch.long).cpu()  # host copy: splits are host-side integers anyway
+        static = getattr(self.dispatcher, "static", False)
+        # host copy: splits are host-side integers anyway; a static buffer needs none, and the
+        # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
+        on_device = static or getattr(self.dispatcher, "host_counts_in_plan", False)
+        counts_E = plan.counts_E.to(torch.long) if on_device else plan.counts_E.to(torch.long).cpu()
         tuning = torch.is_grad_enabled() and not self.tuner.pinned
         if not tuning:
             mode, c = self.tuner.decision if not self.tuner.pinned else self.tuner.choose(None, None)
@@ -158,14 +173,24 @@ class ExpertParallelRunner:
         m0 = self.clock.mark() if self._timing else None
         metrics: dict = dict.fromkeys(METRICS, 0.0)
         out: dict = {}
-        if mode == "ep":
+        if static:
+            chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
+                                                                    c if mode == "ep" else 1)
+            metrics["overflow_dropped"] = dropped.detach()
+        if mode == "ep" and static:
+            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, timer, metrics, shared, out)
+        elif mode == "ep":
             y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics, shared, out)
         else:
             y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer, shared=shared,
                                 out=out)
+            if static:  # the rows the ep mode's static buffer drops: zero here too (modes agree)
+                y_ND = y_ND * keep_N.to(y_ND.dtype).unsqueeze(1)
             metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
+        if static and self.overflow == "error":
+            self._raise_on_overflow(dropped, C, plan.num_tokens)
         if self._timing:
             self._fwd_marks = (m0, self.clock.mark())
             self._hook_backward(x_ND, y_ND)
@@ -179,19 +204,80 @@ class ExpertParallelRunner:
         self.last_metrics = metrics
         return y_ND if shared is None else (y_ND, out["shared"])
 
+    def _raise_on_overflow(self, dropped: torch.Tensor, C: int, num_tokens: int) -> None:
+        """overflow="error": one all-reduce (max) of the dropped rows over the ep group, then every
+        rank raises together (a host read: this policy is a check, not the sync-free path)."""
+        most = all_reduce_host(dropped.detach().reshape(1).to(torch.float64).cpu(), self.group,
+                               op=dist.ReduceOp.MAX)
+        if most.item() > 0:
+            f = self.dispatcher.static_capacity_factor
+            raise ValueError(
+                f"parallel.static_capacity_factor={f}: the static buffer of C={C} rows per (source rank, expert) "
+                f"(T={num_tokens}) overflowed by {int(most.item())} rows on some rank (parallel.overflow='error'); "
+                "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
+
+    def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, timer: Timer, metrics: dict, shared=None,
+                       out: Optional[dict] = None) -> torch.Tensor:
+        """The ep mode over a static buffer: no host read, no collective but the data all-to-alls.
+
+        Every chunk takes all rows (the rows outside its slots go nowhere and come back as zeros),
+        so the chunks' outputs are summed: each row is nonzero in exactly one, the sum is exact."""
+        d = self.dispatcher
+        with timer.span("dispatch_start_s"):
+            flight = d.dispatch_start(x_ND, counts_E, plan=chunks[0])
+        weights = experts.local_weights()
+        if shared is not None:
+            with timer.span("shared_s"):
+                out["shared"] = shared()
+        combines = []
+        nbytes = nremote = 0
+        for i in range(len(chunks)):
+            with timer.span("wait_s"):
+                x_MD, counts_L, handle = d.dispatch_finish(flight)
+            nbytes += handle.bytes_sent
+            nremote += handle.bytes_remote
+            if i + 1 < len(chunks):
+                with timer.span("dispatch_start_s"):
+                    flight = d.dispatch_start(x_ND, counts_E, plan=chunks[i + 1])
+            with timer.span("compute_s"):
+                y_MD = experts.compute(x_MD, counts_L, *weights)
+            with timer.span("combine_start_s"):
+                combines.append(d.combine_start(y_MD, handle))
+        with timer.span("wait_s"):
+            y_ND = d.combine_finish(combines[0])
+            for f in combines[1:]:
+                y_ND = y_ND + d.combine_finish(f)
+        metrics["bytes_sent"] = float(nbytes)
+        metrics["bytes_remote"] = float(nremote)
+        metrics["chunks"] = float(len(chunks))
+        # the unavoidable minimum (rows for other ranks' experts), kept on the device: no host read
+        mine = d.dest_X.view(self.layout.world, -1)[self.layout.rank].to(counts_E.device)
+        n_remote_min = counts_E.sum() * self.layout.shards - counts_E.index_select(0, mine).sum()
+        metrics["bytes_min"] = (n_remote_min * (x_ND.shape[1] * x_ND.element_size())).detach()
+        return y_ND
+
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
                 metrics: dict, shared=None, out: Optional[dict] = None) -> torch.Tensor:
         d = self.dispatcher
-        if c == 1:
-            chunk_counts, idxs = [counts_E], [None]
-        else:
-            chunk_counts = split_counts(counts_E, c)
-            idxs = chunk_rows(counts_E, chunk_counts)
+        chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
         # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
         chunk_capacity = None if capacity is None else -(-capacity // c)
 
         with timer.span("plan_s"):
             plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
+        if getattr(d, "host_counts_in_plan", False):
+            # the plan read the counts: the rest is Python integers (no further host read)
+            host_E = [sum(col) for col in zip(*(p.counts_E for p in plans))]
+            totals = [sum(p.counts_E) for p in plans]
+            if c > 1:
+                idxs = chunk_rows(torch.tensor(host_E), [torch.tensor(p.counts_E) for p in plans], totals)
+            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in self._mine_list)
+        else:
+            if c > 1:
+                idxs = chunk_rows(counts_E, chunk_counts)
+            n_rows, n_mine = int(counts_E.sum()), int(counts_E[self._mine_list].sum())
+        if c == 1:
+            idxs = [None]
 
         def start(i):
             x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i].to(x_ND.device))
@@ -221,8 +307,7 @@ class ExpertParallelRunner:
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once
-        mine = self.dispatcher.dest_X.view(self.layout.world, -1)[self.layout.rank]
-        n_remote_min = int(counts_E.sum()) * self.layout.shards - int(counts_E[mine].sum())
+        n_remote_min = n_rows * self.layout.shards - n_mine
         metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
         if c == 1:
             return ys[0]

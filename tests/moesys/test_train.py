@@ -277,3 +277,23 @@ def test_grouped_mm_backend_under_expert_parallelism_matches_ep1(tmp_path):
     ep1 = train_mod.run(make_cfg("moe.kernel_backend=grouped_mm", "parallel.ep=1", "parallel.simulate_ranks=1",
                                  "trainer.steps=3", "trainer.save_final=false"), str(tmp_path / "ep1"))
     np.testing.assert_allclose(ep2["train_losses"], ep1["train_losses"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.multirank
+def test_static_capacity_padded_dispatch_through_the_trainer(tmp_path):
+    """`moesys-train parallel.dispatcher=padded parallel.static_capacity_factor=F` at 2 ranks, EP=2,
+    the runtime in auto mode: an ample buffer (nothing overflows) trains exactly like one rank; a
+    small one drops rows and the trainer logs how many (runtime/overflow_dropped, mean over ranks)."""
+    common = ("trainer.steps=3", "trainer.save_final=false", "trainer.log_interval=1", "trainer.eval_interval=3")
+    ep2 = ("parallel.ep=2", "parallel.simulate_ranks=2", "parallel.dispatcher=padded")
+    ample = train_mod.run(make_cfg(*common, *ep2, "parallel.static_capacity_factor=8.0"), str(tmp_path / "ample"))
+    ep1 = train_mod.run(make_cfg(*common, "parallel.ep=1", "parallel.simulate_ranks=1"), str(tmp_path / "ep1"))
+    assert ample["steps"] == 3
+    np.testing.assert_allclose(ample["train_losses"], ep1["train_losses"], rtol=1e-4, atol=1e-5)
+    logged = [r for r in _records(str(tmp_path / "ample")) if "moe/block0/runtime/overflow_dropped" in r]
+    assert logged and all(r["moe/block0/runtime/overflow_dropped"] == 0 for r in logged)
+    small = train_mod.run(make_cfg(*common, *ep2, "parallel.static_capacity_factor=0.3"), str(tmp_path / "small"))
+    assert small["steps"] == 3 and all(math.isfinite(v) for v in small["train_losses"])
+    dropped = [r["moe/block0/runtime/overflow_dropped"] for r in _records(str(tmp_path / "small"))
+               if "moe/block0/runtime/overflow_dropped" in r]
+    assert dropped and all(d > 0 for d in dropped)

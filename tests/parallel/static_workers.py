@@ -1,0 +1,202 @@
+"""Rank-side bodies of tests/parallel/test_static_capacity.py (spawned by moesys.parallel.simulate).
+
+The references are computed on every rank, independently of the runtime: the single-process layer
+on each source rank's tokens (the static buffer is per (source rank, expert), so each source rank
+drops alone), with a test runner that drops, per expert, the rows past C = max(1, ceil(f*T*K/E)),
+counted by a Python loop over the plan's counts.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from moesys import MoEConfig, MoELayer
+from moesys.parallel import ParallelDims, apply_expert_parallel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
+from ep_check import check_local_expert_grads, close  # noqa: E402
+
+RNG_SEED = 1234
+
+
+class DropPastRunner:
+    """Single-process runner that computes every row, then zeroes the rows past C of each expert
+    (rows in the plan's order: the first C of an expert are kept). `dropped` is what it zeroed."""
+
+    def __init__(self, C: int) -> None:
+        self.C = C
+        self.dropped = 0
+        self.last_metrics: dict = {}
+
+    def __call__(self, x_ND, plan, experts):
+        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
+        keep = []
+        self.dropped = 0
+        for n in plan.counts_E.tolist():
+            keep += [1.0] * min(n, self.C) + [0.0] * max(n - self.C, 0)
+            self.dropped += max(n - self.C, 0)
+        return y_ND * torch.tensor(keep, dtype=y_ND.dtype).unsqueeze(1)
+
+
+def static_C(f: float, T: int, K: int, E: int) -> int:
+    return max(1, math.ceil(f * T * K / E))
+
+
+def _reference(base, xs, gys, C_of):
+    """Per-source-rank outputs, input grads and drops; param grads summed over the sources.
+    C_of(T): the capacity, or None for the plain layer (nothing dropped)."""
+    ref = copy.deepcopy(base)
+    outs, dxs, drops = [], [], []
+    for r, (x, gy) in enumerate(zip(xs, gys)):
+        C = C_of(x.shape[0])
+        runner = DropPastRunner(C) if C is not None else None
+        if runner is not None:
+            ref.set_runner(runner)
+        x = x.clone().requires_grad_(True)
+        torch.manual_seed(RNG_SEED + r)
+        y, aux = ref(x)
+        (y * gy).sum().add(aux.loss).backward()
+        outs.append(y.detach())
+        dxs.append(x.grad)
+        drops.append(runner.dropped if runner is not None else 0)
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}
+    return outs, dxs, grads, drops
+
+
+def _tokens(T, D, seed, unused):
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed))
+    return x.abs() + 1.0 if unused else x
+
+
+def equivalence_worker(cases, combos, ep=2):
+    """cases: (MoEConfig kwargs, static factor f, ample: compare with the plain layer, unused expert).
+    combos: (mode, overlap). Ranks of one ep group hold the same odd T; the ep groups differ."""
+    dims = ParallelDims.build(ep=ep, timeout_s=60)
+    group = dims.ep_group
+    members = dist.get_process_group_ranks(group)
+    me = dims.ep_rank
+    T = 7 + 2 * min(members)  # odd, equal within the ep group (the static buffer's contract)
+    fails, checked = [], 0
+    for ci, (cfg_kw, f, ample, unused) in enumerate(cases):
+        cfg = MoEConfig(**cfg_kw)
+        torch.manual_seed(ci)
+        base = MoELayer(cfg)
+        with torch.no_grad():  # weights of order one, so a wrong row is far outside atol
+            for p in base.experts.parameters():
+                p.normal_(0, 0.5)
+            if unused:
+                base.router.weight[-1] = -1.0  # tokens lean positive: nobody routes to the last expert
+        xs = [_tokens(T, cfg.hidden_size, 100 * ci + g, unused) for g in members]
+        gys = [torch.randn(T, cfg.hidden_size, generator=torch.Generator().manual_seed(7 + g)) for g in members]
+        C_of = (lambda t: None) if ample else (lambda t: static_C(f, t, cfg.top_k, cfg.num_experts))
+        outs, dxs, grads, drops = _reference(base, xs, gys, C_of)
+        for mode, overlap in combos:
+            tag = f"case{ci}(E={cfg.num_experts} K={cfg.top_k} f={f} T={T}) {mode}/c={overlap}"
+            try:
+                layer = copy.deepcopy(base)
+                apply_expert_parallel(layer, group, dims=dims, dispatcher="padded", mode=mode, overlap=overlap,
+                                      static_capacity_factor=f, timeout_s=60,
+                                      tuner={"warmup_steps": 1, "top_candidates": 3, "trials": 2})
+                steps = 4 if mode == "auto" else 1
+                for step in range(steps):
+                    layer.zero_grad(set_to_none=True)
+                    x = xs[me].clone().requires_grad_(True)
+                    torch.manual_seed(RNG_SEED + me)
+                    y, aux = layer(x)
+                    (y * gys[me]).sum().add(aux.loss).backward()
+                    stag = f"{tag} step {step}"
+                    close("y", y.detach(), outs[me], fails, stag)
+                    close("dx", x.grad, dxs[me], fails, stag)
+                    rg = layer.router.weight.grad.clone()
+                    dist.all_reduce(rg, group=group)
+                    close("d router", rg, grads["router.weight"], fails, stag)
+                    check_local_expert_grads(layer, grads, fails, stag)
+                    got = int(aux.metrics["runtime/overflow_dropped"])
+                    if got != drops[me]:
+                        fails.append(f"{stag}: overflow_dropped {got} != {drops[me]} (reference)")
+                if unused and float(aux.tokens_per_expert[-1]) != 0:
+                    fails.append(f"{tag}: the last expert got tokens; the case lost its empty expert")
+                checked += 1
+            except Exception:  # report, never leave the other ranks in a collective
+                fails.append(f"{tag}: {traceback.format_exc()[-600:]}")
+    return {"fails": fails, "checked": checked, "drops": drops}
+
+
+def error_worker():
+    """overflow='error': every rank raises together, naming the field, when any rank overflows."""
+    dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, dispatcher="padded", mode="ep",
+                                  overlap=1, static_capacity_factor=0.25, overflow="error", timeout_s=30)
+    x = torch.randn(9, 8, generator=torch.Generator().manual_seed(dims.rank))
+    try:
+        layer(x)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+# ---------------------------------------------------------------------------------------------
+# host reads on the dispatch path, counted per layer forward
+READS = ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", "__bool__")
+
+
+class CountingRunner:
+    """Wraps the installed runner; counts Python-level host reads of tensors while it runs."""
+
+    def __init__(self, runner) -> None:
+        self.inner = runner
+        self.reads: list = []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        saved = {n: getattr(torch.Tensor, n) for n in READS}
+        reads = self.reads
+
+        def spy(name):
+            orig = saved[name]
+
+            def f(t, *a, **k):
+                reads.append(f"{name} {''.join(traceback.format_stack(limit=3)[:1]).strip()}")
+                return orig(t, *a, **k)
+            return f
+
+        for n in READS:
+            setattr(torch.Tensor, n, spy(n))
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            for n, fn in saved.items():
+                setattr(torch.Tensor, n, fn)
+
+
+def host_reads_worker(setups):
+    """setups: (name, apply_expert_parallel options); pinned mode, one chunk. Returns, per setup,
+    the host reads of each of 2 layer forwards (the runner's, i.e. the dispatch path; the experts
+    run on torch._grouped_mm with device offsets, which reads nothing)."""
+    dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, kernel_backend="grouped_mm")
+    out = {}
+    for name, opts in setups:
+        torch.manual_seed(0)
+        layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, mode="ep", timeout_s=30, **opts)
+        spy = CountingRunner(layer.runner)
+        layer.set_runner(spy)
+        per_forward = []
+        for step in range(2):
+            spy.reads.clear()
+            x = torch.randn(9, 8, generator=torch.Generator().manual_seed(10 * step + dims.rank), requires_grad=True)
+            y, aux = layer(x)
+            y.sum().backward()
+            per_forward.append(list(spy.reads))
+        out[name] = per_forward
+    return out
