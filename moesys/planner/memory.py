@@ -1,9 +1,14 @@
 """Per-rank memory of a moesys-train job: parameters, gradients, optimizer state, activations.
 
 An estimate for sizing (no allocator fragmentation, no workspace beyond what is listed; not yet
-checked against a measured GPU peak). Engines (trainer.engine; moesys has no FSDP2 engine yet):
+checked against a measured GPU peak). Engines (trainer.engine):
     plain       AdamW on every rank's parameters: fp32 weights (4 B), fp32 grads (4 B), two fp32
                 moments (8 B); bf16 is autocast (weights stay fp32)
+    fsdp        FSDP2 (ZeRO-3): weights, grads and moments all sharded, dense over dp = world, experts
+                over edp on top of ep (each rank holds 1/world of every tensor), plus one gathered
+                block's weights at a time (the largest unit: a block's dense weights and its local
+                experts, in trainer.fsdp_param_dtype); benchmarks/memory.py measures 1.00x of the
+                sharded part on CPU
     deepspeed   ZeRO-1: optimizer state (moments, and the fp32 master copy when weights are bf16)
                 split over the data-parallel ranks (dense: dp = world, experts: edp = world / ep);
                 ZeRO-2 also splits the gradients
@@ -52,6 +57,11 @@ def model_state(wl: Workload, world: int, ep: int) -> tuple:
     experts = wl.n_moe_layers * wl.expert_params_per_layer / ep  # E/ep whole experts, or one F-slice of 1/ep
     dense = float(wl.dense_params)
     dp, edp = world, world // ep
+    if wl.engine == "fsdp":
+        sharded = dense / dp + experts / edp
+        per_block = dense / max(wl.n_layers, 1) + experts / max(wl.n_moe_layers, 1)
+        gathered = (2 if wl.fsdp_param_dtype == "bf16" else 4) * per_block
+        return 4 * sharded + gathered, 4 * sharded, 8 * sharded
     if wl.engine != "deepspeed":
         n = dense + experts
         return 4 * n, 4 * n, 8 * n

@@ -87,13 +87,16 @@ def dense_seconds(wl: Workload, world: int, hw: Hardware) -> float:
 
 
 def grad_sync_seconds(wl: Workload, world: int, ep: int, hw: Hardware) -> float:
-    """All-reduce of the dense gradients over dp = world and of the expert gradients over edp."""
+    """All-reduce of the dense gradients over dp = world and of the expert gradients over edp.
+    fsdp: an all-gather of the weights in the forward and again in the backward, and a
+    reduce-scatter of the gradients, each moving (n-1)/n of the bytes where the all-reduce moves
+    2 (n-1)/n: 1.5x the all-reduce's time (not overlapped here, as the rest)."""
     g = 2 if (wl.engine == "deepspeed" and wl.precision == "bf16") else 4
     dense = allreduce(wl.dense_params * g, world, hw)
     # an edp group takes one rank of each ep group: gpus_per_node / ep of them share a node
     edp_hw = hw.with_(gpus_per_node=max(1, hw.gpus_per_node // ep))
     experts = allreduce(wl.n_moe_layers * wl.expert_params_per_layer / ep * g, world // ep, edp_hw)
-    return dense + experts
+    return (dense + experts) * (1.5 if wl.engine == "fsdp" else 1.0)
 
 
 def _step(wl: Workload, layer: Breakdown, dense: float, sync: float) -> StepTime:

@@ -33,7 +33,7 @@ class Workload:
     batch_size: int  # sequences per optimizer step, whole job
     grad_accum: int
     precision: str  # fp32 | bf16
-    engine: str  # plain | deepspeed
+    engine: str  # plain | fsdp | deepspeed
     zero_stage: int
     dense_params: int  # every parameter but the experts' (embeddings, attention, dense FFNs, routers, norms)
     dense_matmul_params: int  # of which used as GEMM weights per token (attention, dense FFNs, head)
@@ -43,6 +43,7 @@ class Workload:
     dispatcher: str = "alltoallv"
     mode: Optional[str] = None
     overlap: Optional[int] = None
+    fsdp_param_dtype: str = "fp32"  # engine fsdp: the dtype weights are gathered in
 
     @property
     def matrices(self) -> int:
@@ -125,7 +126,8 @@ def workload_from_config(cfg, skew: float = 1.25, active_k: Optional[float] = No
                     seq_len=m.seq_len, vocab=cfg.data.vocab_size, batch_size=t.batch_size, grad_accum=t.grad_accum,
                     precision=t.precision, engine=t.engine, zero_stage=t.zero_stage, dense_params=dense,
                     dense_matmul_params=matmul, active_k=active_k, skew=skew, dispatcher=p.dispatcher,
-                    mode=None if p.mode == "auto" else p.mode, overlap=overlap)
+                    mode=None if p.mode == "auto" else p.mode, overlap=overlap,
+                    fsdp_param_dtype=t.fsdp_param_dtype)
 
 
 def ep_sizes(wl: Workload, world: int) -> list:

@@ -64,6 +64,15 @@ def test_memory_model_by_hand():
     z = plan(ds, load_hardware("a100_dgx", "fp32"), world=8, eps=[8]).plans[0].memory["ep"]
     assert z.optimizer == pytest.approx(8 * (ds.dense_params / 8 + experts / 1))
     assert z.grads == pytest.approx(4 * (ds.dense_params / 8 + experts / 1))
+    # FSDP2 shards weights, grads and moments over all 8 ranks (experts: ep=8 x edp=1 here, ep=4 x edp=2
+    # below), plus one gathered block (its dense weights and local experts) at a time
+    for ep in (8, 4):
+        fs = workload_from_config(compose_train_config(SMALL + ["trainer.engine=fsdp", f"parallel.ep={ep}"]))
+        f = plan(fs, load_hardware("a100_dgx", "fp32"), world=8, eps=[ep]).plans[0].memory["ep"]
+        local = 2 * 8 * 2 * 256 * 512 / ep  # both layers' experts held after expert parallelism
+        sharded = fs.dense_params / 8 + local / (8 // ep)
+        assert f.optimizer == pytest.approx(8 * sharded) and f.grads == pytest.approx(4 * sharded)
+        assert f.params == pytest.approx(4 * sharded + 4 * (fs.dense_params / fs.n_layers + local / 2))
 
 
 def test_cli_prints_a_plan_and_a_plot(tmp_path):
