@@ -216,6 +216,34 @@ class ExpertParallelRunner:
                 f"(T={num_tokens}) overflowed by {int(most.item())} rows on some rank (parallel.overflow='error'); "
                 "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
 
+    def _pipeline(self, n: int, start, experts, timer: Timer, shared=None, out: Optional[dict] = None) -> tuple:
+        """The ep mode's chunk pipeline: chunk i+1's dispatch and chunk i-1's combine in flight while
+        chunk i's experts compute; the shared experts run while chunk 0's tokens travel.
+        `start(i)` issues chunk i's dispatch. Returns (the chunks' combined outputs, bytes sent, bytes
+        sent off this rank)."""
+        d = self.dispatcher
+        flight = start(0)
+        weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
+        if shared is not None:
+            with timer.span("shared_s"):  # the dense shared experts while chunk 0's tokens travel
+                out["shared"] = shared()
+        combines = []
+        nbytes = nremote = 0
+        for i in range(n):
+            with timer.span("wait_s"):
+                x_MD, counts_L, handle = d.dispatch_finish(flight)
+            nbytes += handle.bytes_sent
+            nremote += handle.bytes_remote
+            if i + 1 < n:
+                flight = start(i + 1)  # in flight while chunk i computes
+            with timer.span("compute_s"):
+                y_MD = experts.compute(x_MD, counts_L, *weights)
+            with timer.span("combine_start_s"):
+                combines.append(d.combine_start(y_MD, handle))
+        with timer.span("wait_s"):
+            ys = [d.combine_finish(f) for f in combines]
+        return ys, nbytes, nremote
+
     def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, timer: Timer, metrics: dict, shared=None,
                        out: Optional[dict] = None) -> torch.Tensor:
         """The ep mode over a static buffer: no host read, no collective but the data all-to-alls.
@@ -223,30 +251,15 @@ class ExpertParallelRunner:
         Every chunk takes all rows (the rows outside its slots go nowhere and come back as zeros),
         so the chunks' outputs are summed: each row is nonzero in exactly one, the sum is exact."""
         d = self.dispatcher
-        with timer.span("dispatch_start_s"):
-            flight = d.dispatch_start(x_ND, counts_E, plan=chunks[0])
-        weights = experts.local_weights()
-        if shared is not None:
-            with timer.span("shared_s"):
-                out["shared"] = shared()
-        combines = []
-        nbytes = nremote = 0
-        for i in range(len(chunks)):
-            with timer.span("wait_s"):
-                x_MD, counts_L, handle = d.dispatch_finish(flight)
-            nbytes += handle.bytes_sent
-            nremote += handle.bytes_remote
-            if i + 1 < len(chunks):
-                with timer.span("dispatch_start_s"):
-                    flight = d.dispatch_start(x_ND, counts_E, plan=chunks[i + 1])
-            with timer.span("compute_s"):
-                y_MD = experts.compute(x_MD, counts_L, *weights)
-            with timer.span("combine_start_s"):
-                combines.append(d.combine_start(y_MD, handle))
-        with timer.span("wait_s"):
-            y_ND = d.combine_finish(combines[0])
-            for f in combines[1:]:
-                y_ND = y_ND + d.combine_finish(f)
+
+        def start(i):
+            with timer.span("dispatch_start_s"):
+                return d.dispatch_start(x_ND, counts_E, plan=chunks[i])
+
+        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, timer, shared, out)
+        y_ND = ys[0]
+        for y in ys[1:]:
+            y_ND = y_ND + y
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         metrics["chunks"] = float(len(chunks))
@@ -284,26 +297,7 @@ class ExpertParallelRunner:
             with timer.span("dispatch_start_s"):
                 return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
 
-        flight = start(0)
-        weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
-        if shared is not None:
-            with timer.span("shared_s"):  # the dense shared experts while chunk 0's tokens travel
-                out["shared"] = shared()
-        combines = []
-        nbytes = nremote = 0
-        for i in range(len(chunk_counts)):
-            with timer.span("wait_s"):
-                x_MD, counts_L, handle = d.dispatch_finish(flight)
-            nbytes += handle.bytes_sent
-            nremote += handle.bytes_remote
-            if i + 1 < len(chunk_counts):
-                flight = start(i + 1)  # in flight while chunk i computes
-            with timer.span("compute_s"):
-                y_MD = experts.compute(x_MD, counts_L, *weights)
-            with timer.span("combine_start_s"):
-                combines.append(d.combine_start(y_MD, handle))
-        with timer.span("wait_s"):
-            ys = [d.combine_finish(f) for f in combines]
+        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, timer, shared, out)
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once
