@@ -35,11 +35,7 @@ from . import launch_triton as L
 from .backend import interpreting
 
 
-def _configs(rows):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in rows
-    ]
+_configs = L.tile_configs
 
 
 if interpreting():

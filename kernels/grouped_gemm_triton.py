@@ -23,11 +23,7 @@ from . import launch_triton as L
 from .backend import interpreting
 
 
-def _configs(bm_bn_bk_warps_stages):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in bm_bn_bk_warps_stages
-    ]
+_configs = L.tile_configs
 
 
 if interpreting():

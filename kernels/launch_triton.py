@@ -57,3 +57,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def tile_configs(rows) -> list:
+    """Autotune configs from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows."""
+    import triton
+
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in rows]
