@@ -33,6 +33,7 @@ import triton.language as tl
 
 from . import launch_triton as L
 from .backend import interpreting
+from .grouped_gemm_triton import mm_tile
 
 
 _configs = L.tile_configs
@@ -117,7 +118,7 @@ def _persistent_mm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if USE_TMA:
             # per-expert descriptors: rows past the expert's end (and K past its width) read as 0
-            x_desc = tl.make_tensor_descriptor(x_ptr + e_start * stride_xm, shape=[e_cnt.to(tl.int32), K],
+            x_desc = tl.make_tensor_descriptor(x_ptr + e_start.to(tl.int64) * stride_xm, shape=[e_cnt.to(tl.int32), K],
                                                strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
             if W_K_CONTIG:  # dX: w is the [E, F, D] view of [E, D, F] memory; load [BN, BK], transpose
                 w_desc = tl.make_tensor_descriptor(w_ptr + e.to(tl.int64) * stride_we, shape=[F, K],
@@ -137,20 +138,8 @@ def _persistent_mm_kernel(
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
             rows = e_start + m_in_e + tl.arange(0, BLOCK_M)
-            row_ok = rows < e_start + e_cnt
-            ks = tl.arange(0, BLOCK_K)
-            x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
-            w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wf
-            for k0 in range(0, K, BLOCK_K):
-                k_ok = ks < K - k0
-                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = mm_tile(x_ptr, w_ptr, e, rows, rows < e_start + e_cnt, cols, col_ok, K, stride_xm, stride_xk,
+                          stride_we, stride_wk, stride_wf, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         out_rows = e_start + m_in_e + tl.arange(0, BLOCK_M)
         out_ok = (out_rows < e_start + e_cnt)[:, None] & col_ok[None, :]
         y_ptrs = y_ptr + out_rows[:, None] * stride_ym + cols[None, :] * stride_yf
@@ -193,9 +182,9 @@ def _persistent_dw_kernel(
         # an empty expert runs no iteration and stores zeros: dW[e] = 0 is the true gradient
         if USE_TMA:
             # a descriptor needs a positive extent; an empty expert's is never loaded from
-            x_desc = tl.make_tensor_descriptor(x_ptr + e_start * stride_xm, shape=[tl.maximum(e_cnt, 1), D],
+            x_desc = tl.make_tensor_descriptor(x_ptr + e_start.to(tl.int64) * stride_xm, shape=[tl.maximum(e_cnt, 1), D],
                                                strides=[stride_xm, 1], block_shape=[BLOCK_K, BLOCK_M])
-            dy_desc = tl.make_tensor_descriptor(dy_ptr + e_start * stride_dym, shape=[tl.maximum(e_cnt, 1), F],
+            dy_desc = tl.make_tensor_descriptor(dy_ptr + e_start.to(tl.int64) * stride_dym, shape=[tl.maximum(e_cnt, 1), F],
                                                 strides=[stride_dym, 1], block_shape=[BLOCK_K, BLOCK_N])
             for r0 in range(0, e_cnt, BLOCK_K):
                 a = tl.trans(x_desc.load([r0, td * BLOCK_M]))  # x^T tile [BM(d), BK(rows)]
@@ -209,9 +198,9 @@ def _persistent_dw_kernel(
             for r0 in range(0, e_cnt, BLOCK_K):
                 rows = e_start + r0 + rs
                 r_ok = r0 + rs < e_cnt
-                a = tl.load(x_ptr + rows[None, :] * stride_xm + ds[:, None] * stride_xd,
+                a = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xm + ds[:, None] * stride_xd,
                             mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                b = tl.load(dy_ptr + rows[:, None] * stride_dym + fs[None, :] * stride_dyf,
+                b = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dym + fs[None, :] * stride_dyf,
                             mask=r_ok[:, None] & f_ok[None, :], other=0.0)
                 if UPCAST:
                     a = a.to(tl.float32)

@@ -42,6 +42,30 @@ else:
     ])
 
 
+@triton.jit
+def mm_tile(x_ptr, w_ptr, e, rows, row_ok, cols, col_ok, K, stride_xm, stride_xk, stride_we, stride_wk, stride_wf,
+            UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = x[rows, :K] @ w[e, :K, cols] with masked pointer loads (rows and
+    columns outside row_ok / col_ok, and K past its end, read as 0)."""
+    ks = tl.arange(0, BLOCK_K)
+    # int64 row/expert offsets: N*D and E*D*F can pass 2^31 elements at real sizes
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk
+    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wf
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
 @triton.autotune(configs=_MM_CONFIGS, key=["K", "F"])
 @triton.jit
 def _grouped_mm_kernel(
@@ -82,23 +106,10 @@ def _grouped_mm_kernel(
 
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < row_stop
     col_ok = cols < F
-    # int64 row/expert offsets: N*D and E*D*F can pass 2^31 elements at real sizes
-    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xn + ks[None, :] * stride_xk
-    w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wf
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    acc = mm_tile(x_ptr, w_ptr, e, rows, row_ok, cols, col_ok, K, stride_xn, stride_xk, stride_we, stride_wk,
+                  stride_wf, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yn + cols[None, :] * stride_yf
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
