@@ -142,7 +142,7 @@ def _persistent_mm_kernel(
                           stride_we, stride_wk, stride_wf, UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         out_rows = e_start + m_in_e + tl.arange(0, BLOCK_M)
         out_ok = (out_rows < e_start + e_cnt)[:, None] & col_ok[None, :]
-        y_ptrs = y_ptr + out_rows[:, None] * stride_ym + cols[None, :] * stride_yf
+        y_ptrs = y_ptr + out_rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yf
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
