@@ -73,6 +73,14 @@ def _param_fqns(model: torch.nn.Module) -> Dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
+def _fqn_param_groups(model: torch.nn.Module, optimizer) -> list:
+    """The optimizer's param groups as DCP's set_optimizer_state_dict takes them (params by FQN):
+    the current hyperparameters stay (the LR schedule sets them), only the state is loaded."""
+    fqn = _param_fqns(model)
+    return [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(q)] for q in g["params"]]}
+            for g in optimizer.param_groups]
+
+
 def _zeros_state(p: torch.Tensor) -> dict:
     """AdamW's state of a parameter that has none yet (never had a gradient): equivalent to none."""
     return {"step": torch.zeros((), dtype=torch.float32),
@@ -163,12 +171,9 @@ def _apply_loaded(model: torch.nn.Module, optimizer, flat: Dict[str, torch.Tenso
 
     set_model_state_dict(model, msd)
     if optimizer is not None:
-        fqn = _param_fqns(model)
         state = {n: {m: flat[f"optim.{n}.{m}"] for m in cstate.MOMENTS + ("step",)}
                  for n, p in model.named_parameters() if f"optim.{n}.step" in flat}
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(q)] for q in g["params"]]}
-                  for g in optimizer.param_groups]
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": _fqn_param_groups(model, optimizer)})
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
@@ -411,7 +416,7 @@ def _legacy_request(model: torch.nn.Module, optimizer, saved_keys: dict) -> Tupl
     flat = flat_entries(msd, osd)
     from moesys.parallel import expert_parameters
 
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = _param_fqns(model)
     expert_fqns = {names[id(p)] for p in expert_parameters(model) if id(p) in names}
     E = {names[id(p)]: m.experts.num_experts for m in _moe_layers(model) for p in m.experts.parameters()
          if id(p) in names}
@@ -484,10 +489,8 @@ def _load_legacy(ckpt: str, model, optimizer, saved_keys: dict, rank: int) -> Tu
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, msd, options=opts)
         if optimizer is not None:
-            fqn = _param_fqns(model)
-            groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [fqn[id(q)] for q in g["params"]]}
-                      for g in optimizer.param_groups]
-            set_optimizer_state_dict(model, optimizer, {"state": osd, "param_groups": groups}, options=opts)
+            set_optimizer_state_dict(model, optimizer, {"state": osd, "param_groups": _fqn_param_groups(model, optimizer)},
+                                     options=opts)
     return want, has_rng
 
 
