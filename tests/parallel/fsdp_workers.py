@@ -45,7 +45,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def grads_worker(ep: int, mode: str, overlap: int, activation: str, reshard: bool) -> dict:
+def grads_worker(ep: int, mode: str, overlap: int, activation: str, reshard: bool, dispatcher: str = "alltoallv") -> dict:
     """One fwd+bwd of the fsdp model (each rank its own batch) and a global-norm clip; every
     parameter's full gradient against one process that sees all ranks' batches (mean loss)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -62,10 +62,10 @@ def grads_worker(ep: int, mode: str, overlap: int, activation: str, reshard: boo
     model = copy.deepcopy(base)
     for _, layer in model.moe_layers():
         if ep > 1:
-            apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap)
+            apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap, dispatcher=dispatcher)
         layer.set_balance_group(dims.dp_group)
     apply_fsdp(model, dims, reshard_after_forward=reshard)
-    tag = f"ep={ep} {mode} c={overlap} {activation} reshard={reshard}"
+    tag = f"ep={ep} {dispatcher} {mode} c={overlap} {activation} reshard={reshard}"
     fails = []
     _loss(model, *xs[rank]).backward()
     # the mean of the ranks' losses is one process's loss over the concatenated batch (equal sizes)
