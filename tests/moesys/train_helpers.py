@@ -39,9 +39,10 @@ def load_and_probe(cfg, ckpt_dir, out_dir, probe_key):
     p = getattr(mod, pname)
     probe = None
     j = g - mod.expert_offset
-    if 0 <= j < mod.num_local_experts:
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor experts)
+    # (under FSDP2 a rank holds part of its local experts: no whole-expert probe there)
+    if 0 <= j < mod.num_local_experts and local(p.detach()).shape[0] == mod.num_local_experts:
         st = tr.optimizer.state[p]
-        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (DTensor experts)
         # numpy, not tensors: torch's queue pickling passes tensors as shared-memory fds, which breaks
         # when the rank exits before the parent reads them
         probe = {"exp_avg": local(st["exp_avg"])[j].numpy().copy(),
