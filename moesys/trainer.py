@@ -39,6 +39,8 @@ from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
+# per-layer metrics logged as the total over the data-parallel ranks (the rest: their mean)
+SUMMED_METRICS = ("runtime/overflow_dropped",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +307,9 @@ class Trainer:
                         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)})
         vals = torch.tensor([[float(a.metrics.get(k, float("nan"))) for k in names] for a in auxes])
         dist.all_reduce(vals, group=self.dims.dp_group)
-        vals /= self.dims.dp
+        # the mean over dp ranks, except counts of events, which are totals over the job
+        totals = torch.tensor([k.endswith(SUMMED_METRICS) for k in names], dtype=torch.bool)
+        vals[:, ~totals] /= self.dims.dp
         out = {}
         share = loads / loads.sum(-1, keepdim=True).clamp_min(1)
         self.history["load_steps"].append(self.step)
