@@ -285,7 +285,9 @@ class MoesysMLP(MegatronModule):
             # Megatron's DDP flattens parameter storage into its buffers: the experts stay plain local
             # shards (their `sharding` still says where they sit in the global [E, D, F])
             apply_expert_parallel(self.moe, dims.ep_group, dims=dims, **{"dtensor": False, **(ep_options or {})})
-        for p in self.moe.experts.parameters():
+        from moesys.parallel import expert_parameters
+
+        for p in expert_parameters(self.moe):
             # Megatron DDP: params with allreduce=False are expert params, reduced over expert-DP
             p.allreduce = False
 
