@@ -121,8 +121,12 @@ def _expert_mesh(group, dims: Optional[ParallelDims], layout: ExpertLayout):
         return ParallelDims.build(ep=layout.world, num_experts=layout.num_experts).expert_mesh
     from torch.distributed.device_mesh import DeviceMesh
 
+    from .mesh import borrow_groups
+
     device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    return DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
+    mesh = DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
+    borrow_groups(mesh)
+    return mesh
 
 
 def _shard_experts(experts, layout: ExpertLayout, mesh, dtensor: bool) -> None:

@@ -63,6 +63,19 @@ def mesh_ranks(world_size: int, *, ep: int, tp: int = 1, local_world_size: Optio
     return out
 
 
+def borrow_groups(mesh) -> None:
+    """Let `destroy_process_group()` destroy the groups a DeviceMesh uses while the mesh lives on
+    (held by DTensor parameters, FSDP2 and the layers of a user's script). torch 2.13's DeviceMesh
+    keeps a strong reference to each of its groups (`_pg_registry`, its root mesh's for a sub-mesh),
+    used only while torch.compile traces; eager code resolves groups by name. moesys borrows groups,
+    never owns them (comm.GroupRef, issue 11): a group kept alive past destroy_process_group() keeps
+    its gloo threads into interpreter shutdown, where releasing a finished collective aborts."""
+    for m in (mesh, getattr(mesh, "_root_mesh", None)):
+        registry = getattr(m, "_pg_registry", None)
+        if registry:
+            registry.clear()
+
+
 def _set_timeout(group, timeout: datetime.timedelta) -> None:
     """Give a mesh-made group the job's collective timeout (DeviceMesh creates its groups with the
     backend's default, 30 min on gloo). `_set_pg_timeout` is torch's own setter (private)."""
@@ -154,6 +167,7 @@ class ParallelDims:
         groups += [fshard.get_group()] if fshard is not None else []
         for g in groups:
             _set_timeout(g, timeout)
+        borrow_groups(mesh)
         return cls(world_size=world, rank=rank, tp=tp, dp=dp, ep=ep, edp=dp // ep,
                    ep_rank=(rank // tp) % ep, local_world_size=local_world_size, timeout_s=timeout_s,
                    dp_group=dp_mesh.get_group(), ep_group=mesh.get_group("ep"), edp_group=mesh.get_group("edp"),
@@ -176,6 +190,7 @@ class ParallelDims:
             for g in (split.get_group("ep_expert"), split.get_group("fshard")):
                 _set_timeout(g, datetime.timedelta(seconds=self.timeout_s))
             cache[shards] = split["ep_expert", "fshard"]
+            borrow_groups(self.mesh)
         return cache[shards]
 
 

@@ -81,3 +81,34 @@ def grads_worker(ep: int, mode: str, overlap: int, activation: str, reshard: boo
     placements = tuple(str(x) for x in experts.w1.placements)
     return {"fails": fails, "checked": 1, "expert_placements": placements,
             "local_numel": experts.w1.to_local().numel(), "global_shape": tuple(experts.w1.shape)}
+
+
+def _sharded_model():
+    """A GPT with DTensor experts over ParallelDims' ep mesh (ep=2 x edp=2), one fwd+bwd; the dims go
+    out of scope here (they hold their groups as fields: the trainer destroys its group at the end of
+    the same scope), the model, its mesh and its outputs do not."""
+    import weakref
+
+    dims = ParallelDims.build(ep=2, timeout_s=60)
+    model = _model("gelu")
+    for _, layer in model.moe_layers():
+        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode="ep", overlap=2)
+        layer.set_balance_group(dims.dp_group)
+    loss = _loss(model, *_batch(dist.get_rank()))
+    loss.backward()
+    refs = {name: weakref.ref(getattr(dims, name)) for name in ("dp_group", "ep_group", "edp_group")}
+    return model, loss, refs
+
+
+def mesh_groups_worker() -> list:
+    """The job's DeviceMesh and the DTensor experts over it borrow their groups: destroy_process_group()
+    destroys every group while the sharded model (its DTensors hold the meshes) and its outputs are
+    still held. torch's DeviceMesh keeps strong references for torch.compile; moesys drops them
+    (parallel.mesh.borrow_groups, issue 11). (FSDP2's units keep theirs: torch's design.)"""
+    import weakref
+
+    model, loss, alive = _sharded_model()
+    alive["world"] = weakref.ref(dist.group.WORLD)
+    mesh = model.blocks[0].moe.experts.w1.device_mesh  # noqa: F841  (held across the destroy on purpose)
+    dist.destroy_process_group()
+    return [f"{name} outlived destroy_process_group()" for name, ref in alive.items() if ref() is not None]

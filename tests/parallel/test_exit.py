@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import ep_workers  # noqa: E402
+import fsdp_workers  # noqa: E402
 
 from moesys.parallel import simulate  # noqa: E402
 
@@ -28,6 +29,14 @@ LAUNCHES, AT_ONCE, RANKS = 20, 2, 4
 @pytest.mark.multirank
 def test_dispatchers_and_graphs_borrow_the_group():
     fails = [f for r in simulate(ep_workers.borrowed_group_worker, 2, timeout_s=30) for f in r]
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.multirank
+def test_the_mesh_and_dtensor_experts_borrow_every_group():
+    """4 ranks, ep=2 x edp=2, experts DTensors over the job's ep mesh: every group is gone right after
+    destroy_process_group() while the model, its outputs and the mesh are held."""
+    fails = [f for r in simulate(fsdp_workers.mesh_groups_worker, 4, timeout_s=60) for f in r]
     assert not fails, "\n".join(fails)
 
 
