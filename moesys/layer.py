@@ -221,7 +221,7 @@ class MoELayer(nn.Module):
                                 renormalize=cfg.renormalize_after_drop)
         x_MD = dispatch_static(x_TD, plan.row_route_M, plan.dest_R, K, plan.padded)
         y_MD = self.experts(x_MD, offs_E=plan.offs_E)
-        y_TD = combine_static(y_MD, plan.weight_TK, plan.row_route_M, plan.dest_R, plan.padded)
+        y_TD = combine_static(y_MD, plan.weight_TK, plan.row_route_M, plan.dest_R, plan.padded, plan.renormalize)
         return y_TD, self._make_aux(sr.losses, sr.probs_TE, sr.logits_TE, plan.counts_E, plan.routed_E, T * K,
                                     plan.dropped, static=True)
 
