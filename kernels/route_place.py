@@ -16,8 +16,9 @@ and row_route_M is the inverse map (R for a row nobody fills). Outputs also give
 int32 offsets, the kept routes per expert and the number dropped, all on the device.
 
 One custom op (`moesys::route_place`), so the layer's step issues one dispatcher call for its whole
-placement: on CUDA it runs two Triton kernels (route_place_triton.py: per-block histograms, then
-scan + slots + empty rows); elsewhere the torch reference below (one stable sort, sync-free).
+placement: on CUDA it runs three Triton kernels (route_place_triton.py: per-block histograms, their
+scan over blocks, slots + empty rows); elsewhere the torch reference below (one stable sort,
+sync-free).
 """
 from __future__ import annotations
 

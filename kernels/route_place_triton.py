@@ -3,14 +3,14 @@
 Legend: R routes, P priority positions, E experts, C capacity, M buffer rows, NB blocks of BLOCK_R
 priority positions, BE = next_pow2(E).
 
-Two launches, both over the NB blocks, no atomics (so the slots do not depend on timing):
-    _place_count_kernel   hist_BE[b, e] = routes of expert e among the positions of block b
-    _place_routes_kernel  block b: prefix_e = sum of hist[b' < b, e] and total_e = sum of all
-                          (each block re-reads the NB x E histogram: small next to the routes);
-                          pos = prefix_e + rank inside the block (a cumsum of the one-hot
-                          [BLOCK_R, BE]); dest and row_route as route_place.py says; with a
-                          capacity, block b also marks the empty rows of its share of the buffer;
-                          block 0 writes offs_E, counts_E and dropped.
+Three launches, no atomics (so the slots do not depend on timing), each linear in R:
+    _place_count_kernel   grid NB: hist[b, e] = routes of expert e among the positions of block b
+    _place_scan_kernel    grid E:  hist[:, e] becomes its exclusive prefix over the blocks (in
+                          place), total_E[e] the grand total
+    _place_routes_kernel  grid NB: pos = prefix[b, e] + rank inside the block (a cumsum of the
+                          one-hot [BLOCK_R, BE]); dest and row_route as route_place.py says; with
+                          a capacity, block b also marks the empty rows of its share of the
+                          buffer; block 0 writes offs_E, counts_E and dropped.
 The one-hot is BLOCK_R x BE int32 in registers, so BLOCK_R shrinks as E grows.
 """
 from __future__ import annotations
@@ -62,26 +62,41 @@ def _place_count_kernel(
 
 
 @triton.jit
+def _place_scan_kernel(
+    # pointers
+    hist_ptr, total_ptr,
+    # sizes
+    E, NB,
+    # meta-parameters
+    BLOCK_NB: tl.constexpr,
+):
+    e = tl.program_id(0)
+    running = tl.sum(tl.zeros((BLOCK_NB,), dtype=tl.int32), 0)  # a 0-d int32 carried through the loop
+    for j0 in range(0, NB, BLOCK_NB):
+        js = j0 + tl.arange(0, BLOCK_NB)
+        ok = js < NB
+        h = tl.load(hist_ptr + js * E + e, mask=ok, other=0)
+        tl.store(hist_ptr + js * E + e, running + tl.cumsum(h, 0) - h, mask=ok)
+        running += tl.sum(h, 0)
+    tl.store(total_ptr + e, running)
+
+
+@triton.jit
 def _place_routes_kernel(
     # pointers
-    expert_ptr, order_ptr, hist_ptr, dest_ptr, row_route_ptr, offs_ptr, counts_ptr, dropped_ptr,
+    expert_ptr, order_ptr, prefix_ptr, total_ptr, dest_ptr, row_route_ptr, offs_ptr, counts_ptr, dropped_ptr,
     # sizes
-    T, R, E, C, M, NB, ROWS_PER_BLOCK,
+    T, R, E, C, M, ROWS_PER_BLOCK,
     # meta-parameters
     K: tl.constexpr, PRIORITY: tl.constexpr, DROPLESS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_NB: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     b = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     col_ok = cols < E
     # routes of each expert in earlier blocks (prefix) and in all blocks (total)
-    prefix = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for j0 in range(0, NB, BLOCK_NB):
-        js = j0 + tl.arange(0, BLOCK_NB)
-        h = tl.load(hist_ptr + js[:, None] * E + cols[None, :], mask=(js < NB)[:, None] & col_ok[None, :], other=0)
-        total += tl.sum(h, 0)
-        prefix += tl.sum(tl.where((js < b)[:, None], h, 0), 0)
+    prefix = tl.load(prefix_ptr + b * E + cols, mask=col_ok, other=0)
+    total = tl.load(total_ptr + cols, mask=col_ok, other=0)
 
     p = b * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = p < R
@@ -130,9 +145,11 @@ def _block_r(E: int) -> int:
 
 
 def launch_route_place(expert_TK: torch.Tensor, order: Optional[torch.Tensor], num_experts: int,
-                       capacity: Optional[int], priority: str, block_r: Optional[int] = None):
-    """route_place.py's contract on Triton. block_r: positions per program (a power of 2; tests pass
-    a small one so several blocks meet at odd boundaries)."""
+                       capacity: Optional[int], priority: str, block_r: Optional[int] = None,
+                       scan_block: int = 1024):
+    """route_place.py's contract on Triton. block_r: positions per program, scan_block: blocks per
+    step of the scan (powers of 2; tests pass small ones so blocks and scan steps meet at odd
+    boundaries)."""
     check_route_place_args(expert_TK, order, num_experts, capacity, priority)
     L.check_contiguous("route_place", "expert_TK", expert_TK)
     if order is not None:
@@ -159,13 +176,15 @@ def launch_route_place(expert_TK: torch.Tensor, order: Optional[torch.Tensor], n
     BLOCK_E = triton.next_power_of_2(E)
     NB = triton.cdiv(R, BLOCK_R)
     hist = torch.empty(NB, E, dtype=torch.int32, device=dev)
+    total_E = torch.empty(E, dtype=torch.int32, device=dev)
     meta = dict(K=K, PRIORITY=_PRIORITY_CODE[priority], BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
     order_arg = order if order is not None else expert_TK  # never read without an order
     _place_count_kernel[(NB,)](expert_TK, order_arg, hist, T, R, E, **meta)
+    _place_scan_kernel[(E,)](hist, total_E, E, NB, BLOCK_NB=min(scan_block, triton.next_power_of_2(NB)))
     C = capacity if capacity is not None else 0
     _place_routes_kernel[(NB,)](
-        expert_TK, order_arg, hist, dest_R, row_route_M, offs_E, counts_E, dropped,
-        T, R, E, C, M, NB, triton.cdiv(M, NB),
-        DROPLESS=capacity is None, BLOCK_NB=16, **meta,
+        expert_TK, order_arg, hist, total_E, dest_R, row_route_M, offs_E, counts_E, dropped,
+        T, R, E, C, M, triton.cdiv(M, NB),
+        DROPLESS=capacity is None, **meta,
     )
     return dest_R, row_route_M, offs_E, counts_E, dropped

@@ -94,7 +94,10 @@ def test_triton_matches_the_loop(priority, C):
     T, K, E = 601, 2, 7
     ex = routes(T, K, E)
     order = order_for(priority, T, K)
-    check_same(launch_route_place(ex, order, E, C, priority, block_r=64), loop_place(ex, order, E, C, priority))
+    want = loop_place(ex, order, E, C, priority)
+    check_same(launch_route_place(ex, order, E, C, priority, block_r=64), want)
+    # 76 blocks of 16 positions, scanned 16 blocks at a time
+    check_same(launch_route_place(ex, order, E, C, priority, block_r=16, scan_block=16), want)
 
 
 @pytest.mark.parametrize("T,K,E,C", [(5, 3, 4, 1), (1, 1, 1, 3), (0, 2, 3, 2), (0, 2, 3, None), (33, 1, 5, 4)])

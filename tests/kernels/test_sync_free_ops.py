@@ -80,6 +80,24 @@ def test_bad_arguments_are_clear_errors():
                               torch.tensor([2, 6], dtype=torch.int32), "gelu")
 
 
+def test_static_permute_ops_opcheck():
+    """Schema, fake tensors and the autograd registration of the dispatch / combine ops."""
+    from moesys.kernels.permute_static import (static_combine_backward_op, static_combine_op, static_dispatch_op,
+                                               static_route_sum_op)
+
+    T, K, M = 11, 2, 25
+    dest, row_route = _random_placement(T, K, M, drop=True)
+    x = torch.randn(T, 8, requires_grad=True)
+    y = torch.randn(M, 8, requires_grad=True)
+    w = torch.rand(T, K, requires_grad=True)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(static_dispatch_op, (x, row_route, dest, K, True), test_utils=utils)
+    torch.library.opcheck(static_combine_op, (y, w, row_route, dest, True, True), test_utils=utils)
+    torch.library.opcheck(static_route_sum_op, (y.detach(), dest, T, K, True), test_utils=utils[:2])
+    torch.library.opcheck(static_combine_backward_op, (torch.randn(T, 8), y.detach(), w.detach(), row_route, dest,
+                                                       True, False), test_utils=utils[:2])
+
+
 def test_custom_ops_opcheck():
     offs = torch.tensor([5, 5, 14, 18], dtype=torch.int32)
     torch.library.opcheck(gmm_offs, (torch.randn(18, 12), torch.randn(4, 12, 8), offs),
@@ -141,8 +159,8 @@ def _random_placement(T, K, M, drop):
     return dest, row_route
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_dispatch_and_combine_match_per_route_loops(padded):
+@pytest.mark.parametrize("padded,renormalize", [(False, False), (True, False), (True, True)])
+def test_dispatch_and_combine_match_per_route_loops(padded, renormalize):
     torch.manual_seed(0)
     T, K, D = 31, 2, 8
     M = T * K if not padded else T * K + 9
@@ -151,20 +169,27 @@ def test_dispatch_and_combine_match_per_route_loops(padded):
     w = torch.rand(T, K, requires_grad=True)
     x_M = dispatch_static(x, row_route, dest, K, padded)
     y_M = x_M * 2.0 + 1.0  # stands in for the experts
-    y = combine_static(y_M, w, row_route, dest, padded)
+    y = combine_static(y_M, w, row_route, dest, padded, renormalize)
     gy = torch.randn(T, D)
     (y * gy).sum().backward()
-    # per-route loop
+    # per-route loop; renormalize: each token's kept weights over their sum (clamped at eps)
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     out = [x2.new_zeros(D) for _ in range(T)]
-    for r in range(T * K):
-        if int(dest[r]) < M:
-            t, k = divmod(r, K)
-            out[t] = out[t] + w2[t, k] * (x2[t] * 2.0 + 1.0)
+    for t in range(T):
+        kept = [k for k in range(K) if int(dest[t * K + k]) < M]
+        total = sum((w2[t, k] for k in kept), torch.zeros(()))
+        for k in kept:
+            wk = w2[t, k] / total.clamp_min(torch.finfo(torch.float32).eps) if renormalize else w2[t, k]
+            out[t] = out[t] + wk * (x2[t] * 2.0 + 1.0)
     y_ref = torch.stack(out)
     (y_ref * gy).sum().backward()
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(w.grad, w2.grad, atol=1e-6, rtol=1e-5)
+    # a token keeping one route has w' = 1 whatever w: its gradient is 0 up to rounding of the formula used
+    torch.testing.assert_close(w.grad, w2.grad, atol=1e-5 if renormalize else 1e-6, rtol=1e-5)
     kept_rows = row_route < T * K
     torch.testing.assert_close(x_M[kept_rows], x.detach()[row_route[kept_rows] // K])
+    assert x_M[~kept_rows].abs().sum() == 0  # an empty row is 0
+    if renormalize:
+        lost_one = [t for t in range(T) if sum(int(dest[t * K + k]) < M for k in range(K)) == 1]
+        assert lost_one  # a token that kept one route puts weight 1 on it
