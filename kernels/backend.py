@@ -116,6 +116,14 @@ def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = N
     return "triton" if (can_triton and device.type == "cuda") else "torch"
 
 
+def fused_on_triton(t: torch.Tensor) -> bool:
+    """Whether the sync-free path's fused ops (route placement, static dispatch/combine, the router's
+    softmax + top-k) run their Triton kernels for a tensor: on CUDA with Triton installed, chosen by
+    the op itself. Everywhere else the torch bodies, CPU included whatever TRITON_INTERPRET says (the
+    interpreter tests call the launchers, or patch each module's `_use_triton`)."""
+    return t.device.type == "cuda" and triton_available()
+
+
 def sync_free(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the layer takes its sync-free path (static shapes, `torch._grouped_mm` with device
     offsets): forced by "grouped_mm" on any device (CPU included, so CI covers it); chosen by "auto"

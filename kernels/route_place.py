@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .backend import triton_available
+from .backend import fused_on_triton as _use_triton  # a module attribute: tests patch it
 
 PRIORITIES = ("token", "choice", "tokens_ranked", "routes_ranked")
 
@@ -72,11 +72,6 @@ def route_place_reference(expert_TK: torch.Tensor, order: Optional[torch.Tensor]
     counts_E = total_E.clamp_max(C)
     return dest_R, row_route_M, offs_E, counts_E, R - counts_E.sum()
 
-
-def _use_triton(t: torch.Tensor) -> bool:
-    """The Triton kernels on CUDA; the torch reference everywhere else (CPU included, whatever
-    TRITON_INTERPRET says: the interpreter is for tests, which call the launcher directly)."""
-    return t.device.type == "cuda" and triton_available()
 
 
 @torch.library.custom_op("moesys::route_place", mutates_args=())

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .backend import fused_on_triton as _use_triton  # a module attribute: tests patch it
+
 AUX_KINDS = ("switch", "gshard", "none")
 
 
@@ -31,12 +33,19 @@ class _TopKRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, k, normalize, aux, coef):
         T, E = logits_TE.shape
-        probs = torch.softmax(logits_TE.float(), dim=-1)
-        w, idx = torch.topk(probs, k, dim=-1)
         s = None
-        if normalize:
-            s = w.sum(-1, keepdim=True)
-            w = w / s
+        if _use_triton(logits_TE) and T > 0:
+            from .topk_softmax_triton import topk_softmax_op  # a custom op: torch.compile sees its fake
+
+            probs, w, idx = topk_softmax_op(logits_TE, k, bool(normalize))
+            if normalize:  # the backward divides by the chosen probabilities' sum
+                s = probs.gather(1, idx).sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits_TE.float(), dim=-1)
+            w, idx = torch.topk(probs, k, dim=-1)
+            if normalize:
+                s = w.sum(-1, keepdim=True)
+                w = w / s
         routed_E = histogram(idx, E)
         if aux == "none" or T == 0:
             c_E = probs.new_zeros(E)
