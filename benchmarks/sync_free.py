@@ -4,7 +4,9 @@ ATen ops and host reads in one fwd+bwd, and the step time.
     python benchmarks/sync_free.py                       # T=4096, D=512, F=1024, E=8, K=2, fp32
     python benchmarks/sync_free.py --tokens 601 --hidden 16 --ffn 24 --experts 7
 
-Ops: non-view ATen ops seen by a TorchDispatchMode (a custom op counts once: one kernel). Host
+Ops: non-view ATen ops seen by a TorchDispatchMode. A custom op counts once: on CUDA its Triton
+kernels (1 to 3 launches: kernels/route_place.py, permute_static.py), on CPU a torch body that runs
+several ATen kernels the mode does not see. Host
 reads: calls of Tensor.item / tolist / __int__ / __bool__ / __float__ / __index__ (on CPU they never
 reach the dispatcher as a copy; on CUDA each one waits for the device).
 """
