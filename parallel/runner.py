@@ -28,8 +28,10 @@ Static capacity (the padded dispatcher with `static_capacity_factor`): the ep mo
 read and no collective but the data all-to-alls (the counts stay on the device; its chunks are slot
 ranges of the fixed buffer). Rows past the capacity are dropped in every mode (sharded_dp zeroes
 the same rows), so the modes still give the same numbers; `overflow_dropped` (a 0-dim device
-tensor) counts them. overflow="error" then checks, after the combine, with one all-reduce over
-the ep group, and raises on every rank together.
+tensor) counts them, and `static_factor_needed` (0-dim device tensor) is the smallest factor that
+would have held this call's rows. overflow="error" then checks, after the combine, with one
+all-reduce over the ep group, and raises on every rank together; overflow="rerun" drops and counts
+here, and the trainer re-runs the step with a larger factor (parallel/overflow.py).
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ from .tuner import Stats, Tuner
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
 TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
-                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped")
+                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped",
+                        "static_factor_needed")
 
 
 class ExpertParallelRunner:
@@ -72,7 +75,9 @@ class ExpertParallelRunner:
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
                  tuner: Tuner, agree_group=None, overflow: str = "drop") -> None:
         self.layout = layout
-        self.overflow = overflow  # static capacity: "drop" (count) | "error" (raise on every rank)
+        # static capacity: "drop" (count) | "error" (raise on every rank) | "rerun" (count here; the
+        # trainer re-runs the step with a larger buffer, see parallel/overflow.py)
+        self.overflow = overflow
         # borrowed, never owned (GroupRef): destroy_process_group() must be able to destroy them
         self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
@@ -177,6 +182,7 @@ class ExpertParallelRunner:
             chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
                                                                     c if mode == "ep" else 1)
             metrics["overflow_dropped"] = dropped.detach()
+            metrics["static_factor_needed"] = self.dispatcher.factor_needed(counts_E, plan.num_tokens).detach()
         if mode == "ep" and static:
             y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, timer, metrics, shared, out)
         elif mode == "ep":
