@@ -255,10 +255,11 @@ class Trainer:
             # routes per expert stay device tensors (the sync-free layer path reads nothing on the host)
             cnt = torch.stack([a.tokens_per_expert.detach().float() for a in auxes]) if auxes else None
             loads = cnt if loads is None else loads + cnt
-            for a in auxes:  # static dispatch buffers: 0-dim device tensors (0.0 floats otherwise)
-                overflow += a.metrics.get("runtime/overflow_dropped", 0.0)
-                needed = torch.maximum(needed, torch.as_tensor(a.metrics.get("runtime/static_factor_needed", 0.0),
-                                                               dtype=torch.float64, device=self.device))
+            if self.overflow_rerun:  # the static dispatch buffers' 0-dim device tensors: no read here
+                for a in auxes:  # (a layer that ran no runner, e.g. EvoMoE's dense phase, has none)
+                    if "runtime/static_factor_needed" in a.metrics:
+                        overflow += a.metrics["runtime/overflow_dropped"]
+                        needed = torch.maximum(needed, a.metrics["runtime/static_factor_needed"])
             last_auxes = auxes
         return {"lm": lm_sum, "aux": aux_sum, "loads": loads, "auxes": last_auxes, "overflow": overflow,
                 "needed": needed}

@@ -21,7 +21,9 @@ The margin: dropping rows in layer l changes the input of layer l+1, so the re-r
 route a little differently from the overflowed pass; 25% headroom makes a second overflow rare. The
 minimum growth (x1.5) bounds the number of re-runs of a slowly growing load. A re-run that still
 overflows keeps its drops (counted, the step is not run a third time) and f grows again, from the
-re-run's own need, for the later steps. The factor only grows; checkpoints keep it.
+re-run's own need, for the later steps. The factor only grows; checkpoints keep it (a resumed run
+uses the larger of the checkpoint's and the configured one). Forward-only passes (evaluation) use
+the current factor and drop and count like "drop": they train nothing, so there is nothing to re-run.
 """
 from __future__ import annotations
 
