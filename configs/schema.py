@@ -83,7 +83,9 @@ class ParallelConfig:
     # dispatcher=padded only: a static buffer of ceil(f * T * K / E) rows per (source rank, expert),
     # so the dispatch needs no per-step agreement collective and no host read (null: agreed per step)
     static_capacity_factor: Optional[float] = None
-    overflow: str = "drop"  # rows past the static buffer: drop (counted: runtime/overflow_dropped) | error
+    # rows past the static buffer: drop (counted: runtime/overflow_dropped) | error (every rank raises) |
+    # rerun (a step that overflowed anywhere is re-run once with a grown factor: parallel/overflow.py)
+    overflow: str = "drop"
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     timeout_s: float = 300.0
     # check every collective's fingerprint (op, shapes, dtypes) across ranks before it runs: a
@@ -255,10 +257,18 @@ class TrainConfig:
             if moe.variable_k:
                 raise ConfigError(f"parallel.static_capacity_factor={f} needs a fixed number of experts per token "
                                   f"(C = f*T*K/E); moe.router={moe.router!r} routes a variable number")
-        _one_of("parallel.overflow", p.overflow, ("drop", "error"))
+        _one_of("parallel.overflow", p.overflow, ("drop", "error", "rerun"))
         if p.overflow != "drop" and f is None:
             raise ConfigError(f"parallel.overflow={p.overflow!r} applies to a static buffer only: set "
-                              "parallel.static_capacity_factor too")
+                              "parallel.static_capacity_factor too (with parallel.dispatcher=padded)")
+        if p.overflow == "rerun":
+            if p.ep == 1:
+                raise ConfigError("parallel.overflow='rerun' re-runs a step whose expert-parallel static buffer "
+                                  "overflowed, and parallel.ep=1 dispatches nothing: set parallel.ep > 1")
+            if t.engine == "deepspeed":
+                raise ConfigError("parallel.overflow='rerun' needs trainer.engine=plain or fsdp: trainer.engine="
+                                  "deepspeed steps the optimizer inside each micro-batch, before the step's overflow "
+                                  "is known, so the step cannot be re-run")
         # ---- device and precision -----------------------------------------------------------------
         cuda = _cuda_available()
         if p.backend == "nccl" and not cuda:

@@ -59,7 +59,9 @@ class LocalRunner:
 
     The runner contract (what `moesys.parallel` replaces this with): `y_ND = runner(x_ND, plan,
     experts)`, x_ND the kept routes' rows grouped by expert; everything about the tokens (counts,
-    capacity, T) is in the Plan: the runner never calls back into the layer.
+    capacity, T) is in the Plan: the runner never calls back into the layer. A runner may also
+    have `prefetch(plan)`, which the layer calls as soon as the plan exists, before it permutes the
+    rows (the expert-parallel runner starts its counts exchange there); this one needs none.
     """
 
     def __init__(self) -> None:
@@ -150,6 +152,9 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
             return y_TD.reshape(shape).to(x.dtype), aux
         routing, plan = self.route(x_TD, seq_len)
+        prefetch = getattr(self.runner, "prefetch", None)
+        if prefetch is not None:  # a runner that moves tokens starts its counts exchange now: the
+            prefetch(plan)        # permute below runs while the counts travel
         K = routing.fixed_k
         if K is not None and resolve_backend(cfg.kernel_backend, x_TD.device) == "torch":
             # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)

@@ -69,6 +69,12 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
 
+    def event(self, name: str, fields: dict) -> None:
+        """A named event record in metrics.jsonl ({"event": name, ...}), e.g. "overflow_rerun"."""
+        if not self.enabled:
+            return
+        self._write({"event": name, **{k: _plain(v) for k, v in fields.items()}})
+
     def progress(self, n: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
             self._bar.update(n)

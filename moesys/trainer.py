@@ -37,6 +37,7 @@ from . import preemption
 from .collapse import CollapseMonitor
 from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
+from .step_state import StepState
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
 # per-layer metrics logged as the total over the data-parallel ranks (the rest: their mean)
@@ -136,6 +137,9 @@ class Trainer:
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
                                       overlap=overlap, dtensor=t.engine != "deepspeed",
                                       static_capacity_factor=p.static_capacity_factor, overflow=p.overflow)
+        # the static dispatch buffers' factor (None without one); overflow=rerun grows it (train_step)
+        self.static_capacity_factor = p.static_capacity_factor if p.ep > 1 else None
+        self.overflow_rerun = p.overflow == "rerun" and self.static_capacity_factor is not None
         # aux_loss=global_batch: routes per expert summed over every data-parallel rank, i.e. over the
         # whole global batch of the micro-step (EP ranks hold different tokens, so the dp group, not ep)
         for _, layer in self.model.moe_layers():
@@ -216,20 +220,20 @@ class Trainer:
 
         return float(clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip))
 
-    def train_step(self) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
-        step = self.step
-        self._hook("on_step_start", step)
-        lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=self.schedule_total,
-                   min_ratio=cfg.schedule.min_lr_ratio)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.model.train()
+    def _forward_backward(self, step: int) -> dict:
+        """The micro-batches of `step`: forward and backward of each (gradients accumulate; the
+        plain engine's are zeroed first). Returns device tensors, read on the host by the caller:
+        lm, aux (mean losses), loads ([L, E] routes per expert or None), auxes (the last
+        micro-batch's), overflow (rows the static dispatch buffers dropped, summed over layers and
+        micro-batches) and needed (the largest runtime/static_factor_needed seen)."""
+        t = self.cfg.trainer
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
-        # summed on the device; read on the host once per step (below), not once per micro-batch
+        # summed on the device; read on the host once per step (train_step), not once per micro-batch
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        overflow = torch.zeros((), device=self.device)
+        needed = torch.zeros((), device=self.device, dtype=torch.float64)
         loads = None
         last_auxes = []
         fsdp = t.engine == "fsdp"
@@ -251,27 +255,77 @@ class Trainer:
             # routes per expert stay device tensors (the sync-free layer path reads nothing on the host)
             cnt = torch.stack([a.tokens_per_expert.detach().float() for a in auxes]) if auxes else None
             loads = cnt if loads is None else loads + cnt
+            if self.overflow_rerun:  # the static dispatch buffers' 0-dim device tensors: no read here
+                for a in auxes:  # (a layer that ran no runner, e.g. EvoMoE's dense phase, has none)
+                    if "runtime/static_factor_needed" in a.metrics:
+                        overflow += a.metrics["runtime/overflow_dropped"]
+                        needed = torch.maximum(needed, a.metrics["runtime/static_factor_needed"])
             last_auxes = auxes
-        grad_norm = float("nan")
-        if self.engine is None:
-            if not fsdp:  # FSDP2 reduce-scattered them in the backward
-                from moesys.parallel import allreduce_gradients
+        return {"lm": lm_sum, "aux": aux_sum, "loads": loads, "auxes": last_auxes, "overflow": overflow,
+                "needed": needed}
 
-                allreduce_gradients(self.model, self.dims)
-            grad_norm = self._clip()  # the global norm: the same on every rank
-            bad = not math.isfinite(grad_norm)
-        else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
-            bad = bool(getattr(self.engine.optimizer, "overflow", False))
-        # one small all-reduce: the loss every rank reports (mean over dp), whether any rank saw a
-        # non-finite value, and any rank's stop request, so every rank takes the same branches below
-        flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
-        red = torch.cat([torch.stack([lm_sum.cpu(), aux_sum.cpu(), torch.tensor(float(bad))]), flags])
-        dist.all_reduce(red, group=self.dims.dp_group)
-        if self.dims.dp != self.dims.world_size:  # the stop must be agreed over the whole world
-            flags = red[3:].clone()
-            dist.all_reduce(flags)
-            red[3:] = flags
-        self.stop_signal = preemption.agreed_signal(red[3:])
+    def _grow_static_capacity(self, step: int, needed: torch.Tensor, dropped: int, rerun: bool) -> dict:
+        """Every rank saw the same overflow count (the per-step all-reduce): agree on the largest
+        need (one all-reduce, max, on overflowed steps only) and grow every layer's factor."""
+        from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
+
+        need = needed.detach().reshape(1).to("cpu", torch.float64)
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+        old = self.static_capacity_factor
+        moe = self.cfg.moe  # E / K: C = T, no expert can receive more
+        new = grown_factor(old, float(need), limit=moe.num_experts / moe.top_k)
+        set_static_capacity_factor(self.model, new)
+        self.static_capacity_factor = new
+        event = {"step": step, "dropped": dropped, "factor_needed": float(need), "factor_from": old,
+                 "factor_to": new, "rerun": rerun}
+        self.history.setdefault("overflow_events", []).append(event)
+        return event
+
+    def train_step(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        step = self.step
+        self._hook("on_step_start", step)
+        lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=self.schedule_total,
+                   min_ratio=cfg.schedule.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        fsdp = t.engine == "fsdp"
+        # parallel.overflow=rerun: what this step's forward/backward changes, to put back before a re-run
+        snapshot = StepState.capture(self.model, self.device) if self.overflow_rerun else None
+        events = []
+        while True:
+            r = self._forward_backward(step)
+            grad_norm = float("nan")
+            if self.engine is None:
+                if not fsdp:  # FSDP2 reduce-scattered them in the backward
+                    from moesys.parallel import allreduce_gradients
+
+                    allreduce_gradients(self.model, self.dims)
+                grad_norm = self._clip()  # the global norm: the same on every rank
+                bad = not math.isfinite(grad_norm)
+            else:  # the engine stepped already; ZeRO skipped the update if its gradients overflowed
+                bad = bool(getattr(self.engine.optimizer, "overflow", False))
+            # one small all-reduce: the loss every rank reports (mean over dp), whether any rank saw a
+            # non-finite value, the rows any static dispatch buffer dropped, and any rank's stop
+            # request, so every rank takes the same branches below (one host read of the device sums)
+            flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
+            sums = torch.stack([r["lm"].float(), r["aux"].float(), r["overflow"].float()]).cpu()
+            red = torch.cat([sums[:2], torch.tensor([float(bad)]), sums[2:], flags])
+            dist.all_reduce(red, group=self.dims.dp_group)
+            if self.dims.dp != self.dims.world_size:  # the stop (and a re-run) must be agreed over the world
+                tail = red[3:].clone()
+                dist.all_reduce(tail)
+                red[3:] = tail
+            dropped = int(red[3])
+            if snapshot is not None and dropped > 0:
+                events.append(self._grow_static_capacity(step, r["needed"], dropped, rerun=not events))
+                if len(events) == 1:  # re-run once: the gradients, buffers and RNG as before the first pass
+                    snapshot.restore(self.model)
+                    continue
+            break
+        loads, last_auxes = r["loads"], r["auxes"]
+        self.stop_signal = preemption.agreed_signal(red[4:])
         loss, aux_loss = float(red[0]) / self.dims.dp, float(red[1]) / self.dims.dp
         skip = bool(red[2] > 0) or not (math.isfinite(loss) and math.isfinite(aux_loss))
         if self.engine is None:
@@ -286,6 +340,11 @@ class Trainer:
         self._hook("after_optimizer_step", step)
         self.step += 1
         out = {"loss": loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm, "skipped": float(skip)}
+        if self.static_capacity_factor is not None:
+            out["overflow/static_capacity_factor"] = self.static_capacity_factor
+        if snapshot is not None:
+            out["overflow/reruns"] = float(bool(events))
+            out["overflow_events"] = events  # fit() logs them as messages
         log_step = self.step % t.log_interval == 0 or self.step == t.steps
         if loads is not None and (log_step or self.collapse is not None):
             # routes per expert of this step over all dp ranks: [L, E] (the collapse check needs every step)
@@ -362,7 +421,9 @@ class Trainer:
                 "ep": self.dims.ep, "seed": self.cfg.trainer.seed,
                 "schedule": {"lr": self.cfg.optim.lr, "warmup_steps": s.warmup_steps, "min_lr_ratio": s.min_lr_ratio,
                              "total_steps": self.cfg.trainer.steps},
-                "history": self.history}
+                "history": self.history,
+                # parallel.overflow=rerun grows it: a resumed run keeps the grown buffer
+                "static_capacity_factor": self.static_capacity_factor}
 
     def weights_finite(self) -> bool:
         """Whether every rank's weights are all finite (collective over the dp group)."""
@@ -398,6 +459,13 @@ class Trainer:
             self.history = st["history"]
             for key in ("load", "drop_rate", "router_entropy"):  # JSON-like round trips can make the keys str
                 self.history[key] = {int(k): v for k, v in self.history.get(key, {}).items()}
+        saved_f = st.get("static_capacity_factor")
+        if saved_f is not None and self.static_capacity_factor is not None and saved_f > self.static_capacity_factor:
+            # the run grew its buffer (parallel.overflow=rerun): keep it; a larger configured one wins
+            from moesys.parallel.overflow import set_static_capacity_factor
+
+            set_static_capacity_factor(self.model, float(saved_f))
+            self.static_capacity_factor = float(saved_f)
         if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
             torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
         return st
@@ -445,6 +513,9 @@ class Trainer:
             m = self.train_step()
             for warning in m.pop("collapse_warnings", ()):
                 log.message(warning)
+            for e in m.pop("overflow_events", ()):
+                log.message(_overflow_message(e))
+                log.event("overflow_rerun" if e["rerun"] else "overflow_grow", e)
             last = m
             if m["skipped"]:
                 log.message(f"step {self.step}: non-finite loss {m['loss']:.4g} or grad norm {m['grad_norm']:.4g}: "
@@ -520,6 +591,16 @@ class Trainer:
             f"checkpoint {saved}" if saved else f"no checkpoint written (latest: {newest or 'none'})"))
         log.close({k: v for k, v in summary.items() if k not in ("train_losses", "stopped")})
         return summary
+
+
+def _overflow_message(e: dict) -> str:
+    """The log line of one parallel.overflow=rerun event (Trainer._grow_static_capacity)."""
+    what = ("the step is re-run with the larger buffer" if e["rerun"] else
+            "the re-run overflowed too: its rows stay dropped (counted in runtime/overflow_dropped); "
+            "the larger buffer is used from the next step")
+    return (f"step {e['step']}: the static dispatch buffer overflowed ({e['dropped']} rows dropped over the job; "
+            f"the largest load needs static_capacity_factor >= {e['factor_needed']:.3f}): "
+            f"parallel.static_capacity_factor {e['factor_from']:g} -> {e['factor_to']:g}; {what}")
 
 
 def _plots(out_dir: str, history: dict, cfg) -> list:

@@ -58,7 +58,8 @@ class ExpertParallelConfig:
     # rank, expert): no agreement collective and no host read on the dispatch (None: C agreed per step)
     static_capacity_factor: Optional[float] = None
     # rows past the static buffer: "drop" (counted in runtime/overflow_dropped) | "error" (one
-    # all-reduce after the combine; every rank raises)
+    # all-reduce after the combine; every rank raises) | "rerun" (the layer drops and counts as
+    # "drop"; the caller, moesys' trainer, re-runs the step with a grown factor: parallel/overflow.py)
     overflow: str = "drop"
 
     def __post_init__(self) -> None:
@@ -80,8 +81,8 @@ class ExpertParallelConfig:
             if self.dispatcher != "padded":
                 raise ValueError(f"ExpertParallelConfig.static_capacity_factor={f} needs dispatcher='padded' (a fixed "
                                  f"buffer), got dispatcher={self.dispatcher!r}")
-        if self.overflow not in ("drop", "error"):
-            raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} is not one of ['drop', 'error']")
+        if self.overflow not in ("drop", "error", "rerun"):
+            raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} is not one of ['drop', 'error', 'rerun']")
         if self.overflow != "drop" and f is None:
             raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} applies to a static buffer only: set "
                              "static_capacity_factor too")
@@ -177,7 +178,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
             "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict),
             dtensor (default True: expert weights become DTensor parameters over the ep mesh),
             static_capacity_factor (None | f > 0: the padded dispatcher's static buffer, see
-            dispatch_padded.py), overflow ("drop" | "error": rows past that buffer).
+            dispatch_padded.py), overflow ("drop" | "error" | "rerun": rows past that buffer).
     """
     base = asdict(config) if config is not None else {}
     unknown = set(options) - {f.name for f in fields(ExpertParallelConfig)}

@@ -262,6 +262,15 @@ def exchange_counts_on_device(send_PX: torch.Tensor, group) -> torch.Tensor:
     return recv_PX
 
 
+def exchange_counts_start(send_PX: torch.Tensor, group) -> tuple:
+    """exchange_counts_on_device, issued asynchronously: returns (recv_PX, work). recv_PX is valid
+    after work.wait(); on CUDA (NCCL) that wait only orders the current stream after the exchange,
+    it does not block the host."""
+    send_PX = send_PX.to(comm_device(group)).contiguous()
+    recv_PX = torch.empty_like(send_PX)
+    return recv_PX, dist.all_to_all_single(recv_PX, send_PX, group=group, async_op=True)
+
+
 def all_gather_counts(x_X: torch.Tensor, group) -> torch.Tensor:
     """Returns [P, *x.shape] on the CPU: every rank's tensor (blocking)."""
     world = dist.get_world_size(group)

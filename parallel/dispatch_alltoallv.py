@@ -5,12 +5,19 @@ uneven all_to_all: no padding, so bytes moved = routed rows x D x dtype size (`b
 One host read per layer call (`plan`): the send counts of every chunk and the received counts come
 to the host together, once, after the exchange; the splits, the chunks' rows and the metrics are
 then Python integers (tests/parallel/test_static_capacity.py counts the reads).
+
+The plan is split in two so the read overlaps device work: `plan_start` issues the counts exchange
+asynchronously and, on CUDA, the device-to-host copy of the counts into pinned memory
+(non_blocking, followed by an event) behind it on the stream; `plan_finish` waits (the event; on
+CPU the exchange itself) and reads. The runner's `prefetch` calls plan_start right after routing,
+so the layer's permute (x_TD -> x_ND, which needs no split) runs while the counts travel
+(tests/parallel/test_alltoallv_overlap.py checks the order).
 Legend as in dispatch_base: x_ND grouped by global expert, x_MD grouped by local expert.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -39,21 +46,66 @@ class AllToAllVPlan:
     out_splits: tuple  # rows I receive from each rank
 
 
+@dataclass(frozen=True)
+class PlanFlight:
+    """A counts exchange in flight (plan_start), and on CUDA the host copy queued behind it."""
+
+    counts_cE: torch.Tensor  # [c, E] what I send per chunk, on the collective's device
+    recv_PcL: torch.Tensor  # [P, c, L] what I receive; valid after `work` completes
+    work: Any  # gloo: the exchange, waited in plan_finish (CUDA: None, the side stream waited)
+    flat: Optional[torch.Tensor]  # CUDA: the copy's device source, alive until the copy is done
+    host: Optional[torch.Tensor]  # CUDA: pinned [c*E + P*c*L], filled by a non_blocking copy
+    ready: Any  # CUDA: the event recorded after that copy
+    chunks: int
+
+
 class AllToAllVDispatcher(Dispatcher):
     name = "alltoallv"
     host_counts_in_plan = True  # plan() brings the counts to the host: the runner reads none itself
+    _copy_stream = None  # CUDA: the side stream of plan_start's exchange wait and host copy (lazy)
 
     def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:
         """One [P, chunks, L] counts exchange on the collective's device, then the one host read."""
+        return self.plan_finish(self.plan_start(counts_list))
+
+    def plan_start(self, counts_list: list) -> PlanFlight:
+        """Issue the counts exchange of every chunk (async) and, on CUDA, the copy of the counts to
+        pinned host memory behind it on the current stream; nothing here waits or reads."""
         P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
         c = len(counts_list)
         dev = comm.comm_device(self.group)
         counts_cE = torch.stack(counts_list).to(device=dev, dtype=torch.long)
         dest = self.dest_X.to(dev)
         send_PcL = counts_cE.index_select(1, dest).view(c, P, L).transpose(0, 1)
-        recv_PcL = comm.exchange_counts_on_device(send_PcL, self.group)
-        # the one host read of the layer call: what I send (per chunk) and what I receive, together
-        flat = torch.cat([counts_cE.reshape(-1), recv_PcL.reshape(-1)]).tolist()
+        recv_PcL, work = comm.exchange_counts_start(send_PcL, self.group)
+        if dev.type != "cuda":  # gloo: the host waits for the exchange in plan_finish
+            return PlanFlight(counts_cE, recv_PcL, work, None, None, None, c)
+        # on a side stream, so the current stream's next work (the layer's permute) does not queue
+        # behind the exchange; the flight holds counts_cE and recv_PcL until plan_finish has waited
+        # for `ready`, so their memory is not reused while the side stream reads them
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=dev)
+        side = self._copy_stream
+        side.wait_stream(torch.cuda.current_stream(dev))  # counts_cE is written on the current stream
+        host = torch.empty(c * E + P * c * L, dtype=torch.long, pin_memory=True)
+        ready = torch.cuda.Event()
+        with torch.cuda.stream(side):
+            work.wait()  # NCCL: orders the side stream after the exchange; the host does not block
+            flat = torch.cat([counts_cE.reshape(-1), recv_PcL.reshape(-1)])
+            host.copy_(flat, non_blocking=True)  # device-to-host, queued: no sync here
+            ready.record(side)
+        return PlanFlight(counts_cE, recv_PcL, None, flat, host, ready, c)
+
+    def plan_finish(self, flight: PlanFlight) -> list:
+        """Wait for plan_start's exchange (and copy) and read the counts: the layer call's one host read."""
+        P, L, E, c = self.layout.world, self.layout.local_experts, self.layout.num_experts, flight.chunks
+        if flight.host is not None:
+            flight.ready.synchronize()  # the host waits for the copy only, not for later device work
+            flat = flight.host.tolist()  # the one host read (pinned memory, already on the host)
+        else:
+            flight.work.wait()
+            # the one host read of the layer call: what I send (per chunk) and what I receive, together
+            flat = torch.cat([flight.counts_cE.reshape(-1), flight.recv_PcL.reshape(-1)]).tolist()
         dest_X = self.dest_list
         out = []
         for i in range(c):

@@ -76,6 +76,13 @@ class PaddedDispatcher(Dispatcher):
         f, E = self.static_capacity_factor, self.layout.num_experts
         return max(1, math.ceil(f * num_tokens * self.top_k / E))
 
+    def factor_needed(self, counts_E: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The smallest factor whose static buffer holds every row of counts_E [E] (device): the
+        largest count x E / (T x K), a 0-dim float64 device tensor (no host read)."""
+        E = self.layout.num_experts
+        most = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
+        return most.to(torch.float64) * E / max(1, num_tokens * self.top_k)
+
     def static_plan(self, counts_E: torch.Tensor, expert_N: torch.Tensor, num_tokens: int, chunks: int = 1):
         """Chunks of a static dispatch, with no host read and no collective.
 

@@ -28,13 +28,16 @@ Static capacity (the padded dispatcher with `static_capacity_factor`): the ep mo
 read and no collective but the data all-to-alls (the counts stay on the device; its chunks are slot
 ranges of the fixed buffer). Rows past the capacity are dropped in every mode (sharded_dp zeroes
 the same rows), so the modes still give the same numbers; `overflow_dropped` (a 0-dim device
-tensor) counts them. overflow="error" then checks, after the combine, with one all-reduce over
-the ep group, and raises on every rank together.
+tensor) counts them, and `static_factor_needed` (0-dim device tensor) is the smallest factor that
+would have held this call's rows. overflow="error" then checks, after the combine, with one
+all-reduce over the ep group, and raises on every rank together; overflow="rerun" drops and counts
+here, and the trainer re-runs the step with a larger factor (parallel/overflow.py).
 """
 from __future__ import annotations
 
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -50,7 +53,23 @@ from .tuner import Stats, Tuner
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
 TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
-                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped")
+                        "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped",
+                        "static_factor_needed")
+
+
+@dataclass
+class _Prepared:
+    """One layer call's decision, and the plan collective prefetch() issued (None: not issued)."""
+
+    plan: Any
+    counts_E: torch.Tensor
+    static: bool
+    mode: str
+    degree: int
+    tuning: bool
+    chunk_counts: Optional[list]
+    flight: Any  # the dispatcher's plan_start(chunk_counts), finished by plan_finish in _run_ep
+    issue_s: float
 
 
 class ExpertParallelRunner:
@@ -72,7 +91,9 @@ class ExpertParallelRunner:
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
                  tuner: Tuner, agree_group=None, overflow: str = "drop") -> None:
         self.layout = layout
-        self.overflow = overflow  # static capacity: "drop" (count) | "error" (raise on every rank)
+        # static capacity: "drop" (count) | "error" (raise on every rank) | "rerun" (count here; the
+        # trainer re-runs the step with a larger buffer, see parallel/overflow.py)
+        self.overflow = overflow
         # borrowed, never owned (GroupRef): destroy_process_group() must be able to destroy them
         self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
@@ -90,6 +111,7 @@ class ExpertParallelRunner:
         self._last_seconds: Optional[float] = None
         self._bwd_marks: list = [None, None]  # marks at the timed backward's start / latest end
         self.last_metrics: dict = {}
+        self._prepared: Optional[_Prepared] = None  # prefetch()'s, until __call__ takes it
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
     def watch_params(self, params) -> None:
@@ -141,10 +163,16 @@ class ExpertParallelRunner:
             stats, slowest = Stats.from_list(job[:-1]), job[-1]
         return stats, (slowest if slowest >= 0 else None)
 
-    def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
-        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens).
+    def prefetch(self, plan) -> None:
+        """Start what this layer call needs before its rows exist. The layer calls it right after
+        routing, before it permutes x_TD into x_ND: the decision (mode, overlap degree) and, in ep
+        mode with a dispatcher that has `plan_start` (all-to-all-v), the counts exchange and the
+        copy of the splits to the host, so the permute runs while they travel; `__call__` with the
+        same plan then waits and reads (its one host read). Without prefetch, `__call__` does both
+        at once: the same collectives in the same order either way."""
+        self._prepared = self._prepare(plan)  # a stale one (its call raised) is dropped
 
-        shared: the layer's SharedWork (a callable returning s_TD) or None; given, returns (y_ND, s_TD)."""
+    def _prepare(self, plan) -> _Prepared:
         if plan.counts_E.shape[0] != self.layout.num_experts:
             raise ValueError(
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
@@ -166,9 +194,27 @@ class ExpertParallelRunner:
             else:
                 mode, c = self.tuner.keep()
         self.current = (mode, c)
+        t0 = time.perf_counter()
+        chunk_counts, flight = None, None
+        if mode == "ep" and not static and hasattr(self.dispatcher, "plan_start"):
+            chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
+            flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
+        return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0)
+
+    def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
+        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens).
+
+        shared: the layer's SharedWork (a callable returning s_TD) or None; given, returns (y_ND, s_TD)."""
+        prep, self._prepared = self._prepared, None
+        if prep is None:
+            prep = self._prepare(plan)
+        elif prep.plan is not plan:
+            raise RuntimeError("ExpertParallelRunner: called with another plan than the one prefetch() started")
+        counts_E, static, mode, c, tuning = prep.counts_E, prep.static, prep.mode, prep.degree, prep.tuning
         # a trial the tuner will read at its next decision: mark it (the same on every rank)
         self._timing = tuning and self.tuner.timing_this_step
         timer = Timer()
+        timer.totals["plan_s"] = prep.issue_s
         t0 = time.perf_counter()
         m0 = self.clock.mark() if self._timing else None
         metrics: dict = dict.fromkeys(METRICS, 0.0)
@@ -177,10 +223,11 @@ class ExpertParallelRunner:
             chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
                                                                     c if mode == "ep" else 1)
             metrics["overflow_dropped"] = dropped.detach()
+            metrics["static_factor_needed"] = self.dispatcher.factor_needed(counts_E, plan.num_tokens).detach()
         if mode == "ep" and static:
             y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, timer, metrics, shared, out)
         elif mode == "ep":
-            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics, shared, out)
+            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics, shared, out, prep)
         else:
             y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer, shared=shared,
                                 out=out)
@@ -270,14 +317,18 @@ class ExpertParallelRunner:
         return y_ND
 
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
-                metrics: dict, shared=None, out: Optional[dict] = None) -> torch.Tensor:
+                metrics: dict, shared=None, out: Optional[dict] = None, prep: Optional[_Prepared] = None) -> torch.Tensor:
         d = self.dispatcher
-        chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
-        # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
-        chunk_capacity = None if capacity is None else -(-capacity // c)
-
-        with timer.span("plan_s"):
-            plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
+        if prep is not None and prep.flight is not None:
+            chunk_counts = prep.chunk_counts
+            with timer.span("plan_s"):
+                plans = d.plan_finish(prep.flight)  # the exchange prefetch() issued: wait, then the one read
+        else:
+            chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
+            # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
+            chunk_capacity = None if capacity is None else -(-capacity // c)
+            with timer.span("plan_s"):
+                plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
         if getattr(d, "host_counts_in_plan", False):
             # the plan read the counts: the rest is Python integers (no further host read)
             host_E = [sum(col) for col in zip(*(p.counts_E for p in plans))]

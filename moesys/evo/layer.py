@@ -70,6 +70,13 @@ class EvoMoELayer(MoELayer):
         """Draw this step's gate noise from streams keyed by (seed, layer, step, rank, call index)."""
         self._noise_key, self._noise_calls = (seed, step, rank), 0
 
+    def step_state(self) -> dict:
+        """Python-side state a training forward advances (moesys.step_state: a re-run step restores it)."""
+        return {"noise_calls": self._noise_calls}
+
+    def load_step_state(self, state: dict) -> None:
+        self._noise_calls = state["noise_calls"]
+
     def _noise_stream(self, device: torch.device):
         """Context: the global RNG of `device` seeded for the next routing call, restored afterwards."""
         if not self.training or self._noise_key is None:

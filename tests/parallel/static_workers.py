@@ -149,7 +149,8 @@ READS = ("item", "tolist", "cpu", "numpy", "__int__", "__index__", "__float__", 
 
 
 class CountingRunner:
-    """Wraps the installed runner; counts Python-level host reads of tensors while it runs."""
+    """Wraps the installed runner; counts Python-level host reads of tensors while it runs (its
+    call and its prefetch, which the layer makes before the permute)."""
 
     def __init__(self, runner) -> None:
         self.inner = runner
@@ -158,7 +159,7 @@ class CountingRunner:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def __call__(self, *args, **kwargs):
+    def _spied(self, fn, *args, **kwargs):
         saved = {n: getattr(torch.Tensor, n) for n in READS}
         reads = self.reads
 
@@ -173,10 +174,16 @@ class CountingRunner:
         for n in READS:
             setattr(torch.Tensor, n, spy(n))
         try:
-            return self.inner(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
-            for n, fn in saved.items():
-                setattr(torch.Tensor, n, fn)
+            for n, fn_ in saved.items():
+                setattr(torch.Tensor, n, fn_)
+
+    def prefetch(self, plan):
+        return self._spied(self.inner.prefetch, plan)
+
+    def __call__(self, *args, **kwargs):
+        return self._spied(self.inner, *args, **kwargs)
 
 
 def host_reads_worker(setups):
@@ -200,3 +207,80 @@ def host_reads_worker(setups):
             per_forward.append(list(spy.reads))
         out[name] = per_forward
     return out
+
+
+def order_worker(setups):
+    """setups: (name, MoEConfig kwargs, overlap degree); the all-to-all-v dispatcher, pinned ep mode.
+    Per setup, one training forward's events in issue order: ("exchange", dtype) for each
+    all_to_all_single (int64: the counts exchange; float: rows), ("op", name, reads x, out shape)
+    for every non-view ATen op (a TorchDispatchMode), ("read", name) for each host read, and the
+    runner's own reads (CountingRunner: its prefetch and call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
+    out = {}
+    for name, kw, c in setups:
+        torch.manual_seed(0)
+        cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=2, **kw)
+        layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, mode="ep", overlap=c,
+                                      dispatcher="alltoallv", timeout_s=30)
+        spy = CountingRunner(layer.runner)
+        layer.set_runner(spy)
+        x = torch.randn(13, 8, generator=torch.Generator().manual_seed(dims.rank), requires_grad=True)
+        events, x_ptr = [], x.data_ptr()
+
+        class Order(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                res = func(*args, **(kwargs or {}))
+                if not func.is_view:
+                    reads_x = any(isinstance(a, torch.Tensor) and a.data_ptr() == x_ptr
+                                  for a in tree_leaves((args, kwargs)))
+                    shape = tuple(res.shape) if isinstance(res, torch.Tensor) else None
+                    events.append(("op", str(func), reads_x, shape))
+                return res
+
+        a2a = dist.all_to_all_single
+
+        def logged_a2a(output, input, *a, **k):
+            events.append(("exchange", str(input.dtype)))
+            return a2a(output, input, *a, **k)
+
+        saved = {n: getattr(torch.Tensor, n) for n in READS}
+
+        def spy_read(n):
+            def f(t, *a, **k):
+                events.append(("read", n))
+                return saved[n](t, *a, **k)
+            return f
+
+        dist.all_to_all_single = logged_a2a
+        for n in READS:
+            setattr(torch.Tensor, n, spy_read(n))
+        try:
+            with Order():
+                y, aux = layer(x)
+        finally:
+            dist.all_to_all_single = a2a
+            for n, fn in saved.items():
+                setattr(torch.Tensor, n, fn)
+        y.sum().backward()  # the step still completes (and the reverse collectives pair up)
+        out[name] = {"events": events, "runner_reads": list(spy.reads), "T": x.shape[0], "K": cfg.top_k,
+                     "D": cfg.hidden_size}
+    return out
+
+
+def cuda_plan_worker():
+    """One NCCL rank: AllToAllVDispatcher.plan_start/plan_finish against the synchronous plan."""
+    from moesys.parallel import AllToAllVDispatcher, ExpertLayout
+
+    torch.cuda.set_device(0)
+    d = AllToAllVDispatcher(ExpertLayout(world=1, rank=0, num_experts=4, ffn_size=8), dist.group.WORLD)
+    counts = [torch.tensor([3, 0, 5, 2], device="cuda"), torch.tensor([1, 1, 0, 7], device="cuda")]
+    flight = d.plan_start(counts)
+    pinned = flight.host is not None and flight.host.is_pinned()
+    got = d.plan_finish(flight)
+    want = [d.plan([c])[0] for c in counts]
+    same = all(g.counts_E == w.counts_E and g.in_splits == w.in_splits and g.out_splits == w.out_splits
+               and torch.equal(g.recv_counts_PL, w.recv_counts_PL) for g, w in zip(got, want))
+    return {"pinned": bool(pinned), "same": bool(same)}

@@ -52,7 +52,8 @@ def test_overflow_error_raises_on_every_rank():
     (dict(static_capacity_factor=1.0), "needs dispatcher='padded'"),
     (dict(dispatcher="padded", static_capacity_factor=0.0), "static_capacity_factor must be a finite number > 0"),
     (dict(dispatcher="padded", static_capacity_factor=float("inf")), "finite number > 0"),
-    (dict(dispatcher="padded", static_capacity_factor=1.0, overflow="rerun"), "overflow='rerun' is not one of"),
+    (dict(dispatcher="padded", static_capacity_factor=1.0, overflow="later"), "overflow='later' is not one of"),
+    (dict(dispatcher="padded", overflow="rerun"), "applies to a static buffer only"),
     (dict(dispatcher="padded", overflow="error"), "applies to a static buffer only"),
 ])
 def test_config_refuses(kw, text):
@@ -76,3 +77,33 @@ def test_host_reads_per_layer_forward():
         for name, per_forward in r.items():
             for reads in per_forward:
                 assert len(reads) == want[name], f"{name}: {len(reads)} host reads:\n" + "\n".join(reads)
+
+
+@pytest.mark.parametrize("current,needed,limit,want", [
+    (0.25, 0.94, None, 1.25),  # 1.25 x 0.94 = 1.175 -> the next multiple of 0.25
+    (1.0, 0.5, None, 1.5),  # at least x1.5 the current factor
+    (0.5, 1.0, None, 1.25),  # exactly 1.25: not rounded up a step by float error
+    (0.25, 1.5, 2.0, 2.0),  # capped at E / K (C = T)
+    (1.9, 1.95, 2.0, 2.0),
+])
+def test_grown_factor(current, needed, limit, want):
+    from moesys.parallel.overflow import grown_factor
+
+    got = grown_factor(current, needed, limit)
+    assert got == want and got >= needed and (limit is None or got <= limit)
+
+
+def test_factor_needed_fits_the_largest_count():
+    """C(f_needed) = ceil(f * T * K / E) is exactly the largest count (T x K not a multiple of E)."""
+    import torch
+
+    from moesys.parallel import ExpertLayout, PaddedDispatcher
+
+    E, K, T = 8, 2, 37
+    d = PaddedDispatcher.__new__(PaddedDispatcher)  # the capacity math only: no process group
+    d.layout, d.static_capacity_factor, d.top_k = ExpertLayout(world=2, rank=0, num_experts=E, ffn_size=8), 1.0, K
+    counts_E = torch.tensor([3, 0, 19, 5, 7, 11, 2, 27])
+    f = float(d.factor_needed(counts_E, T))
+    assert f == 27 * E / (T * K)
+    d.static_capacity_factor = f
+    assert d.static_capacity(T) == 27
