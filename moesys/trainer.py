@@ -312,9 +312,9 @@ class Trainer:
             flags = torch.tensor(preemption.flags_of(self.stop.signum if self.stop is not None else None))
             sums = torch.stack([r["lm"].float(), r["aux"].float(), r["overflow"].float()]).cpu()
             red = torch.cat([sums[:2], torch.tensor([float(bad)]), sums[2:], flags])
+            tail = red[3:].clone()  # this rank's own: summed over the world below, not over dp first
             dist.all_reduce(red, group=self.dims.dp_group)
             if self.dims.dp != self.dims.world_size:  # the stop (and a re-run) must be agreed over the world
-                tail = red[3:].clone()
                 dist.all_reduce(tail)
                 red[3:] = tail
             dropped = int(red[3])
