@@ -76,12 +76,16 @@ def check_same(got, want):
         assert torch.equal(a, b), f"{name} differs"
 
 
-@pytest.mark.parametrize("priority,C", CASES)
-def test_torch_reference_matches_the_loop(priority, C):
-    T, K, E = 601, 2, 7
+def loop_case(priority, C, T=601, K=2, E=7):
+    """601 tokens' routes over 7 experts (one empty), their order for `priority`, E and the loop's placement."""
     ex = routes(T, K, E)
     order = order_for(priority, T, K)
-    want = loop_place(ex, order, E, C, priority)
+    return ex, order, E, loop_place(ex, order, E, C, priority)
+
+
+@pytest.mark.parametrize("priority,C", CASES)
+def test_torch_reference_matches_the_loop(priority, C):
+    ex, order, E, want = loop_case(priority, C)
     check_same(route_place_reference(ex, order, E, C, priority), want)
     check_same(route_place(ex, E, C, priority, order), want)  # the op: CPU takes the reference
     if C == 60:
@@ -91,10 +95,7 @@ def test_torch_reference_matches_the_loop(priority, C):
 @pytest.mark.parametrize("priority,C", CASES)
 def test_triton_matches_the_loop(priority, C):
     """Interpreter; block_r=64 puts the 1202 routes in 19 blocks (the prefix crosses blocks)."""
-    T, K, E = 601, 2, 7
-    ex = routes(T, K, E)
-    order = order_for(priority, T, K)
-    want = loop_place(ex, order, E, C, priority)
+    ex, order, E, want = loop_case(priority, C)
     check_same(launch_route_place(ex, order, E, C, priority, block_r=64), want)
     # 76 blocks of 16 positions, scanned 16 blocks at a time
     check_same(launch_route_place(ex, order, E, C, priority, block_r=16, scan_block=16), want)
