@@ -208,7 +208,9 @@ class ExpertParallelRunner:
         prep, self._prepared = self._prepared, None
         if prep is None:
             prep = self._prepare(plan)
-        elif prep.plan is not plan:
+        elif prep.plan is not plan and prep.plan.counts_E is not plan.counts_E:
+            # (a wrapper may rebuild the plan object around the same tensors: FSDP2 maps the experts
+            # module's inputs through its input casting, which copies dataclasses; so the counts decide)
             raise RuntimeError("ExpertParallelRunner: called with another plan than the one prefetch() started")
         counts_E, static, mode, c, tuning = prep.counts_E, prep.static, prep.mode, prep.degree, prep.tuning
         # a trial the tuner will read at its next decision: mark it (the same on every rank)

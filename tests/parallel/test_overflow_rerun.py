@@ -8,7 +8,8 @@ the same weights and buffers), with router jitter on (the re-run must replay the
 accumulation; it logged overflow_rerun events, and a checkpoint keeps the grown factor. A drop run
 from the same tiny factor differs (so the comparison can fail). world 4 with ep 2 (two ep groups),
 and ep = world 4 with the sigmoid_bias router (its aux-loss-free bias update reads the loads the
-forward accumulates: the first pass's must be discarded).
+forward accumulates: the first pass's must be discarded), and world 4 / ep 2 under the FSDP2
+engine (its gradients are sharded DTensors, reduce-scattered in the last micro-batch's backward).
 """
 import json
 import os
@@ -44,7 +45,8 @@ def _cfgs(world, ep, extra):
 @pytest.mark.parametrize("world,ep,extra", [
     (4, 2, ("trainer.grad_accum=2", "trainer.batch_size=16")),
     (4, 4, ("moe.router=sigmoid_bias",)),
-], ids=["world4-ep2", "world4-ep4-sigmoid_bias"])
+    (4, 2, ("trainer.engine=fsdp", "trainer.grad_accum=2", "trainer.batch_size=16")),
+], ids=["world4-ep2", "world4-ep4-sigmoid_bias", "world4-ep2-fsdp"])
 def test_rerun_equals_an_ample_buffer_from_the_start(world, ep, extra, tmp_path):
     results = simulate(overflow_workers.train_runs_worker, world, _cfgs(world, ep, extra), str(tmp_path),
                        ("rerun", 2), timeout_s=120)
