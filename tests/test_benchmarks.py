@@ -25,6 +25,7 @@ CASES = {
     "ep_groups": ["benchmarks/ep.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48", "--experts",
                   "8", "--top-k", "4", "--groups", "4", "--topk-groups", "2", "--rounds", "1", "--steps", "1"],
     "stability": ["benchmarks/stability.py", "--only", "tiny", "--seeds", "1", "--steps", "7"],
+    "spike_probe": ["benchmarks/spike_probe.py", "--steps", "5", "--overrides", "preset=tiny"],
     "plan_check": ["benchmarks/plan_check.py", "--worlds", "2", "--tokens", "64", "--hidden", "32", "--ffn", "48",
                    "--rounds", "1", "--steps", "1", "--auto-steps", "4"],
     "sync_free": ["benchmarks/sync_free.py", "--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7",
