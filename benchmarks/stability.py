@@ -5,7 +5,7 @@ above the first (issue 14 item 7).
     python benchmarks/stability.py                                  # all commands, seeds 1 2 3, 60 steps
     python benchmarks/stability.py --only capacity evomoe --seeds 1 --steps 40
     python benchmarks/stability.py --full-default                   # also `moesys-train` as is (300 steps)
-    python benchmarks/stability.py --extra schedule.warmup_steps=30 # every run with more overrides
+    python benchmarks/stability.py --extra schedule.warmup_steps=30 # more overrides for every run (the old warmup)
     python benchmarks/stability.py --list                           # the commands and what each adds
 
 Each run is its own `python -m moesys.train` process with the README's overrides plus
