@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+import torch
 
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
@@ -92,11 +93,6 @@ class MoEConfig:
     # The dense-to-sparse gates (dts, act_dts) are its documented exception: their number of routes
     # depends on the data, so they keep the host plan (experts still on torch._grouped_mm).
     kernel_backend: str = "auto"
-
-    def __setattr__(self, name: str, value) -> None:
-        object.__setattr__(self, name, value)
-        if name == "capacity_factor":  # its exact ratio travels with it (see exact_capacity)
-            object.__setattr__(self, "capacity_ratio", decimal_ratio(value))
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -276,27 +272,22 @@ class MoEConfig:
         """Per-expert capacity C = max(min_capacity, ceil(cf * K * T / E)); None when dropless."""
         if self.capacity_factor is None:
             return None
-        return max(self.min_capacity, exact_capacity(self.capacity_ratio, self.top_k, num_tokens, self.num_experts))
+        return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts))
 
 
-def exact_capacity(ratio: tuple, top_k: int, num_tokens: int, num_experts: int) -> int:
-    """ceil(cf * K * T / E) in exact arithmetic; ratio = (num, den) of cf as decimal_ratio gives it.
+def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
+    """ceil(cf * K * T / E) in exact arithmetic, cf taken as the decimal it is written as.
 
     In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
-    Integer arithmetic only, so torch.compile traces it, also with a symbolic T (or symbolic num/den
-    when a second layer with another capacity factor recompiles the same code)."""
-    num, den = ratio
-    return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil
+    `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
+    is the number the user wrote in the config."""
+    num, den = _decimal_ratio(capacity_factor)
+    return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil: traceable with a symbolic T
 
 
-def decimal_ratio(x) -> Optional[tuple]:
-    """(numerator, denominator) of the decimal the float `x` is written as (1.1 -> (11, 10)):
-    `Fraction(str(x))` reads the shortest decimal that round-trips the float, which is the number
-    the user wrote in the config. None for None or a value that is not a finite number (the
-    config's checks name those). MoEConfig keeps it as `capacity_ratio`, computed eagerly when
-    `capacity_factor` is set, since torch.compile cannot trace Fraction."""
-    try:
-        f = Fraction(str(float(x)))
-    except (TypeError, ValueError, OverflowError):
-        return None
+@torch.compiler.assume_constant_result
+def _decimal_ratio(x: float) -> tuple:
+    """(numerator, denominator) of the decimal `x` is written as. A constant for torch.compile (it
+    cannot trace Fraction), so capacity stays a Python int of the shapes in a compiled graph."""
+    f = Fraction(str(x))
     return f.numerator, f.denominator
