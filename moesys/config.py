@@ -150,9 +150,9 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}"
             )
-        if self.router == "expert_choice" and self.capacity_factor is None:
-            # expert choice always has a capacity: C = ceil(T * K / E) with cf defaulting to 1
-            pass
+        # the factor's exact decimal ratio, computed here, eagerly: under torch.compile a second
+        # compile of a layer with another factor makes the float symbolic, and Fraction cannot trace
+        self.__dict__["_cf_ratio"] = (cf, *_decimal_ratio(cf)) if cf is not None else None
         if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             raise ValueError(f"MoEConfig.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "jitter_eps", "bias_update_rate", "dts_balance_coef"):
@@ -272,16 +272,28 @@ class MoEConfig:
         """Per-expert capacity C = max(min_capacity, ceil(cf * K * T / E)); None when dropless."""
         if self.capacity_factor is None:
             return None
-        return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts))
+        return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts,
+                                                     self.capacity_ratio()))
+
+    def capacity_ratio(self) -> tuple:
+        """(numerator, denominator) of capacity_factor as the decimal written (1.1 -> (11, 10)).
+        Taken from the value computed at construction while the field still holds it (comparing it
+        specialises a symbolic factor under torch.compile: a guard, not a graph break)."""
+        cached = self.__dict__.get("_cf_ratio")
+        if cached is None or cached[0] != self.capacity_factor:  # the field was set after construction
+            cached = (self.capacity_factor, *_decimal_ratio(self.capacity_factor))
+            self.__dict__["_cf_ratio"] = cached
+        return cached[1:]
 
 
-def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
+def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int,
+                   ratio: Optional[tuple] = None) -> int:
     """ceil(cf * K * T / E) in exact arithmetic, cf taken as the decimal it is written as.
 
     In floats 1.1 * 400 / 4 is 110.00000000000001, whose ceiling is 111; the exact value is 110.
     `Fraction(str(cf))` reads the shortest decimal that round-trips the float (1.1 -> 11/10), which
-    is the number the user wrote in the config."""
-    num, den = _decimal_ratio(capacity_factor)
+    is the number the user wrote in the config. `ratio`: that (numerator, denominator), already known."""
+    num, den = ratio if ratio is not None else _decimal_ratio(capacity_factor)
     return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil: traceable with a symbolic T
 
 

@@ -274,8 +274,8 @@ class ExpertChoiceRouter(Router):
 
     def capacity(self, T: int) -> int:
         cfg = self.cfg
-        cf = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
-        return min(T, max(cfg.min_capacity, exact_capacity(cf, cfg.top_k, T, cfg.num_experts)))
+        ratio = cfg.capacity_ratio() if cfg.capacity_factor is not None else (1, 1)
+        return min(T, max(cfg.min_capacity, exact_capacity(cfg.capacity_factor, cfg.top_k, T, cfg.num_experts, ratio)))
 
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg

@@ -31,7 +31,11 @@ def test_capacity_grid_is_exact(min_capacity):
 
 def test_capacity_issue_example_and_the_layer_uses_it():
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=1, capacity_factor=1.1)
-    assert cfg.capacity(400) == 110
+    assert cfg.capacity(400) == 110 and cfg.capacity_ratio() == (11, 10)
+    changed = MoEConfig(hidden_size=8, ffn_hidden_size=8, num_experts=4, top_k=1, capacity_factor=1.1)
+    changed.capacity_factor = 1.3  # set after construction: the ratio follows the field
+    assert changed.capacity_ratio() == (13, 10) and changed.capacity(400) == 130
+    assert changed.to_dict()["capacity_factor"] == 1.3 and "_cf_ratio" not in changed.to_dict()
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     with torch.no_grad():

@@ -319,8 +319,6 @@ def test_fused_ops_torch_bodies_read_nothing_on_the_host(no_host_reads):
 @pytest.mark.slow
 @pytest.mark.parametrize("cf,policy,renorm", [(None, "position", False), (1.0, "position", False), (1.0, "bpr", True)])
 def test_compiles_fullgraph_and_matches_eager(cf, policy, renorm):
-    # one capacity factor for every case: a second compile with another factor breaks the graph in
-    # MoEConfig.capacity (_decimal_ratio's assume_constant_result sees a lazy constant): not this test's subject
     layer = make("topk", "swiglu", capacity_factor=cf, drop_policy=policy, renormalize_after_drop=renorm)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(2, 33, 12)
@@ -332,6 +330,27 @@ def test_compiles_fullgraph_and_matches_eager(cf, policy, renorm):
     for n in gp:
         torch.testing.assert_close(gp_c[n], gp[n], atol=1e-5, rtol=1e-4)
     assert torch.equal(aux_c.tokens_per_expert, aux.tokens_per_expert)
+
+
+@pytest.mark.slow
+def test_compiles_again_with_other_capacity_factors():
+    """A second and third torch.compile of the layer in one process, each with another capacity
+    factor: automatic dynamic then makes the factor symbolic, and the exact capacity (Fraction of the
+    decimal written) must still trace, fullgraph, and match eager (1.1: the float ceiling is off by one
+    at T=400, E=4, K=1; here T=66, K=2, E=7 gives C = ceil(20.74) = 21)."""
+    torch._dynamo.reset()
+    for cf in (1.0, 1.1, 1.25):
+        layer = make("topk", "swiglu", capacity_factor=cf)
+        assert layer.cfg.capacity(66) == {1.0: 19, 1.1: 21, 1.25: 24}[cf]
+        compiled = torch.compile(layer, fullgraph=True)
+        x = torch.randn(2, 33, 12)
+        y, aux, gx, gp = run(layer, x)
+        y_c, aux_c, gx_c, gp_c = run(compiled, x)
+        torch.testing.assert_close(y_c, y, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gx_c, gx, atol=1e-5, rtol=1e-4)
+        for n in gp:
+            torch.testing.assert_close(gp_c[n], gp[n], atol=1e-5, rtol=1e-4)
+        assert torch.equal(aux_c.tokens_per_expert, aux.tokens_per_expert) and aux_c.dropped == aux.dropped
 
 
 # ---- where the path is taken ----------------------------------------------------------------------
