@@ -58,6 +58,10 @@ STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden
                      "shared_ffn_hidden", "shared_expert_gate")
 # what a checkpoint written before a structural field existed had (its manifest lacks the key)
 STRUCTURAL_DEFAULTS = {"qk_norm": False, "num_shared_experts": 0, "shared_ffn_hidden": 0, "shared_expert_gate": False}
+# the moesys-train override that sets each structural field (for the error's "to resume it" hint)
+STRUCTURAL_OVERRIDES = {"vocab_size": "data.vocab_size", "num_experts": "moe.num_experts", "activation": "moe.activation",
+                        "router": "moe.router", "num_shared_experts": "moe.num_shared_experts",
+                        "shared_ffn_hidden": "moe.shared_ffn_hidden_size", "shared_expert_gate": "moe.shared_expert_gate"}
 
 
 class CheckpointError(RuntimeError):
@@ -380,7 +384,13 @@ def check_compatible(ckpt: str, structure: dict) -> dict:
     diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
              for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
     if diffs:
-        raise CheckpointError(f"checkpoint {ckpt!r} does not fit this model: " + "; ".join(diffs))
+        def value(v):
+            return str(v).lower() if isinstance(v, bool) else str(v)
+
+        resume = " ".join(f"{STRUCTURAL_OVERRIDES.get(k, 'model.' + k)}={value(saved.get(k))}"
+                          for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k))
+        raise CheckpointError(f"checkpoint {ckpt!r} does not fit this model: " + "; ".join(diffs)
+                              + f" (to resume it, add: {resume})")
     try:
         md = dcp.FileSystemReader(ckpt).read_metadata()
     except Exception as e:  # a truncated or garbled .metadata: name it, do not guess

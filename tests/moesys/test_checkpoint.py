@@ -98,10 +98,20 @@ def test_bad_checkpoints_fail_clearly_and_touch_nothing(tmp_path, world1):
     def prepare(*ov):
         return train_mod.prepare(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", *ov), run_dir, 1)
 
-    with pytest.raises(ckpt.CheckpointError, match=r"num_experts: checkpoint has 4, this run has 8"):
+    with pytest.raises(ckpt.CheckpointError, match=r"num_experts: checkpoint has 4, this run has 8.*"
+                                                   r"\(to resume it, add: moe.num_experts=4\)"):
         prepare(f"trainer.resume={good}", "moe.num_experts=8")
     with pytest.raises(ckpt.CheckpointError, match=r"d_model: checkpoint has 32, this run has 64"):
         prepare(f"trainer.resume={good}", "model.d_model=64")
+    # a checkpoint of the old default (tied embeddings): the hint is the override that resumes it
+    tied = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "model.tie_embeddings=true")
+    tr_tied = build_trainer(tied, str(tmp_path / "tied"))
+    tr_tied.train_step()
+    old = tr_tied.save()
+    with pytest.raises(ckpt.CheckpointError, match=r"tie_embeddings: checkpoint has True, this run has False "
+                                                   r"\(to resume it, add: model.tie_embeddings=true\)"):
+        prepare(f"trainer.resume={old}", "model.tie_embeddings=false")
+    prepare(f"trainer.resume={old}", "model.tie_embeddings=true")
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint at"):
         prepare(f"trainer.resume={tmp_path}/nowhere")
 
