@@ -38,7 +38,7 @@ COMMANDS = {
     "groups": ["moe.num_groups=2", "moe.topk_groups=1", "moe.aux_loss=global_batch", "parallel.ep=2"],
     "shared": ["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.recompute=true"],
     "book": ["data.path={book}"],
-    "tokens": ["data.path={tokens}", "data.dtype=uint16", "data.vocab_size=50304"],
+    "tokens": ["data.path={tokens}", "data.dtype=uint16", "data.vocab_size=50304", "model.tie_embeddings=false"],
     "deepspeed": ["trainer.engine=deepspeed", "trainer.zero_stage=2", "trainer.ds_config=launchers/ds_zero2.json"],
     "evomoe": ["evo=evomoe"],
 }

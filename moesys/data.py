@@ -82,6 +82,15 @@ def load_tokens(path: Optional[str], dtype: str = "uint16", vocab_size: int = 25
     return np.frombuffer(raw, dtype=np.uint8)
 
 
+def unused_ids(tokens: np.ndarray, vocab_size: int) -> int:
+    """How many of the ids 0 .. vocab_size-1 never occur in `tokens` (one pass, in chunks)."""
+    seen = np.zeros(vocab_size, dtype=bool)
+    step = 1 << 24
+    for i in range(0, len(tokens), step):
+        seen[np.asarray(tokens[i:i + step])] = True
+    return int(vocab_size - seen.sum())
+
+
 @dataclass(frozen=True)
 class Split:
     tokens: np.ndarray  # 1-D

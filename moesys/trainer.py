@@ -410,6 +410,20 @@ class Trainer:
         return Evaluation(loss=float(tot[0] / tot[1]), tokens=int(tot[1]),
                           load={b: loads[j].tolist() for j, b in enumerate(blocks)} if loads is not None else {})
 
+    def data_warnings(self) -> list:
+        """Warnings that need the data: tied embeddings over a vocabulary of which the training split
+        never uses more than 90% (README, "Training stability": Adam drifts the never-seen output rows together, and
+        with tied embeddings that made the run spike)."""
+        cfg = self.cfg
+        if not cfg.model.tie_embeddings:
+            return []
+        unused = data_mod.unused_ids(self.train_split.tokens, cfg.data.vocab_size)
+        if unused * 10 <= cfg.data.vocab_size * 9:  # at most 90% unused (the embedded corpus: 149 of 256)
+            return []
+        return [f"model.tie_embeddings=true with data.vocab_size={cfg.data.vocab_size}: {unused:,} ids never occur in "
+                f"the training data; tied, their drifting rows can make the loss spike (README, \"Training "
+                f"stability\"): pass model.tie_embeddings=false, or a data.vocab_size fitted to the data"]
+
     def evaluate(self) -> float:
         """Mean next-token loss on the fixed validation set (independent of the world size)."""
         return self.evaluation().loss
@@ -481,7 +495,7 @@ class Trainer:
         if self.rank == 0:
             write_config(self.out_dir, _as_dict(cfg))
         start = time.time()
-        for w in cfg.warnings():  # valid but probably not meant; logged, not an error
+        for w in cfg.warnings() + (self.data_warnings() if self.rank == 0 else []):  # valid, probably not meant
             log.message(f"warning: {w}")
         if resume_from is not None:
             log.message(f"resumed from {resume_from} at step {self.step}")

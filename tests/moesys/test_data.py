@@ -98,3 +98,30 @@ def test_eval_batches_cover_the_same_windows_at_any_dp():
              for r in range(4)]
     assert one.shape == (12, 16)
     assert sorted(map(tuple, one.tolist())) == sorted(map(tuple, torch.cat(parts).tolist()))
+
+
+def test_unused_ids_counts_every_id_that_never_occurs():
+    tokens = np.array([0, 3, 3, 9, 0], dtype=np.uint16)
+    assert data.unused_ids(tokens, 10) == 7  # only 0, 3 and 9 occur
+    assert data.unused_ids(np.arange(10, dtype=np.uint16), 10) == 0
+    corpus = data.load_tokens(None, "uint16", 256)
+    assert data.unused_ids(corpus, 256) == 256 - len(np.unique(corpus))
+
+
+def test_trainer_warns_for_tied_embeddings_over_a_mostly_unused_vocabulary(tmp_path, world1):
+    """The 50304-vocabulary spike (README, "Training stability"): a .bin file that uses < 10% of the
+    ids warns with tied embeddings and names the override; untied, or the embedded corpus, does not."""
+    from train_helpers import build_trainer, make_cfg
+
+    path = str(tmp_path / "tokens.bin")
+    (data.load_tokens(None, "uint16", 256).astype(np.uint16) % 97).tofile(path)  # 97 of 1200 ids
+    base = ["parallel.ep=1", "parallel.simulate_ranks=1", f"data.path={path}", "data.vocab_size=1200"]
+    tied = build_trainer(make_cfg(*base, "model.tie_embeddings=true"), str(tmp_path / "a"))
+    unused = 1200 - len(np.unique(np.asarray(tied.train_split.tokens)))
+    assert unused >= 1103  # the train split holds at most the 97 residues
+    (w,) = tied.data_warnings()
+    assert w.startswith(f"model.tie_embeddings=true with data.vocab_size=1200: {unused:,} ids never occur")
+    assert "pass model.tie_embeddings=false" in w
+    assert build_trainer(make_cfg(*base, "model.tie_embeddings=false"), str(tmp_path / "b")).data_warnings() == []
+    tr = build_trainer(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1"), str(tmp_path / "c"))
+    assert tr.cfg.model.tie_embeddings and tr.data_warnings() == []  # 149 of 256 byte values unused: below 90%
