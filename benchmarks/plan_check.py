@@ -71,7 +71,8 @@ def report(world: int, runs: list) -> dict:
     for stat in ("median", "min"):
         hw = runs[-1]["hw"][stat]
         print(f"{stat} probe: latency {hw.intra.latency * 1e6:.0f} us, gap {hw.intra.gap * 1e6:.0f} us, "
-              f"bandwidth {hw.intra.bandwidth / 1e9:.2f} GB/s, GEMM {hw.gemm_flops / 1e9:.1f} GFLOP/s, expert call "
+              f"bandwidth {hw.intra.bandwidth / 1e9:.2f} GB/s, all-gather x{hw.allgather_factor:.2f}, "
+              f"reduce-scatter x{hw.reduce_scatter_factor:.2f}, GEMM {hw.gemm_flops / 1e9:.1f} GFLOP/s, expert call "
               f"{hw.chunk_overhead_s * 1e3:.2f} ms + {hw.expert_overhead_s * 1e3:.2f} ms an expert, overlap "
               f"{hw.overlap:.2f}, layer without experts {hw.layer_overhead_s * 1e3:.2f} ms")
     print(f"{'mode':<11}{'c':>2} | {'median: measured':>16} {'predicted':>9} {'error':>6} | "

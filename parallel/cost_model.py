@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .cost_network import Hardware, allgather_ring, alltoall_2d, alltoall_flat, allreduce, pipelined
+from .cost_network import (Hardware, allgather_ring, alltoall_2d, alltoall_flat, allreduce, pipelined,
+                           reduce_scatter_ring)
 
 MODES = ("ep", "sharded_dp")
 DEGREES = (1, 2, 4, 8)
@@ -152,11 +153,12 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
     if mode == "sharded_dp":
         w_chunk = L * D * (F / S) * b / c  # one matrix's local slice, one F-chunk
         comm = c * G * allgather_ring(w_chunk, P, hw)
+        comm_bwd = c * G * reduce_scatter_ring(w_chunk, P, hw)
         n_max = stats.max_local_rows
         comp = hw.gemm_seconds(2 * G * D * F * n_max, n_max / E)
         total_local = local_seconds(stats, shape, hw) + hw.call_seconds(c, E)
-        total = total_local + pipelined(comm, comp, c, hw.overlap) + pipelined(comm, 2 * comp, c, hw.overlap)
-        return Breakdown(mode, "-", c, 3 * comp, 2 * comm, 0.0, total_local, total,
+        total = total_local + pipelined(comm, comp, c, hw.overlap) + pipelined(comm_bwd, 2 * comp, c, hw.overlap)
+        return Breakdown(mode, "-", c, 3 * comp, comm + comm_bwd, 0.0, total_local, total,
                          bytes_fwd=(P - 1) * L * G * D * (F / S) * b, collectives=2 * G * c)
 
     row_b = D * b

@@ -15,7 +15,10 @@ Costs of one collective, seconds, for the slowest rank (every rank waits for it)
         V/Lw each), then across nodes between ranks of the same local index (Nn-1 peers, V/Nn each:
         Lw times fewer, Lw times larger messages), plus two row permutes through memory (4V / B_mem)
     allgather_ring(v, P)  v: bytes each rank contributes; (P-1) steps of (latency + v/B) on the
-        ring's slowest link (across nodes once the group spans them). Reduce-scatter: the same.
+        ring's slowest link (across nodes once the group spans them), times hw.allgather_factor
+    reduce_scatter_ring(v, P)  the same ring (v: bytes each rank ends with), times
+        hw.reduce_scatter_factor. Both factors are 1 where the ring runs at the link's rate (NCCL:
+        the presets); a probe measures them (gloo on a CPU: all-gather ~1.5x, reduce-scatter ~3x)
     allreduce(v, P)       the better of a ring (2(P-1) steps of v/P) and a tree (2 log2 P latencies)
 Lw = ranks of the group per node (min(gpus_per_node, P); groups are packed into nodes), Nn = P / Lw.
 """
@@ -57,6 +60,8 @@ class Hardware:
     chunk_overhead_s: float = 0.0  # host time of one chunk's expert call fwd+bwd (launches, index math)
     expert_overhead_s: float = 0.0  # and per expert in that call (a CPU's per-GEMM dispatch; ~0 on a GPU)
     memory_bytes: float = math.inf  # device memory per GPU
+    allgather_factor: float = 1.0  # a measured all-gather over allgather_ring's estimate (1: at the link's rate)
+    reduce_scatter_factor: float = 1.0  # the same for a reduce-scatter (gloo sums through extra copies: ~2x)
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +74,9 @@ class Hardware:
         for name in ("gemm_half_rows", "layer_overhead_s", "chunk_overhead_s", "expert_overhead_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Hardware.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("allgather_factor", "reduce_scatter_factor"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"Hardware.{name} must be a finite number > 0, got {getattr(self, name)}")
         if not self.mem_bandwidth > 0 or not self.memory_bytes > 0:
             raise ValueError("Hardware.mem_bandwidth and Hardware.memory_bytes must be > 0")
 
@@ -125,12 +133,19 @@ def alltoall_2d(V: float, P: int, hw: Hardware) -> float:
     return t
 
 
-def allgather_ring(v: float, P: int, hw: Hardware) -> float:
-    """All-gather (or reduce-scatter) in which each rank contributes v bytes."""
-    if P <= 1:
-        return 0.0
+def _ring(v: float, P: int, hw: Hardware) -> float:
     link = _ring_link(P, hw)
     return (P - 1) * (link.latency + v / link.bandwidth)
+
+
+def allgather_ring(v: float, P: int, hw: Hardware) -> float:
+    """All-gather in which each rank contributes v bytes."""
+    return 0.0 if P <= 1 else hw.allgather_factor * _ring(v, P, hw)
+
+
+def reduce_scatter_ring(v: float, P: int, hw: Hardware) -> float:
+    """Reduce-scatter (sum) in which each rank ends with v bytes (of P * v it holds)."""
+    return 0.0 if P <= 1 else hw.reduce_scatter_factor * _ring(v, P, hw)
 
 
 def allreduce(v: float, P: int, hw: Hardware) -> float:

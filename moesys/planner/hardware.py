@@ -22,7 +22,7 @@ from .workload import PlanError
 THIS = "this"
 REQUIRED = ("name", "gpus_per_node", "memory_gib", "intra", "inter", "gemm_tflops")
 OPTIONAL = ("gemm_half_rows", "mem_bandwidth_tb_s", "overlap", "layer_overhead_ms", "chunk_overhead_ms",
-            "expert_overhead_ms")
+            "expert_overhead_ms", "allgather_factor", "reduce_scatter_factor")
 LINK_FIELDS = ("bandwidth_gb_s", "latency_us", "gap_us")
 
 
@@ -96,6 +96,8 @@ def hardware_from_dict(d: dict, precision: str, src: str = "cluster") -> Hardwar
         chunk_overhead_s=_number(src, "chunk_overhead_ms", d.get("chunk_overhead_ms", 0.0), strict=False) * 1e-3,
         expert_overhead_s=_number(src, "expert_overhead_ms", d.get("expert_overhead_ms", 0.0), strict=False) * 1e-3,
         memory_bytes=_number(src, "memory_gib", d["memory_gib"]) * 1024 ** 3,
+        allgather_factor=_number(src, "allgather_factor", d.get("allgather_factor", 1.0)),
+        reduce_scatter_factor=_number(src, "reduce_scatter_factor", d.get("reduce_scatter_factor", 1.0)),
         notes=src)
 
 

@@ -4,9 +4,13 @@
 
 Every rank measures at once (as in a run, the ranks share the cores), each figure the median of
 repetitions (collectives in rounds, after a barrier; local work one shape at a time, after two
-untimed calls), then all take the slowest rank's times (all_reduce MAX):
+untimed calls, as the mean call of blocks of >= 30 ms that all ranks start together: with more
+ranks than cores a short call timed alone often has a core to itself, a step never does),
+then all take the slowest rank's times (all_reduce MAX):
   * collectives in the group: a tiny all-gather ((P-1) ring steps: the per-message latency), a
-    tiny all-to-all (latency + (P-1) gaps), a 1 MB all-to-all (bandwidth);
+    tiny all-to-all (latency + (P-1) gaps), a 1 MB all-to-all (bandwidth); a 1 MB all-gather and
+    reduce-scatter (their times over the ring the link predicts: `allgather_factor`,
+    `reduce_scatter_factor`; what sharded_dp's weights and their gradients move);
   * overlap: the 1 MB all-to-all started asynchronously while the rank runs GEMMs of about its length
     (the fraction of the shorter hidden, per round; the median);
   * the expert FFN itself (moesys's grouped experts, fwd + bwd): this rank's L experts (F/S each) at
@@ -32,11 +36,12 @@ import torch
 import torch.distributed as dist
 
 from moesys.config import MoEConfig
-from moesys.parallel.cost_network import Hardware, Link
+from moesys.parallel.cost_network import Hardware, Link, allgather_ring
 from moesys.parallel.probe import hidden_fraction
 from moesys.parallel.sharded_dp import _f_chunks  # the F-chunks sharded_dp computes in
 
 EXPERT_ROWS = (16, 64, 256)
+BLOCK_S = 0.03  # a timed block of local work lasts at least this (many scheduler slices)
 
 
 class _IdentityRunner:
@@ -80,6 +85,7 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
     one, gathered = torch.zeros(1), torch.empty(P)
     n_big = (1 << 18) // P * P  # 1 MB of fp32
     big, big_out = torch.zeros(n_big), torch.empty(n_big)
+    shard = torch.zeros(n_big // P)  # all-gather in / reduce-scatter out: 1 MB over the group
     a, b = torch.randn(128, 256), torch.randn(256, 256)
     experts = GroupedExperts(MoEConfig(**{**cfg_dict, "num_experts": L, "ffn_hidden_size": F // S}))  # this rank's
     all_experts = GroupedExperts(cfg)  # what sharded_dp computes with (gathered weights)
@@ -120,7 +126,9 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
     # 1. collectives and overlap, in rounds (a load spike on a shared machine hits each alike)
     collectives = {"allgather": lambda: dist.all_gather_into_tensor(gathered, one, group=group),
                    "a2a_tiny": lambda: dist.all_to_all_single(tiny_out, tiny, group=group),
-                   "a2a_1mb": lambda: dist.all_to_all_single(big_out, big, group=group)}
+                   "a2a_1mb": lambda: dist.all_to_all_single(big_out, big, group=group),
+                   "ag_1mb": lambda: dist.all_gather_into_tensor(big_out, shard, group=group),
+                   "rs_1mb": lambda: dist.reduce_scatter_tensor(shard, big, group=group)}
     for fn in collectives.values():
         fn()  # connections
     t_mm = statistics.median(timed(lambda: a @ b) for _ in range(9))
@@ -143,13 +151,29 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
         t_c, t_g, t_b = timed(collectives["a2a_1mb"], True), timed(gemms), timed(both, True)
         hidden.append(hidden_fraction(t_c, t_g, t_b))
 
-    # 2. local work, one shape at a time (2 untimed calls first: the CPU buffer cache then holds the
-    #    shape's blocks, as in a run that repeats its shapes every step)
+    def block(fn) -> float:
+        """Seconds a call, as the mean of a block of calls that all ranks start together (a barrier)
+        and that lasts at least BLOCK_S. In a step every rank computes at once and then meets the
+        others in a collective: with more ranks than cores they share the cores for the whole
+        phase. A single call of a few milliseconds often runs inside one scheduler slice with a core
+        to itself, so the median of single calls is optimistic there; a block spans many slices."""
+        dist.barrier(group=group)
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            t = time.perf_counter() - t0
+            if n >= 2 and t >= BLOCK_S:
+                return t / n
+
+    # 2. local work, one shape at a time, in blocks (2 untimed calls first: the CPU buffer cache then
+    #    holds the shape's blocks, as in a run that repeats its shapes every step)
+    blocks = max(3, reps // 3)
     local = {"layer": layer_step, "copy": lambda: dst.copy_(src), **{f"ep_{r}": ep_calls(r, 1) for r in EXPERT_ROWS}}
     for name, fn in local.items():
         fn()
         fn()
-        samples[name] = [timed(fn) for _ in range(reps)]
+        samples[name] = [block(fn) for _ in range(blocks)]
     # 1 call vs 8 calls on the same rows, alternated: the median of the pairs' differences is what
     # one more call costs (a difference of two separately noisy figures is noisier)
     extra = {}
@@ -157,11 +181,11 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
                                            ("sdp_1", sdp_calls(1), "sdp_x8", sdp_calls(8))):
         for fn in (one, many, one, many):
             fn()
-        pairs = [(timed(one), timed(many)) for _ in range(reps)]
+        pairs = [(block(one), block(many)) for _ in range(blocks)]
         samples[one_name] = [a for a, _ in pairs]
         extra[many_name] = (one_name, statistics.median(b - a for a, b in pairs))
     names = ["allgather", "a2a_tiny", "a2a_1mb", "layer", "copy", *(f"ep_{r}" for r in EXPERT_ROWS), "ep_1", "ep_x8",
-             "sdp_1", "sdp_x8"]
+             "sdp_1", "sdp_x8", "ag_1mb", "rs_1mb"]
     out = {}
     for stat, fn in (("median", statistics.median), ("min", min)):
         figure = {name: fn(v) for name, v in samples.items()}
@@ -171,7 +195,8 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
         t = dict(zip(names + ["overlap"], times.tolist()))
         out[stat] = {"allgather": t["allgather"], "a2a_tiny": t["a2a_tiny"], "a2a_1mb": t["a2a_1mb"],
                      "overlap": -t["overlap"], "layer": t["layer"], "copy": t["copy"],
-                     "experts": [t[n] for n in names[5:]], "bytes_1mb": n_big * 4, "copy_bytes": src.numel() * 4 * 2,
+                     "experts": [t[n] for n in names[5:-2]], "ag_1mb": t["ag_1mb"], "rs_1mb": t["rs_1mb"],
+                     "bytes_1mb": n_big * 4, "copy_bytes": src.numel() * 4 * 2,
                      "flops_per_row": 6 * G * D * (F // S) * L, "local_experts": L}
     return out
 
@@ -201,6 +226,10 @@ def hardware_from_probe(m: dict, P: int, threads: int, tokens_per_rank: int, cfg
                   intra=link, inter=link, gemm_flops=gemm_flops, chunk_overhead_s=per_chunk,
                   expert_overhead_s=per_expert, mem_bandwidth=mem_bw,
                   overlap=m["overlap"], memory_bytes=_ram_bytes() / world)
+    # all-gather and reduce-scatter against the ring the link predicts (1 MB over the group)
+    if P > 1 and "ag_1mb" in m:
+        ring = allgather_ring(V / P, P, hw)
+        hw = hw.with_(allgather_factor=max(m["ag_1mb"], 1e-9) / ring, reduce_scatter_factor=max(m["rs_1mb"], 1e-9) / ring)
     # what the model would add for router and permutes is already inside the measured layer time
     from moesys.parallel.cost_model import Shape, expected_stats, local_seconds
 

@@ -109,6 +109,12 @@ def test_cluster_yaml_errors_name_the_field(tmp_path, capsys):
     assert "gemm_tflops needs a fp32 entry (trainer.precision=fp32)" in _fails(["--cluster", str(bad)], capsys)
     good = run(["--cluster", str(bad), "--gpus", "8", "trainer.precision=bf16", *SMALL])
     assert "moesys-plan: 8 x x" in good
+    bad.write_text(bad.read_text() + "reduce_scatter_factor: 0\n")
+    assert "reduce_scatter_factor must be > 0, got 0" in _fails(["--cluster", str(bad), "trainer.precision=bf16"], capsys)
+    from moesys.planner.hardware import load_hardware
+
+    bad.write_text(bad.read_text().replace("reduce_scatter_factor: 0", "reduce_scatter_factor: 2.5"))
+    assert load_hardware(str(bad), "bf16").reduce_scatter_factor == 2.5
 
 
 def test_cli_plans_a_saved_run_config(tmp_path):

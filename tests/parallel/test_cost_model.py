@@ -6,7 +6,7 @@ import pytest
 from moesys.parallel.cost_model import (Shape, Stats, candidates, expected_stats, layer_time, padded_capacity,
                                         rank)
 from moesys.parallel.cost_network import (Hardware, Link, allgather_ring, alltoall_2d, alltoall_flat, allreduce,
-                                          pipelined)
+                                          pipelined, reduce_scatter_ring)
 from moesys.parallel.probe import half_rows_from, hidden_fraction
 from moesys.parallel.tuner import Machine, chunked, predict
 
@@ -156,6 +156,29 @@ def test_hardware_from_this_machines_probe():
     assert hw.call_seconds(2, 8) == pytest.approx(2 * (call + 8 * expert))
     assert hw.overlap == pytest.approx(0.5) and hw.mem_bandwidth == pytest.approx(16e9)
     assert 0 < hw.layer_overhead_s < 5e-3 and not math.isinf(hw.memory_bytes)
+    assert hw.allgather_factor == 1.0 and hw.reduce_scatter_factor == 1.0  # not probed: the ring as the link says
+    # a 1 MB all-gather and reduce-scatter over the 4 ranks: each rank holds 256 kB; the link's ring
+    # is 3 steps of (1e-4 s latency + 256 kB at the probed bandwidth)
+    ring = 3 * (1e-4 + (1 << 18) / ((1 << 20) * 3 / 4 / 1e-3))
+    probed = hardware_from_probe({**m, "ag_1mb": 1.5 * ring, "rs_1mb": 3.0 * ring}, 4, 1, 256, cfg)
+    assert probed.allgather_factor == pytest.approx(1.5) and probed.reduce_scatter_factor == pytest.approx(3.0)
+    assert allgather_ring(1 << 18, 4, probed) == pytest.approx(1.5 * ring)
+    assert reduce_scatter_ring(1 << 18, 4, probed) == pytest.approx(3.0 * ring)
+
+
+def test_sharded_dp_backward_pays_the_reduce_scatter():
+    """sharded_dp by hand (P=2, E=4, no overlap): forward c*G all-gathers of the weight chunk,
+    backward c*G reduce-scatters; a reduce-scatter twice the ring adds exactly its excess."""
+    shape = Shape(world=2, num_experts=4, hidden=8, ffn=16, matrices=3, dtype_bytes=4)
+    stats = Stats(tokens=20, rows=40, max_rank_rows=22, max_local_rows=20)
+    base = HW.with_(overlap=0.0)
+    w_chunk = 2 * 8 * 16 * 4 / 2  # L=2 experts' D x F slice of one matrix, c=2 chunks
+    t1 = layer_time("sharded_dp", "alltoallv", 2, stats, shape, base)
+    t2 = layer_time("sharded_dp", "alltoallv", 2, stats, shape, base.with_(reduce_scatter_factor=2.0))
+    ring = allgather_ring(w_chunk, 2, base)
+    assert ring == pytest.approx(base.intra.latency + w_chunk / base.intra.bandwidth)
+    assert t1.comm == pytest.approx(2 * 2 * 3 * ring)
+    assert t2.total - t1.total == pytest.approx(2 * 3 * ring) and t2.comm == pytest.approx(3 * 2 * 3 * ring)
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(gpus_per_node=0), "gpus_per_node"), (dict(overlap=1.5), "overlap"),
