@@ -18,7 +18,7 @@ Costs of one collective, seconds, for the slowest rank (every rank waits for it)
         ring's slowest link (across nodes once the group spans them), times hw.allgather_factor
     reduce_scatter_ring(v, P)  the same ring (v: bytes each rank ends with), times
         hw.reduce_scatter_factor. Both factors are 1 where the ring runs at the link's rate (NCCL:
-        the presets); a probe measures them (gloo on a CPU: all-gather ~1.5x, reduce-scatter ~3x)
+        the presets); a probe measures them (gloo here: all-gather 0.9-1.5x, reduce-scatter 1.7-3.5x)
     allreduce(v, P)       the better of a ring (2(P-1) steps of v/P) and a tree (2 log2 P latencies)
 Lw = ranks of the group per node (min(gpus_per_node, P); groups are packed into nodes), Nn = P / Lw.
 """
@@ -61,7 +61,7 @@ class Hardware:
     expert_overhead_s: float = 0.0  # and per expert in that call (a CPU's per-GEMM dispatch; ~0 on a GPU)
     memory_bytes: float = math.inf  # device memory per GPU
     allgather_factor: float = 1.0  # a measured all-gather over allgather_ring's estimate (1: at the link's rate)
-    reduce_scatter_factor: float = 1.0  # the same for a reduce-scatter (gloo sums through extra copies: ~2x)
+    reduce_scatter_factor: float = 1.0  # the same for a reduce-scatter (gloo here: 1.7-3.5x)
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
