@@ -178,15 +178,19 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
         elif dispatcher == "hierarchical":
             plan = allgather_ring(c * E * INDEX_BYTES, P, hw)
             per_chunk = 2 * alltoall_2d(v_chunk, P, hw)
-        else:  # allgather: every rank's rows (padded to the largest N) to everyone, outputs back
+        else:  # allgather: every rank's rows (padded to the largest N) to everyone, outputs back;
+            # the backward reduce-scatters the rows' gradients
             plan = allgather_ring(c * E * INDEX_BYTES, P, hw)
-            per_chunk = allgather_ring(stats.max_local_rows / c * row_b, P, hw) + alltoall_flat(v_chunk, P, hw)
+            rows_b = stats.max_local_rows / c * row_b
+            per_chunk = allgather_ring(rows_b, P, hw) + alltoall_flat(v_chunk, P, hw)
+            per_chunk_bwd = reduce_scatter_ring(rows_b, P, hw) + alltoall_flat(v_chunk, P, hw)
     comm = c * per_chunk
+    comm_bwd = c * (per_chunk_bwd if dispatcher == "allgather" else per_chunk)
     comp = hw.gemm_seconds(2 * G * D * (F / S) * rows_chunk * c, rows_chunk / L)
     total_local = (local_seconds(stats, shape, hw, recv_rows=rows_chunk * c if L > 1 else 0.0)
                    + hw.call_seconds(c, L))
-    total = total_local + plan + pipelined(comm, comp, c, hw.overlap) + pipelined(comm, 2 * comp, c, hw.overlap)
-    return Breakdown(mode, dispatcher, c, 3 * comp, 2 * comm, plan, total_local, total,
+    total = total_local + plan + pipelined(comm, comp, c, hw.overlap) + pipelined(comm_bwd, 2 * comp, c, hw.overlap)
+    return Breakdown(mode, dispatcher, c, 3 * comp, comm + comm_bwd, plan, total_local, total,
                      bytes_fwd=per_chunk_bytes(dispatcher, v_chunk, stats, row_b, P, c), collectives=1 + 4 * c)
 
 

@@ -179,6 +179,13 @@ def test_sharded_dp_backward_pays_the_reduce_scatter():
     assert ring == pytest.approx(base.intra.latency + w_chunk / base.intra.bandwidth)
     assert t1.comm == pytest.approx(2 * 2 * 3 * ring)
     assert t2.total - t1.total == pytest.approx(2 * 3 * ring) and t2.comm == pytest.approx(3 * 2 * 3 * ring)
+    # the allgather dispatcher's backward reduce-scatters the rows' gradients: c chunks of N/c rows
+    a1 = layer_time("ep", "allgather", 2, stats, shape, base)
+    a2 = layer_time("ep", "allgather", 2, stats, shape, base.with_(reduce_scatter_factor=2.0))
+    assert a2.total - a1.total == pytest.approx(2 * allgather_ring(20 / 2 * 8 * 4, 2, base))
+    for disp in ("alltoallv", "padded", "hierarchical"):  # no reduce-scatter in them
+        assert (layer_time("ep", disp, 2, stats, shape, base.with_(reduce_scatter_factor=2.0)).total
+                == pytest.approx(layer_time("ep", disp, 2, stats, shape, base).total))
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(gpus_per_node=0), "gpus_per_node"), (dict(overlap=1.5), "overlap"),
