@@ -381,16 +381,14 @@ def check_compatible(ckpt: str, structure: dict) -> dict:
     """Raise CheckpointError naming every structural field that differs; return the metadata."""
     meta = read_meta(ckpt)
     saved, structure = {**STRUCTURAL_DEFAULTS, **meta["structure"]}, {**STRUCTURAL_DEFAULTS, **structure}
-    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}"
-             for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
-    if diffs:
+    differ = [k for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k)]
+    if differ:
         def value(v):
             return str(v).lower() if isinstance(v, bool) else str(v)
 
-        resume = " ".join(f"{STRUCTURAL_OVERRIDES.get(k, 'model.' + k)}={value(saved.get(k))}"
-                          for k in STRUCTURAL_FIELDS if saved.get(k) != structure.get(k))
-        raise CheckpointError(f"checkpoint {ckpt!r} does not fit this model: " + "; ".join(diffs)
-                              + f" (to resume it, add: {resume})")
+        diffs = "; ".join(f"{k}: checkpoint has {saved.get(k)!r}, this run has {structure.get(k)!r}" for k in differ)
+        resume = " ".join(f"{STRUCTURAL_OVERRIDES.get(k, 'model.' + k)}={value(saved.get(k))}" for k in differ)
+        raise CheckpointError(f"checkpoint {ckpt!r} does not fit this model: {diffs} (to resume it, add: {resume})")
     try:
         md = dcp.FileSystemReader(ckpt).read_metadata()
     except Exception as e:  # a truncated or garbled .metadata: name it, do not guess

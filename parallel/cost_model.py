@@ -162,6 +162,7 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
                          bytes_fwd=(P - 1) * L * G * D * (F / S) * b, collectives=2 * G * c)
 
     row_b = D * b
+    per_chunk_bwd = None  # the backward's collectives, where they differ from the forward's
     if dispatcher == "padded":
         C = capacity if capacity is not None else padded_capacity(stats, shape)
         rows_chunk = L * P * math.ceil(C / c)  # padding rows move and compute too
@@ -185,7 +186,7 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
             per_chunk = allgather_ring(rows_b, P, hw) + alltoall_flat(v_chunk, P, hw)
             per_chunk_bwd = reduce_scatter_ring(rows_b, P, hw) + alltoall_flat(v_chunk, P, hw)
     comm = c * per_chunk
-    comm_bwd = c * (per_chunk_bwd if dispatcher == "allgather" else per_chunk)
+    comm_bwd = c * (per_chunk if per_chunk_bwd is None else per_chunk_bwd)
     comp = hw.gemm_seconds(2 * G * D * (F / S) * rows_chunk * c, rows_chunk / L)
     total_local = (local_seconds(stats, shape, hw, recv_rows=rows_chunk * c if L > 1 else 0.0)
                    + hw.call_seconds(c, L))

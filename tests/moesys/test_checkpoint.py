@@ -103,7 +103,7 @@ def test_bad_checkpoints_fail_clearly_and_touch_nothing(tmp_path, world1):
         prepare(f"trainer.resume={good}", "moe.num_experts=8")
     with pytest.raises(ckpt.CheckpointError, match=r"d_model: checkpoint has 32, this run has 64"):
         prepare(f"trainer.resume={good}", "model.d_model=64")
-    # a checkpoint of the old default (tied embeddings): the hint is the override that resumes it
+    # a tied checkpoint resumed with untied embeddings: the hint is the override that resumes it
     tied = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2", "model.tie_embeddings=true")
     tr_tied = build_trainer(tied, str(tmp_path / "tied"))
     tr_tied.train_step()
