@@ -26,9 +26,10 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from moesys import data as data_mod
-from moesys.config import MoEConfig
 from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.evo.schedule import EvoConfig
+from moesys.kernels import backend
+from moesys.moe.config import MoEConfig
 
 # ---- moe: every MoEConfig field but the sizes the model owns -------------------------------------
 _MODEL_OWNED = ("hidden_size", "ffn_hidden_size")
@@ -52,7 +53,7 @@ def _moe_section_fields() -> list:
 
 
 MoESection = dataclasses.make_dataclass("MoESection", _moe_section_fields())
-MoESection.__doc__ = "moe.*: the MoEConfig fields (see moesys/config.py); sizes come from model.*"
+MoESection.__doc__ = "moe.*: the MoEConfig fields (see moesys/moe/config.py); sizes come from model.*"
 MoESection.__module__ = __name__
 
 
@@ -161,6 +162,7 @@ class TrainerConfig:
     plots: bool = True
     cpu_buffer_cache: bool = True  # CPU: reuse the MoE layers' large buffers across steps (moesys.kernels.workspace)
     cpu_buffer_cache_keep_scratch: bool = False  # CPU: keep step buffers across layers (faster, more memory)
+    cpu_gemm_batch: bool = True  # CPU: the experts' small fp32 GEMMs in one batched MKL call (moesys.kernels.cpu_blas)
     debug: bool = False  # moesys-train: a bad config prints its traceback too (default: one line, exit code 2)
 
 
@@ -443,8 +445,6 @@ def _cuda_available() -> bool:
 
 
 def _triton_interpreted() -> bool:
-    from moesys.kernels import backend
-
     return backend.triton_available() and backend.interpreting()
 
 

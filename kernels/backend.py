@@ -5,7 +5,7 @@ dtype (bf16 on Hopper: measured 0.94x a dense matmul against 0.65x for our Trito
 H200, `benchmarks/kernels.py`), and Triton otherwise (fp32, older GPUs); the other kernels
 (permute, top-k) take Triton on CUDA. On CPU everything takes the torch path.
 "grouped_mm" (and "auto" on CUDA where the `torch._grouped_mm` probe passes for the experts' dtype)
-selects the layer's sync-free path (moesys/static_plan.py, `sync_free`); its single kernel calls
+selects the layer's sync-free path (moesys/moe/static_plan.py, `sync_free`); its single kernel calls
 (permute, top-k, grouped GEMM) take the torch path.
 "triton_persistent": grouped GEMMs through the persistent Triton kernel (grouped_gemm_persistent.py,
 TMA loads on sm90+); the other kernels through the ordinary Triton ones (it resolves to "triton").

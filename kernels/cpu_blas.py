@@ -11,8 +11,8 @@ It serves only small GEMMs (`MAX_MEAN_ROWS`): for large ones the loop wins. Each
 "group" per expert (group size 1), so every expert keeps its own row count: no
 padding. Used by `grouped_gemm`'s torch path and `expert_ffn_torch` for fp32 on CPU when torch is
 built with MKL (the usual x86 wheels); elsewhere (OpenBLAS, Arm, macOS) `available()` is False and
-the callers keep their per-expert loop. `MOESYS_CPU_GEMM_BATCH=0` or `set_enabled(False)` turns it
-off.
+the callers keep their per-expert loop. `set_enabled(False)` (the trainer's `trainer.cpu_gemm_batch=false`)
+turns it off.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ _FN = _load()
 # 0.98-1.04x, batch 1.12-1.14x; ~512 rows: loop 1.11x, batch 1.07x; ~128 rows: loop 1.48x,
 # batch 1.25x).
 MAX_MEAN_ROWS = 768
-_enabled = os.environ.get("MOESYS_CPU_GEMM_BATCH", "1") != "0"
+_enabled = True  # set_enabled(); the trainer sets it from trainer.cpu_gemm_batch
 
 
 _checked: Optional[bool] = None  # the first use's check against torch.mm (wrong answers: never used)
@@ -89,6 +89,11 @@ def _self_check() -> bool:
 def set_enabled(flag: bool) -> None:
     global _enabled
     _enabled = bool(flag)
+
+
+def enabled() -> bool:
+    """Whether the batched path is switched on (it runs only where `available()` too)."""
+    return _enabled
 
 
 def _layout(t: torch.Tensor):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import backend as _backend
-from . import cpu_blas, workspace
+from . import cpu_blas, gemm_select, workspace
 
 
 def check_grouped_gemm_args(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor) -> None:
@@ -197,7 +197,5 @@ def _auto_takes_persistent(backend: str, x_ND, w_EDF, counts_E) -> bool:
         return False
     if not _grouped_mm_ok(x_ND, w_EDF, widths=(x_ND.shape[1], w_EDF.shape[2])):
         return False
-    from . import gemm_select
-
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     return gemm_select.choose(x_ND, w_EDF, offs_E) == gemm_select.PERSISTENT

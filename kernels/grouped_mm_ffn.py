@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .expert_ffn import ACTIVATIONS
+from . import gemm_select
 
 
 # torch._grouped_mm behind custom ops of our own: its meta function accepts bf16 only, so
@@ -67,8 +68,6 @@ def _pick(gemm: str, x_MD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tens
     """"grouped_mm" or "triton_persistent" for the GEMMs of weight w_EDF."""
     if gemm != "auto":
         return gemm
-    from . import gemm_select
-
     return gemm_select.choose(x_MD, w_EDF, offs_E)
 
 

@@ -21,8 +21,7 @@ pile up at the end of the backward, which is where a layer's memory peaks, and s
 there would raise that peak (measured: E=64 peak RSS 437 MB instead of ~325 MB without this
 rule). The scratch freed there is mapped afresh when next needed (in a model of many MoE
 layers, by the next layer's backward); the grad blocks, the bulk of the bytes, are not.
-`set_keep_scratch(True)` (or `MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH=1`, or the trainer's
-`trainer.cpu_buffer_cache_keep_scratch=true`) skips that rule: a stack of MoE layers then
+`set_keep_scratch(True)` (the trainer's `trainer.cpu_buffer_cache_keep_scratch=true`) skips that rule: a stack of MoE layers then
 reuses one layer's freed step buffers in the next layer's backward, faster for more memory
 (`python benchmarks/stack_cpu.py` measures both).
 
@@ -30,12 +29,11 @@ Size classes: requests round up to 1/8 of their power of two, so varying row cou
 drops, expert-parallel receive sizes) reuse blocks. Requests under `MIN_BYTES` are not cached
 (glibc keeps small blocks on its heap). Unused blocks beyond `limit_bytes()` are freed, least
 recently used first, whenever the cache allocates; `release()` frees every unused block. Off
-with `MOESYS_CPU_BUFFER_CACHE=0`, or `set_enabled(False)`.
+with `set_enabled(False)` (the trainer's `trainer.cpu_buffer_cache=false`).
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
 from typing import Optional, Sequence
 
@@ -47,8 +45,8 @@ _lock = threading.Lock()
 _blocks: dict[tuple, list] = {}  # (size class in bytes, kind) -> [[UntypedStorage, last-use tick], ...]
 KINDS = ("scratch", "grad")
 _tick = 0
-_enabled = os.environ.get("MOESYS_CPU_BUFFER_CACHE", "1") != "0"
-_keep_scratch = os.environ.get("MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH", "0") == "1"
+_enabled = True  # set_enabled(); the trainer sets it from trainer.cpu_buffer_cache
+_keep_scratch = False  # set_keep_scratch(); the trainer sets it from trainer.cpu_buffer_cache_keep_scratch
 _limit: Optional[int] = None  # bytes of unused blocks kept; None = default
 _stats = {"hits": 0, "misses": 0}
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it nothing is cached

@@ -5,8 +5,7 @@ Public contract:
     y, aux = MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=K))(x)
     from moesys import parallel, kernels   # folders parallel/ and kernels/, installed under moesys
 """
-from .config import MoEConfig
-from .layer import LocalRunner, MoEAux, MoELayer
+from .moe import LocalRunner, MoEAux, MoEConfig, MoELayer
 
 __all__ = ["MoEConfig", "MoELayer", "MoEAux", "LocalRunner", "update_expert_biases"]
 __version__ = "0.1.0"

@@ -45,6 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from moesys.moe.experts import slice_ffn
+from moesys.moe.layer import MoELayer
+from moesys.parallel import expert_parameters
+
 from . import checkpoint_state as cstate
 
 META_FILE = "moesys.json"
@@ -422,7 +426,6 @@ def _legacy_request(model: torch.nn.Module, optimizer, saved_keys: dict) -> Tupl
     entry as a full plain tensor, and {format-3 key: [its E per-expert keys]} to stack them back."""
     msd, osd = engine_state(model, optimizer, template=True)
     flat = flat_entries(msd, osd)
-    from moesys.parallel import expert_parameters
 
     names = _param_fqns(model)
     expert_fqns = {names[id(p)] for p in expert_parameters(model) if id(p) in names}
@@ -450,8 +453,6 @@ def _legacy_request(model: torch.nn.Module, optimizer, saved_keys: dict) -> Tupl
 
 
 def _moe_layers(model: torch.nn.Module) -> list:
-    from moesys.layer import MoELayer
-
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
@@ -485,14 +486,15 @@ def _load_legacy(ckpt: str, model, optimizer, saved_keys: dict, rank: int) -> Tu
                 sh = mod.sharding
                 v = v[sh.first:sh.first + sh.count]
                 if sh.f_slice is not None:
-                    from moesys.experts import slice_ffn
-
                     v = slice_ffn(name, v, sh.f_slice)
             local[k] = v
         _apply_loaded(model, optimizer, local)
     else:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, msd, options=opts)

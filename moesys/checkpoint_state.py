@@ -24,6 +24,9 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from moesys.moe.experts import FFN_DIM
+from moesys.parallel import expert_parameters
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -132,7 +135,6 @@ def expert_owners(model: torch.nn.Module) -> Dict[str, tuple]:
     """{fqn of an expert weight held as a plain local shard: (its GroupedExperts, weight name)}: the
     expert-parallel weights of an engine that keeps them local (DeepSpeed, Megatron). Empty when the
     experts are DTensors (they carry their layout) or unsharded."""
-    from moesys.parallel import expert_parameters
 
     experts = {id(p) for p in expert_parameters(model)}
     out = {}
@@ -153,7 +155,6 @@ def global_view(owners: Dict[str, tuple], key: str, local: torch.Tensor) -> torc
         return local
     from torch.distributed.tensor import DTensor
 
-    from moesys.experts import FFN_DIM
 
     mod, name = owners[key]
     sh = mod.sharding

@@ -28,6 +28,8 @@ from moesys.errors import ConfigError
 from . import checkpoint as ckpt_mod
 from . import cli
 from . import data as data_mod
+from .train import launch, rank_context, under_torchrun, world_size_of
+from .trainer import Trainer, structure_of
 
 PROG = "moesys-eval"
 register()
@@ -52,8 +54,6 @@ def open_checkpoint(path: str) -> Tuple[str, dict]:
 def prepare(ecfg: EvalConfig) -> Tuple[TrainConfig, str]:
     """Every local check before any rank: the checkpoint, its config with ecfg's changes, the data.
     Returns (the config to evaluate with, the checkpoint dir)."""
-    from .train import world_size_of
-    from .trainer import structure_of
 
     ckpt, meta = open_checkpoint(ecfg.checkpoint)
     cfg = eval_run_config(ecfg, saved_run_config(ckpt, meta))
@@ -69,8 +69,6 @@ def prepare(ecfg: EvalConfig) -> Tuple[TrainConfig, str]:
 
 def _rank_eval(cfg: TrainConfig, ckpt: str) -> dict:
     """One rank: build the trainer at this layout, load the checkpoint, run the trainer's evaluation."""
-    from .train import rank_context
-    from .trainer import Trainer
 
     with rank_context(cfg) as (dims, device):
         trainer = Trainer(cfg, dims=dims, out_dir=os.path.dirname(ckpt), device=device)
@@ -97,7 +95,6 @@ def evaluate_checkpoint(ecfg: EvalConfig) -> dict:
     """Evaluate ecfg.checkpoint at ecfg's layout; rank 0's results (None on other torchrun ranks).
 
     Without torchrun, parallel.simulate_ranks local gloo ranks are spawned (1: this process)."""
-    from .train import launch, under_torchrun
 
     cfg, ckpt = prepare(ecfg)
     if under_torchrun():

@@ -41,6 +41,7 @@ from . import checkpoint as ckpt_mod
 from . import cli
 from .evaluate import byte_level, open_checkpoint
 from .model import GPTMoE, KVCache
+from .trainer import build_model, structure_of
 
 PROG = "moesys-generate"
 register()
@@ -49,7 +50,6 @@ register()
 def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[GPTMoE, TrainConfig, str]:
     """The checkpoint's model on one process (all experts local), in eval mode; its run config; the
     checkpoint dir. ConfigError when the checkpoint is missing, corrupt or holds no config."""
-    from .trainer import build_model, structure_of
 
     ckpt, meta = open_checkpoint(path)
     cfg = saved_run_config(ckpt, meta)

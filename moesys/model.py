@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MoEConfig
-from .layer import MoEAux, MoELayer
+from .moe.config import MoEConfig
+from .moe.layer import MoEAux, MoELayer
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,14 @@ import torch.distributed as dist
 
 from moesys.configs.schema import TrainConfig, from_composed, register
 from moesys.errors import ConfigError
-from moesys.kernels import workspace
+from moesys.evo import EvoCallback
+from moesys.kernels import cpu_blas, workspace
+from moesys.parallel import ParallelDims
+from moesys.parallel.simulate import AGENT_STORE_ENV, serve_store
 
 from . import checkpoint as ckpt
-from . import cli
+from . import cli, preemption, supervise
 from . import data as data_mod
-from . import preemption, supervise
 from .trainer import Trainer, structure_of
 
 register()
@@ -58,8 +60,6 @@ def world_size_of(cfg: TrainConfig) -> int:
 def build_callbacks(cfg: TrainConfig) -> List:
     """Step hooks built from the config (EvoMoE's `evo` group plugs in here)."""
     if cfg.evo.enabled:
-        from moesys.evo import EvoCallback
-
         return [EvoCallback(cfg.evo, seed=cfg.trainer.seed)]
     return []
 
@@ -120,7 +120,6 @@ def rank_context(cfg: TrainConfig) -> Iterator[Tuple[object, torch.device]]:
     exit. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env; run every local check before it."""
     import datetime
 
-    from moesys.parallel import ParallelDims
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -133,6 +132,7 @@ def rank_context(cfg: TrainConfig) -> Iterator[Tuple[object, torch.device]]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     workspace.set_enabled(cfg.trainer.cpu_buffer_cache)
     workspace.set_keep_scratch(cfg.trainer.cpu_buffer_cache_keep_scratch)
+    cpu_blas.set_enabled(cfg.trainer.cpu_gemm_batch)
     if cfg.parallel.debug_collectives:  # wraps every process group created from here on
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
@@ -176,8 +176,6 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
-    from moesys.parallel.simulate import AGENT_STORE_ENV
-
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                        **AGENT_STORE_ENV})
@@ -192,7 +190,6 @@ def launch(world: int, fn: Callable, *args):
     otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable): signals
     are forwarded to them, they die with this process, and a rank that fails raises
     supervise.RankFailedError naming it, with the others killed at once."""
-    from moesys.parallel.simulate import AGENT_STORE_ENV, serve_store
 
     # the rendezvous store is served from here, on a port that stays bound (no EADDRINUSE race)
     store = serve_store(timeout_s=1800)
@@ -202,12 +199,14 @@ def launch(world: int, fn: Callable, *args):
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV})
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
+        batch = cpu_blas.enabled()
         try:
             return fn(*args)
         finally:
             torch.set_num_threads(threads)
             workspace.set_enabled(cache_on)
             workspace.set_keep_scratch(keep)
+            cpu_blas.set_enabled(batch)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

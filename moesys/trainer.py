@@ -29,7 +29,11 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from moesys.evo import EvoController
+from moesys.integrations import deepspeed as ds_integration
 from moesys.kernels import workspace
+from moesys.parallel import allreduce_gradients, apply_expert_parallel, apply_fsdp, clip_grad_norm_
+from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
 from . import checkpoint as ckpt
 from . import data as data_mod
@@ -37,6 +41,7 @@ from . import preemption
 from .collapse import CollapseMonitor
 from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
+from .plots import evo_marks, write_all
 from .step_state import StepState
 
 _HOOKS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_train_end")
@@ -85,8 +90,6 @@ def build_model(cfg) -> GPTMoE:
                      tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm)
     model = GPTMoE(gcfg, cfg.moe_config())
     if cfg.evo.enabled:  # EvoMoE: swap in EvoMoELayers before expert parallelism and the optimizer
-        from moesys.evo import EvoController
-
         EvoController.prepare(model, cfg.evo, seed=cfg.trainer.seed)
     return model
 
@@ -128,8 +131,6 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = build_model(cfg).to(device)
         if p.ep > 1:
-            from moesys.parallel import apply_expert_parallel
-
             overlap = p.overlap if str(p.overlap) == "auto" else int(p.overlap)
             # experts become DTensors over the ep mesh; DeepSpeed flattens parameter storage, so it
             # keeps the local shards (its checkpoints wrap them: checkpoint_state.global_view)
@@ -156,8 +157,6 @@ class Trainer:
         # --- optimizer / engine ------------------------------------------------------------------
         o = cfg.optim
         if t.engine == "fsdp":
-            from moesys.parallel import apply_fsdp
-
             apply_fsdp(self.model, dims, reshard_after_forward=t.fsdp_reshard_after_forward,
                        param_dtype=None if t.fsdp_param_dtype == "fp32" else t.fsdp_param_dtype,
                        reduce_dtype=t.fsdp_reduce_dtype)
@@ -185,13 +184,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _build_deepspeed(self):
-        try:
-            from moesys.integrations import deepspeed as ds_integration
-        except ImportError as e:
-            raise RuntimeError(
-                "trainer.engine=deepspeed needs moesys.integrations.deepspeed.build_engine, which is not "
-                f"available in this checkout ({e}); use trainer.engine=plain"
-            ) from e
         t = self.cfg.trainer
         micro = t.batch_size // (self.dims.dp * t.grad_accum)
         return ds_integration.build_engine(self.model, optimizer_cfg=dataclasses.asdict(self.cfg.optim),
@@ -216,7 +208,6 @@ class Trainer:
     def _clip(self) -> float:
         """Clip by the global grad norm over every shard (moesys.parallel.clip_grad_norm_: torch's
         norm and clipping, grouped by mesh). Returns the norm before clipping."""
-        from moesys.parallel import clip_grad_norm_
 
         return float(clip_grad_norm_(self.model.parameters(), self.cfg.trainer.clip))
 
@@ -267,7 +258,6 @@ class Trainer:
     def _grow_static_capacity(self, step: int, needed: torch.Tensor, dropped: int, rerun: bool) -> dict:
         """Every rank saw the same overflow count (the per-step all-reduce): agree on the largest
         need (one all-reduce, max, on overflowed steps only) and grow every layer's factor."""
-        from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
         need = needed.detach().reshape(1).to("cpu", torch.float64)
         dist.all_reduce(need, op=dist.ReduceOp.MAX)
@@ -299,8 +289,6 @@ class Trainer:
             grad_norm = float("nan")
             if self.engine is None:
                 if not fsdp:  # FSDP2 reduce-scattered them in the backward
-                    from moesys.parallel import allreduce_gradients
-
                     allreduce_gradients(self.model, self.dims)
                 grad_norm = self._clip()  # the global norm: the same on every rank
                 bad = not math.isfinite(grad_norm)
@@ -476,7 +464,6 @@ class Trainer:
         saved_f = st.get("static_capacity_factor")
         if saved_f is not None and self.static_capacity_factor is not None and saved_f > self.static_capacity_factor:
             # the run grew its buffer (parallel.overflow=rerun): keep it; a larger configured one wins
-            from moesys.parallel.overflow import set_static_capacity_factor
 
             set_static_capacity_factor(self.model, float(saved_f))
             self.static_capacity_factor = float(saved_f)
@@ -618,8 +605,6 @@ def _overflow_message(e: dict) -> str:
 
 
 def _plots(out_dir: str, history: dict, cfg) -> list:
-    from .plots import evo_marks, write_all
-
     last = history["train"][-1][0] if history["train"] else 0
     return write_all(out_dir, history, num_experts=cfg.moe.num_experts, marks=evo_marks(cfg.evo, last))
 

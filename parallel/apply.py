@@ -24,19 +24,22 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
-from moesys.experts import FFN_DIM, slice_ffn
+from moesys.moe.experts import FFN_DIM, ExpertSharding, slice_ffn
+from moesys.moe.layer import MoELayer
 
+from .cost_model import DISPATCHERS
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
 from .dispatch_padded import PaddedDispatcher
 from .layout import ExpertLayout
-from .mesh import ParallelDims
+from .mesh import ParallelDims, borrow_groups
 from .probe import probe_machine
 from .runner import ExpertParallelRunner
 from .sharded_dp import ShardedDataParallel
-from .cost_model import DISPATCHERS
 from .timing import clock_for
 from .tuner import DEGREES, MODES, Shape, Tuner, TunerSettings
 
@@ -120,9 +123,6 @@ def _expert_mesh(group, dims: Optional[ParallelDims], layout: ExpertLayout):
                              f"num_experts={layout.num_experts})")
         # the world is the ep group: its F-shard mesh (collective, like this call)
         return ParallelDims.build(ep=layout.world, num_experts=layout.num_experts).expert_mesh
-    from torch.distributed.device_mesh import DeviceMesh
-
-    from .mesh import borrow_groups
 
     device_type = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
     mesh = DeviceMesh.from_group(group, device_type, mesh_dim_names=("ep",))
@@ -133,9 +133,6 @@ def _expert_mesh(group, dims: Optional[ParallelDims], layout: ExpertLayout):
 def _shard_experts(experts, layout: ExpertLayout, mesh, dtensor: bool) -> None:
     """Replace w1/w2/w3 by this rank's slices (clones: the full weights can be freed), as DTensor
     parameters of the global shape over `mesh` (or the plain local slices, dtensor=False)."""
-    from torch.distributed.tensor import DTensor
-
-    from moesys.experts import ExpertSharding
 
     sharding = ExpertSharding(mesh=mesh, first=layout.expert_slice.start, count=layout.local_experts,
                               f_slice=layout.f_slice, shards=layout.shards)
@@ -226,8 +223,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
-                                  agree_group=agree, overflow=epc.overflow)
-    runner.clock = clock
+                                  agree_group=agree, overflow=epc.overflow, clock=clock)
     layer.set_runner(runner)
     if not tuner.pinned:
         runner.watch_params([experts.w1, experts.w2, experts.w3])
@@ -239,7 +235,6 @@ def localize_experts(model: nn.Module) -> int:
     (for engines that flatten parameter storage: DeepSpeed ZeRO, Megatron DDP); the experts'
     `sharding` keeps their place in the global tensors. Returns how many weights changed. Call
     before building the optimizer."""
-    from moesys.layer import MoELayer
 
     changed = 0
     for m in model.modules():
@@ -248,11 +243,11 @@ def localize_experts(model: nn.Module) -> int:
         ex, here = m.experts, 0
         for name in FFN_DIM:
             w = getattr(ex, name, None)
-            if w is not None and hasattr(w, "to_local"):
+            if isinstance(w, DTensor):
                 setattr(ex, name, nn.Parameter(w.detach().to_local().clone(), requires_grad=w.requires_grad))
                 here += 1
         changed += here
         runner = m.runner
-        if here and hasattr(runner, "watch_params") and not runner.tuner.pinned:
+        if here and isinstance(runner, ExpertParallelRunner) and not runner.tuner.pinned:
             runner.watch_params([ex.w1, ex.w2, ex.w3])  # the tuner's backward marks, on the new tensors
     return changed

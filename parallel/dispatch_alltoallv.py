@@ -62,6 +62,7 @@ class PlanFlight:
 class AllToAllVDispatcher(Dispatcher):
     name = "alltoallv"
     host_counts_in_plan = True  # plan() brings the counts to the host: the runner reads none itself
+    prefetches_counts = True  # plan_start() issues the counts exchange; plan_finish() waits and reads
     _copy_stream = None  # CUDA: the side stream of plan_start's exchange wait and host copy (lazy)
 
     def plan(self, counts_list: list, capacity: Optional[int] = None) -> list:

@@ -35,6 +35,10 @@ class Dispatcher:
     """Base class: subclasses implement the four start/finish halves."""
 
     name = "base"
+    # What the runner may ask of any dispatcher, declared here; the backends that have a feature say so.
+    static = False  # a fixed buffer per (source rank, expert): no host read, no counts collective
+    host_counts_in_plan = False  # plan() brings the counts to the host itself: the runner reads none
+    prefetches_counts = False  # plan_start/plan_finish: the counts exchange starts before the rows exist
 
     def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
         self.layout = layout
@@ -67,6 +71,13 @@ class Dispatcher:
         buffers (the padded dispatcher) use it.
         Returns one opaque entry per chunk for `dispatch_start(..., plan=entry)`."""
         return [None] * len(counts_list)
+
+    def plan_start(self, counts_list: list) -> Flight:  # pragma: no cover - abstract
+        """Issue `plan`'s collective without waiting (dispatchers with prefetches_counts)."""
+        raise NotImplementedError(f"{self.name} dispatcher: no prefetchable plan")
+
+    def plan_finish(self, flight) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{self.name} dispatcher: no prefetchable plan")
 
     def dispatch_start(self, x_ND, counts_E, plan=None) -> Flight:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -71,6 +71,16 @@ class PaddedDispatcher(Dispatcher):
     def static(self) -> bool:
         return self.static_capacity_factor is not None
 
+    def set_static_capacity_factor(self, factor: float) -> None:
+        """Grow (or set) the static buffer's factor f: parallel/overflow.py's re-run policy. A Python
+        float, so C stays host integer math; every rank must set the same f at the same step."""
+        if not self.static:
+            raise RuntimeError("padded dispatcher: set_static_capacity_factor needs a static buffer "
+                               "(built with static_capacity_factor)")
+        if isinstance(factor, bool) or not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"padded dispatcher: static_capacity_factor must be a finite number > 0, got {factor!r}")
+        self.static_capacity_factor = float(factor)
+
     def static_capacity(self, num_tokens: int) -> int:
         """C = max(1, ceil(f * T * K / E)) rows per (source rank, expert): host integers only."""
         f, E = self.static_capacity_factor, self.layout.num_experts

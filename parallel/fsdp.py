@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moesys.moe.layer import MoELayer
+
 from .mesh import ParallelDims
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}
@@ -43,8 +45,6 @@ def _dtype(name, field: str):
 
 
 def _moe_layers(model: nn.Module) -> list:
-    from moesys.layer import MoELayer
-
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 

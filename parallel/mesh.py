@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moesys.moe.layer import MoELayer
+
 
 def mesh_ranks(world_size: int, *, ep: int, tp: int = 1, local_world_size: Optional[int] = None) -> dict:
     """Pure rank arithmetic behind ParallelDims (no process groups; unit-testable).
@@ -204,7 +206,6 @@ def expert_parameters(model: nn.Module) -> list:
     not experts: EvoMoE's replicated dense FFN (`layer.dense`) is one, and its grads reduce over the
     whole data-parallel group. The one helper every engine and integration uses.
     """
-    from moesys.layer import MoELayer
 
     seen, out = set(), []
     for m in model.modules():

@@ -32,6 +32,10 @@ from typing import Optional
 
 import torch.nn as nn
 
+from moesys.moe.layer import MoELayer
+
+from .runner import ExpertParallelRunner
+
 GROW_STEP = 0.25  # grown factors are multiples of this
 MARGIN = 1.25  # headroom over the observed need
 MIN_GROWTH = 1.5  # a re-run grows f by at least this much
@@ -54,9 +58,8 @@ def static_dispatchers(model: nn.Module) -> list:
     """The static-capacity padded dispatchers of every MoE layer of `model` (in module order)."""
     out = []
     for m in model.modules():
-        d = getattr(getattr(m, "runner", None), "dispatcher", None)
-        if d is not None and getattr(d, "static", False):
-            out.append(d)
+        if isinstance(m, MoELayer) and isinstance(m.runner, ExpertParallelRunner) and m.runner.dispatcher.static:
+            out.append(m.runner.dispatcher)
     return out
 
 
@@ -75,5 +78,5 @@ def set_static_capacity_factor(model: nn.Module, factor: float) -> int:
         raise ValueError(f"set_static_capacity_factor: the factor must be a finite number > 0, got {factor}")
     ds = static_dispatchers(model)
     for d in ds:
-        d.static_capacity_factor = float(factor)
+        d.set_static_capacity_factor(float(factor))
     return len(ds)

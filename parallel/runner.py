@@ -78,6 +78,7 @@ class ExpertParallelRunner:
         agree_group: the ranks that take every decision together (the whole job; None: `group`).
     """
 
+    local = False  # rows move between ranks: the layer keeps its host plan (see moesys.moe.runner.Runner)
     overlaps_shared = True  # takes the layer's shared-expert work and runs it while tokens travel
 
     @property
@@ -89,7 +90,7 @@ class ExpertParallelRunner:
         return self._agree.get()
 
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, agree_group=None, overflow: str = "drop") -> None:
+                 tuner: Tuner, agree_group=None, overflow: str = "drop", clock=None) -> None:
         self.layout = layout
         # static capacity: "drop" (count) | "error" (raise on every rank) | "rerun" (count here; the
         # trainer re-runs the step with a larger buffer, see parallel/overflow.py)
@@ -98,8 +99,8 @@ class ExpertParallelRunner:
         self._group, self._agree = GroupRef(group), GroupRef(agree_group)
         # several ep groups: a second, job-wide agreement step (same answer on every rank: sizes agree)
         self._many_groups = agree_group is not None and dist.get_world_size(agree_group) != dist.get_world_size(group)
-        # what the tuner's trials are timed with (apply_expert_parallel sets CUDA events on a GPU)
-        self.clock = HostClock()
+        # what the tuner's trials are timed with (apply_expert_parallel passes CUDA events on a GPU)
+        self.clock = clock if clock is not None else HostClock()
         self._timing = False  # this step is one of the tuner's timed trials: mark its fwd and bwd
         self._fwd_marks: Optional[tuple] = None  # (start, end) marks of the timed forward
         self.current: tuple = tuner.decision  # the (mode, degree) of the latest call
@@ -178,10 +179,10 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
                 f"layout has {self.layout.num_experts}"
             )
-        static = getattr(self.dispatcher, "static", False)
+        static = self.dispatcher.static
         # host copy: splits are host-side integers anyway; a static buffer needs none, and the
         # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
-        on_device = static or getattr(self.dispatcher, "host_counts_in_plan", False)
+        on_device = static or self.dispatcher.host_counts_in_plan
         counts_E = plan.counts_E.to(torch.long) if on_device else plan.counts_E.to(torch.long).cpu()
         tuning = torch.is_grad_enabled() and not self.tuner.pinned
         if not tuning:
@@ -196,13 +197,13 @@ class ExpertParallelRunner:
         self.current = (mode, c)
         t0 = time.perf_counter()
         chunk_counts, flight = None, None
-        if mode == "ep" and not static and hasattr(self.dispatcher, "plan_start"):
+        if mode == "ep" and not static and self.dispatcher.prefetches_counts:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
             flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
         return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0)
 
     def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
-        """y_ND for x_ND; `plan`: the layer's moesys.plan.Plan (counts_E, capacity, num_tokens).
+        """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens).
 
         shared: the layer's SharedWork (a callable returning s_TD) or None; given, returns (y_ND, s_TD)."""
         prep, self._prepared = self._prepared, None
@@ -331,7 +332,7 @@ class ExpertParallelRunner:
             chunk_capacity = None if capacity is None else -(-capacity // c)
             with timer.span("plan_s"):
                 plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
-        if getattr(d, "host_counts_in_plan", False):
+        if d.host_counts_in_plan:
             # the plan read the counts: the rest is Python integers (no further host read)
             host_E = [sum(col) for col in zip(*(p.counts_E for p in plans))]
             totals = [sum(p.counts_E) for p in plans]

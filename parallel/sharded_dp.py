@@ -23,7 +23,7 @@ from .layout import ExpertLayout
 from .timing import maybe_span
 
 
-def _f_chunks(width: int, chunks: int) -> list[slice]:
+def f_chunks(width: int, chunks: int) -> list[slice]:
     """Up to `chunks` F-ranges, in whole 16-byte units (4 fp32) when F allows: the CPU grouped GEMM
     (torch._grouped_mm) rejects a 1-wide operand, and aligned widths keep it off the slow loop."""
     unit = 4 if width % 4 == 0 else 1
@@ -89,7 +89,7 @@ class ShardedDataParallel:
 
         shared (optional): the layer's shared-expert work, run while the first weight chunk is
         gathered; its s_TD goes to out["shared"]."""
-        spans = _f_chunks(experts.local_weights()[0].shape[2], chunks)
+        spans = f_chunks(experts.local_weights()[0].shape[2], chunks)
         self.last_chunks = len(spans)
         pending = self._start(experts, spans[0])
         if shared is not None:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .comm import GroupRef, broadcast_host
 from .cost_model import DEGREES, MODES, Shape, Stats, layer_time
 from .cost_network import Hardware, Link, pipelined
 
@@ -95,8 +96,6 @@ class Tuner:
     dispatcher: str = "alltoallv"  # the layer's dispatcher (the model prices its collectives)
 
     def __post_init__(self) -> None:
-        from .comm import GroupRef
-
         if not isinstance(self.group, GroupRef):
             self.group = GroupRef(self.group)
         if self.pinned:  # what report() says (runtime/mode_is_ep, degree) is what runs
@@ -183,8 +182,6 @@ class Tuner:
         idx = torch.tensor([self.candidates().index(best)], dtype=torch.long)
         group = self.group.get()
         if group is not None:
-            from .comm import broadcast_host
-
             idx = broadcast_host(idx, 0, group)
         self.decision = self.candidates()[int(idx)]
         self.phase = "exploit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moesys.experts import FFN_DIM, slice_ffn
+from moesys.moe.experts import FFN_DIM, slice_ffn
 
 ATOL = 1e-5
 

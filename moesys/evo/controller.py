@@ -25,7 +25,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from moesys.layer import MoELayer
+from moesys.moe.layer import MoELayer
 
 from .layer import EvoMoELayer
 from .optim_state import transfer_optimizer_state

@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 
-from moesys import balance
-from moesys.config import MoEConfig
-from moesys.experts import GroupedExperts, copy_global_, full_value, local_tensor
-from moesys.layer import MoEAux, MoELayer
+from moesys.moe import balance
+from moesys.moe.config import MoEConfig
+from moesys.moe.experts import GroupedExperts, copy_global_, full_value, local_tensor
+from moesys.moe.layer import MoEAux, MoELayer
 
 from . import diversify as _div
 
@@ -44,11 +44,11 @@ class EvoMoELayer(MoELayer):
         layer_index: index of this MoE layer in the model (seeds the spawn streams).
     """
 
-    def __init__(self, cfg: MoEConfig, *, dense_phase: bool = True, layer_index: int = 0, ep_group=None):
+    def __init__(self, cfg: MoEConfig, *, dense_phase: bool = True, layer_index: int = 0):
         if cfg.num_shared_experts:
             raise ValueError(f"EvoMoELayer does not support shared experts (MoEConfig.num_shared_experts="
                              f"{cfg.num_shared_experts}): the dense phase and the spawn have no place for them")
-        super().__init__(cfg, ep_group=None)
+        super().__init__(cfg)
         self.layer_index = layer_index
         self.register_buffer("phase", torch.tensor(DENSE if dense_phase else SPARSE, dtype=torch.int64))
         self.dense: Optional[GroupedExperts] = None
@@ -57,10 +57,6 @@ class EvoMoELayer(MoELayer):
         if dense_phase:
             # the dense FFN has no router: normalize_topk=None keeps a K>1 setting from warning at K=1
             self.dense = GroupedExperts(dataclasses.replace(cfg, num_experts=1, top_k=1, normalize_topk=None))
-        if ep_group is not None:
-            from moesys.parallel import apply_expert_parallel
-
-            apply_expert_parallel(self, ep_group)
 
     @property
     def in_dense_phase(self) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from moesys import checkpoint_state as cstate
-from moesys.experts import copy_global_, full_value, slice_ffn
+from moesys.moe.experts import copy_global_, full_value, slice_ffn
 
 WEIGHTS = ("w1", "w2", "w3")
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from moesys.config import GATE_ACTIVATIONS, TAU_SCHEDULES, MoEConfig
+from moesys.moe.config import GATE_ACTIVATIONS, TAU_SCHEDULES, MoEConfig
 
 SPAWN_METHODS = ("mask", "drop_upcycle", "copy")
 MASK_FILLS = ("zero", "redraw")

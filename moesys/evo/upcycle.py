@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from moesys.config import MoEConfig
+from moesys.moe.config import MoEConfig
 from moesys.model import GPTMoE
 
 from . import diversify as _div

@@ -51,6 +51,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from moesys.moe.layer import MoELayer
+from moesys.parallel import ParallelDims, expert_parameters, localize_experts
+
 __all__ = [
     "build_engine",
     "ds_config_from",
@@ -138,7 +141,6 @@ def expert_params(model: nn.Module) -> list:
     """Expert parameters of `model` (moesys.parallel.expert_parameters: the weights of every MoE layer's
     `experts`, each once). EvoMoE's replicated dense FFN (`layer.dense`) is not one: its grads reduce
     over the whole data-parallel group."""
-    from moesys.parallel import expert_parameters
 
     return expert_parameters(model)
 
@@ -196,7 +198,6 @@ def register_expert_groups(dims, group_name: str) -> None:
                 f"build_engine: dims=None means one process, but the world has {dist.get_world_size()} ranks; "
                 "pass the ParallelDims built with moesys.parallel.ParallelDims.build(ep=...)"
             )
-        from moesys.parallel import ParallelDims
 
         one = ParallelDims.build(ep=1)  # the one-rank groups come from a mesh too
         ep_group, edp_group = one.ep_group, one.edp_group
@@ -280,8 +281,6 @@ def _marker_class_cached():
 
 
 def _num_experts(model: nn.Module) -> int:
-    from moesys.layer import MoELayer
-
     counts = {m.cfg.num_experts for m in model.modules() if isinstance(m, MoELayer)}
     return max(counts) if counts else 0
 
@@ -369,7 +368,6 @@ def build_engine(
     ep = 1 if dims is None else int(dims.ep)
     name = expert_group_name(ep)
     num_experts = _num_experts(model)
-    from moesys.parallel import localize_experts
 
     localize_experts(model)  # ZeRO flattens parameter storage: plain local shards, not DTensors
     experts = mark_expert_params(model, name)

@@ -47,15 +47,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moesys.config import MoEConfig
-from moesys.layer import MoELayer
+from moesys.moe.config import MoEConfig
+from moesys.moe.layer import MoELayer
+from moesys.parallel import ParallelDims, apply_expert_parallel, expert_parameters
 
 __all__ = [
     "moe_config_from_megatron",
@@ -228,7 +228,6 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
 def parallel_dims_from_megatron(timeout_s: float = 300.0):
     """A moesys `ParallelDims` whose groups are Megatron's parallel_state groups (TP must be 1)."""
     import torch.distributed as dist
-    from moesys.parallel import ParallelDims
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != 1:
@@ -279,13 +278,10 @@ class MoesysMLP(MegatronModule):
         self.moe = MoELayer(cfg, balance_group=balance_group)
         ep = parallel_state.get_expert_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
         if ep > 1:
-            from moesys.parallel import apply_expert_parallel
-
             dims = parallel_dims_from_megatron()
             # Megatron's DDP flattens parameter storage into its buffers: the experts stay plain local
             # shards (their `sharding` still says where they sit in the global [E, D, F])
             apply_expert_parallel(self.moe, dims.ep_group, dims=dims, **{"dtensor": False, **(ep_options or {})})
-        from moesys.parallel import expert_parameters
 
         for p in expert_parameters(self.moe):
             # Megatron DDP: params with allreduce=False are expert params, reduced over expert-DP

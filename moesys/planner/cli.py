@@ -18,10 +18,12 @@ import os
 import sys
 from typing import Optional
 
+from moesys.configs.schema import register
 from moesys.parallel.cost_model import DEGREES, DISPATCHERS
 
 from .hardware import THIS, load_hardware, presets
-from .plan import plan
+from .plan import plan, plan_ep
+from .probe_host import probe_this_machine
 from .report import SCALING_GPUS, plot_scaling, render
 from .workload import PlanError, workload_from_config
 
@@ -32,7 +34,6 @@ def compose_train_config(overrides: list, config_path: Optional[str] = None):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from moesys.configs.schema import register
 
     register()
     GlobalHydra.instance().clear()
@@ -118,7 +119,6 @@ def _hardware_for(args, cfg, wl, world: int):
     if world > (os.cpu_count() or 1) * 8:
         raise PlanError(f"--gpus {world}: --cluster=this probes {world} local ranks; this machine has "
                         f"{os.cpu_count()} cores")
-    from .probe_host import probe_this_machine
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     cache = {}
@@ -135,7 +135,6 @@ def scaling_points(wl, hw, world: int, rec) -> dict:
     """Weak scaling for --plot: tokens and experts per GPU of the recommended layout held, one ep
     group over all GPUs (Tutel's scaling runs); per dispatcher its best mode/degree, and the static
     baseline."""
-    from .plan import plan_ep
 
     points = {}
     for gpus in SCALING_GPUS:

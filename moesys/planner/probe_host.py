@@ -35,21 +35,25 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moesys.config import MoEConfig
+from moesys import LocalRunner, MoELayer
+from moesys.moe.config import MoEConfig
+from moesys.moe.experts import GroupedExperts
+from moesys.parallel import ParallelDims, simulate
+from moesys.parallel.cost_model import Shape, expected_stats, local_seconds
 from moesys.parallel.cost_network import Hardware, Link, allgather_ring
 from moesys.parallel.probe import hidden_fraction
-from moesys.parallel.sharded_dp import _f_chunks  # the F-chunks sharded_dp computes in
+from moesys.parallel.sharded_dp import f_chunks  # the F-chunks sharded_dp computes in
 
 EXPERT_ROWS = (16, 64, 256)
 BLOCK_S = 0.03  # a timed block of local work lasts at least this (many scheduler slices)
 
 
-class _IdentityRunner:
+class _IdentityRunner(LocalRunner):
     """Stands in for the expert-parallel runner: the layer's own work without experts or collectives."""
 
-    last_metrics: dict = {}
+    local = False  # the layer's host-plan path, as under expert parallelism
 
-    def __call__(self, x_ND, plan, experts):
+    def __call__(self, x_ND, plan, experts, shared=None):
         return x_ND * 1.0
 
 
@@ -68,9 +72,6 @@ def _line(xs, ys) -> tuple:
 
 def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, ep: int) -> dict:
     """One rank's part: medians of `reps` timings (collectives: 3 x reps, in rounds), then the slowest rank's."""
-    from moesys import MoELayer
-    from moesys.experts import GroupedExperts
-    from moesys.parallel import ParallelDims
 
     torch.set_num_threads(threads)
     group = ParallelDims.build(ep=ep, timeout_s=120).ep_group  # every ep group measures at once, as in a run
@@ -106,7 +107,7 @@ def _probe_rank(cfg_dict: dict, tokens_per_rank: int, threads: int, reps: int, e
 
     def sdp_calls(calls: int):
         """All E experts (full F) on this rank's own rows, in `calls` F-chunks (sharded_dp's chunks)."""
-        spans = _f_chunks(F, calls)
+        spans = f_chunks(F, calls)
         ws = [all_experts.w1, all_experts.w2, all_experts.w3]
         return lambda: sum(all_experts.compute(x_sdp, counts_sdp, ws[0][:, :, f], ws[1][:, f, :],
                                                None if ws[2] is None else ws[2][:, :, f]).sum()
@@ -231,7 +232,6 @@ def hardware_from_probe(m: dict, P: int, threads: int, tokens_per_rank: int, cfg
         ring = allgather_ring(V / P, P, hw)
         hw = hw.with_(allgather_factor=max(m["ag_1mb"], 1e-9) / ring, reduce_scatter_factor=max(m["rs_1mb"], 1e-9) / ring)
     # what the model would add for router and permutes is already inside the measured layer time
-    from moesys.parallel.cost_model import Shape, expected_stats, local_seconds
 
     shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=4)
@@ -259,7 +259,6 @@ def probe_this_machine(cfg: MoEConfig, world: int, tokens_per_rank: int, threads
 def probe_this_machine_both(cfg: MoEConfig, world: int, tokens_per_rank: int, threads: int = 1, reps: int = 15,
                             ep: Optional[int] = None, timeout_s: float = 300.0) -> dict:
     """{"median": Hardware, "min": Hardware} from one probe."""
-    from moesys.parallel import simulate
 
     ep = world if ep is None else ep
     m = simulate(_probe_rank, world, cfg.to_dict(), tokens_per_rank, threads, reps, ep, timeout_s=timeout_s)[0]

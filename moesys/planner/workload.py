@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 
-from moesys.config import MoEConfig
+from moesys.moe.config import MoEConfig
 from moesys.parallel.cost_model import Shape
+from moesys.trainer import build_model
 
 
 class PlanError(ValueError):
@@ -75,7 +76,6 @@ class Workload:
 
 def count_params(cfg) -> tuple:
     """(dense, dense GEMM weights, expert) parameter counts of the moesys-train model `cfg` (meta device)."""
-    from moesys.trainer import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -71,7 +71,7 @@ def test_shared_experts_and_recompute_on_triton_equal_torch(activation):
 def test_recompute_on_the_composed_path_saves_no_ffn_intermediate():
     """The composed (Triton) path under recompute keeps only its inputs for backward: the saved
     tensors seen by the autograd graph hold no [N, F] tensor."""
-    from moesys.experts import expert_ffn
+    from moesys.moe.experts import expert_ffn
 
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=24, num_experts=3, kernel_backend="triton", recompute=True)

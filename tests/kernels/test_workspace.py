@@ -184,11 +184,17 @@ def test_small_or_disabled_requests_bypass_the_cache(monkeypatch):
     assert kept.shape == kept2.shape == (8, 8)
 
 
-def test_env_switch_turns_the_cache_off():
-    code = "from moesys.kernels import workspace; print(workspace.enabled())"
-    env = dict(os.environ, MOESYS_CPU_BUFFER_CACHE="0")
+def test_the_switches_are_arguments_not_environment_variables():
+    """The cache and the batched GEMM are switched by set_enabled / set_keep_scratch (the trainer's
+    config fields), never by the environment: the old variables change nothing."""
+    code = ("from moesys.kernels import cpu_blas, workspace\n"
+            "print(workspace.enabled(), workspace.keep_scratch(), cpu_blas.enabled())\n"
+            "workspace.set_enabled(False); workspace.set_keep_scratch(True); cpu_blas.set_enabled(False)\n"
+            "print(workspace.enabled(), workspace.keep_scratch(), cpu_blas.enabled(), cpu_blas.available())\n")
+    env = dict(os.environ, MOESYS_CPU_BUFFER_CACHE="0", MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH="1",
+               MOESYS_CPU_GEMM_BATCH="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split("\n")[:2] == ["True False True", "False True False False"]
 
 
 def test_taking_a_grad_block_frees_unused_scratch(forced):
@@ -225,14 +231,11 @@ def test_keep_scratch_leaves_idle_scratch_for_the_next_layer(forced, monkeypatch
     del g, again
 
 
-def test_keep_scratch_env_switch_and_trainer_field():
-    code = "from moesys.kernels import workspace; print(workspace.keep_scratch())"
-    env = dict(os.environ, MOESYS_CPU_BUFFER_CACHE_KEEP_SCRATCH="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+def test_the_switches_are_trainer_fields():
     from moesys.configs.schema import TrainerConfig
 
-    assert TrainerConfig().cpu_buffer_cache_keep_scratch is False
+    t = TrainerConfig()
+    assert t.cpu_buffer_cache is True and t.cpu_buffer_cache_keep_scratch is False and t.cpu_gemm_batch is True
 
 
 def test_best_fit_serves_a_smaller_request_from_an_idle_larger_block(forced):

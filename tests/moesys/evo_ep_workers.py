@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
 from moesys.evo import EvoMoELayer
-from moesys.experts import FFN_DIM, slice_ffn
+from moesys.moe.experts import FFN_DIM, slice_ffn
 from moesys.parallel import DISPATCHERS, ParallelDims, apply_expert_parallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moesys import MoEConfig, MoELayer
-from moesys.routers import ExpertChoiceRouter
+from moesys.moe.routers import ExpertChoiceRouter
 
 CFS = (0.5, 1.0, 1.1, 1.25, 1.3, 2.0, 0.7)
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from moesys import MoEConfig, MoELayer
 from moesys.evo import EvoConfig, EvoController, EvoMoELayer, TauSchedule, spawn_slice
 from moesys.evo.layer import DENSE, SPARSE
-from moesys.experts import ExpertSharding
+from moesys.moe.experts import ExpertSharding
 
 
 # ---- tau schedule --------------------------------------------------------------------------------

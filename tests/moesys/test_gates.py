@@ -1,14 +1,14 @@
 """Dense-to-sparse gates (router="dts" / "act_dts") against hand computation and a per-token loop.
 
-The Gumbel draw is fixed by monkeypatching `moesys.gates.gumbel_like`, so every expectation is
+The Gumbel draw is fixed by monkeypatching `moesys.moe.gates.gumbel_like`, so every expectation is
 computed here independently of the router's code.
 """
 import pytest
 import torch
 
-import moesys.gates as gates
+import moesys.moe.gates as gates
 from moesys import MoEConfig, MoELayer
-from moesys.plan import make_plan
+from moesys.moe.routing_plan import make_plan
 
 from moe_reference import ffn
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moesys import MoEConfig, MoELayer
-from moesys.routers import group_limited_mask
+from moesys.moe.routers import group_limited_mask
 
 from moe_reference import reference_forward
 

@@ -93,6 +93,14 @@ def test_cpu_buffer_cache_on_and_off_train_alike(tmp_path, monkeypatch):
     keep = train_mod.run(make_cfg(*common, "trainer.cpu_buffer_cache_keep_scratch=true"), str(tmp_path / "keep"))
     assert not workspace.keep_scratch()  # restored too
     np.testing.assert_allclose(keep["train_losses"], on["train_losses"], rtol=1e-5, atol=1e-6)
+    from moesys.kernels import cpu_blas
+
+    switched = []
+    set_batch = cpu_blas.set_enabled
+    monkeypatch.setattr(cpu_blas, "set_enabled", lambda flag: (switched.append(flag), set_batch(flag)))
+    loop = train_mod.run(make_cfg(*common, "trainer.cpu_gemm_batch=false"), str(tmp_path / "loop"))
+    assert switched == [False, True] and cpu_blas.enabled()  # off for the run, then restored
+    np.testing.assert_allclose(loop["train_losses"], on["train_losses"], rtol=1e-5, atol=1e-6)
     logged = [r for r in _records(str(tmp_path / "on")) if "mem/cpu_buffer_cache_mb" in r]
     assert logged and all(r["mem/cpu_buffer_cache_mb"] > 0 for r in logged)
     assert not any("mem/cpu_buffer_cache_mb" in r for r in _records(str(tmp_path / "off")))

@@ -149,8 +149,8 @@ def sharded_dp_worker(cases, degrees, D=5):
     The reference is the single-process GroupedExperts on each rank's rows; its weight grads summed
     over ranks are what the all-gather's backward leaves on each owner (its slice of them).
     """
-    from moesys.experts import FFN_DIM, GroupedExperts, slice_ffn
-    from moesys.parallel.sharded_dp import ShardedDataParallel, _f_chunks
+    from moesys.moe.experts import FFN_DIM, GroupedExperts, slice_ffn
+    from moesys.parallel.sharded_dp import ShardedDataParallel, f_chunks
 
     P, me = dist.get_world_size(), dist.get_rank()
     fails, spans = [], {}
@@ -190,9 +190,9 @@ def sharded_dp_worker(cases, degrees, D=5):
             x = xs[me].clone().requires_grad_(True)
             y = sdp(x, counts[me], experts, chunks=c)
             (y * gys[me]).sum().backward()
-            spans[tag] = [(s.start, s.stop) for s in _f_chunks(experts.local_weights()[0].shape[2], c)]
+            spans[tag] = [(s.start, s.stop) for s in f_chunks(experts.local_weights()[0].shape[2], c)]
             if sdp.last_chunks != len(spans[tag]):
-                fails.append(f"{tag}: ran {sdp.last_chunks} chunks, _f_chunks gives {spans[tag]}")
+                fails.append(f"{tag}: ran {sdp.last_chunks} chunks, f_chunks gives {spans[tag]}")
             close("y", y.detach(), want_y, fails, tag)
             close("dx", x.grad, want_dx, fails, tag)
             for wn in FFN_DIM:
@@ -325,10 +325,11 @@ def two_node_worker(cases, combos):
 
 
 def ctor_worker():
-    """MoELayer(cfg, ep_group=...) is the same as apply_expert_parallel on a single-device layer."""
+    """apply_expert_parallel (the one way to shard a layer) is deterministic: two layers built from
+    the same seed and sharded the same way hold the same slices and give the same outputs."""
     cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2)
     torch.manual_seed(0)
-    a = MoELayer(cfg, ep_group=dist.group.WORLD)
+    a = apply_expert_parallel(MoELayer(cfg), dist.group.WORLD)
     torch.manual_seed(0)
     b = apply_expert_parallel(MoELayer(cfg), dist.group.WORLD)
     x = torch.randn(6 + dist.get_rank(), 8, generator=torch.Generator().manual_seed(dist.get_rank()))

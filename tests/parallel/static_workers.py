@@ -16,7 +16,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from moesys import MoEConfig, MoELayer
+from moesys import LocalRunner, MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, apply_expert_parallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
@@ -25,16 +25,17 @@ from ep_check import check_local_expert_grads, close  # noqa: E402
 RNG_SEED = 1234
 
 
-class DropPastRunner:
+class DropPastRunner(LocalRunner):
     """Single-process runner that computes every row, then zeroes the rows past C of each expert
     (rows in the plan's order: the first C of an expert are kept). `dropped` is what it zeroed."""
 
     def __init__(self, C: int) -> None:
+        super().__init__()
         self.C = C
         self.dropped = 0
         self.last_metrics: dict = {}
 
-    def __call__(self, x_ND, plan, experts):
+    def __call__(self, x_ND, plan, experts, shared=None):
         y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
         keep = []
         self.dropped = 0

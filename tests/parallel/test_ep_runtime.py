@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import ep_workers  # noqa: E402
 
+from moesys import MoEConfig, MoELayer  # noqa: E402
 from moesys.parallel import simulate  # noqa: E402
 
 
@@ -60,8 +61,14 @@ def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
     assert [float(r.sum()) for r in results] == [0.0, 3.0]
 
 
+def test_layer_constructor_takes_no_ep_group():
+    """apply_expert_parallel is the only way to make a layer expert-parallel (issue 24)."""
+    with pytest.raises(TypeError, match="ep_group"):
+        MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2), ep_group=None)
+
+
 @pytest.mark.multirank
-def test_layer_constructor_with_ep_group():
+def test_apply_expert_parallel_shards_the_layer():
     results = simulate(ep_workers.ctor_worker, 2, timeout_s=60)
     for rank, r in enumerate(results):
         assert r["local_experts"] == 2 and r["offset"] == 2 * rank

@@ -105,5 +105,5 @@ def test_factor_needed_fits_the_largest_count():
     counts_E = torch.tensor([3, 0, 19, 5, 7, 11, 2, 27])
     f = float(d.factor_needed(counts_E, T))
     assert f == 27 * E / (T * K)
-    d.static_capacity_factor = f
+    d.set_static_capacity_factor(f)
     assert d.static_capacity(T) == 27

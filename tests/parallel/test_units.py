@@ -4,7 +4,7 @@ import torch
 
 from moesys.parallel import ExpertLayout, ExpertParallelConfig, Machine, Stats, Tuner, TunerSettings, mesh_ranks
 from moesys.parallel.layout import block_permutation, chunk_rows, expand_rows, inverse_permutation, split_counts
-from moesys.parallel.sharded_dp import _f_chunks
+from moesys.parallel.sharded_dp import f_chunks
 from moesys.parallel.tuner import Shape, predict
 
 
@@ -66,10 +66,10 @@ def test_chunks_cover_every_row_once_grouped_by_expert():
 
 
 def test_f_chunks_use_whole_16_byte_units():
-    assert _f_chunks(8, 8) == [slice(0, 4), slice(4, 8)]
-    assert _f_chunks(16, 4) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)]
-    assert _f_chunks(6, 8) == [slice(0, 2), slice(2, 4), slice(4, 6)]
-    assert _f_chunks(4, 1) == [slice(0, 4)]
+    assert f_chunks(8, 8) == [slice(0, 4), slice(4, 8)]
+    assert f_chunks(16, 4) == [slice(0, 4), slice(4, 8), slice(8, 12), slice(12, 16)]
+    assert f_chunks(6, 8) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+    assert f_chunks(4, 1) == [slice(0, 4)]
 
 
 
@@ -77,8 +77,8 @@ def test_f_chunks_tile_any_width():
     # widths the chunks do not divide: the last span must still end at the width
     for width in [*range(1, 41), 1408]:
         for chunks in range(1, 9):
-            spans = _f_chunks(width, chunks)
-            tag = f"_f_chunks({width}, {chunks}) = {spans}"
+            spans = f_chunks(width, chunks)
+            tag = f"f_chunks({width}, {chunks}) = {spans}"
             assert 1 <= len(spans) <= chunks, tag
             assert spans[0].start == 0 and spans[-1].stop == width, tag
             assert all(a.stop == b.start for a, b in zip(spans, spans[1:])), tag

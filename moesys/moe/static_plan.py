@@ -11,7 +11,7 @@ boolean mask), this plan places every route in a buffer whose size is known from
                 shapes alone); a route whose rank among its expert's routes is >= C is dropped
                 (dest M) and a slot nobody fills is an empty row (route R).
 The rank of a route among its expert's routes is its place in the drop policy's priority order
-(module docstring of moesys/plan.py), so the same routes are kept as `make_plan` keeps, in the same
+(module docstring of moesys/moe/routing_plan.py), so the same routes are kept as `make_plan` keeps, in the same
 order. The whole placement (histogram, scan, slot per route, keep mask, offsets, counts, drops) is
 one op, `moesys.kernels.route_place` (Triton on CUDA); the policy adds at most a sort to rank
 tokens or routes. renormalize_after_drop is applied by the combine (kernels/permute_static.py).
@@ -53,7 +53,7 @@ def uniform_offsets(E: int, C: int, device) -> torch.Tensor:
 
 
 def _priority(weight_TK, probs_TE, policy: str, R: int) -> tuple:
-    """(route_place priority, its order tensor or None) for a drop policy (moesys/plan.py)."""
+    """(route_place priority, its order tensor or None) for a drop policy (moesys/moe/routing_plan.py)."""
     if policy == "position":
         # all first choices (earlier tokens first), then all second choices
         return "choice", None

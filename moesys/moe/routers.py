@@ -292,17 +292,3 @@ class ExpertChoiceRouter(Router):
             losses["z_loss"] = balance.z_loss(logits_TE, cfg.z_loss_coef)
         return Routing(token_EC.reshape(-1), expert_R, w_EC.reshape(-1), slot_R, T, probs_TE, logits_TE, losses,
                        capacity_applies=False)
-
-
-def build_router(cfg: MoEConfig) -> Router:
-    if cfg.router in ("topk", "switch"):
-        return TopKRouter(cfg)
-    if cfg.router == "sigmoid_bias":
-        return SigmoidBiasRouter(cfg)
-    if cfg.router == "expert_choice":
-        return ExpertChoiceRouter(cfg)
-    if cfg.router in ("dts", "act_dts"):
-        from .gates import DTSRouter
-
-        return DTSRouter(cfg)
-    raise ValueError(f"MoEConfig.router={cfg.router!r} has no implementation")

@@ -32,7 +32,7 @@ class Routing:
 
 @dataclass(frozen=True)
 class StaticRouting:
-    """A fixed-K router's decision kept as [T, K] tensors (the sync-free path, moesys/static_plan.py):
+    """A fixed-K router's decision kept as [T, K] tensors (the sync-free path, moesys/moe/static_plan.py):
     no route list is built, and nothing here has a data-dependent shape."""
 
     expert_TK: torch.Tensor  # [T, K] int64 expert of each route (route r = t*K + k)

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from moesys.kernels import grouped_gemm, resolve_backend
@@ -114,8 +116,6 @@ class ExpertSharding:
     shards: int = 1  # S: ranks sharing one expert's F
 
     def placements_for(self, name: str) -> tuple:
-        from torch.distributed.tensor import Shard
-
         if self.shards == 1:
             return (Shard(0),)
         return (Shard(0), Shard(FFN_DIM[name]))
@@ -123,7 +123,7 @@ class ExpertSharding:
 
 def _wrapped(module: nn.Module) -> bool:
     """Whether FSDP2 wraps `module` (fully_shard swaps in a subclass of FSDPModule)."""
-    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+    return isinstance(module, FSDPModule)
 
 
 def _no_view(out):
@@ -138,7 +138,7 @@ def local_tensor(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """This rank's part of an expert weight: `w.to_local()` for a DTensor (differentiable), else w."""
     if w is None:
         return None
-    return w.to_local() if hasattr(w, "to_local") else w
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 @torch.no_grad()
@@ -146,16 +146,14 @@ def copy_global_(param: torch.Tensor, full: torch.Tensor) -> None:
     """param <- full, `full` the parameter's global value: a DTensor parameter keeps its own part
     (each rank cuts its chunk locally, no communication); a plain one takes it all."""
     full = full.to(device=param.device, dtype=param.dtype)
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
+    if isinstance(param, DTensor):
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
     """The global value of a (possibly DTensor) tensor: collective over its mesh for a DTensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class GroupedExperts(nn.Module):

@@ -68,7 +68,7 @@ class MoEConfig:
     # --- capacity ------------------------------------------------------------------------------
     capacity_factor: Optional[float] = None  # None = dropless
     min_capacity: int = 4
-    drop_policy: str = "position"  # one of DROP_POLICIES (moesys/plan.py); "bpr": Tutel's BPR
+    drop_policy: str = "position"  # one of DROP_POLICIES (moesys/moe/routing_plan.py); "bpr": Tutel's BPR
     # DeepSpeed's top-2 gate: after drops, divide each token's kept weights by their sum (a token
     # that lost one of two routes puts weight 1 on the survivor); needs weights that sum to 1
     renormalize_after_drop: bool = False

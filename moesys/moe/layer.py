@@ -27,8 +27,10 @@ from moesys.kernels.permute_static import combine_static, dispatch_static
 from . import balance
 from .config import MoEConfig
 from .experts import GroupedExperts, SharedExperts
-from .plan import Plan, make_plan
-from .routers import BalanceGroupRef, build_router
+from .routing_plan import Plan, make_plan
+from .router_factory import build_router
+from .routers import BalanceGroupRef
+from .runner import LocalRunner, Runner, SharedWork
 from .static_plan import make_static_plan, uniform_offsets
 
 
@@ -42,53 +44,17 @@ class MoEAux:
     metrics: dict = field(default_factory=dict)  # name -> detached 0-dim tensor or float
 
 
-@dataclass(frozen=True)
-class SharedWork:
-    """The shared experts' work of one forward, handed to a runner so it can overlap communication:
-    `work()` returns s_TD = shared_experts(x_TD)."""
-
-    experts: nn.Module
-    x_TD: torch.Tensor
-
-    def __call__(self) -> torch.Tensor:
-        return self.experts(self.x_TD)
-
-
-class LocalRunner:
-    """Runs all experts on this device: no communication.
-
-    The runner contract (what `moesys.parallel` replaces this with): `y_ND = runner(x_ND, plan,
-    experts)`, x_ND the kept routes' rows grouped by expert; everything about the tokens (counts,
-    capacity, T) is in the Plan: the runner never calls back into the layer. A runner may also
-    have `prefetch(plan)`, which the layer calls as soon as the plan exists, before it permutes the
-    rows (the expert-parallel runner starts its counts exchange there); this one needs none.
-    """
-
-    def __init__(self) -> None:
-        self.last_metrics: dict = {}
-
-    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: GroupedExperts) -> torch.Tensor:
-        if experts.num_local_experts != plan.counts_E.shape[0]:
-            raise RuntimeError(
-                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
-                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
-            )
-        return experts.compute(x_ND, plan.counts_E, *experts.local_weights())
-
-
 class MoELayer(nn.Module):
     """A Mixture-of-Experts feed-forward layer.
 
     Args:
         cfg: the layer's MoEConfig.
-        ep_group: optional process group; when given, the layer is sharded over it right away
-            (same as calling `moesys.parallel.apply_expert_parallel(layer, ep_group)`).
         balance_group: for aux_loss="global_batch", the process group whose ranks' tokens make
             the batch the balance loss sees (the data-parallel group; under expert parallelism too,
             since EP ranks hold different tokens); see `set_balance_group`.
     """
 
-    def __init__(self, cfg: MoEConfig, ep_group=None, balance_group=None):
+    def __init__(self, cfg: MoEConfig, balance_group=None):
         super().__init__()
         if not isinstance(cfg, MoEConfig):
             raise TypeError(f"MoELayer expects a MoEConfig, got {type(cfg).__name__}")
@@ -97,13 +63,9 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg)
         # dense FFNs every token goes through (replicated under expert parallelism)
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
-        self.runner = LocalRunner()
+        self.runner: Runner = LocalRunner()
         self._generator: Optional[torch.Generator] = None
         self.set_balance_group(balance_group)
-        if ep_group is not None:
-            from moesys.parallel import apply_expert_parallel
-
-            apply_expert_parallel(self, ep_group)
 
     def set_balance_group(self, group) -> None:
         """The group over which aux_loss="global_batch" sums routes per expert and tokens (one
@@ -116,7 +78,9 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoELayer.set_balance_group: a process group, None or 'local', got {group!r}")
         self.router.balance_group = BalanceGroupRef(group)
 
-    def set_runner(self, runner) -> None:
+    def set_runner(self, runner: Runner) -> None:
+        """Install the runner of the routed experts (see moesys.moe.runner.Runner); the expert-parallel
+        runtime's apply_expert_parallel calls this."""
         self.runner = runner
 
     def capacity(self, num_tokens: int) -> Optional[int]:
@@ -152,9 +116,8 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
             return y_TD.reshape(shape).to(x.dtype), aux
         routing, plan = self.route(x_TD, seq_len)
-        prefetch = getattr(self.runner, "prefetch", None)
-        if prefetch is not None:  # a runner that moves tokens starts its counts exchange now: the
-            prefetch(plan)        # permute below runs while the counts travel
+        self.runner.prefetch(plan)  # a runner that moves tokens starts its counts exchange now: the
+        #                             permute below runs while the counts travel
         K = routing.fixed_k
         if K is not None and resolve_backend(cfg.kernel_backend, x_TD.device) == "torch":
             # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)
@@ -180,7 +143,7 @@ class MoELayer(nn.Module):
         if self.shared_experts is None:
             return self.experts(x_ND, plan=plan, runner=self.runner), None
         work = SharedWork(self.shared_experts, x_TD)
-        if getattr(self.runner, "overlaps_shared", False):
+        if self.runner.overlaps_shared:
             return self.experts(x_ND, plan=plan, runner=self.runner, shared=work)
         s_TD = work()
         return self.experts(x_ND, plan=plan, runner=self.runner), s_TD
@@ -191,7 +154,7 @@ class MoELayer(nn.Module):
         the host plan, its expert GEMMs on torch._grouped_mm) and for the dense-to-sparse gates
         (their number of routes depends on the data: the documented exception)."""
         cfg = self.cfg
-        if cfg.variable_k or not isinstance(self.runner, LocalRunner):
+        if cfg.variable_k or not self.runner.local:
             return False
         dev = x_TD.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x_TD.dtype
@@ -203,7 +166,7 @@ class MoELayer(nn.Module):
 
     def _forward_sync_free(self, x_TD: torch.Tensor, seq_len: int):
         """Router -> static plan -> gather -> grouped_mm experts -> gather-combine, with no host read
-        and shapes fixed by (T, K, E, C) alone (moesys/static_plan.py)."""
+        and shapes fixed by (T, K, E, C) alone (moesys/moe/static_plan.py)."""
         cfg = self.cfg
         T, E = x_TD.shape[0], cfg.num_experts
         if cfg.router == "expert_choice":
@@ -247,7 +210,7 @@ class MoELayer(nn.Module):
             metrics = balance.router_metrics(probs_TE, routed_E, num_routes, dropped)
         for name, value in losses.items():
             metrics[name] = value.detach()
-        for name, value in getattr(self.runner, "last_metrics", {}).items():
+        for name, value in self.runner.last_metrics.items():
             metrics[f"runtime/{name}"] = value
         return MoEAux(loss=loss, tokens_per_expert=counts_E, dropped=dropped, metrics=metrics)
 
