@@ -39,7 +39,7 @@ COMMANDS = {
     "shared": ["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.recompute=true"],
     "book": ["data.path={book}"],
     "tokens": ["data.path={tokens}", "data.dtype=uint16", "data.vocab_size=50304", "model.tie_embeddings=false"],
-    "deepspeed": ["trainer.engine=deepspeed", "trainer.zero_stage=2", "trainer.ds_config=launchers/ds_zero2.json"],
+    "deepspeed": ["trainer.engine=deepspeed", "trainer.zero_stage=2", "trainer.ds_config=configs/deepspeed/zero2.json"],
     "evomoe": ["evo=evomoe"],
 }
 QUIET = ["trainer.log_interval=1", "trainer.plots=false", "logging.tqdm=false", "logging.wandb_mode=disabled",

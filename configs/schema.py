@@ -157,7 +157,7 @@ class TrainerConfig:
     fsdp_reshard_after_forward: bool = True
     fsdp_param_dtype: str = "fp32"  # fp32 | bf16
     fsdp_reduce_dtype: str = "fp32"  # fp32 | bf16
-    ds_config: Optional[str] = None  # deepspeed only: a base JSON (e.g. launchers/ds_zero2.json); trainer.* wins
+    ds_config: Optional[str] = None  # deepspeed only: a base JSON (e.g. configs/deepspeed/zero2.json); trainer.* wins
     deterministic: bool = True
     plots: bool = True
     cpu_buffer_cache: bool = True  # CPU: reuse the MoE layers' large buffers across steps (moesys.kernels.workspace)

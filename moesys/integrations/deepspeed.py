@@ -1,7 +1,7 @@
 """DeepSpeed integration: a ZeRO-1/2 engine around a moesys model (`trainer.engine=deepspeed`).
 
     deepspeed --num_gpus 8 -m moesys.train trainer.engine=deepspeed ...   # or torchrun --nproc_per_node 8
-    # launchers/ds_zero1.json, launchers/ds_zero2.json hold the same config dicts `ds_config_from` builds
+    # configs/deepspeed/zero1.json, configs/deepspeed/zero2.json hold the same config dicts `ds_config_from` builds
 
 In code (after `dist.init_process_group`, `dims = ParallelDims.build(ep=...)`,
 `apply_expert_parallel(...)` on every MoE layer):
@@ -130,7 +130,7 @@ def ds_config_from(
 
 
 def load_ds_config(path: Union[str, Path]) -> dict:
-    """Read a DeepSpeed JSON config (e.g. launchers/ds_zero2.json)."""
+    """Read a DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json)."""
     with open(path) as f:
         return json.load(f)
 
@@ -293,7 +293,7 @@ _MOE_ZERO_KEYS = ("stage", "contiguous_gradients", "reduce_scatter")  # DeepSpee
 
 
 def _merge_config(base: dict, ours: dict) -> dict:
-    """`base` (e.g. launchers/ds_zero2.json, which may say "auto") with the argument-decided keys of `ours`."""
+    """`base` (e.g. configs/deepspeed/zero2.json, which may say "auto") with the argument-decided keys of `ours`."""
     merged = copy.deepcopy(base)
     merged.pop("train_batch_size", None)  # recomputed by DeepSpeed from micro batch x accumulation x dp
     for key in _ARG_KEYS:
@@ -339,7 +339,7 @@ def build_engine(
         lr_scheduler: a torch LR scheduler or a callable(optimizer) -> scheduler; DeepSpeed steps
             it on every optimizer step.
         micro_batch_size, dtype: see `ds_config_from`.
-        config: a base DeepSpeed config (dict or JSON path, e.g. launchers/ds_zero2.json); the
+        config: a base DeepSpeed config (dict or JSON path, e.g. configs/deepspeed/zero2.json); the
             arguments above override its micro batch, accumulation, clip, bf16/fp16 and zero stage
             entries (and force contiguous_gradients / reduce_scatter, which DeepSpeed's MoE path
             asserts); its other entries (bucket sizes, overlap_comm, ...) are kept.

@@ -252,7 +252,7 @@ def test_groups_and_global_batch_ep2_match_one_rank_and_resume(tmp_path):
     np.testing.assert_allclose(aux2, aux1, rtol=1e-5)
     np.testing.assert_allclose(ep2["train_losses"], ep1["train_losses"], rtol=1e-5)
     if importlib.util.find_spec("deepspeed") is not None:  # the DeepSpeed engine (ZeRO-1) trains alike
-        ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "ds_zero1.json")
+        ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "deepspeed", "zero1.json")
         ds = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.engine=deepspeed",
                                     "trainer.zero_stage=1", f"trainer.ds_config={ds_json}", "trainer.save_final=false"),
                            str(tmp_path / "ds"))
