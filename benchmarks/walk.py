@@ -2,7 +2,8 @@
 that cross from one project file into another, in order (issue 24's measure of the hot path).
 
     python benchmarks/walk.py              # one device (the layer's LocalRunner)
-    python benchmarks/walk.py --ep 2       # 2 gloo ranks, expert parallel, after the tuner decided
+    python benchmarks/walk.py --ep 2       # 2 gloo ranks, expert parallel (auto mode), once the tuner
+                                           # has decided, on a step it does not check its statistics
 
 Counts only the project's own files (moesys/, parallel/, kernels/); torch and the standard library
 are not counted. A call counts as crossing when the caller's file differs from the callee's.
@@ -63,28 +64,34 @@ def layer_and_input(ep: int):
     return layer, x
 
 
+def _step(layer, x) -> None:
+    y, aux = layer(x)
+    (y.sum() + aux.loss).backward()
+
+
 def one_device() -> dict:
     layer, x = layer_and_input(1)
-    with torch.no_grad():
-        layer(x)  # first call: lazy set-up (kernel backend probes) is not the steady state
-    with torch.no_grad():
-        return trace(lambda: layer(x))
+    _step(layer, x)  # first call: lazy set-up (kernel backend probes) is not the steady state
+    return trace(lambda: layer(x))  # a training forward (grad enabled)
 
 
-def ep_worker(warm_steps: int) -> dict:
+def ep_worker(max_warm_steps: int) -> dict:
     layer, x = layer_and_input(dist.get_world_size())
-    apply_expert_parallel(layer, dist.group.WORLD, mode="ep", overlap=1, timeout_s=60)
-    for _ in range(warm_steps):  # the tuner decides (pinned here), the runner warms up
-        y, aux = layer(x)
-        (y.sum() + aux.loss).backward()
-    with torch.no_grad():
-        return trace(lambda: layer(x))
+    apply_expert_parallel(layer, dist.group.WORLD, timeout_s=60)
+    tuner = layer.runner.tuner
+    for _ in range(max_warm_steps):  # until the tuner has decided (its trials are over) ...
+        _step(layer, x)
+        if not tuner.report()["tuner_exploring"]:
+            break
+    while tuner.wants_stats():  # ... and the next call is not one of its periodic statistics checks
+        _step(layer, x)
+    return trace(lambda: layer(x))
 
 
 def walk(ep: int = 1) -> dict:
     if ep == 1:
         return one_device()
-    return simulate(ep_worker, ep, 2, timeout_s=120)[0]
+    return simulate(ep_worker, ep, 200, timeout_s=120)[0]
 
 
 def main(argv=None) -> None:

@@ -31,6 +31,8 @@ CASES = {
     "sync_free": ["benchmarks/sync_free.py", "--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7",
                   "--repeats", "1"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
+    "walk": ["benchmarks/walk.py"],
+    "walk_ep": ["benchmarks/walk.py", "--ep", "2"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],
     "memory": ["benchmarks/memory.py", "--ranks", "2", "--ep", "1", "2", "--d-model", "32", "--experts", "4",
                "--ffn", "48", "--seq-len", "16", "--steps", "1", "--engines", "plain", "fsdp"],

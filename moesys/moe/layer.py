@@ -30,7 +30,7 @@ from .experts import GroupedExperts, SharedExperts
 from .routing_plan import Plan, make_plan
 from .router_factory import build_router
 from .routers import BalanceGroupRef
-from .runner import LocalRunner, Runner, SharedWork
+from .runner import Runner, SharedWork
 from .static_plan import make_static_plan, uniform_offsets
 
 
@@ -42,6 +42,28 @@ class MoEAux:
     tokens_per_expert: torch.Tensor  # [E] kept routes per expert (this rank's tokens)
     dropped: torch.Tensor  # 0-dim int64: (token, expert) routes dropped by capacity
     metrics: dict = field(default_factory=dict)  # name -> detached 0-dim tensor or float
+
+
+class LocalRunner:
+    """Runs all experts on this device: no communication, nothing to prefetch, no metrics."""
+
+    local = True
+    overlaps_shared = False
+
+    def __init__(self) -> None:
+        self.last_metrics: dict = {}
+
+    def prefetch(self, plan: Plan) -> None:
+        pass
+
+    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, shared: Optional[SharedWork] = None):
+        if experts.num_local_experts != plan.counts_E.shape[0]:
+            raise RuntimeError(
+                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
+                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
+            )
+        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
+        return y_ND if shared is None else (y_ND, shared())
 
 
 class MoELayer(nn.Module):

@@ -1,12 +1,13 @@
 """The runner contract: what an MoELayer calls to run its routed experts, and the single-device runner.
 
 Legend: T tokens, D hidden, N kept routes (rows grouped by expert).
+(The single-device runner lives beside the layer, in layer.py: one file less on the hot path.)
 
     y_ND = runner(x_ND, plan, experts)                  # no shared work
     y_ND, s_TD = runner(x_ND, plan, experts, shared=w)  # a runner with overlaps_shared runs w() too
 
 Everything a runner needs about the tokens (counts, capacity, T) is in the Plan: a runner never calls
-back into the layer. `LocalRunner` computes every expert here; `moesys.parallel`'s
+back into the layer. `moesys.moe.layer.LocalRunner` computes every expert here; `moesys.parallel`'s
 ExpertParallelRunner moves rows between ranks (installed by `apply_expert_parallel`, the one way to
 make a layer expert-parallel). The layer touches a runner only through the members of `Runner`.
 """
@@ -52,25 +53,3 @@ class Runner(Protocol):
     def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: nn.Module, shared: Optional[SharedWork] = None):
         """y_ND for the rows x_ND (grouped by global expert, counts in plan.counts_E); with `shared`,
         (y_ND, s_TD)."""
-
-
-class LocalRunner:
-    """Runs all experts on this device: no communication, nothing to prefetch, no metrics."""
-
-    local = True
-    overlaps_shared = False
-
-    def __init__(self) -> None:
-        self.last_metrics: dict = {}
-
-    def prefetch(self, plan: Plan) -> None:
-        pass
-
-    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, shared: Optional[SharedWork] = None):
-        if experts.num_local_experts != plan.counts_E.shape[0]:
-            raise RuntimeError(
-                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
-                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
-            )
-        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
-        return y_ND if shared is None else (y_ND, shared())
