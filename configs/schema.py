@@ -119,7 +119,7 @@ class ScheduleConfig:
     """schedule.*: linear warmup then cosine decay to min_lr_ratio * lr."""
 
     # 60, not 30: at 3e-3 the model leaves its bigram plateau (steps ~15-30) at an LR past the edge of
-    # stability and spikes (README, "Training stability"; benchmarks/spike_probe.py)
+    # stability and spikes (docs/stability.md; benchmarks/spike_probe.py)
     warmup_steps: int = 60
     min_lr_ratio: float = 0.1
 

@@ -400,7 +400,7 @@ class Trainer:
 
     def data_warnings(self) -> list:
         """Warnings that need the data: tied embeddings over a vocabulary of which the training split
-        never uses more than 90% (README, "Training stability": Adam drifts the never-seen output rows together, and
+        never uses more than 90% (docs/stability.md: Adam drifts the never-seen output rows together, and
         with tied embeddings that made the run spike)."""
         cfg = self.cfg
         if not cfg.model.tie_embeddings:

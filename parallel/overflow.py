@@ -12,7 +12,7 @@ all-reduce), re-runs an overflowed step once with a larger f on every rank:
 
 f_needed is the smallest factor whose buffer holds the most rows any (source rank, expert) held in
 any layer and micro-batch of the step (`runtime/static_factor_needed`, max over the job: one extra
-all-reduce, on overflowed steps only). The growth rule (a choice, documented in the README):
+all-reduce, on overflowed steps only). The growth rule (a choice, documented in docs/expert-parallelism.md):
 
     f_new = min(ceil(4 * max(MARGIN * f_needed, MIN_GROWTH * f)) / 4, E / K)   (a multiple of 0.25)
 

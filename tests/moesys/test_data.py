@@ -109,7 +109,7 @@ def test_unused_ids_counts_every_id_that_never_occurs():
 
 
 def test_trainer_warns_for_tied_embeddings_over_a_mostly_unused_vocabulary(tmp_path, world1):
-    """The 50304-vocabulary spike (README, "Training stability"): a .bin file that uses < 10% of the
+    """The 50304-vocabulary spike (docs/stability.md): a .bin file that uses < 10% of the
     ids warns with tied embeddings and names the override; untied, or the embedded corpus, does not."""
     from train_helpers import build_trainer, make_cfg
 

@@ -1,4 +1,4 @@
-"""Signals, rank deaths and restarts, with real signals on real processes (README "Fault tolerance").
+"""Signals, rank deaths and restarts, with real signals on real processes (docs/fault-tolerance.md).
 
 - a stop signal on one rank (or the parent) stops every rank after the same step; SIGTERM and
   SIGUSR1 write a checkpoint first, SIGINT does not; resuming gives the uninterrupted losses;
