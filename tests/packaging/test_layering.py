@@ -151,3 +151,31 @@ def test_top_level_kernels_without_huggingface_is_not_found():
                          timeout=60)
     assert out.returncode == 1
     assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr
+
+
+def readme_walk() -> list:
+    """(file, function) pairs of the README's "One token through one layer" block."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("### One token through one layer", 1)[1]
+    block = section.split("```text\n", 1)[1].split("```", 1)[0]
+    pairs = []
+    for line in block.strip().splitlines():
+        path, names = line.split(": ", 1)
+        pairs += [(path, n.strip()) for n in names.split(",")]
+    return pairs
+
+
+def test_the_readme_walk_names_functions_that_exist():
+    pairs = readme_walk()
+    assert len(pairs) >= 20 and ("moesys/moe/layer.py", "forward") in pairs
+    missing = []
+    for path, name in pairs:
+        full = os.path.join(ROOT, path)
+        if not os.path.exists(full):
+            missing.append(f"{path} (no such file)")
+            continue
+        tree = ast.parse(open(full).read(), full)
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        if name not in defined:
+            missing.append(f"{path}: {name}")
+    assert not missing, "the README's walk names what is not there:\n" + "\n".join(missing)
