@@ -29,6 +29,8 @@ class DropPastRunner(LocalRunner):
     """Single-process runner that computes every row, then zeroes the rows past C of each expert
     (rows in the plan's order: the first C of an expert are kept). `dropped` is what it zeroed."""
 
+    local = False  # stands in for the expert-parallel runner: the layer keeps its host plan path
+
     def __init__(self, C: int) -> None:
         super().__init__()
         self.C = C
