@@ -188,6 +188,38 @@ class Tuner:
         self.ref_stats = stats
         self.decisions_made += 1
 
+    # -- checkpoint: a resumed run continues the same schedule of trials and the same decision ----
+    STATE_VERSION = 1
+
+    def state_dict(self) -> dict:
+        """The tuner's progress as plain JSON values (the same on every rank: see the module docstring).
+        The probed machine is not in it: a resumed job probes its own."""
+        return {"version": self.STATE_VERSION, "candidates": [list(k) for k in self.candidates()],
+                "phase": self.phase, "step": self.step, "decision": list(self.decision),
+                "queue": [list(k) for k in self.queue],
+                "measured": [[list(k), list(v)] for k, v in self.measured.items()],
+                "ref_stats": None if self.ref_stats is None else self.ref_stats.as_list(),
+                "timed": None if self._timed is None else list(self._timed), "decisions_made": self.decisions_made}
+
+    def load_state_dict(self, state: dict) -> bool:
+        """Continue from `state_dict()`'s output; False (and nothing changed) when it was written for
+        other candidates (another pinned mode or degree): the tuner then starts afresh."""
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"Tuner.load_state_dict: state version {state.get('version')!r}, expected "
+                             f"{self.STATE_VERSION}")
+        if [tuple(k) for k in state["candidates"]] != self.candidates():
+            return False
+        if state["phase"] not in ("warmup", "explore", "exploit"):
+            raise ValueError(f"Tuner.load_state_dict: unknown phase {state['phase']!r}")
+        self.phase, self.step = state["phase"], int(state["step"])
+        self.decision = (state["decision"][0], int(state["decision"][1]))
+        self.queue = [(m, int(c)) for m, c in state["queue"]]
+        self.measured = {(k[0], int(k[1])): [float(t) for t in v] for k, v in state["measured"]}
+        self.ref_stats = None if state["ref_stats"] is None else Stats.from_list(state["ref_stats"])
+        self._timed = None if state["timed"] is None else (state["timed"][0], int(state["timed"][1]))
+        self.decisions_made = int(state["decisions_made"])
+        return True
+
     def report(self) -> dict:
         out = {"mode_is_ep": float(self.decision[0] == "ep"), "degree": float(self.decision[1]),
                "tuner_exploring": float(self.phase != "exploit" and not self.pinned),

@@ -165,6 +165,48 @@ def test_tuner_always_times_the_no_overlap_degree_and_every_mode():
     assert t.phase == "exploit" and t.decision == (ranked[0][0], 1)
 
 
+@pytest.mark.parametrize("cut", [0, 2, 3, 5, 9, 12, 16])
+def test_tuner_state_round_trips_mid_schedule(cut):
+    """A tuner restored from state_dict() (through JSON, as a checkpoint holds it) after `cut` steps
+    picks what the uninterrupted one picks at every later step, whatever phase it was cut in."""
+    import json
+
+    stats = [Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)] * 10 + \
+        [Stats(tokens=64, rows=256, max_rank_rows=128, max_local_rows=128)] * 10  # a shift: re-decide
+    times = lambda k: 1.0 + 0.1 * (k[1] + (k[0] == "ep"))  # noqa: E731
+    whole, picks = _tuner(warmup_steps=1, top_candidates=3, trials=2, check_every=1), []
+    last = None
+    for s in stats:
+        pick = whole.choose(s, last)
+        picks.append(pick)
+        last = times(pick)
+    assert whole.decisions_made == 2  # the run spans warmup, explore, exploit and a re-decision
+    first = _tuner(warmup_steps=1, top_candidates=3, trials=2, check_every=1)
+    last = None
+    for s in stats[:cut]:
+        last = times(first.choose(s, last))
+    resumed = _tuner(warmup_steps=1, top_candidates=3, trials=2, check_every=1)
+    assert resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.state_dict() == first.state_dict()
+    again = []
+    for s in stats[cut:]:
+        pick = resumed.choose(s, last)
+        again.append(pick)
+        last = times(pick)
+    assert again == picks[cut:]
+    assert resumed.decision == whole.decision and resumed.decisions_made == whole.decisions_made
+
+
+def test_tuner_state_for_other_candidates_is_not_loaded():
+    t = _tuner(warmup_steps=0)
+    t.choose(Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64), None)
+    pinned = _tuner(mode="ep")
+    before = pinned.state_dict()
+    assert not pinned.load_state_dict(t.state_dict()) and pinned.state_dict() == before
+    with pytest.raises(ValueError, match="state version 0"):
+        pinned.load_state_dict({**t.state_dict(), "version": 0})
+
+
 def test_tuner_re_decides_when_routing_shifts():
     t = _tuner(warmup_steps=0, top_candidates=1, trials=1, retune_rel_change=0.3)
     s1 = Stats(tokens=64, rows=128, max_rank_rows=64, max_local_rows=64)
