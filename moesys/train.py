@@ -176,11 +176,11 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
-    from moesys.parallel.simulate import AGENT_STORE_ENV
+    from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       **AGENT_STORE_ENV})
+                       **AGENT_STORE_ENV, **loopback_env()})
     result = fn(*args)
     return result if rank == 0 else None
 
@@ -192,15 +192,17 @@ def launch(world: int, fn: Callable, *args):
     otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable): signals
     are forwarded to them, they die with this process, and a rank that fails raises
     supervise.RankFailedError naming it, with the others killed at once."""
-    from moesys.parallel.simulate import AGENT_STORE_ENV, serve_store
+    from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env, serve_store
 
-    # the rendezvous store is served from here, on a port that stays bound (no EADDRINUSE race)
+    # the rendezvous store is served from here, on 127.0.0.1 and a port that stays bound (no
+    # EADDRINUSE race); the ranks' gloo/NCCL sockets stay on loopback too (nothing listens outside)
     store = serve_store(timeout_s=1800)
     if world == 1:
+        local = loopback_env()
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV)}
+                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV, *local)}
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV})
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV, **local})
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         try:
             return fn(*args)

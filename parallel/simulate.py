@@ -2,9 +2,11 @@
 
     results = simulate(fn, 4, arg1, arg2)   # fn(arg1, arg2) on ranks 0..3; returns [r0, r1, r2, r3]
 
-Each rank gets MASTER_ADDR/MASTER_PORT (a free port), RANK, WORLD_SIZE, LOCAL_RANK and
+Each rank gets MASTER_ADDR/MASTER_PORT (the parent's store), RANK, WORLD_SIZE, LOCAL_RANK and
 LOCAL_WORLD_SIZE, one intra-op thread (ranks share the CPU), and an initialised default process
-group with a timeout, so a dead peer surfaces as an error rather than a hang. `fn` must be
+group with a timeout, so a dead peer surfaces as an error rather than a hang.
+Nothing listens outside the machine: the store is bound to 127.0.0.1 (serve_store) and gloo's and
+NCCL's sockets use the loopback interface (loopback_env). `fn` must be
 picklable (a module-level function): ranks are started with the "spawn" method.
 If any rank raises, `simulate` raises RuntimeError carrying that rank's traceback.
 """
@@ -35,18 +37,49 @@ AGENT_STORE_ENV = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def serve_store(timeout_s: float) -> "dist.TCPStore":
-    """A TCPStore served by this (launching) process on a port the OS picks and keeps bound, for
-    ranks that join it as clients (AGENT_STORE_ENV, as under torchrun's agent). A port picked free
-    and then released for rank 0 to bind could be taken in between by another process: rank 0 then
-    died with EADDRINUSE (seen in CI with tests running side by side)."""
-    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    """A TCPStore served by this (launching) process on 127.0.0.1, on a port the OS picks and keeps
+    bound, for ranks that join it as clients (AGENT_STORE_ENV, as under torchrun's agent).
+
+    Loopback only: the store has no authentication, and a TCPStore server binds every interface
+    whatever host it is given, so the listening socket is made here, bound to 127.0.0.1, and handed
+    over (master_listen_fd). A port picked free and then released for rank 0 to bind could be taken
+    in between by another process: rank 0 then died with EADDRINUSE (seen in CI with tests running
+    side by side)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(socket.SOMAXCONN)
+        store = dist.TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now (it closes it with the server)
+    return store
+
+
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface ('lo' on Linux, 'lo0' on macOS)."""
+    names = [name for _, name in socket.if_nameindex()]
+    for want in ("lo", "lo0"):
+        if want in names:
+            return want
+    raise RuntimeError(f"no loopback interface (lo or lo0) among this machine's interfaces {names}")
+
+
+def loopback_env() -> dict:
+    """Environment for ranks that never leave this machine: gloo's pairs and NCCL's bootstrap listen
+    on the loopback interface. Without it gloo binds the address this machine's hostname resolves
+    to (often its LAN address). torch reads GLOO_SOCKET_IFNAME each time it builds a gloo group
+    (the mesh's subgroups too); init_process_group takes no gloo device option."""
+    lo = loopback_interface()
+    return {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
 
 
 def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives, fn, args, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size), **AGENT_STORE_ENV,
+        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size), **AGENT_STORE_ENV, **loopback_env(),
     )
     torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
