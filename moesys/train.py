@@ -102,7 +102,8 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
         except ckpt.CheckpointError as e:
             raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
     try:
-        ckpt.check_compatible(path, structure_of(cfg))
+        meta = ckpt.check_compatible(path, structure_of(cfg))
+        ckpt.check_trusted(path, meta, t.trust_checkpoint)  # pickled entries: refused unless trusted
     except ckpt.CheckpointError as e:
         raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
     return path

@@ -55,6 +55,8 @@ def test_loopback_env_names_the_loopback_interface():
     assert loopback_env() == {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_simulate_ranks_and_their_store_listen_on_loopback_only():
     """parallel.simulate with the mesh's gloo subgroups: each rank reads its own listening sockets
     and its parent's (the store) while every rank is up."""
@@ -72,11 +74,15 @@ def test_world1_fixture_listens_on_loopback_only(world1):
     assert mine and all(sockets.is_loopback(a) for a in mine), mine
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_moesys_train_with_two_simulated_ranks_listens_on_loopback_only(tmp_path):
     """A default-style `moesys-train` run (2 simulated ranks, tiny preset): the socket tables of
     the launcher and its ranks are polled until it ends; each must have been seen listening (the
     store, gloo) and all on loopback."""
-    cmd = [sys.executable, "-m", "moesys.train", "preset=tiny", "parallel.simulate_ranks=2", "parallel.ep=2",
+    book = tmp_path / "book.txt"
+    book.write_text("a small corpus of bytes for a few steps. " * 400)
+    cmd = [sys.executable, "-m", "moesys.train", "preset=tiny", f"data.path={book}", "parallel.simulate_ranks=2", "parallel.ep=2",
            "trainer.steps=6", "trainer.eval_interval=100", "trainer.save_final=false",
            f"trainer.out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
