@@ -1,6 +1,7 @@
 """Simulated expert parallelism: N real torch.distributed ranks as processes on one machine.
 
     results = simulate(fn, 4, arg1, arg2)   # fn(arg1, arg2) on ranks 0..3; returns [r0, r1, r2, r3]
+    python -m moesys.parallel.simulate 4 my_script.py --steps 10   # a script on 4 ranks (simulate_ep.sh)
 
 Each rank gets MASTER_ADDR/MASTER_PORT (the parent's store), RANK, WORLD_SIZE, LOCAL_RANK and
 LOCAL_WORLD_SIZE, one intra-op thread (ranks share the CPU), and an initialised default process
@@ -16,10 +17,13 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
+import shutil
 import socket
+import sys
+import tempfile
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -162,3 +166,49 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=2.0)
+
+
+def run_script(nprocs: int, script: str, script_args: Sequence[str] = ()) -> int:
+    """Run `python script *script_args` as `nprocs` ranks on this machine, as torchrun --standalone
+    would, but with nothing listening outside it: the store is served here on 127.0.0.1
+    (serve_store; torchrun's binds every interface) and the ranks' gloo/NCCL sockets use loopback.
+    Each rank's `init_process_group()` (env://) joins the store. Processes are started and watched
+    by torch.distributed.elastic (torchrun's own launcher): one failing stops the others. Returns
+    0, or the exit code of the first rank that failed."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, start_processes
+
+    if nprocs < 1:
+        raise ValueError(f"run_script: nprocs must be >= 1, got {nprocs}")
+    store = serve_store(timeout_s=1800)
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": str(nprocs),
+              "LOCAL_WORLD_SIZE": str(nprocs), **AGENT_STORE_ENV, **loopback_env()}
+    log_dir = tempfile.mkdtemp(prefix="moesys-simulate-")  # mode 0700; only error files land here
+    pc = start_processes(name="moesys-simulate", entrypoint=sys.executable,
+                         args={r: (script, *script_args) for r in range(nprocs)},
+                         envs={r: {**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nprocs)},
+                         logs_specs=DefaultLogsSpecs(log_dir=log_dir))
+    try:
+        result = pc.wait(period=0.2)
+    except SignalException as e:  # SIGTERM/SIGINT to this process: pass it on, then stop
+        pc.close(e.sigval, timeout=30)
+        return 128 + int(e.sigval)
+    finally:
+        pc.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
+    if result is None or not result.is_failed():
+        return 0
+    first = min(result.failures.values(), key=lambda f: f.timestamp)
+    print(f"simulate: rank {first.local_rank} of {nprocs} failed with exit code {first.exitcode}", file=sys.stderr)
+    return first.exitcode if first.exitcode > 0 else 128 - first.exitcode
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or not args[0].isdigit() or int(args[0]) < 1:
+        print("usage: python -m moesys.parallel.simulate N script.py [script args...]  (N >= 1)", file=sys.stderr)
+        return 2
+    return run_script(int(args[0]), args[1], args[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

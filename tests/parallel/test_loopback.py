@@ -6,6 +6,7 @@ while the run is up, and must be on 127.0.0.1 or ::1. Linux only (/proc).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -102,3 +103,26 @@ def test_moesys_train_with_two_simulated_ranks_listens_on_loopback_only(tmp_path
     assert len(seen) >= 3, f"expected the launcher and 2 ranks listening, saw {seen}"
     outside = {pid: sorted(a for a in addrs if not sockets.is_loopback(a)) for pid, addrs in seen.items()}
     assert not any(outside.values()), f"listening outside loopback: {outside}"
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_simulate_ep_sh_runs_a_script_on_ranks_that_listen_on_loopback_only(tmp_path):
+    """launchers/simulate_ep.sh 2 script.py: both ranks ran (their all-reduce summed 2), and each one,
+    and the launcher serving the store, listened on loopback only. A rank that exits with 3 fails the
+    launch (non-zero exit) instead of leaving its peer waiting."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tests", "parallel", "loopback_script.py")
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run([os.path.join(root, "launchers", "simulate_ep.sh"), "2", script, str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            o = json.load(f)
+        assert o["sum"] == 2.0 and o["rank"] and o["launcher"], o
+        outside = [a for a in o["rank"] + o["launcher"] if not sockets.is_loopback(a)]
+        assert not outside, f"rank {rank} or the launcher listens outside loopback: {outside}"
+    bad = subprocess.run([os.path.join(root, "launchers", "simulate_ep.sh"), "2", script, str(tmp_path / "x"), "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "rank 1 of 2 failed with exit code 3" in bad.stderr, bad.stderr[-3000:]
