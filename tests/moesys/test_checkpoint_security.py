@@ -94,7 +94,7 @@ def _plant(tr, root, name, fmt, marker):
     path = os.path.join(root, "step_00000001")
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
     meta = {"format": fmt, "step": 1, "structure": structure_of(tr.cfg), "trainer": tr.trainer_state(),
-            "files": ckpt._hash_files(path, 0), "config": json.loads(json.dumps(_config(tr)))}
+            "files": ckpt._hash_files(path, 0), "config": _config(tr)}
     with open(os.path.join(path, ckpt.META_FILE), "w") as f:
         json.dump(meta, f)
     with open(os.path.join(root, ckpt.LATEST), "w") as f:
@@ -103,9 +103,13 @@ def _plant(tr, root, name, fmt, marker):
 
 
 def _config(tr):
+    """The run config as moesys.json stores it, but saying trust_checkpoint=true (as a hostile
+    checkpoint would): moesys-eval and moesys-generate must not take it from there."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(tr.cfg))
+    config = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(tr.cfg))))
+    config["trainer"]["trust_checkpoint"] = True
+    return config
 
 
 @pytest.mark.parametrize("name,fmt", [("trainer", 3), ("rng.rank0", 3), ("trainer", 4), ("rng.rank0", 4)])
