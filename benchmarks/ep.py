@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         return
     args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps, a.rounds)
     if "RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ and not dist.is_initialized():
-        # under torchrun (launchers/simulate_ep.sh): this process is one rank
+        # under launchers/simulate_ep.sh or torchrun: this process is one rank
         dist.init_process_group(os.environ.get("MOESYS_BACKEND", "gloo"))
         res = bench_worker(*args)
         if dist.get_rank() == 0:
