@@ -2,7 +2,7 @@
 
     python benchmarks/ep.py                       # 2 and 4 simulated gloo ranks (a few minutes on 2 cores)
     python benchmarks/ep.py --worlds 2 --steps 4  # quicker
-    launchers/simulate_ep.sh 4 benchmarks/ep.py   # the same body under torchrun (one world: 4)
+    launchers/simulate_ep.sh 4 benchmarks/ep.py   # the same body as 4 launched ranks (one world: 4)
     python benchmarks/ep.py --worlds 4 --experts 16 --top-k 4 --groups 4 --topk-groups 2
                                                   # group-limited routing vs none (ep mode, c=1)
 
