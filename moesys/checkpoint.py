@@ -603,8 +603,11 @@ def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[to
                               "(written by a newer moesys)")
     pickled = check_trusted(ckpt, meta, trust_pickle)
     if pickled and rank == 0:
-        print(f"warning: trainer.trust_checkpoint=true: unpickling {', '.join(pickled)} of {ckpt}", file=sys.stderr,
+        what = "unpickling" if fmt < FORMAT else f"format {FORMAT} reads tensors only, so not reading"
+        print(f"warning: trainer.trust_checkpoint=true: {what} {', '.join(pickled)} of {ckpt}", file=sys.stderr,
               flush=True)
+    if fmt == FORMAT and not isinstance(meta.get("trainer"), dict):
+        raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {META_FILE} lacks the trainer state ('trainer')")
     if fmt < FORMAT:
         trainer_state, old_rng = _load_pickled_format(ckpt, fmt, model, optimizer, meta["_keys"], rank)
         has_rng = bool(old_rng)
@@ -612,8 +615,6 @@ def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[to
         state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
         dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
         _apply_loaded(model, optimizer, state)
-        if not isinstance(meta.get("trainer"), dict):
-            raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {META_FILE} lacks the trainer state ('trainer')")
         trainer_state = dict(meta["trainer"])
     if restore_rng and has_rng and trainer_state.get("world_size") == world:
         if fmt < FORMAT:
