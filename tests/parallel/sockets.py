@@ -6,9 +6,12 @@ ranks (loopback_workers) use the same reader as the test.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
-from typing import Dict, Iterable, List, Set
+import socket
+import struct
+from typing import Dict, Iterable, List, Optional, Set
 
 LISTEN = "0A"  # TCP_LISTEN in include/net/tcp_states.h
 
@@ -86,3 +89,18 @@ def descendants(root: int) -> Set[int]:
 
 def is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address.rpartition(":")[0]).is_loopback
+
+
+def outside_interface() -> Optional[str]:
+    """An interface of this machine with a non-loopback IPv4 address (None if there is none): the
+    tests point GLOO_SOCKET_IFNAME at it to check that simulated ranks stay on loopback anyway."""
+    SIOCGIFADDR = 0x8915  # linux/sockios.h
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
+            except OSError:  # no IPv4 address
+                continue
+            if not ipaddress.ip_address(raw[20:24]).is_loopback:
+                return name
+    return None

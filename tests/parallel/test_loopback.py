@@ -50,6 +50,13 @@ def test_serve_store_listens_on_loopback_only():
     del client, store
 
 
+def test_the_outside_interface_has_an_outside_address():
+    name = sockets.outside_interface()
+    if name is None:
+        pytest.skip("this machine has no interface with a non-loopback IPv4 address")
+    assert name in {n for _, n in socket.if_nameindex()} and name != loopback_interface()
+
+
 def test_loopback_env_names_the_loopback_interface():
     lo = loopback_interface()
     assert lo in {name for _, name in socket.if_nameindex()}
@@ -58,9 +65,13 @@ def test_loopback_env_names_the_loopback_interface():
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_simulate_ranks_and_their_store_listen_on_loopback_only():
+def test_simulate_ranks_and_their_store_listen_on_loopback_only(monkeypatch):
     """parallel.simulate with the mesh's gloo subgroups: each rank reads its own listening sockets
-    and its parent's (the store) while every rank is up."""
+    and its parent's (the store) while every rank is up. GLOO_SOCKET_IFNAME in the caller's
+    environment names an outside interface (where the machine has one): the ranks stay on loopback."""
+    outside_if = sockets.outside_interface()
+    if outside_if is not None:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", outside_if)
     out = simulate(loopback_workers.listeners_after_groups, 2, timeout_s=60)
     assert [o["sum"] for o in out] == [2.0, 2.0]
     for r, o in enumerate(out):
@@ -86,7 +97,10 @@ def test_moesys_train_with_two_simulated_ranks_listens_on_loopback_only(tmp_path
     cmd = [sys.executable, "-m", "moesys.train", "preset=tiny", f"data.path={book}", "parallel.simulate_ranks=2", "parallel.ep=2",
            "trainer.steps=6", "trainer.eval_interval=100", "trainer.save_final=false",
            f"trainer.out_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ)
+    if sockets.outside_interface() is not None:  # a user's setting for multi-node runs: not for these
+        env["GLOO_SOCKET_IFNAME"] = sockets.outside_interface()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: dict = {}
     try:
         while proc.poll() is None:
@@ -114,6 +128,8 @@ def test_simulate_ep_sh_runs_a_script_on_ranks_that_listen_on_loopback_only(tmp_
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "tests", "parallel", "loopback_script.py")
     env = {**os.environ, "PYTHON": sys.executable}
+    if sockets.outside_interface() is not None:
+        env["GLOO_SOCKET_IFNAME"] = sockets.outside_interface()
     r = subprocess.run([os.path.join(root, "launchers", "simulate_ep.sh"), "2", script, str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
