@@ -2,7 +2,7 @@
 
     python benchmarks/ep.py                       # 2 and 4 simulated gloo ranks (a few minutes on 2 cores)
     python benchmarks/ep.py --worlds 2 --steps 4  # quicker
-    launchers/simulate_ep.sh 4 benchmarks/ep.py   # the same body under torchrun (one world: 4)
+    launchers/simulate_ep.sh 4 benchmarks/ep.py   # the same body as 4 launched ranks (one world: 4)
     python benchmarks/ep.py --worlds 4 --experts 16 --top-k 4 --groups 4 --topk-groups 2
                                                   # group-limited routing vs none (ep mode, c=1)
 
@@ -194,7 +194,7 @@ def main(argv=None) -> None:
         return
     args = (cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps, a.rounds)
     if "RANK" in os.environ and "LOCAL_WORLD_SIZE" in os.environ and not dist.is_initialized():
-        # under torchrun (launchers/simulate_ep.sh): this process is one rank
+        # under launchers/simulate_ep.sh or torchrun: this process is one rank
         dist.init_process_group(os.environ.get("MOESYS_BACKEND", "gloo"))
         res = bench_worker(*args)
         if dist.get_rank() == 0:

@@ -28,6 +28,7 @@ class EvalTrainer:
     eval_batches: Optional[int] = None
     batch_size: Optional[int] = None
     precision: Optional[str] = None
+    trust_checkpoint: bool = False  # load pickled entries (checkpoints before format 4): README "Security"
 
 
 @dataclass
@@ -61,6 +62,7 @@ class GenerateConfig:
     kv_cache: bool = True  # false: recompute the whole window for every new token (the reference)
     device: str = "cpu"  # cpu | cuda
     out: Optional[str] = None  # also write prompt and continuation (tokens and text) as JSON here
+    trust_checkpoint: bool = False  # load pickled entries (checkpoints before format 4): README "Security"
     debug: bool = False
 
     def validate(self) -> None:
@@ -131,7 +133,9 @@ def eval_run_config(ecfg: EvalConfig, run: TrainConfig) -> TrainConfig:
                                       eval_batches=run.trainer.eval_batches if t.eval_batches is None else t.eval_batches,
                                       batch_size=run.trainer.batch_size if t.batch_size is None else t.batch_size,
                                       precision=run.trainer.precision if t.precision is None else t.precision,
-                                      grad_accum=1, ds_config=None)
+                                      grad_accum=1, ds_config=None,
+                                      # never the saved config's: the checkpoint cannot vouch for itself
+                                      trust_checkpoint=t.trust_checkpoint)
     if ecfg.data.path is not None or ecfg.data.dtype is not None:
         cfg.data = dataclasses.replace(run.data, path=ecfg.data.path if ecfg.data.path is not None else run.data.path,
                                        dtype=ecfg.data.dtype if ecfg.data.dtype is not None else run.data.dtype)

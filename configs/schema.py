@@ -141,6 +141,9 @@ class TrainerConfig:
     save_final: bool = True
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # None | auto | path to an out dir or a checkpoint dir
+    # load a checkpoint with pickled entries (moesys before checkpoint format 4), which can run code
+    # its author chose: only for checkpoints you or someone you trust wrote (README "Security")
+    trust_checkpoint: bool = False
     extend_schedule: bool = False  # on resume: stretch the LR schedule to trainer.steps (default: keep the run's)
     max_bad_steps: int = 3  # stop after this many steps in a row with a non-finite loss / grad norm (each skipped)
     # warn when, in an MoE layer, one expert takes more than collapse_share of the (kept) routes for
@@ -391,6 +394,8 @@ class TrainConfig:
                 out.append(f"moe.num_groups ({m.num_groups}) and parallel.ep ({p.ep}): groups are not aligned with "
                            f"the expert-parallel ranks, so a token can reach more than moe.topk_groups "
                            f"({m.topk_groups}) ranks; a num_groups that is a multiple of ep aligns them")
+        if t.trust_checkpoint and t.resume is None:
+            out.append("trainer.trust_checkpoint=true without trainer.resume: there is no checkpoint to trust")
         if e.enabled and e.diversify_step is not None and e.diversify_step >= t.steps:
             out.append(f"evo.diversify_step ({e.diversify_step}) >= trainer.steps ({t.steps}): the run ends in the "
                        "dense phase, before any expert is spawned")

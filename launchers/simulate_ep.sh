@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Simulated expert parallelism: N gloo ranks on this machine (CPU or one GPU), via torchrun.
+# Simulated expert parallelism: N gloo ranks on this machine (CPU or one GPU).
 #
 #   launchers/simulate_ep.sh 4 benchmarks/ep.py --worlds 4          # 4 ranks run the script
 #   launchers/simulate_ep.sh 2 my_script.py --steps 10
 # which runs exactly:
-#   torchrun --standalone --nproc_per_node 4 benchmarks/ep.py --worlds 4
-# with MOESYS_BACKEND=gloo and OMP_NUM_THREADS=1 (the ranks share the cores). The script calls
-# torch.distributed.init_process_group("gloo") itself; torchrun sets RANK, WORLD_SIZE,
-# LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. For simulated nodes set LOCAL_WORLD_SIZE-aware
-# groups with moesys.parallel.ParallelDims.build(ep=N, local_world_size=K) in the script.
+#   python -m moesys.parallel.simulate 4 benchmarks/ep.py --worlds 4
+# with MOESYS_BACKEND=gloo and OMP_NUM_THREADS=1 (the ranks share the cores). Like
+# `torchrun --standalone --nproc_per_node 4`, it sets RANK, WORLD_SIZE, LOCAL_RANK,
+# LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT and the script calls
+# torch.distributed.init_process_group("gloo") itself; unlike it, nothing listens outside this
+# machine (the rendezvous store on 127.0.0.1, gloo on the loopback interface). For simulated nodes
+# set LOCAL_WORLD_SIZE-aware groups with moesys.parallel.ParallelDims.build(ep=N, local_world_size=K).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
   echo "usage: $0 N script.py [script args...]" >&2
@@ -21,4 +23,4 @@ if ! [[ "$N" =~ ^[1-9][0-9]*$ ]]; then
 fi
 export MOESYS_BACKEND=gloo
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec torchrun --standalone --nproc_per_node "$N" "$@"
+exec "${PYTHON:-python}" -m moesys.parallel.simulate "$N" "$@"

@@ -24,26 +24,33 @@ partitions are assembled per parameter, its local expert shards wrapped as DTens
 checkpoint_state), so any engine resumes a checkpoint of any other. Formats 1 and 2 (one entry per
 expert, `<key>.e<g>`) still load: read as full tensors and placed.
 
-Flat state keys (format 3):
+Flat state keys (format 4):
     model.<name>                                parameters and persistent buffers
     optim.<param>.{exp_avg,exp_avg_sq,step}     AdamW moments and step
-    rng.rank<r>                                 torch / numpy / python RNG states of rank r (pickled)
-    trainer                                     step, data position, LR schedule, world/ep (pickled)
+    rng.rank<r>.{torch,numpy,python}            RNG states of rank r as integer tensors (rng_state)
+and moesys.json's "trainer": step, data position, LR schedule, world/ep, history (JSON).
+
+No pickle of ours: every entry is a tensor, which DCP reads with torch.load(weights_only=True).
+DCP would read a non-tensor entry with torch.load(weights_only=False), which runs whatever code the
+pickle names, so a checkpoint with such entries (formats 1 to 3 pickled `trainer` and `rng.rank<r>`;
+anything else is planted) is refused by name unless the caller trusts it (trainer.trust_checkpoint).
+DCP's own `.metadata` file is still a pickle read by torch (see README "Security").
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
-from typing import Dict, Iterable, Optional, Tuple
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moesys.moe.experts import slice_ffn
 from moesys.moe.layer import MoELayer
@@ -54,8 +61,9 @@ from . import checkpoint_state as cstate
 META_FILE = "moesys.json"
 LATEST = "latest"
 # moesys.json "format": 2 added per-file checksums (format 1, without them, loads unverified); 3 stores
-# expert weights as whole DTensor entries (format 1 and 2: one entry per expert, read by _load_legacy)
-FORMAT = 3
+# expert weights as whole DTensor entries (format 1 and 2: one entry per expert, read by _load_legacy);
+# 4 has no pickled entries (trainer state in moesys.json, RNG states as tensors)
+FORMAT = 4
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
                      "tie_embeddings", "qk_norm", "num_experts", "activation", "router", "num_shared_experts",
@@ -185,14 +193,69 @@ def _apply_loaded(model: torch.nn.Module, optimizer, flat: Dict[str, torch.Tenso
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def _float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float64).view(torch.int64)[0])
 
 
-def set_rng_state(st: dict) -> None:
+def _bits_float(i: int) -> float:
+    return float(torch.tensor([i], dtype=torch.int64).view(torch.float64)[0])
+
+
+def rng_state() -> Dict[str, torch.Tensor]:
+    """This process's RNG states as tensors: torch's byte state as is; numpy's MT19937 and Python's
+    Mersenne Twister as int64 [627] = the 624 (numpy) or 625 (Python, with its position) state words,
+    then numpy's position, then the cached Gaussian as (present, its float64 bits)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    if name != "MT19937":
+        raise ValueError(f"rng_state: numpy's global generator is {name!r}, expected 'MT19937'")
+    version, words, gauss_next = random.getstate()
+    if version != 3:
+        raise ValueError(f"rng_state: Python's random state version {version}, expected 3")
+    numpy_st = [int(k) for k in keys] + [int(pos), int(has_gauss), _float_bits(float(gauss))]
+    python_st = list(words) + [int(gauss_next is not None), _float_bits(gauss_next or 0.0)]
+    return {"torch": torch.get_rng_state(), "numpy": torch.tensor(numpy_st, dtype=torch.int64),
+            "python": torch.tensor(python_st, dtype=torch.int64)}
+
+
+def set_rng_state(st: Dict[str, torch.Tensor]) -> None:
+    """Restore what rng_state returned."""
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    n = st["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(n[:624], dtype=np.uint32), n[624], n[625], _bits_float(n[626])))
+    p = st["python"].tolist()
+    random.setstate((3, tuple(p[:625]), _bits_float(p[626]) if p[625] else None))
+
+
+def rng_entries(rank: int, st: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """DCP entries rng.rank<r>.{torch,numpy,python} (this process's states, or empty ones to load into)."""
+    if st is None:
+        st = {"torch": torch.empty_like(torch.get_rng_state()), "numpy": torch.empty(627, dtype=torch.int64),
+              "python": torch.empty(627, dtype=torch.int64)}
+    return {f"rng.rank{rank}.{k}": v for k, v in st.items()}
+
+
+# ---- what may be unpickled -------------------------------------------------------------------------
+def pickled_entries(saved_keys: dict) -> List[str]:
+    """Names of the checkpoint's non-tensor entries: DCP stores them with torch.save and reads them with
+    torch.load(weights_only=False), i.e. unpickles them, which can run any code their author chose."""
+    return sorted(k for k, md in saved_keys.items() if not isinstance(md, TensorStorageMetadata))
+
+
+def check_trusted(ckpt: str, meta: dict, trust: bool) -> List[str]:
+    """Refuse (CheckpointError naming the entries) a checkpoint that holds pickled entries unless the
+    caller trusts its author (trainer.trust_checkpoint=true); returns the pickled entries' names.
+    `meta` is check_compatible's (local reads only: safe before any collective)."""
+    pickled = pickled_entries(meta["_keys"])
+    if not pickled:
+        return []
+    names = ", ".join(pickled[:4]) + (f" and {len(pickled) - 4} more" if len(pickled) > 4 else "")
+    if not trust:
+        raise CheckpointError(
+            f"checkpoint {ckpt!r} (format {meta.get('format', 1)}) holds pickled entries ({names}); loading "
+            "them runs whatever code the checkpoint's author put in them. Refused: add trainer.trust_checkpoint=true "
+            "(moesys-generate: trust_checkpoint=true) only if you trust who wrote it (moesys before format 4 "
+            "wrote such entries)")
+    return pickled
 
 
 # ---- save ----------------------------------------------------------------------------------------
@@ -221,7 +284,8 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
     Args:
         root: the checkpoints directory.
         step: optimizer steps done; names the checkpoint.
-        trainer_state: small picklable dict (step, data position, schedule, world size, ep).
+        trainer_state: small JSON-serialisable dict (step, data position, schedule, world size, ep,
+            history), written to moesys.json ("trainer"): tuples come back as lists, int keys as str.
         structure: the model's STRUCTURAL_FIELDS values, written to moesys.json and checked on load.
         keep: how many complete checkpoints to keep (older ones are deleted after the new one is in place).
         optimizer: torch AdamW (plain or FSDP2 model), or DeepSpeed's ZeRO-1/2 optimizer (saved per
@@ -237,16 +301,15 @@ def save_checkpoint(root: str, step: int, *, model: torch.nn.Module, optimizer: 
         if os.path.exists(tmp):  # left by a crashed save
             shutil.rmtree(tmp)
     _barrier()
+    # the trainer state goes in moesys.json as JSON; refuse what JSON cannot hold before writing anything
+    trainer_json = json.loads(json.dumps(dict(trainer_state)))
     state = flat_entries(*engine_state(model, optimizer))
-    # small Python objects go in as pickled bytes: DCP flattens nested dicts into separate entries,
-    # which a loader at another world size could not ask for by name
-    state["trainer"] = pickle.dumps(dict(trainer_state))
-    state[f"rng.rank{rank}"] = pickle.dumps(rng_state())
+    state.update(rng_entries(rank, rng_state()))  # tensors only: nothing of ours is pickled
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
     _barrier()
     files = _hash_files(tmp, rank)
     if rank == 0:
-        meta = {"format": FORMAT, "step": step, "structure": structure, "trainer": trainer_state, "files": files}
+        meta = {"format": FORMAT, "step": step, "structure": structure, "trainer": trainer_json, "files": files}
         if config is not None:
             meta["config"] = config
         _write_atomic(os.path.join(tmp, META_FILE), json.dumps(meta, indent=1, default=str))
@@ -414,10 +477,10 @@ def build_load_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Opt
         size = tuple(getattr(md, "size", ()))
         if size != tuple(v.shape):
             raise CheckpointError(f"checkpoint entry {k!r} has shape {size}, this run needs {tuple(v.shape)}")
-    want["trainer"] = b""
-    has_rng = f"rng.rank{rank}" in saved_keys
+    rng = rng_entries(rank)
+    has_rng = all(k in saved_keys for k in rng)
     if has_rng:
-        want[f"rng.rank{rank}"] = b""
+        want.update(rng)
     return want, has_rng
 
 
@@ -504,13 +567,33 @@ def _load_legacy(ckpt: str, model, optimizer, saved_keys: dict, rank: int) -> Tu
     return want, has_rng
 
 
+def _load_pickled_format(ckpt: str, fmt: int, model, optimizer, saved_keys: dict, rank: int) -> Tuple[dict, dict]:
+    """Formats 1 to 3 (trusted only: check_trusted first): their `trainer` and `rng.rank<r>` entries
+    are pickles. Returns (trainer state, this rank's RNG states {torch, numpy, python} or {})."""
+    import pickle  # only here: the one reader of pickles of ours, behind trainer.trust_checkpoint
+
+    if fmt < 3:
+        state, has_rng = _load_legacy(ckpt, model, optimizer, saved_keys, rank)
+    else:
+        state, _ = build_load_state(model, optimizer, saved_keys, rank)
+        state["trainer"] = b""
+        has_rng = f"rng.rank{rank}" in saved_keys
+        if has_rng:
+            state[f"rng.rank{rank}"] = b""
+        dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
+        _apply_loaded(model, optimizer, state)
+    return pickle.loads(state["trainer"]), (pickle.loads(state[f"rng.rank{rank}"]) if has_rng else {})
+
+
 def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    structure: dict, restore_rng: bool = True) -> dict:
+                    structure: dict, restore_rng: bool = True, trust_pickle: bool = False) -> dict:
     """Collective. Loads model (+ optimizer, + this rank's RNG if the world matches); returns trainer state.
 
     optimizer: torch AdamW (plain or FSDP2 model) or DeepSpeed's ZeRO-1/2 optimizer. Any layout reads a
     checkpoint of any other: DCP reads each rank's part of every DTensor entry. A format-2 checkpoint
     (per-expert entries) is read as full tensors and placed; older formats are refused by name.
+    trust_pickle: load a checkpoint with pickled entries (formats 1 to 3, or planted ones), which can
+    run code its author chose; otherwise it is refused by name (check_trusted) before anything is read.
     """
     meta = check_compatible(ckpt, structure)
     fmt = int(meta.get("format", 1))
@@ -519,15 +602,28 @@ def load_checkpoint(ckpt: str, *, model: torch.nn.Module, optimizer: Optional[to
     if fmt > FORMAT:
         raise CheckpointError(f"checkpoint {ckpt!r} has format {fmt}; this moesys reads formats 1 to {FORMAT} "
                               "(written by a newer moesys)")
+    pickled = check_trusted(ckpt, meta, trust_pickle)
+    if pickled and rank == 0:
+        what = "unpickling" if fmt < FORMAT else f"format {FORMAT} reads tensors only, so not reading"
+        print(f"warning: trainer.trust_checkpoint=true: {what} {', '.join(pickled)} of {ckpt}", file=sys.stderr,
+              flush=True)
+    if fmt == FORMAT and not isinstance(meta.get("trainer"), dict):
+        raise CheckpointError(f"checkpoint {ckpt!r} is corrupt: {META_FILE} lacks the trainer state ('trainer')")
     if fmt < FORMAT:
-        state, has_rng = _load_legacy(ckpt, model, optimizer, meta["_keys"], rank)
+        trainer_state, old_rng = _load_pickled_format(ckpt, fmt, model, optimizer, meta["_keys"], rank)
+        has_rng = bool(old_rng)
     else:
         state, has_rng = build_load_state(model, optimizer, meta["_keys"], rank)
         dcp.load(state, storage_reader=dcp.FileSystemReader(ckpt))
         _apply_loaded(model, optimizer, state)
-    trainer_state = pickle.loads(state["trainer"])
+        trainer_state = dict(meta["trainer"])
     if restore_rng and has_rng and trainer_state.get("world_size") == world:
-        set_rng_state(pickle.loads(state[f"rng.rank{rank}"]))
+        if fmt < FORMAT:
+            torch.set_rng_state(old_rng["torch"])
+            np.random.set_state(old_rng["numpy"])
+            random.setstate(old_rng["python"])
+        else:
+            set_rng_state({k: state[f"rng.rank{rank}.{k}"] for k in ("torch", "numpy", "python")})
         trainer_state["rng_restored"] = True
     else:
         trainer_state["rng_restored"] = False

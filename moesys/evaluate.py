@@ -61,7 +61,7 @@ def prepare(ecfg: EvalConfig) -> Tuple[TrainConfig, str]:
     tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
     data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
     try:
-        ckpt_mod.check_compatible(ckpt, structure_of(cfg))
+        ckpt_mod.check_trusted(ckpt, ckpt_mod.check_compatible(ckpt, structure_of(cfg)), cfg.trainer.trust_checkpoint)
     except ckpt_mod.CheckpointError as e:
         raise ConfigError(f"checkpoint={ecfg.checkpoint!r}: {e}") from e
     return cfg, ckpt

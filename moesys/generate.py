@@ -47,9 +47,11 @@ PROG = "moesys-generate"
 register()
 
 
-def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[GPTMoE, TrainConfig, str]:
+def load_model(path: str, device: torch.device = torch.device("cpu"),
+               trust_checkpoint: bool = False) -> Tuple[GPTMoE, TrainConfig, str]:
     """The checkpoint's model on one process (all experts local), in eval mode; its run config; the
-    checkpoint dir. ConfigError when the checkpoint is missing, corrupt or holds no config."""
+    checkpoint dir. ConfigError when the checkpoint is missing, corrupt, holds no config, or holds
+    pickled entries and trust_checkpoint is false."""
 
     ckpt, meta = open_checkpoint(path)
     cfg = saved_run_config(ckpt, meta)
@@ -60,7 +62,7 @@ def load_model(path: str, device: torch.device = torch.device("cpu")) -> Tuple[G
         with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             ckpt_mod.load_checkpoint(ckpt, model=model, optimizer=None, structure=structure_of(cfg),
-                                     restore_rng=False)
+                                     restore_rng=False, trust_pickle=trust_checkpoint)
     except ckpt_mod.CheckpointError as e:
         raise ConfigError(f"checkpoint={path!r}: {e}") from e
     return model.eval(), cfg, ckpt
@@ -127,7 +129,7 @@ def prompt_ids_of(gcfg: GenerateConfig, cfg: TrainConfig) -> List[int]:
 
 def run(gcfg: GenerateConfig) -> dict:
     gcfg.validate()
-    model, cfg, ckpt = load_model(gcfg.checkpoint, torch.device(gcfg.device))
+    model, cfg, ckpt = load_model(gcfg.checkpoint, torch.device(gcfg.device), gcfg.trust_checkpoint)
     prompt = prompt_ids_of(gcfg, cfg)
     ids = generate(model, prompt, max_new_tokens=gcfg.max_new_tokens, temperature=gcfg.temperature,
                    top_k=gcfg.top_k, top_p=gcfg.top_p, seed=gcfg.seed, kv_cache=gcfg.kv_cache)

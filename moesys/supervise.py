@@ -15,6 +15,9 @@ module is the parent's side (torchrun's elastic agent plays the same part under 
   parent kills the other ranks at once with SIGKILL: they may be blocked in a collective, and
   waiting for its timeout (parallel.timeout_s) helps nobody. The first rank to fail is named;
   the others usually failed because it did.
+- **Private files.** The error, fault and result files (results are pickles the parent loads) live
+  in a directory only this user can open (mode 0700, tempfile.mkdtemp), checked before every read
+  and removed at the end; nothing is read from anywhere else.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -69,6 +73,16 @@ def die_with_parent(parent_pid: int) -> None:
         threading.Thread(target=watch, name="moesys-parent-watch", daemon=True).start()
     if os.getppid() != parent_pid:  # the parent died before the request was in place
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_private(workdir: str) -> None:
+    """Raise PermissionError unless `workdir` is a real directory of this user that no one else can
+    open (mode 0700): the files in it are loaded with pickle."""
+    st = os.lstat(workdir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise PermissionError(f"{workdir} is not a private directory of this user (mode "
+                              f"{stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}, this user {os.getuid()}): "
+                              "the ranks' result files are not read from it")
 
 
 def _error_file(workdir: str, rank: int) -> str:
@@ -158,7 +172,8 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    workdir = tempfile.mkdtemp(prefix="moesys-ranks-")
+    workdir = tempfile.mkdtemp(prefix="moesys-ranks-")  # mode 0700: the ranks' files are private
+    check_private(workdir)
     procs: List[Any] = []
     sigints = [0]
     forwarded: List[int] = []  # stop signals passed on to the ranks
@@ -205,6 +220,7 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
                 kill_all()  # do not wait for the survivors' collective timeouts
                 for p in procs:
                     p.join()
+                check_private(workdir)
                 rank, code = _first_failure(workdir, failed)
                 if code is not None and -code in forwarded and not os.path.isfile(_error_file(workdir, rank)):
                     raise RankFailedError(f"the ranks were stopped by {_signal_name(-code)} while starting, before "
@@ -214,6 +230,7 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
             if not running:
                 break
         results = []
+        check_private(workdir)
         for rank in range(world):
             path = _result_file(workdir, rank)
             if os.path.isfile(path):

@@ -39,7 +39,7 @@ from moesys.errors import ConfigError
 from moesys.evo import EvoCallback
 from moesys.kernels import cpu_blas, workspace
 from moesys.parallel import ParallelDims
-from moesys.parallel.simulate import AGENT_STORE_ENV, serve_store
+from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env, serve_store
 
 from . import checkpoint as ckpt
 from . import cli, preemption, supervise
@@ -102,7 +102,8 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
         except ckpt.CheckpointError as e:
             raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
     try:
-        ckpt.check_compatible(path, structure_of(cfg))
+        meta = ckpt.check_compatible(path, structure_of(cfg))
+        ckpt.check_trusted(path, meta, t.trust_checkpoint)  # pickled entries: refused unless trusted
     except ckpt.CheckpointError as e:
         raise ResumeError(f"trainer.resume={t.resume!r}: {e}") from e
     return path
@@ -178,7 +179,7 @@ def _free_port() -> int:
 def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       **AGENT_STORE_ENV})
+                       **AGENT_STORE_ENV, **loopback_env()})
     result = fn(*args)
     return result if rank == 0 else None
 
@@ -191,13 +192,15 @@ def launch(world: int, fn: Callable, *args):
     are forwarded to them, they die with this process, and a rank that fails raises
     supervise.RankFailedError naming it, with the others killed at once."""
 
-    # the rendezvous store is served from here, on a port that stays bound (no EADDRINUSE race)
+    # the rendezvous store is served from here, on 127.0.0.1 and a port that stays bound (no
+    # EADDRINUSE race); the ranks' gloo/NCCL sockets stay on loopback too (nothing listens outside)
     store = serve_store(timeout_s=1800)
     if world == 1:
+        local = loopback_env()
         saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV)}
+                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV, *local)}
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV})
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV, **local})
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         batch = cpu_blas.enabled()
         try:

@@ -448,7 +448,8 @@ class Trainer:
                                     keep=self.cfg.trainer.keep_checkpoints, config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
-        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg))
+        st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
+                                  trust_pickle=self.cfg.trainer.trust_checkpoint)
         self.step = int(st["data_position"])
         saved_total = (st.get("schedule") or {}).get("total_steps")
         self.saved_schedule_total = saved_total

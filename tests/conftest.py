@@ -30,13 +30,15 @@ def pytest_collection_finish(session):
 
 @pytest.fixture
 def world1(monkeypatch):
-    """A one-rank gloo process group in this process (tests in every folder use it)."""
+    """A one-rank gloo process group in this process (tests in every folder use it); its store and
+    gloo's sockets on loopback only."""
     import torch.distributed as dist
 
-    from moesys.parallel.simulate import free_port
+    from moesys.parallel.simulate import loopback_env, serve_store
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    for k, v in loopback_env().items():
+        monkeypatch.setenv(k, v)
+    store = serve_store(timeout_s=60)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     yield
     dist.destroy_process_group()

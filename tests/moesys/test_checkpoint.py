@@ -263,6 +263,9 @@ def test_format2_checkpoint_loads_and_a_newer_format_is_refused(tmp_path, world1
     cfg.trainer.seed = 99  # other initial weights than the saved ones
     fresh = build_trainer(cfg, str(tmp_path / "b"))
     assert not torch.equal(fresh.model.blocks[1].moe.experts.w3, tr.model.blocks[1].moe.experts.w3)
+    with pytest.raises(ckpt.CheckpointError, match=r"holds pickled entries \(trainer\).*trainer.trust_checkpoint=true"):
+        fresh.load(path)  # its trainer entry is a pickle: only behind trainer.trust_checkpoint
+    fresh.cfg.trainer.trust_checkpoint = True
     fresh.load(path)
     assert fresh.step == 2
     for (n, p), q in zip(tr.model.named_parameters(), fresh.model.parameters()):
@@ -274,7 +277,7 @@ def test_format2_checkpoint_loads_and_a_newer_format_is_refused(tmp_path, world1
     meta["format"] = ckpt.FORMAT + 1
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    with pytest.raises(ckpt.CheckpointError, match=f"has format {ckpt.FORMAT + 1}; this moesys reads formats 1 to 3"):
+    with pytest.raises(ckpt.CheckpointError, match=f"has format {ckpt.FORMAT + 1}; this moesys reads formats 1 to 4"):
         fresh.load(path)
 
 
@@ -293,7 +296,7 @@ def test_format2_checkpoint_loads_at_other_layouts(tmp_path, world1, layout):
     want = tr.evaluate()
     path = _write_format2(tr, str(tmp_path / "old"))
     exp_avg = tr.optimizer.state[tr.model.blocks[1].moe.experts.w1]["exp_avg"][3]
-    other = make_cfg("trainer.steps=2", *layout)
+    other = make_cfg("trainer.steps=2", "trainer.trust_checkpoint=true", *layout)  # format 2 pickles its trainer
     world = other.parallel.simulate_ranks
     results = simulate(load_and_probe, world, other, path, str(tmp_path / "b"), ("blocks.1.moe.experts", "w1", 3),
                        timeout_s=240)

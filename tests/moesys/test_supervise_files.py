@@ -1,0 +1,37 @@
+"""Issue 27: the files ranks leave for their supervising parent (errors, native stacks, pickled
+results) live in a private directory (mode 0700, this user's), are read only from there, and go."""
+import os
+import sys
+
+import pytest
+
+from moesys import supervise
+from fault_helpers import where_my_files_are
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_the_ranks_files_are_in_a_private_directory_removed_at_the_end():
+    seen = supervise.run_ranks(where_my_files_are, 2)
+    assert [bool(s) for s in seen] == [True, True], seen
+    assert seen[0]["dir"] == seen[1]["dir"]  # one directory for the job
+    for s in seen:
+        assert s["mode"] == 0o700 and s["uid"] == os.getuid(), s
+    assert {"rank0.fault.txt", "rank1.fault.txt"} <= set(seen[1]["files"] + seen[0]["files"])
+    assert not os.path.exists(seen[0]["dir"])
+
+
+def test_a_directory_others_can_open_is_not_read(tmp_path):
+    d = tmp_path / "ranks"
+    d.mkdir()
+    os.chmod(d, 0o700)
+    supervise.check_private(str(d))
+    for mode in (0o755, 0o770, 0o701):
+        os.chmod(d, mode)
+        with pytest.raises(PermissionError, match=f"not a private directory of this user \\(mode {mode:o}"):
+            supervise.check_private(str(d))
+    os.chmod(d, 0o700)
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    with pytest.raises(PermissionError, match="not a private directory"):
+        supervise.check_private(str(link))
