@@ -32,7 +32,8 @@ import torch.distributed as dist
 from moesys.evo import EvoController
 from moesys.integrations import deepspeed as ds_integration
 from moesys.kernels import workspace
-from moesys.parallel import allreduce_gradients, apply_expert_parallel, apply_fsdp, clip_grad_norm_
+from moesys.parallel import (ExpertParallelRunner, allreduce_gradients, apply_expert_parallel, apply_fsdp,
+                             clip_grad_norm_)
 from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
 from . import checkpoint as ckpt
@@ -203,6 +204,22 @@ class Trainer:
 
     def moe_layers(self):
         return self.model.moe_layers()
+
+    def tuners(self) -> list:
+        """The adaptive tuner of every expert-parallel MoE layer, in layer order."""
+        return [m.runner.tuner for _, m in self.moe_layers() if isinstance(m.runner, ExpertParallelRunner)]
+
+    def _load_tuners(self, st: dict) -> None:
+        """Continue each layer's tuner where the checkpoint left it, when the job has the same shape
+        (world, ep, layers); otherwise (or for a checkpoint without them) the tuners start afresh,
+        as they would in a new job."""
+        saved, tuners = st.get("tuners") or [], self.tuners()
+        if not saved or len(saved) != len(tuners):
+            return
+        if st.get("world_size") != self.dims.world_size or st.get("ep") != self.dims.ep:
+            return
+        for t, state in zip(tuners, saved):
+            t.load_state_dict(state)  # False (kept fresh) for another pinned mode or degree
 
     # ---- one optimizer step ------------------------------------------------------------------------
     def _clip(self) -> float:
@@ -425,7 +442,10 @@ class Trainer:
                              "total_steps": self.cfg.trainer.steps},
                 "history": self.history,
                 # parallel.overflow=rerun grows it: a resumed run keeps the grown buffer
-                "static_capacity_factor": self.static_capacity_factor}
+                "static_capacity_factor": self.static_capacity_factor,
+                # the adaptive runtime's progress per expert-parallel layer (the same on every rank):
+                # a resumed run continues the same trial schedule and decisions
+                "tuners": [t.state_dict() for t in self.tuners()]}
 
     def weights_finite(self) -> bool:
         """Whether every rank's weights are all finite (collective over the dp group)."""
@@ -465,9 +485,9 @@ class Trainer:
         saved_f = st.get("static_capacity_factor")
         if saved_f is not None and self.static_capacity_factor is not None and saved_f > self.static_capacity_factor:
             # the run grew its buffer (parallel.overflow=rerun): keep it; a larger configured one wins
-
             set_static_capacity_factor(self.model, float(saved_f))
             self.static_capacity_factor = float(saved_f)
+        self._load_tuners(st)
         if not st["rng_restored"]:  # another world size: fresh per-rank streams derived from the step
             torch.manual_seed(self.cfg.trainer.seed + 7919 * (self.rank + 1) + 104729 * self.step)
         return st
