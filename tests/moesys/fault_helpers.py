@@ -169,3 +169,13 @@ def sleeping_rank(rank: int, workdir: str) -> None:
     deadline = time.time() + 600
     while time.time() < deadline:
         time.sleep(0.5)
+
+
+def exiting_rank(rank: int, workdir: str) -> None:
+    """Rank 1 leaves at once with exit code 3 and no Python error (os._exit: as a native library's
+    exit() would); the others sleep (sleeping_rank)."""
+    import os
+
+    if rank == 1:
+        os._exit(3)
+    sleeping_rank(rank, workdir)

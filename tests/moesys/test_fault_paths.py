@@ -8,10 +8,14 @@
 - the parent's second SIGINT kills the ranks at once;
 - trainer.clip=0 means no clipping; a checkpoint is never written from non-finite weights.
 """
+import json
 import os
+import re
+import shutil
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,9 +24,9 @@ from moesys import checkpoint as ckpt
 from moesys import preemption
 from moesys import train as train_mod
 from moesys.parallel import simulate
-from moesys.supervise import run_ranks
-from moesys.trainer import NonFiniteError
-from fault_helpers import NaNAt, paths_worker, sleeping_rank
+from moesys.supervise import RankFailedError, run_ranks
+from moesys.trainer import NonFiniteError, structure_of
+from fault_helpers import NaNAt, exiting_rank, paths_worker, sleeping_rank
 from train_helpers import build_trainer, make_cfg
 
 ONE = ("parallel.ep=1", "parallel.simulate_ranks=1")
@@ -58,6 +62,45 @@ def test_resume_auto_takes_the_newest_checkpoint_that_verifies_not_the_oldest(tm
     os.remove(os.path.join(root, ckpt.LATEST))
     found, notes = ckpt.resolve_verified(root)
     assert found == s2 and len(notes) == 3 and "no checkpoint at" in notes[0]
+
+
+def test_checkpoint_guards_name_what_is_wrong(tmp_path, world1):
+    """The refusals no other test reaches: a data file gone, `latest` naming a directory that is
+    gone, a manifest without its step, an entry this run needs missing or of another shape."""
+    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    tr.train_step()
+    good, root = tr.save(), tr.ckpt_root
+    gone = str(tmp_path / "gone")
+    shutil.copytree(good, gone)
+    name = sorted(f for f in os.listdir(gone) if f.endswith(".distcp"))[0]
+    os.remove(os.path.join(gone, name))
+    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint '{gone}' is corrupt: file {re.escape(name)} is missing"):
+        ckpt.verify_checkpoint(gone)
+    with open(os.path.join(root, ckpt.LATEST), "w") as f:
+        f.write("step_00000009\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"latest points to 'step_00000009', which does not exist"):
+        ckpt.resolve(root)
+    assert ckpt.newest_checkpoint(root) is None
+    found, notes = ckpt.resolve_verified(root)  # the directories are searched instead
+    assert found == good and len(notes) == 1 and "points to 'step_00000009'" in notes[0]
+    stepless = str(tmp_path / "stepless")
+    shutil.copytree(good, stepless)
+    meta = ckpt.read_meta(stepless)
+    del meta["step"]
+    with open(os.path.join(stepless, ckpt.META_FILE), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(ckpt.CheckpointError, match=r"is corrupt: moesys.json lacks 'structure'/'step'"):
+        ckpt.read_meta(stepless)
+    saved = dict(ckpt.check_compatible(good, structure_of(tr.cfg))["_keys"])
+    k = "model.ln_f.weight"
+    shape = tuple(dict(tr.model.named_parameters())["ln_f.weight"].shape)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"checkpoint lacks entry '{k}' (shape {shape})")):
+        ckpt.build_load_state(tr.model, tr.optimizer, {n: v for n, v in saved.items() if n != k}, 0)
+    other = (shape[0] - 1,)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"entry '{k}' has shape {other}, this run needs {shape}")):
+        ckpt.build_load_state(tr.model, tr.optimizer, {**saved, k: SimpleNamespace(size=other)}, 0)
+    want, has_rng = ckpt.build_load_state(tr.model, tr.optimizer, saved, 0)
+    assert has_rng and "rng.rank0" in want and k in want
 
 
 # ---- non-finite steps -------------------------------------------------------------------------------
@@ -201,6 +244,19 @@ def test_a_second_sigint_to_the_parent_kills_the_ranks_at_once(tmp_path):
     assert len(sent) == 2 and time.time() - sent[1] < 30  # at once, not after the ranks' 600 s sleep
     ranks = [int(open(p).read()) for p in pids]
     assert not any(_alive(p) for p in ranks)
+
+
+def test_a_rank_that_exits_without_an_error_is_named_with_its_exit_code(tmp_path):
+    """os._exit(3) in rank 1 (no Python error to record): the parent names the rank and its exit
+    code, and kills rank 0, asleep, at once."""
+    t0 = time.time()
+    with pytest.raises(RankFailedError) as e:
+        run_ranks(exiting_rank, 2, (str(tmp_path),), poll_s=0.2)
+    assert e.value.rank == 1 and e.value.exitcode == 3 and e.value.error is None
+    assert str(e.value).startswith("rank 1 of 2 exited with code 3 before its error could be recorded")
+    assert "the other ranks were stopped" in str(e.value) and time.time() - t0 < 120
+    pid0 = os.path.join(str(tmp_path), "rank0.pid")
+    assert not os.path.exists(pid0) or not _alive(int(open(pid0).read()))
 
 
 # ---- trainer.clip=0 --------------------------------------------------------------------------------
