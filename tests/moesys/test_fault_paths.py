@@ -74,7 +74,8 @@ def test_checkpoint_guards_name_what_is_wrong(tmp_path, world1):
     shutil.copytree(good, gone)
     name = sorted(f for f in os.listdir(gone) if f.endswith(".distcp"))[0]
     os.remove(os.path.join(gone, name))
-    with pytest.raises(ckpt.CheckpointError, match=rf"checkpoint '{gone}' is corrupt: file {re.escape(name)} is missing"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=rf"checkpoint '{re.escape(gone)}' is corrupt: file {re.escape(name)} is missing"):
         ckpt.verify_checkpoint(gone)
     with open(os.path.join(root, ckpt.LATEST), "w") as f:
         f.write("step_00000009\n")
@@ -268,7 +269,7 @@ def test_clip_zero_does_not_clip(tmp_path, world1):
         tr = build_trainer(make_cfg(*ONE, f"trainer.clip={clip}"), str(tmp_path / clip))
         m = [tr.train_step() for _ in range(2)]
         runs[clip] = ([x["grad_norm"] for x in m], [p.detach().clone() for p in tr.model.parameters()])
-    (n0, w0), (n9, w9), (n3, w3) = runs["0"], runs["1e9"], runs["1e-3"]
+    (n0, w0), (n9, w9), (_, w3) = runs["0"], runs["1e9"], runs["1e-3"]
     assert n0 == n9 and all(n > 1e-2 for n in n0)  # the norm is measured, and it is far above 1e-3
     assert all(torch.equal(a, b) for a, b in zip(w0, w9))
     assert not all(torch.equal(a, b) for a, b in zip(w0, w3))
