@@ -5,8 +5,10 @@ whatever the rank is doing, maybe inside a collective). The trainer reads the re
 step and adds it to the step's loss all-reduce, so every rank agrees to stop after the same step
 even when the signal reached one rank only (`Trainer.train_step`). Then, for SIGTERM and SIGUSR1
 (a scheduler's "you are about to be preempted", SLURM's `--signal`), the ranks write a checkpoint
-together; SIGINT (Ctrl-C) stops without one. A repeated signal changes nothing: a terminal's
-Ctrl-C reaches every rank and the parent, and the parent forwards it again.
+together; SIGINT (Ctrl-C) stops without one. A save request wins over a plain stop: a rank that
+receives SIGINT and then SIGTERM or SIGUSR1 keeps the saving one, and ranks that received different
+signals adopt the saving one (`agreed_signal`). Otherwise a repeated signal changes nothing: a
+terminal's Ctrl-C reaches every rank and the parent, and the parent forwards it again.
 
     with StopSignal() as stop:           # main thread only; restores the previous handlers on exit
         Trainer(cfg, dims=dims, out_dir=out, stop=stop).fit()
@@ -28,7 +30,8 @@ def exit_code(signum: int) -> int:
 
 
 class StopSignal:
-    """Records the first stop signal this process receives while entered (a context manager).
+    """Records the stop signal this process receives while entered (a context manager): the first
+    one, except that a saving signal (SIGTERM, SIGUSR1) replaces an earlier SIGINT.
 
     `signum` is None until a signal arrives. `request(signum)` records one without a signal (tests,
     callers that decide to stop for their own reasons).
@@ -39,7 +42,7 @@ class StopSignal:
         self._previous: Dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:  # keep this a flag write: see the module docstring
-        if self.signum is None:
+        if self.signum is None or (signum in SAVING_SIGNALS and self.signum not in SAVING_SIGNALS):
             self.signum = signum
 
     def request(self, signum: int) -> None:

@@ -75,3 +75,124 @@ def where_my_files_are(rank: int) -> dict:
             st = os.stat(d)
             return {"dir": d, "mode": st.st_mode & 0o777, "uid": st.st_uid, "files": sorted(os.listdir(d))}
     return {}
+
+
+class GradNaNAt:
+    """Makes one parameter's gradient NaN on `ranks` at the steps in `steps` (a tensor hook on the
+    parameter, removed after the step): an overflow inside one layer's backward, under a finite loss.
+    Records every rank's weights after each optimizer step and the step's reported loss."""
+
+    def __init__(self, steps, ranks, param: str = "blocks.0.attn.proj.weight"):
+        self.steps, self.ranks, self.param = set(steps), set(ranks), param
+        self.trainer, self.handle, self.after = None, None, {}
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_start(self, step: int) -> None:
+        tr = self.trainer
+        if step in self.steps and tr.rank in self.ranks:
+            p = dict(tr.model.named_parameters())[self.param]
+            self.handle = p.register_hook(lambda g: g * float("nan"))
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.after[step] = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+    def report(self) -> dict:
+        steps = sorted(self.after)
+        return {"changed": {s: any(not torch.equal(a, b) for a, b in zip(self.after[p], self.after[s]))
+                            for p, s in zip(steps, steps[1:])},
+                "finite": all(bool(torch.isfinite(p).all()) for p in self.trainer.model.parameters())}
+
+
+class SignalsAt:
+    """At the start of `step`, rank r sends itself the signal `signals[r]` (a real os.kill) and waits
+    until its handler has recorded it, so every rank's request rides in the same step's all-reduce."""
+
+    def __init__(self, step: int, signals: dict):
+        self.step, self.signals = step, dict(signals)
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_start(self, step: int) -> None:
+        import os
+        import time
+
+        sig = self.signals.get(self.trainer.rank)
+        if step != self.step or sig is None:
+            return
+        os.kill(os.getpid(), sig)
+        deadline = time.time() + 60
+        while self.trainer.stop.signum != sig and time.time() < deadline:
+            time.sleep(0.01)
+        assert self.trainer.stop.signum == sig, "the signal never reached this rank"
+
+
+def paths_worker(overrides: list, out_dir: str) -> dict:
+    """A rank of the fault-path scenarios of test_fault_paths.py, run one after another in one spawn
+    (real gloo ranks, real signals):
+
+    grad_nan  a NaN gradient on rank 1 at step 1 under a finite loss
+    int_term  SIGINT to rank 0 and SIGTERM to rank 1 during step 1
+    usr1_int  SIGUSR1 to rank 0 and SIGINT to rank 1 during step 1
+    """
+    import os
+    import signal
+
+    import torch.distributed as dist
+
+    from moesys.parallel import ParallelDims
+    from moesys.preemption import StopSignal
+    from moesys.trainer import Trainer
+    from train_helpers import make_cfg
+
+    cfg = make_cfg(f"parallel.simulate_ranks={dist.get_world_size()}", *overrides)
+    dims = ParallelDims.build(ep=cfg.parallel.ep, timeout_s=60, num_experts=cfg.moe.num_experts)
+    out = {}
+    cb = GradNaNAt({1}, ranks={1})
+    tr = Trainer(cfg, dims=dims, out_dir=os.path.join(out_dir, "grad_nan"), callbacks=[cb])
+    s = tr.fit(None)
+    out["grad_nan"] = {**cb.report(), "losses": s["train_losses"]}
+    for name, sigs in (("int_term", {0: signal.SIGINT, 1: signal.SIGTERM}),
+                       ("usr1_int", {0: signal.SIGUSR1, 1: signal.SIGINT})):
+        run_dir = os.path.join(out_dir, name)
+        with StopSignal() as stop:
+            tr = Trainer(cfg, dims=dims, out_dir=run_dir, callbacks=[SignalsAt(1, sigs)], stop=stop)
+            s = tr.fit(None)
+        root = os.path.join(run_dir, "checkpoints")
+        out[name] = {"stopped": s["stopped"],
+                     "dirs": sorted(os.listdir(root)) if os.path.isdir(root) else []}
+    return out
+
+
+def sleeping_rank(rank: int, workdir: str) -> None:
+    """A run_ranks target that records its pid and every SIGINT it is sent (as a rank in the middle
+    of a long step would: the first SIGINT asks for a stop at the step boundary), and sleeps on."""
+    import os
+    import signal
+    import time
+
+    def note(signum, frame):
+        open(os.path.join(workdir, f"rank{rank}.sigint"), "a").close()
+
+    signal.signal(signal.SIGINT, note)
+    with open(os.path.join(workdir, f"rank{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(workdir, f"rank{rank}.pid.tmp"), os.path.join(workdir, f"rank{rank}.pid"))
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        time.sleep(0.5)
+
+
+def exiting_rank(rank: int, workdir: str) -> None:
+    """Rank 1 leaves at once with exit code 3 and no Python error (os._exit: as a native library's
+    exit() would); the others sleep (sleeping_rank)."""
+    import os
+
+    if rank == 1:
+        os._exit(3)
+    sleeping_rank(rank, workdir)

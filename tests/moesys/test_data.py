@@ -125,3 +125,25 @@ def test_trainer_warns_for_tied_embeddings_over_a_mostly_unused_vocabulary(tmp_p
     assert build_trainer(make_cfg(*base, "model.tie_embeddings=false"), str(tmp_path / "b")).data_warnings() == []
     tr = build_trainer(make_cfg("parallel.ep=1", "parallel.simulate_ranks=1"), str(tmp_path / "c"))
     assert tr.cfg.model.tie_embeddings and tr.data_warnings() == []  # 149 of 256 byte values unused: below 90%
+
+
+@pytest.mark.parametrize("train_ids,val_ids,warns", [
+    (99, 1000, True),  # 901 of 1000 ids unused in training, though validation uses every id
+    (100, 1000, False),  # exactly 90% unused: not more than 90%, no warning
+    (1000, 5, False),  # training uses every id; validation's 995 unused ids do not count
+])
+def test_the_unused_id_warning_reads_the_training_split_only(tmp_path, world1, train_ids, val_ids, warns):
+    from train_helpers import build_trainer, make_cfg
+
+    n_val = 1200  # data.val_fraction 0.1 of 12000 tokens
+    tokens = np.concatenate([np.arange(12000 - n_val) % train_ids, np.arange(n_val) % val_ids]).astype(np.uint16)
+    path = str(tmp_path / "tokens.bin")
+    tokens.tofile(path)
+    cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", f"data.path={path}", "data.vocab_size=1000",
+                   "data.val_fraction=0.1", "model.tie_embeddings=true")
+    tr = build_trainer(cfg, str(tmp_path / "run"))
+    assert len(tr.train_split.tokens) == 12000 - n_val
+    got = tr.data_warnings()
+    assert len(got) == int(warns)
+    if warns:
+        assert got[0].startswith(f"model.tie_embeddings=true with data.vocab_size=1000: {1000 - train_ids} ids never")

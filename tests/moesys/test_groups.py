@@ -171,3 +171,25 @@ def test_balance_group_is_borrowed_not_owned(world1):
     gc.collect()
     with pytest.raises(RuntimeError, match="balance group.*destroyed"):
         layer(torch.randn(5, 12))
+
+
+@pytest.mark.parametrize("router", ["topk", "switch"])
+def test_softmax_scores_rank_groups_by_their_top_two(router):
+    """Softmax scores (not only sigmoid ones): expert 0 has the best probability, but group 1's two
+    best sum higher, so every token goes to expert 2, on the host-plan and the sync-free paths, with
+    the softmax probability of expert 2 as its weight (switch: the same; it scales by p_max of the
+    allowed experts)."""
+    layer = make(router, E=4, K=1, G=2, TG=1, D=2)
+    z = torch.tensor([2.0, -5.0, 1.8, 1.6])
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, 0] = z
+    x = torch.tensor([[1.0, 0.0]] * 3)
+    p2 = float(torch.softmax(z, 0)[2])
+    assert float(torch.softmax(z, 0).argmax()) == 0  # without the group limit expert 0 would win
+    routing = layer.router(x, seq_len=3)
+    assert routing.expert_idx_R.tolist() == [2, 2, 2]
+    torch.testing.assert_close(routing.weight_R, torch.full((3,), p2))
+    static = layer.router.route_static(x, seq_len=3)
+    assert static.expert_TK.view(-1).tolist() == [2, 2, 2]
+    torch.testing.assert_close(static.weight_TK.view(-1), torch.full((3,), p2))

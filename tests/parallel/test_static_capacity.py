@@ -6,6 +6,7 @@ Small capacity: runtime/overflow_dropped is exactly the rows past C = max(1, cei
 drops the same rows. ep=2 on 2 ranks, and on 4 ranks (two ep groups of different odd T), every
 mode and overlap degree (the chunks are static slot ranges), the tuner in auto mode too.
 """
+import math
 import os
 import sys
 
@@ -107,3 +108,36 @@ def test_factor_needed_fits_the_largest_count():
     assert f == 27 * E / (T * K)
     d.set_static_capacity_factor(f)
     assert d.static_capacity(T) == 27
+
+
+def _grown_reference(current, needed, limit):
+    """The README's growth rule in exact decimal arithmetic: the smallest multiple of 1/4 that is at
+    least 1.25 x needed and 1.5 x current, capped at the limit but never below needed."""
+    from fractions import Fraction
+
+    c, n = Fraction(str(current)), Fraction(str(needed))
+    target = max(Fraction(5, 4) * n, Fraction(3, 2) * c)
+    grown = Fraction(math.ceil(target * 4), 4)
+    if limit is not None:
+        grown = max(min(grown, Fraction(str(limit))), n)
+    return float(grown)
+
+
+@pytest.mark.parametrize("limit", [None, 2.0, 4.0])
+def test_grown_factor_follows_the_rule_on_a_grid(limit):
+    from moesys.parallel.overflow import grown_factor
+
+    for current in (0.25, 0.5, 1.0, 1.3, 2.75):
+        for needed in (0.0, 0.1, 0.94, 1.0, 1.2, 1.6, 2.4, 3.0, 5.0):
+            got = grown_factor(current, needed, limit)
+            assert got == _grown_reference(current, needed, limit), (current, needed, limit, got)
+            assert got >= needed
+
+
+@pytest.mark.parametrize("current,needed", [(1.0, float("nan")), (1.0, float("inf")), (1.0, -0.5), (0.0, 1.0),
+                                            (-1.0, 1.0)])
+def test_grown_factor_refuses_bad_input_naming_it(current, needed):
+    from moesys.parallel.overflow import grown_factor
+
+    with pytest.raises(ValueError, match=rf"needed={needed}, current={current}"):
+        grown_factor(current, needed, 2.0)
