@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 
 from moesys import data as data_mod
 from moesys.config import MoEConfig
+from moesys.decoder import DECODER_FIELDS, DecoderConfig
 from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.evo.schedule import EvoConfig
 
@@ -58,7 +59,7 @@ MoESection.__module__ = __name__
 
 @dataclass
 class ModelConfig:
-    """model.*: a decoder-only GPT whose FFNs are MoE layers."""
+    """model.*: the decoder-only model whose FFNs are MoE layers (model.arch: gpt or the modern decoder)."""
 
     n_layers: int = 4
     d_model: int = 128
@@ -69,6 +70,24 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm of each head's q and k before the dot product (README, "Training stability")
+    # gpt: learned positions, LayerNorm, GELU dense FFN (moesys/model.py); decoder: RMSNorm, RoPE, GQA or
+    # latent attention, SwiGLU dense FFN (moesys/decoder.py). The fields below are the decoder's only
+    arch: str = "gpt"
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); null: n_heads
+    head_dim: Optional[int] = None  # null: d_model / n_heads
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
+    out_bias: bool = False  # bias on the attention output projection
+    qk_norm_scope: str = "head"  # with qk_norm: head (over each head, Qwen3-MoE) | all (over all heads, OLMoE)
+    dense_ffn_hidden: Optional[int] = None  # width of the dense SwiGLU FFNs; null: ffn_hidden
+    first_k_dense: int = 0  # the first k blocks are dense (DeepSeek-V3)
+    # multi-head latent attention (DeepSeek-V3): on when kv_lora_rank is set
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
 
 @dataclass
@@ -198,6 +217,18 @@ class TrainConfig:
         except ValueError as e:  # MoEConfig.__post_init__: every check there raises ValueError
             raise ConfigError(_trainer_names(str(e))) from e
 
+    def decoder_config(self):
+        """The DecoderConfig of model.arch=decoder (validates the model.* fields)."""
+        m = self.model
+        try:
+            return DecoderConfig(
+                vocab_size=self.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                dense_ffn_hidden=m.dense_ffn_hidden if m.dense_ffn_hidden is not None else m.ffn_hidden,
+                **{name: getattr(m, name) for name in DECODER_FIELDS if name != "dense_ffn_hidden"},
+                moe_every=m.moe_every, tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm, dropout=m.dropout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
     def validate(self, world_size: Optional[int] = None) -> None:
         """Checks every field and the fields against each other; raises ConfigError naming the field and value.
 
@@ -214,12 +245,24 @@ class TrainConfig:
         # ---- model --------------------------------------------------------------------------------
         for name in ("n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len"):
             _check(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
-        if m.d_model % m.n_heads:
+        if m.arch == "gpt" and m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
         _check(m.moe_every >= 0, f"model.moe_every must be >= 0, got {m.moe_every}")
         _check(m.moe_every <= m.n_layers, f"model.moe_every ({m.moe_every}) > model.n_layers ({m.n_layers}): no layer "
                                           "would be an MoE layer (model.moe_every=0 is the dense model)")
         _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+        _one_of("model.arch", m.arch, ("gpt", "decoder"))
+        if m.arch == "gpt":
+            defaults = ModelConfig()
+            for name in DECODER_FIELDS:
+                if getattr(m, name) != getattr(defaults, name):
+                    raise ConfigError(f"model.{name}={getattr(m, name)!r} is a field of the modern decoder only: set "
+                                      "model.arch=decoder, or leave it at its default")
+        else:
+            self.decoder_config()
+            if m.first_k_dense >= m.n_layers and m.moe_every > 0:
+                raise ConfigError(f"model.first_k_dense ({m.first_k_dense}) >= model.n_layers ({m.n_layers}): no "
+                                  "layer would be an MoE layer (model.moe_every=0 is the dense model)")
         # ---- moe: MoEConfig's own checks, under the moe.* names ---------------------------------------
         moe = self.moe_config()
         if moe.router == "expert_choice" and not moe.allow_noncausal:
@@ -366,6 +409,12 @@ class TrainConfig:
             return
         if self.model.moe_every == 0:
             raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
+        if self.model.arch != "gpt":
+            raise ConfigError(f"evo.enabled=true needs model.arch=gpt (EvoMoE swaps the GPT's blocks), got "
+                              f"model.arch={self.model.arch!r}")
+        if moe.routed_scaling_factor != 1.0:
+            raise ConfigError(f"evo.enabled=true does not support moe.routed_scaling_factor="
+                              f"{moe.routed_scaling_factor} (EvoMoE's layer does not scale its routed output)")
         if moe.num_shared_experts:
             raise ConfigError(f"evo.enabled=true does not support shared experts (moe.num_shared_experts="
                               f"{moe.num_shared_experts}): EvoMoE's dense phase and its spawn have no place for "

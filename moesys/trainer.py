@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import preemption
 from .collapse import CollapseMonitor
+from .decoder import DECODER_FIELDS, Decoder
 from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 from .step_state import StepState
@@ -75,11 +76,14 @@ def structure_of(cfg) -> dict:
             "activation": moe.activation, "router": moe.router, "num_shared_experts": moe.num_shared_experts,
             # the resolved width (None means model.ffn_hidden), 0 without shared experts
             "shared_ffn_hidden": (moe.shared_ffn_hidden_size or m.ffn_hidden) if moe.num_shared_experts else 0,
-            "shared_expert_gate": bool(moe.shared_expert_gate)}
+            "shared_expert_gate": bool(moe.shared_expert_gate), "arch": m.arch,
+            **{name: getattr(m, name) for name in DECODER_FIELDS}}
 
 
-def build_model(cfg) -> GPTMoE:
+def build_model(cfg) -> "GPTMoE | Decoder":
     m = cfg.model
+    if m.arch == "decoder":
+        return Decoder(cfg.decoder_config(), cfg.moe_config())
     gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
                      ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
                      tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm)
