@@ -166,3 +166,69 @@ def test_missing_truncated_and_contradicting_files(hf_dirs, tmp_path):
     os.remove(os.path.join(d, "config.json"))
     with pytest.raises(hf.HFFormatError, match="config.json: no such file"):
         hf.from_pretrained(d)
+
+
+# ---- export ------------------------------------------------------------------------------------------
+def _tensors(path):
+    from safetensors import safe_open
+
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trips_bitwise_and_loads_in_transformers(family, hf_dirs, tmp_path):
+    """export(import(files)) holds the original tensors bit for bit (sharded: a shard per ~4 KB, with
+    its index), import(export(model)) the model's; AutoModelForCausalLM loads the export to the same logits."""
+    from hf_models import import_transformers
+
+    from moesys.hf_export import save_pretrained
+
+    path, _ = hf_dirs[family]
+    model = hf.from_pretrained(path).eval()
+    out = save_pretrained(model, str(tmp_path / "out"), max_shard_bytes=4096)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
+    orig, new = _tensors(path), _tensors(out)
+    assert set(new) == set(orig), set(new) ^ set(orig)
+    for k in orig:
+        assert torch.equal(new[k], orig[k]), k
+    back = hf.from_pretrained(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    tf = import_transformers()
+    auto = tf.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    x = _tokens(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x).logits, model(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_what_no_family_has(tmp_path):
+    from moesys import MoEConfig
+    from moesys.decoder import Decoder, DecoderConfig
+    from moesys.hf_export import save_pretrained
+    from moesys.model import GPTConfig, GPTMoE
+
+    moe = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2, activation="swiglu")
+    gpt = GPTMoE(GPTConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, ffn_hidden=8, seq_len=8), moe)
+    with pytest.raises(hf.HFFormatError, match="learned absolute positions have no Hugging Face equivalent"):
+        save_pretrained(gpt, str(tmp_path / "a"))
+    dcfg = DecoderConfig(vocab_size=32, n_layers=1, d_model=16, n_heads=2, dense_ffn_hidden=8)
+    ec = MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2, activation="swiglu",
+                   router="expert_choice", allow_noncausal=True)
+    with pytest.raises(hf.HFFormatError, match="moe.router='expert_choice' .* has no Hugging Face equivalent"):
+        save_pretrained(Decoder(dcfg, ec), str(tmp_path / "b"))
+    with pytest.warns(UserWarning, match="moe.capacity_factor=1.0: transformers' MoE blocks never drop tokens"):
+        save_pretrained(Decoder(dcfg, MoEConfig(hidden_size=16, ffn_hidden_size=8, num_experts=4, top_k=2,
+                                                activation="swiglu", normalize_topk=True, capacity_factor=1.0)),
+                        str(tmp_path / "c"))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(hf.HFFormatError, match="full: exists and is not an empty directory"):
+        save_pretrained(Decoder(dcfg, moe), str(tmp_path / "full"))
+    assert os.listdir(tmp_path / "full") == ["x"]
