@@ -1,0 +1,76 @@
+"""moesys-convert: import-hf and export-hf through the CLI entry point, against the original files and
+transformers; bad input is one line, exit 2, nothing written."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from moesys import convert, hf  # noqa: E402
+from moesys import train as train_mod  # noqa: E402
+from moesys.generate import load_model  # noqa: E402
+from hf_models import VOCAB, build_hf, import_transformers  # noqa: E402
+from test_hf import _tensors  # noqa: E402
+from train_helpers import make_cfg  # noqa: E402
+
+
+def _run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        convert.main(list(argv))
+    cap = capsys.readouterr()
+    return e.value.code, cap.err
+
+
+def test_import_then_export_through_a_checkpoint_is_bitwise(tmp_path, capsys):
+    """HF dir -> import-hf -> a moesys checkpoint (DCP) -> export-hf -> the original tensors bit for bit;
+    the checkpoint loads (moesys-generate's loader) to the logits of the HF model."""
+    src = str(tmp_path / "hf")
+    ref = build_hf("deepseek_v3", src, seed=4)
+    convert.main(["import-hf", src, str(tmp_path / "ckpt")])
+    model, cfg, _ = load_model(str(tmp_path / "ckpt"))
+    assert cfg.model.arch == "decoder" and cfg.moe.routed_scaling_factor == 2.5 and cfg.data.vocab_size == VOCAB
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], ref(x).logits, rtol=1e-5, atol=1e-5)
+    convert.main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")])
+    assert "moesys-convert: wrote" in capsys.readouterr().out
+    orig, new = _tensors(src), _tensors(str(tmp_path / "out"))
+    assert set(orig) == set(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_export_of_an_ep2_run_loads_in_transformers(tmp_path):
+    """A run trained at EP 2 on 2 gloo ranks exports (resharded to one process by DCP) to a directory
+    that AutoModelForCausalLM loads to the logits of the checkpoint."""
+    run = str(tmp_path / "run")
+    train_mod.run(make_cfg("preset=qwen3_moe_tiny", "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=3"),
+                  run)
+    convert.main(["export-hf", run, str(tmp_path / "out"), "--max-shard-bytes", "20000"])
+    model, _, _ = load_model(run)
+    auto = import_transformers().AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(auto(x).logits, model(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys):
+    src = str(tmp_path / "hf")
+    build_hf("mixtral", src)
+    capsys.readouterr()  # transformers' save progress bar
+    (tmp_path / "a_file").write_text("x")
+    code, err = _run(capsys, "import-hf", src, str(tmp_path / "a_file" / "ckpt"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("moesys-convert: error: ") and "a_file/ckpt: cannot write there" in err
+    code, err = _run(capsys, "export-hf", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "nowhere" in err
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    code, err = _run(capsys, "import-hf", src, str(tmp_path / "ckpt"))
+    assert code == 2 and "architectures=['GPT2LMHeadModel'] is not supported" in err
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "hf"]  # no checkpoint, no export, no temporary dir
+    with pytest.raises(hf.HFFormatError):
+        hf.from_pretrained(src)
