@@ -188,6 +188,7 @@ class Reader:
             self.weight_map = {k: SINGLE_FILE for k in self._open(SINGLE_FILE).keys()}
         self._files: Dict[str, object] = {}
         self.bytes_read = 0
+        self.expert_bytes_read = 0  # the routed experts' part (load_into counts it)
 
     def _open(self, name: str):
         from safetensors import SafetensorError, safe_open
@@ -239,7 +240,7 @@ class TensorReader(Reader):
     """The same reads from tensors in memory (e.g. a transformers model's named parameters or grads)."""
 
     def __init__(self, tensors: Dict[str, torch.Tensor], path: str = "<tensors>"):
-        self.path, self.tensors, self.bytes_read = path, tensors, 0
+        self.path, self.tensors, self.bytes_read, self.expert_bytes_read = path, tensors, 0, 0
         self.weight_map = {k: path for k in tensors}
 
     def shape(self, key: str) -> List[int]:
@@ -425,3 +426,61 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> Decoder
             t = read_entry(reader, e, num_experts=moe.num_experts)
             sd[e.ours].copy_(t)
     return model.to(dtype)
+
+
+# ---- loading into a built (possibly sharded) model -------------------------------------------------------
+def _local_region(p: torch.Tensor, sharding) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """(the tensor this rank holds, its offset in the global tensor) of parameter or buffer `p`: a
+    DTensor's local shard (expert parallelism, FSDP2), DeepSpeed's local experts (`sharding`: the
+    experts module's (offset, count) when its weights are plain local tensors), or `p` itself."""
+    if hasattr(p, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = p.to_local()
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return local, tuple(offset)
+    if sharding is not None:
+        return p, (sharding[0],) + (0,) * (p.dim() - 1)
+    return p, (0,) * p.dim()
+
+
+@torch.no_grad()
+def load_into(model: Decoder, path: str, hf_cfg: Optional[dict] = None) -> Reader:
+    """Copy the Hugging Face weights of `path` into `model` as built and sharded on this rank (plain,
+    expert-parallel, FSDP2, DeepSpeed's local experts): each rank reads only the experts it holds
+    (safetensors slices) and writes straight into its local shards. Returns the Reader (bytes_read)."""
+    hf_cfg = hf_cfg if hf_cfg is not None else read_config(path)
+    arch = hf_cfg["architectures"][0]
+    moe_layers = model.moe_layers()
+    moe = moe_layers[0][1].cfg if moe_layers else None
+    reader = Reader(path)
+    entries = weight_map(arch, model.cfg, moe, hf_cfg)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers()))
+    for e in entries:
+        p = named[e.ours]
+        sharding = None
+        if e.kind == "experts":
+            ex = model.get_submodule(e.ours.rsplit(".", 1)[0])
+            if not hasattr(p, "to_local") and ex.num_local_experts < ex.num_experts:
+                sharding = (ex.expert_offset, ex.num_local_experts)
+        local, offset = _local_region(p, sharding)
+        if local.numel() == 0:
+            continue
+        shape = list(p.shape) if sharding is None else [ex.num_experts, *p.shape[1:]]
+        region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+        if e.kind == "experts":  # read only experts [lo, hi), then this rank's part of D / F
+            t = read_entry(reader, e, rows=(region[0].start, region[0].stop), num_experts=shape[0])
+            t = t[(slice(None),) + region[1:]]
+        elif e.kind == "copy":  # rows [lo, hi) only (FSDP2 shards dense weights by rows)
+            t = reader.get(e.hf, (region[0].start, region[0].stop) if local.dim() else None)
+            t = t[(slice(None),) + region[1:]] if local.dim() > 1 else t
+        else:
+            t = read_entry(reader, e)[region]
+        if list(t.shape) != list(local.shape):
+            raise HFFormatError(f"{path}: tensor {e.hf!r} gives {list(t.shape)} for this rank's part of {e.ours} "
+                                f"{list(local.shape)}: the checkpoint contradicts config.json")
+        local.copy_(t)
+        if e.kind == "experts":
+            reader.expert_bytes_read += t.numel() * t.element_size()
+    return reader

@@ -90,3 +90,32 @@ def build_hf(family: str, out_dir: str, seed: int = 0, **over):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
     model.save_pretrained(out_dir)
     return model.eval()
+
+
+def sharded_import_worker(paths: dict, x):
+    """Rank fn (4 ranks): per family, import at EP 4 and at EP 2 x FSDP2 (each rank reading only its
+    slices straight into its shards) and run the forward on `x`. Returns {(family, layout): (logits
+    as numpy, expert bytes this rank read)}."""
+    from moesys import hf
+    from moesys.decoder import Decoder
+    from moesys.parallel import ParallelDims, apply_expert_parallel, apply_fsdp
+
+    out = {}
+    dims4 = ParallelDims.build(ep=4, timeout_s=120)
+    dims2 = ParallelDims.build(ep=2, timeout_s=120)
+    for family, path in paths.items():
+        dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(path)))
+        for layout, dims in (("ep4", dims4), ("ep2_fsdp2", dims2)):
+            torch.manual_seed(123)  # other weights than the checkpoint's
+            model = Decoder(dcfg, moe)
+            for _, layer in model.moe_layers():
+                layer.set_balance_group(dims.dp_group)
+                apply_expert_parallel(layer, dims.ep_group, dims=dims, overlap=1)
+            if layout.endswith("fsdp2"):
+                apply_fsdp(model, dims)
+            reader = hf.load_into(model, path)
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)[0]
+            out[(family, layout)] = (logits.numpy().copy(), reader.expert_bytes_read)
+    return out
