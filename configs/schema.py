@@ -26,6 +26,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from moesys import data as data_mod
+from moesys import hf
 from moesys.config import MoEConfig
 from moesys.decoder import DECODER_FIELDS, DecoderConfig
 from moesys.errors import ConfigError, ConfigFileNotFoundError
@@ -73,6 +74,10 @@ class ModelConfig:
     # gpt: learned positions, LayerNorm, GELU dense FFN (moesys/model.py); decoder: RMSNorm, RoPE, GQA or
     # latent attention, SwiGLU dense FFN (moesys/decoder.py). The fields below are the decoder's only
     arch: str = "gpt"
+    # a Hugging Face model directory (config.json + safetensors) to start from: its config.json sets the
+    # model.*/moe.* fields it determines (an override that contradicts one is an error naming both values)
+    # and every rank reads its own slices of the weights (moesys/hf.py)
+    init_from: Optional[str] = None
     n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); null: n_heads
     head_dim: Optional[int] = None  # null: d_model / n_heads
     norm_eps: float = 1e-6  # RMSNorm epsilon
@@ -229,6 +234,26 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
+    def apply_init_from(self) -> None:
+        """Set the fields model.init_from's config.json determines. A field set away from its default to
+        another value is an error naming both (config.json wins nothing silently)."""
+        path = self.model.init_from
+        if path is None:
+            return
+        if not os.path.isdir(path):
+            raise ConfigFileNotFoundError(f"model.init_from={path!r}: no such directory")
+        derived = hf.derive_settings(hf.read_config(path), os.path.join(path, hf.CONFIG_FILE))
+        defaults = TrainConfig()
+        for key, want in derived.items():
+            group, name = key.split(".")
+            cur = getattr(getattr(self, group), name)
+            if cur == want:
+                continue
+            if cur != getattr(getattr(defaults, group), name):
+                raise ConfigError(f"{key}={cur!r} contradicts model.init_from={path!r}, whose config.json gives "
+                                  f"{key}={want!r}; drop the override")
+            setattr(getattr(self, group), name, want)
+
     def validate(self, world_size: Optional[int] = None) -> None:
         """Checks every field and the fields against each other; raises ConfigError naming the field and value.
 
@@ -253,6 +278,9 @@ class TrainConfig:
         _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
         _one_of("model.arch", m.arch, ("gpt", "decoder"))
         if m.arch == "gpt":
+            if m.init_from is not None:
+                raise ConfigError(f"model.init_from={m.init_from!r} starts the modern decoder: model.arch must be "
+                                  "decoder (moesys-train sets it from config.json)")
             defaults = ModelConfig()
             for name in DECODER_FIELDS:
                 if getattr(m, name) != getattr(defaults, name):
@@ -260,6 +288,13 @@ class TrainConfig:
                                       "model.arch=decoder, or leave it at its default")
         else:
             self.decoder_config()
+            if m.init_from is not None:
+                probe = dataclasses.replace(self, model=dataclasses.replace(m), moe=dataclasses.replace(self.moe),
+                                            data=dataclasses.replace(self.data))
+                probe.apply_init_from()  # raises on a contradiction
+                if probe != self:
+                    raise ConfigError(f"model.init_from={m.init_from!r}: the config does not hold its config.json's "
+                                      "settings (build it with TrainConfig.apply_init_from)")
             if m.first_k_dense >= m.n_layers and m.moe_every > 0:
                 raise ConfigError(f"model.first_k_dense ({m.first_k_dense}) >= model.n_layers ({m.n_layers}): no "
                                   "layer would be an MoE layer (model.moe_every=0 is the dense model)")
@@ -516,9 +551,11 @@ def from_composed(dcfg) -> TrainConfig:
         if extra:
             raise ConfigError(f"{key}.{extra[0]} is not a setting (added with '+'?): {key}.* has no field {extra[0]!r}")
     try:
-        return OmegaConf.to_object(dcfg)
+        cfg = OmegaConf.to_object(dcfg)
     except (ValueError, OmegaConfBaseException) as e:  # EvoConfig.__post_init__; a value left at ???
         raise ConfigError(str(e).splitlines()[0]) from e
+    cfg.apply_init_from()
+    return cfg
 
 
 def register() -> None:

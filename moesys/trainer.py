@@ -33,6 +33,7 @@ from moesys.kernels import workspace
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import hf
 from . import preemption
 from .collapse import CollapseMonitor
 from .decoder import DECODER_FIELDS, Decoder
@@ -165,6 +166,8 @@ class Trainer:
             apply_fsdp(self.model, dims, reshard_after_forward=t.fsdp_reshard_after_forward,
                        param_dtype=None if t.fsdp_param_dtype == "fp32" else t.fsdp_param_dtype,
                        reduce_dtype=t.fsdp_reduce_dtype)
+        if cfg.model.init_from is not None:  # each rank reads its own slices into its shards
+            hf.load_into(self.model, cfg.model.init_from)
         # decay / no decay, and one group per kind of tensor (plain, or DTensors of one mesh)
         keyed: dict = {}
         for q in self.model.parameters():

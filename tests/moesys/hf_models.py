@@ -119,3 +119,15 @@ def sharded_import_worker(paths: dict, x):
                 logits = model(x)[0]
             out[(family, layout)] = (logits.numpy().copy(), reader.expert_bytes_read)
     return out
+
+
+def init_from_worker(cfg, out_dir, x):
+    """Rank fn: a Trainer started from model.init_from (this rank's slices only); the logits of `x`
+    before training, then the per-step training losses of cfg.trainer.steps steps."""
+    from train_helpers import build_trainer
+
+    tr = build_trainer(cfg, out_dir)
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(x)[0].numpy().copy()
+    return logits, tr.fit(None)["train_losses"]
