@@ -16,8 +16,9 @@ distribution, drawn from a CPU torch.Generator seeded with `seed`: the same chec
 settings give the same text (on one device type).
 
 Cost: with kv_cache=true (the default) the prompt runs once and every new token runs the model on
-one position, attending over the cached keys and values (KVCache in moesys/model.py). The positions
-are learned and absolute, so once prompt + text outgrows model.seq_len the window slides by
+one position, attending over the cached keys and values (KVCache in moesys/model.py). The modern
+decoder's positions are rotary: its cache grows without a window. The GPT's positions are learned
+and absolute, so once prompt + text outgrows model.seq_len the window slides by
 recomputing: each further token runs the whole last seq_len tokens, the same cost as
 kv_cache=false, which recomputes the window for every token. With a capacity factor
 (moe.capacity_factor set) a full window can drop routes that one cached position does not, so the two
@@ -91,17 +92,19 @@ def generate(model: GPTMoE, prompt_ids: List[int], *, max_new_tokens: int, tempe
     """The prompt followed by max_new_tokens sampled ids (see the module docstring for the cost)."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give prompt=TEXT or prompt_tokens=[ids]")
-    S, device = model.cfg.seq_len, model.tok_emb.weight.device
+    # the GPT's learned positions bound the window; the decoder's rotary positions do not (None)
+    S = model.cfg.seq_len if isinstance(model, GPTMoE) else None
+    device = model.tok_emb.weight.device
     if any(b.moe is not None and b.moe.cfg.router == "expert_choice" for b in model.blocks):
         kv_cache = False  # an expert picks among the batch's tokens: one position alone routes differently
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     start, cache = 0, None  # the cache holds ids[start:start + cache.length]
     for _ in range(max_new_tokens):
-        if cache is not None and len(ids) - start <= S:  # one new position
+        if cache is not None and (S is None or len(ids) - start <= S):  # one new position
             feed = ids[-1:]
         else:  # first step, no cache, or the window is full: (re)compute the last S tokens
-            start = max(0, len(ids) - S)
+            start = 0 if S is None else max(0, len(ids) - S)
             cache = KVCache(len(model.blocks)) if kv_cache else None
             feed = ids[start:]
         logits, _, _ = model(torch.tensor([feed], device=device), cache=cache)
