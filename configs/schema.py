@@ -27,6 +27,7 @@ from hydra.core.config_store import ConfigStore
 
 from moesys import data as data_mod
 from moesys import hf
+from moesys import tokens as tokens_mod
 from moesys.config import MoEConfig
 from moesys.decoder import DECODER_FIELDS, DecoderConfig
 from moesys.errors import ConfigError, ConfigFileNotFoundError
@@ -125,6 +126,10 @@ class DataConfig:
     dtype: str = "uint16"  # for .bin files: uint16 | uint32
     vocab_size: int = 256  # 256 for byte-level text; set it for .bin files
     val_fraction: float = 0.1  # the last fraction of the tokens is the validation split
+    # a tokenizer.json (or a directory holding one; `tokenizers` library): data.path's text (a file or a
+    # folder; null: the embedded corpus) is tokenized once into a cached token file (moesys/tokens.py)
+    tokenizer: Optional[str] = None
+    cache_dir: Optional[str] = None  # where the token cache goes; null: ~/.cache/moesys/tokens
 
 
 @dataclass
@@ -253,6 +258,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={cur!r} contradicts model.init_from={path!r}, whose config.json gives "
                                   f"{key}={want!r}; drop the override")
             setattr(getattr(self, group), name, want)
+        if self.data.tokenizer is None and os.path.isfile(os.path.join(path, tokens_mod.TOKENIZER_FILE)):
+            self.data.tokenizer = path  # the model's own tokenizer
 
     def validate(self, world_size: Optional[int] = None) -> None:
         """Checks every field and the fields against each other; raises ConfigError naming the field and value.
@@ -422,6 +429,17 @@ class TrainConfig:
         _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
         _one_of("data.dtype", d.dtype, ("uint16", "uint32"))
         _check(d.vocab_size > 0, f"data.vocab_size must be > 0, got {d.vocab_size}")
+        if d.tokenizer is not None:  # the token count is known once tokenized (moesys.train.prepare)
+            if d.path is not None and d.path.endswith(".bin"):
+                raise ConfigError(f"data.tokenizer={d.tokenizer!r} tokenizes text; data.path={d.path!r} is already "
+                                  "tokens (drop data.tokenizer)")
+            if d.path is not None and not os.path.exists(d.path):
+                raise ConfigFileNotFoundError(f"data.path={d.path!r}: no such file or folder")
+            tv = tokens_mod.vocab_size(d.tokenizer)
+            if d.vocab_size < tv:
+                raise ConfigError(f"data.vocab_size ({d.vocab_size}) < the vocabulary of data.tokenizer="
+                                  f"{d.tokenizer!r} ({tv}): set data.vocab_size={tv} (or larger)")
+            return
         if d.path is not None and not os.path.isfile(d.path):
             raise ConfigFileNotFoundError(f"data.path={d.path!r}: no such file")
         if d.path is None and d.vocab_size != 256:

@@ -45,7 +45,9 @@ def train_config_from_hf(path: str) -> TrainConfig:
 
 def export_hf(checkpoint: str, out_dir: str, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
     model, cfg, _ = load_model(checkpoint)
-    return save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes,
+    tok = cfg.data.tokenizer  # the run's tokenizer files go along (tokenizer.json and its neighbours)
+    tok_dir = None if tok is None else (tok if os.path.isdir(tok) else os.path.dirname(os.path.abspath(tok)))
+    return save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes, tokenizer_dir=tok_dir,
                            max_position_embeddings=max(4096, cfg.model.seq_len))
 
 

@@ -40,6 +40,7 @@ from moesys.errors import ConfigError
 
 from . import checkpoint as ckpt_mod
 from . import cli
+from . import tokens as tokens_mod
 from .evaluate import byte_level, open_checkpoint
 from .model import GPTMoE, KVCache
 
@@ -118,6 +119,8 @@ def prompt_ids_of(gcfg: GenerateConfig, cfg: TrainConfig) -> List[int]:
         bad = [t for t in ids if not 0 <= t < cfg.data.vocab_size]
         if bad:
             raise ConfigError(f"prompt_tokens holds id {bad[0]}, outside the model's vocabulary [0, {cfg.data.vocab_size})")
+    elif cfg.data.tokenizer is not None:
+        ids = tokens_mod.load_tokenizer(cfg.data.tokenizer).encode(gcfg.prompt, add_special_tokens=False).ids
     elif not byte_level(cfg.data.path):
         raise ConfigError(f"the run trained on token ids ({cfg.data.path}, vocab {cfg.data.vocab_size}): give "
                           "prompt_tokens=[ids] (moesys has no tokenizer for them)")
@@ -136,7 +139,10 @@ def run(gcfg: GenerateConfig) -> dict:
                    top_k=gcfg.top_k, top_p=gcfg.top_p, seed=gcfg.seed, kv_cache=gcfg.kv_cache)
     new = ids[len(prompt):]
     out = {"checkpoint": ckpt, "prompt_tokens": prompt, "tokens": new}
-    if byte_level(cfg.data.path):
+    if cfg.data.tokenizer is not None:
+        tok = tokens_mod.load_tokenizer(cfg.data.tokenizer)
+        out["prompt"], out["text"] = tok.decode(prompt), tok.decode(new)
+    elif byte_level(cfg.data.path):
         out["prompt"] = bytes(prompt).decode("utf-8", errors="replace")
         out["text"] = bytes(new).decode("utf-8", errors="replace")
     return out

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import hf
 from . import preemption
+from . import tokens as tokens_mod
 from .collapse import CollapseMonitor
 from .decoder import DECODER_FIELDS, Decoder
 from .logging_utils import RunLogger, write_config
@@ -153,7 +154,7 @@ class Trainer:
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))
 
         # --- data --------------------------------------------------------------------------------
-        tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
+        tokens = data_mod.load_tokens(*tokens_mod.source_of(cfg.data), cfg.data.vocab_size)
         self.train_split, self.val_split = data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
         self.batches = data_mod.TrainBatches(self.train_split, seq_len=cfg.model.seq_len, global_batch=t.batch_size,
                                              grad_accum=t.grad_accum, dp_rank=dims.rank, dp_size=dims.dp, seed=t.seed)
