@@ -61,13 +61,19 @@ def import_hf(hf_dir: str, out: str) -> str:
         raise HFFormatError(f"{out}: cannot write there ({parent} is not a writable directory)")
     cfg = train_config_from_hf(hf_dir)
     model = from_pretrained(hf_dir)
+    # AdamW's state as a fresh optimizer has it (zero moments, step 0): trainer.resume= finds every
+    # entry it asks for, and the first step is the one a new optimizer would take
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
     # written beside `out` and renamed: a failure leaves no half checkpoint under the name
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with warnings.catch_warnings():  # DCP warns that it saves in one process: that is the intent here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            ckpt_mod.save_checkpoint(tmp, 0, model=model, optimizer=None, trainer_state={"step": 0, "data_position": 0},
+            ckpt_mod.save_checkpoint(tmp, 0, model=model, optimizer=optimizer, trainer_state={"step": 0, "data_position": 0},
                                      structure=structure_of(cfg), keep=1, config=dataclasses.asdict(cfg))
         if os.path.isdir(out):
             os.rmdir(out)

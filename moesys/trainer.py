@@ -73,7 +73,9 @@ def structure_of(cfg) -> dict:
     """The checkpoint-relevant shape of the model (checkpoint.STRUCTURAL_FIELDS)."""
     m, moe = cfg.model, cfg.moe
     return {"vocab_size": cfg.data.vocab_size, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
-            "ffn_hidden": m.ffn_hidden, "seq_len": m.seq_len, "moe_every": m.moe_every,
+            "ffn_hidden": m.ffn_hidden,
+            # the GPT's learned positions are seq_len long; the decoder's rotary ones take any length
+            "seq_len": m.seq_len if m.arch == "gpt" else 0, "moe_every": m.moe_every,
             "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts,
             "activation": moe.activation, "router": moe.router, "num_shared_experts": moe.num_shared_experts,
             # the resolved width (None means model.ffn_hidden), 0 without shared experts

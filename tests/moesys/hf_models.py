@@ -93,7 +93,7 @@ def build_hf(family: str, out_dir: str, seed: int = 0, **over):
 
 
 def sharded_import_worker(paths: dict, x):
-    """Rank fn (4 ranks): per family, import at EP 4 and at EP 2 x FSDP2 (each rank reading only its
+    """Rank fn (4 ranks): per family, import at EP 4, EP 2 and EP 2 x FSDP2 (each rank reading only its
     slices straight into its shards) and run the forward on `x`. Returns {(family, layout): (logits
     as numpy, expert bytes this rank read)}."""
     from moesys import hf
@@ -105,7 +105,7 @@ def sharded_import_worker(paths: dict, x):
     dims2 = ParallelDims.build(ep=2, timeout_s=120)
     for family, path in paths.items():
         dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(path)))
-        for layout, dims in (("ep4", dims4), ("ep2_fsdp2", dims2)):
+        for layout, dims in (("ep4", dims4), ("ep2", dims2), ("ep2_fsdp2", dims2)):
             torch.manual_seed(123)  # other weights than the checkpoint's
             model = Decoder(dcfg, moe)
             for _, layer in model.moe_layers():

@@ -3,6 +3,7 @@ transformers; bad input is one line, exit 2, nothing written."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,23 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["a_file", "hf"]  # no checkpoint, no export, no temporary dir
     with pytest.raises(hf.HFFormatError):
         hf.from_pretrained(src)
+
+
+@pytest.mark.slow
+def test_import_hf_checkpoint_resumes_and_evaluates(tmp_path):
+    """import-hf's checkpoint: trainer.resume= continues from it (its AdamW state is a fresh one's) and
+    moesys-eval scores it."""
+    from moesys.configs.apps import EvalConfig
+    from moesys.evaluate import evaluate_checkpoint
+
+    src = str(tmp_path / "hf")
+    build_hf("mixtral", src, vocab_size=256)  # byte-level: the embedded corpus fits
+    convert.main(["import-hf", src, str(tmp_path / "ckpt")])
+    res = evaluate_checkpoint(EvalConfig(checkpoint=str(tmp_path / "ckpt")))
+    assert res["step"] == 0 and res["tokens"] > 0 and np.isfinite(res["val_loss"]) and res["byte_level"]
+    cfg = make_cfg(f"model.init_from={src}", "model.n_heads=4", "model.ffn_hidden=256", "moe.num_experts=8",
+                   f"trainer.resume={tmp_path / 'ckpt'}", "parallel.ep=1", "parallel.simulate_ranks=1",
+                   "trainer.steps=2")
+    cfg.apply_init_from()
+    s = train_mod.run(cfg, str(tmp_path / "run"))
+    assert s["steps"] == 2 and np.isfinite(s["train_loss_end"])

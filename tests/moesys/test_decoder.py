@@ -167,3 +167,17 @@ def test_generation_is_not_bound_to_a_window():
     a = generate(m, [1, 2, 3], max_new_tokens=40, temperature=0, kv_cache=True)
     b = generate(m, [1, 2, 3], max_new_tokens=40, temperature=0, kv_cache=False)
     assert len(a) == 43 and a == b
+
+
+@pytest.mark.parametrize("preset, total, tol", [("mixtral_8x7b", 46.7e9, 0.01), ("qwen3_30b_a3b", 30.5e9, 0.01),
+                                                ("olmoe_1b_7b", 6.92e9, 0.01), ("deepseek_v3_671b", 671e9, 0.01)])
+def test_full_size_presets_have_the_published_parameter_counts(preset, total, tol):
+    """Config-only presets: the planner builds them on the meta device; their parameter counts are the
+    published ones (DeepSeek-V3 without its multi-token-prediction layer)."""
+    from moesys.planner.workload import count_params, workload_from_config
+
+    cfg = make_cfg(f"preset={preset}")
+    dense, _, expert = count_params(cfg)
+    assert abs(dense + expert - total) / total < tol, (dense + expert) / 1e9
+    wl = workload_from_config(cfg)
+    assert wl.n_moe_layers == cfg.model.n_layers - cfg.model.first_k_dense
