@@ -5,12 +5,10 @@ against obvious references (RoPE, GQA = MHA with repeated key/value heads, the K
 forward, causality, tied embeddings, the layer pattern), the config checks, and the tiny presets
 training through moesys-train.
 """
-import copy
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from moesys import MoEConfig, MoELayer
 from moesys import train as train_mod

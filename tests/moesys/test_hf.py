@@ -232,3 +232,13 @@ def test_export_refuses_what_no_family_has(tmp_path):
     with pytest.raises(hf.HFFormatError, match="full: exists and is not an empty directory"):
         save_pretrained(Decoder(dcfg, moe), str(tmp_path / "full"))
     assert os.listdir(tmp_path / "full") == ["x"]
+
+
+def test_a_shard_missing_from_the_index_is_named(hf_dirs, tmp_path):
+    from moesys.hf_export import save_pretrained
+
+    out = save_pretrained(hf.from_pretrained(hf_dirs["olmoe"][0]), str(tmp_path / "out"), max_shard_bytes=4096)
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    os.remove(os.path.join(out, shards[1]))
+    with pytest.raises(hf.HFFormatError, match=f"{shards[1]}: no such file \\(listed in model.safetensors.index.json\\)"):
+        hf.from_pretrained(out)
