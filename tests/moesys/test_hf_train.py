@@ -48,9 +48,11 @@ def test_config_comes_from_config_json(ds_dir):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_init_from_at_ep2_starts_at_transformers_logits_and_trains(ds_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["plain", "fsdp", "deepspeed"])
+def test_init_from_at_ep2_starts_at_transformers_logits_and_trains(ds_dir, tmp_path, engine):
+    """Every engine: DTensor shards (plain, FSDP2) and DeepSpeed's local expert tensors."""
     path, ref = ds_dir
-    cfg = _cfg(f"model.init_from={path}", "parallel.ep=2", "parallel.simulate_ranks=2", *RUN)
+    cfg = _cfg(f"model.init_from={path}", "parallel.ep=2", "parallel.simulate_ranks=2", f"trainer.engine={engine}", *RUN)
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(x).logits.numpy()
