@@ -95,3 +95,27 @@ def test_import_hf_checkpoint_resumes_and_evaluates(tmp_path):
     cfg.apply_init_from()
     s = train_mod.run(cfg, str(tmp_path / "run"))
     assert s["steps"] == 2 and np.isfinite(s["train_loss_end"])
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_export_of_an_ep2_fsdp2_run_equals_the_export_resharded_to_ep1(tmp_path):
+    """A run at EP 2 x FSDP2 (4 gloo ranks) exports to the same bytes as its checkpoint loaded at
+    EP 1 (one process, every expert local), saved again and exported."""
+    import dataclasses
+
+    from moesys import checkpoint as ckpt_mod
+    from moesys.trainer import structure_of
+
+    run = str(tmp_path / "run")
+    train_mod.run(make_cfg("preset=olmoe_tiny", "parallel.ep=2", "parallel.simulate_ranks=4", "trainer.engine=fsdp",
+                           "trainer.steps=2"), run)
+    convert.main(["export-hf", run, str(tmp_path / "a")])
+    model, cfg, _ = load_model(run)  # resharded to one process by DCP
+    ep1 = ckpt_mod.save_checkpoint(str(tmp_path / "ep1"), 2, model=model, optimizer=None, trainer_state={"step": 2},
+                                   structure=structure_of(cfg), config=dataclasses.asdict(cfg))
+    convert.main(["export-hf", ep1, str(tmp_path / "b")])
+    a, b = _tensors(str(tmp_path / "a")), _tensors(str(tmp_path / "b"))
+    assert set(a) == set(b) and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
