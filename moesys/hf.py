@@ -222,14 +222,17 @@ class Reader:
         key = self._resolve(key)
         return list(self._file(key).get_slice(key).get_shape())
 
-    def get(self, key: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Tensor `key`, or its rows [lo, hi) along the first dimension (only those are read)."""
+    def get(self, key: str, rows: Optional[Tuple[int, int]] = None, index: Optional[tuple] = None) -> torch.Tensor:
+        """Tensor `key`, or its rows [lo, hi) along the first dimension, or the part `index` (a tuple of
+        slices) selects: only that part is read."""
         from safetensors import SafetensorError
 
         key = self._resolve(key)
+        if rows is not None:
+            index = (slice(rows[0], rows[1]),)
         try:
             sl = self._file(key).get_slice(key)
-            t = sl[rows[0]:rows[1]] if rows is not None else sl[:]
+            t = sl[index] if index is not None else sl[:]
         except SafetensorError as e:
             raise HFFormatError(f"{self.path}: tensor {key!r} cannot be read (truncated file?): {e}") from None
         self.bytes_read += t.numel() * t.element_size()
@@ -246,12 +249,14 @@ class TensorReader(Reader):
     def shape(self, key: str) -> List[int]:
         return list(self.tensors[self._resolve(key)].shape)
 
-    def get(self, key: str, rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def get(self, key: str, rows: Optional[Tuple[int, int]] = None, index: Optional[tuple] = None) -> torch.Tensor:
         key = self._resolve(key)
         if key not in self.tensors:
             raise HFFormatError(f"{self.path}: tensor {key!r} is missing")
         t = self.tensors[key]
-        return t[rows[0]:rows[1]] if rows is not None else t
+        if rows is not None:
+            index = (slice(rows[0], rows[1]),)
+        return t[index] if index is not None else t
 
 
 # ---- the name and layout map -----------------------------------------------------------------------
@@ -335,8 +340,10 @@ def weight_map(arch: str, dcfg: DecoderConfig, moe: MoEConfig, hf_cfg: dict) -> 
     return out
 
 
-def read_entry(reader: Reader, e: Entry, rows: Optional[Tuple[int, int]] = None, num_experts: int = 0) -> torch.Tensor:
-    """The moesys tensor of `e`; for experts, only experts [lo, hi) (`rows`) are read."""
+def read_entry(reader: Reader, e: Entry, rows: Optional[Tuple[int, int]] = None, num_experts: int = 0,
+               f_range: Optional[Tuple[int, int]] = None, d_range: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """The moesys tensor of `e`; for experts, only experts [lo, hi) (`rows`) and, when given, only
+    their F range (`f_range`: F-sharded experts) and D range (`d_range`: FSDP2 along D) are read."""
     if e.kind == "copy":
         return reader.get(e.hf)
     if e.kind == "rows":
@@ -346,16 +353,21 @@ def read_entry(reader: Reader, e: Entry, rows: Optional[Tuple[int, int]] = None,
     if e.kind == "gate_vec":
         return reader.get(e.hf)[0].contiguous()
     lo, hi = rows if rows is not None else (0, num_experts)
+    key, which = e.fused  # which: 0 gate, 1 up ([F, D] per expert), 2 down ([D, F] per expert)
     per_expert = e.hf.format(e=lo)
+    f = slice(None) if f_range is None else slice(*f_range)
+    d = slice(None) if d_range is None else slice(*d_range)
     if per_expert in reader:
-        return torch.stack([reader.get(e.hf.format(e=j)).t() for j in range(lo, hi)]).contiguous()
-    key, which = e.fused
+        index = (f, d) if which < 2 else (d, f)
+        return torch.stack([reader.get(e.hf.format(e=j), index=index).t() for j in range(lo, hi)]).contiguous()
     if key not in reader:
         raise HFFormatError(f"{reader.path}: tensor {per_expert!r} (or the fused {key!r}) is missing from the checkpoint")
-    t = reader.get(key, (lo, hi))
     if which < 2:  # gate_up_proj [E, 2F, D]: gate rows first, then up
-        F = t.shape[1] // 2
-        t = t[:, :F] if which == 0 else t[:, F:]
+        F = reader.shape(key)[1] // 2
+        f0, f1 = f_range if f_range is not None else (0, F)
+        t = reader.get(key, index=(slice(lo, hi), slice(which * F + f0, which * F + f1), d))
+    else:  # down_proj [E, D, F]
+        t = reader.get(key, index=(slice(lo, hi), d, f))
     return t.transpose(1, 2).contiguous()
 
 
@@ -469,9 +481,11 @@ def load_into(model: Decoder, path: str, hf_cfg: Optional[dict] = None) -> Reade
             continue
         shape = list(p.shape) if sharding is None else [ex.num_experts, *p.shape[1:]]
         region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
-        if e.kind == "experts":  # read only experts [lo, hi), then this rank's part of D / F
-            t = read_entry(reader, e, rows=(region[0].start, region[0].stop), num_experts=shape[0])
-            t = t[(slice(None),) + region[1:]]
+        if e.kind == "experts":  # read only experts [lo, hi) and this rank's F and D ranges of them
+            f_dim, d_dim = (2, 1) if e.fused[1] < 2 else (1, 2)  # w1, w3 [E, D, F]; w2 [E, F, D]
+            t = read_entry(reader, e, rows=(region[0].start, region[0].stop), num_experts=shape[0],
+                           f_range=(region[f_dim].start, region[f_dim].stop),
+                           d_range=(region[d_dim].start, region[d_dim].stop))
         elif e.kind == "copy":  # rows [lo, hi) only (FSDP2 shards dense weights by rows)
             t = reader.get(e.hf, (region[0].start, region[0].stop) if local.dim() else None)
             t = t[(slice(None),) + region[1:]] if local.dim() > 1 else t

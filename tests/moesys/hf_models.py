@@ -105,7 +105,9 @@ def sharded_import_worker(paths: dict, x):
     dims2 = ParallelDims.build(ep=2, timeout_s=120)
     for family, path in paths.items():
         dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(path)))
-        for layout, dims in (("ep4", dims4), ("ep2", dims2), ("ep2_fsdp2", dims2)):
+        # fewer experts than ranks: each expert's F split over ep / E ranks (the F-shard mesh)
+        ep4 = dims4 if moe.num_experts >= 4 else ParallelDims.build(ep=4, timeout_s=120, num_experts=moe.num_experts)
+        for layout, dims in (("ep4", ep4), ("ep2", dims2), ("ep2_fsdp2", dims2)):
             torch.manual_seed(123)  # other weights than the checkpoint's
             model = Decoder(dcfg, moe)
             for _, layer in model.moe_layers():

@@ -26,6 +26,15 @@ def test_sharded_import_reads_own_slices_and_equals_transformers(tmp_path):
         with torch.device("meta"):
             model = Decoder(dcfg, moe)
         expert_bytes[f] = sum(p.numel() * 4 for n, p in model.named_parameters() if ".moe.experts." in n)
+    # two experts: at EP 4 each expert's F is split over two ranks (each reads its F columns only)
+    paths["mixtral_e2"] = str(tmp_path / "mixtral_e2")
+    ref = build_hf("mixtral", paths["mixtral_e2"], num_local_experts=2)
+    with torch.no_grad():
+        want["mixtral_e2"] = ref(x).logits.numpy()
+    dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(paths["mixtral_e2"])))
+    with torch.device("meta"):
+        model = Decoder(dcfg, moe)
+    expert_bytes["mixtral_e2"] = sum(p.numel() * 4 for n, p in model.named_parameters() if ".moe.experts." in n)
     results = simulate(sharded_import_worker, 4, paths, x, timeout_s=300)
     for rank, res in enumerate(results):
         for (family, layout), (logits, read) in res.items():
