@@ -43,12 +43,13 @@ def test_import_then_export_through_a_checkpoint_is_bitwise(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_export_of_an_ep2_run_loads_in_transformers(tmp_path):
-    """A run trained at EP 2 on 2 gloo ranks exports (resharded to one process by DCP) to a directory
-    that AutoModelForCausalLM loads to the logits of the checkpoint."""
+@pytest.mark.parametrize("engine", ["plain", "deepspeed"])
+def test_export_of_an_ep2_run_loads_in_transformers(tmp_path, engine):
+    """A run trained at EP 2 on 2 gloo ranks (plain, or DeepSpeed ZeRO's checkpoint format) exports,
+    resharded to one process by DCP, to a directory AutoModelForCausalLM loads to the checkpoint's logits."""
     run = str(tmp_path / "run")
-    train_mod.run(make_cfg("preset=qwen3_moe_tiny", "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=3"),
-                  run)
+    train_mod.run(make_cfg("preset=qwen3_moe_tiny", "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=3",
+                           f"trainer.engine={engine}"), run)
     convert.main(["export-hf", run, str(tmp_path / "out"), "--max-shard-bytes", "20000"])
     model, _, _ = load_model(run)
     auto = import_transformers().AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
