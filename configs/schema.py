@@ -26,6 +26,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 from moesys import data as data_mod
+from moesys import hf
+from moesys import tokens as tokens_mod
+from moesys.decoder import DECODER_FIELDS, DecoderConfig
 from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.evo.schedule import EvoConfig
 from moesys.kernels import backend
@@ -59,7 +62,7 @@ MoESection.__module__ = __name__
 
 @dataclass
 class ModelConfig:
-    """model.*: a decoder-only GPT whose FFNs are MoE layers."""
+    """model.*: the decoder-only model whose FFNs are MoE layers (model.arch: gpt or the modern decoder)."""
 
     n_layers: int = 4
     d_model: int = 128
@@ -70,6 +73,28 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm of each head's q and k before the dot product (README, "Training stability")
+    # gpt: learned positions, LayerNorm, GELU dense FFN (moesys/model.py); decoder: RMSNorm, RoPE, GQA or
+    # latent attention, SwiGLU dense FFN (moesys/decoder.py). The fields below are the decoder's only
+    arch: str = "gpt"
+    # a Hugging Face model directory (config.json + safetensors) to start from: its config.json sets the
+    # model.*/moe.* fields it determines (an override that contradicts one is an error naming both values)
+    # and every rank reads its own slices of the weights (moesys/hf.py)
+    init_from: Optional[str] = None
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); null: n_heads
+    head_dim: Optional[int] = None  # null: d_model / n_heads
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2-MoE)
+    out_bias: bool = False  # bias on the attention output projection
+    qk_norm_scope: str = "head"  # with qk_norm: head (over each head, Qwen3-MoE) | all (over all heads, OLMoE)
+    dense_ffn_hidden: Optional[int] = None  # width of the dense SwiGLU FFNs; null: ffn_hidden
+    first_k_dense: int = 0  # the first k blocks are dense (DeepSeek-V3)
+    # multi-head latent attention (DeepSeek-V3): on when kv_lora_rank is set
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
 
 @dataclass
@@ -102,6 +127,10 @@ class DataConfig:
     dtype: str = "uint16"  # for .bin files: uint16 | uint32
     vocab_size: int = 256  # 256 for byte-level text; set it for .bin files
     val_fraction: float = 0.1  # the last fraction of the tokens is the validation split
+    # a tokenizer.json (or a directory holding one; `tokenizers` library): data.path's text (a file or a
+    # folder; null: the embedded corpus) is tokenized once into a cached token file (moesys/tokens.py)
+    tokenizer: Optional[str] = None
+    cache_dir: Optional[str] = None  # where the token cache goes; null: ~/.cache/moesys/tokens
 
 
 @dataclass
@@ -203,6 +232,40 @@ class TrainConfig:
         except ValueError as e:  # MoEConfig.__post_init__: every check there raises ValueError
             raise ConfigError(_trainer_names(str(e))) from e
 
+    def decoder_config(self):
+        """The DecoderConfig of model.arch=decoder (validates the model.* fields)."""
+        m = self.model
+        try:
+            return DecoderConfig(
+                vocab_size=self.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                dense_ffn_hidden=m.dense_ffn_hidden if m.dense_ffn_hidden is not None else m.ffn_hidden,
+                **{name: getattr(m, name) for name in DECODER_FIELDS if name != "dense_ffn_hidden"},
+                moe_every=m.moe_every, tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm, dropout=m.dropout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def apply_init_from(self) -> None:
+        """Set the fields model.init_from's config.json determines. A field set away from its default to
+        another value is an error naming both (config.json wins nothing silently)."""
+        path = self.model.init_from
+        if path is None:
+            return
+        if not os.path.isdir(path):
+            raise ConfigFileNotFoundError(f"model.init_from={path!r}: no such directory")
+        derived = hf.derive_settings(hf.read_config(path), os.path.join(path, hf.CONFIG_FILE))
+        defaults = TrainConfig()
+        for key, want in derived.items():
+            group, name = key.split(".")
+            cur = getattr(getattr(self, group), name)
+            if cur == want:
+                continue
+            if cur != getattr(getattr(defaults, group), name):
+                raise ConfigError(f"{key}={cur!r} contradicts model.init_from={path!r}, whose config.json gives "
+                                  f"{key}={want!r}; drop the override")
+            setattr(getattr(self, group), name, want)
+        if self.data.tokenizer is None and os.path.isfile(os.path.join(path, tokens_mod.TOKENIZER_FILE)):
+            self.data.tokenizer = path  # the model's own tokenizer
+
     def validate(self, world_size: Optional[int] = None) -> None:
         """Checks every field and the fields against each other; raises ConfigError naming the field and value.
 
@@ -219,12 +282,34 @@ class TrainConfig:
         # ---- model --------------------------------------------------------------------------------
         for name in ("n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len"):
             _check(getattr(m, name) > 0, f"model.{name} must be > 0, got {getattr(m, name)}")
-        if m.d_model % m.n_heads:
+        if m.arch == "gpt" and m.d_model % m.n_heads:
             raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
         _check(m.moe_every >= 0, f"model.moe_every must be >= 0, got {m.moe_every}")
         _check(m.moe_every <= m.n_layers, f"model.moe_every ({m.moe_every}) > model.n_layers ({m.n_layers}): no layer "
                                           "would be an MoE layer (model.moe_every=0 is the dense model)")
         _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+        _one_of("model.arch", m.arch, ("gpt", "decoder"))
+        if m.arch == "gpt":
+            if m.init_from is not None:
+                raise ConfigError(f"model.init_from={m.init_from!r} starts the modern decoder: model.arch must be "
+                                  "decoder (moesys-train sets it from config.json)")
+            defaults = ModelConfig()
+            for name in DECODER_FIELDS:
+                if getattr(m, name) != getattr(defaults, name):
+                    raise ConfigError(f"model.{name}={getattr(m, name)!r} is a field of the modern decoder only: set "
+                                      "model.arch=decoder, or leave it at its default")
+        else:
+            self.decoder_config()
+            if m.init_from is not None:
+                probe = dataclasses.replace(self, model=dataclasses.replace(m), moe=dataclasses.replace(self.moe),
+                                            data=dataclasses.replace(self.data))
+                probe.apply_init_from()  # raises on a contradiction
+                if probe != self:
+                    raise ConfigError(f"model.init_from={m.init_from!r}: the config does not hold its config.json's "
+                                      "settings (build it with TrainConfig.apply_init_from)")
+            if m.first_k_dense >= m.n_layers and m.moe_every > 0:
+                raise ConfigError(f"model.first_k_dense ({m.first_k_dense}) >= model.n_layers ({m.n_layers}): no "
+                                  "layer would be an MoE layer (model.moe_every=0 is the dense model)")
         # ---- moe: MoEConfig's own checks, under the moe.* names ---------------------------------------
         moe = self.moe_config()
         if moe.router == "expert_choice" and not moe.allow_noncausal:
@@ -349,6 +434,17 @@ class TrainConfig:
         _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
         _one_of("data.dtype", d.dtype, ("uint16", "uint32"))
         _check(d.vocab_size > 0, f"data.vocab_size must be > 0, got {d.vocab_size}")
+        if d.tokenizer is not None:  # the token count is known once tokenized (moesys.train.prepare)
+            if d.path is not None and d.path.endswith(".bin"):
+                raise ConfigError(f"data.tokenizer={d.tokenizer!r} tokenizes text; data.path={d.path!r} is already "
+                                  "tokens (drop data.tokenizer)")
+            if d.path is not None and not os.path.exists(d.path):
+                raise ConfigFileNotFoundError(f"data.path={d.path!r}: no such file or folder")
+            tv = tokens_mod.vocab_size(d.tokenizer)
+            if d.vocab_size < tv:
+                raise ConfigError(f"data.vocab_size ({d.vocab_size}) < the vocabulary of data.tokenizer="
+                                  f"{d.tokenizer!r} ({tv}): set data.vocab_size={tv} (or larger)")
+            return
         if d.path is not None and not os.path.isfile(d.path):
             raise ConfigFileNotFoundError(f"data.path={d.path!r}: no such file")
         if d.path is None and d.vocab_size != 256:
@@ -371,6 +467,12 @@ class TrainConfig:
             return
         if self.model.moe_every == 0:
             raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
+        if self.model.arch != "gpt":
+            raise ConfigError(f"evo.enabled=true needs model.arch=gpt (EvoMoE swaps the GPT's blocks), got "
+                              f"model.arch={self.model.arch!r}")
+        if moe.routed_scaling_factor != 1.0:
+            raise ConfigError(f"evo.enabled=true does not support moe.routed_scaling_factor="
+                              f"{moe.routed_scaling_factor} (EvoMoE's layer does not scale its routed output)")
         if moe.num_shared_experts:
             raise ConfigError(f"evo.enabled=true does not support shared experts (moe.num_shared_experts="
                               f"{moe.num_shared_experts}): EvoMoE's dense phase and its spawn have no place for "
@@ -472,9 +574,11 @@ def from_composed(dcfg) -> TrainConfig:
         if extra:
             raise ConfigError(f"{key}.{extra[0]} is not a setting (added with '+'?): {key}.* has no field {extra[0]!r}")
     try:
-        return OmegaConf.to_object(dcfg)
+        cfg = OmegaConf.to_object(dcfg)
     except (ValueError, OmegaConfBaseException) as e:  # EvoConfig.__post_init__; a value left at ???
         raise ConfigError(str(e).splitlines()[0]) from e
+    cfg.apply_init_from()
+    return cfg
 
 
 def register() -> None:

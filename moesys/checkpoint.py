@@ -57,6 +57,7 @@ from moesys.moe.layer import MoELayer
 from moesys.parallel import expert_parameters
 
 from . import checkpoint_state as cstate
+from .decoder import DECODER_FIELDS
 
 META_FILE = "moesys.json"
 LATEST = "latest"
@@ -67,9 +68,15 @@ FORMAT = 4
 # model fields that change tensor shapes or names: a checkpoint must agree on all of them
 STRUCTURAL_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len", "moe_every",
                      "tie_embeddings", "qk_norm", "num_experts", "activation", "router", "num_shared_experts",
-                     "shared_ffn_hidden", "shared_expert_gate")
+                     "shared_ffn_hidden", "shared_expert_gate", "arch")
+# the modern decoder's model.* fields (model.arch=decoder) are structural too; their defaults: configs/schema.py's
+STRUCTURAL_FIELDS = STRUCTURAL_FIELDS + DECODER_FIELDS
 # what a checkpoint written before a structural field existed had (its manifest lacks the key)
-STRUCTURAL_DEFAULTS = {"qk_norm": False, "num_shared_experts": 0, "shared_ffn_hidden": 0, "shared_expert_gate": False}
+STRUCTURAL_DEFAULTS = {"qk_norm": False, "num_shared_experts": 0, "shared_ffn_hidden": 0, "shared_expert_gate": False,
+                       "arch": "gpt", "n_kv_heads": None, "head_dim": None, "norm_eps": 1e-6, "rope_theta": 10000.0,
+                       "qkv_bias": False, "out_bias": False, "qk_norm_scope": "head", "dense_ffn_hidden": None,
+                       "first_k_dense": 0, "q_lora_rank": None, "kv_lora_rank": None, "qk_rope_head_dim": 0,
+                       "qk_nope_head_dim": 0, "v_head_dim": 0}
 # the moesys-train override that sets each structural field (for the error's "to resume it" hint)
 STRUCTURAL_OVERRIDES = {"vocab_size": "data.vocab_size", "num_experts": "moe.num_experts", "activation": "moe.activation",
                         "router": "moe.router", "num_shared_experts": "moe.num_shared_experts",

@@ -30,14 +30,16 @@ from . import cli
 from . import data as data_mod
 from .train import launch, rank_context, under_torchrun, world_size_of
 from .trainer import Trainer, structure_of
+from . import tokens as tokens_mod
 
 PROG = "moesys-eval"
 register()
 
 
-def byte_level(data_path) -> bool:
-    """Whether one token is one byte (moesys.data: the embedded corpus and text files; not *.bin)."""
-    return data_path is None or not str(data_path).endswith(".bin")
+def byte_level(data_path, tokenizer=None) -> bool:
+    """Whether one token is one byte (moesys.data: the embedded corpus and text files; not *.bin, not
+    text through data.tokenizer)."""
+    return tokenizer is None and (data_path is None or not str(data_path).endswith(".bin"))
 
 
 def open_checkpoint(path: str) -> Tuple[str, dict]:
@@ -58,7 +60,7 @@ def prepare(ecfg: EvalConfig) -> Tuple[TrainConfig, str]:
     ckpt, meta = open_checkpoint(ecfg.checkpoint)
     cfg = eval_run_config(ecfg, saved_run_config(ckpt, meta))
     cfg.validate(world_size_of(cfg))
-    tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
+    tokens = data_mod.load_tokens(*tokens_mod.source_of(cfg.data), cfg.data.vocab_size)
     data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
     try:
         ckpt_mod.check_trusted(ckpt, ckpt_mod.check_compatible(ckpt, structure_of(cfg)), cfg.trainer.trust_checkpoint)
@@ -87,8 +89,8 @@ def summarize(ev, cfg: TrainConfig, ckpt: str, *, step: int, world_size: int) ->
                         "max_over_mean": max(share) * len(share) if total else float("nan")}
     return {"checkpoint": ckpt, "step": step, "ep": cfg.parallel.ep, "world_size": world_size, "tokens": ev.tokens,
             "val_loss": ev.loss, "perplexity": math.exp(ev.loss),
-            "bits_per_byte": bits if byte_level(cfg.data.path) else None,
-            "bits_per_token": bits, "byte_level": byte_level(cfg.data.path), "expert_load": load}
+            "bits_per_byte": bits if byte_level(cfg.data.path, cfg.data.tokenizer) else None,
+            "bits_per_token": bits, "byte_level": byte_level(cfg.data.path, cfg.data.tokenizer), "expert_load": load}
 
 
 def evaluate_checkpoint(ecfg: EvalConfig) -> dict:

@@ -16,8 +16,9 @@ distribution, drawn from a CPU torch.Generator seeded with `seed`: the same chec
 settings give the same text (on one device type).
 
 Cost: with kv_cache=true (the default) the prompt runs once and every new token runs the model on
-one position, attending over the cached keys and values (KVCache in moesys/model.py). The positions
-are learned and absolute, so once prompt + text outgrows model.seq_len the window slides by
+one position, attending over the cached keys and values (KVCache in moesys/model.py). The modern
+decoder's positions are rotary: its cache grows without a window. The GPT's positions are learned
+and absolute, so once prompt + text outgrows model.seq_len the window slides by
 recomputing: each further token runs the whole last seq_len tokens, the same cost as
 kv_cache=false, which recomputes the window for every token. With a capacity factor
 (moe.capacity_factor set) a full window can drop routes that one cached position does not, so the two
@@ -39,6 +40,7 @@ from moesys.errors import ConfigError
 
 from . import checkpoint as ckpt_mod
 from . import cli
+from . import tokens as tokens_mod
 from .evaluate import byte_level, open_checkpoint
 from .model import GPTMoE, KVCache
 from .trainer import build_model, structure_of
@@ -93,17 +95,19 @@ def generate(model: GPTMoE, prompt_ids: List[int], *, max_new_tokens: int, tempe
     """The prompt followed by max_new_tokens sampled ids (see the module docstring for the cost)."""
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give prompt=TEXT or prompt_tokens=[ids]")
-    S, device = model.cfg.seq_len, model.tok_emb.weight.device
+    # the GPT's learned positions bound the window; the decoder's rotary positions do not (None)
+    S = model.cfg.seq_len if isinstance(model, GPTMoE) else None
+    device = model.tok_emb.weight.device
     if any(b.moe is not None and b.moe.cfg.router == "expert_choice" for b in model.blocks):
         kv_cache = False  # an expert picks among the batch's tokens: one position alone routes differently
     gen = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
     start, cache = 0, None  # the cache holds ids[start:start + cache.length]
     for _ in range(max_new_tokens):
-        if cache is not None and len(ids) - start <= S:  # one new position
+        if cache is not None and (S is None or len(ids) - start <= S):  # one new position
             feed = ids[-1:]
         else:  # first step, no cache, or the window is full: (re)compute the last S tokens
-            start = max(0, len(ids) - S)
+            start = 0 if S is None else max(0, len(ids) - S)
             cache = KVCache(len(model.blocks)) if kv_cache else None
             feed = ids[start:]
         logits, _, _ = model(torch.tensor([feed], device=device), cache=cache)
@@ -117,6 +121,8 @@ def prompt_ids_of(gcfg: GenerateConfig, cfg: TrainConfig) -> List[int]:
         bad = [t for t in ids if not 0 <= t < cfg.data.vocab_size]
         if bad:
             raise ConfigError(f"prompt_tokens holds id {bad[0]}, outside the model's vocabulary [0, {cfg.data.vocab_size})")
+    elif cfg.data.tokenizer is not None:
+        ids = tokens_mod.load_tokenizer(cfg.data.tokenizer).encode(gcfg.prompt, add_special_tokens=False).ids
     elif not byte_level(cfg.data.path):
         raise ConfigError(f"the run trained on token ids ({cfg.data.path}, vocab {cfg.data.vocab_size}): give "
                           "prompt_tokens=[ids] (moesys has no tokenizer for them)")
@@ -135,7 +141,10 @@ def run(gcfg: GenerateConfig) -> dict:
                    top_k=gcfg.top_k, top_p=gcfg.top_p, seed=gcfg.seed, kv_cache=gcfg.kv_cache)
     new = ids[len(prompt):]
     out = {"checkpoint": ckpt, "prompt_tokens": prompt, "tokens": new}
-    if byte_level(cfg.data.path):
+    if cfg.data.tokenizer is not None:
+        tok = tokens_mod.load_tokenizer(cfg.data.tokenizer)
+        out["prompt"], out["text"] = tok.decode(prompt), tok.decode(new)
+    elif byte_level(cfg.data.path):
         out["prompt"] = bytes(prompt).decode("utf-8", errors="replace")
         out["text"] = bytes(new).decode("utf-8", errors="replace")
     return out

@@ -44,6 +44,7 @@ from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env, serve_store
 from . import checkpoint as ckpt
 from . import cli, preemption, supervise
 from . import data as data_mod
+from . import tokens as tokens_mod
 from .trainer import Trainer, structure_of
 
 register()
@@ -76,7 +77,7 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
     checkpoint to resume. Writes nothing.
     """
     cfg.validate(world_size)
-    tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
+    tokens = data_mod.load_tokens(*tokens_mod.source_of(cfg.data), cfg.data.vocab_size)  # tokenizer: makes the cache
     data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
     t = cfg.trainer
     own = os.path.join(out_dir, "checkpoints")

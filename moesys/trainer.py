@@ -38,8 +38,11 @@ from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import hf
 from . import preemption
+from . import tokens as tokens_mod
 from .collapse import CollapseMonitor
+from .decoder import DECODER_FIELDS, Decoder
 from .logging_utils import RunLogger, write_config
 from .model import GPTConfig, GPTMoE, lm_loss
 from .plots import evo_marks, write_all
@@ -76,16 +79,21 @@ def structure_of(cfg) -> dict:
     """The checkpoint-relevant shape of the model (checkpoint.STRUCTURAL_FIELDS)."""
     m, moe = cfg.model, cfg.moe
     return {"vocab_size": cfg.data.vocab_size, "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
-            "ffn_hidden": m.ffn_hidden, "seq_len": m.seq_len, "moe_every": m.moe_every,
+            "ffn_hidden": m.ffn_hidden,
+            # the GPT's learned positions are seq_len long; the decoder's rotary ones take any length
+            "seq_len": m.seq_len if m.arch == "gpt" else 0, "moe_every": m.moe_every,
             "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm, "num_experts": moe.num_experts,
             "activation": moe.activation, "router": moe.router, "num_shared_experts": moe.num_shared_experts,
             # the resolved width (None means model.ffn_hidden), 0 without shared experts
             "shared_ffn_hidden": (moe.shared_ffn_hidden_size or m.ffn_hidden) if moe.num_shared_experts else 0,
-            "shared_expert_gate": bool(moe.shared_expert_gate)}
+            "shared_expert_gate": bool(moe.shared_expert_gate), "arch": m.arch,
+            **{name: getattr(m, name) for name in DECODER_FIELDS}}
 
 
-def build_model(cfg) -> GPTMoE:
+def build_model(cfg) -> "GPTMoE | Decoder":
     m = cfg.model
+    if m.arch == "decoder":
+        return Decoder(cfg.decoder_config(), cfg.moe_config())
     gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
                      ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
                      tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm)
@@ -150,7 +158,7 @@ class Trainer:
         torch.manual_seed(t.seed + 7919 * (self.rank + 1))
 
         # --- data --------------------------------------------------------------------------------
-        tokens = data_mod.load_tokens(cfg.data.path, cfg.data.dtype, cfg.data.vocab_size)
+        tokens = data_mod.load_tokens(*tokens_mod.source_of(cfg.data), cfg.data.vocab_size)
         self.train_split, self.val_split = data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
         self.batches = data_mod.TrainBatches(self.train_split, seq_len=cfg.model.seq_len, global_batch=t.batch_size,
                                              grad_accum=t.grad_accum, dp_rank=dims.rank, dp_size=dims.dp, seed=t.seed)
@@ -161,6 +169,8 @@ class Trainer:
             apply_fsdp(self.model, dims, reshard_after_forward=t.fsdp_reshard_after_forward,
                        param_dtype=None if t.fsdp_param_dtype == "fp32" else t.fsdp_param_dtype,
                        reduce_dtype=t.fsdp_reduce_dtype)
+        if cfg.model.init_from is not None:  # each rank reads its own slices into its shards
+            hf.load_into(self.model, cfg.model.init_from)
         # decay / no decay, and one group per kind of tensor (plain, or DTensors of one mesh)
         keyed: dict = {}
         for q in self.model.parameters():

@@ -37,6 +37,8 @@ CASES = {
     "memory": ["benchmarks/memory.py", "--ranks", "2", "--ep", "1", "2", "--d-model", "32", "--experts", "4",
                "--ffn", "48", "--seq-len", "16", "--steps", "1", "--engines", "plain", "fsdp"],
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
+    "hf_io": ["benchmarks/hf_io.py", "--d-model", "32", "--ffn", "16", "--layers", "1", "--experts", "8", "--vocab",
+              "64", "--eps", "1", "2"],
 }
 
 

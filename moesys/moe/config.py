@@ -62,6 +62,9 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_ffn_hidden_size: Optional[int] = None  # Fs of each shared expert; None: ffn_hidden_size
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(x . g), one g [D] per layer
+    # DeepSeek-V3 (2.5 in its checkpoints): the routed experts' combined output is multiplied by this
+    # factor, before the shared experts are added; forward and gradient exactly (unlike folding it into w2)
+    routed_scaling_factor: float = 1.0
     # recompute the expert FFNs' [N, F] intermediates in backward instead of keeping them from the
     # forward (routed and shared experts): less activation memory, one more first-layer GEMM per step
     recompute: bool = False
@@ -159,6 +162,9 @@ class MoEConfig:
             v = getattr(self, name)
             if not v >= 0:
                 raise ValueError(f"MoEConfig.{name} must be >= 0, got {v}")
+        rsf = self.routed_scaling_factor
+        if isinstance(rsf, bool) or not isinstance(rsf, (int, float)) or not 0 < rsf < math.inf:
+            raise ValueError(f"MoEConfig.routed_scaling_factor must be a finite number > 0, got {rsf!r}")
         if self.jitter_eps >= 1:
             raise ValueError(f"MoEConfig.jitter_eps must be < 1, got {self.jitter_eps}")
         if not 0 < self.dts_threshold < 1:

@@ -134,6 +134,7 @@ class MoELayer(nn.Module):
         seq_len = shape[-2] if x.dim() >= 3 else max(T, 1)
         if self._takes_sync_free_path(x_TD):
             y_TD, aux = self._forward_sync_free(x_TD, seq_len)
+            y_TD = self._scale_routed(y_TD)
             if self.shared_experts is not None:  # one more FFN over all T rows: static too
                 y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
             return y_TD.reshape(shape).to(x.dtype), aux
@@ -151,10 +152,16 @@ class MoELayer(nn.Module):
             x_ND = permute(x_TD, plan.token_idx_N, backend=cfg.kernel_backend)
             y_ND, s_TD = self._run(x_ND, plan, x_TD)
             y_TD = unpermute(y_ND, plan.token_idx_N, plan.weight_N, T, backend=cfg.kernel_backend)
+        y_TD = self._scale_routed(y_TD)
         if s_TD is not None:
             y_TD = y_TD + s_TD.to(y_TD.dtype)
         aux = self._aux(routing, plan)
         return y_TD.reshape(shape).to(x.dtype), aux
+
+    def _scale_routed(self, y_TD: torch.Tensor) -> torch.Tensor:
+        """The routed output times MoEConfig.routed_scaling_factor (DeepSeek-V3), shared experts excluded."""
+        f = self.cfg.routed_scaling_factor
+        return y_TD if f == 1.0 else y_TD * f
 
     def _run(self, x_ND: torch.Tensor, plan: Plan, x_TD: torch.Tensor) -> tuple:
         """(y_ND, s_TD): the routed experts through the runner; the shared experts' s_TD (None without).

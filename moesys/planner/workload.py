@@ -102,7 +102,7 @@ def workload_from_config(cfg, skew: float = 1.25, active_k: Optional[float] = No
     for name in ("n_layers", "d_model", "n_heads", "ffn_hidden", "seq_len"):
         if getattr(m, name) <= 0:
             raise PlanError(f"model.{name} must be > 0, got {getattr(m, name)}")
-    if m.d_model % m.n_heads:
+    if m.arch == "gpt" and m.d_model % m.n_heads:
         raise PlanError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     for name in ("batch_size", "grad_accum"):
         if getattr(t, name) <= 0:
@@ -115,7 +115,7 @@ def workload_from_config(cfg, skew: float = 1.25, active_k: Optional[float] = No
         moe = cfg.moe_config()
     except ValueError as e:
         raise PlanError(str(e)) from None
-    n_moe = sum(1 for i in range(m.n_layers) if m.moe_every > 0 and (i + 1) % m.moe_every == 0)
+    n_moe = sum(1 for i in range(m.first_k_dense, m.n_layers) if m.moe_every > 0 and (i + 1) % m.moe_every == 0)
     if n_moe == 0:
         raise PlanError(f"model.moe_every={m.moe_every}: the model has no MoE layer to plan")
     dense, matmul, _ = count_params(cfg)

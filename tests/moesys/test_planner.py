@@ -88,7 +88,8 @@ def test_cli_prints_a_plan_and_a_plot(tmp_path):
     (["--cluster", "dgx9000"], r"--cluster='dgx9000' is not a preset \(a100_dgx, .*\) nor a YAML file"),
     (["moe.nope=1"], r"config: Could not override 'moe.nope': Key 'nope' not in 'MoESection'"),
     (["moe.top_k=abc"], r"config: Error merging override moe.top_k=abc: .*abc"),
-    (["preset=nope"], r"config: In 'train': Could not find 'preset/nope' \(available: gpu_small, tiny\)"),
+    (["preset=nope"], r"config: In 'train': Could not find 'preset/nope' \(available: deepseek_v3_671b, "
+                      r"deepseek_v3_tiny, gpu_small, mixtral_8x7b, .*, tiny\)"),
     (["--gpus", "8", "--tokens-per-gpu", "65536", "model.d_model=8192", "model.ffn_hidden=32768", "model.n_heads=64",
       "model.seq_len=2048", "moe.num_experts=64", "model.n_layers=8"], r"no layout fits in 80 GiB per GPU .*parallel.ep="),
     (["--skew", "0.5"], r"--skew must be >= 1"),

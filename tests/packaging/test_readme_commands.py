@@ -8,7 +8,8 @@ first (the command's own settings win over it) and `trainer.steps=2` last (or th
 `trainer.ckpt_interval`, so the checkpoint a later line names exists); a command without
 `trainer.out_dir` gets its own `hydra.run.dir` (Hydra's time-stamped dirs collide within a second).
 A command with one of Hydra's flags (`moesys-train --help`) runs as written: it trains nothing.
-The files the commands name (book.txt, tokens.bin, launchers/) are made in the scratch directory.
+The files the commands name (book.txt, tokens.bin, launchers/, hf_model/, tok/) are made in the scratch
+directory; a `model.init_from` command gets no preset (its model is the HF model's), only small batches.
 `moesys-plan` lines run in tests/moesys/test_planner.py::test_readme_plan_commands_run (checked below
 that it finds every one). Lines for torchrun.sh, sbatch and Python snippets are not run here.
 """
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-APPS = {"moesys-train": "moesys.train", "moesys-eval": "moesys.evaluate", "moesys-generate": "moesys.generate"}
+APPS = {"moesys-train": "moesys.train", "moesys-eval": "moesys.evaluate", "moesys-generate": "moesys.generate",
+        "moesys-convert": "moesys.convert"}
 
 
 def _readme() -> str:
@@ -97,6 +99,8 @@ def tiny(argv: list, n: int) -> list:
     extra = [f"trainer.steps={steps}"]
     if "trainer.out_dir" not in keys:
         extra.append(f"hydra.run.dir=hydra_runs/{n}")
+    if "model.init_from" in keys:  # the model is the (tiny) HF model's: no preset, small batches
+        return _exe(name) + [*args, *extra, "trainer.batch_size=4", "model.seq_len=32", "logging.wandb_mode=disabled"]
     return _exe(name) + ["preset=tiny", *args, *extra]
 
 
@@ -109,7 +113,30 @@ def scratch(tmp_path_factory):
     rng = np.random.default_rng(0)
     rng.integers(0, 50304, size=40_000, dtype=np.uint16).tofile(d / "tokens.bin")
     os.symlink(os.path.join(ROOT, "launchers"), d / "launchers")
+    _hf_inputs(d)
     return d
+
+
+def _hf_inputs(d) -> None:
+    """hf_model/: a tiny random Qwen3-MoE (byte vocabulary) saved by transformers; tok/: a BPE of 300
+    ids trained on the embedded corpus (the README's Hugging Face commands name both)."""
+    import importlib.util
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from moesys.data import embedded_corpus
+
+    spec = importlib.util.spec_from_file_location("_hf_models", os.path.join(ROOT, "tests", "moesys", "hf_models.py"))
+    hf_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_models)
+    hf_models.build_hf("qwen3_moe", str(d / "hf_model"), vocab_size=256)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([embedded_corpus().decode("utf-8")], trainer=trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    (d / "tok").mkdir()
+    tok.save(str(d / "tok" / "tokenizer.json"))
 
 
 def _run(cmd: list, cwd) -> subprocess.CompletedProcess:

@@ -1,0 +1,125 @@
+"""Tiny random Hugging Face MoE models, built offline from transformers' config classes and saved
+with save_pretrained (module-level so spawned ranks can import it). transformers is imported lazily:
+the tests that use it skip without it."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+VOCAB = 96
+
+
+_MODELING = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def import_transformers():
+    """transformers with its five MoE modeling modules loaded (the repository root may be on sys.path:
+    its kernels/ folder hands a top-level `import kernels` over to Hugging Face's package)."""
+    tf = importlib.import_module("transformers")
+    for name in _MODELING:
+        importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    return tf
+
+
+def hf_config(family: str, **over):
+    tf = import_transformers()
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, pad_token_id=None,
+                  bos_token_id=None, eos_token_id=None)
+    if family == "mixtral":  # every layer MoE, renormalised top-2, tied embeddings
+        kw = dict(intermediate_size=24, num_local_experts=4, tie_word_embeddings=True, router_aux_loss_coef=0.02)
+        cls = tf.MixtralConfig
+    elif family == "qwen2_moe":  # q/k/v biases, a dense first layer, a gated shared expert, no renormalising
+        kw = dict(intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=4,
+                  decoder_sparse_step=2, norm_topk_prob=False, qkv_bias=True)
+        cls = tf.Qwen2MoeConfig
+    elif family == "qwen3_moe":  # its own head_dim, per-head q/k norm, biases on q/k/v/o
+        kw = dict(intermediate_size=40, moe_intermediate_size=16, num_experts=8, head_dim=16, norm_topk_prob=True,
+                  attention_bias=True)
+        cls = tf.Qwen3MoeConfig
+    elif family == "olmoe":  # q/k norm over all heads, no renormalising
+        kw = dict(intermediate_size=16, num_experts=8, norm_topk_prob=False, router_aux_loss_coef=0.01)
+        cls = tf.OlmoeConfig
+    elif family == "deepseek_v3":  # latent attention, a dense first layer, groups, shared expert, scaling 2.5
+        kw = dict(intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8, n_group=4, topk_group=2,
+                  first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                  v_head_dim=12, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                  num_key_value_heads=4, rope_interleave=True)
+        cls = tf.DeepseekV3Config
+    else:
+        raise ValueError(family)
+    return cls(**{**common, **kw, **over})
+
+
+def build_hf(family: str, out_dir: str, seed: int = 0, **over):
+    """A random tiny model of `family` saved to out_dir (config.json + model.safetensors); returned in
+    fp32 eval mode. Weights are drawn wide enough that routing differs between tokens; norm weights
+    and DeepSeek's correction bias are random too, so a mapping that drops them shows."""
+    tf = import_transformers()
+
+    cfg = hf_config(family, **over)
+    torch.manual_seed(seed)
+    cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
+           "olmoe": tf.OlmoeForCausalLM, "deepseek_v3": tf.DeepseekV3ForCausalLM}[family]
+    model = cls(cfg).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn(b.shape, generator=g))
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+def sharded_import_worker(paths: dict, x):
+    """Rank fn (4 ranks): per family, import at EP 4, EP 2 and EP 2 x FSDP2 (each rank reading only its
+    slices straight into its shards) and run the forward on `x`. Returns {(family, layout): (logits
+    as numpy, expert bytes this rank read)}."""
+    from moesys import hf
+    from moesys.decoder import Decoder
+    from moesys.parallel import ParallelDims, apply_expert_parallel, apply_fsdp
+
+    out = {}
+    dims4 = ParallelDims.build(ep=4, timeout_s=120)
+    dims2 = ParallelDims.build(ep=2, timeout_s=120)
+    for family, path in paths.items():
+        dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(path)))
+        # fewer experts than ranks: each expert's F split over ep / E ranks (the F-shard mesh)
+        ep4 = dims4 if moe.num_experts >= 4 else ParallelDims.build(ep=4, timeout_s=120, num_experts=moe.num_experts)
+        for layout, dims in (("ep4", ep4), ("ep2", dims2), ("ep2_fsdp2", dims2)):
+            torch.manual_seed(123)  # other weights than the checkpoint's
+            model = Decoder(dcfg, moe)
+            for _, layer in model.moe_layers():
+                layer.set_balance_group(dims.dp_group)
+                apply_expert_parallel(layer, dims.ep_group, dims=dims, overlap=1)
+            if layout.endswith("fsdp2"):
+                apply_fsdp(model, dims)
+            reader = hf.load_into(model, path)
+            model.eval()
+            with torch.no_grad():
+                logits = model(x)[0]
+            out[(family, layout)] = (logits.numpy().copy(), reader.expert_bytes_read)
+    return out
+
+
+def init_from_worker(cfg, out_dir, x):
+    """Rank fn: a Trainer started from model.init_from (this rank's slices only); the logits of `x`
+    before training, then the per-step training losses of cfg.trainer.steps steps."""
+    from train_helpers import build_trainer
+
+    tr = build_trainer(cfg, out_dir)
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(x)[0].numpy().copy()
+    return logits, tr.fit(None)["train_losses"]
