@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import KVCache, check_moe_fits
 from .moe.config import MoEConfig
 from .moe.layer import MoEAux, MoELayer
-from .model import KVCache
 
 QK_NORM_SCOPES = ("head", "all")
 # the trainer's model.* fields that only the decoder has (the rest it shares with the GPT)
@@ -288,13 +288,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, moe_cfg: MoEConfig):
         super().__init__()
-        if moe_cfg.hidden_size != cfg.d_model:
-            raise ValueError(f"MoEConfig.hidden_size ({moe_cfg.hidden_size}) != model.d_model ({cfg.d_model})")
-        if moe_cfg.router == "expert_choice" and not moe_cfg.allow_noncausal and cfg.moe_every > 0:
-            raise ValueError(
-                "router='expert_choice' is not causal (experts pick tokens from the whole batch); "
-                "set MoEConfig.allow_noncausal=True to use it in a decoder anyway"
-            )
+        check_moe_fits(moe_cfg, cfg.d_model, cfg.moe_every, "model.d_model")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(DecoderBlock(cfg, moe_cfg, cfg.is_moe(i)) for i in range(cfg.n_layers))

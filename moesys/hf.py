@@ -31,9 +31,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .moe.config import MoEConfig
 from .decoder import Decoder, DecoderConfig
 from .errors import ConfigError
+from .moe.config import MoEConfig
 
 ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                  "DeepseekV3ForCausalLM")

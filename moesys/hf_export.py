@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .moe.config import MoEConfig
 from .decoder import Decoder, DecoderConfig
 from .hf import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, HFFormatError, hf_tensors, weight_map
+from .moe.config import MoEConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -116,18 +116,23 @@ class Block(nn.Module):
         return x_BSD + self.drop(y), aux
 
 
+def check_moe_fits(moe_cfg: MoEConfig, d_model: int, moe_every: int, d_model_name: str) -> None:
+    """What a decoder (the GPT or the modern one) asks of its MoE layers' config."""
+    if moe_cfg.hidden_size != d_model:
+        raise ValueError(f"MoEConfig.hidden_size ({moe_cfg.hidden_size}) != {d_model_name} ({d_model})")
+    if moe_cfg.router == "expert_choice" and not moe_cfg.allow_noncausal and moe_every > 0:
+        raise ValueError(
+            "router='expert_choice' is not causal (experts pick tokens from the whole batch); "
+            "set MoEConfig.allow_noncausal=True to use it in a decoder anyway"
+        )
+
+
 class GPTMoE(nn.Module):
     """Decoder-only GPT; `forward(idx_BS, cache=None) -> (logits_BSV, aux_loss, [MoEAux per MoE block])`."""
 
     def __init__(self, cfg: GPTConfig, moe_cfg: MoEConfig):
         super().__init__()
-        if moe_cfg.hidden_size != cfg.d_model:
-            raise ValueError(f"MoEConfig.hidden_size ({moe_cfg.hidden_size}) != d_model ({cfg.d_model})")
-        if moe_cfg.router == "expert_choice" and not moe_cfg.allow_noncausal and cfg.moe_every > 0:
-            raise ValueError(
-                "router='expert_choice' is not causal (experts pick tokens from the whole batch); "
-                "set MoEConfig.allow_noncausal=True to use it in a decoder anyway"
-            )
+        check_moe_fits(moe_cfg, cfg.d_model, cfg.moe_every, "d_model")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model)
