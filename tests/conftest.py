@@ -23,6 +23,17 @@ os.environ["TRITON_INTERPRET"] = "1"
 from moesys.parallel.simulate import RankPool  # noqa: E402  (imports triton: after the flag is set)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Stress tests (repetition loops at their full counts) run only when the marker expression
+    names them (`pytest -m stress`); otherwise they are deselected, not skipped."""
+    if "stress" in (config.option.markexpr or ""):
+        return
+    stress = [item for item in items if item.get_closest_marker("stress") is not None]
+    if stress:
+        config.hook.pytest_deselected(items=stress)
+        items[:] = [item for item in items if item.get_closest_marker("stress") is None]
+
+
 def pytest_collection_finish(session):
     if _BEFORE is None:
         os.environ.pop("TRITON_INTERPRET", None)

@@ -295,7 +295,7 @@ def test_format2_checkpoint_loads_at_other_layouts(rank_pool, tmp_path, world1, 
     other = make_cfg("trainer.steps=2", *layout)
     world = other.parallel.simulate_ranks
     results = rank_pool.run(load_and_probe, world, other, path, str(tmp_path / "b"), ("blocks.1.moe.experts", "w1", 3),
-                       timeout_s=240)
+                            timeout_s=240)
     assert {round(r["loss"], 5) for r in results} == {round(want, 5)}
     if "trainer.engine=fsdp" not in layout:  # (under FSDP2 a rank holds part of its experts' rows)
         probes = [r["probe"] for r in results if r["probe"] is not None]

@@ -93,7 +93,7 @@ def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(rank_pool, tmp_pat
 
     cfg = make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4")
     results = rank_pool.run(load_and_probe, 4, cfg, half, str(tmp_path / "probe"), ("blocks.1.moe.experts", "w1", 3),
-                       timeout_s=300)
+                            timeout_s=300)
     assert {round(r["loss"], 6) for r in results} == {round(val_at_4, 6)}
 
 

@@ -19,4 +19,4 @@ def two_nodes(rank_pool):
     """Per-rank results of ep_workers.two_node_worker: one 4-rank run (2 nodes of 2 ranks) shared
     by the fast 4-rank tests."""
     return rank_pool.run(ep_workers.two_node_worker, 4, TWO_NODE_CASES, TWO_NODE_COMBOS, timeout_s=60,
-                    local_world_size=2)
+                         local_world_size=2)

@@ -22,7 +22,7 @@ def _suite(rank_pool, world):
     if world not in _cache:
         E_values = (1, 2, 4) if world == 2 else (2, 4, 8)
         _cache[world] = rank_pool.run(ep_workers.suite_worker, world, _matrix.cases(world), _matrix.COMBOS, E_values,
-                                 timeout_s=60, local_world_size=2)
+                                      timeout_s=60, local_world_size=2)
     return _cache[world]
 
 

@@ -48,7 +48,7 @@ def _cfgs(world, ep, extra):
 ], ids=["world4-ep2", "world4-ep4-sigmoid_bias", "world4-ep2-fsdp"])
 def test_rerun_equals_an_ample_buffer_from_the_start(rank_pool, world, ep, extra, tmp_path):
     results = rank_pool.run(overflow_workers.train_runs_worker, world, _cfgs(world, ep, extra), str(tmp_path),
-                       ("rerun", 2), timeout_s=120)
+                            ("rerun", 2), timeout_s=120)
     for rank, r in enumerate(results):
         rerun, ample, drop = r["rerun"], r["ample"], r["drop"]
         np.testing.assert_allclose(rerun["losses"], ample["losses"], rtol=1e-6, atol=1e-6)
