@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import _redistribute as dtensor_redistribute  # private: its plan cache
+from torch.distributed.tensor import debug as dtensor_debug
 
 
 def free_port() -> int:
@@ -150,7 +152,9 @@ _STACK_SIGNAL = signal.SIGUSR2
 def _restore_process_state(env: dict, cwd: str, handlers: dict, log_handlers: list) -> None:
     """Undo what one pool task may have changed in a rank's process, so the next task starts alike:
     environment, working directory, signal handlers, root log handlers, default dtype, threads,
-    torch.compile's caches and the collectives' debug level."""
+    torch.compile's caches, the collectives' debug level, and DTensor's caches. Those hold meshes:
+    a new task's mesh of the same shape hashes equal to an old one, and a cached plan then named a
+    group of the old task ("Could not resolve the process group registered under the name 3")."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -163,6 +167,8 @@ def _restore_process_state(env: dict, cwd: str, handlers: dict, log_handlers: li
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(1)
     dist.set_debug_level(dist.DebugLevel.OFF)
+    dtensor_debug._clear_sharding_prop_cache()
+    dtensor_redistribute._gen_transform_infos.cache_clear()
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None:
         dynamo.reset()

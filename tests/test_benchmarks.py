@@ -35,6 +35,7 @@ CASES = {
     "memory": ["benchmarks/memory.py", "--ranks", "2", "--ep", "1", "2", "--d-model", "32", "--experts", "4",
                "--ffn", "48", "--seq-len", "16", "--steps", "1", "--engines", "plain", "fsdp"],
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
+    "rank_start": ["benchmarks/rank_start.py", "--worlds", "2", "--runs", "1"],
 }
 
 

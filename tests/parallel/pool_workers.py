@@ -44,3 +44,18 @@ def dying_worker():
         os._exit(3)
     dist.barrier()
     return "unreachable"
+
+
+def dtensor_norm_worker(extra_groups):
+    """The global norm of two Shard(0) DTensors (clip_grad_norm_'s path) over a mesh whose group is
+    made after `extra_groups` others, so its registered name differs from run to run."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for _ in range(extra_groups):
+        dist.new_group([0, 1])
+    mesh = DeviceMesh.from_group(dist.new_group([0, 1]), "cpu")
+    full = [torch.arange(8.0), torch.arange(4.0) - 2.0]
+    parts = [distribute_tensor(t, mesh, [Shard(0)]) for t in full]
+    norm = torch.nn.utils.get_total_norm(parts)
+    return float(norm.full_tensor()), float(torch.nn.utils.get_total_norm(full))
