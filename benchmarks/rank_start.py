@@ -20,7 +20,7 @@ from moesys.parallel.simulate import RankPool, simulate
 
 
 def noop_body() -> int:
-    """One all-reduce: the rendezvous and a collective, no work."""
+    """One barrier: the rendezvous and a collective, no work."""
     t = dist.get_rank()
     dist.barrier()
     return t
@@ -40,20 +40,21 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
+    print("| what | seconds |\n|---|---|")
     for what, code in (("python -c pass", "pass"), ("import torch", "import torch"),
                        ("import moesys.parallel", "import moesys.parallel")):
         s = _median_s(lambda: subprocess.run([sys.executable, "-c", code], check=True), a.runs)
-        print(f"fresh interpreter, {what:24s} {s:7.2f} s")
+        print(f"| fresh interpreter, `{what}` | {s:.2f} |")
     for world in a.worlds:
         s = _median_s(lambda: simulate(noop_body, world, timeout_s=120), a.runs)
-        print(f"simulate, {world} ranks (spawn + import + rendezvous) {s:7.2f} s a call")
+        print(f"| `simulate(noop, {world})`: spawn + imports + rendezvous | {s:.2f} a call |")
         pool = RankPool(world)
         t0 = time.perf_counter()
         pool.run(noop_body, timeout_s=120)
         start = time.perf_counter() - t0
         s = _median_s(lambda: pool.run(noop_body, timeout_s=120), a.runs)
         pool.close()
-        print(f"RankPool, {world} ranks: first run (start) {start:7.2f} s, then {s:7.3f} s a run (rendezvous)")
+        print(f"| `RankPool({world})`: first run (start) / each later run | {start:.1f} / {s:.3f} |")
 
 
 if __name__ == "__main__":
