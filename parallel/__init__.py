@@ -6,7 +6,8 @@
 
 Mesh and groups (mesh.py), differentiable collectives (comm.py), one dispatcher per file
 (dispatch_*.py), expert-sharded data parallel (sharded_dp.py), the runner and its tuner
-(runner.py, tuner.py), FSDP2 over the same mesh (fsdp.py), simulated ranks on one machine (simulate.py).
+(runner.py, tuner.py), FSDP2 over the same mesh (fsdp.py), simulated ranks on one machine (simulate.py: one
+spawn per call, or a RankPool of ranks kept across calls).
 """
 from .apply import DISPATCHERS, ExpertParallelConfig, apply_expert_parallel, localize_experts
 from .dispatch_allgather import AllGatherDispatcher
@@ -19,12 +20,12 @@ from .layout import ExpertLayout
 from .mesh import (ExpertParamGroups, ParallelDims, allreduce_gradients, clip_grad_norm_, expert_param_groups,
                    expert_parameters, mesh_ranks)
 from .runner import ExpertParallelRunner
-from .simulate import simulate
+from .simulate import RankPool, simulate
 from .tuner import Machine, Stats, Tuner, TunerSettings
 
 __all__ = [
     "apply_expert_parallel", "apply_fsdp", "localize_experts", "ExpertParallelConfig", "DISPATCHERS", "ParallelDims", "mesh_ranks",
     "allreduce_gradients", "clip_grad_norm_", "expert_param_groups", "ExpertParamGroups", "expert_parameters",
     "Dispatcher", "AllToAllVDispatcher", "PaddedDispatcher", "HierarchicalDispatcher", "AllGatherDispatcher",
-    "ExpertLayout", "ExpertParallelRunner", "simulate", "Tuner", "TunerSettings", "Machine", "Stats",
+    "ExpertLayout", "ExpertParallelRunner", "simulate", "RankPool", "Tuner", "TunerSettings", "Machine", "Stats",
 ]

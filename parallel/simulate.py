@@ -14,10 +14,13 @@ If any rank raises, `simulate` raises RuntimeError carrying that rank's tracebac
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import logging
 import os
 import pickle
 import queue as queue_mod
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -28,6 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import _redistribute as dtensor_redistribute  # private: its plan cache
+from torch.distributed.tensor import debug as dtensor_debug
 
 
 def free_port() -> int:
@@ -80,6 +85,16 @@ def loopback_env() -> dict:
     return {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
 
 
+def _check_world(world_size: int, local_world_size: Optional[int]) -> int:
+    """The ranks per simulated node (local_world_size, default all), after checking both numbers."""
+    if world_size < 1:
+        raise ValueError(f"simulate: world_size must be >= 1, got {world_size}")
+    lws = world_size if local_world_size is None else local_world_size
+    if lws < 1 or world_size % lws != 0:
+        raise ValueError(f"simulate: local_world_size ({lws}) must divide world_size ({world_size})")
+    return lws
+
+
 def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives, fn, args, results):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
@@ -114,11 +129,7 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
         debug_collectives: check each collective's fingerprint (op, shapes) across ranks first
             (torch.distributed's DETAIL debug level), so a mismatch is a clear error, not a gloo abort.
     """
-    if world_size < 1:
-        raise ValueError(f"simulate: world_size must be >= 1, got {world_size}")
-    lws = world_size if local_world_size is None else local_world_size
-    if lws < 1 or world_size % lws != 0:
-        raise ValueError(f"simulate: local_world_size ({lws}) must divide world_size ({world_size})")
+    lws = _check_world(world_size, local_world_size)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = serve_store(timeout_s)  # held until the ranks are done (see serve_store)
@@ -166,6 +177,193 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=2.0)
+
+
+# the signal a pool rank dumps its Python stack on (SIGUSR1 is a stop request, moesys.preemption)
+_STACK_SIGNAL = signal.SIGUSR2
+
+
+def _restore_process_state(env: dict, cwd: str, handlers: dict, log_handlers: list) -> None:
+    """Undo what one pool task may have changed in a rank's process, so the next task starts alike:
+    environment, working directory, signal handlers, root log handlers, default dtype, threads,
+    torch.compile's caches, the collectives' debug level, and DTensor's caches. Those hold meshes:
+    a new task's mesh of the same shape hashes equal to an old one, and a cached plan then named a
+    group of the old task ("Could not resolve the process group registered under the name 3")."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for s, h in handlers.items():
+        signal.signal(s, h)
+    for h in logging.root.handlers[:]:
+        if h not in log_handlers:
+            logging.root.removeHandler(h)
+            h.close()
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    dist.set_debug_level(dist.DebugLevel.OFF)
+    dtensor_debug._clear_sharding_prop_cache()
+    dtensor_redistribute._gen_transform_infos.cache_clear()
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
+def _pool_rank_main(rank: int, world_size: int, tasks, results, stack_path: str) -> None:
+    """One rank of a RankPool: run the tasks it is sent until it is killed. Each task gets a fresh
+    default process group (joined through that task's store) destroyed before the result is sent,
+    so no group outlives its task; a failure is reported with its traceback, like simulate's ranks."""
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    stack_file = open(stack_path, "w")  # kept open: faulthandler writes to its descriptor
+    faulthandler.register(_STACK_SIGNAL, file=stack_file, all_threads=True)
+    env, cwd = dict(os.environ), os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: not set from Python
+    log_handlers = logging.root.handlers[:]
+    while True:
+        task_id, sys_path, port, backend, timeout_s, lws, debug_collectives, payload = tasks.get()
+        sys.path.extend(p for p in sys_path if p not in sys.path)  # test helpers added since the start
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank % lws), LOCAL_WORLD_SIZE=str(lws), **AGENT_STORE_ENV, **loopback_env(),
+        )
+        try:
+            fn, args = pickle.loads(payload)
+            if debug_collectives:
+                dist.set_debug_level(dist.DebugLevel.DETAIL)
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+            report = (task_id, rank, True, pickle.dumps(fn(*args)))
+            # no rank tears its groups down while a peer still uses them (a group made last by the
+            # body, still connecting on a slower rank, saw "connection closed by peer")
+            dist.barrier()
+        except BaseException:  # any failure (incl. SystemExit) goes to the parent with its traceback,
+            # before this rank's groups go: the peers' errors that follow must not be reported first
+            results.put((task_id, rank, False, traceback.format_exc()))
+            results.close()  # flushed now, so it arrives first; the pool starts new ranks after a failure
+            results.join_thread()
+            report = None
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            _restore_process_state(env, cwd, handlers, log_handlers)
+        if report is not None:
+            results.put(report)
+
+
+class RankPool:
+    """`world_size` gloo ranks started once and reused: `pool.run(fn, *args)` is `simulate(fn,
+    world_size, *args)` without starting interpreters, importing torch and moesys, per call.
+
+        pool = RankPool(4)
+        results = pool.run(fn, arg1, timeout_s=60)   # fn(arg1) on ranks 0..3; [r0, r1, r2, r3]
+        pool.close()
+
+    Each run gets a fresh default process group (its own store, so no state crosses runs); groups
+    and meshes made by `fn` are destroyed with it before the results come back. When a rank fails,
+    hangs or dies, `run` raises with every rank's report (its traceback, or for a rank still running
+    its Python stack, dumped by faulthandler) and the pool restarts, so the next run is unaffected.
+    The pattern of torch's MultiProcContinuousTest (torch/testing/_internal/common_distributed.py).
+    """
+
+    def __init__(self, world_size: int):
+        _check_world(world_size, None)
+        self.world_size = world_size
+        self.restarts = 0  # how many times a failure made the pool start new ranks
+        self._ctx = mp.get_context("spawn")
+        self._procs: list = []
+        self._task_id = 0
+        self._dir = tempfile.mkdtemp(prefix=f"rankpool{world_size}_")
+
+    def _stack_path(self, rank: int) -> str:
+        return os.path.join(self._dir, f"rank{rank}.stack")
+
+    def _start(self) -> None:
+        self._results = self._ctx.Queue()
+        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
+        self._procs = [
+            self._ctx.Process(target=_pool_rank_main, daemon=True,
+                              args=(r, self.world_size, self._tasks[r], self._results, self._stack_path(r)))
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def _stop(self) -> None:
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5.0)
+        self._procs = []
+
+    def close(self) -> None:
+        """Stop the ranks (killed: between runs they hold no group and no file; they are daemons
+        too, so they also end with the process that started them)."""
+        self._stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _stacks(self, ranks: list) -> dict:
+        """The Python stacks of the ranks still running a task (faulthandler, on _STACK_SIGNAL)."""
+        out = {}
+        for r in ranks:
+            p = self._procs[r]
+            if not p.is_alive():
+                out[r] = f"exited with code {p.exitcode} without reporting"
+                continue
+            os.kill(p.pid, _STACK_SIGNAL)
+        time.sleep(0.5)
+        for r in ranks:
+            if r not in out:
+                with open(self._stack_path(r)) as f:
+                    out[r] = "no report; its Python stack:\n" + f.read()
+        return out
+
+    def run(self, fn: Callable[..., Any], *args, backend: str = "gloo", timeout_s: float = 60.0,
+            local_world_size: Optional[int] = None, join_timeout_s: Optional[float] = None,
+            debug_collectives: bool = False) -> list:
+        """fn(*args) on every rank of the pool; the per-rank results in rank order. The keywords
+        are simulate's; a failure raises RuntimeError, a run past join_timeout_s TimeoutError."""
+        lws = _check_world(self.world_size, local_world_size)
+        if not self._procs or not all(p.is_alive() for p in self._procs):
+            self._stop()
+            self._start()
+        for r in range(self.world_size):  # a fresh stack file per run
+            open(self._stack_path(r), "w").close()
+        payload = pickle.dumps((fn, args))  # plain pickle: tensors by value (see _rank_main)
+        store = serve_store(timeout_s)  # this run's rendezvous, held until every rank reported
+        self._task_id += 1
+        task = (self._task_id, list(sys.path), store.port, backend, timeout_s, lws, debug_collectives, payload)
+        for q in self._tasks:
+            q.put(task)
+        deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else 4 * timeout_s + 30)
+        got: dict[int, tuple] = {}
+        first_failed: Optional[int] = None
+        while len(got) < self.world_size and time.monotonic() < deadline:
+            try:
+                task_id, rank, ok, out = self._results.get(timeout=min(max(deadline - time.monotonic(), 0.01), 1.0))
+            except queue_mod.Empty:
+                dead = [r for r in range(self.world_size) if r not in got and not self._procs[r].is_alive()]
+                if dead and first_failed is None:
+                    first_failed = dead[0]
+                    deadline = min(deadline, time.monotonic() + 5.0)  # let the peers report their side
+                continue
+            if task_id != self._task_id:  # cannot happen (a failed run restarts the pool): say so if it does
+                raise RuntimeError(f"RankPool: rank {rank} reported run {task_id} during run {self._task_id}")
+            got[rank] = (ok, pickle.loads(out) if ok else out)
+            if not ok and first_failed is None:
+                first_failed = rank
+                deadline = min(deadline, time.monotonic() + 5.0)  # let the peers report their side
+        del store
+        if len(got) == self.world_size and all(ok for ok, _ in got.values()):
+            return [got[r][1] for r in range(self.world_size)]
+        reports = {r: out for r, (ok, out) in got.items() if not ok}
+        reports.update(self._stacks([r for r in range(self.world_size) if r not in got]))
+        self.restarts += 1
+        self._stop()  # the next run starts fresh ranks
+        text = "\n".join(f"--- rank {r}: {reports[r]}" for r in sorted(reports))
+        if first_failed is not None:
+            raise RuntimeError(f"RankPool: rank {first_failed} of {self.world_size} failed:\n{text}")
+        missing = sorted(set(range(self.world_size)) - set(got))
+        raise TimeoutError(f"RankPool: ranks {missing} of {self.world_size} did not finish in time:\n{text}")
 
 
 def run_script(nprocs: int, script: str, script_args: Sequence[str] = ()) -> int:

@@ -20,6 +20,19 @@ import pytest
 _BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
+from moesys.parallel.simulate import RankPool  # noqa: E402  (imports triton: after the flag is set)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Stress tests (repetition loops at their full counts) run only when the marker expression
+    names them (`pytest -m stress`); otherwise they are deselected, not skipped."""
+    if "stress" in (config.option.markexpr or ""):
+        return
+    stress = [item for item in items if item.get_closest_marker("stress") is not None]
+    if stress:
+        config.hook.pytest_deselected(items=stress)
+        items[:] = [item for item in items if item.get_closest_marker("stress") is None]
+
 
 def pytest_collection_finish(session):
     if _BEFORE is None:
@@ -42,3 +55,31 @@ def world1(monkeypatch):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
     yield
     dist.destroy_process_group()
+
+
+class RankPools:
+    """`simulate` on ranks kept for the whole pytest run, one RankPool per world size, started by
+    the first test that asks for that size: `rank_pool.run(fn, world_size, *args, **simulate_kw)`.
+    A failing or hanging test restarts only its pool, after reporting every rank's traceback."""
+
+    def __init__(self):
+        self.pools: dict[int, RankPool] = {}
+
+    def run(self, fn, world_size: int, *args, **kw) -> list:
+        pool = self.pools.get(world_size)
+        if pool is None:
+            pool = self.pools[world_size] = RankPool(world_size)
+        return pool.run(fn, *args, **kw)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def rank_pool():
+    """Pools of gloo ranks for multi-rank tests whose subject is not process start-up or exit
+    (those keep `simulate`, one fresh spawn per call)."""
+    pools = RankPools()
+    yield pools
+    pools.close()

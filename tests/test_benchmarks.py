@@ -39,6 +39,7 @@ CASES = {
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
     "hf_io": ["benchmarks/hf_io.py", "--d-model", "32", "--ffn", "16", "--layers", "1", "--experts", "8", "--vocab",
               "64", "--eps", "1", "2"],
+    "rank_start": ["benchmarks/rank_start.py", "--worlds", "2", "--runs", "1"],
 }
 
 

@@ -174,10 +174,10 @@ def test_metrics_present():
 
 
 @pytest.mark.multirank
-def test_bias_update_sums_loads_over_group():
+def test_bias_update_sums_loads_over_group(rank_pool):
     from moesys.parallel import simulate  # real gloo ranks
 
-    results = simulate(_bias_update_rank, 2)
+    results = rank_pool.run(_bias_update_rank, 2)
     assert torch.equal(results[0], results[1])
 
 

@@ -8,7 +8,6 @@ import torch
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from moesys.parallel import simulate
 from moesys.trainer import structure_of
 from train_helpers import build_trainer, expert_offset_worker, load_and_probe, make_cfg, read_flat_checkpoint
 
@@ -144,7 +143,7 @@ def test_bad_checkpoints_fail_clearly_and_touch_nothing(tmp_path, world1):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
+def test_reshard_ep2_to_ep1_and_ep4(rank_pool, tmp_path):
     """Save at EP=2 (2 ranks); load at EP=1 (1 rank) and EP=4 (4 ranks): same eval loss, same Adam state."""
     common = ["trainer.steps=4", "trainer.eval_interval=4", "trainer.batch_size=8"]
     out = str(tmp_path / "ep2")
@@ -158,7 +157,7 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
 
     for ep in (1, 4):
         cfg = make_cfg(*common, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}")
-        results = simulate(load_and_probe, ep, cfg, saved, str(tmp_path / f"load{ep}"), key, timeout_s=120)
+        results = rank_pool.run(load_and_probe, ep, cfg, saved, str(tmp_path / f"load{ep}"), key, timeout_s=120)
         losses = {r["loss"] for r in results}
         assert len(losses) == 1
         assert results[0]["loss"] == pytest.approx(summary["val_loss_end"], rel=1e-5, abs=1e-6)
@@ -171,10 +170,10 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
 
 
 @pytest.mark.multirank
-def test_each_rank_loads_its_experts_at_their_global_offset(tmp_path):
+def test_each_rank_loads_its_experts_at_their_global_offset(rank_pool, tmp_path):
     """Save one layer at EP=2; load at EP=2 (rank 1 must read experts 2, 3) and at EP=1 (all four):
     weights and AdamW moments equal the right slices of the global tensors, bit for bit."""
-    results = simulate(expert_offset_worker, 2, str(tmp_path / "ckpt"), timeout_s=60)
+    results = rank_pool.run(expert_offset_worker, 2, str(tmp_path / "ckpt"), timeout_s=60)
     fails = [f for r in results for f in r]
     assert not fails, "\n".join(fails)
 
@@ -286,7 +285,7 @@ def test_format2_checkpoint_loads_and_a_newer_format_is_refused(tmp_path, world1
 @pytest.mark.parametrize("layout", [["parallel.ep=2", "parallel.simulate_ranks=2"],
                                     ["parallel.ep=2", "parallel.simulate_ranks=4", "trainer.engine=fsdp"]],
                          ids=["ep2", "fsdp_ep2x2"])
-def test_format2_checkpoint_loads_at_other_layouts(tmp_path, world1, layout):
+def test_format2_checkpoint_loads_at_other_layouts(rank_pool, tmp_path, world1, layout):
     """A format-2 checkpoint written by one process loads at ep=2 (DTensor experts) and under FSDP2
     at ep=2 x edp=2: the same evaluation loss, and each rank's expert moments are its part."""
     cfg = make_cfg("parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=2")
@@ -298,8 +297,8 @@ def test_format2_checkpoint_loads_at_other_layouts(tmp_path, world1, layout):
     exp_avg = tr.optimizer.state[tr.model.blocks[1].moe.experts.w1]["exp_avg"][3]
     other = make_cfg("trainer.steps=2", "trainer.trust_checkpoint=true", *layout)  # format 2 pickles its trainer
     world = other.parallel.simulate_ranks
-    results = simulate(load_and_probe, world, other, path, str(tmp_path / "b"), ("blocks.1.moe.experts", "w1", 3),
-                       timeout_s=240)
+    results = rank_pool.run(load_and_probe, world, other, path, str(tmp_path / "b"), ("blocks.1.moe.experts", "w1", 3),
+                            timeout_s=240)
     assert {round(r["loss"], 5) for r in results} == {round(want, 5)}
     if "trainer.engine=fsdp" not in layout:  # (under FSDP2 a rank holds part of its experts' rows)
         probes = [r["probe"] for r in results if r["probe"] is not None]

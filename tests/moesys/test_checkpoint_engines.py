@@ -8,7 +8,6 @@ import torch
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from moesys.parallel import simulate
 from train_helpers import load_and_probe, make_cfg, read_flat_checkpoint
 
 # 4 steps, a checkpoint after 2; accumulation and an active clip make the optimizer state matter
@@ -101,9 +100,9 @@ def _ref(saved):
     return ref
 
 
-def _load_at(tmp_path, ep, saved, ref, val_loss):
+def _load_at(rank_pool, tmp_path, ep, saved, ref, val_loss):
     cfg = make_cfg(*F_COMMON, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}")
-    results = simulate(load_and_probe, ep, cfg, saved, str(tmp_path / f"load{ep}"), PROBE, timeout_s=180)
+    results = rank_pool.run(load_and_probe, ep, cfg, saved, str(tmp_path / f"load{ep}"), PROBE, timeout_s=180)
     assert len({r["loss"] for r in results}) == 1 and results[0]["step"] == 3
     assert results[0]["loss"] == pytest.approx(val_loss, rel=1e-5, abs=1e-6)
     got = _full_probe(results)
@@ -113,20 +112,20 @@ def _load_at(tmp_path, ep, saved, ref, val_loss):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_f_sharded_experts_reshard_ep4_to_ep2_and_ep1(tmp_path):
+def test_f_sharded_experts_reshard_ep4_to_ep2_and_ep1(rank_pool, tmp_path):
     """E=2 at EP=4 (each expert's F over 2 ranks) -> EP=2 and EP=1: same eval loss, same Adam state."""
     out = str(tmp_path / "ep4")
     summary = train_mod.run(make_cfg(*F_COMMON, "parallel.ep=4", "parallel.simulate_ranks=4"), out)
     saved = ckpt.resolve(out)
     ref = _ref(saved)
     for ep in (2, 1):
-        _load_at(tmp_path, ep, saved, ref, summary["val_loss_end"])
+        _load_at(rank_pool, tmp_path, ep, saved, ref, summary["val_loss_end"])
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_ep1_checkpoint_loads_f_sharded_at_ep4(tmp_path):
+def test_ep1_checkpoint_loads_f_sharded_at_ep4(rank_pool, tmp_path):
     out = str(tmp_path / "ep1")
     summary = train_mod.run(make_cfg(*F_COMMON, "parallel.ep=1", "parallel.simulate_ranks=1"), out)
     saved = ckpt.resolve(out)
-    _load_at(tmp_path, 4, saved, _ref(saved), summary["val_loss_end"])
+    _load_at(rank_pool, tmp_path, 4, saved, _ref(saved), summary["val_loss_end"])

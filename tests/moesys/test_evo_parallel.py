@@ -11,20 +11,19 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import evo_ep_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 _cache = {}
 
 
-def _suite():
+def _suite(rank_pool):
     if "r" not in _cache:
-        _cache["r"] = simulate(evo_ep_workers.suite, 2, timeout_s=60)
+        _cache["r"] = rank_pool.run(evo_ep_workers.suite, 2, timeout_s=60)
     return _cache["r"]
 
 
 @pytest.mark.multirank
-def test_dts_layer_ep2_equals_single_process_every_dispatcher_and_mode():
-    res = _suite()
+def test_dts_layer_ep2_equals_single_process_every_dispatcher_and_mode(rank_pool):
+    res = _suite(rank_pool)
     fails = [f for r in res for f in r["layer"]["fails"]]
     assert not fails, "\n".join(fails[:20])
     assert res[0]["layer"]["checked"] == len(evo_ep_workers.CASES) * res[0]["layer"]["combos"]
@@ -33,6 +32,6 @@ def test_dts_layer_ep2_equals_single_process_every_dispatcher_and_mode():
 
 
 @pytest.mark.multirank
-def test_diversify_on_sharded_layers_gives_each_rank_its_slice():
-    fails = [f for r in _suite() for f in r["diversify"]]
+def test_diversify_on_sharded_layers_gives_each_rank_its_slice(rank_pool):
+    fails = [f for r in _suite(rank_pool) for f in r["diversify"]]
     assert not fails, "\n".join(fails[:20])

@@ -8,7 +8,6 @@ import torch
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from moesys.parallel import simulate
 from moesys.trainer import NonFiniteError, lr_at
 from fault_helpers import NaNAt, nan_worker
 from train_helpers import make_cfg, read_flat_checkpoint
@@ -17,11 +16,11 @@ ONE = ("parallel.ep=1", "parallel.simulate_ranks=1")
 
 
 @pytest.mark.multirank
-def test_nan_on_one_rank_skips_that_step_on_every_rank(tmp_path):
+def test_nan_on_one_rank_skips_that_step_on_every_rank(rank_pool, tmp_path):
     """NaN logits on rank 1 at step 3 (4 ranks, two ep groups): no rank's weights change at step 3,
     training goes on, every weight stays finite and the final checkpoint is written."""
     ov = ["parallel.ep=2", "trainer.steps=5", "trainer.eval_interval=5", "trainer.ckpt_interval=2"]
-    res = simulate(nan_worker, 4, ov, [3], {1}, str(tmp_path / "run"), timeout_s=60)
+    res = rank_pool.run(nan_worker, 4, ov, [3], {1}, str(tmp_path / "run"), timeout_s=60)
     for r in res:
         assert r["changed"] == {1: True, 2: True, 3: False, 4: True}, r["changed"]
         assert r["finite"]

@@ -62,7 +62,7 @@ def test_fsdp_four_ranks_train_like_one_process(tmp_path, one_process, layout):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(tmp_path):
+def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(rank_pool, tmp_path):
     """An fsdp run at ep=2 x edp=2 (4 ranks) checkpoints at step 4; resuming it at ep=4 (fsdp), ep=1
     (fsdp, 2 ranks), on the plain engine and on DeepSpeed ZeRO-1 gives the same evaluation loss at the
     resume and the same continued losses as the uninterrupted run."""
@@ -92,8 +92,8 @@ def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(tmp_path):
     from train_helpers import load_and_probe
 
     cfg = make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4")
-    results = simulate(load_and_probe, 4, cfg, half, str(tmp_path / "probe"), ("blocks.1.moe.experts", "w1", 3),
-                       timeout_s=300)
+    results = rank_pool.run(load_and_probe, 4, cfg, half, str(tmp_path / "probe"), ("blocks.1.moe.experts", "w1", 3),
+                            timeout_s=300)
     assert {round(r["loss"], 6) for r in results} == {round(val_at_4, 6)}
 
 

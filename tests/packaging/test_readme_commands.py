@@ -8,6 +8,9 @@ first (the command's own settings win over it) and `trainer.steps=2` last (or th
 `trainer.ckpt_interval`, so the checkpoint a later line names exists); a command without
 `trainer.out_dir` gets its own `hydra.run.dir` (Hydra's time-stamped dirs collide within a second).
 A command with one of Hydra's flags (`moesys-train --help`) runs as written: it trains nothing.
+A command whose tiny form an earlier block already ran (`moesys-train` is `moesys-train preset=tiny`;
+the eval and generate lines shown twice) runs once per module: one run per distinct command, each a
+few seconds of imports. Commands that resume run every time (what they find depends on before).
 The files the commands name (book.txt, tokens.bin, launchers/, hf_model/, tok/) are made in the scratch
 directory; a `model.init_from` command gets no preset (its model is the HF model's), only small batches.
 `moesys-plan` lines run in tests/moesys/test_planner.py::test_readme_plan_commands_run (checked below
@@ -104,6 +107,15 @@ def tiny(argv: list, n: int) -> list:
     return _exe(name) + ["preset=tiny", *args, *extra]
 
 
+def shape(cmd: list) -> tuple:
+    """What makes two tiny commands the same run: everything but the Hydra run dir they get, an
+    override given twice with the same value counted once (`preset=tiny` added before its own)."""
+    return tuple(dict.fromkeys(a for a in cmd if not a.startswith("hydra.run.dir=")))
+
+
+_RAN: set = set()  # shapes of the commands this module ran to exit 0 (scratch is per module too)
+
+
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
     d = tmp_path_factory.mktemp("readme")
@@ -165,9 +177,13 @@ def test_the_readme_shows_commands_of_each_app():
 def test_readme_block_runs(block, scratch):
     for n, argv in enumerate(bash_blocks()[block]):
         cmd = tiny(argv, 100 * block + n)
+        if shape(cmd) in _RAN:  # the same run, already passed in this module's scratch
+            continue
         r = _run(cmd, scratch)
         assert r.returncode == 0, f"README command {shlex.join(argv)!r} failed as {shlex.join(cmd)!r}:\n" + \
             r.stdout[-2000:] + r.stderr[-4000:]
+        if not any("resume" in a for a in argv):
+            _RAN.add(shape(cmd))
 
 
 @pytest.mark.parametrize("argv, expect", shown_sessions(), ids=[" ".join(a[1:]) for a, _ in shown_sessions()])
@@ -175,3 +191,12 @@ def test_readme_shown_output(argv, expect, tmp_path):
     r = _run(_exe(argv[0]) + argv[1:], tmp_path)
     assert (r.stdout + r.stderr).splitlines() == expect
     assert r.returncode == 2 and os.listdir(tmp_path) == []
+
+
+def test_readme_commands_of_one_shape_run_once():
+    """The duplicates the README shows today are skipped; none of the resuming commands is."""
+    shapes = [shape(tiny(argv, 0)) for block in bash_blocks() for argv in block
+              if not any("resume" in a for a in argv)]
+    assert len(shapes) - len(set(shapes)) >= 3  # moesys-train twice, eval and generate of runs/b twice
+    assert shape(tiny(["moesys-train"], 1)) == shape(tiny(["moesys-train", "preset=tiny"], 2))
+    assert shape(tiny(["moesys-train", "trainer.steps=5"], 1)) != shape(tiny(["moesys-train"], 1))

@@ -8,7 +8,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 import _matrix  # noqa: E402
 import ep_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 # the layer through the hierarchical dispatcher across nodes: dropless, and with drops
 TWO_NODE_CASES = _matrix.cases(4)[:2]
@@ -16,8 +15,8 @@ TWO_NODE_COMBOS = [("hierarchical", "ep", 1), ("hierarchical", "ep", 2)]
 
 
 @pytest.fixture(scope="session")
-def two_nodes():
-    """Per-rank results of ep_workers.two_node_worker: one 4-rank spawn (2 nodes of 2 ranks) shared
-    by the fast 4-rank tests, since a spawn costs seconds on a shared CPU."""
-    return simulate(ep_workers.two_node_worker, 4, TWO_NODE_CASES, TWO_NODE_COMBOS, timeout_s=60,
-                    local_world_size=2)
+def two_nodes(rank_pool):
+    """Per-rank results of ep_workers.two_node_worker: one 4-rank run (2 nodes of 2 ranks) shared
+    by the fast 4-rank tests."""
+    return rank_pool.run(ep_workers.two_node_worker, 4, TWO_NODE_CASES, TWO_NODE_COMBOS, timeout_s=60,
+                         local_world_size=2)

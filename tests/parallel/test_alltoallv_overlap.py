@@ -23,9 +23,9 @@ GMM = {"kernel_backend": "grouped_mm"}
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("world", [2, 4])
-def test_counts_exchange_then_permute_then_the_one_read(world):
+def test_counts_exchange_then_permute_then_the_one_read(rank_pool, world):
     setups = [("c=1", GMM, 1), ("c=2", GMM, 2), ("shared c=1", dict(GMM, num_shared_experts=1), 1)]
-    results = simulate(static_workers.order_worker, world, setups, timeout_s=60)
+    results = rank_pool.run(static_workers.order_worker, world, setups, timeout_s=60)
     for rank, r in enumerate(results):
         for name, got in r.items():
             ev, where = got["events"], f"rank {rank} {name}"

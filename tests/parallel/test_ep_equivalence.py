@@ -1,7 +1,7 @@
 """Expert parallelism equals the single-process layer: every dispatcher x mode x overlap degree.
 
-Real gloo ranks (moesys.parallel.simulate); one spawn per world size runs every combination, since
-a spawn costs seconds on a shared CPU. fp32, atol 1e-5: outputs, input grads, router grads (summed
+Real gloo ranks (the session's rank pool, tests/conftest.py); one run per world size covers every combination, since
+a run still costs seconds on a shared CPU. fp32, atol 1e-5: outputs, input grads, router grads (summed
 over ranks) and each rank's expert-weight grads (its slice of the reference).
 """
 import os
@@ -14,31 +14,30 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 import _matrix  # noqa: E402
 import ep_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 _cache = {}
 
 
-def _suite(world):
+def _suite(rank_pool, world):
     if world not in _cache:
         E_values = (1, 2, 4) if world == 2 else (2, 4, 8)
-        _cache[world] = simulate(ep_workers.suite_worker, world, _matrix.cases(world), _matrix.COMBOS, E_values,
-                                 timeout_s=60, local_world_size=2)
+        _cache[world] = rank_pool.run(ep_workers.suite_worker, world, _matrix.cases(world), _matrix.COMBOS, E_values,
+                                      timeout_s=60, local_world_size=2)
     return _cache[world]
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_dispatchers_plain_tensors(world):
-    results = _suite(world)
+def test_dispatchers_plain_tensors(rank_pool, world):
+    results = _suite(rank_pool, world)
     fails = [f for r in results for f in r["dispatchers"]]
     assert not fails, "\n".join(fails[:20])
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_layer_equivalence_every_combo(world):
-    results = _suite(world)
+def test_layer_equivalence_every_combo(rank_pool, world):
+    results = _suite(rank_pool, world)
     fails = [f for r in results for f in r["layer"]["fails"]]
     assert not fails, "\n".join(fails[:20])
     # every case x combo ran its checks on every rank (none skipped or cut short)

@@ -13,10 +13,10 @@ from moesys.parallel import simulate  # noqa: E402
 
 
 @pytest.mark.multirank
-def test_auto_mode_agrees_and_stays_exact():
+def test_auto_mode_agrees_and_stays_exact(rank_pool):
     # the dense-to-sparse gate: routes per token vary, the tuner's statistics see it
     cfg = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4, top_k=2, router="act_dts")
-    results = simulate(ep_workers.auto_worker, 2, cfg, 10, timeout_s=60)
+    results = rank_pool.run(ep_workers.auto_worker, 2, cfg, 10, timeout_s=60)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails)
     assert results[0]["tuner_decisions"] >= 1  # explored, timed, decided
@@ -26,7 +26,7 @@ def test_auto_mode_agrees_and_stays_exact():
 
 @pytest.mark.multirank
 def test_allreduce_gradients_over_ep_and_edp(two_nodes):
-    # dp = 4 > ep = 2 > 1: grads divide by dp, not by the ep group's size (the spawn is shared, conftest.py)
+    # dp = 4 > ep = 2 > 1: grads divide by dp, not by the ep group's size (the run is shared, conftest.py)
     results = [r["grads"] for r in two_nodes]
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails)
@@ -34,12 +34,14 @@ def test_allreduce_gradients_over_ep_and_edp(two_nodes):
 
 
 @pytest.mark.multirank
-def test_mismatched_config_is_a_clear_error():
-    results = simulate(ep_workers.mismatch_worker, 2, timeout_s=30)
+def test_mismatched_config_is_a_clear_error(rank_pool):
+    results = rank_pool.run(ep_workers.mismatch_worker, 2, timeout_s=30)
     for msg in results:
         assert "top_k" in msg and "differs" in msg, msg
 
 
+# the next three are about simulate's own processes (a rank that exits, a traceback, tensors at
+# exit): they keep their own spawn
 @pytest.mark.multirank
 def test_dead_peer_gives_an_error_not_a_hang():
     timeout_s = 5.0
@@ -68,8 +70,8 @@ def test_layer_constructor_takes_no_ep_group():
 
 
 @pytest.mark.multirank
-def test_apply_expert_parallel_shards_the_layer():
-    results = simulate(ep_workers.ctor_worker, 2, timeout_s=60)
+def test_apply_expert_parallel_shards_the_layer(rank_pool):
+    results = rank_pool.run(ep_workers.ctor_worker, 2, timeout_s=60)
     for rank, r in enumerate(results):
         assert r["local_experts"] == 2 and r["offset"] == 2 * rank
         assert r["sharded"] == "ExpertParallelRunner" and r["max_diff"] == 0.0

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import fsdp_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 CASES = [(2, "ep", 2, "swiglu", True, "alltoallv"), (2, "sharded_dp", 2, "gelu", False, "alltoallv"),
          (4, "ep", 1, "gelu", True, "alltoallv"), (4, "sharded_dp", 1, "swiglu", True, "alltoallv"),
@@ -24,9 +23,9 @@ CASES = [(2, "ep", 2, "swiglu", True, "alltoallv"), (2, "sharded_dp", 2, "gelu",
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("ep,mode,overlap,activation,reshard,dispatcher", CASES)
-def test_fsdp_grads_equal_one_process(ep, mode, overlap, activation, reshard, dispatcher):
-    results = simulate(fsdp_workers.grads_worker, 4, ep, mode, overlap, activation, reshard, dispatcher,
-                       timeout_s=180, local_world_size=2 if dispatcher == "hierarchical" else None)
+def test_fsdp_grads_equal_one_process(rank_pool, ep, mode, overlap, activation, reshard, dispatcher):
+    results = rank_pool.run(fsdp_workers.grads_worker, 4, ep, mode, overlap, activation, reshard, dispatcher,
+                            timeout_s=180, local_world_size=2 if dispatcher == "hierarchical" else None)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails[:20])
     assert all(r["checked"] == 1 for r in results)

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import groups_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 BASE = dict(hidden_size=6, ffn_hidden_size=8, num_experts=8)
 CASES = [
@@ -31,8 +30,8 @@ CASES = [
 ]
 
 
-def _run(world, ep):
-    results = simulate(groups_workers.groups_worker, world, CASES, ep, timeout_s=120)
+def _run(rank_pool, world, ep):
+    results = rank_pool.run(groups_workers.groups_worker, world, CASES, ep, timeout_s=120)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails[:20])
     assert all(r["checked"] == len(CASES) * len(groups_workers.COMBOS) for r in results)
@@ -47,31 +46,31 @@ def _run(world, ep):
 
 
 @pytest.mark.multirank
-def test_ep2_on_2_ranks():
-    _run(2, 2)
+def test_ep2_on_2_ranks(rank_pool):
+    _run(rank_pool, 2, 2)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_ep4_on_4_ranks():
-    _run(4, 4)
+def test_ep4_on_4_ranks(rank_pool):
+    _run(rank_pool, 4, 4)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_ep2_on_4_ranks_two_ep_groups():
-    _run(4, 2)
+def test_ep2_on_4_ranks_two_ep_groups(rank_pool):
+    _run(rank_pool, 4, 2)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_node_limited_routing_two_nodes_hierarchical():
+def test_node_limited_routing_two_nodes_hierarchical(rank_pool):
     """DeepSeek-V3's node-limited routing: 2 nodes of 2 ranks, one group per node, the hierarchical
     (2-D) dispatcher: each token reaches one node (two ranks at most), and equals one process."""
     cases = [dict(BASE, top_k=3, num_groups=2, topk_groups=1, router="sigmoid_bias", aux_loss="global_batch"),
              dict(BASE, top_k=3, num_groups=2, topk_groups=2)]  # no limit
     combos = (("hierarchical", "ep", 1), ("hierarchical", "ep", 2))
-    results = simulate(groups_workers.groups_worker, 4, cases, 4, 9, 0, combos, timeout_s=120, local_world_size=2)
+    results = rank_pool.run(groups_workers.groups_worker, 4, cases, 4, 9, 0, combos, timeout_s=120, local_world_size=2)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails[:20])
     assert all(r["checked"] == len(cases) * len(combos) for r in results)

@@ -15,8 +15,8 @@ LAYOUTS = [(2, 4, 4), (4, 2, 4), (4, 4, 2), (1, 4, 4)]  # (ep, ranks per node, n
 
 
 @pytest.mark.multirank
-def test_mesh_groups_match_the_rank_arithmetic():
-    results = simulate(mesh_workers.groups_worker, 4, LAYOUTS, timeout_s=60)
+def test_mesh_groups_match_the_rank_arithmetic(rank_pool):
+    results = rank_pool.run(mesh_workers.groups_worker, 4, LAYOUTS, timeout_s=60)
     for i, (ep, lws, E) in enumerate(LAYOUTS):
         want = mesh_ranks(4, ep=ep, local_world_size=lws)
         for rank, res in enumerate(results):

@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "moesys"))
 import overflow_workers  # noqa: E402
 from train_helpers import make_cfg  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 from moesys.parallel.overflow import grown_factor  # noqa: E402
 
 TINY, AMPLE = 0.25, 4.0  # E=4, K=2: f = 4 gives C = 2T, more than any expert can receive (T)
@@ -47,9 +46,9 @@ def _cfgs(world, ep, extra):
     (4, 4, ("moe.router=sigmoid_bias",)),
     (4, 2, ("trainer.engine=fsdp", "trainer.grad_accum=2", "trainer.batch_size=16")),
 ], ids=["world4-ep2", "world4-ep4-sigmoid_bias", "world4-ep2-fsdp"])
-def test_rerun_equals_an_ample_buffer_from_the_start(world, ep, extra, tmp_path):
-    results = simulate(overflow_workers.train_runs_worker, world, _cfgs(world, ep, extra), str(tmp_path),
-                       ("rerun", 2), timeout_s=120)
+def test_rerun_equals_an_ample_buffer_from_the_start(rank_pool, world, ep, extra, tmp_path):
+    results = rank_pool.run(overflow_workers.train_runs_worker, world, _cfgs(world, ep, extra), str(tmp_path),
+                            ("rerun", 2), timeout_s=120)
     for rank, r in enumerate(results):
         rerun, ample, drop = r["rerun"], r["ample"], r["drop"]
         np.testing.assert_allclose(rerun["losses"], ample["losses"], rtol=1e-6, atol=1e-6)

@@ -11,7 +11,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import ep_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 # (num_experts, F, activation) on 2 ranks; local F-chunks at c = 2, 3, 4:
 #   F=12: 4+8 | 4+4+4 | 4+4+4    F=24 (w3 too): 12+12 | 8+8+8 | 4+8+4+8
@@ -20,8 +19,8 @@ CASES = [(4, 12, "gelu"), (4, 24, "swiglu"), (4, 10, "relu"), (1, 14, "gelu")]
 
 
 @pytest.mark.multirank
-def test_sharded_dp_chunks_that_do_not_divide_f():
-    results = simulate(ep_workers.sharded_dp_worker, 2, CASES, (1, 2, 3, 4), timeout_s=60)
+def test_sharded_dp_chunks_that_do_not_divide_f(rank_pool):
+    results = rank_pool.run(ep_workers.sharded_dp_worker, 2, CASES, (1, 2, 3, 4), timeout_s=60)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails[:20])
     spans = results[0]["spans"]

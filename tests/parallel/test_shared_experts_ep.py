@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import shared_workers  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 
 def _check(results, ep):
@@ -29,17 +28,17 @@ def _check(results, ep):
 
 
 @pytest.mark.multirank
-def test_ep2_on_2_ranks():
-    _check(simulate(shared_workers.shared_worker, 2, 2, timeout_s=120), 2)
+def test_ep2_on_2_ranks(rank_pool):
+    _check(rank_pool.run(shared_workers.shared_worker, 2, 2, timeout_s=120), 2)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_ep2_on_4_ranks_two_ep_groups():
-    _check(simulate(shared_workers.shared_worker, 4, 2, timeout_s=240), 2)
+def test_ep2_on_4_ranks_two_ep_groups(rank_pool):
+    _check(rank_pool.run(shared_workers.shared_worker, 4, 2, timeout_s=240), 2)
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_ep4_on_4_ranks_with_f_sharded_experts():
-    _check(simulate(shared_workers.shared_worker, 4, 4, timeout_s=240), 4)
+def test_ep4_on_4_ranks_with_f_sharded_experts(rank_pool):
+    _check(rank_pool.run(shared_workers.shared_worker, 4, 4, timeout_s=240), 4)

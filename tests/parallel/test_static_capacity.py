@@ -32,8 +32,8 @@ COMBOS = [("ep", 1), ("ep", 2), ("ep", 4), ("sharded_dp", 1), ("auto", "auto")]
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("world", [2, 4])
-def test_static_capacity_equals_single_process(world):
-    results = simulate(static_workers.equivalence_worker, world, CASES, COMBOS, timeout_s=90, local_world_size=2)
+def test_static_capacity_equals_single_process(rank_pool, world):
+    results = rank_pool.run(static_workers.equivalence_worker, world, CASES, COMBOS, timeout_s=90, local_world_size=2)
     fails = [f for r in results for f in r["fails"]]
     assert not fails, "\n".join(fails[:20])
     for r in results:
@@ -43,8 +43,8 @@ def test_static_capacity_equals_single_process(world):
 
 
 @pytest.mark.multirank
-def test_overflow_error_raises_on_every_rank():
-    msgs = simulate(static_workers.error_worker, 2, timeout_s=30)
+def test_overflow_error_raises_on_every_rank(rank_pool):
+    msgs = rank_pool.run(static_workers.error_worker, 2, timeout_s=30)
     for m in msgs:
         assert "parallel.static_capacity_factor=0.25" in m and "overflowed" in m, m
 
@@ -63,7 +63,7 @@ def test_config_refuses(kw, text):
 
 
 @pytest.mark.multirank
-def test_host_reads_per_layer_forward():
+def test_host_reads_per_layer_forward(rank_pool):
     """Host reads (.item/.tolist/.cpu/.numpy, int/float/bool/index of a tensor) while the runner runs,
     per layer forward, pinned ep mode: the dropless all-to-all-v path reads exactly once (the
     splits: the send and received counts in one read after the counts exchange), at overlap 1 and 2;
@@ -72,7 +72,7 @@ def test_host_reads_per_layer_forward():
               ("alltoallv c=2", dict(dispatcher="alltoallv", overlap=2)),
               ("static", dict(dispatcher="padded", overlap=1, static_capacity_factor=1.0)),
               ("static c=2", dict(dispatcher="padded", overlap=2, static_capacity_factor=1.0))]
-    results = simulate(static_workers.host_reads_worker, 2, setups, timeout_s=30)
+    results = rank_pool.run(static_workers.host_reads_worker, 2, setups, timeout_s=30)
     want = {"alltoallv": 1, "alltoallv c=2": 1, "static": 0, "static c=2": 0}
     for r in results:
         for name, per_forward in r.items():

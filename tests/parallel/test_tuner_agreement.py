@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import agreement_workers as aw  # noqa: E402
 
-from moesys.parallel import simulate  # noqa: E402
 
 
 def _check_one_job(results, n_groups):
@@ -27,8 +26,8 @@ def _check_one_job(results, n_groups):
 
 
 @pytest.mark.multirank
-def test_two_ep_groups_with_opposite_timings_run_one_decision():
-    results = simulate(aw.agreement_worker, 4, 2, 30, 14, timeout_s=60)
+def test_two_ep_groups_with_opposite_timings_run_one_decision(rank_pool):
+    results = rank_pool.run(aw.agreement_worker, 4, 2, 30, 14, timeout_s=60)
     assert sorted({r["group_index"] for r in results}) == [0, 1]
     _check_one_job(results, 2)
 
@@ -36,8 +35,8 @@ def test_two_ep_groups_with_opposite_timings_run_one_decision():
 @pytest.mark.multirank
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatcher", ["padded", "hierarchical", "allgather"])
-def test_agreement_under_every_dispatcher(dispatcher):
-    results = simulate(aw.agreement_worker, 4, 2, 30, 14, dispatcher, timeout_s=60)
+def test_agreement_under_every_dispatcher(rank_pool, dispatcher):
+    results = rank_pool.run(aw.agreement_worker, 4, 2, 30, 14, dispatcher, timeout_s=60)
     _check_one_job(results, 2)
 
 
@@ -57,20 +56,31 @@ def test_trainer_with_skewed_ep_groups_and_collective_checks(tmp_path):
     assert len(summary["train_losses"]) == 14
 
 
-@pytest.mark.multirank
-@pytest.mark.slow
-def test_trainer_stress_every_ep_and_dispatcher_in_auto_mode(tmp_path):
-    """4 ranks, ep in {1, 2, 4} x every dispatcher, auto mode, two seeds each, collectives checked:
-    every run finishes, and the ranks of a run end on the same (mode, degree) in every layer."""
+def _trainer_matrix(rank_pool, tmp_path, seeds: int):
+    """4 ranks, ep in {1, 2, 4} x every dispatcher, auto mode, `seeds` seeds each, collectives
+    checked: every run finishes, and the ranks of a run end on the same (mode, degree) in every layer."""
     from moesys.parallel import DISPATCHERS
 
-    combos = [(1, "alltoallv", s) for s in (0, 1)]
-    combos += [(ep, d, s) for ep in (2, 4) for d in DISPATCHERS for s in (ep + 7, ep + 8)]
-    results = simulate(aw.trainer_matrix_worker, 4, str(tmp_path), combos, 8, timeout_s=120,
-                       debug_collectives=True)
+    combos = [(1, "alltoallv", s) for s in (0, 1)[:seeds]]
+    combos += [(ep, d, s) for ep in (2, 4) for d in DISPATCHERS for s in (ep + 7, ep + 8)[:seeds]]
+    results = rank_pool.run(aw.trainer_matrix_worker, 4, str(tmp_path), combos, 8, timeout_s=120,
+                            debug_collectives=True)
     for i, combo in enumerate(combos):
         runs = [r[i] for r in results]
         assert all(r["combo"] == tuple(combo) for r in runs)
         assert len(runs[0]["losses"]) == 8, combo
         assert all(r["ran"] == runs[0]["ran"] for r in runs), (combo, [r["ran"] for r in runs])
         assert all(r["losses"] == runs[0]["losses"] for r in runs), combo  # dp-mean losses: equal on every rank
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_trainer_every_ep_and_dispatcher_in_auto_mode(rank_pool, tmp_path):
+    _trainer_matrix(rank_pool, tmp_path, seeds=1)
+
+
+@pytest.mark.stress
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_trainer_stress_every_ep_and_dispatcher_in_auto_mode(rank_pool, tmp_path):
+    _trainer_matrix(rank_pool, tmp_path, seeds=2)
