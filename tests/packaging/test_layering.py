@@ -179,3 +179,31 @@ def test_the_readme_walk_names_functions_that_exist():
         if name not in defined:
             missing.append(f"{path}: {name}")
     assert not missing, "the README's walk names what is not there:\n" + "\n".join(missing)
+
+
+def test_no_import_cycles_between_modules():
+    """Module-level imports form no cycle (an import of a package the module lives in does not count:
+    that package is loaded before the module anyway). Cycles are what function-local imports hid."""
+    mods = module_files()
+    graph = {m: set() for m in mods}
+    for name, path in mods.items():
+        for _, target, in_function in imports_of(name, path):
+            if target in mods and target != name and not in_function and not name.startswith(target + "."):
+                graph[name].add(target)
+    done, on_path, cycles = set(), [], []
+
+    def visit(m: str) -> None:
+        if m in on_path:
+            cycles.append(on_path[on_path.index(m):] + [m])
+            return
+        if m in done:
+            return
+        on_path.append(m)
+        for t in sorted(graph[m]):
+            visit(t)
+        on_path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles[:10])

@@ -21,9 +21,10 @@ def _commands():
 
 
 @pytest.mark.slow
+@pytest.mark.stress  # minutes of mutants: run with `python -m pytest -m stress` (mutmut is in the dev extra)
 @pytest.mark.timeout(1800)
 def test_readme_mutation_commands_run(tmp_path):
-    pytest.importorskip("mutmut")
+    import mutmut  # noqa: F401  (a dev dependency: a missing one is a failure, not a skip)
     cmds = _commands()
     assert [c[:3] for c in cmds] == [["python", "-m", "mutmut"]] * 2 and cmds[0][3] == "run"
     ignore = shutil.ignore_patterns("__pycache__", "mutants", "*.pyc")
