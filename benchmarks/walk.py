@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps(w))
         return
-    print(f"one token, one layer forward, ep={args.ep}: {len(w['files'])} files, {len(w['calls'])} cross-file calls")
+    print(f"== one token, one layer forward, ep={args.ep}: {len(w['files'])} files, "
+          f"{len(w['calls'])} cross-file calls ==")
     for c in w["calls"]:
         print("  " + c)
 

@@ -219,10 +219,10 @@ def test_cli_entry_point(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_deepspeed_engine_matches_plain(tmp_path, stage):
-    """trainer.engine=deepspeed (ZeRO-1/2 from launchers/ds_zero{1,2}.json) follows the plain engine's curve,
+    """trainer.engine=deepspeed (ZeRO-1/2 from configs/deepspeed/zero{1,2}.json) follows the plain engine's curve,
     with gradient accumulation and an active clip (a wrong loss scale would show in the clipped step)."""
     pytest.importorskip("deepspeed")
-    ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", f"ds_zero{stage}.json")
+    ds_json = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "deepspeed", f"zero{stage}.json")
     common = ["parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4", "trainer.save_final=false",
               "trainer.grad_accum=2", "trainer.clip=0.05"]
     plain = train_mod.run(make_cfg(*common), str(tmp_path / "plain"))

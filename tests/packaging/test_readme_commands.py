@@ -11,7 +11,7 @@ A command with one of Hydra's flags (`moesys-train --help`) runs as written: it 
 A command whose tiny form an earlier block already ran (`moesys-train` is `moesys-train preset=tiny`;
 the eval and generate lines shown twice) runs once per module: one run per distinct command, each a
 few seconds of imports. Commands that resume run every time (what they find depends on before).
-The files the commands name (book.txt, tokens.bin, launchers/, hf_model/, tok/) are made in the scratch
+The files the commands name (book.txt, tokens.bin, launchers/, configs/, hf_model/, tok/) are made in the scratch
 directory; a `model.init_from` command gets no preset (its model is the HF model's), only small batches.
 `moesys-plan` lines run in tests/moesys/test_planner.py::test_readme_plan_commands_run (checked below
 that it finds every one). Lines for torchrun.sh, sbatch and Python snippets are not run here.
@@ -125,6 +125,7 @@ def scratch(tmp_path_factory):
     rng = np.random.default_rng(0)
     rng.integers(0, 50304, size=40_000, dtype=np.uint16).tofile(d / "tokens.bin")
     os.symlink(os.path.join(ROOT, "launchers"), d / "launchers")
+    os.symlink(os.path.join(ROOT, "configs"), d / "configs")  # configs/deepspeed/*.json, named from the root
     _hf_inputs(d)
     return d
 
