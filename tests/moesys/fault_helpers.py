@@ -196,3 +196,15 @@ def exiting_rank(rank: int, workdir: str) -> None:
     if rank == 1:
         os._exit(3)
     sleeping_rank(rank, workdir)
+
+
+def starting_rank(rank: int, workdir: str) -> None:
+    """A rank still starting: it records its pid and sleeps with the default signal handlers (as a
+    rank importing torch does, before the trainer installs its own), so SIGTERM ends it at once."""
+    import os
+    import time
+
+    with open(os.path.join(workdir, f"rank{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(workdir, f"rank{rank}.pid.tmp"), os.path.join(workdir, f"rank{rank}.pid"))
+    time.sleep(600)
