@@ -138,3 +138,15 @@ def test_a_rank_sigtermed_by_someone_else_is_a_failure_naming_the_signal(tmp_pat
     assert e.value.rank == 1 and e.value.exitcode == -signal.SIGTERM and e.value.stopped_by is None
     assert str(e.value).startswith("rank 1 of 2 was killed by SIGTERM") and time.time() - t0 < 120
     assert not _alive(int(open(os.path.join(work, "rank0.pid")).read()))
+
+
+def test_the_rank_that_failed_first_is_named_even_when_it_exits_last(tmp_path):
+    """Rank 1 records its error first and is still exiting when rank 0, failing because of it, has
+    already ended: the parent names rank 1 (its error and exit code), not rank 0's consequence. (Seen
+    under load in the CLI test of a raising rank: the parent named rank 0's gloo error.)"""
+    from fault_helpers import slow_to_exit_rank
+
+    with pytest.raises(RankFailedError) as e:
+        run_ranks(slow_to_exit_rank, 2, (str(tmp_path),), poll_s=0.05)
+    assert e.value.rank == 1 and e.value.exitcode == 1, str(e.value)
+    assert str(e.value).startswith("rank 1 of 2 failed (exit code 1): ValueError: injected failure on rank 1")
