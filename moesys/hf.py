@@ -413,6 +413,23 @@ def check_shapes(reader: Reader, entries: List[Entry], model: torch.nn.Module, w
             raise HFFormatError(f"{reader.path}: tensor {key!r} has shape {got}, but {where} implies {exp}")
 
 
+def _check_covered(model: Decoder, entries: List[Entry], arch: str) -> None:
+    """Every parameter and persistent buffer of `model` has an HF source (the tied head aside)."""
+    tied = {"head.weight"} if model.cfg.tie_embeddings else set()
+    uncovered = set(model.state_dict()) - {e.ours for e in entries} - tied
+    if uncovered:  # a family's map lacks a tensor the model has: a bug here, not bad input
+        raise RuntimeError(f"moesys.hf.weight_map({arch}) does not cover {sorted(uncovered)}")
+
+
+def _zero_unmapped_buffers(model: Decoder, entries: List[Entry]) -> None:
+    """Buffers with no HF counterpart are transient (the router's load counted since the last bias
+    update) and start at zero, as in a freshly built model; the mapped ones are read afterwards."""
+    mapped = {e.ours for e in entries}
+    for name, buf in model.named_buffers():
+        if name not in mapped:
+            buf.zero_()
+
+
 def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> Decoder:
     """The Decoder of the Hugging Face model directory `path`, its weights loaded (on the CPU)."""
     hf_cfg = read_config(path)
@@ -423,14 +440,11 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> Decoder
     with torch.device("meta"):
         model = Decoder(dcfg, moe)
     entries = weight_map(arch, dcfg, moe, hf_cfg)
-    uncovered = set(model.state_dict()) - {e.ours for e in entries} - ({"head.weight"} if dcfg.tie_embeddings else set())
-    if uncovered:  # a family's map lacks a tensor the model has: a bug here, not bad input
-        raise RuntimeError(f"moesys.hf.weight_map({arch}) does not cover {sorted(uncovered)}")
+    _check_covered(model, entries, arch)
     check_shapes(reader, entries, model, os.path.join(path, CONFIG_FILE))
     model = model.to_empty(device="cpu")
     with torch.no_grad():
-        for name, buf in model.named_buffers():  # transient buffers (no HF counterpart) start at zero
-            buf.zero_()
+        _zero_unmapped_buffers(model, entries)
         if dcfg.tie_embeddings:
             model.head.weight = model.tok_emb.weight
         sd = model.state_dict()
@@ -460,13 +474,18 @@ def _local_region(p: torch.Tensor, sharding) -> Tuple[torch.Tensor, Tuple[int, .
 def load_into(model: Decoder, path: str, hf_cfg: Optional[dict] = None) -> Reader:
     """Copy the Hugging Face weights of `path` into `model` as built and sharded on this rank (plain,
     expert-parallel, FSDP2, DeepSpeed's local experts): each rank reads only the experts it holds
-    (safetensors slices) and writes straight into its local shards. Returns the Reader (bytes_read)."""
+    (safetensors slices) and writes straight into its local shards. Every parameter and persistent
+    buffer is written, so `model` may come uninitialised from moesys.parallel.materialize (built on
+    the meta device: no rank ever holds the whole model); transient buffers start at zero. Returns
+    the Reader (bytes_read)."""
     hf_cfg = hf_cfg if hf_cfg is not None else read_config(path)
     arch = hf_cfg["architectures"][0]
     moe_layers = model.moe_layers()
     moe = moe_layers[0][1].cfg if moe_layers else None
     reader = Reader(path)
     entries = weight_map(arch, model.cfg, moe, hf_cfg)
+    _check_covered(model, entries, arch)
+    _zero_unmapped_buffers(model, entries)
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers()))
     for e in entries:

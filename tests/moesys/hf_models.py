@@ -123,3 +123,41 @@ def init_from_worker(cfg, out_dir, x):
     with torch.no_grad():
         logits = tr.model(x)[0].numpy().copy()
     return logits, tr.fit(None)["train_losses"]
+
+
+def init_from_footprint_worker(cfg, out_dir, x):
+    """Rank fn: a Trainer started from model.init_from, built under a dispatch mode that records the
+    shape of every tensor allocated on a real device (DTensor wrappers aside: their local shards are
+    the allocations). Returns (the logits of `x`, the full-expert-shaped allocations seen, the bytes of
+    this rank's expert storages, the bytes of the whole model's experts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from train_helpers import build_trainer
+
+    m, moe = cfg.model, cfg.moe
+    full = {(moe.num_experts, m.d_model, m.ffn_hidden), (moe.num_experts, m.ffn_hidden, m.d_model)}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.full_expert = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta and tuple(t.shape) in full:
+                    self.full_expert.append((str(func), tuple(t.shape)))
+            return out
+
+    with Allocations() as seen:
+        tr = build_trainer(cfg, out_dir)
+    mine = total = 0
+    for _, layer in tr.model.moe_layers():
+        for name in ("w1", "w2", "w3"):
+            p = getattr(layer.experts, name)
+            mine += (p.to_local() if hasattr(p, "to_local") else p).untyped_storage().nbytes()
+            total += moe.num_experts * m.d_model * m.ffn_hidden * 4  # fp32
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(x)[0].numpy().copy()
+    return logits, seen.full_expert, mine, total

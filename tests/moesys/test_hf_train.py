@@ -12,7 +12,7 @@ import moesys.train  # noqa: E402,F401  (registers the schema)
 from moesys.configs import schema  # noqa: E402
 from moesys.errors import ConfigError  # noqa: E402
 from moesys.parallel import simulate  # noqa: E402
-from hf_models import build_hf, init_from_worker  # noqa: E402
+from hf_models import build_hf, init_from_footprint_worker, init_from_worker  # noqa: E402
 
 RUN = ["trainer.steps=3", "trainer.batch_size=4", "model.seq_len=16", "trainer.eval_batches=1",
        "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.plots=false", "trainer.save_final=false",
@@ -59,3 +59,24 @@ def test_init_from_at_ep2_starts_at_transformers_logits_and_trains(ds_dir, tmp_p
     for logits, losses in simulate(init_from_worker, 2, cfg, str(tmp_path / "run"), x, timeout_s=120):
         np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
         assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_init_from_never_holds_the_whole_model(ds_dir, tmp_path, rank_pool):
+    """model.init_from builds on the meta device: at EP 4 (plain) and EP 2 x FSDP 2 no rank allocates
+    a tensor of a whole expert weight's shape, its experts' storage is a quarter of the model's, and
+    the logits are transformers'. (Before: every rank built all experts, then sliced them.)"""
+    path, ref = ds_dir
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x).logits.numpy()
+    for engine in ("plain", "fsdp"):
+        ep = 4 if engine == "plain" else 2
+        cfg = _cfg(f"model.init_from={path}", f"parallel.ep={ep}", "parallel.simulate_ranks=4",
+                   f"trainer.engine={engine}", *RUN)
+        for rank, (logits, full, mine, total) in enumerate(
+                rank_pool.run(init_from_footprint_worker, 4, cfg, str(tmp_path / engine), x, timeout_s=120)):
+            np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5, err_msg=f"{engine} rank {rank}")
+            assert full == [], (engine, rank, full[:3])
+            assert mine == total // 4, (engine, rank, mine, total)
