@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 
 from moesys import hf  # noqa: E402
 from moesys.model import lm_loss  # noqa: E402
-from hf_models import FAMILIES, VOCAB, build_hf  # noqa: E402
+from hf_models import FAMILIES, VOCAB, build_hf, grads_in_moesys_layout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +42,6 @@ def test_logits_equal_transformers(family, hf_dirs):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _grads_in_moesys_layout(ref, model, path):
-    """transformers' gradients read through the import map: moesys name -> gradient tensor."""
-    arch = hf.read_config(path)["architectures"][0]
-    reader = hf.TensorReader({n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
-    entries = hf.weight_map(arch, model.cfg, model.blocks[-1].moe.cfg, hf.read_config(path))
-    E = model.blocks[-1].moe.cfg.num_experts
-    return {e.ours: hf.read_entry(reader, e, num_experts=E) for e in entries if not e.ours.endswith("expert_bias")}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_loss_and_grads_equal_transformers(family, hf_dirs):
     path, ref = hf_dirs[family]
@@ -64,7 +55,7 @@ def test_training_step_loss_and_grads_equal_transformers(family, hf_dirs):
     got = lm_loss(logits[:, :-1], x[:, 1:])
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    ref_grads = _grads_in_moesys_layout(ref, model, path)
+    ref_grads = grads_in_moesys_layout(ref, model, path)
     ours = dict(model.named_parameters())
     assert set(ref_grads) == set(ours), set(ref_grads) ^ set(ours)
     for name, g in ref_grads.items():
