@@ -432,13 +432,13 @@ def check_shapes(reader: Reader, entries: List[Entry], model: torch.nn.Module, w
             key, got, exp = e.hf, reader.shape(e.hf), want
         if got is not None and got != exp:
             raise HFFormatError(f"{reader.path}: tensor {key!r} has shape {got}, but {where} implies {exp}")
-        keys = [e.hf.format(e=j) for j in range(want[0])] if e.kind == "experts" and e.hf.format(e=0) in reader else [key]
-        for k in keys:
-            if k in reader and reader.dtype(k) not in WEIGHT_DTYPES:
-                d = reader.dtype(k)
+        per_expert = e.kind == "experts" and e.hf.format(e=0) in reader
+        for k in [e.hf.format(e=j) for j in range(want[0])] if per_expert else [key]:
+            d = reader.dtype(k) if k in reader else None
+            if d is not None and d not in WEIGHT_DTYPES:
                 what = " (float8: an FP8-quantized checkpoint)" if d.startswith("F8") else ""
-                raise HFFormatError(f"{reader.path}: tensor {k!r} is {d}{what}: moesys loads {', '.join(WEIGHT_DTYPES)} "
-                                    "weights; dequantize the checkpoint to BF16 first")
+                raise HFFormatError(f"{reader.path}: tensor {k!r} is {d}{what}: moesys loads "
+                                    f"{', '.join(WEIGHT_DTYPES)} weights; dequantize the checkpoint to BF16 first")
 
 
 def check_checkpoint(path: str, hf_cfg: Optional[dict] = None) -> None:
@@ -459,10 +459,11 @@ def check_checkpoint(path: str, hf_cfg: Optional[dict] = None) -> None:
     extra = sorted({int(k.split(".")[2]) for k in reader.weight_map
                     if k.startswith("model.layers.") and k.split(".")[2].isdigit() and int(k.split(".")[2]) >= n})
     if extra:  # DeepSeek-V3's multi-token-prediction module is stored as layers past the last one
-        warnings.warn(f"{where}: num_nextn_predict_layers={hf_cfg.get('num_nextn_predict_layers')!r}: the checkpoint's "
-                      f"layers {extra} past num_hidden_layers={n} (multi-token prediction) are not loaded; moesys "
-                      "trains and evaluates next-token prediction (transformers ignores them too)", UserWarning,
-                      stacklevel=2)
+        field = f"num_nextn_predict_layers={hf_cfg.get('num_nextn_predict_layers')!r}: " \
+            if "num_nextn_predict_layers" in hf_cfg else ""
+        warnings.warn(f"{where}: {field}the checkpoint's layers {extra} past num_hidden_layers={n} (multi-token "
+                      "prediction) are not loaded; moesys trains and evaluates next-token prediction (transformers "
+                      "ignores them too)", UserWarning, stacklevel=2)
 
 
 def _check_covered(model: Decoder, entries: List[Entry], arch: str) -> None:
