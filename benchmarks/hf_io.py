@@ -3,16 +3,20 @@ time and peak memory, for an OLMoE-shaped model with 64 experts (CPU, gloo ranks
 
     python benchmarks/hf_io.py                                   # d=256, F=256, 4 layers, 64 experts
     python benchmarks/hf_io.py --d-model 512 --ffn 512 --layers 8
+    python benchmarks/hf_io.py --full-build                      # also the way before, for comparison
 
-The Hugging Face directory is written by moesys's own export (no transformers needed). Import: each
-rank builds the decoder, shards its experts (apply_expert_parallel) and reads its slices
-(moesys.hf.load_into); memory is the process's peak RSS (ru_maxrss) after the build and after the
-load, so the load's own cost is the difference. Export: one process (export-hf loads a checkpoint of
-any layout whole on one process, then writes one shard at a time).
+The Hugging Face directory is written by moesys's own export (no transformers needed). Import, as
+`model.init_from` does it: each rank builds the decoder on the meta device, shards its experts
+(apply_expert_parallel), allocates only its shards (moesys.parallel.materialize) and reads its slices
+into them (moesys.hf.load_into). Memory per rank: the resident memory now (/proc/self/statm) at the
+start, after the build and after the load (the peak RSS, also given, is set by importing torch and
+hides the weights). Export: one process (export-hf loads a checkpoint of any layout whole on one
+process, then writes one shard at a time).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sys
@@ -28,11 +32,18 @@ if ROOT not in sys.path:
 from moesys import MoEConfig, hf  # noqa: E402
 from moesys.decoder import Decoder, DecoderConfig  # noqa: E402
 from moesys.hf_export import save_pretrained  # noqa: E402
-from moesys.parallel import ParallelDims, apply_expert_parallel, simulate  # noqa: E402
+from moesys.parallel import ParallelDims, apply_expert_parallel, materialize, simulate  # noqa: E402
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _rss_mib() -> float:
+    """The process's resident memory now (Linux /proc): the peak is set by importing torch, so the
+    current figure is what shows the model's weights."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _configs(a):
@@ -43,28 +54,34 @@ def _configs(a):
     return dcfg, moe
 
 
-def import_rank(path: str, ep: int, a) -> dict:
-    """Rank fn: build, shard, load this rank's slices; time and memory."""
+def import_rank(path: str, ep: int, a, meta: bool = True) -> dict:
+    """Rank fn: build on meta, shard, allocate this rank's shards, load its slices; time and memory.
+    meta=False: the way before, every expert built (random init) and then sliced by the sharding."""
     dcfg, moe = _configs(a)
     dims = ParallelDims.build(ep=ep, timeout_s=300)
-    model = Decoder(dcfg, moe)
+    rss0 = _rss_mib()
+    t0 = time.perf_counter()
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = Decoder(dcfg, moe)
+    built_rss = _rss_mib()  # before sharding: the whole model when meta=False
     if ep > 1:
         for _, layer in model.moe_layers():
             apply_expert_parallel(layer, dims.ep_group, dims=dims, overlap=1)
-    built = _peak_mib()
-    t0 = time.perf_counter()
+    if meta:
+        materialize(model, "cpu")
     reader = hf.load_into(model, path)
     return {"seconds": time.perf_counter() - t0, "bytes": reader.bytes_read, "expert_bytes": reader.expert_bytes_read,
-            "peak_after_build_mib": built, "peak_after_load_mib": _peak_mib()}
+            "rss_before_mib": rss0, "rss_built_mib": built_rss, "rss_loaded_mib": _rss_mib(), "peak_mib": _peak_mib()}
 
 
 def export_once(path: str, out: str) -> dict:
     """Rank fn (1 rank): load the directory whole, write it again; time and memory."""
     model = hf.from_pretrained(path)
-    loaded = _peak_mib()
+    loaded = _rss_mib()
     t0 = time.perf_counter()
     save_pretrained(model, out, max_shard_bytes=64 * 1024**2)
-    return {"seconds": time.perf_counter() - t0, "peak_after_load_mib": loaded, "peak_after_export_mib": _peak_mib()}
+    return {"seconds": time.perf_counter() - t0, "rss_loaded_mib": loaded, "rss_written_mib": _rss_mib(),
+            "peak_after_export_mib": _peak_mib()}
 
 
 def main() -> None:
@@ -75,6 +92,8 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--eps", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--full-build", action="store_true",
+                   help="also import the way before (every rank builds all experts, then slices them)")
     a = p.parse_args()
     dcfg, moe = _configs(a)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,17 +101,21 @@ def main() -> None:
         src = save_pretrained(Decoder(dcfg, moe), os.path.join(tmp, "hf"), max_shard_bytes=64 * 1024**2)
         size = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
         print(f"model: {a.layers} layers, d={a.d_model}, F={a.ffn}, {a.experts} experts; safetensors {size / 2**20:.1f} MiB")
-        print("| what | ranks | seconds (max over ranks) | MiB read per rank (experts) | peak RSS MiB after build -> after load |")
-        print("|---|---|---|---|---|")
-        for ep in a.eps:
-            res = simulate(import_rank, ep, src, ep, a, timeout_s=600)
+        print("| what | ranks | seconds (max over ranks) | MiB read per rank (experts) | RSS MiB per rank (max): "
+              "start -> model built -> loaded | peak RSS MiB |")
+        print("|---|---|---|---|---|---|")
+        runs = [(ep, True) for ep in a.eps] + [(ep, False) for ep in a.eps if a.full_build and ep > 1]
+        for ep, meta in runs:
+            res = simulate(import_rank, ep, src, ep, a, meta, timeout_s=600)
             worst = max(res, key=lambda r: r["seconds"])
-            print(f"| import EP {ep} | {ep} | {worst['seconds']:.2f} | {max(r['bytes'] for r in res) / 2**20:.1f} "
+            what = f"import EP {ep}" + ("" if meta else ", all experts built then sliced (before)")
+            print(f"| {what} | {ep} | {worst['seconds']:.2f} | {max(r['bytes'] for r in res) / 2**20:.1f} "
                   f"({max(r['expert_bytes'] for r in res) / 2**20:.1f}) | "
-                  f"{max(r['peak_after_build_mib'] for r in res):.0f} -> {max(r['peak_after_load_mib'] for r in res):.0f} |")
+                  f"{max(r['rss_before_mib'] for r in res):.0f} -> {max(r['rss_built_mib'] for r in res):.0f} -> "
+                  f"{max(r['rss_loaded_mib'] for r in res):.0f} | {max(r['peak_mib'] for r in res):.0f} |")
         ex = simulate(export_once, 1, src, os.path.join(tmp, "out"), timeout_s=600)[0]
-        print(f"| export (one process) | 1 | {ex['seconds']:.2f} | - | {ex['peak_after_load_mib']:.0f} -> "
-              f"{ex['peak_after_export_mib']:.0f} |")
+        print(f"| export (one process) | 1 | {ex['seconds']:.2f} | - | loaded {ex['rss_loaded_mib']:.0f} -> "
+              f"written {ex['rss_written_mib']:.0f} | {ex['peak_after_export_mib']:.0f} |")
 
 
 if __name__ == "__main__":

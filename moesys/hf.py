@@ -6,7 +6,8 @@
 Supported: MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM,
 DeepseekV3ForCausalLM; other architectures are refused by name. The moesys settings come from
 config.json (`derive_settings`); what moesys cannot express (sliding windows, rope scaling, OLMoE's
-clip_qkv, Qwen's mlp_only_layers, MLA biases) is refused naming the config.json field.
+clip_qkv, Qwen's mlp_only_layers, MLA biases, quantization_config) is refused naming the config.json
+field, and float8 or integer tensors naming the tensor (`check_checkpoint`, headers only).
 
 Weight layout (every family): nn.Linear weights map as they are ([out, in] both sides); the experts
 are stored per expert in the checkpoints (`experts.{e}.gate_proj.weight [F, D]`; Mixtral: `w1`, `w3`,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -38,6 +40,7 @@ from .moe.config import MoEConfig
 ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
                  "DeepseekV3ForCausalLM")
 CONFIG_FILE = "config.json"
+WEIGHT_DTYPES = ("F32", "BF16", "F16")  # safetensors names of what moesys loads
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -65,11 +68,15 @@ def read_config(path: str) -> dict:
 
 
 def _rope_theta(c: dict, where: str) -> float:
+    """rope_theta of config.json `c`; rope scaling (yarn, linear, dynamic, ...) under transformers 5's
+    `rope_parameters` or the older `rope_scaling` is refused naming the field."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = c.get(key) or {}
+        for tkey in ("rope_type", "type"):
+            if rp.get(tkey, "default") != "default":
+                raise HFFormatError(f"{where}: {key}.{tkey}={rp[tkey]!r}: moesys implements plain RoPE only "
+                                    "(no yarn/linear/dynamic scaling)")
     rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rtype = rp.get("rope_type", rp.get("type", "default"))
-    if rtype != "default":
-        raise HFFormatError(f"{where}: rope_parameters.rope_type={rtype!r}: moesys implements plain RoPE only "
-                            "(no yarn/linear/dynamic scaling)")
     theta = rp.get("rope_theta", c.get("rope_theta"))
     if theta is None:
         raise HFFormatError(f"{where}: no rope_theta (in rope_parameters or at the top level)")
@@ -90,6 +97,11 @@ def derive_settings(c: dict, where: str = CONFIG_FILE) -> Dict[str, object]:
         if not ok:
             raise HFFormatError(f"{where}: {key}={c.get(key)!r} is not supported: {why}")
 
+    q = c.get("quantization_config")
+    if q:  # FP8 (DeepSeek-V3's published weights), GPTQ, AWQ, bitsandbytes, ...
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise HFFormatError(f"{where}: quantization_config (quant_method={method!r}) is not supported: moesys loads "
+                            "unquantized checkpoints (float32, bfloat16, float16); dequantize it to bfloat16 first")
     refuse("hidden_act", c.get("hidden_act", "silu") == "silu", "moesys's gated experts are SwiGLU (silu)")
     s: Dict[str, object] = {
         "model.arch": "decoder", "data.vocab_size": need("vocab_size"), "model.n_layers": need("num_hidden_layers"),
@@ -222,6 +234,11 @@ class Reader:
         key = self._resolve(key)
         return list(self._file(key).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> str:
+        """The safetensors dtype of `key` ("F32", "BF16", "F8_E4M3", ...), from the header."""
+        key = self._resolve(key)
+        return str(self._file(key).get_slice(key).get_dtype())
+
     def get(self, key: str, rows: Optional[Tuple[int, int]] = None, index: Optional[tuple] = None) -> torch.Tensor:
         """Tensor `key`, or its rows [lo, hi) along the first dimension, or the part `index` (a tuple of
         slices) selects: only that part is read."""
@@ -248,6 +265,10 @@ class TensorReader(Reader):
 
     def shape(self, key: str) -> List[int]:
         return list(self.tensors[self._resolve(key)].shape)
+
+    def dtype(self, key: str) -> str:
+        t = self.tensors[self._resolve(key)]
+        return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(t.dtype, str(t.dtype))
 
     def get(self, key: str, rows: Optional[Tuple[int, int]] = None, index: Optional[tuple] = None) -> torch.Tensor:
         key = self._resolve(key)
@@ -411,6 +432,55 @@ def check_shapes(reader: Reader, entries: List[Entry], model: torch.nn.Module, w
             key, got, exp = e.hf, reader.shape(e.hf), want
         if got is not None and got != exp:
             raise HFFormatError(f"{reader.path}: tensor {key!r} has shape {got}, but {where} implies {exp}")
+        per_expert = e.kind == "experts" and e.hf.format(e=0) in reader
+        for k in [e.hf.format(e=j) for j in range(want[0])] if per_expert else [key]:
+            d = reader.dtype(k) if k in reader else None
+            if d is not None and d not in WEIGHT_DTYPES:
+                what = " (float8: an FP8-quantized checkpoint)" if d.startswith("F8") else ""
+                raise HFFormatError(f"{reader.path}: tensor {k!r} is {d}{what}: moesys loads "
+                                    f"{', '.join(WEIGHT_DTYPES)} weights; dequantize the checkpoint to BF16 first")
+
+
+def check_checkpoint(path: str, hf_cfg: Optional[dict] = None) -> None:
+    """Every tensor the model needs is in the directory `path` with the shape config.json implies and
+    a float dtype (float8/int refused by name), read from the safetensors headers only: the local check
+    moesys-train runs on every rank before any collective (and from_pretrained before loading).
+    DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers, stored as layers past
+    num_hidden_layers) are not loaded, with a warning naming the field, as transformers ignores them."""
+    hf_cfg = hf_cfg if hf_cfg is not None else read_config(path)
+    where = os.path.join(path, CONFIG_FILE)
+    dcfg, moe = configs_from_settings(derive_settings(hf_cfg, where))
+    with torch.device("meta"):
+        model = Decoder(dcfg, moe)
+    entries = weight_map(hf_cfg["architectures"][0], dcfg, moe, hf_cfg)
+    reader = Reader(path)
+    check_shapes(reader, entries, model, where)
+    n = hf_cfg["num_hidden_layers"]
+    extra = sorted({int(k.split(".")[2]) for k in reader.weight_map
+                    if k.startswith("model.layers.") and k.split(".")[2].isdigit() and int(k.split(".")[2]) >= n})
+    if extra:  # DeepSeek-V3's multi-token-prediction module is stored as layers past the last one
+        field = f"num_nextn_predict_layers={hf_cfg.get('num_nextn_predict_layers')!r}: " \
+            if "num_nextn_predict_layers" in hf_cfg else ""
+        warnings.warn(f"{where}: {field}the checkpoint's layers {extra} past num_hidden_layers={n} (multi-token "
+                      "prediction) are not loaded; moesys trains and evaluates next-token prediction (transformers "
+                      "ignores them too)", UserWarning, stacklevel=2)
+
+
+def _check_covered(model: Decoder, entries: List[Entry], arch: str) -> None:
+    """Every parameter and persistent buffer of `model` has an HF source (the tied head aside)."""
+    tied = {"head.weight"} if model.cfg.tie_embeddings else set()
+    uncovered = set(model.state_dict()) - {e.ours for e in entries} - tied
+    if uncovered:  # a family's map lacks a tensor the model has: a bug here, not bad input
+        raise RuntimeError(f"moesys.hf.weight_map({arch}) does not cover {sorted(uncovered)}")
+
+
+def _zero_unmapped_buffers(model: Decoder, entries: List[Entry]) -> None:
+    """Buffers with no HF counterpart are transient (the router's load counted since the last bias
+    update) and start at zero, as in a freshly built model; the mapped ones are read afterwards."""
+    mapped = {e.ours for e in entries}
+    for name, buf in model.named_buffers():
+        if name not in mapped:
+            buf.zero_()
 
 
 def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> Decoder:
@@ -423,14 +493,11 @@ def from_pretrained(path: str, *, dtype: torch.dtype = torch.float32) -> Decoder
     with torch.device("meta"):
         model = Decoder(dcfg, moe)
     entries = weight_map(arch, dcfg, moe, hf_cfg)
-    uncovered = set(model.state_dict()) - {e.ours for e in entries} - ({"head.weight"} if dcfg.tie_embeddings else set())
-    if uncovered:  # a family's map lacks a tensor the model has: a bug here, not bad input
-        raise RuntimeError(f"moesys.hf.weight_map({arch}) does not cover {sorted(uncovered)}")
-    check_shapes(reader, entries, model, os.path.join(path, CONFIG_FILE))
+    _check_covered(model, entries, arch)
+    check_checkpoint(path, hf_cfg)
     model = model.to_empty(device="cpu")
     with torch.no_grad():
-        for name, buf in model.named_buffers():  # transient buffers (no HF counterpart) start at zero
-            buf.zero_()
+        _zero_unmapped_buffers(model, entries)
         if dcfg.tie_embeddings:
             model.head.weight = model.tok_emb.weight
         sd = model.state_dict()
@@ -460,13 +527,18 @@ def _local_region(p: torch.Tensor, sharding) -> Tuple[torch.Tensor, Tuple[int, .
 def load_into(model: Decoder, path: str, hf_cfg: Optional[dict] = None) -> Reader:
     """Copy the Hugging Face weights of `path` into `model` as built and sharded on this rank (plain,
     expert-parallel, FSDP2, DeepSpeed's local experts): each rank reads only the experts it holds
-    (safetensors slices) and writes straight into its local shards. Returns the Reader (bytes_read)."""
+    (safetensors slices) and writes straight into its local shards. Every parameter and persistent
+    buffer is written, so `model` may come uninitialised from moesys.parallel.materialize (built on
+    the meta device: no rank ever holds the whole model); transient buffers start at zero. Returns
+    the Reader (bytes_read)."""
     hf_cfg = hf_cfg if hf_cfg is not None else read_config(path)
     arch = hf_cfg["architectures"][0]
     moe_layers = model.moe_layers()
     moe = moe_layers[0][1].cfg if moe_layers else None
     reader = Reader(path)
     entries = weight_map(arch, model.cfg, moe, hf_cfg)
+    _check_covered(model, entries, arch)
+    _zero_unmapped_buffers(model, entries)
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers()))
     for e in entries:

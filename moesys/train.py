@@ -42,7 +42,7 @@ from moesys.parallel import ParallelDims
 from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env, serve_store
 
 from . import checkpoint as ckpt
-from . import cli, preemption, supervise
+from . import cli, hf, preemption, supervise
 from . import data as data_mod
 from . import tokens as tokens_mod
 from .trainer import Trainer, structure_of
@@ -77,6 +77,8 @@ def prepare(cfg: TrainConfig, out_dir: str, world_size: int) -> Optional[str]:
     checkpoint to resume. Writes nothing.
     """
     cfg.validate(world_size)
+    if cfg.model.init_from is not None:  # the safetensors headers: every tensor there, its shape and dtype
+        hf.check_checkpoint(cfg.model.init_from)
     tokens = data_mod.load_tokens(*tokens_mod.source_of(cfg.data), cfg.data.vocab_size)  # tokenizer: makes the cache
     data_mod.train_val_split(tokens, cfg.data.val_fraction, cfg.model.seq_len)
     t = cfg.trainer

@@ -20,6 +20,7 @@ Legend: B local sequences, S seq_len, V vocab, E experts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -33,7 +34,7 @@ from moesys.evo import EvoController
 from moesys.integrations import deepspeed as ds_integration
 from moesys.kernels import workspace
 from moesys.parallel import (ExpertParallelRunner, allreduce_gradients, apply_expert_parallel, apply_fsdp,
-                             clip_grad_norm_)
+                             clip_grad_norm_, materialize)
 from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
 from . import checkpoint as ckpt
@@ -137,8 +138,16 @@ class Trainer:
         self.ckpt_root = os.path.join(out_dir, "checkpoints")
 
         # --- model: identical init on every rank, then experts sliced by the runtime ---------------
+        # model.init_from: built on the meta device, made parallel, then each rank allocates only its
+        # shards (parallel.materialize) and reads its slices of the checkpoint into them (hf.load_into):
+        # no rank ever holds the whole model. A fresh run draws the whole model's init on every rank
+        # (the same numbers at every layout) and slices it.
         torch.manual_seed(t.seed)
-        self.model = build_model(cfg).to(device)
+        meta = cfg.model.init_from is not None
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            self.model = build_model(cfg)
+        if not meta:
+            self.model = self.model.to(device)
         if p.ep > 1:
             overlap = p.overlap if str(p.overlap) == "auto" else int(p.overlap)
             # experts become DTensors over the ep mesh; DeepSpeed flattens parameter storage, so it
@@ -169,7 +178,8 @@ class Trainer:
             apply_fsdp(self.model, dims, reshard_after_forward=t.fsdp_reshard_after_forward,
                        param_dtype=None if t.fsdp_param_dtype == "fp32" else t.fsdp_param_dtype,
                        reduce_dtype=t.fsdp_reduce_dtype)
-        if cfg.model.init_from is not None:  # each rank reads its own slices into its shards
+        if meta:  # each rank allocates its shards and reads its own slices into them
+            materialize(self.model, device)
             hf.load_into(self.model, cfg.model.init_from)
         # decay / no decay, and one group per kind of tensor (plain, or DTensors of one mesh)
         keyed: dict = {}

@@ -9,7 +9,7 @@ Mesh and groups (mesh.py), differentiable collectives (comm.py), one dispatcher 
 (runner.py, tuner.py), FSDP2 over the same mesh (fsdp.py), simulated ranks on one machine (simulate.py: one
 spawn per call, or a RankPool of ranks kept across calls).
 """
-from .apply import DISPATCHERS, ExpertParallelConfig, apply_expert_parallel, localize_experts
+from .apply import DISPATCHERS, ExpertParallelConfig, apply_expert_parallel, localize_experts, materialize
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_base import Dispatcher
@@ -25,7 +25,8 @@ from .simulate import RankPool, simulate
 from .tuner import Machine, Stats, Tuner, TunerSettings
 
 __all__ = [
-    "apply_expert_parallel", "apply_fsdp", "localize_experts", "ExpertParallelConfig", "DISPATCHERS", "ParallelDims", "mesh_ranks",
+    "apply_expert_parallel", "apply_fsdp", "localize_experts", "materialize", "ExpertParallelConfig", "DISPATCHERS",
+    "ParallelDims", "mesh_ranks",
     "allreduce_gradients", "clip_grad_norm_", "expert_param_groups", "ExpertParamGroups", "expert_parameters",
     "Dispatcher", "AllToAllVDispatcher", "PaddedDispatcher", "HierarchicalDispatcher",
     "HierarchicalPaddedDispatcher", "AllGatherDispatcher",

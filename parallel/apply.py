@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from moesys.moe.experts import FFN_DIM, ExpertSharding, slice_ffn
 from moesys.moe.layer import MoELayer
 
+from .comm import comm_device
 from .cost_model import DISPATCHERS, PADDED
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
@@ -219,7 +220,8 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     shape = Shape(world=P, num_experts=cfg.num_experts, hidden=cfg.hidden_size, ffn=cfg.ffn_hidden_size,
                   matrices=3 if cfg.gated else 2, dtype_bytes=torch.empty((), dtype=dtype).element_size())
     agree = agree_group if agree_group is not None else dist.group.WORLD
-    clock = clock_for(experts.w1.device)  # CUDA events on a GPU, the host clock on CPU
+    # CUDA events on a GPU, the host clock on CPU (meta weights, see materialize: where the group's tensors live)
+    clock = clock_for(experts.w1.device if experts.w1.device.type != "meta" else comm_device(group))
     tuner = Tuner(settings=epc.tuner, shape=shape, machine=None, group=agree, dispatcher=epc.dispatcher)
     if not tuner.pinned:
         tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
@@ -227,9 +229,37 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
                                   agree_group=agree, overflow=epc.overflow, clock=clock)
     layer.set_runner(runner)
-    if not tuner.pinned:
+    if not tuner.pinned and experts.w1.device.type != "meta":  # meta weights: materialize() watches them
         runner.watch_params([experts.w1, experts.w2, experts.w3])
     return layer
+
+
+def materialize(model: nn.Module, device) -> nn.Module:
+    """Allocate, uninitialised, on `device` a model built on the meta device and then made parallel
+    (apply_expert_parallel, apply_fsdp): every rank allocates only what it holds (a DTensor's local
+    shard, DeepSpeed's local experts), never the whole model; fill it afterwards (moesys.hf.load_into).
+    Parameters keep their identity (torch's swap_tensors), so tied weights, FSDP2's references and
+    the runners' references hold; the runners' backward marks are registered on the new tensors
+    (a swap drops autograd hooks, so apply_expert_parallel leaves meta weights unwatched). Returns model.
+
+        with torch.device("meta"):
+            model = Decoder(dcfg, moe_cfg)
+        for _, layer in model.moe_layers():
+            apply_expert_parallel(layer, dims.ep_group, dims=dims)
+        materialize(model, "cpu")
+        moesys.hf.load_into(model, hf_dir)
+    """
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    for m in model.modules():
+        runner = m.runner if isinstance(m, MoELayer) else None
+        if isinstance(runner, ExpertParallelRunner) and not runner.tuner.pinned:
+            runner.watch_params([m.experts.w1, m.experts.w2, m.experts.w3])
+    return model
 
 
 def localize_experts(model: nn.Module) -> int:

@@ -38,7 +38,8 @@ CASES = {
                "--ffn", "48", "--seq-len", "16", "--steps", "1", "--engines", "plain", "fsdp"],
     "recompute": ["benchmarks/recompute.py", *TINY, "--layers", "2", "--activation", "swiglu", "--shared", "1"],
     "hf_io": ["benchmarks/hf_io.py", "--d-model", "32", "--ffn", "16", "--layers", "1", "--experts", "8", "--vocab",
-              "64", "--eps", "1", "2"],
+              "64", "--eps", "1", "2", "--full-build"],
+    "decoder_vs_gpt": ["benchmarks/decoder_vs_gpt.py", "--seeds", "1", "--steps", "3"],
     "rank_start": ["benchmarks/rank_start.py", "--worlds", "2", "--runs", "1"],
 }
 

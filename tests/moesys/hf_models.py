@@ -82,6 +82,17 @@ def build_hf(family: str, out_dir: str, seed: int = 0, **over):
     return model.eval()
 
 
+def grads_in_moesys_layout(ref, model, path: str) -> dict:
+    """transformers' gradients read through the import map: moesys name -> gradient tensor."""
+    from moesys import hf
+
+    cfg = hf.read_config(path)
+    reader = hf.TensorReader({n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
+    entries = hf.weight_map(cfg["architectures"][0], model.cfg, model.blocks[-1].moe.cfg, cfg)
+    E = model.blocks[-1].moe.cfg.num_experts
+    return {e.ours: hf.read_entry(reader, e, num_experts=E) for e in entries if not e.ours.endswith("expert_bias")}
+
+
 def sharded_import_worker(paths: dict, x):
     """Rank fn (4 ranks): per family, import at EP 4, EP 2 and EP 2 x FSDP2 (each rank reading only its
     slices straight into its shards) and run the forward on `x`. Returns {(family, layout): (logits
@@ -123,3 +134,104 @@ def init_from_worker(cfg, out_dir, x):
     with torch.no_grad():
         logits = tr.model(x)[0].numpy().copy()
     return logits, tr.fit(None)["train_losses"]
+
+
+def init_from_footprint_worker(cfg, out_dir, x):
+    """Rank fn: a Trainer started from model.init_from, built under a dispatch mode that records the
+    shape of every tensor allocated on a real device (DTensor wrappers aside: their local shards are
+    the allocations). Returns (the logits of `x`, the full-expert-shaped allocations seen, the bytes of
+    this rank's expert storages, the bytes of the whole model's experts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from train_helpers import build_trainer
+
+    m, moe = cfg.model, cfg.moe
+    full = {(moe.num_experts, m.d_model, m.ffn_hidden), (moe.num_experts, m.ffn_hidden, m.d_model)}
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.full_expert = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta and tuple(t.shape) in full:
+                    self.full_expert.append((str(func), tuple(t.shape)))
+            return out
+
+    with Allocations() as seen:
+        tr = build_trainer(cfg, out_dir)
+    mine = total = 0
+    for _, layer in tr.model.moe_layers():
+        for name in ("w1", "w2", "w3"):
+            p = getattr(layer.experts, name)
+            mine += (p.to_local() if hasattr(p, "to_local") else p).untyped_storage().nbytes()
+            total += moe.num_experts * m.d_model * m.ffn_hidden * 4  # fp32
+    tr.model.eval()
+    with torch.no_grad():
+        logits = tr.model(x)[0].numpy().copy()
+    return logits, seen.full_expert, mine, total
+
+
+# one MoE layer each, so transformers' balance loss (pooled over the MoE layers' tokens) is the
+# per-layer Switch loss moesys sums; a balance coefficient large enough to show in the loss
+ONE_MOE_LAYER = {"mixtral": dict(num_hidden_layers=1), "qwen2_moe": {}, "qwen3_moe": dict(decoder_sparse_step=2),
+                 "olmoe": dict(num_hidden_layers=1), "deepseek_v3": {}}
+
+
+def build_hf_one_moe_layer(family: str, out_dir: str, seed: int = 0):
+    """build_hf with one MoE layer and transformers' balance loss on (DeepSeek-V3 has none)."""
+    over = dict(ONE_MOE_LAYER[family])
+    if family != "deepseek_v3":
+        over.update(router_aux_loss_coef=0.05, output_router_logits=True)
+    return build_hf(family, out_dir, seed=seed, **over)
+
+
+def training_step_worker(paths: dict, x):
+    """Rank fn (4 ranks, one sequence of `x` each): per family, at EP 2 (dp 4: two replicas of each
+    expert) and EP 2 x FSDP2, build on the meta device, allocate this rank's shards, load its slices,
+    then one training step's forward and backward with the trainer's gradient sync; the balance loss
+    is moe.aux_loss=global_batch (the routes counted over the whole batch, as transformers does in one
+    process). Returns {(family, layout): (global loss, {name: full gradient} on rank 0 only)}."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from moesys import hf
+    from moesys.decoder import Decoder
+    from moesys.model import lm_loss
+    from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, apply_fsdp, materialize
+
+    dims = ParallelDims.build(ep=2, timeout_s=120)
+    rank = dist.get_rank()
+    xr = x[rank:rank + 1]
+    out = {}
+    for family, path in paths.items():
+        dcfg, moe = hf.configs_from_settings(hf.derive_settings(hf.read_config(path)))
+        if moe.aux_loss != "none":
+            moe = dataclasses.replace(moe, aux_loss="global_batch")
+        for layout in ("ep2", "ep2_fsdp2"):
+            with torch.device("meta"):
+                model = Decoder(dcfg, moe)
+            for _, layer in model.moe_layers():
+                layer.set_balance_group(dims.dp_group)
+                apply_expert_parallel(layer, dims.ep_group, dims=dims, mode="ep", overlap=1)
+            if layout.endswith("fsdp2"):
+                apply_fsdp(model, dims)
+            materialize(model, "cpu")
+            hf.load_into(model, path)
+            model.train()
+            logits, aux, _ = model(xr)
+            loss = lm_loss(logits[:, :-1], xr[:, 1:]) + aux
+            loss.backward()
+            if not layout.endswith("fsdp2"):  # FSDP2 reduce-scatters in the backward
+                allreduce_gradients(model, dims)
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            grads = {}
+            for name, p in model.named_parameters():  # the same order on every rank: full_tensor is collective
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name] = g.numpy().copy()
+            out[(family, layout)] = (total.item() / dist.get_world_size(), grads if rank == 0 else None)
+    return out

@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 
 from moesys import hf  # noqa: E402
 from moesys.model import lm_loss  # noqa: E402
-from hf_models import FAMILIES, VOCAB, build_hf  # noqa: E402
+from hf_models import FAMILIES, VOCAB, build_hf, grads_in_moesys_layout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +42,6 @@ def test_logits_equal_transformers(family, hf_dirs):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _grads_in_moesys_layout(ref, model, path):
-    """transformers' gradients read through the import map: moesys name -> gradient tensor."""
-    arch = hf.read_config(path)["architectures"][0]
-    reader = hf.TensorReader({n: p.grad for n, p in ref.named_parameters() if p.grad is not None})
-    entries = hf.weight_map(arch, model.cfg, model.blocks[-1].moe.cfg, hf.read_config(path))
-    E = model.blocks[-1].moe.cfg.num_experts
-    return {e.ours: hf.read_entry(reader, e, num_experts=E) for e in entries if not e.ours.endswith("expert_bias")}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_loss_and_grads_equal_transformers(family, hf_dirs):
     path, ref = hf_dirs[family]
@@ -64,7 +55,7 @@ def test_training_step_loss_and_grads_equal_transformers(family, hf_dirs):
     got = lm_loss(logits[:, :-1], x[:, 1:])
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    ref_grads = _grads_in_moesys_layout(ref, model, path)
+    ref_grads = grads_in_moesys_layout(ref, model, path)
     ours = dict(model.named_parameters())
     assert set(ref_grads) == set(ours), set(ref_grads) ^ set(ours)
     for name, g in ref_grads.items():
@@ -129,7 +120,13 @@ def test_unsupported_architecture_named(hf_dirs, tmp_path):
 
 @pytest.mark.parametrize("edit, msg", [
     (dict(sliding_window=64), "sliding_window=64 is not supported"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type='yarn'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_parameters.rope_type='yarn'"),
+    # DeepSeek-V3's published config.json: the older key, yarn with factor 40
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling={"type": "yarn", "factor": 40, "mscale": 1.0}),
+     "rope_scaling.type='yarn'"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "rope_type='linear'"),
+    (dict(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}),
+     r"quantization_config \(quant_method='fp8'\) is not supported"),
     (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
     (dict(num_local_experts=None), "num_local_experts is missing"),
 ])
@@ -242,3 +239,52 @@ def test_a_shard_missing_from_the_index_is_named(hf_dirs, tmp_path):
     os.remove(os.path.join(out, shards[1]))
     with pytest.raises(hf.HFFormatError, match=f"{shards[1]}: no such file \\(listed in model.safetensors.index.json\\)"):
         hf.from_pretrained(out)
+
+
+def _rewrite_tensors(path, edit):
+    """Rewrite model.safetensors of `path` through edit(dict of tensors) (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_float8_tensors_refused_by_name(hf_dirs, tmp_path):
+    """An FP8 checkpoint whose config.json lost its quantization_config: the float8 tensor is named,
+    from the safetensors header, before anything is loaded."""
+    d = _copy(hf_dirs["deepseek_v3"][0], str(tmp_path / "fp8"))
+    key = "model.layers.1.mlp.experts.3.up_proj.weight"
+
+    def to_fp8(t):
+        if key not in t:  # the fused in-memory layout: quantize it instead
+            k = "model.layers.1.mlp.experts.gate_up_proj"
+            t[k] = t[k].to(torch.float8_e4m3fn)
+        else:
+            t[key] = t[key].to(torch.float8_e4m3fn)
+    _rewrite_tensors(d, to_fp8)
+    with pytest.raises(hf.HFFormatError, match=r"model\.layers\.1\.mlp\.experts\..* is F8_E4M3 \(float8: an "
+                                                r"FP8-quantized checkpoint\): moesys loads F32, BF16, F16 weights"):
+        hf.from_pretrained(d)
+    with pytest.raises(hf.HFFormatError, match="is F8_E4M3"):
+        hf.check_checkpoint(d)
+
+
+def test_deepseek_mtp_layers_ignored_with_a_warning(hf_dirs, tmp_path):
+    """DeepSeek-V3's multi-token-prediction module (num_nextn_predict_layers=1: a layer past the last,
+    model.layers.2.* here) is not loaded, with a warning naming the field; the logits stay transformers'."""
+    path, ref = hf_dirs["deepseek_v3"]
+    d = _copy(path, str(tmp_path / "mtp"))
+    _edit_config(d, num_nextn_predict_layers=1)
+
+    def add_mtp(t):
+        t["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)
+        t["model.layers.2.enorm.weight"] = torch.ones(32)
+    _rewrite_tensors(d, add_mtp)
+    with pytest.warns(UserWarning, match=r"num_nextn_predict_layers=1: the checkpoint's layers \[2\] past "
+                                         r"num_hidden_layers=2 \(multi-token prediction\) are not loaded"):
+        model = hf.from_pretrained(d).eval()
+    x = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], ref(x).logits, rtol=1e-5, atol=1e-5)
