@@ -19,7 +19,7 @@ Per EP size (ep ranks per expert-parallel group, edp = world / ep replicas):
     + causal attention 6 t s d a layer) plus the gradient reduction's exposed part (dense over dp,
     experts over edp). The plain engine with parallel.grad_overlap launches bucketed reductions
     during the last micro-step's backward: only what outlasts that backward's compute shows, and at
-    least the last bucket's reduction (exposed_grad_sync); otherwise all of it (flat, after the
+    least the last bucket's reduction, times the hardware's overlap (exposed_grad_sync); otherwise all of it (flat, after the
     backward; fsdp's and deepspeed's reductions are priced unhidden too).
 A layout fits when its estimated memory (memory.py) is within 90% of the device memory.
 """
@@ -28,8 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from moesys.parallel.cost_model import (DEGREES, DISPATCHERS, MODES, Breakdown, Stats, candidates, expected_stats,
-                                        rank)
+from moesys.parallel.cost_model import DEGREES, DISPATCHERS, MODES, Breakdown, Stats, candidates, expected_stats, rank
 from moesys.parallel.cost_network import Hardware, allreduce
 
 from . import memory as mem
@@ -112,19 +111,21 @@ def last_bucket_seconds(wl: Workload, world: int, ep: int, hw: Hardware) -> floa
     return max(allreduce(min(cap, wl.dense_params * g), world, hw), allreduce(min(cap, experts), world // ep, edp_hw))
 
 
-def exposed_grad_sync(sync: float, backward: float, tail: float) -> float:
+def exposed_grad_sync(sync: float, backward: float, tail: float, overlap: float = 1.0) -> float:
     """Exposed seconds of a reduction of `sync` seconds launched bucket by bucket during a backward of
     `backward` seconds of compute: the reductions run behind it, all but the last bucket (`tail`
-    seconds, launched when the backward ends) and whatever outlasts the backward."""
-    return max(min(tail, sync), sync - backward)
+    seconds, launched when the backward ends) and whatever outlasts the backward; `overlap` (the
+    Hardware's, as in cost_network.pipelined) is the fraction of that the machine really hides.
+    With overlap 1: max(tail, sync - backward)."""
+    return sync - overlap * max(0.0, min(backward, sync - min(tail, sync)))
 
 
-def _step(wl: Workload, layer: Breakdown, dense: float, sync: float, tail: float) -> StepTime:
+def _step(wl: Workload, layer: Breakdown, dense: float, sync: float, tail: float, overlap: float) -> StepTime:
     exposed = sync
     if wl.grad_overlap and wl.engine == "plain":
         # the last micro-step's backward compute: 2/3 of fwd+bwd (dense part, expert GEMMs, routing)
         backward = 2 / 3 * (dense + wl.n_moe_layers * (layer.compute + layer.local))
-        exposed = exposed_grad_sync(sync, backward, tail)
+        exposed = exposed_grad_sync(sync, backward, tail, overlap)
     return StepTime(moe=wl.grad_accum * wl.n_moe_layers * layer.total, dense=wl.grad_accum * dense, grad_sync=exposed,
                     grad_sync_full=sync)
 
@@ -157,8 +158,9 @@ def plan_ep(wl: Workload, hw: Hardware, world: int, ep: int, dispatchers: Sequen
     dense, sync = dense_seconds(wl, world, hw), grad_sync_seconds(wl, world, ep, hw)
     tail = last_bucket_seconds(wl, world, ep, hw)
     return EPPlan(ep=ep, edp=world // ep, stats=stats, ranked=ranked, runtime=runtime, best=best, baseline=baseline,
-                  memory=memory, fits=fits, step_runtime=_step(wl, runtime, dense, sync, tail),
-                  step_best=_step(wl, best, dense, sync, tail), step_baseline=_step(wl, baseline, dense, sync, tail))
+                  memory=memory, fits=fits, step_runtime=_step(wl, runtime, dense, sync, tail, hw.overlap),
+                  step_best=_step(wl, best, dense, sync, tail, hw.overlap),
+                  step_baseline=_step(wl, baseline, dense, sync, tail, hw.overlap))
 
 
 def plan(wl: Workload, hw: Union[Hardware, Callable[[int], Hardware]], world: int, eps: Optional[Sequence[int]] = None,

@@ -149,12 +149,15 @@ def test_exposed_grad_sync_formula_by_hand():
     from moesys.planner.plan import exposed_grad_sync
 
     # hidden behind the backward but for the last bucket, which starts when the backward ends
-    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02) == 0.02
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02) == pytest.approx(0.02)
     # longer than the backward: what outlasts it shows
     assert exposed_grad_sync(sync=0.3, backward=0.1, tail=0.02) == pytest.approx(0.2)
     # one bucket (the tail is the whole reduction): nothing hides
     assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.3) == 0.3
     assert exposed_grad_sync(sync=0.3, backward=0.5, tail=1.0) == 0.3  # a tail never exceeds the reduction
+    # a machine that hides half of what runs side by side (Hardware.overlap): 0.3 - 0.5 x 0.28
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02, overlap=0.5) == pytest.approx(0.16)
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02, overlap=0.0) == 0.3
 
 
 def test_plan_step_prices_only_the_exposed_grad_sync_with_overlap():
@@ -171,7 +174,7 @@ def test_plan_step_prices_only_the_exposed_grad_sync_with_overlap():
     assert p_off.step_best.grad_sync == full == p_on.step_best.grad_sync_full
     dense = (p_on.step_best.dense / on.grad_accum)
     backward = 2 / 3 * (dense + on.n_moe_layers * (p_on.best.compute + p_on.best.local))
-    want = exposed_grad_sync(full, backward, last_bucket_seconds(on, 64, 8, hw))
+    want = exposed_grad_sync(full, backward, last_bucket_seconds(on, 64, 8, hw), hw.overlap)
     assert p_on.step_best.grad_sync == pytest.approx(want) and want < full
     assert p_on.step_best.total == pytest.approx(p_off.step_best.total - (full - want))
     # fsdp's reductions are priced whole
