@@ -78,7 +78,7 @@ def make_buckets(params: list, bucket_bytes: int, first_bucket_bytes: int) -> Li
 class _Bucket:
     params: list
     index: int
-    ready: int = 0  # parameters whose gradient this backward has accumulated
+    ready: set = field(default_factory=set)  # ids of the parameters whose gradient this backward accumulated
     grads: Optional[list] = None  # the local gradients reduced (set at launch)
     flat: Optional[torch.Tensor] = None
     work: Any = None
@@ -149,7 +149,7 @@ class OverlappedGradReducer:
             for g in self.groups:
                 g.next = 0
                 for b in g.buckets:
-                    b.ready, b.grads, b.flat, b.work, b.launched = 0, None, None, None, False
+                    b.ready, b.grads, b.flat, b.work, b.launched = set(), None, None, None, False
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -185,8 +185,11 @@ class OverlappedGradReducer:
         if not self.syncing:
             return
         g, b = self._where[id(p)]
-        b.ready += 1
-        if b.ready == len(b.params):
+        if b.launched:  # e.g. a second backward through the model before finish()
+            raise RuntimeError(f"OverlappedGradReducer: a gradient of {g.name} bucket {b.index} accumulated again after "
+                               "the bucket's all-reduce was launched; run one backward per prepare_backward(sync=True)")
+        b.ready.add(id(p))
+        if len(b.ready) == len(b.params):
             self._launch_ready(g, flush=False)
 
     @torch.no_grad()
@@ -195,7 +198,7 @@ class OverlappedGradReducer:
         gradients that exist)."""
         while g.next < len(g.buckets):
             b = g.buckets[g.next]
-            if not flush and b.ready < len(b.params):
+            if not flush and len(b.ready) < len(b.params):
                 return
             g.next += 1
             grads = [_local(p.grad) for p in b.params if p.grad is not None]
