@@ -2,7 +2,7 @@
 overlapped (bucketed all-reduces launched by the backward's gradient hooks, parallel.grad_overlap),
 side by side in one run on simulated gloo ranks.
 
-    python benchmarks/grad_overlap.py                         # 4 ranks, ep 2, ~1 min on 2 shared cores
+    python benchmarks/grad_overlap.py                         # 4 ranks, ep 2: ~1 min on 2 shared cores (2 under heavy load)
     python benchmarks/grad_overlap.py --ranks 4 --ep 4 --steps 20 --bucket-mb 4
 
 Each rank trains the same GPT-MoE (fp32, ep mode, no dispatch overlap); the two syncs alternate step by
