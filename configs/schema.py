@@ -103,11 +103,14 @@ class ParallelConfig:
 
     ep: int = 2  # expert-parallel degree; must divide moe.num_experts and the world size
     simulate_ranks: int = 2  # without torchrun: spawn this many local gloo ranks (1 = single process)
-    dispatcher: str = "alltoallv"  # alltoallv | padded | hierarchical | allgather
+    # alltoallv | padded | hierarchical | hierarchical_padded | allgather (the 2-D ones: within the node,
+    # then across nodes; hierarchical_padded: padded's fixed-capacity buffers, no counts exchange)
+    dispatcher: str = "alltoallv"
     mode: str = "auto"  # auto (adaptive) | ep | sharded_dp
     overlap: str = "auto"  # auto | 1 | 2 | 4 | 8  (chunks of dispatch/compute overlap)
-    # dispatcher=padded only: a static buffer of ceil(f * T * K / E) rows per (source rank, expert),
-    # so the dispatch needs no per-step agreement collective and no host read (null: agreed per step)
+    # dispatcher=padded or hierarchical_padded only: a static buffer of ceil(f * T * K / E) rows per
+    # (source rank, expert), so the dispatch needs no per-step agreement collective and no host read
+    # (null: agreed per step)
     static_capacity_factor: Optional[float] = None
     # rows past the static buffer: drop (counted: runtime/overflow_dropped) | error (every rank raises) |
     # rerun (a step that overflowed anywhere is re-run once with a grown factor: parallel/overflow.py)
@@ -339,7 +342,8 @@ class TrainConfig:
                                   f"moe.num_experts ({p.ep // moe.num_experts})")
         if world_size % p.ep:
             raise ConfigError(f"world size ({world_size}) must be divisible by parallel.ep ({p.ep})")
-        _one_of("parallel.dispatcher", p.dispatcher, ("alltoallv", "padded", "hierarchical", "allgather"))
+        _one_of("parallel.dispatcher", p.dispatcher,
+                ("alltoallv", "padded", "hierarchical", "hierarchical_padded", "allgather"))
         _one_of("parallel.mode", p.mode, ("auto", "ep", "sharded_dp"))
         _one_of("parallel.overlap", str(p.overlap), ("auto", "1", "2", "4", "8"))
         _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
@@ -350,16 +354,17 @@ class TrainConfig:
         if f is not None:
             _check(math.isfinite(f) and f > 0, f"parallel.static_capacity_factor must be a finite number > 0 or null, "
                                                f"got {f}")
-            if p.dispatcher != "padded":
-                raise ConfigError(f"parallel.static_capacity_factor={f} needs parallel.dispatcher=padded (a fixed "
-                                  f"buffer), got parallel.dispatcher={p.dispatcher!r}")
+            if p.dispatcher not in ("padded", "hierarchical_padded"):
+                raise ConfigError(f"parallel.static_capacity_factor={f} needs parallel.dispatcher=padded or "
+                                  f"hierarchical_padded (a fixed buffer), got parallel.dispatcher={p.dispatcher!r}")
             if moe.variable_k:
                 raise ConfigError(f"parallel.static_capacity_factor={f} needs a fixed number of experts per token "
                                   f"(C = f*T*K/E); moe.router={moe.router!r} routes a variable number")
         _one_of("parallel.overflow", p.overflow, ("drop", "error", "rerun"))
         if p.overflow != "drop" and f is None:
             raise ConfigError(f"parallel.overflow={p.overflow!r} applies to a static buffer only: set "
-                              "parallel.static_capacity_factor too (with parallel.dispatcher=padded)")
+                              "parallel.static_capacity_factor too (with parallel.dispatcher=padded or "
+                              "hierarchical_padded)")
         if p.overflow == "rerun":
             if p.ep == 1:
                 raise ConfigError("parallel.overflow='rerun' re-runs a step whose expert-parallel static buffer "

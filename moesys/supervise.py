@@ -115,6 +115,9 @@ def _child(rank: int, parent_pid: int, workdir: str, target: Callable, args: tup
             pickle.dump(result, f)
 
 
+EXIT_GRACE_S = 10.0  # how long a failed rank that recorded its error may take to exit before it is killed
+
+
 def _signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -217,6 +220,13 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
                 raise KeyboardInterrupt("a second SIGINT: the ranks were killed without a checkpoint")
             failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
             if failed:
+                # A rank that recorded its error may still be exiting while a peer that failed because of
+                # it has ended: let such ranks finish (briefly) so the first failure is the one named.
+                grace = time.monotonic() + EXIT_GRACE_S
+                while time.monotonic() < grace and any(
+                        p.exitcode is None and os.path.isfile(_error_file(workdir, r)) for r, p in enumerate(procs)):
+                    time.sleep(0.02)
+                failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 kill_all()  # do not wait for the survivors' collective timeouts
                 for p in procs:
                     p.join()

@@ -15,6 +15,7 @@ from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_base import Dispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
+from .dispatch_hierarchical_padded import HierarchicalPaddedDispatcher
 from .dispatch_padded import PaddedDispatcher
 from .fsdp import apply_fsdp
 from .grad_overlap import OverlappedGradReducer
@@ -35,7 +36,7 @@ from .tuner import Machine, Stats, Tuner, TunerSettings
 __all__ = [
     "apply_expert_parallel", "apply_fsdp", "localize_experts", "ExpertParallelConfig", "DISPATCHERS", "ParallelDims", "mesh_ranks",
     "allreduce_gradients", "OverlappedGradReducer", "clip_grad_norm_", "expert_param_groups", "ExpertParamGroups",
-    "expert_parameters",
-    "Dispatcher", "AllToAllVDispatcher", "PaddedDispatcher", "HierarchicalDispatcher", "AllGatherDispatcher",
+    "expert_parameters", "Dispatcher", "AllToAllVDispatcher", "PaddedDispatcher", "HierarchicalDispatcher",
+    "HierarchicalPaddedDispatcher", "AllGatherDispatcher",
     "ExpertLayout", "ExpertParallelRunner", "simulate", "RankPool", "Tuner", "TunerSettings", "Machine", "Stats",
 ]

@@ -30,10 +30,11 @@ from torch.distributed.tensor import DTensor
 from moesys.moe.experts import FFN_DIM, ExpertSharding, slice_ffn
 from moesys.moe.layer import MoELayer
 
-from .cost_model import DISPATCHERS
+from .cost_model import DISPATCHERS, PADDED
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
 from .dispatch_hierarchical import HierarchicalDispatcher
+from .dispatch_hierarchical_padded import HierarchicalPaddedDispatcher
 from .dispatch_padded import PaddedDispatcher
 from .layout import ExpertLayout
 from .mesh import ParallelDims, borrow_groups
@@ -81,9 +82,9 @@ class ExpertParallelConfig:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not f > 0:
                 raise ValueError(f"ExpertParallelConfig.static_capacity_factor must be a finite number > 0 or None, "
                                  f"got {f!r}")
-            if self.dispatcher != "padded":
-                raise ValueError(f"ExpertParallelConfig.static_capacity_factor={f} needs dispatcher='padded' (a fixed "
-                                 f"buffer), got dispatcher={self.dispatcher!r}")
+            if self.dispatcher not in PADDED:
+                raise ValueError(f"ExpertParallelConfig.static_capacity_factor={f} needs dispatcher='padded' or "
+                                 f"'hierarchical_padded' (a fixed buffer), got dispatcher={self.dispatcher!r}")
         if self.overflow not in ("drop", "error", "rerun"):
             raise ValueError(f"ExpertParallelConfig.overflow={self.overflow!r} is not one of ['drop', 'error', 'rerun']")
         if self.overflow != "drop" and f is None:
@@ -171,10 +172,11 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         agree_group: the ranks that take the adaptive runtime's decisions together: every rank whose
             collectives can meet this layer's (default: the world). It must contain ep_group.
         config: an ExpertParallelConfig; keyword options override its fields:
-            dispatcher ("alltoallv" | "padded" | "hierarchical" | "allgather"), mode ("auto" | "ep" |
-            "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s, tuner (TunerSettings or dict),
-            dtensor (default True: expert weights become DTensor parameters over the ep mesh),
-            static_capacity_factor (None | f > 0: the padded dispatcher's static buffer, see
+            dispatcher ("alltoallv" | "padded" | "hierarchical" | "hierarchical_padded" | "allgather"),
+            mode ("auto" | "ep" | "sharded_dp"), overlap ("auto" | 1 | 2 | 4 | 8), timeout_s,
+            tuner (TunerSettings or dict), dtensor (default True: expert weights become DTensor
+            parameters over the ep mesh),
+            static_capacity_factor (None | f > 0: the padded dispatchers' static buffer, see
             dispatch_padded.py), overflow ("drop" | "error" | "rerun": rows past that buffer).
     """
     base = asdict(config) if config is not None else {}
@@ -202,14 +204,14 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     _check_agreement(layer, epc, group)
 
     common = dict(timeout_s=epc.timeout_s)
-    if epc.dispatcher == "hierarchical":
+    if epc.dispatcher in PADDED:
+        common.update(static_capacity_factor=epc.static_capacity_factor, top_k=cfg.top_k)
+    if epc.dispatcher in ("hierarchical", "hierarchical_padded"):
         node, cross, lw = _hierarchical_groups(group, dims, P, epc.timeout_s)
-        dispatcher = HierarchicalDispatcher(layout, group, node_group=node, cross_group=cross,
-                                            local_world_size=lw, **common)
+        cls = HierarchicalDispatcher if epc.dispatcher == "hierarchical" else HierarchicalPaddedDispatcher
+        dispatcher = cls(layout, group, node_group=node, cross_group=cross, local_world_size=lw, **common)
     else:
         cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}
-        if epc.dispatcher == "padded":
-            common.update(static_capacity_factor=epc.static_capacity_factor, top_k=cfg.top_k)
         dispatcher = cls[epc.dispatcher](layout, group, **common)
 
     dtype = experts.w1.dtype

@@ -11,7 +11,11 @@ Rows are routes (token, expert); R = rows the busiest rank computes; V = bytes a
         alltoallv     counts all-to-all once, then 2 all-to-all-v of V/c
         padded        tiny all-reduce (agree C) once, then 2 all-to-alls of P*L*ceil(C/c) rows;
                       experts compute the padding rows too
-        hierarchical  all-gather of the [c, E] counts once, then 2 two-stage (2-D) all-to-alls
+        hierarchical  the [c, P, L] send counts through the same two stages once (an intra-node
+                      all-to-all, then a cross-node one: (Lw-1) + (Nn-1) peers, not a ring of P-1),
+                      then 2 two-stage (2-D) all-to-alls
+        hierarchical_padded  padded's plan and rows (fixed capacity: no counts exchange), each
+                      all-to-all a two-stage (2-D) one
         allgather     all-gather of the counts once, then an all-gather of every rank's rows
                       (reduce-scatter in the backward) and an all-to-all-v back
         compute       2*G*D*(F/S)*R FLOPs forward at R/(L*c) rows per expert; backward 2x
@@ -33,7 +37,8 @@ from .cost_network import (Hardware, allgather_ring, alltoall_2d, alltoall_flat,
 
 MODES = ("ep", "sharded_dp")
 DEGREES = (1, 2, 4, 8)
-DISPATCHERS = ("alltoallv", "padded", "hierarchical", "allgather")
+DISPATCHERS = ("alltoallv", "padded", "hierarchical", "hierarchical_padded", "allgather")
+PADDED = ("padded", "hierarchical_padded")  # fixed-capacity buffers: capacity and drops as `padded`'s
 INDEX_BYTES = 8  # counts travel as int64
 
 
@@ -163,12 +168,13 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
 
     row_b = D * b
     per_chunk_bwd = None  # the backward's collectives, where they differ from the forward's
-    if dispatcher == "padded":
+    if dispatcher in PADDED:
         C = capacity if capacity is not None else padded_capacity(stats, shape)
         rows_chunk = L * P * math.ceil(C / c)  # padding rows move and compute too
         v_chunk = rows_chunk * row_b
         plan = allreduce(2 * INDEX_BYTES, P, hw)
-        per_chunk = 2 * alltoall_flat(v_chunk, P, hw)
+        a2a = alltoall_flat if dispatcher == "padded" else alltoall_2d
+        per_chunk = 2 * a2a(v_chunk, P, hw)
     else:
         rows_chunk = stats.max_rank_rows / c
         # the slowest rank's exchange: what it sends (F-shard copies included) or receives
@@ -177,7 +183,7 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
             plan = alltoall_flat(P * c * L * INDEX_BYTES, P, hw)
             per_chunk = 2 * alltoall_flat(v_chunk, P, hw)
         elif dispatcher == "hierarchical":
-            plan = allgather_ring(c * E * INDEX_BYTES, P, hw)
+            plan = hierarchical_counts(c, shape, hw)
             per_chunk = 2 * alltoall_2d(v_chunk, P, hw)
         else:  # allgather: every rank's rows (padded to the largest N) to everyone, outputs back;
             # the backward reduce-scatters the rows' gradients
@@ -193,6 +199,14 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
     total = total_local + plan + pipelined(comm, comp, c, hw.overlap) + pipelined(comm_bwd, 2 * comp, c, hw.overlap)
     return Breakdown(mode, dispatcher, c, 3 * comp, comm + comm_bwd, plan, total_local, total,
                      bytes_fwd=per_chunk_bytes(dispatcher, v_chunk, stats, row_b, P, c), collectives=1 + 4 * c)
+
+
+def hierarchical_counts(c: int, shape: Shape, hw: Hardware) -> float:
+    """The hierarchical dispatcher's plan: each rank's [c, P, L] int64 send counts through the 2-D
+    exchange's two stages, [c, Nn, L] to each of Lw - 1 local peers, then [c, Lw, L] to each of
+    Nn - 1 nodes (host index math between them: no device permutes)."""
+    P, L = shape.world, max(1, shape.num_experts // shape.world)
+    return alltoall_2d(c * P * L * INDEX_BYTES, P, hw, permutes=False)
 
 
 def per_chunk_bytes(dispatcher: str, v_chunk: float, stats: Stats, row_b: float, P: int, c: int) -> float:

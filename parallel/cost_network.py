@@ -13,7 +13,8 @@ Costs of one collective, seconds, for the slowest rank (every rank waits for it)
         latency + max((Lw-1)(g_i + m/B_i), (P-Lw)(g_e + m/B_e))   (the two link classes run at once)
     alltoall_2d(V, P)     Tutel's 2-D hierarchical all-to-all: first within the node (Lw-1 peers,
         V/Lw each), then across nodes between ranks of the same local index (Nn-1 peers, V/Nn each:
-        Lw times fewer, Lw times larger messages), plus two row permutes through memory (4V / B_mem)
+        Lw times fewer, Lw times larger messages), plus two row permutes through memory (4V / B_mem;
+        none for the hierarchical dispatcher's counts, which take the same two stages on the host)
     allgather_ring(v, P)  v: bytes each rank contributes; (P-1) steps of (latency + v/B) on the
         ring's slowest link (across nodes once the group spans them), times hw.allgather_factor
     reduce_scatter_ring(v, P)  the same ring (v: bytes each rank ends with), times
@@ -120,12 +121,13 @@ def alltoall_flat(V: float, P: int, hw: Hardware) -> float:
     return (hw.inter if Nn > 1 else hw.intra).latency + max(t_intra, t_inter)
 
 
-def alltoall_2d(V: float, P: int, hw: Hardware) -> float:
-    """The 2-D hierarchical all-to-all of V bytes per rank (moesys's `hierarchical`, Tutel's 2DH)."""
+def alltoall_2d(V: float, P: int, hw: Hardware, permutes: bool = True) -> float:
+    """The 2-D hierarchical all-to-all of V bytes per rank (moesys's `hierarchical`, Tutel's 2DH).
+    permutes=False: no row permutes through device memory (the counts exchange: host index math)."""
     if P <= 1:
         return 0.0
     Lw, Nn = split_nodes(P, hw)
-    t = 4 * V / hw.mem_bandwidth  # two row permutes (read + write each) around the stages
+    t = 4 * V / hw.mem_bandwidth if permutes else 0.0  # two row permutes (read + write each) around the stages
     if Lw > 1:
         t += hw.intra.latency + (Lw - 1) * (hw.intra.gap + V / Lw / hw.intra.bandwidth)
     if Nn > 1:

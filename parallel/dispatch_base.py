@@ -138,6 +138,10 @@ class Dispatcher:
         return comm.all_to_all_start(x, out_splits, in_splits, self.group if group is None else group,
                                      self.timeout)
 
+    @staticmethod
+    def a2a_wait(token) -> torch.Tensor:
+        return comm.all_to_all_wait(token)
+
 
 def row_bytes(x: torch.Tensor) -> int:
     return int(x.shape[1]) * x.element_size() if x.dim() == 2 else 0

@@ -136,6 +136,10 @@ class PaddedDispatcher(Dispatcher):
             )
         return cap
 
+    def remote_rows(self, per_rank: int) -> int:
+        """Rows of one equal-split exchange (per_rank rows to each rank) that leave this rank."""
+        return (self.layout.world - 1) * per_rank
+
     def _static_start(self, x_ND: torch.Tensor, chunk: StaticChunk) -> Flight:
         P, L, E, w = self.layout.world, self.layout.local_experts, self.layout.num_experts, chunk.width
         D = x_ND.shape[1]
@@ -146,7 +150,7 @@ class PaddedDispatcher(Dispatcher):
         splits = [L * w] * P
         token = self.a2a_start(buf_ECD.reshape(P * L * w, D), splits, splits)
         rb = row_bytes(x_ND)
-        state = StaticHandle(chunk.dest_N, w, x_ND.shape[0], P * L * w * rb, (P - 1) * L * w * rb)
+        state = StaticHandle(chunk.dest_N, w, x_ND.shape[0], P * L * w * rb, self.remote_rows(L * w) * rb)
         return Flight(token, state)
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
@@ -166,14 +170,14 @@ class PaddedDispatcher(Dispatcher):
         splits = [L * C] * P
         token = self.a2a_start(buf_ECD.reshape(P * L * C, D), splits, splits)
         rb = row_bytes(x_ND)
-        state = PaddedHandle(pos_N, C, x_ND.shape[0], P * L * C * rb, (P - 1) * L * C * rb)
+        state = PaddedHandle(pos_N, C, x_ND.shape[0], P * L * C * rb, self.remote_rows(L * C) * rb)
         return Flight(token, state)
 
     def dispatch_finish(self, flight: Flight):
         h = flight.state
         P, L = self.layout.world, self.layout.local_experts
         C = h.width if isinstance(h, StaticHandle) else h.capacity
-        x_recv = comm.all_to_all_wait(flight.token)
+        x_recv = self.a2a_wait(flight.token)
         D = x_recv.shape[1]
         # [src, local expert, C] -> [local expert, src, C]: each local expert's rows contiguous
         x_MD = x_recv.view(P, L, C, D).transpose(0, 1).reshape(L * P * C, D)
@@ -193,7 +197,7 @@ class PaddedDispatcher(Dispatcher):
         h = flight.state
         E = self.layout.num_experts
         C = h.width if isinstance(h, StaticHandle) else h.capacity
-        y_back = comm.all_to_all_wait(flight.token)
+        y_back = self.a2a_wait(flight.token)
         D = y_back.shape[1]
         if self.layout.shards > 1:
             # sum the partial outputs of the S F-shard ranks of each expert

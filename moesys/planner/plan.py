@@ -28,7 +28,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from moesys.parallel.cost_model import DEGREES, DISPATCHERS, MODES, Breakdown, Stats, candidates, expected_stats, rank
+from moesys.parallel.cost_model import (
+    DEGREES,
+    DISPATCHERS,
+    MODES,
+    PADDED,
+    Breakdown,
+    Stats,
+    candidates,
+    expected_stats,
+    rank,
+)
 from moesys.parallel.cost_network import Hardware, allreduce
 
 from . import memory as mem
@@ -140,7 +150,7 @@ def plan_ep(wl: Workload, hw: Hardware, world: int, ep: int, dispatchers: Sequen
     disp = tuple(dict.fromkeys([*dispatchers, wl.dispatcher, "alltoallv"]))
     ranked = tuple(rank(stats, shape, hw, candidates(disp, MODES, tuple(dict.fromkeys([*degrees, 1]))), capacity))
     rows = {"ep": stats.max_rank_rows, "sharded_dp": stats.max_local_rows}
-    if wl.dispatcher == "padded" and capacity is not None:
+    if wl.dispatcher in PADDED and capacity is not None:
         rows["ep"] = max(1, wl.moe.num_experts // ep) * ep * capacity
     memory = {m: mem.estimate(wl, world, ep, stats, m, rows[m]) for m in MODES}
     fits = {m: memory[m].total <= FIT_FRACTION * hw.memory_bytes for m in MODES}

@@ -43,12 +43,13 @@ def ep_table(p: EPPlan, hw_memory: float) -> str:
         rows.setdefault((b.mode, b.dispatcher), {})[b.degree] = b
     out = [f"\nEP={p.ep} (x{p.edp} expert-data-parallel): one MoE layer, fwd+bwd ms, busiest rank "
            f"({p.stats.max_rank_rows} rows on it in ep mode, {p.stats.max_local_rows} of its own)"]
-    out.append(f"  {'mode':<11}{'dispatcher':<13}" + "".join(f"{'c=' + str(c):>9}" for c in degrees)
+    w = max(13, *(len(d) + 2 for _, d in rows))  # the dispatcher column fits the longest name
+    out.append(f"  {'mode':<11}{'dispatcher':<{w}}" + "".join(f"{'c=' + str(c):>9}" for c in degrees)
                + f"{'MB moved/fwd':>14}")
     for (mode, disp), by_c in rows.items():
         cells = "".join(f"{_ms(by_c[c].total):>9}" if c in by_c else f"{'':>9}" for c in degrees)
         mb = by_c[min(by_c)].bytes_fwd / 1e6
-        out.append(f"  {mode:<11}{disp:<13}{cells}{mb:14.1f}")
+        out.append(f"  {mode:<11}{disp:<{w}}{cells}{mb:14.1f}")
     out.append(f"  runtime's choice: {_name(p.runtime)} {_ms(p.runtime.total)} ms "
                f"({p.speedup('runtime'):.2f}x the static ep/alltoallv c=1 per layer, "
                f"{p.speedup('runtime', 'step'):.2f}x per step)")

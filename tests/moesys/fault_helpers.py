@@ -196,3 +196,34 @@ def exiting_rank(rank: int, workdir: str) -> None:
     if rank == 1:
         os._exit(3)
     sleeping_rank(rank, workdir)
+
+
+def starting_rank(rank: int, workdir: str) -> None:
+    """A rank still starting: it records its pid and sleeps with the default signal handlers (as a
+    rank importing torch does, before the trainer installs its own), so SIGTERM ends it at once."""
+    import os
+    import time
+
+    with open(os.path.join(workdir, f"rank{rank}.pid.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(workdir, f"rank{rank}.pid.tmp"), os.path.join(workdir, f"rank{rank}.pid"))
+    time.sleep(600)
+
+
+def slow_to_exit_rank(rank: int, workdir: str) -> None:
+    """Rank 1 raises first but takes 3 s to exit after its error is recorded (a finalizer, as a
+    rank's teardown can); rank 0 notices its absence and fails at once, so rank 0 ends first."""
+    import multiprocessing.util
+    import os
+    import time
+
+    marker = os.path.join(workdir, "rank1.raised")
+    if rank == 1:
+        multiprocessing.util.Finalize(None, time.sleep, args=(3.0,), exitpriority=10)
+        open(marker, "w").close()
+        raise ValueError("injected failure on rank 1")
+    deadline = time.time() + 120
+    while not os.path.exists(marker) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # rank 1's error file is written right after its marker
+    raise RuntimeError("rank 0: the connection to rank 1 was closed (a consequence, not the cause)")

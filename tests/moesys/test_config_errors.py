@@ -109,6 +109,7 @@ CASES = [
     (["parallel.ep=0"], "parallel.ep must be > 0, got 0"),
     (["parallel.simulate_ranks=0"], "parallel.simulate_ranks must be > 0, got 0"),
     (["parallel.dispatcher=smoke"], "parallel.dispatcher='smoke' is not one of"),
+    (["parallel.dispatcher=hierarchical_pad"], "hierarchical|hierarchical_padded|allgather"),
     (["parallel.mode=fast"], "parallel.mode='fast' is not one of auto|ep|sharded_dp"),
     (["parallel.overlap=3"], "parallel.overlap='3' is not one of auto|1|2|4|8"),
     (["parallel.timeout_s=0"], "parallel.timeout_s must be > 0, got 0.0"),
@@ -121,7 +122,8 @@ CASES = [
      "parallel.overflow='later' is not one of drop|error|rerun"),
     (["parallel.overflow=error"], "parallel.overflow='error' applies to a static buffer only"),
     (["parallel.overflow=rerun"], "parallel.overflow='rerun' applies to a static buffer only: set "
-                                  "parallel.static_capacity_factor too (with parallel.dispatcher=padded)"),
+                                  "parallel.static_capacity_factor too (with parallel.dispatcher=padded or "
+                                  "hierarchical_padded)"),
     (["parallel.overflow=rerun", "parallel.static_capacity_factor=0.5"],
      "parallel.static_capacity_factor=0.5 needs parallel.dispatcher=padded"),
     (["parallel.overflow=rerun", "parallel.dispatcher=padded", "parallel.static_capacity_factor=0.5",

@@ -9,9 +9,9 @@ import _matrix  # noqa: E402
 import ep_workers  # noqa: E402
 
 
-# the layer through the hierarchical dispatcher across nodes: dropless, and with drops
+# the layer through the 2-D dispatchers across nodes: dropless, and with drops
 TWO_NODE_CASES = _matrix.cases(4)[:2]
-TWO_NODE_COMBOS = [("hierarchical", "ep", 1), ("hierarchical", "ep", 2)]
+TWO_NODE_COMBOS = [(d, "ep", c) for d in ("hierarchical", "hierarchical_padded") for c in (1, 2)]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
 from moesys.parallel import (DISPATCHERS, AllGatherDispatcher, AllToAllVDispatcher, ExpertLayout,
-                             HierarchicalDispatcher, PaddedDispatcher, ParallelDims, apply_expert_parallel)
+                             HierarchicalDispatcher, HierarchicalPaddedDispatcher, PaddedDispatcher, ParallelDims,
+                             apply_expert_parallel)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
 from ep_check import check_local_expert_grads, close  # noqa: E402
@@ -30,10 +31,11 @@ RNG_SEED = 1234
 # ---------------------------------------------------------------------------------------------
 # dispatchers on plain tensors: "experts" scale rows by a per-expert factor
 def _make_dispatcher(name, layout, group, dims):
-    if name == "hierarchical":
+    if name in ("hierarchical", "hierarchical_padded"):
         lw = dims.local_world_size if dims.ep_node_group is not None else layout.world
-        return HierarchicalDispatcher(layout, group, node_group=dims.ep_node_group, cross_group=dims.ep_cross_group,
-                                      local_world_size=lw, timeout_s=30)
+        cls = HierarchicalDispatcher if name == "hierarchical" else HierarchicalPaddedDispatcher
+        return cls(layout, group, node_group=dims.ep_node_group, cross_group=dims.ep_cross_group,
+                   local_world_size=lw, timeout_s=30)
     cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}[name]
     return cls(layout, group, timeout_s=30)
 
@@ -320,7 +322,7 @@ def two_node_worker(cases, combos):
     """The fast 4-rank checks, in one spawn on two simulated nodes (LOCAL_WORLD_SIZE=2): the
     hierarchical dispatcher across nodes (plain tensors and the layer) and gradient sync at
     dp = 4 > ep = 2 > 1."""
-    return {"dispatchers": dispatcher_worker((2, 4, 8), names=("hierarchical",)),
+    return {"dispatchers": dispatcher_worker((2, 4, 8), names=("hierarchical", "hierarchical_padded")),
             "layer": layer_worker(cases, combos), "grads": grads_worker()}
 
 

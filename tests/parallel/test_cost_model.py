@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from moesys.parallel.cost_model import (Shape, Stats, candidates, expected_stats, layer_time, padded_capacity,
-                                        rank)
+from moesys.parallel.cost_model import (Shape, Stats, candidates, expected_stats, hierarchical_counts, layer_time,
+                                        padded_capacity, rank)
 from moesys.parallel.cost_network import (Hardware, Link, allgather_ring, alltoall_2d, alltoall_flat, allreduce,
                                           pipelined, reduce_scatter_ring)
 from moesys.parallel.probe import half_rows_from, hidden_fraction
@@ -40,6 +40,41 @@ def test_2d_alltoall_sends_fewer_larger_messages_across_nodes():
     # many nodes, tiny messages: the gain tends to the ranks per node (8x fewer remote messages)
     ratio = alltoall_flat(1e3, 2048, HW) / alltoall_2d(1e3, 2048, HW)
     assert 6 < ratio < 8
+
+
+def test_hierarchical_counts_exchange_by_hand():
+    # 4 nodes of 8 (P = 32), E = 64 (L = 2), c = 2 chunks: each rank's [c, P, L] int64 send counts,
+    # V = 2 * 32 * 2 * 8 = 1024 B, through the two stages; no device permutes (host index math)
+    shape = Shape(world=32, num_experts=64, hidden=512, ffn=1024, matrices=2, dtype_bytes=2)
+    stage1 = 2e-6 + 7 * (1e-6 + 1024 / 8 / 100e9)  # [c, Nn, L] = 128 B to each of 7 local peers
+    stage2 = 10e-6 + 3 * (3e-6 + 1024 / 4 / 10e9)  # [c, Lw, L] = 256 B to each of 3 other nodes
+    assert hierarchical_counts(2, shape, HW.with_(mem_bandwidth=1e9)) == pytest.approx(stage1 + stage2, rel=1e-12)
+    s = expected_stats(1024, shape, active_k=2, skew=1.0)
+    assert layer_time("ep", "hierarchical", 2, s, shape, HW).plan == pytest.approx(stage1 + stage2, rel=1e-12)
+    # what it replaced: a ring all-gather of the [c, E] counts, 31 steps across the NIC
+    ring = 31 * (10e-6 + 2 * 64 * 8 / 10e9)
+    assert ring > 5 * (stage1 + stage2)
+    # one node: stage 2 is the identity; one rank per node: stage 1 is
+    one_node = Shape(world=8, num_experts=8, hidden=512, ffn=1024, matrices=2, dtype_bytes=2)
+    assert hierarchical_counts(1, one_node, HW) == pytest.approx(2e-6 + 7 * (1e-6 + 8 * 8 / 8 / 100e9), rel=1e-12)
+    spread = HW.with_(gpus_per_node=1)
+    assert hierarchical_counts(1, shape, spread) == pytest.approx(10e-6 + 31 * (3e-6 + 32 * 2 * 8 / 32 / 10e9),
+                                                                  rel=1e-12)
+
+
+def test_padded_2d_is_padded_with_the_2d_exchange():
+    # the same rows, capacity and plan (one tiny all-reduce) as padded; each all-to-all a 2-D one
+    shape = Shape(world=32, num_experts=64, hidden=512, ffn=1024, matrices=2, dtype_bytes=2)
+    s = expected_stats(1024, shape, active_k=2, skew=1.0)
+    hw = HW.with_(mem_bandwidth=1e12)
+    for c in (1, 2):
+        p = layer_time("ep", "padded", c, s, shape, hw, capacity=40)
+        h = layer_time("ep", "hierarchical_padded", c, s, shape, hw, capacity=40)
+        v = 2 * 32 * math.ceil(40 / c) * 512 * 2  # L * P * ceil(C / c) rows of D * b bytes a chunk
+        assert h.plan == p.plan == pytest.approx(allreduce(16, 32, hw))
+        assert h.compute == p.compute
+        # 2 all-to-alls a chunk, forward and backward (HW: nothing overlapped)
+        assert h.total - p.total == pytest.approx(2 * 2 * c * (alltoall_2d(v, 32, hw) - alltoall_flat(v, 32, hw)))
 
 
 def test_rings_and_allreduce():
@@ -112,7 +147,7 @@ def test_dispatchers_rank_as_their_bytes_say():
     # padded with capacity factor 2: twice the rows moved and computed
     assert layer_time("ep", "padded", 1, s, shape, hw, capacity=256).total > t["alltoallv"]
     order = rank(s, shape, hw, candidates())
-    assert order == sorted(order, key=lambda r: r.total) and len(order) == 4 * 4 + 4
+    assert order == sorted(order, key=lambda r: r.total) and len(order) == 5 * 4 + 4
 
 
 def test_tuner_predicts_with_the_shared_model():
@@ -121,7 +156,7 @@ def test_tuner_predicts_with_the_shared_model():
     s = Stats(tokens=1024, rows=2048, max_rank_rows=600, max_local_rows=520)
     for mode in ("ep", "sharded_dp"):
         for c in (1, 4):
-            for d in ("alltoallv", "padded", "hierarchical", "allgather"):
+            for d in ("alltoallv", "padded", "hierarchical", "hierarchical_padded", "allgather"):
                 assert predict(mode, c, s, shape, m, d) == layer_time(mode, d, c, s, shape, m.hardware(4)).total
 
 
@@ -183,7 +218,7 @@ def test_sharded_dp_backward_pays_the_reduce_scatter():
     a1 = layer_time("ep", "allgather", 2, stats, shape, base)
     a2 = layer_time("ep", "allgather", 2, stats, shape, base.with_(reduce_scatter_factor=2.0))
     assert a2.total - a1.total == pytest.approx(2 * allgather_ring(20 / 2 * 8 * 4, 2, base))
-    for disp in ("alltoallv", "padded", "hierarchical"):  # no reduce-scatter in them
+    for disp in ("alltoallv", "padded", "hierarchical", "hierarchical_padded"):  # no reduce-scatter in them
         assert (layer_time("ep", disp, 2, stats, shape, base.with_(reduce_scatter_factor=2.0)).total
                 == pytest.approx(layer_time("ep", disp, 2, stats, shape, base).total))
 

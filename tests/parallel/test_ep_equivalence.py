@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import _matrix  # noqa: E402
 import ep_workers  # noqa: E402
+import hier_workers  # noqa: E402
 
 
 _cache = {}
@@ -52,4 +53,17 @@ def test_hierarchical_across_two_nodes(two_nodes):
     fails = [f for r in two_nodes for f in r["dispatchers"] + r["layer"]["fails"]]
     assert not fails, "\n".join(fails[:20])
     for r in two_nodes:
-        assert r["layer"]["checked"] == 4
+        assert r["layer"]["checked"] == 8
+
+
+@pytest.mark.multirank
+def test_two_d_dispatchers_equal_their_flat_twins(rank_pool):
+    """4 ranks on 2 simulated nodes: `hierarchical` (its 2-D counts exchange) equals all-to-all-v and
+    `hierarchical_padded` equals `padded` (capacity agreed, and static with drops), on plain tensors
+    (the rows each expert receives, exactly; outputs and gradients, rtol 1e-5) and as the layer
+    (outputs, every gradient, dropped rows), with D = 7, an expert no token reaches, a rank with no rows."""
+    results = rank_pool.run(hier_workers.two_node_flat_worker, 4, timeout_s=120, local_world_size=2)
+    fails = [f for r in results for f in r["dispatchers"]["fails"] + r["layer"]["fails"]]
+    assert not fails, "\n".join(fails[:20])
+    for r in results:
+        assert r["dispatchers"]["checked"] == 36 and r["layer"]["checked"] == 2 * len(hier_workers.LAYER_CASES)
