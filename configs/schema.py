@@ -120,6 +120,11 @@ class ParallelConfig:
     # check every collective's fingerprint (op, shapes, dtypes) across ranks before it runs: a
     # mismatch then fails at once naming both sides, not deep in gloo or as an NCCL hang (slow: debug)
     debug_collectives: bool = False
+    # trainer.engine=plain: all-reduce the gradients in buckets launched by their accumulate hooks while
+    # the backward runs (parallel/grad_overlap.py; the same math); false: one flat all-reduce after the
+    # backward. fsdp reduce-scatters in its backward and deepspeed reduces in its own buckets: not read
+    grad_overlap: bool = True
+    grad_bucket_mb: float = 25.0  # grad_overlap's bucket cap, MiB (DDP's default; the first bucket <= 1 MiB)
 
 
 @dataclass
@@ -343,6 +348,8 @@ class TrainConfig:
         _one_of("parallel.overlap", str(p.overlap), ("auto", "1", "2", "4", "8"))
         _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
         _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+        _check(isinstance(p.grad_overlap, bool), f"parallel.grad_overlap must be true or false, got {p.grad_overlap!r}")
+        _check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb must be > 0 (MiB), got {p.grad_bucket_mb}")
         f = p.static_capacity_factor
         if f is not None:
             _check(math.isfinite(f) and f > 0, f"parallel.static_capacity_factor must be a finite number > 0 or null, "

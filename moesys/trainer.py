@@ -2,8 +2,10 @@
 
 Step s (plain engine):
     callbacks.on_step_start(s) -> lr(s) -> grad_accum x (forward, loss/accum backward)
-    -> allreduce_gradients (experts over edp, the rest over dp; the fsdp engine reduce-scatters in
-       the backward instead) -> clip by the global norm over every shard
+    -> gradient sync, experts over edp and the rest over dp: bucketed all-reduces launched by the
+       last micro-batch's backward as gradients become ready, waited on here (parallel.grad_overlap,
+       parallel/grad_overlap.py), or one flat allreduce_gradients (grad_overlap=false); the fsdp
+       engine reduce-scatters in the backward instead -> clip by the global norm over every shard
     -> the ranks agree the step is finite (loss and grad norm) -> optimizer.step() (or skip it)
     -> layer.update_expert_bias(dp_group) -> callbacks.after_optimizer_step(s)
 A step whose loss or gradient norm is not finite changes no weight on any rank (DeepSpeed's ZeRO
@@ -33,14 +35,13 @@ import torch.distributed as dist
 from moesys.evo import EvoController
 from moesys.integrations import deepspeed as ds_integration
 from moesys.kernels import workspace
-from moesys.parallel import (ExpertParallelRunner, allreduce_gradients, apply_expert_parallel, apply_fsdp,
-                             clip_grad_norm_, materialize)
+from moesys.parallel import (ExpertParallelRunner, OverlappedGradReducer, allreduce_gradients, apply_expert_parallel,
+                             apply_fsdp, clip_grad_norm_, materialize)
 from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
 
 from . import checkpoint as ckpt
 from . import data as data_mod
-from . import hf
-from . import preemption
+from . import hf, preemption
 from . import tokens as tokens_mod
 from .collapse import CollapseMonitor
 from .decoder import DECODER_FIELDS, Decoder
@@ -187,6 +188,9 @@ class Trainer:
             keyed.setdefault((q.dim() >= 2, _mesh_key(q)), []).append(q)
         groups = [{"params": ps, "weight_decay": o.weight_decay if decay else 0.0}
                   for (decay, _), ps in keyed.items()]
+        # plain engine, parallel.grad_overlap: the reducer's hooks hold the final parameters (as the optimizer does)
+        self.grad_reducer = (OverlappedGradReducer(self.model, dims, bucket_mb=p.grad_bucket_mb)
+                             if t.engine == "plain" and p.grad_overlap else None)
         self.engine = None
         if t.engine == "deepspeed":
             self.engine = self._build_deepspeed()
@@ -268,6 +272,8 @@ class Trainer:
         for i, (x, y) in enumerate(self.batches.step_batches(step)):
             if fsdp:  # reduce-scatter the gradients once, in the last micro-batch's backward
                 self.model.set_requires_gradient_sync(i == t.grad_accum - 1)
+            elif self.grad_reducer is not None:  # the same: reductions launched by the last backward only
+                self.grad_reducer.prepare_backward(sync=i == t.grad_accum - 1)
             x, y = x.to(self.device), y.to(self.device)
             with self._autocast():
                 logits, aux_loss, auxes = (self.model if self.engine is None else self.engine)(x)
@@ -325,7 +331,9 @@ class Trainer:
             r = self._forward_backward(step)
             grad_norm = float("nan")
             if self.engine is None:
-                if not fsdp:  # FSDP2 reduce-scattered them in the backward
+                if self.grad_reducer is not None:  # launched during the backward: wait, average
+                    self.grad_reducer.finish()
+                elif not fsdp:  # FSDP2 reduce-scattered them in the backward
                     allreduce_gradients(self.model, self.dims)
                 grad_norm = self._clip()  # the global norm: the same on every rank
                 bad = not math.isfinite(grad_norm)

@@ -16,8 +16,11 @@ Per EP size (ep ranks per expert-parallel group, edp = world / ep replicas):
     only when predicted >= 5% faster than the runtime's choice, less is within the model's error);
   * the static baseline: ep mode, flat all-to-all-v, no overlap (c = 1);
   * the step: grad_accum micro-steps of (n_moe x the layer + the dense part: 6 x GEMM params x tokens
-    + causal attention 6 t s d a layer) plus the gradient reduction (dense over dp, experts over
-    edp; after the backward, not overlapped, as moesys's engines do it).
+    + causal attention 6 t s d a layer) plus the gradient reduction's exposed part (dense over dp,
+    experts over edp). The plain engine with parallel.grad_overlap launches bucketed reductions
+    during the last micro-step's backward: only what outlasts that backward's compute shows, and at
+    least the last bucket's reduction, times the hardware's overlap (exposed_grad_sync); otherwise all of it (flat, after the
+    backward; fsdp's and deepspeed's reductions are priced unhidden too).
 A layout fits when its estimated memory (memory.py) is within 90% of the device memory.
 """
 from __future__ import annotations
@@ -25,8 +28,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from moesys.parallel.cost_model import (DEGREES, DISPATCHERS, MODES, PADDED, Breakdown, Stats, candidates,
-                                        expected_stats, rank)
+from moesys.parallel.cost_model import (
+    DEGREES,
+    DISPATCHERS,
+    MODES,
+    PADDED,
+    Breakdown,
+    Stats,
+    candidates,
+    expected_stats,
+    rank,
+)
 from moesys.parallel.cost_network import Hardware, allreduce
 
 from . import memory as mem
@@ -40,7 +52,8 @@ SWITCH_MARGIN = 0.05  # recommend another dispatcher than the config's only when
 class StepTime:
     moe: float  # the MoE layers, every micro-step
     dense: float  # attention, dense FFNs, head, every micro-step
-    grad_sync: float  # gradient reduction once per step
+    grad_sync: float  # gradient reduction once per step: the exposed part (all of it without overlap)
+    grad_sync_full: float = 0.0  # the whole reduction, hidden or not
 
     @property
     def total(self) -> float:
@@ -99,8 +112,32 @@ def grad_sync_seconds(wl: Workload, world: int, ep: int, hw: Hardware) -> float:
     return (dense + experts) * (1.5 if wl.engine == "fsdp" else 1.0)
 
 
-def _step(wl: Workload, layer: Breakdown, dense: float, sync: float) -> StepTime:
-    return StepTime(moe=wl.grad_accum * wl.n_moe_layers * layer.total, dense=wl.grad_accum * dense, grad_sync=sync)
+def last_bucket_seconds(wl: Workload, world: int, ep: int, hw: Hardware) -> float:
+    """The reduction that cannot hide: each group's last bucket (at most parallel.grad_bucket_mb; the
+    dense one holds the embeddings, ready when the backward ends), the slower of the two groups."""
+    g, cap = 4, wl.grad_bucket_mb * 1024 ** 2  # the plain engine reduces fp32 gradients
+    edp_hw = hw.with_(gpus_per_node=max(1, hw.gpus_per_node // ep))
+    experts = wl.n_moe_layers * wl.expert_params_per_layer / ep * g
+    return max(allreduce(min(cap, wl.dense_params * g), world, hw), allreduce(min(cap, experts), world // ep, edp_hw))
+
+
+def exposed_grad_sync(sync: float, backward: float, tail: float, overlap: float = 1.0) -> float:
+    """Exposed seconds of a reduction of `sync` seconds launched bucket by bucket during a backward of
+    `backward` seconds of compute: the reductions run behind it, all but the last bucket (`tail`
+    seconds, launched when the backward ends) and whatever outlasts the backward; `overlap` (the
+    Hardware's, as in cost_network.pipelined) is the fraction of that the machine really hides.
+    With overlap 1: max(tail, sync - backward)."""
+    return sync - overlap * max(0.0, min(backward, sync - min(tail, sync)))
+
+
+def _step(wl: Workload, layer: Breakdown, dense: float, sync: float, tail: float, overlap: float) -> StepTime:
+    exposed = sync
+    if wl.grad_overlap and wl.engine == "plain":
+        # the last micro-step's backward compute: 2/3 of fwd+bwd (dense part, expert GEMMs, routing)
+        backward = 2 / 3 * (dense + wl.n_moe_layers * (layer.compute + layer.local))
+        exposed = exposed_grad_sync(sync, backward, tail, overlap)
+    return StepTime(moe=wl.grad_accum * wl.n_moe_layers * layer.total, dense=wl.grad_accum * dense, grad_sync=exposed,
+                    grad_sync_full=sync)
 
 
 def plan_ep(wl: Workload, hw: Hardware, world: int, ep: int, dispatchers: Sequence[str] = DISPATCHERS,
@@ -129,9 +166,11 @@ def plan_ep(wl: Workload, hw: Hardware, world: int, ep: int, dispatchers: Sequen
         best = runtime  # within the model's accuracy: keep the configured dispatcher
     baseline = next(b for b in ranked if b.key == ("ep", "alltoallv", 1))
     dense, sync = dense_seconds(wl, world, hw), grad_sync_seconds(wl, world, ep, hw)
+    tail = last_bucket_seconds(wl, world, ep, hw)
     return EPPlan(ep=ep, edp=world // ep, stats=stats, ranked=ranked, runtime=runtime, best=best, baseline=baseline,
-                  memory=memory, fits=fits, step_runtime=_step(wl, runtime, dense, sync),
-                  step_best=_step(wl, best, dense, sync), step_baseline=_step(wl, baseline, dense, sync))
+                  memory=memory, fits=fits, step_runtime=_step(wl, runtime, dense, sync, tail, hw.overlap),
+                  step_best=_step(wl, best, dense, sync, tail, hw.overlap),
+                  step_baseline=_step(wl, baseline, dense, sync, tail, hw.overlap))
 
 
 def plan(wl: Workload, hw: Union[Hardware, Callable[[int], Hardware]], world: int, eps: Optional[Sequence[int]] = None,

@@ -59,8 +59,9 @@ def ep_table(p: EPPlan, hw_memory: float) -> str:
         verdict = "fits" if p.fits[mode] else "DOES NOT FIT"
         out.append(f"  memory per GPU, {mode}: {m.gib()} (of {hw_memory / GIB:.0f} GiB): {verdict}")
     s = p.step_best
+    hidden = f" exposed of {s.grad_sync_full:.3f}" if s.grad_sync < s.grad_sync_full else ""
     out.append(f"  step (best): {s.total:.3f} s = MoE layers {s.moe:.3f} + dense {s.dense:.3f} + grad sync "
-               f"{s.grad_sync:.3f}")
+               f"{s.grad_sync:.3f}{hidden}")
     return "\n".join(out)
 
 

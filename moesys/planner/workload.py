@@ -45,6 +45,8 @@ class Workload:
     mode: Optional[str] = None
     overlap: Optional[int] = None
     fsdp_param_dtype: str = "fp32"  # engine fsdp: the dtype weights are gathered in
+    grad_overlap: bool = False  # engine plain: gradient reduction overlapped with the backward (parallel.grad_overlap)
+    grad_bucket_mb: float = 25.0  # its bucket cap, MiB
 
     @property
     def matrices(self) -> int:
@@ -127,7 +129,8 @@ def workload_from_config(cfg, skew: float = 1.25, active_k: Optional[float] = No
                     precision=t.precision, engine=t.engine, zero_stage=t.zero_stage, dense_params=dense,
                     dense_matmul_params=matmul, active_k=active_k, skew=skew, dispatcher=p.dispatcher,
                     mode=None if p.mode == "auto" else p.mode, overlap=overlap,
-                    fsdp_param_dtype=t.fsdp_param_dtype)
+                    fsdp_param_dtype=t.fsdp_param_dtype, grad_overlap=t.engine == "plain" and p.grad_overlap,
+                    grad_bucket_mb=p.grad_bucket_mb)
 
 
 def ep_sizes(wl: Workload, world: int) -> list:

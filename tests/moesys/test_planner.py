@@ -145,6 +145,43 @@ def test_readme_plan_commands_run(tmp_path):
         assert "recommended:" in out, (cmd, out[-500:])
 
 
+def test_exposed_grad_sync_formula_by_hand():
+    from moesys.planner.plan import exposed_grad_sync
+
+    # hidden behind the backward but for the last bucket, which starts when the backward ends
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02) == pytest.approx(0.02)
+    # longer than the backward: what outlasts it shows
+    assert exposed_grad_sync(sync=0.3, backward=0.1, tail=0.02) == pytest.approx(0.2)
+    # one bucket (the tail is the whole reduction): nothing hides
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.3) == 0.3
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=1.0) == 0.3  # a tail never exceeds the reduction
+    # a machine that hides half of what runs side by side (Hardware.overlap): 0.3 - 0.5 x 0.28
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02, overlap=0.5) == pytest.approx(0.16)
+    assert exposed_grad_sync(sync=0.3, backward=0.5, tail=0.02, overlap=0.0) == 0.3
+
+
+def test_plan_step_prices_only_the_exposed_grad_sync_with_overlap():
+    from moesys.planner.plan import exposed_grad_sync, grad_sync_seconds, last_bucket_seconds
+
+    hw = load_hardware("a100_dgx", "bf16")
+    base = SMALL + ["trainer.precision=bf16"]
+    on = workload_from_config(compose_train_config(base))  # parallel.grad_overlap defaults to true
+    off = workload_from_config(compose_train_config(base + ["parallel.grad_overlap=false"]))
+    fsdp = workload_from_config(compose_train_config(base + ["trainer.engine=fsdp", "parallel.ep=8"]))
+    assert on.grad_overlap and not off.grad_overlap and not fsdp.grad_overlap
+    p_on, p_off = (plan(w, hw, world=64, eps=[8]).plans[0] for w in (on, off))
+    full = grad_sync_seconds(on, 64, 8, hw)
+    assert p_off.step_best.grad_sync == full == p_on.step_best.grad_sync_full
+    dense = (p_on.step_best.dense / on.grad_accum)
+    backward = 2 / 3 * (dense + on.n_moe_layers * (p_on.best.compute + p_on.best.local))
+    want = exposed_grad_sync(full, backward, last_bucket_seconds(on, 64, 8, hw), hw.overlap)
+    assert p_on.step_best.grad_sync == pytest.approx(want) and want < full
+    assert p_on.step_best.total == pytest.approx(p_off.step_best.total - (full - want))
+    # fsdp's reductions are priced whole
+    p_fsdp = plan(fsdp, hw, world=64, eps=[8]).plans[0]
+    assert p_fsdp.step_best.grad_sync == p_fsdp.step_best.grad_sync_full
+
+
 def test_2d_dispatchers_win_at_2048_gpus():
     """Issue 26 part 5, Tutel's scaling setting (2 experts and 8,192 tokens per GPU, D = F = 2048,
     top-2, bf16, even routing) on 2,048 A100s: both 2-D dispatchers predicted >= 1.5x faster per
