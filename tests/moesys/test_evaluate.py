@@ -18,7 +18,7 @@ from moesys.errors import ConfigError
 from moesys.evaluate import evaluate_checkpoint
 from moesys.generate import generate, load_model
 from moesys.model import lm_loss
-from train_helpers import make_cfg
+from train_helpers import make_cfg, pool_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,10 +45,10 @@ def _loss_of_loaded_model(model, cfg):
 
 
 @pytest.fixture(scope="module")
-def ep2_run(tmp_path_factory):
+def ep2_run(rank_pool, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ep2run") / "run")
-    train_mod.run(make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4", "trainer.eval_interval=2",
-                           "moe.num_experts=6", "moe.top_k=2"), out)
+    pool_run(rank_pool, make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4",
+                                 "trainer.eval_interval=2", "moe.num_experts=6", "moe.top_k=2"), out)
     return out
 
 
