@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -44,28 +43,11 @@ CASES = {
 }
 
 
-def _run(name: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, *CASES[name]], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
-@pytest.fixture(scope="module")
-def runs(request):
-    """The selected cases' processes, two at a time: each is mostly one core's work (an interpreter's
-    start and imports, small shapes), and the machine this suite is sized for has two. Each test
-    reads its own case's result (a failure or a timeout is that test's)."""
-    names = [item.callspec.params["name"] for item in request.session.items
-             if item.originalname == "test_benchmark_runs" and hasattr(item, "callspec")]
-    pool = ThreadPoolExecutor(max_workers=2)
-    futures = {name: pool.submit(_run, name) for name in dict.fromkeys(names)}
-    yield futures
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_benchmark_runs(name, runs):
-    proc = runs[name].result() if name in runs else _run(name)
+def test_benchmark_runs(name):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, *CASES[name]], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
