@@ -121,7 +121,8 @@ def _backend(cfg: TrainConfig) -> str:
 @contextlib.contextmanager
 def rank_context(cfg: TrainConfig) -> Iterator[Tuple[object, torch.device]]:
     """This rank's process group and ParallelDims (cfg.parallel) and device; the group is destroyed on
-    exit. Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the env; run every local check before it."""
+    exit (one that existed before is used and kept). Needs RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    env; run every local check before it."""
     import datetime
 
 
@@ -140,18 +141,26 @@ def rank_context(cfg: TrainConfig) -> Iterator[Tuple[object, torch.device]]:
     if cfg.parallel.debug_collectives:  # wraps every process group created from here on
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
-    # Under torchrun the ranks share the agent's TCPStore, which outlives a restart (--max-restarts):
-    # keys of the failed attempt (a dead rank's gloo address) would be read by the new one, and the
-    # new ranks connect to ports nobody listens on and hang. Each attempt gets its own key space.
-    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
-    store = dist.PrefixStore(f"moesys/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    # A default group the caller already made for this world (the test suite's pool of ranks) is
+    # used as it is and left to the caller; otherwise this rank joins the job's rendezvous.
+    own = not dist.is_initialized()
+    if own:
+        # Under torchrun the ranks share the agent's TCPStore, which outlives a restart (--max-restarts):
+        # keys of the failed attempt (a dead rank's gloo address) would be read by the new one, and the
+        # new ranks connect to ports nobody listens on and hang. Each attempt gets its own key space.
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        store = dist.PrefixStore(f"moesys/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, world):
+        raise RuntimeError(f"rank_context: the existing default group is rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}, the environment says rank {rank} of {world}")
     try:
         dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=cfg.parallel.timeout_s,
                                   local_world_size=local_world, num_experts=cfg.moe.num_experts)
         yield dims, device
     finally:
-        dist.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
 
 
 def rank_main(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,

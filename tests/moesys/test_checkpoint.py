@@ -9,7 +9,7 @@ import torch
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.trainer import structure_of
-from train_helpers import build_trainer, expert_offset_worker, load_and_probe, make_cfg, read_flat_checkpoint
+from train_helpers import build_trainer, expert_offset_worker, load_and_probe, make_cfg, pool_run, read_flat_checkpoint
 
 
 def _snapshot(root):
@@ -147,7 +147,7 @@ def test_reshard_ep2_to_ep1_and_ep4(rank_pool, tmp_path):
     """Save at EP=2 (2 ranks); load at EP=1 (1 rank) and EP=4 (4 ranks): same eval loss, same Adam state."""
     common = ["trainer.steps=4", "trainer.eval_interval=4", "trainer.batch_size=8"]
     out = str(tmp_path / "ep2")
-    summary = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
+    summary = pool_run(rank_pool, make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
     saved = ckpt.resolve(out)
     flat = read_flat_checkpoint(saved)
     key = ("blocks.1.moe.experts", "w1", 3)

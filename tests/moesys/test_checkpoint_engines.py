@@ -8,7 +8,7 @@ import torch
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from train_helpers import load_and_probe, make_cfg, read_flat_checkpoint
+from train_helpers import load_and_probe, make_cfg, pool_run, read_flat_checkpoint
 
 # 4 steps, a checkpoint after 2; accumulation and an active clip make the optimizer state matter
 DS_COMMON = ["parallel.ep=1", "parallel.simulate_ranks=1", "trainer.steps=4", "trainer.eval_interval=2",
@@ -115,7 +115,7 @@ def _load_at(rank_pool, tmp_path, ep, saved, ref, val_loss):
 def test_f_sharded_experts_reshard_ep4_to_ep2_and_ep1(rank_pool, tmp_path):
     """E=2 at EP=4 (each expert's F over 2 ranks) -> EP=2 and EP=1: same eval loss, same Adam state."""
     out = str(tmp_path / "ep4")
-    summary = train_mod.run(make_cfg(*F_COMMON, "parallel.ep=4", "parallel.simulate_ranks=4"), out)
+    summary = pool_run(rank_pool, make_cfg(*F_COMMON, "parallel.ep=4", "parallel.simulate_ranks=4"), out)
     saved = ckpt.resolve(out)
     ref = _ref(saved)
     for ep in (2, 1):

@@ -14,7 +14,7 @@ from moesys import train as train_mod  # noqa: E402
 from moesys.generate import load_model  # noqa: E402
 from hf_models import VOCAB, build_hf, import_transformers  # noqa: E402
 from test_hf import _tensors  # noqa: E402
-from train_helpers import make_cfg  # noqa: E402
+from train_helpers import make_cfg, pool_run  # noqa: E402
 
 
 def _run(capsys, *argv):
@@ -44,12 +44,14 @@ def test_import_then_export_through_a_checkpoint_is_bitwise(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("engine", ["plain", "deepspeed"])
-def test_export_of_an_ep2_run_loads_in_transformers(tmp_path, engine):
+def test_export_of_an_ep2_run_loads_in_transformers(rank_pool, tmp_path, engine):
     """A run trained at EP 2 on 2 gloo ranks (plain, or DeepSpeed ZeRO's checkpoint format) exports,
     resharded to one process by DCP, to a directory AutoModelForCausalLM loads to the checkpoint's logits."""
     run = str(tmp_path / "run")
-    train_mod.run(make_cfg("preset=qwen3_moe_tiny", "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=3",
-                           f"trainer.engine={engine}"), run)
+    # DeepSpeed keeps process-wide state (its comm backend): its ranks are spawned, the plain ones pooled
+    train = train_mod.run if engine == "deepspeed" else lambda c, o: pool_run(rank_pool, c, o)
+    train(make_cfg("preset=qwen3_moe_tiny", "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=3",
+                   f"trainer.engine={engine}"), run)
     convert.main(["export-hf", run, str(tmp_path / "out"), "--max-shard-bytes", "20000"])
     model, _, _ = load_model(run)
     auto = import_transformers().AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).float().eval()
@@ -100,7 +102,7 @@ def test_import_hf_checkpoint_resumes_and_evaluates(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_export_of_an_ep2_fsdp2_run_equals_the_export_resharded_to_ep1(tmp_path):
+def test_export_of_an_ep2_fsdp2_run_equals_the_export_resharded_to_ep1(rank_pool, tmp_path):
     """A run at EP 2 x FSDP2 (4 gloo ranks) exports to the same bytes as its checkpoint loaded at
     EP 1 (one process, every expert local), saved again and exported."""
     import dataclasses
@@ -109,8 +111,8 @@ def test_export_of_an_ep2_fsdp2_run_equals_the_export_resharded_to_ep1(tmp_path)
     from moesys.trainer import structure_of
 
     run = str(tmp_path / "run")
-    train_mod.run(make_cfg("preset=olmoe_tiny", "parallel.ep=2", "parallel.simulate_ranks=4", "trainer.engine=fsdp",
-                           "trainer.steps=2"), run)
+    pool_run(rank_pool, make_cfg("preset=olmoe_tiny", "parallel.ep=2", "parallel.simulate_ranks=4",
+                                 "trainer.engine=fsdp", "trainer.steps=2"), run)
     convert.main(["export-hf", run, str(tmp_path / "a")])
     model, cfg, _ = load_model(run)  # resharded to one process by DCP
     ep1 = ckpt_mod.save_checkpoint(str(tmp_path / "ep1"), 2, model=model, optimizer=None, trainer_state={"step": 2},

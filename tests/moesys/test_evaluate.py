@@ -18,7 +18,7 @@ from moesys.errors import ConfigError
 from moesys.evaluate import evaluate_checkpoint
 from moesys.generate import generate, load_model
 from moesys.model import lm_loss
-from train_helpers import make_cfg
+from train_helpers import make_cfg, pool_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,10 +45,10 @@ def _loss_of_loaded_model(model, cfg):
 
 
 @pytest.fixture(scope="module")
-def ep2_run(tmp_path_factory):
+def ep2_run(rank_pool, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ep2run") / "run")
-    train_mod.run(make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4", "trainer.eval_interval=2",
-                           "moe.num_experts=6", "moe.top_k=2"), out)
+    pool_run(rank_pool, make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4",
+                                 "trainer.eval_interval=2", "moe.num_experts=6", "moe.top_k=2"), out)
     return out
 
 
@@ -111,13 +111,19 @@ def test_missing_checkpoint_is_a_config_error(tmp_path):
         load_model(str(tmp_path / "nowhere"))
 
 
+_SLOW = pytest.mark.slow  # an interpreter each: the fast set keeps one case of each app
+
+
 @pytest.mark.parametrize("module, args, line", [
     ("moesys.evaluate", [], "moesys-eval: error: checkpoint=PATH is required"),
-    ("moesys.evaluate", ["checkpoint=nowhere"], "moesys-eval: error: checkpoint='nowhere': no checkpoint at"),
+    pytest.param("moesys.evaluate", ["checkpoint=nowhere"], "moesys-eval: error: checkpoint='nowhere': no checkpoint at",
+                 marks=_SLOW),
     ("moesys.generate", ["checkpoint=x", "prompt=a", "top_p=0"], "moesys-generate: error: top_p must be in (0, 1]"),
-    ("moesys.generate", ["checkpoint=x"], "moesys-generate: error: the prompt is empty"),
-    ("moesys.generate", ["checkpoint=nowhere", "prompt=a"], "moesys-generate: error: checkpoint='nowhere': no checkpoint"),
-    ("moesys.generate", ["checkpoint=x", "prompt=a", "bogus=1"], "moesys-generate: error: Could not override 'bogus'"),
+    pytest.param("moesys.generate", ["checkpoint=x"], "moesys-generate: error: the prompt is empty", marks=_SLOW),
+    pytest.param("moesys.generate", ["checkpoint=nowhere", "prompt=a"],
+                 "moesys-generate: error: checkpoint='nowhere': no checkpoint", marks=_SLOW),
+    pytest.param("moesys.generate", ["checkpoint=x", "prompt=a", "bogus=1"],
+                 "moesys-generate: error: Could not override 'bogus'", marks=_SLOW),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, module, args, line):
     r = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,

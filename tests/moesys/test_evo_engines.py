@@ -8,7 +8,7 @@ import torch
 from moesys import checkpoint_state as cstate
 from moesys import train as train_mod
 from moesys.train import build_callbacks
-from train_helpers import build_trainer, make_cfg
+from train_helpers import build_trainer, make_cfg, pool_run
 
 # tiny preset, 6 steps, diversify at step 3; accumulation so engine.step() acts on a boundary
 EVO = ["evo=evomoe", "evo.diversify_step=3", "evo.tau_steps=2", "evo.hard_step=5", "trainer.steps=6",
@@ -74,24 +74,24 @@ def test_deepspeed_masters_and_moments_after_diversify(tmp_path, world1, policy)
 RESHARD = [*EVO[:-2], "trainer.eval_interval=2", "trainer.grad_accum=1"]
 
 
-def _run(tmp_path, name, ep, *extra):
-    return train_mod.run(make_cfg(*RESHARD, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}", *extra),
-                         str(tmp_path / name))
+def _run(rank_pool, tmp_path, name, ep, *extra):
+    return pool_run(rank_pool, make_cfg(*RESHARD, f"parallel.ep={ep}", f"parallel.simulate_ranks={ep}", *extra),
+                    str(tmp_path / name))
 
 
 @pytest.fixture(scope="module")
-def ep2_run(tmp_path_factory):
+def ep2_run(rank_pool, tmp_path_factory):
     """EvoMoE at EP=2 (2 gloo ranks) with checkpoints at steps 2 (dense phase) and 4 (after the switch at 3)."""
     tmp = tmp_path_factory.mktemp("ep2")
-    summary = _run(tmp, "a", 2, "trainer.ckpt_interval=2", "trainer.keep_checkpoints=5")
+    summary = _run(rank_pool, tmp, "a", 2, "trainer.ckpt_interval=2", "trainer.keep_checkpoints=5")
     return summary, tmp / "a" / "checkpoints"
 
 
 @pytest.mark.multirank
-def test_dense_phase_checkpoint_at_ep2_resumes_at_ep1_across_the_switch(tmp_path, ep2_run):
+def test_dense_phase_checkpoint_at_ep2_resumes_at_ep1_across_the_switch(rank_pool, tmp_path, ep2_run):
     ep2, ckpts = ep2_run
-    ep1 = _run(tmp_path, "ep1", 1)
-    resumed = _run(tmp_path, "r1", 1, f"trainer.resume={ckpts / 'step_00000002'}")
+    ep1 = _run(rank_pool, tmp_path, "ep1", 1)
+    resumed = _run(rank_pool, tmp_path, "r1", 1, f"trainer.resume={ckpts / 'step_00000002'}")
     assert len(resumed["train_losses"]) == 6
     # steps 0-1 come from the EP=2 run's history: the dense phase is the same function at any EP size
     np.testing.assert_allclose(ep2["train_losses"][:3], ep1["train_losses"][:3], rtol=1e-5, atol=1e-6)
@@ -112,12 +112,12 @@ def test_moe_phase_checkpoint_at_ep2_loads_at_ep1_with_the_same_eval_loss(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_dense_phase_checkpoint_at_ep2_resumes_at_ep4(tmp_path, ep2_run):
+def test_dense_phase_checkpoint_at_ep2_resumes_at_ep4(rank_pool, tmp_path, ep2_run):
     """E=4 at EP=4: one expert per rank. Four data-parallel ranks draw their own noise streams, so the
     reference is an uninterrupted EP=4 run."""
     _, ckpts = ep2_run
-    ep4 = _run(tmp_path, "ep4", 4)
-    resumed = _run(tmp_path, "r4", 4, f"trainer.resume={ckpts / 'step_00000002'}")
+    ep4 = _run(rank_pool, tmp_path, "ep4", 4)
+    resumed = _run(rank_pool, tmp_path, "r4", 4, f"trainer.resume={ckpts / 'step_00000002'}")
     np.testing.assert_allclose(resumed["train_losses"], ep4["train_losses"], rtol=1e-5, atol=1e-6)
     assert resumed["val_loss_end"] == pytest.approx(ep4["val_loss_end"], rel=1e-5)
 

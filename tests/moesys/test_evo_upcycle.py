@@ -12,7 +12,7 @@ from moesys import train as train_mod
 from moesys.evo import EvoMoELayer, upcycle_model
 from moesys.model import lm_loss
 from moesys.trainer import build_model, structure_of
-from train_helpers import build_trainer, make_cfg
+from train_helpers import build_trainer, make_cfg, pool_run
 
 
 def test_upcycled_dense_checkpoint_has_the_same_loss(tmp_path, world1):
@@ -86,9 +86,9 @@ def test_trainer_resume_across_the_phase_boundary(tmp_path, stop):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_trainer_evomoe_at_ep2_logs_gate_and_runtime(tmp_path):
+def test_trainer_evomoe_at_ep2_logs_gate_and_runtime(rank_pool, tmp_path):
     out = str(tmp_path / "ep2")
-    s = train_mod.run(make_cfg(*EVO, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
+    s = pool_run(rank_pool, make_cfg(*EVO, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
     assert s["steps"] == 8 and s["val_loss_end"] < s["val_loss_start"]
     recs = [r for r in _records(out) if "moe/block0/tau" in r]
     last = recs[-1]

@@ -9,7 +9,7 @@ import pytest
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.errors import ConfigError
-from train_helpers import make_cfg
+from train_helpers import make_cfg, pool_run
 
 # 20 steps, 2 micro-batches per step, a clip that is active on most steps; the runtime in auto mode
 # (its tuner tries both modes and several overlap degrees during the run). The balance loss over the
@@ -44,13 +44,13 @@ LAYOUTS = {"ep2xedp2_auto": (2, []),  # the runtime's tuner picks (mode, degree)
 @pytest.mark.slow
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_fsdp_four_ranks_train_like_one_process(tmp_path, one_process, layout):
+def test_fsdp_four_ranks_train_like_one_process(rank_pool, tmp_path, one_process, layout):
     ref, ref_norms = one_process
     assert sum(n > 0.05 for n in ref_norms) >= 10, "the clip must act on most steps for the test to mean anything"
     ep, extra = LAYOUTS[layout]
     out = str(tmp_path / layout)
-    got = train_mod.run(make_cfg(*COMMON, *extra, "trainer.engine=fsdp", f"parallel.ep={ep}",
-                                 "parallel.simulate_ranks=4"), out)
+    got = pool_run(rank_pool, make_cfg(*COMMON, *extra, "trainer.engine=fsdp", f"parallel.ep={ep}",
+                                       "parallel.simulate_ranks=4"), out)
     assert got["steps"] == 20
     np.testing.assert_allclose(got["train_losses"], ref["train_losses"], rtol=1e-5)
     np.testing.assert_allclose(_norms(out), ref_norms, rtol=1e-5)
@@ -70,8 +70,8 @@ def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(rank_pool, tmp_pat
               "moe.aux_loss=global_batch",
               "parallel.mode=ep", "parallel.overlap=1"]
     out = str(tmp_path / "a")
-    straight = train_mod.run(make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=2", "parallel.simulate_ranks=4",
-                                      "trainer.ckpt_interval=4", "trainer.keep_checkpoints=3"), out)
+    straight = pool_run(rank_pool, make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=2", "parallel.simulate_ranks=4",
+                                            "trainer.ckpt_interval=4", "trainer.keep_checkpoints=3"), out)
     half = os.path.join(out, "checkpoints", "step_00000004")
     assert ckpt.read_meta(half)["format"] == ckpt.FORMAT
     val_at_4 = {r["step"]: r["val/loss"] for r in _records(out) if "val/loss" in r}[4]
@@ -84,7 +84,9 @@ def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(rank_pool, tmp_pat
         layouts["deepspeed_ep2"] = ["trainer.engine=deepspeed", "trainer.zero_stage=1", "parallel.ep=2",
                                     "parallel.simulate_ranks=2"]
     for name, extra in layouts.items():
-        resumed = train_mod.run(make_cfg(*common, *extra, f"trainer.resume={half}"), str(tmp_path / name))
+        # DeepSpeed keeps process-wide state (its comm backend): its ranks are spawned, the others pooled
+        run = train_mod.run if name.startswith("deepspeed") else lambda c, o: pool_run(rank_pool, c, o)
+        resumed = run(make_cfg(*common, *extra, f"trainer.resume={half}"), str(tmp_path / name))
         np.testing.assert_allclose(resumed["train_losses"], straight["train_losses"], rtol=1e-5, err_msg=name)
         assert resumed["val_loss_end"] == pytest.approx(straight["val_loss_end"], rel=1e-5), name
     # the evaluation loss right at the checkpoint, from a fresh model at another layout
@@ -110,14 +112,14 @@ def test_fsdp_dtype_fields_are_checked(field, value):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_evomoe_diversify_under_fsdp_trains_like_the_plain_engine(tmp_path):
+def test_evomoe_diversify_under_fsdp_trains_like_the_plain_engine(rank_pool, tmp_path):
     """EvoMoE (dense phase, diversify at step 4, DTS gate after) at ep=2 x edp=2: under FSDP2 the
     diversify step writes each rank's shard of the spawned experts and their Adam state; the run
     follows the plain engine's losses on the same ranks."""
     common = ["evo=evomoe", "evo.diversify_step=4", "trainer.steps=9", "trainer.eval_interval=9",
               "trainer.log_interval=1", "trainer.save_final=false", "parallel.ep=2", "parallel.simulate_ranks=4"]
-    plain = train_mod.run(make_cfg(*common), str(tmp_path / "plain"))
-    fsdp = train_mod.run(make_cfg(*common, "trainer.engine=fsdp"), str(tmp_path / "fsdp"))
+    plain = pool_run(rank_pool, make_cfg(*common), str(tmp_path / "plain"))
+    fsdp = pool_run(rank_pool, make_cfg(*common, "trainer.engine=fsdp"), str(tmp_path / "fsdp"))
     assert len(fsdp["train_losses"]) == 9
     np.testing.assert_allclose(fsdp["train_losses"], plain["train_losses"], rtol=1e-5)
     phases = [r.get("moe/block0/evo_phase") for r in _records(str(tmp_path / "fsdp")) if "loss" in r]

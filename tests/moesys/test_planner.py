@@ -134,6 +134,7 @@ def readme_plan_commands() -> list:
     return [line.split("#")[0].strip() for b in blocks for line in b.splitlines() if line.startswith("moesys-plan")]
 
 
+@pytest.mark.slow  # the CLI's own tests above run in the fast set
 def test_readme_plan_commands_run(tmp_path):
     cmds = readme_plan_commands()
     assert len(cmds) >= 3, cmds

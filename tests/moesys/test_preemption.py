@@ -52,6 +52,7 @@ def reference(tmp_path_factory):
     return s
 
 
+@pytest.mark.slow  # spawned ranks x 3 runs; the fast set keeps a dying rank's and SIGUSR1's paths
 @pytest.mark.multirank
 def test_sigterm_to_one_rank_stops_every_rank_after_one_checkpoint_and_resume_is_exact(tmp_path, reference):
     """SIGTERM reaches rank 1 during step 2: both ranks finish step 2, write step_00000003 together,
@@ -74,6 +75,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_one_checkpoint_and_resume_is
     _assert_same_weights(r["checkpoint"], reference["checkpoint"])
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_sigint_to_the_parent_is_forwarded_and_stops_without_a_checkpoint(tmp_path, reference):
     """Rank 1 sends SIGINT to its parent (this process) during step 2; the parent forwards it; every
@@ -97,7 +99,8 @@ def test_sigusr1_in_one_process_saves_and_stops(tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("fault", ["raise", "sigkill", pytest.param("sigabrt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fault", ["raise", pytest.param("sigkill", marks=pytest.mark.slow),
+                                   pytest.param("sigabrt", marks=pytest.mark.slow)])
 def test_a_rank_that_dies_takes_the_job_down_at_once_named(tmp_path, fault):
     """Rank 1 raises (or is SIGKILLed, or aborts) at step 2 while rank 0 waits in a collective whose
     timeout is 10 minutes: the parent names rank 1 and its error, and rank 0 is killed at once."""

@@ -4,7 +4,7 @@ import torch
 
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from train_helpers import build_trainer, make_cfg, read_flat_checkpoint
+from train_helpers import build_trainer, make_cfg, pool_run, read_flat_checkpoint
 
 SHARED = ["moe.num_shared_experts=2", "moe.shared_ffn_hidden_size=24", "moe.shared_expert_gate=true"]
 QUIET = ["logging.wandb_mode=disabled", "trainer.plots=false", "logging.tqdm=false"]
@@ -50,14 +50,14 @@ def test_checkpoint_without_shared_experts_does_not_fit(tmp_path, world1):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_ep2_resume_with_shared_experts_reproduces_the_uninterrupted_run(tmp_path):
+def test_ep2_resume_with_shared_experts_reproduces_the_uninterrupted_run(rank_pool, tmp_path):
     """EP=2 on 2 ranks, shared experts + gate + recompute: 4 steps straight vs 2 + resume + 2."""
     common = ["parallel.ep=2", "parallel.simulate_ranks=2", "trainer.steps=4", "trainer.eval_interval=2",
               "moe.recompute=true", *SHARED, *QUIET]
-    straight = train_mod.run(make_cfg(*common, "trainer.ckpt_interval=2", "trainer.keep_checkpoints=3"),
-                             str(tmp_path / "a"))
+    straight = pool_run(rank_pool, make_cfg(*common, "trainer.ckpt_interval=2", "trainer.keep_checkpoints=3"),
+                        str(tmp_path / "a"))
     half = str(tmp_path / "a" / "checkpoints" / "step_00000002")
-    resumed = train_mod.run(make_cfg(*common, f"trainer.resume={half}"), str(tmp_path / "b"))
+    resumed = pool_run(rank_pool, make_cfg(*common, f"trainer.resume={half}"), str(tmp_path / "b"))
     assert straight["train_losses"] == resumed["train_losses"] and len(resumed["train_losses"]) == 4
     assert straight["val_loss_end"] == resumed["val_loss_end"]
 

@@ -14,7 +14,7 @@ from hydra.errors import ConfigCompositionException
 from moesys import train as train_mod
 from moesys.errors import ConfigError, ConfigFileNotFoundError
 from moesys.trainer import lr_at
-from train_helpers import make_cfg
+from train_helpers import make_cfg, pool_run
 
 
 def _records(out_dir):
@@ -24,8 +24,8 @@ def _records(out_dir):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_tiny_run_ep2_loss_falls_and_matches_ep1(tmp_path):
-    ep2 = train_mod.run(make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.plots=true"),
+def test_tiny_run_ep2_loss_falls_and_matches_ep1(rank_pool, tmp_path):
+    ep2 = pool_run(rank_pool, make_cfg("parallel.ep=2", "parallel.simulate_ranks=2", "trainer.plots=true"),
                         str(tmp_path / "ep2"))
     assert ep2["steps"] == 20
     assert ep2["val_loss_end"] < ep2["val_loss_start"] - 0.5
@@ -233,14 +233,14 @@ def test_deepspeed_engine_matches_plain(tmp_path, stage):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_groups_and_global_batch_ep2_match_one_rank_and_resume(tmp_path):
+def test_groups_and_global_batch_ep2_match_one_rank_and_resume(rank_pool, tmp_path):
     """moe.num_groups / moe.topk_groups / moe.aux_loss=global_batch through moesys-train: 2 ranks
     (EP=2, groups aligned to the ranks) report the aux loss of one rank holding the whole batch and
     train alike, on the plain and the DeepSpeed engine; a resume from a mid-run checkpoint reproduces
     the run (no new state)."""
     common = ["moe.num_groups=2", "moe.topk_groups=1", "moe.aux_loss=global_batch", "moe.aux_loss_coef=0.1",
               "trainer.steps=4", "trainer.log_interval=1", "trainer.eval_interval=4"]
-    ep2 = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.ckpt_interval=2",
+    ep2 = pool_run(rank_pool, make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", "trainer.ckpt_interval=2",
                                  "trainer.keep_checkpoints=3"), str(tmp_path / "ep2"))
     ep1 = train_mod.run(make_cfg(*common, "parallel.ep=1", "parallel.simulate_ranks=1", "trainer.save_final=false"),
                         str(tmp_path / "ep1"))
@@ -258,7 +258,7 @@ def test_groups_and_global_batch_ep2_match_one_rank_and_resume(tmp_path):
                            str(tmp_path / "ds"))
         np.testing.assert_allclose(ds["train_losses"], ep2["train_losses"], rtol=1e-5, atol=1e-6)
     half = str(tmp_path / "ep2" / "checkpoints" / "step_00000002")
-    resumed = train_mod.run(make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", f"trainer.resume={half}",
+    resumed = pool_run(rank_pool, make_cfg(*common, "parallel.ep=2", "parallel.simulate_ranks=2", f"trainer.resume={half}",
                                      "trainer.save_final=false"), str(tmp_path / "resumed"))
     assert resumed["train_losses"] == ep2["train_losses"]
 
@@ -275,11 +275,11 @@ def test_grouped_mm_backend_trains_like_the_torch_backend(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_grouped_mm_backend_under_expert_parallelism_matches_ep1(tmp_path):
+def test_grouped_mm_backend_under_expert_parallelism_matches_ep1(rank_pool, tmp_path):
     """The README's `moesys-train moe.kernel_backend=grouped_mm` (2 ranks, EP=2): the runner keeps the
     host plan (all-to-all-v needs host splits) and runs its local experts on torch._grouped_mm; its
     curve equals the single-rank sync-free run's."""
-    ep2 = train_mod.run(make_cfg("moe.kernel_backend=grouped_mm", "parallel.ep=2", "parallel.simulate_ranks=2",
+    ep2 = pool_run(rank_pool, make_cfg("moe.kernel_backend=grouped_mm", "parallel.ep=2", "parallel.simulate_ranks=2",
                                  "trainer.steps=3", "trainer.save_final=false"),
                         str(tmp_path / "ep2"))
     ep1 = train_mod.run(make_cfg("moe.kernel_backend=grouped_mm", "parallel.ep=1", "parallel.simulate_ranks=1",
@@ -288,19 +288,19 @@ def test_grouped_mm_backend_under_expert_parallelism_matches_ep1(tmp_path):
 
 
 @pytest.mark.multirank
-def test_static_capacity_padded_dispatch_through_the_trainer(tmp_path):
+def test_static_capacity_padded_dispatch_through_the_trainer(rank_pool, tmp_path):
     """`moesys-train parallel.dispatcher=padded parallel.static_capacity_factor=F` at 2 ranks, EP=2,
     the runtime in auto mode: an ample buffer (nothing overflows) trains exactly like one rank; a
     small one drops rows and the trainer logs how many (runtime/overflow_dropped, the total over ranks)."""
     common = ("trainer.steps=3", "trainer.save_final=false", "trainer.log_interval=1", "trainer.eval_interval=3")
     ep2 = ("parallel.ep=2", "parallel.simulate_ranks=2", "parallel.dispatcher=padded")
-    ample = train_mod.run(make_cfg(*common, *ep2, "parallel.static_capacity_factor=8.0"), str(tmp_path / "ample"))
+    ample = pool_run(rank_pool, make_cfg(*common, *ep2, "parallel.static_capacity_factor=8.0"), str(tmp_path / "ample"))
     ep1 = train_mod.run(make_cfg(*common, "parallel.ep=1", "parallel.simulate_ranks=1"), str(tmp_path / "ep1"))
     assert ample["steps"] == 3
     np.testing.assert_allclose(ample["train_losses"], ep1["train_losses"], rtol=1e-4, atol=1e-5)
     logged = [r for r in _records(str(tmp_path / "ample")) if "moe/block0/runtime/overflow_dropped" in r]
     assert logged and all(r["moe/block0/runtime/overflow_dropped"] == 0 for r in logged)
-    small = train_mod.run(make_cfg(*common, *ep2, "parallel.static_capacity_factor=0.3"), str(tmp_path / "small"))
+    small = pool_run(rank_pool, make_cfg(*common, *ep2, "parallel.static_capacity_factor=0.3"), str(tmp_path / "small"))
     assert small["steps"] == 3 and all(math.isfinite(v) for v in small["train_losses"])
     dropped = [r["moe/block0/runtime/overflow_dropped"] for r in _records(str(tmp_path / "small"))
                if "moe/block0/runtime/overflow_dropped" in r]

@@ -126,3 +126,37 @@ def expert_offset_worker(root):
         if not torch.equal(fresh.router.weight, layer.router.weight):
             fails.append(f"rank {me} EP={ep}: router weight differs")
     return fails
+
+
+def _pool_rank_main(cfg, out_dir, callbacks_fn):
+    """Rank fn: moesys.train.rank_main (its checks, settings and trainer) in the pool's process group;
+    the process settings rank_context sets for its run are restored after (a spawned rank dies)."""
+    from moesys import train
+    from moesys.kernels import cpu_blas, workspace
+
+    saved = workspace.enabled(), workspace.keep_scratch(), cpu_blas.enabled()
+    try:
+        return train.rank_main(cfg, out_dir, callbacks_fn)
+    finally:
+        workspace.set_enabled(saved[0])
+        workspace.set_keep_scratch(saved[1])
+        cpu_blas.set_enabled(saved[2])
+        workspace.release()
+
+
+def pool_run(rank_pool, cfg, out_dir, callbacks_fn=None, join_timeout_s: float = 540):
+    """`moesys.train.run(cfg, out_dir)` with its parallel.simulate_ranks ranks taken from the test
+    suite's pool (tests/conftest.py `rank_pool`) instead of spawned: the same checks in this process
+    first (a bad config raises here), the same rank_main on every rank; rank 0's summary. For tests
+    whose subject is what the ranks compute; the supervisor's own behaviour (signals, a dying rank,
+    exit codes) is tested through train.run and the CLI (tests/moesys/test_preemption.py)."""
+    from moesys import train
+
+    world = cfg.parallel.simulate_ranks
+    resume = train.prepare(cfg, out_dir, world)
+    if resume is not None:
+        cfg.trainer.resume = resume
+    if world == 1:
+        return train.run(cfg, out_dir, callbacks_fn)
+    return rank_pool.run(_pool_rank_main, world, cfg, out_dir, callbacks_fn, timeout_s=cfg.parallel.timeout_s,
+                         join_timeout_s=join_timeout_s, debug_collectives=cfg.parallel.debug_collectives)[0]

@@ -42,6 +42,7 @@ def test_mismatched_config_is_a_clear_error(rank_pool):
 
 # the next three are about simulate's own processes (a rank that exits, a traceback, tensors at
 # exit): they keep their own spawn
+@pytest.mark.slow  # a spawn each; the fast set keeps the traceback test below
 @pytest.mark.multirank
 def test_dead_peer_gives_an_error_not_a_hang():
     timeout_s = 5.0
@@ -57,6 +58,7 @@ def test_simulate_raises_the_failing_ranks_traceback():
         simulate(ep_workers.failing_worker, 2, timeout_s=20)
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
     results = simulate(ep_workers.tensor_worker, 2, timeout_s=20)

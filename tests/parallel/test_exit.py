@@ -33,6 +33,7 @@ def test_dispatchers_and_graphs_borrow_the_group():
     assert not fails, "\n".join(fails)
 
 
+@pytest.mark.slow  # 4 spawned ranks; the fast set keeps the 2-rank borrow test above
 @pytest.mark.multirank
 def test_the_mesh_and_dtensor_experts_borrow_every_group():
     """4 ranks, ep=2 x edp=2, experts DTensors over the job's ep mesh: every group is gone right after

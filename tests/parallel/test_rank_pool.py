@@ -40,6 +40,7 @@ def test_failure_reports_every_rank_and_the_pool_restarts(rank_pool):
     assert rank_pool.pools[2].restarts == restarts + 1
 
 
+@pytest.mark.slow  # a restart of the pool each (the fast set keeps the failure-and-restart test)
 @pytest.mark.multirank
 def test_hang_is_a_timeout_with_every_ranks_stack(rank_pool):
     with pytest.raises(TimeoutError) as err:
@@ -50,6 +51,7 @@ def test_hang_is_a_timeout_with_every_ranks_stack(rank_pool):
     assert {r["sum"] for r in rank_pool.run(pool_workers.identity_worker, 2, "e", timeout_s=30)} == {3.0}
 
 
+@pytest.mark.slow
 @pytest.mark.multirank
 def test_a_rank_that_dies_is_named_and_replaced(rank_pool):
     with pytest.raises(RuntimeError) as err:

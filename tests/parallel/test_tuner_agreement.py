@@ -41,18 +41,16 @@ def test_agreement_under_every_dispatcher(rank_pool, dispatcher):
 
 
 @pytest.mark.multirank
-def test_trainer_with_skewed_ep_groups_and_collective_checks(tmp_path):
+def test_trainer_with_skewed_ep_groups_and_collective_checks(rank_pool, tmp_path):
     """The issue's command (4 ranks, ep=2, auto) with timings that split the ep groups, every
     collective fingerprint-checked: it used to die in gloo with a size mismatch."""
-    import moesys.train as train_mod
-
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "moesys"))
-    from train_helpers import make_cfg
+    from train_helpers import make_cfg, pool_run
 
     cfg = make_cfg("parallel.ep=2", "parallel.simulate_ranks=4", "trainer.steps=14", "trainer.eval_interval=6",
                    "trainer.ckpt_interval=6", "trainer.seed=3", "trainer.log_interval=1",
                    "parallel.debug_collectives=true", "logging.wandb_mode=disabled", "trainer.plots=false")
-    summary = train_mod.run(cfg, str(tmp_path / "run"), callbacks_fn=aw.skewed_callbacks)
+    summary = pool_run(rank_pool, cfg, str(tmp_path / "run"), callbacks_fn=aw.skewed_callbacks)
     assert len(summary["train_losses"]) == 14
 
 
