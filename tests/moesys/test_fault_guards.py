@@ -150,3 +150,25 @@ def test_the_rank_that_failed_first_is_named_even_when_it_exits_last(tmp_path):
         run_ranks(slow_to_exit_rank, 2, (str(tmp_path),), poll_s=0.05)
     assert e.value.rank == 1 and e.value.exitcode == 1, str(e.value)
     assert str(e.value).startswith("rank 1 of 2 failed (exit code 1): ValueError: injected failure on rank 1")
+
+
+# ---- load_checkpoint's defaults are the safe ones ---------------------------------------------------
+def test_load_checkpoint_refuses_pickles_and_restores_rng_unless_told_otherwise(tmp_path, world1):
+    """Called without trust_pickle, a checkpoint with a pickled entry is refused (the caller must opt
+    in); called without restore_rng, the saved RNG states are restored (a resumed run draws what the
+    uninterrupted one would)."""
+    from test_checkpoint_security import _plant
+
+    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    tr.train_step()
+    structure = structure_of(tr.cfg)
+    evil = _plant(tr, str(tmp_path / "evil"), "trainer", 3, str(tmp_path / "payload_ran"))
+    with pytest.raises(ckpt.CheckpointError, match=r"holds pickled entries \(rng.rank0, trainer\)"):
+        ckpt.load_checkpoint(evil, model=tr.model, optimizer=tr.optimizer, structure=structure)
+    assert not os.path.exists(tmp_path / "payload_ran")
+    torch.manual_seed(5)
+    rng_then = torch.get_rng_state().clone()
+    path = tr.save()
+    torch.manual_seed(6)
+    st = ckpt.load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, structure=structure)
+    assert st["rng_restored"] and torch.equal(torch.get_rng_state(), rng_then)
