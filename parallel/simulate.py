@@ -153,6 +153,8 @@ def _pool_rank_main(rank: int, world_size: int, tasks, results, stack_path: str)
     while True:
         task_id, sys_path, port, backend, timeout_s, lws, debug_collectives, payload = tasks.get()
         sys.path.extend(p for p in sys_path if p not in sys.path)  # test helpers added since the start
+        # the rank's environment before the task's modules are imported (unpickling fn may import them)
+        os.environ.update(rank_env(rank, world_size, port, lws))
         try:
             fn, args = pickle.loads(payload)
             join_job(rank, world_size, port, backend, timeout_s, lws, debug_collectives)
