@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .expert_ffn import ACTIVATIONS
 from . import gemm_select
+from .grouped_gemm import ACTIVATIONS
 
 
 # torch._grouped_mm behind custom ops of our own: its meta function accepts bf16 only, so

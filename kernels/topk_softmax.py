@@ -51,7 +51,7 @@ def topk_softmax(logits_TE: torch.Tensor, k: int, normalize: bool, *, backend: s
         (probs_TE fp32, weights_TK fp32, idx_TK int64).
     """
     check_topk_softmax_args(logits_TE, k)
-    if _backend.resolve(backend, logits_TE.device) == "triton":
+    if backend != "torch" and _backend.resolve(backend, logits_TE.device) == "triton":
         from .topk_softmax_triton import topk_softmax_triton
 
         return topk_softmax_triton(logits_TE, k, normalize)

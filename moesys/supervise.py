@@ -8,7 +8,8 @@ module is the parent's side (torchrun's elastic agent plays the same part under 
   once (no checkpoint) and raises KeyboardInterrupt.
 - **No orphans.** Each rank asks the kernel to SIGKILL it when the parent dies (Linux
   `prctl(PR_SET_PDEATHSIG)`; elsewhere a thread watching the parent's pid), so a killed parent
-  leaves no rank training on.
+  leaves no rank training on. The ranks are started by moesys.parallel.spawn (`start_ranks`, the
+  one process starter, with `tie_to_parent`); this module adds the supervision above.
 - **A rank that dies takes the job down** with a message naming the rank, how it ended (exit code
   or signal) and its error: each rank writes its exception (type, message, traceback, time) to a
   per-rank error file, and its native stack to another (faulthandler: SIGABRT, SIGSEGV). The
@@ -21,7 +22,6 @@ module is the parent's side (torchrun's elastic agent plays the same part under 
 """
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import json
 import os
@@ -29,7 +29,6 @@ import pickle
 import shutil
 import signal
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -37,9 +36,11 @@ import traceback
 from multiprocessing.connection import wait
 from typing import Any, Callable, List, Optional, Sequence
 
+from moesys.parallel.spawn import die_with_parent, start_ranks
+
 from .preemption import STOP_SIGNALS
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+__all__ = ["RankFailedError", "check_private", "die_with_parent", "run_ranks"]
 
 
 class RankFailedError(RuntimeError):
@@ -56,23 +57,6 @@ class RankFailedError(RuntimeError):
         # the stop signal this process forwarded, when the rank died of it before it could handle
         # it (still starting): a stop, not a fault
         self.stopped_by = stopped_by
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process die (SIGKILL) when its parent does. Call first thing in a child."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        threading.Thread(target=watch, name="moesys-parent-watch", daemon=True).start()
-    if os.getppid() != parent_pid:  # the parent died before the request was in place
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_private(workdir: str) -> None:
@@ -97,9 +81,9 @@ def _result_file(workdir: str, rank: int) -> str:
     return os.path.join(workdir, f"rank{rank}.result.pkl")
 
 
-def _child(rank: int, parent_pid: int, workdir: str, target: Callable, args: tuple) -> None:
-    """A rank's entry point (spawned): guard, run target(rank, *args), write its result or its error."""
-    die_with_parent(parent_pid)
+def _child(rank: int, workdir: str, target: Callable, args: tuple) -> None:
+    """A rank's body (started by moesys.parallel.spawn.start_ranks, tied to this process's life): run
+    target(rank, *args), write its result or its error."""
     fault = open(_fault_file(workdir, rank), "w")
     faulthandler.enable(file=fault, all_threads=True)  # native crashes (SIGABRT from a collective, SIGSEGV)
     try:
@@ -172,9 +156,6 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     that fails (the others are killed). While it runs, this process's SIGINT/SIGTERM/SIGUSR1
     handlers forward the signal to the ranks (main thread only; restored on return).
     """
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
     workdir = tempfile.mkdtemp(prefix="moesys-ranks-")  # mode 0700: the ranks' files are private
     check_private(workdir)
     procs: List[Any] = []
@@ -204,11 +185,9 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
-        for rank in range(world):
-            p = ctx.Process(target=_child, args=(rank, os.getpid(), workdir, target, args), daemon=False,
-                            name=f"moesys-rank{rank}")
-            p.start()
-            procs.append(p)
+        # each rank joins `procs` as it starts, so a signal during the start reaches those running
+        start_ranks(_child, [(rank, workdir, target, args) for rank in range(world)], daemon=False,
+                    tie_to_parent=True, threads=None, name="moesys-rank", started=procs)
         while True:  # the checks run once more after the last rank ended (they may all end at once)
             running = [p.sentinel for p in procs if p.exitcode is None]
             if running:

@@ -39,7 +39,7 @@ from moesys.errors import ConfigError
 from moesys.evo import EvoCallback
 from moesys.kernels import cpu_blas, workspace
 from moesys.parallel import ParallelDims
-from moesys.parallel.simulate import AGENT_STORE_ENV, loopback_env, serve_store
+from moesys.parallel.spawn import rank_env, serve_store
 
 from . import checkpoint as ckpt
 from . import cli, hf, preemption, supervise
@@ -189,9 +189,7 @@ def _free_port() -> int:
 
 
 def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Optional[object]:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-                       **AGENT_STORE_ENV, **loopback_env()})
+    os.environ.update(rank_env(rank, world, port))
     result = fn(*args)
     return result if rank == 0 else None
 
@@ -208,11 +206,9 @@ def launch(world: int, fn: Callable, *args):
     # EADDRINUSE race); the ranks' gloo/NCCL sockets stay on loopback too (nothing listens outside)
     store = serve_store(timeout_s=1800)
     if world == 1:
-        local = loopback_env()
-        saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                 "LOCAL_WORLD_SIZE", *AGENT_STORE_ENV, *local)}
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", **AGENT_STORE_ENV, **local})
+        env = rank_env(0, 1, store.port)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         threads, cache_on, keep = torch.get_num_threads(), workspace.enabled(), workspace.keep_scratch()
         batch = cpu_blas.enabled()
         try:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from . import comm
-from .dispatch_base import Dispatcher, Flight, row_bytes
+from .dispatch_base import Dispatcher, Flight
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class AllToAllVHandle:
     n_rows: int  # N
     bytes_sent: int  # dispatch direction; the combine moves the same amount back
     bytes_remote: int  # of which to other ranks (the unavoidable part)
+    group: Any  # the ep group, for the combine (held for the layer call only; the dispatcher holds it weakly)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class AllToAllVPlan:
     recv_counts_PL: torch.Tensor  # [P, L] host tensor: rows each source sends my local experts
     in_splits: tuple  # rows I send to each rank
     out_splits: tuple  # rows I receive from each rank
+    group: Any  # the ep group, looked up once per layer call (held for that call only)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class PlanFlight:
     host: Optional[torch.Tensor]  # CUDA: pinned [c*E + P*c*L], filled by a non_blocking copy
     ready: Any  # CUDA: the event recorded after that copy
     chunks: int
+    group: Any  # the ep group the exchange runs in
 
 
 class AllToAllVDispatcher(Dispatcher):
@@ -72,15 +75,16 @@ class AllToAllVDispatcher(Dispatcher):
     def plan_start(self, counts_list: list) -> PlanFlight:
         """Issue the counts exchange of every chunk (async) and, on CUDA, the copy of the counts to
         pinned host memory behind it on the current stream; nothing here waits or reads."""
-        P, L, E = self.layout.world, self.layout.local_experts, self.layout.num_experts
+        P, L, E = self.P, self.L, self.E
         c = len(counts_list)
-        dev = comm.comm_device(self.group)
+        group = self.group
+        dev = comm.comm_device(group)
         counts_cE = torch.stack(counts_list).to(device=dev, dtype=torch.long)
         dest = self.dest_X.to(dev)
         send_PcL = counts_cE.index_select(1, dest).view(c, P, L).transpose(0, 1)
-        recv_PcL, work = comm.exchange_counts_start(send_PcL, self.group)
+        recv_PcL, work = comm.exchange_counts_start(send_PcL, group)
         if dev.type != "cuda":  # gloo: the host waits for the exchange in plan_finish
-            return PlanFlight(counts_cE, recv_PcL, work, None, None, None, c)
+            return PlanFlight(counts_cE, recv_PcL, work, None, None, None, c, group)
         # on a side stream, so the current stream's next work (the layer's permute) does not queue
         # behind the exchange; the flight holds counts_cE and recv_PcL until plan_finish has waited
         # for `ready`, so their memory is not reused while the side stream reads them
@@ -95,11 +99,11 @@ class AllToAllVDispatcher(Dispatcher):
             flat = torch.cat([counts_cE.reshape(-1), recv_PcL.reshape(-1)])
             host.copy_(flat, non_blocking=True)  # device-to-host, queued: no sync here
             ready.record(side)
-        return PlanFlight(counts_cE, recv_PcL, None, flat, host, ready, c)
+        return PlanFlight(counts_cE, recv_PcL, None, flat, host, ready, c, group)
 
     def plan_finish(self, flight: PlanFlight) -> list:
         """Wait for plan_start's exchange (and copy) and read the counts: the layer call's one host read."""
-        P, L, E, c = self.layout.world, self.layout.local_experts, self.layout.num_experts, flight.chunks
+        P, L, E, c = self.P, self.L, self.E, flight.chunks
         if flight.host is not None:
             flight.ready.synchronize()  # the host waits for the copy only, not for later device work
             flat = flight.host.tolist()  # the one host read (pinned memory, already on the host)
@@ -115,11 +119,11 @@ class AllToAllVDispatcher(Dispatcher):
             recv = [flat[c * E + (p * c + i) * L + l] for p in range(P) for l in range(L)]
             out.append(AllToAllVPlan(counts_E, torch.tensor(recv, dtype=torch.long).view(P, L),
                                      tuple(sum(send[p * L:(p + 1) * L]) for p in range(P)),
-                                     tuple(sum(recv[p * L:(p + 1) * L]) for p in range(P))))
+                                     tuple(sum(recv[p * L:(p + 1) * L]) for p in range(P)), flight.group))
         return out
 
     def dispatch_start(self, x_ND: torch.Tensor, counts_E: torch.Tensor, plan=None) -> Flight:
-        E = self.layout.num_experts
+        E = self.E
         if counts_E.dim() != 1 or counts_E.shape[0] != E:
             raise ValueError(f"{self.name} dispatcher: counts_E must have shape [{E}], got {tuple(counts_E.shape)}")
         p: AllToAllVPlan = self.plan([counts_E])[0] if plan is None else plan
@@ -128,25 +132,31 @@ class AllToAllVDispatcher(Dispatcher):
                              f"{x_ND.shape[0]} rows")
         me = self.layout.rank
         recv_counts_PL, in_splits, out_splits = p.recv_counts_PL, list(p.in_splits), list(p.out_splits)
-        x_send, send_idx = self.send_rows(x_ND, torch.tensor(p.counts_E, dtype=torch.long))
-        token = self.a2a_start(x_send, out_splits, in_splits)
-        rb = row_bytes(x_ND)
+        if self.S == 1:  # every expert on one rank: the rows go as they are
+            x_send, send_idx = x_ND, None
+        else:
+            x_send, send_idx = self.send_rows(x_ND, torch.tensor(p.counts_E, dtype=torch.long))
+        token = comm.all_to_all_start(x_send, out_splits, in_splits, p.group, self.timeout)
+        rb = int(x_ND.shape[1]) * x_ND.element_size()  # bytes per row (x_ND is [N, D])
         state = (recv_counts_PL, tuple(in_splits), tuple(out_splits), send_idx, x_ND.shape[0],
-                 sum(in_splits) * rb, (sum(in_splits) - in_splits[me]) * rb)
+                 sum(in_splits) * rb, (sum(in_splits) - in_splits[me]) * rb, p.group)
         return Flight(token, state)
 
     def dispatch_finish(self, flight: Flight):
-        recv_counts_PL, in_splits, out_splits, send_idx, n_rows, nbytes, nremote = flight.state
+        recv_counts_PL, in_splits, out_splits, send_idx, n_rows, nbytes, nremote, group = flight.state
         x_recv = comm.all_to_all_wait(flight.token)
         x_MD, perm = self.to_expert_major(x_recv, recv_counts_PL)
-        handle = AllToAllVHandle(in_splits, out_splits, perm, send_idx, n_rows, nbytes, nremote)
+        handle = AllToAllVHandle(in_splits, out_splits, perm, send_idx, n_rows, nbytes, nremote, group)
         return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: AllToAllVHandle) -> Flight:
         y_recv = self.to_source_major(y_MD, handle.perm)
         # reverse exchange: send back what I received, receive what I sent
-        return Flight(self.a2a_start(y_recv, handle.in_splits, handle.out_splits), handle)
+        return Flight(comm.all_to_all_start(y_recv, handle.in_splits, handle.out_splits, handle.group, self.timeout),
+                      handle)
 
     def combine_finish(self, flight: Flight) -> torch.Tensor:
         y_send = comm.all_to_all_wait(flight.token)
+        if flight.state.send_idx is None:  # no F-shard copies to sum
+            return y_send
         return self.gather_back(y_send, flight.state.send_idx, flight.state.n_rows)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 
 from . import comm
-from .layout import ExpertLayout, block_permutation, expand_rows, inverse_permutation
+from .layout import ExpertLayout, expand_rows
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class Dispatcher:
         # dest_X[j*L + i]: the i-th global expert rank j holds; the order rows are sent in
         self.dest_X = layout.dest_experts()
         self.dest_list = self.dest_X.tolist()  # the same as Python ints, for host-side split math
+        # the layout's sizes as plain ints (its properties compute them): read once, not per call
+        self.P, self.L, self.E, self.S = layout.world, layout.local_experts, layout.num_experts, layout.shards
 
     @property
     def group(self):
@@ -105,7 +107,7 @@ class Dispatcher:
 
         Returns (x_send, send_idx or None): x_ND itself when every expert lives on one rank.
         """
-        if self.layout.shards == 1:
+        if self.S == 1:
             return x_ND, None
         send_idx = expand_rows(counts_E, self.dest_X).to(x_ND.device)
         return x_ND.index_select(0, send_idx), send_idx
@@ -141,6 +143,32 @@ class Dispatcher:
     @staticmethod
     def a2a_wait(token) -> torch.Tensor:
         return comm.all_to_all_wait(token)
+
+
+# -- row-order index math of the dispatchers (and the runner's chunks) ---------------------------
+def block_permutation(sizes_AB: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+    """Row indices that reorder blocks laid out A-major ([a][b]) into B-major ([b][a]).
+
+    sizes_AB[a, b] is the number of rows in block (a, b). Returns idx so that x[idx] is B-major.
+    total: sizes_AB.sum() when the caller knows it as a Python int (then nothing is read here).
+    """
+    A, B = sizes_AB.shape
+    flat = sizes_AB.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).reshape(A, B)
+    order_starts = starts.t().reshape(-1)
+    order_sizes = sizes_AB.t().reshape(-1)
+    total = int(order_sizes.sum()) if total is None else total
+    if total == 0:
+        return torch.zeros(0, dtype=torch.long)
+    block_start = torch.cumsum(order_sizes, 0) - order_sizes
+    return torch.arange(total) + torch.repeat_interleave(order_starts - block_start, order_sizes, output_size=total)
+
+
+def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(idx.numel(), device=idx.device)
+    return inv
+
 
 
 def row_bytes(x: torch.Tensor) -> int:

@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 
 from . import comm
-from .dispatch_base import Dispatcher, Flight, row_bytes
-from .layout import ExpertLayout, block_permutation, inverse_permutation
+from .dispatch_base import Dispatcher, Flight, block_permutation, inverse_permutation, row_bytes
+from .layout import ExpertLayout
 
 
 @dataclass(frozen=True)

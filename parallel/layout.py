@@ -90,30 +90,6 @@ def expand_rows(counts_E: torch.Tensor, experts_X: torch.Tensor) -> torch.Tensor
     return torch.arange(total) + rep_start
 
 
-def block_permutation(sizes_AB: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
-    """Row indices that reorder blocks laid out A-major ([a][b]) into B-major ([b][a]).
-
-    sizes_AB[a, b] is the number of rows in block (a, b). Returns idx so that x[idx] is B-major.
-    total: sizes_AB.sum() when the caller knows it as a Python int (then nothing is read here).
-    """
-    A, B = sizes_AB.shape
-    flat = sizes_AB.reshape(-1)
-    starts = (torch.cumsum(flat, 0) - flat).reshape(A, B)
-    order_starts = starts.t().reshape(-1)
-    order_sizes = sizes_AB.t().reshape(-1)
-    total = int(order_sizes.sum()) if total is None else total
-    if total == 0:
-        return torch.zeros(0, dtype=torch.long)
-    block_start = torch.cumsum(order_sizes, 0) - order_sizes
-    return torch.arange(total) + torch.repeat_interleave(order_starts - block_start, order_sizes, output_size=total)
-
-
-def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(idx)
-    inv[idx] = torch.arange(idx.numel(), device=idx.device)
-    return inv
-
-
 def split_counts(counts_E: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     """Split each expert's rows into `chunks` near-equal parts: [chunks] of counts_E-shaped tensors."""
     base = counts_E // chunks

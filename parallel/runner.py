@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-
 import torch.distributed as dist
 
 from .comm import GroupRef, all_gather_counts, all_reduce_host
-from .dispatch_base import Dispatcher
-from .layout import ExpertLayout, chunk_rows, inverse_permutation, split_counts
+from .dispatch_base import Dispatcher, inverse_permutation
+from .layout import ExpertLayout, chunk_rows, split_counts
 from .sharded_dp import ShardedDataParallel
-from .timing import HostClock, Timer
+from .timing import HostClock
 from .tuner import Stats, Tuner
 
 # every key of last_metrics, in every mode (absent ones are 0): ranks reduce them as one tensor
@@ -70,6 +69,7 @@ class _Prepared:
     chunk_counts: Optional[list]
     flight: Any  # the dispatcher's plan_start(chunk_counts), finished by plan_finish in _run_ep
     issue_s: float
+    report: Optional[dict]  # the tuner's report, when the step ran on its lease (else asked after the call)
 
 
 class ExpertParallelRunner:
@@ -113,6 +113,16 @@ class ExpertParallelRunner:
         self._bwd_marks: list = [None, None]  # marks at the timed backward's start / latest end
         self.last_metrics: dict = {}
         self._prepared: Optional[_Prepared] = None  # prefetch()'s, until __call__ takes it
+        # fixed for the runner's life, read once here rather than asked of their owners on every call
+        self._num_experts = layout.num_experts
+        self._static = dispatcher.static
+        self._counts_on_device = dispatcher.static or dispatcher.host_counts_in_plan
+        self._prefetches = dispatcher.prefetches_counts
+        self._pinned = tuner.pinned
+        self._shards = layout.shards
+        # the tuner's lease (Tuner.lease): decided steps run with no tuner call; empty until it decides
+        self._lease = iter(())
+        self._report: dict = {}  # the tuner's report for the steps of the lease
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
     def watch_params(self, params) -> None:
@@ -174,33 +184,45 @@ class ExpertParallelRunner:
         self._prepared = self._prepare(plan)  # a stale one (its call raised) is dropped
 
     def _prepare(self, plan) -> _Prepared:
-        if plan.counts_E.shape[0] != self.layout.num_experts:
+        if plan.counts_E.shape[0] != self._num_experts:
             raise ValueError(
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
-                f"layout has {self.layout.num_experts}"
+                f"layout has {self._num_experts}"
             )
-        static = self.dispatcher.static
+        static = self._static
         # host copy: splits are host-side integers anyway; a static buffer needs none, and the
         # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
-        on_device = static or self.dispatcher.host_counts_in_plan
-        counts_E = plan.counts_E.to(torch.long) if on_device else plan.counts_E.to(torch.long).cpu()
-        tuning = torch.is_grad_enabled() and not self.tuner.pinned
-        if not tuning:
-            mode, c = self.tuner.decision if not self.tuner.pinned else self.tuner.choose(None, None)
+        counts_E = plan.counts_E.to(torch.long) if self._counts_on_device else plan.counts_E.to(torch.long).cpu()
+        grad = torch.is_grad_enabled()
+        decided = next(self._lease, None) if grad else None
+        if decided is not None:
+            # the tuner's lease: a decided step with no statistics check due (pinned: every step). No
+            # tuner call, no trial timing: the tuner counts the step when it is next asked
+            (mode, c), tuning = decided, False
+            self._last_seconds = None
+        elif not grad:  # forward-only: the current decision, the tuner and its timings left alone
+            (mode, c), tuning = self.tuner.decision, False
         else:
-            self._last_seconds = self._previous_step_seconds()
-            if self.tuner.wants_stats():
-                stats, last = self._agreed_stats(counts_E, plan.num_tokens)
-                mode, c = self.tuner.choose(stats, last)
+            tuner, tuning = self.tuner, not self._pinned
+            if tuning:
+                self._last_seconds = self._previous_step_seconds()
+                if tuner.wants_stats():
+                    stats, last = self._agreed_stats(counts_E, plan.num_tokens)
+                    mode, c = tuner.choose(stats, last)
+                else:
+                    mode, c = tuner.keep()
             else:
-                mode, c = self.tuner.keep()
+                mode, c = tuner.choose(None, None)
+            # the next decided steps run on the lease; the tuner's report stays as it is until then
+            self._lease, self._report = tuner.lease(), tuner.report()
         self.current = (mode, c)
         t0 = time.perf_counter()
         chunk_counts, flight = None, None
-        if mode == "ep" and not static and self.dispatcher.prefetches_counts:
+        if mode == "ep" and not static and self._prefetches:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
             flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
-        return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0)
+        return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0,
+                         self._report if decided is not None else None)
 
     def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
         """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens).
@@ -216,8 +238,9 @@ class ExpertParallelRunner:
         counts_E, static, mode, c, tuning = prep.counts_E, prep.static, prep.mode, prep.degree, prep.tuning
         # a trial the tuner will read at its next decision: mark it (the same on every rank)
         self._timing = tuning and self.tuner.timing_this_step
-        timer = Timer()
-        timer.totals["plan_s"] = prep.issue_s
+        # host seconds per TIMER_KEYS entry: plain clock reads, accumulated here and in the modes below
+        t_s = dict.fromkeys(TIMER_KEYS, 0.0)
+        t_s["plan_s"] = prep.issue_s
         t0 = time.perf_counter()
         m0 = self.clock.mark() if self._timing else None
         metrics: dict = dict.fromkeys(METRICS, 0.0)
@@ -228,15 +251,15 @@ class ExpertParallelRunner:
             metrics["overflow_dropped"] = dropped.detach()
             metrics["static_factor_needed"] = self.dispatcher.factor_needed(counts_E, plan.num_tokens).detach()
         if mode == "ep" and static:
-            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, timer, metrics, shared, out)
+            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, t_s, metrics, shared, out)
         elif mode == "ep":
-            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, timer, metrics, shared, out, prep)
+            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, t_s, metrics, shared, out, prep)
         else:
-            y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, timer=timer, shared=shared,
+            y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, t_s=t_s, shared=shared,
                                 out=out)
             if static:  # the rows the ep mode's static buffer drops: zero here too (modes agree)
                 y_ND = y_ND * keep_N.to(y_ND.dtype).unsqueeze(1)
-            metrics["bytes_sent"] = float(self.sharded.weight_bytes(experts))
+            metrics["bytes_sent"] = float(self.sharded.last_weight_bytes)
             metrics["bytes_min"] = 0.0
             metrics["chunks"] = float(self.sharded.last_chunks)  # F-chunks actually used (<= c)
         if static and self.overflow == "error":
@@ -244,11 +267,11 @@ class ExpertParallelRunner:
         if self._timing:
             self._fwd_marks = (m0, self.clock.mark())
             self._hook_backward(x_ND, y_ND)
-        metrics.update({k: float(v) for k, v in timer.totals.items()})
+        metrics.update(t_s)
         metrics["fwd_s"] = time.perf_counter() - t0  # host time (on CUDA: launches)
         if self._last_seconds is not None:
             metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
-        metrics.update(self.tuner.report())
+        metrics.update(prep.report if prep.report is not None else self.tuner.report())
         if set(metrics) != set(METRICS):  # a new key must join METRICS, or ranks' reductions split
             raise RuntimeError(f"ExpertParallelRunner: metrics {sorted(set(metrics) ^ set(METRICS))} not in METRICS")
         self.last_metrics = metrics
@@ -266,7 +289,7 @@ class ExpertParallelRunner:
                 f"(T={num_tokens}) overflowed by {int(most.item())} rows on some rank (parallel.overflow='error'); "
                 "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
 
-    def _pipeline(self, n: int, start, experts, timer: Timer, shared=None, out: Optional[dict] = None) -> tuple:
+    def _pipeline(self, n: int, start, experts, t_s: dict, shared=None, out: Optional[dict] = None) -> tuple:
         """The ep mode's chunk pipeline: chunk i+1's dispatch and chunk i-1's combine in flight while
         chunk i's experts compute; the shared experts run while chunk 0's tokens travel.
         `start(i)` issues chunk i's dispatch. Returns (the chunks' combined outputs, bytes sent, bytes
@@ -274,27 +297,33 @@ class ExpertParallelRunner:
         d = self.dispatcher
         flight = start(0)
         weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
+        clock = time.perf_counter
         if shared is not None:
-            with timer.span("shared_s"):  # the dense shared experts while chunk 0's tokens travel
-                out["shared"] = shared()
+            t = clock()
+            out["shared"] = shared()  # the dense shared experts while chunk 0's tokens travel
+            t_s["shared_s"] += clock() - t
         combines = []
         nbytes = nremote = 0
         for i in range(n):
-            with timer.span("wait_s"):
-                x_MD, counts_L, handle = d.dispatch_finish(flight)
+            t = clock()
+            x_MD, counts_L, handle = d.dispatch_finish(flight)
+            t_s["wait_s"] += clock() - t
             nbytes += handle.bytes_sent
             nremote += handle.bytes_remote
             if i + 1 < n:
                 flight = start(i + 1)  # in flight while chunk i computes
-            with timer.span("compute_s"):
-                y_MD = experts.compute(x_MD, counts_L, *weights)
-            with timer.span("combine_start_s"):
-                combines.append(d.combine_start(y_MD, handle))
-        with timer.span("wait_s"):
-            ys = [d.combine_finish(f) for f in combines]
+            t = clock()
+            y_MD = experts.compute(x_MD, counts_L, *weights)
+            t1 = clock()
+            t_s["compute_s"] += t1 - t
+            combines.append(d.combine_start(y_MD, handle))
+            t_s["combine_start_s"] += clock() - t1
+        t = clock()
+        ys = [d.combine_finish(f) for f in combines]
+        t_s["wait_s"] += clock() - t
         return ys, nbytes, nremote
 
-    def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, timer: Timer, metrics: dict, shared=None,
+    def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, t_s: dict, metrics: dict, shared=None,
                        out: Optional[dict] = None) -> torch.Tensor:
         """The ep mode over a static buffer: no host read, no collective but the data all-to-alls.
 
@@ -303,10 +332,12 @@ class ExpertParallelRunner:
         d = self.dispatcher
 
         def start(i):
-            with timer.span("dispatch_start_s"):
-                return d.dispatch_start(x_ND, counts_E, plan=chunks[i])
+            t = time.perf_counter()
+            flight = d.dispatch_start(x_ND, counts_E, plan=chunks[i])
+            t_s["dispatch_start_s"] += time.perf_counter() - t
+            return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, timer, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, t_s, shared, out)
         y_ND = ys[0]
         for y in ys[1:]:
             y_ND = y_ND + y
@@ -315,23 +346,25 @@ class ExpertParallelRunner:
         metrics["chunks"] = float(len(chunks))
         # the unavoidable minimum (rows for other ranks' experts), kept on the device: no host read
         mine = d.dest_X.view(self.layout.world, -1)[self.layout.rank].to(counts_E.device)
-        n_remote_min = counts_E.sum() * self.layout.shards - counts_E.index_select(0, mine).sum()
+        n_remote_min = counts_E.sum() * self._shards - counts_E.index_select(0, mine).sum()
         metrics["bytes_min"] = (n_remote_min * (x_ND.shape[1] * x_ND.element_size())).detach()
         return y_ND
 
-    def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, timer: Timer,
+    def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, t_s: dict,
                 metrics: dict, shared=None, out: Optional[dict] = None, prep: Optional[_Prepared] = None) -> torch.Tensor:
         d = self.dispatcher
         if prep is not None and prep.flight is not None:
             chunk_counts = prep.chunk_counts
-            with timer.span("plan_s"):
-                plans = d.plan_finish(prep.flight)  # the exchange prefetch() issued: wait, then the one read
+            t = time.perf_counter()
+            plans = d.plan_finish(prep.flight)  # the exchange prefetch() issued: wait, then the one read
+            t_s["plan_s"] += time.perf_counter() - t
         else:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
             # each chunk holds at most ceil(count / c) rows of an expert, so ceil(C / c) suffices
             chunk_capacity = None if capacity is None else -(-capacity // c)
-            with timer.span("plan_s"):
-                plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
+            t = time.perf_counter()
+            plans = d.plan(chunk_counts, capacity=chunk_capacity)  # one small collective for all chunks
+            t_s["plan_s"] += time.perf_counter() - t
         if d.host_counts_in_plan:
             # the plan read the counts: the rest is Python integers (no further host read)
             host_E = [sum(col) for col in zip(*(p.counts_E for p in plans))]
@@ -348,14 +381,16 @@ class ExpertParallelRunner:
 
         def start(i):
             x_i = x_ND if idxs[i] is None else x_ND.index_select(0, idxs[i].to(x_ND.device))
-            with timer.span("dispatch_start_s"):
-                return d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
+            t = time.perf_counter()
+            flight = d.dispatch_start(x_i, chunk_counts[i], plan=plans[i])
+            t_s["dispatch_start_s"] += time.perf_counter() - t
+            return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, timer, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, t_s, shared, out)
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once
-        n_remote_min = n_rows * self.layout.shards - n_mine
+        n_remote_min = n_rows * self._shards - n_mine
         metrics["bytes_min"] = float(n_remote_min * x_ND.shape[1] * x_ND.element_size())
         if c == 1:
             return ys[0]

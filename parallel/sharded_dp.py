@@ -14,13 +14,13 @@ the same function.
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Optional
 
 import torch
 
 from . import comm
 from .layout import ExpertLayout
-from .timing import maybe_span
 
 
 def f_chunks(width: int, chunks: int) -> list[slice]:
@@ -33,21 +33,19 @@ def f_chunks(width: int, chunks: int) -> list[slice]:
     return [slice(bounds[i], bounds[i + 1]) for i in range(chunks)]
 
 
-def _assemble_in(w_XDF: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+def _assemble_in(w_XDF: torch.Tensor, E: int, S: int) -> torch.Tensor:
     """[P*L, D, f] gathered rank-major -> [E, D, S*f] (F-slices of one expert side by side)."""
-    S = layout.shards
     if S == 1:
         return w_XDF
-    E, D, f = layout.num_experts, w_XDF.shape[1], w_XDF.shape[2]
+    D, f = w_XDF.shape[1], w_XDF.shape[2]
     return w_XDF.view(E, S, D, f).permute(0, 2, 1, 3).reshape(E, D, S * f)
 
 
-def _assemble_out(w_XFD: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+def _assemble_out(w_XFD: torch.Tensor, E: int, S: int) -> torch.Tensor:
     """[P*L, f, D] -> [E, S*f, D]."""
-    S = layout.shards
     if S == 1:
         return w_XFD
-    E, f, D = layout.num_experts, w_XFD.shape[1], w_XFD.shape[2]
+    f, D = w_XFD.shape[1], w_XFD.shape[2]
     return w_XFD.reshape(E, S * f, D)
 
 
@@ -58,50 +56,61 @@ class ShardedDataParallel:
         self.layout = layout
         self._group = comm.GroupRef(group)  # borrowed, never owned: see comm.GroupRef
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        self._E, self._S = layout.num_experts, layout.shards  # fixed: read once, not per call
         self.last_chunks = 0
+        self.last_weight_bytes = 0  # the latest call's `weight_bytes` (the runner reports it)
 
     @property
     def group(self):
         return self._group.get()
 
-    def _start(self, experts, fs: slice):
-        w1, w2, w3 = experts.local_weights()
+    def _start(self, weights: tuple, fs: slice, group):
+        w1, w2, w3 = weights
         ws = [w1[:, :, fs], w2[:, fs, :]]
         if w3 is not None:
             ws.append(w3[:, :, fs])
-        return [comm.all_gather_start(w, self.group, self.timeout) for w in ws]
+        return [comm.all_gather_start(w, group, self.timeout) for w in ws]
 
     def _finish(self, tokens):
         ws = [comm.all_gather_wait(t) for t in tokens]
-        w1 = _assemble_in(ws[0], self.layout)
-        w2 = _assemble_out(ws[1], self.layout)
-        w3 = _assemble_in(ws[2], self.layout) if len(ws) == 3 else None
+        w1 = _assemble_in(ws[0], self._E, self._S)
+        w2 = _assemble_out(ws[1], self._E, self._S)
+        w3 = _assemble_in(ws[2], self._E, self._S) if len(ws) == 3 else None
         return w1, w2, w3
 
     def weight_bytes(self, experts) -> int:
         """Bytes each rank receives per forward: the other ranks' expert weights."""
-        local = sum(w.numel() * w.element_size() for w in experts.local_weights() if w is not None)
-        return (self.layout.world - 1) * local
+        return self._weight_bytes(experts.local_weights())
 
-    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1, timer=None,
-                 shared=None, out: Optional[dict] = None):
-        """y_ND for this rank's rows with all E experts; `timer` (optional) accumulates wait/compute time.
+    def _weight_bytes(self, weights: tuple) -> int:
+        return (self.layout.world - 1) * sum(w.numel() * w.element_size() for w in weights if w is not None)
+
+    def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1,
+                 t_s: Optional[dict] = None, shared=None, out: Optional[dict] = None):
+        """y_ND for this rank's rows with all E experts; `t_s` (optional, key -> seconds, holding
+        "shared_s", "wait_s" and "compute_s") accumulates the host time of those parts.
 
         shared (optional): the layer's shared-expert work, run while the first weight chunk is
         gathered; its s_TD goes to out["shared"]."""
-        spans = f_chunks(experts.local_weights()[0].shape[2], chunks)
+        weights, group, clock = experts.local_weights(), self.group, time.perf_counter
+        t_s = dict.fromkeys(("shared_s", "wait_s", "compute_s"), 0.0) if t_s is None else t_s
+        spans = f_chunks(weights[0].shape[2], chunks)
         self.last_chunks = len(spans)
-        pending = self._start(experts, spans[0])
+        self.last_weight_bytes = self._weight_bytes(weights)
+        pending = self._start(weights, spans[0], group)
         if shared is not None:
-            with maybe_span(timer, "shared_s"):
-                out["shared"] = shared()
+            t = clock()
+            out["shared"] = shared()
+            t_s["shared_s"] += clock() - t
         y_ND = None
         for i in range(len(spans)):
-            with maybe_span(timer, "wait_s"):
-                w1, w2, w3 = self._finish(pending)
+            t = clock()
+            w1, w2, w3 = self._finish(pending)
+            t_s["wait_s"] += clock() - t
             if i + 1 < len(spans):
-                pending = self._start(experts, spans[i + 1])  # in flight during this chunk's compute
-            with maybe_span(timer, "compute_s"):
-                y_i = experts.compute(x_ND, counts_E, w1, w2, w3)
+                pending = self._start(weights, spans[i + 1], group)  # in flight during this chunk's compute
+            t = clock()
+            y_i = experts.compute(x_ND, counts_E, w1, w2, w3)
+            t_s["compute_s"] += clock() - t
             y_ND = y_i if y_ND is None else y_ND + y_i
         return y_ND

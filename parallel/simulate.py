@@ -10,18 +10,17 @@ Nothing listens outside the machine: the store is bound to 127.0.0.1 (serve_stor
 NCCL's sockets use the loopback interface (loopback_env). `fn` must be
 picklable (a module-level function): ranks are started with the "spawn" method.
 If any rank raises, `simulate` raises RuntimeError carrying that rank's traceback.
+Ranks are started, given their environment and store, and waited for by moesys.parallel.spawn (the
+one process starter; RankPool and moesys.supervise.run_ranks use it too).
 """
 from __future__ import annotations
 
-import datetime
 import faulthandler
 import logging
 import os
 import pickle
-import queue as queue_mod
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -30,59 +29,25 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import _redistribute as dtensor_redistribute  # private: its plan cache
 from torch.distributed.tensor import debug as dtensor_debug
 
+# the store and environment helpers live in spawn.py; these names stay importable from here
+from .spawn import (
+    AGENT_STORE_ENV,
+    context,
+    free_port,
+    join_job,
+    loopback_env,
+    loopback_interface,
+    rank_env,
+    serve_store,
+    start_ranks,
+    wait_reports,
+)
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# what the ranks' env:// rendezvous reads to join a store the launcher serves (torchrun's agent store)
-AGENT_STORE_ENV = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
-
-
-def serve_store(timeout_s: float) -> "dist.TCPStore":
-    """A TCPStore served by this (launching) process on 127.0.0.1, on a port the OS picks and keeps
-    bound, for ranks that join it as clients (AGENT_STORE_ENV, as under torchrun's agent).
-
-    Loopback only: the store has no authentication, and a TCPStore server binds every interface
-    whatever host it is given, so the listening socket is made here, bound to 127.0.0.1, and handed
-    over (master_listen_fd). A port picked free and then released for rank 0 to bind could be taken
-    in between by another process: rank 0 then died with EADDRINUSE (seen in CI with tests running
-    side by side)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(socket.SOMAXCONN)
-        store = dist.TCPStore("127.0.0.1", sock.getsockname()[1], is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.fileno())
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()  # the store owns the descriptor now (it closes it with the server)
-    return store
-
-
-def loopback_interface() -> str:
-    """The name of this machine's loopback interface ('lo' on Linux, 'lo0' on macOS)."""
-    names = [name for _, name in socket.if_nameindex()]
-    for want in ("lo", "lo0"):
-        if want in names:
-            return want
-    raise RuntimeError(f"no loopback interface (lo or lo0) among this machine's interfaces {names}")
-
-
-def loopback_env() -> dict:
-    """Environment for ranks that never leave this machine: gloo's pairs and NCCL's bootstrap listen
-    on the loopback interface. Without it gloo binds the address this machine's hostname resolves
-    to (often its LAN address). torch reads GLOO_SOCKET_IFNAME each time it builds a gloo group
-    (the mesh's subgroups too); init_process_group takes no gloo device option."""
-    lo = loopback_interface()
-    return {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
+__all__ = ["AGENT_STORE_ENV", "RankPool", "free_port", "loopback_env", "loopback_interface", "run_script",
+           "serve_store", "simulate"]
 
 
 def _check_world(world_size: int, local_world_size: Optional[int]) -> int:
@@ -96,16 +61,8 @@ def _check_world(world_size: int, local_world_size: Optional[int]) -> int:
 
 
 def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives, fn, args, results):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank % local_world_size), LOCAL_WORLD_SIZE=str(local_world_size), **AGENT_STORE_ENV, **loopback_env(),
-    )
-    torch.set_num_threads(1)  # N ranks share the machine's cores
     try:
-        if debug_collectives:  # fingerprint-check every collective: a mismatch raises, naming both ranks' ops
-            dist.set_debug_level(dist.DebugLevel.DETAIL)
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        join_job(rank, world_size, port, backend, timeout_s, local_world_size, debug_collectives)
         out = fn(*args)
         # plain pickle copies tensor data into the message: torch's queue reduction would share
         # memory through a file descriptor that dies with this process if it exits first
@@ -130,47 +87,22 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
             (torch.distributed's DETAIL debug level), so a mismatch is a clear error, not a gloo abort.
     """
     lws = _check_world(world_size, local_world_size)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
+    results = context().Queue()
     store = serve_store(timeout_s)  # held until the ranks are done (see serve_store)
-    port = store.port
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, backend, timeout_s, lws, debug_collectives, fn, args, results),
-                    daemon=True)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
+    procs = start_ranks(_rank_main, [(r, world_size, store.port, backend, timeout_s, lws, debug_collectives, fn, args,
+                                      results) for r in range(world_size)], daemon=True)
     deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else 4 * timeout_s + 30)
-    got: dict[int, tuple] = {}
-    failure = None
     try:
-        while len(got) < world_size:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted(set(range(world_size)) - set(got))
-                raise TimeoutError(f"simulate: ranks {missing} of {world_size} did not finish in time")
-            try:
-                rank, ok, out = results.get(timeout=min(left, 1.0))
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                if dead:
-                    raise RuntimeError(
-                        f"simulate: rank {dead[0]} died with exit code {procs[dead[0]].exitcode} without reporting"
-                    )
-                continue
-            got[rank] = (ok, pickle.loads(out) if ok else out)
-            if not ok and failure is None:
-                failure = (rank, out)
-                # give the peers a moment to report their side (usually a timeout naming the collective)
-                deadline = min(deadline, time.monotonic() + 5.0)
-        if failure is not None:
-            raise RuntimeError(f"simulate: rank {failure[0]} of {world_size} failed:\n{failure[1]}")
-        return [got[r][1] for r in range(world_size)]
-    except TimeoutError:
-        if failure is not None:
-            raise RuntimeError(f"simulate: rank {failure[0]} of {world_size} failed:\n{failure[1]}") from None
-        raise
+        # a rank that exited 0 without reporting is not dead yet: its report may still be in the queue
+        got, first, died = wait_reports(results, procs, deadline, dead=lambda p: p.exitcode not in (None, 0))
+        if first is not None and first in died:
+            raise RuntimeError(f"simulate: rank {first} died with exit code {procs[first].exitcode} without reporting")
+        if first is not None:
+            raise RuntimeError(f"simulate: rank {first} of {world_size} failed:\n{got[first][1]}")
+        if len(got) < world_size:
+            missing = sorted(set(range(world_size)) - set(got))
+            raise TimeoutError(f"simulate: ranks {missing} of {world_size} did not finish in time")
+        return [pickle.loads(got[r][1]) for r in range(world_size)]
     finally:
         for p in procs:
             p.join(timeout=2.0)
@@ -212,7 +144,6 @@ def _pool_rank_main(rank: int, world_size: int, tasks, results, stack_path: str)
     """One rank of a RankPool: run the tasks it is sent until it is killed. Each task gets a fresh
     default process group (joined through that task's store) destroyed before the result is sent,
     so no group outlives its task; a failure is reported with its traceback, like simulate's ranks."""
-    torch.set_num_threads(1)  # the ranks share the machine's cores
     stack_file = open(stack_path, "w")  # kept open: faulthandler writes to its descriptor
     faulthandler.register(_STACK_SIGNAL, file=stack_file, all_threads=True)
     env, cwd = dict(os.environ), os.getcwd()
@@ -222,16 +153,11 @@ def _pool_rank_main(rank: int, world_size: int, tasks, results, stack_path: str)
     while True:
         task_id, sys_path, port, backend, timeout_s, lws, debug_collectives, payload = tasks.get()
         sys.path.extend(p for p in sys_path if p not in sys.path)  # test helpers added since the start
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank % lws), LOCAL_WORLD_SIZE=str(lws), **AGENT_STORE_ENV, **loopback_env(),
-        )
+        # the rank's environment before the task's modules are imported (unpickling fn may import them)
+        os.environ.update(rank_env(rank, world_size, port, lws))
         try:
             fn, args = pickle.loads(payload)
-            if debug_collectives:
-                dist.set_debug_level(dist.DebugLevel.DETAIL)
-            dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            join_job(rank, world_size, port, backend, timeout_s, lws, debug_collectives)
             report = (task_id, rank, True, pickle.dumps(fn(*args)))
             # no rank tears its groups down while a peer still uses them (a group made last by the
             # body, still connecting on a slower rank, saw "connection closed by peer")
@@ -269,7 +195,6 @@ class RankPool:
         _check_world(world_size, None)
         self.world_size = world_size
         self.restarts = 0  # how many times a failure made the pool start new ranks
-        self._ctx = mp.get_context("spawn")
         self._procs: list = []
         self._task_id = 0
         self._dir = tempfile.mkdtemp(prefix=f"rankpool{world_size}_")
@@ -278,15 +203,11 @@ class RankPool:
         return os.path.join(self._dir, f"rank{rank}.stack")
 
     def _start(self) -> None:
-        self._results = self._ctx.Queue()
-        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
-        self._procs = [
-            self._ctx.Process(target=_pool_rank_main, daemon=True,
-                              args=(r, self.world_size, self._tasks[r], self._results, self._stack_path(r)))
-            for r in range(self.world_size)
-        ]
-        for p in self._procs:
-            p.start()
+        ctx = context()
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._procs = start_ranks(_pool_rank_main, [(r, self.world_size, self._tasks[r], self._results,
+                                                     self._stack_path(r)) for r in range(self.world_size)], daemon=True)
 
     def _stop(self) -> None:
         for p in self._procs:
@@ -335,23 +256,8 @@ class RankPool:
         for q in self._tasks:
             q.put(task)
         deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else 4 * timeout_s + 30)
-        got: dict[int, tuple] = {}
-        first_failed: Optional[int] = None
-        while len(got) < self.world_size and time.monotonic() < deadline:
-            try:
-                task_id, rank, ok, out = self._results.get(timeout=min(max(deadline - time.monotonic(), 0.01), 1.0))
-            except queue_mod.Empty:
-                dead = [r for r in range(self.world_size) if r not in got and not self._procs[r].is_alive()]
-                if dead and first_failed is None:
-                    first_failed = dead[0]
-                    deadline = min(deadline, time.monotonic() + 5.0)  # let the peers report their side
-                continue
-            if task_id != self._task_id:  # cannot happen (a failed run restarts the pool): say so if it does
-                raise RuntimeError(f"RankPool: rank {rank} reported run {task_id} during run {self._task_id}")
-            got[rank] = (ok, pickle.loads(out) if ok else out)
-            if not ok and first_failed is None:
-                first_failed = rank
-                deadline = min(deadline, time.monotonic() + 5.0)  # let the peers report their side
+        got, first_failed, _ = wait_reports(self._results, self._procs, deadline, task=self._task_id)
+        got = {r: (ok, pickle.loads(out) if ok else out) for r, (ok, out) in got.items()}
         del store
         if len(got) == self.world_size and all(ok for ok, _ in got.values()):
             return [got[r][1] for r in range(self.world_size)]
@@ -368,7 +274,8 @@ class RankPool:
 
 def run_script(nprocs: int, script: str, script_args: Sequence[str] = ()) -> int:
     """Run `python script *script_args` as `nprocs` ranks on this machine, as torchrun --standalone
-    would, but with nothing listening outside it: the store is served here on 127.0.0.1
+    would (interpreters running a script, not Python functions: the one launcher not started by
+    spawn.start_ranks, but with its store and rank_env), with nothing listening outside it: the store is served here on 127.0.0.1
     (serve_store; torchrun's binds every interface) and the ranks' gloo/NCCL sockets use loopback.
     Each rank's `init_process_group()` (env://) joins the store. Processes are started and watched
     by torch.distributed.elastic (torchrun's own launcher): one failing stops the others. Returns
@@ -378,12 +285,10 @@ def run_script(nprocs: int, script: str, script_args: Sequence[str] = ()) -> int
     if nprocs < 1:
         raise ValueError(f"run_script: nprocs must be >= 1, got {nprocs}")
     store = serve_store(timeout_s=1800)
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": str(nprocs),
-              "LOCAL_WORLD_SIZE": str(nprocs), **AGENT_STORE_ENV, **loopback_env()}
     log_dir = tempfile.mkdtemp(prefix="moesys-simulate-")  # mode 0700; only error files land here
     pc = start_processes(name="moesys-simulate", entrypoint=sys.executable,
                          args={r: (script, *script_args) for r in range(nprocs)},
-                         envs={r: {**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nprocs)},
+                         envs={r: rank_env(r, nprocs, store.port) for r in range(nprocs)},
                          logs_specs=DefaultLogsSpecs(log_dir=log_dir))
     try:
         result = pc.wait(period=0.2)

@@ -1,5 +1,5 @@
-"""Clocks for the runtime: a wall-clock accumulator for the runner's metrics, and the step clocks
-the tuner's trials and the probe are timed with.
+"""The step clocks the tuner's trials and the probe are timed with (the runner's `*_s` metrics are
+plain `time.perf_counter` reads in the runner itself).
 
 On CPU the host clock measures the work. On CUDA the host clock measures kernel launches, not the
 work, so trials are timed with CUDA events: recording one costs no host sync; reading a trial's
@@ -7,36 +7,10 @@ time synchronises once on its last event, at the next step, and only on the step
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any, Callable, Optional
 
 import torch
-
-
-class Timer:
-    """Accumulated host time per key (the runner's `*_s` metrics)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def span(self, key: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
-
-
-@contextlib.contextmanager
-def maybe_span(timer, key: str):
-    """timer.span(key) when a timer is given, else nothing."""
-    if timer is None:
-        yield
-    else:
-        with timer.span(key):
-            yield
 
 
 class HostClock:

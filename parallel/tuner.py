@@ -17,9 +17,12 @@ Cost model: parallel/cost_model.py (shared with `moesys-plan`). The tuner ranks 
 """
 from __future__ import annotations
 
+import collections
+import itertools
+import operator
 import statistics
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -118,7 +121,38 @@ class Tuner:
         """False on decided steps between statistics checks: the runner then skips its collective."""
         if self.pinned:
             return False
+        self._settle()
         return self.phase != "exploit" or (self.step + 1) % self.settings.check_every == 0
+
+    # -- the lease: decided steps the runner runs without calling here ----------------------------
+    def lease(self) -> Iterator[tuple]:
+        """The decision, once for each of the next steps that would be plain `keep()` steps (decided,
+        no statistics check due; pinned: every step). The runner draws one per training call with
+        `next(lease, None)`, a builtin call with no Python frame (its hot path does no tuner
+        bookkeeping), and asks the tuner again when the lease runs dry. The steps drawn count as
+        `keep()` steps: every method here settles them first (`_settle`), so the tuner's state (its
+        checkpoint) is the same as if each step had called `keep()`."""
+        self._revoke()
+        if self.pinned:
+            self._lease, self._lease_left = itertools.repeat(self.decision), None  # endless; counts no steps
+        else:
+            n = (-(self.step + 1)) % self.settings.check_every if self.phase == "exploit" else 0
+            self._lease, self._lease_left = itertools.repeat(self.decision, n), n
+        return self._lease
+
+    def _settle(self) -> None:
+        """Count the steps drawn from the current lease (itertools.repeat reports what it has left)."""
+        if self._lease_left:
+            left = operator.length_hint(self._lease)
+            self.step += self._lease_left - left
+            self._lease_left = left
+
+    def _revoke(self) -> None:
+        """End the current lease (its drawn steps counted, the rest drained: a holder's next draw is None)."""
+        self._settle()
+        if self._lease is not None and self._lease_left is not None:
+            collections.deque(self._lease, maxlen=0)
+        self._lease, self._lease_left = None, 0
 
     @property
     def timing_this_step(self) -> bool:
@@ -127,6 +161,7 @@ class Tuner:
 
     def keep(self) -> tuple:
         """This step's (mode, degree) without new statistics (every rank calls it on the same steps)."""
+        self._revoke()
         self.step += 1
         return self.decision
 
@@ -134,6 +169,7 @@ class Tuner:
         """The (mode, degree) for this step. last_seconds: agreed time of the previous step."""
         if self.pinned:
             return (self.settings.mode, self.settings.degree)
+        self._revoke()
         self.step += 1
         if last_seconds is not None and self.phase == "explore" and self._timed is not None:
             self.measured.setdefault(self._timed, []).append(last_seconds)
@@ -152,6 +188,10 @@ class Tuner:
         return self.decision
 
     _timed: Optional[tuple] = None
+    # lease()'s iterator, while a runner may draw from it, and its steps not yet counted into `step`
+    # (None: a pinned tuner's endless lease, which counts no steps and never needs revoking)
+    _lease: Optional[Iterator[tuple]] = field(default=None, init=False, repr=False, compare=False)
+    _lease_left: Optional[int] = field(default=0, init=False, repr=False, compare=False)
 
     def _explore(self, stats: Stats) -> None:
         self.phase = "explore"
@@ -194,6 +234,7 @@ class Tuner:
     def state_dict(self) -> dict:
         """The tuner's progress as plain JSON values (the same on every rank: see the module docstring).
         The probed machine is not in it: a resumed job probes its own."""
+        self._settle()
         return {"version": self.STATE_VERSION, "candidates": [list(k) for k in self.candidates()],
                 "phase": self.phase, "step": self.step, "decision": list(self.decision),
                 "queue": [list(k) for k in self.queue],
@@ -211,6 +252,7 @@ class Tuner:
             return False
         if state["phase"] not in ("warmup", "explore", "exploit"):
             raise ValueError(f"Tuner.load_state_dict: unknown phase {state['phase']!r}")
+        self._revoke()  # the lease ran the old decision: the runner asks again
         self.phase, self.step = state["phase"], int(state["step"])
         self.decision = (state["decision"][0], int(state["decision"][1]))
         self.queue = [(m, int(c)) for m, c in state["queue"]]

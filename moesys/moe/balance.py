@@ -134,3 +134,24 @@ def router_metrics_static(probs_TE: torch.Tensor, routed_E: torch.Tensor, num_ro
         "experts_per_token": torch.tensor(num_routes / T),
         "drop_rate": dropped / max(num_routes, 1),
     }
+
+
+def route_losses(cfg, probs_TE: torch.Tensor, logits_TE: torch.Tensor, token_idx_R: torch.Tensor,
+                 expert_idx_R: torch.Tensor, slot_R: torch.Tensor, seq_len: int, top_k: float, group_of) -> dict:
+    """The balance losses cfg (a MoEConfig) asks for, over a router's flat routes: name -> scalar,
+    coefficient-weighted. One call from the router; `group_of()` gives the balance group of
+    aux_loss="global_batch" (asked only for that loss)."""
+    losses = {}
+    if cfg.aux_loss == "switch":
+        counts_E = routed_counts(expert_idx_R, cfg.num_experts)
+        losses["aux_loss"] = switch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef)
+    elif cfg.aux_loss == "global_batch":
+        counts_E = routed_counts(expert_idx_R, cfg.num_experts)
+        losses["aux_loss"] = global_batch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef, group_of())
+    elif cfg.aux_loss == "gshard":
+        losses["aux_loss"] = gshard_aux_loss(probs_TE, expert_idx_R, slot_R, cfg.aux_loss_coef)
+    elif cfg.aux_loss == "seq":
+        losses["aux_loss"] = seq_aux_loss(probs_TE, token_idx_R, expert_idx_R, seq_len, top_k, cfg.aux_loss_coef)
+    if cfg.z_loss_coef > 0:
+        losses["z_loss"] = z_loss(logits_TE, cfg.z_loss_coef)
+    return losses

@@ -6,6 +6,7 @@ FFN_e(x) = act(x @ w1[e]) @ w2[e];  swiglu: (silu(x @ w1[e]) * (x @ w3[e])) @ w2
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,10 +18,12 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from moesys.kernels import grouped_gemm, resolve_backend
-from moesys.kernels.expert_ffn import expert_ffn_torch
+from moesys.kernels.grouped_gemm import expert_ffn_torch
 from moesys.kernels.grouped_mm_ffn import expert_ffn_grouped_mm, grouped_mm_aligned
 
 from .config import MoEConfig
+from .routing_plan import Plan
+from .runner import SharedWork
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -45,8 +48,12 @@ def composed_ffn(x_ND, counts_E, w1, w2, w3, activation: str, backend: str) -> t
     return grouped_gemm(h_NF, w2, counts_E, backend=backend)
 
 
-def expert_ffn(x_ND, counts_E, w1, w2, w3, cfg: MoEConfig, recompute: Optional[bool] = None) -> torch.Tensor:
+def expert_ffn(x_ND, counts_E, w1, w2, w3, cfg: MoEConfig, recompute: Optional[bool] = None,
+               paths: Optional[dict] = None) -> torch.Tensor:
     """y_ND = FFN_e(rows of e) for every expert e with the given weights, on cfg's kernel backend.
+
+    paths: the caller's memo of the grouped GEMMs' resolved backend (moesys.kernels decides it from
+    kernel_backend, device, dtype and TRITON_INTERPRET alone: asked once per such key); None: ask.
 
     recompute (default cfg.recompute): keep no [N, F] intermediate from the forward; the backward
     recomputes them. The torch path does it inside its fused Function (its intermediates live on
@@ -60,7 +67,14 @@ def expert_ffn(x_ND, counts_E, w1, w2, w3, cfg: MoEConfig, recompute: Optional[b
         # expert GEMMs still run on torch._grouped_mm, with offsets from the counts on the device
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return _grouped_mm_ffn(x_ND, offs_E, w1, w2, w3, cfg.activation, recompute)
-    if resolve_backend(backend, x_ND.device, x_ND.dtype) == "torch":
+    if paths is None or torch.compiler.is_compiling():
+        which = resolve_backend(backend, x_ND.device, x_ND.dtype)
+    else:
+        key = (backend, x_ND.device, x_ND.dtype, os.environ.get("TRITON_INTERPRET"))
+        which = paths.get(key)
+        if which is None:
+            which = paths[key] = resolve_backend(backend, x_ND.device, x_ND.dtype)
+    if which == "torch":
         # one autograd node that owns its [N, F] intermediates (in-place activation backward)
         return expert_ffn_torch(x_ND, w1, w2, w3, counts_E, cfg.activation, recompute=recompute)
     if recompute and torch.is_grad_enabled():
@@ -180,6 +194,7 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))
         self.w3 = nn.Parameter(torch.empty(E, D, Fh)) if cfg.gated else None
+        self._paths: dict = {}  # expert_ffn's memo of the kernel path
         self.reset_parameters()
 
     # -- where the weights live -------------------------------------------------------------------
@@ -222,7 +237,7 @@ class GroupedExperts(nn.Module):
         w3: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The expert FFNs with explicit (local) weights (len(counts_E) == w1.shape[0])."""
-        return expert_ffn(x_ND, counts_E, w1, w2, w3, self.cfg)
+        return expert_ffn(x_ND, counts_E, w1, w2, w3, self.cfg, paths=self._paths)
 
     def forward(self, x_ND: torch.Tensor, counts_E: Optional[torch.Tensor] = None, *,
                 offs_E: Optional[torch.Tensor] = None, plan=None, runner=None, shared=None):
@@ -245,6 +260,30 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local={self.num_local_experts}, offset={self.expert_offset}, "
                 f"D={self.cfg.hidden_size}, F={self.cfg.ffn_hidden_size}, activation={self.cfg.activation}")
+
+
+class LocalRunner:
+    """Runs all experts on this device: no communication, nothing to prefetch, no metrics.
+    (Beside the experts it calls, so one layer call stays in this file from experts(...) to the FFN.)"""
+
+    local = True
+    overlaps_shared = False
+
+    def __init__(self) -> None:
+        self.last_metrics: dict = {}
+
+    def prefetch(self, plan: Plan) -> None:
+        pass
+
+    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, shared: Optional[SharedWork] = None):
+        if experts.num_local_experts != plan.counts_E.shape[0]:
+            raise RuntimeError(
+                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
+                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
+            )
+        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
+        return y_ND if shared is None else (y_ND, shared())
+
 
 
 class SharedExperts(nn.Module):

@@ -12,6 +12,7 @@ is in flight; otherwise the layer runs it before the routed experts.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,10 +27,10 @@ from moesys.kernels.permute_static import combine_static, dispatch_static
 
 from . import balance
 from .config import MoEConfig
-from .experts import GroupedExperts, SharedExperts
-from .routing_plan import Plan, make_plan
+from .experts import GroupedExperts, LocalRunner, SharedExperts
 from .router_factory import build_router
 from .routers import BalanceGroupRef
+from .routing_plan import Plan, make_plan
 from .runner import Runner, SharedWork
 from .static_plan import make_static_plan, uniform_offsets
 
@@ -42,28 +43,6 @@ class MoEAux:
     tokens_per_expert: torch.Tensor  # [E] kept routes per expert (this rank's tokens)
     dropped: torch.Tensor  # 0-dim int64: (token, expert) routes dropped by capacity
     metrics: dict = field(default_factory=dict)  # name -> detached 0-dim tensor or float
-
-
-class LocalRunner:
-    """Runs all experts on this device: no communication, nothing to prefetch, no metrics."""
-
-    local = True
-    overlaps_shared = False
-
-    def __init__(self) -> None:
-        self.last_metrics: dict = {}
-
-    def prefetch(self, plan: Plan) -> None:
-        pass
-
-    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, shared: Optional[SharedWork] = None):
-        if experts.num_local_experts != plan.counts_E.shape[0]:
-            raise RuntimeError(
-                f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
-                "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
-            )
-        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
-        return y_ND if shared is None else (y_ND, shared())
 
 
 class MoELayer(nn.Module):
@@ -87,6 +66,8 @@ class MoELayer(nn.Module):
         self.shared_experts = SharedExperts(cfg) if cfg.num_shared_experts > 0 else None
         self.runner: Runner = LocalRunner()
         self._generator: Optional[torch.Generator] = None
+        self._variable_k = cfg.variable_k  # structural, as the router built for it: read once
+        self._paths: dict = {}  # _kernel_paths' answers
         self.set_balance_group(balance_group)
 
     def set_balance_group(self, group) -> None:
@@ -109,8 +90,10 @@ class MoELayer(nn.Module):
         """Per-expert capacity for `num_tokens` local tokens, None when nothing is dropped."""
         if self.cfg.router == "expert_choice":  # the router fixes each expert's C itself
             return None
-        if self.cfg.variable_k and self.training and not bool(getattr(self.router, "hard", True)):
+        if self._variable_k and self.training and not bool(getattr(self.router, "hard", True)):
             # dense phase of a dense-to-sparse gate: all tokens fit (no drops)
+            return None
+        if self.cfg.capacity_factor is None:  # dropless (MoEConfig.capacity's first rule, no call)
             return None
         return self.cfg.capacity(num_tokens)
 
@@ -139,12 +122,12 @@ class MoELayer(nn.Module):
                 y_TD = y_TD + self.shared_experts(x_TD).to(y_TD.dtype)
             return y_TD.reshape(shape).to(x.dtype), aux
         routing, plan = self.route(x_TD, seq_len)
-        self.runner.prefetch(plan)  # a runner that moves tokens starts its counts exchange now: the
-        #                             permute below runs while the counts travel
+        if not self.runner.local:  # a runner that moves tokens starts its counts exchange now: the
+            self.runner.prefetch(plan)  # permute below runs while the counts travel (a local one has none)
         K = routing.fixed_k
-        if K is not None and resolve_backend(cfg.kernel_backend, x_TD.device) == "torch":
+        if K is not None and self._kernel_paths(x_TD)[1]:
             # token-major fixed-K routes: permute and combine with gathers only (no scatter-add)
-            inv_R = inverse_routes(plan.route_idx_N, routing.num_routes)
+            inv_R = inverse_routes(plan.route_idx_N, int(routing.token_idx_R.shape[0]))
             x_ND = permute_fixed_k(x_TD, plan.route_idx_N, inv_R, K)
             y_ND, s_TD = self._run(x_ND, plan, x_TD)
             y_TD = unpermute_fixed_k(y_ND, plan.weight_R.view(T, K), plan.route_idx_N, inv_R)
@@ -182,16 +165,30 @@ class MoELayer(nn.Module):
         path, except under expert parallelism (the runner's all-to-all-v needs host splits: it keeps
         the host plan, its expert GEMMs on torch._grouped_mm) and for the dense-to-sparse gates
         (their number of routes depends on the data: the documented exception)."""
-        cfg = self.cfg
-        if cfg.variable_k or not self.runner.local:
+        if self._variable_k or not self.runner.local:
             return False
+        return self._kernel_paths(x_TD)[0]
+
+    def _kernel_paths(self, x_TD: torch.Tensor) -> tuple:
+        """(sync-free, gathers) for a forward on x_TD: whether the backend takes the sync-free path,
+        and whether the kernels take the torch path (fixed-K routes then permute and combine by
+        gathers). moesys.kernels decides both from (kernel_backend, device, compute dtype) and
+        TRITON_INTERPRET alone, so they are asked once per such key, not on every call."""
+        cfg = self.cfg
         dev = x_TD.device
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x_TD.dtype
-        if not sync_free(cfg.kernel_backend, dev, dtype):
-            return False
-        if cfg.kernel_backend == "auto" and not grouped_mm_aligned(cfg.hidden_size, cfg.ffn_hidden_size, dtype):
-            return False  # "auto" falls back; a forced "grouped_mm" raises the kernel's clear error
-        return True
+        compiling = torch.compiler.is_compiling()
+        key = (cfg.kernel_backend, dev, dtype, os.environ.get("TRITON_INTERPRET"))
+        paths = None if compiling else self._paths.get(key)
+        if paths is None:
+            # "auto" falls back where grouped_mm's alignment fails; a forced "grouped_mm" raises the
+            # kernel's clear error
+            free = sync_free(cfg.kernel_backend, dev, dtype) and not (
+                cfg.kernel_backend == "auto" and not grouped_mm_aligned(cfg.hidden_size, cfg.ffn_hidden_size, dtype))
+            paths = (free, resolve_backend(cfg.kernel_backend, dev) == "torch")
+            if not compiling:
+                self._paths[key] = paths
+        return paths
 
     def _forward_sync_free(self, x_TD: torch.Tensor, seq_len: int):
         """Router -> static plan -> gather -> grouped_mm experts -> gather-combine, with no host read
@@ -224,7 +221,7 @@ class MoELayer(nn.Module):
 
     def _aux(self, routing, plan: Plan) -> MoEAux:
         return self._make_aux(routing.losses, routing.probs_TE, routing.logits_TE, plan.counts_E, plan.routed_E,
-                              routing.num_routes, plan.dropped)
+                              int(routing.token_idx_R.shape[0]), plan.dropped)
 
     def _make_aux(self, losses, probs_TE, logits_TE, counts_E, routed_E, num_routes: int, dropped,
                   static: bool = False) -> MoEAux:

@@ -6,18 +6,28 @@ between ranks and runs.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moesys.kernels import topk_softmax
+from moesys.kernels import resolve_backend, topk_softmax
 from moesys.kernels.topk_route import histogram, topk_route
 
 from . import balance
 from .config import MoEConfig, exact_capacity
-from .routing import Routing, StaticRouting, token_major_routes
+from .routing import Routing, StaticRouting
+
+
+def token_major_routes(idx_TK: torch.Tensor, weight_TK: torch.Tensor):
+    """Flatten [T, K] choices into routes ordered token-major: route t*K + k."""
+    T, K = idx_TK.shape
+    dev = idx_TK.device
+    token_idx_R = torch.arange(T, device=dev).repeat_interleave(K)
+    slot_R = torch.arange(K, device=dev).repeat(T)
+    return token_idx_R, idx_TK.reshape(-1), weight_TK.reshape(-1), slot_R
 
 
 def group_limited_mask(scores_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
@@ -83,6 +93,20 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=cfg.init_std)
         self.balance_group = BalanceGroupRef(None)  # aux_loss="global_batch": where counts are summed
+        self._paths: dict = {}  # _topk_path's answers
+        # MoEConfig's routing rules, structural like the router's class: read once, not per call
+        self._normalize, self._group_limited = cfg.renormalize_topk, cfg.group_limited
+
+    def _topk_path(self, device: torch.device) -> str:
+        """"torch" or "triton" for the top-k kernel on `device`: moesys.kernels' resolve_backend,
+        asked once per (kernel_backend, device, TRITON_INTERPRET), on which alone its answer depends."""
+        if torch.compiler.is_compiling():
+            return resolve_backend(self.cfg.kernel_backend, device)
+        key = (self.cfg.kernel_backend, device, os.environ.get("TRITON_INTERPRET"))
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = resolve_backend(self.cfg.kernel_backend, device)
+        return path
 
     def global_batch_group(self):
         """The group for aux_loss="global_batch" in this forward, or None (local counts).
@@ -113,22 +137,8 @@ class Router(nn.Module):
         return F.linear(x_TD.float(), self.weight.float())  # [T, E] fp32
 
     def balance_losses(self, probs_TE, logits_TE, token_idx_R, expert_idx_R, slot_R, seq_len: int, top_k: float) -> dict:
-        cfg = self.cfg
-        losses = {}
-        if cfg.aux_loss == "switch":
-            counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
-            losses["aux_loss"] = balance.switch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef)
-        elif cfg.aux_loss == "global_batch":
-            counts_E = balance.routed_counts(expert_idx_R, cfg.num_experts)
-            losses["aux_loss"] = balance.global_batch_aux_loss(probs_TE, counts_E, top_k, cfg.aux_loss_coef,
-                                                               self.global_batch_group())
-        elif cfg.aux_loss == "gshard":
-            losses["aux_loss"] = balance.gshard_aux_loss(probs_TE, expert_idx_R, slot_R, cfg.aux_loss_coef)
-        elif cfg.aux_loss == "seq":
-            losses["aux_loss"] = balance.seq_aux_loss(probs_TE, token_idx_R, expert_idx_R, seq_len, top_k, cfg.aux_loss_coef)
-        if cfg.z_loss_coef > 0:
-            losses["z_loss"] = balance.z_loss(logits_TE, cfg.z_loss_coef)
-        return losses
+        return balance.route_losses(self.cfg, probs_TE, logits_TE, token_idx_R, expert_idx_R, slot_R, seq_len, top_k,
+                                    self.global_batch_group)
 
     def static_losses(self, probs_TE, logits_TE, expert_TK, routed_E, seq_len: int, aux: bool = True) -> dict:
         """`balance_losses` for [T, K] routes without a host sync (no bincount, no boolean mask).
@@ -166,8 +176,8 @@ class TopKRouter(Router):
     def forward(self, x_TD: torch.Tensor, seq_len: int) -> Routing:
         cfg = self.cfg
         logits_TE = self.logits(x_TD)
-        normalize = cfg.renormalize_topk  # never for router="switch"
-        if cfg.group_limited:
+        normalize, group_limited = self._normalize, self._group_limited  # never normalised for router="switch"
+        if group_limited:
             # group-limited: groups ranked by the sum of their top-2 probabilities (plain torch: the
             # fused kernel has no group step)
             probs_TE = torch.softmax(logits_TE, dim=-1)
@@ -177,7 +187,8 @@ class TopKRouter(Router):
                 w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         else:
             # softmax + top-k, fused into one kernel on the Triton path
-            probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize, backend=cfg.kernel_backend)
+            probs_TE, w_TK, idx_TK = topk_softmax(logits_TE, cfg.top_k, normalize,
+                                                  backend=self._topk_path(logits_TE.device))
         token_R, expert_R, weight_R, slot_R = token_major_routes(idx_TK, w_TK)
         losses = self.balance_losses(probs_TE, logits_TE, token_R, expert_R, slot_R, seq_len, cfg.top_k)
         return Routing(token_R, expert_R, weight_R, slot_R, x_TD.shape[0], probs_TE, logits_TE, losses,

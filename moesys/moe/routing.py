@@ -41,12 +41,3 @@ class StaticRouting:
     probs_TE: torch.Tensor  # [T, E] fp32 router probabilities
     logits_TE: torch.Tensor  # [T, E] fp32 raw logits
     losses: dict = field(default_factory=dict)  # name -> scalar tensor, already coefficient-weighted
-
-
-def token_major_routes(idx_TK: torch.Tensor, weight_TK: torch.Tensor):
-    """Flatten [T, K] choices into routes ordered token-major: route t*K + k."""
-    T, K = idx_TK.shape
-    dev = idx_TK.device
-    token_idx_R = torch.arange(T, device=dev).repeat_interleave(K)
-    slot_R = torch.arange(K, device=dev).repeat(T)
-    return token_idx_R, idx_TK.reshape(-1), weight_TK.reshape(-1), slot_R

@@ -1,13 +1,13 @@
 """The runner contract: what an MoELayer calls to run its routed experts, and the single-device runner.
 
 Legend: T tokens, D hidden, N kept routes (rows grouped by expert).
-(The single-device runner lives beside the layer, in layer.py: one file less on the hot path.)
+(The single-device runner lives beside the experts it calls, in experts.py: one file less on the hot path.)
 
     y_ND = runner(x_ND, plan, experts)                  # no shared work
     y_ND, s_TD = runner(x_ND, plan, experts, shared=w)  # a runner with overlaps_shared runs w() too
 
 Everything a runner needs about the tokens (counts, capacity, T) is in the Plan: a runner never calls
-back into the layer. `moesys.moe.layer.LocalRunner` computes every expert here; `moesys.parallel`'s
+back into the layer. `moesys.moe.experts.LocalRunner` (also importable from moesys.moe.layer) computes every expert here; `moesys.parallel`'s
 ExpertParallelRunner moves rows between ranks (installed by `apply_expert_parallel`, the one way to
 make a layer expert-parallel). The layer touches a runner only through the members of `Runner`.
 """
@@ -48,7 +48,8 @@ class Runner(Protocol):
 
     def prefetch(self, plan: Plan) -> None:
         """Called by the layer as soon as the plan exists, before it permutes the rows: a runner
-        that exchanges counts starts that exchange here, so the permute runs while they travel."""
+        that exchanges counts starts that exchange here, so the permute runs while they travel.
+        Not called on a `local` runner (it moves nothing, so it has nothing to start)."""
 
     def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: nn.Module, shared: Optional[SharedWork] = None):
         """y_ND for the rows x_ND (grouped by global expert, counts in plan.counts_E); with `shared`,

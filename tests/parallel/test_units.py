@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from moesys.parallel import ExpertLayout, ExpertParallelConfig, Machine, Stats, Tuner, TunerSettings, mesh_ranks
-from moesys.parallel.layout import block_permutation, chunk_rows, expand_rows, inverse_permutation, split_counts
+from moesys.parallel.dispatch_base import block_permutation, inverse_permutation
+from moesys.parallel.layout import chunk_rows, expand_rows, split_counts
 from moesys.parallel.sharded_dp import f_chunks
 from moesys.parallel.tuner import Shape, predict
 
