@@ -26,7 +26,6 @@ import os
 import statistics
 import time
 
-import torch
 
 ENGINES = ("plain", "deepspeed", "fsdp")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Tuple
 
 from moesys.configs.apps import EvalConfig, checked, eval_run_config, register, saved_run_config

@@ -28,7 +28,6 @@ routing depends on the whole batch, so it always recomputes.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from typing import List, Tuple
 

@@ -18,7 +18,6 @@ experts per token and is charged for all of them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time

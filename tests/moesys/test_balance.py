@@ -175,7 +175,6 @@ def test_metrics_present():
 
 @pytest.mark.multirank
 def test_bias_update_sums_loads_over_group(rank_pool):
-    from moesys.parallel import simulate  # real gloo ranks
 
     results = rank_pool.run(_bias_update_rank, 2)
     assert torch.equal(results[0], results[1])

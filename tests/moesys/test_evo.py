@@ -1,7 +1,6 @@
 """EvoMoE: tau schedule, config, expert spawning (determinism across EP sizes), dense phase,
 optimizer-state transfer, and resume across the phase boundary (model + AdamW, no trainer)."""
 import copy
-import math
 
 import pytest
 import torch

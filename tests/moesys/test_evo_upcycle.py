@@ -9,7 +9,7 @@ import torch
 from moesys import MoEConfig
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
-from moesys.evo import EvoMoELayer, upcycle_model
+from moesys.evo import upcycle_model
 from moesys.model import lm_loss
 from moesys.trainer import build_model, structure_of
 from train_helpers import build_trainer, make_cfg, pool_run

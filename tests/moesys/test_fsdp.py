@@ -90,7 +90,6 @@ def test_fsdp_checkpoint_resumes_at_other_layouts_and_engines(rank_pool, tmp_pat
         np.testing.assert_allclose(resumed["train_losses"], straight["train_losses"], rtol=1e-5, err_msg=name)
         assert resumed["val_loss_end"] == pytest.approx(straight["val_loss_end"], rel=1e-5), name
     # the evaluation loss right at the checkpoint, from a fresh model at another layout
-    from moesys.parallel import simulate
     from train_helpers import load_and_probe
 
     cfg = make_cfg(*common, "trainer.engine=fsdp", "parallel.ep=4", "parallel.simulate_ranks=4")

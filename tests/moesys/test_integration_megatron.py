@@ -20,7 +20,7 @@ pytest.importorskip("megatron.core")
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
-from moesys import MoEConfig, MoELayer  # noqa: E402
+from moesys import MoELayer  # noqa: E402
 from moesys.integrations import megatron as mg  # noqa: E402
 
 H, FF, E, S, B, V = 16, 24, 4, 8, 3, 32

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moesys import MoEConfig, MoELayer
 
-from moe_reference import ACTS, reference_forward
+from moe_reference import reference_forward
 
 ROUTERS = ["topk", "switch", "sigmoid_bias", "expert_choice"]
 ACTIVATIONS = ["gelu", "relu", "silu", "swiglu"]

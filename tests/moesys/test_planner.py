@@ -5,9 +5,8 @@ import shlex
 
 import pytest
 
-from moesys.planner import PlanError, load_hardware, plan, presets, workload_from_config
+from moesys.planner import load_hardware, plan, presets, workload_from_config
 from moesys.planner.cli import compose_train_config, main, run
-from moesys.planner.memory import GIB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = ["model.n_layers=2", "model.d_model=256", "model.n_heads=4", "model.ffn_hidden=512", "model.seq_len=64",

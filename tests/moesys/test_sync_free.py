@@ -5,7 +5,6 @@ gradient, counts, drops, metrics) at odd shapes; under a TorchDispatchMode that 
 read and counts the ATen ops; and compiled with torch.compile(fullgraph=True).
 """
 import collections
-import itertools
 
 import pytest
 import torch

@@ -75,7 +75,6 @@ def expert_offset_worker(root):
     """Rank fn (2 ranks): save a checkpoint of one MoE layer at EP=2, load it back at EP=2 and at EP=1
     into differently initialised layers; report every local expert tensor (weights and AdamW moments)
     that is not exactly its slice of the global [E, ...] tensor. Returns a list of failure strings."""
-    import copy
 
     import torch.distributed as dist
 

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import mesh_workers  # noqa: E402
 
-from moesys.parallel import mesh_ranks, simulate  # noqa: E402
+from moesys.parallel import mesh_ranks  # noqa: E402
 
 LAYOUTS = [(2, 4, 4), (4, 2, 4), (4, 4, 2), (1, 4, 4)]  # (ep, ranks per node, num_experts) on 4 ranks
 

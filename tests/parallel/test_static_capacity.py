@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 
 import static_workers  # noqa: E402
 
-from moesys.parallel import ExpertParallelConfig, simulate  # noqa: E402
+from moesys.parallel import ExpertParallelConfig  # noqa: E402
 
 SMALL = dict(hidden_size=8, ffn_hidden_size=8)
 CASES = [
