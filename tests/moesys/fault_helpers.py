@@ -227,3 +227,12 @@ def slow_to_exit_rank(rank: int, workdir: str) -> None:
         time.sleep(0.02)
     time.sleep(0.3)  # rank 1's error file is written right after its marker
     raise RuntimeError("rank 0: the connection to rank 1 was closed (a consequence, not the cause)")
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (read from /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

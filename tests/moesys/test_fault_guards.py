@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from moesys import checkpoint as ckpt
 from moesys.supervise import RankFailedError, run_ranks
 from moesys.trainer import structure_of
+from fault_helpers import alive as _alive
 from fault_helpers import starting_rank
 from test_checkpoint import _write_format2
 from train_helpers import build_trainer, make_cfg
@@ -91,14 +92,6 @@ def test_a_manifest_without_its_trainer_state_is_refused(tmp_path, world1, train
 
 
 # ---- run_ranks: a stop while the ranks start, and a rank killed from outside -----------------------
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _when_started(work, world, then):
     pids = [os.path.join(work, f"rank{r}.pid") for r in range(world)]
 

@@ -27,6 +27,7 @@ from moesys.parallel import simulate
 from moesys.supervise import RankFailedError, run_ranks
 from moesys.trainer import NonFiniteError, structure_of
 from fault_helpers import NaNAt, exiting_rank, paths_worker, sleeping_rank
+from fault_helpers import alive as _alive
 from train_helpers import build_trainer, make_cfg
 
 ONE = ("parallel.ep=1", "parallel.simulate_ranks=1")
@@ -209,14 +210,6 @@ def test_exit_codes_and_the_handlers_installed_and_put_back():
     t.start()
     t.join()
     assert seen == [{}]  # off the main thread nothing is installed (Python delivers signals there only)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_second_sigint_to_the_parent_kills_the_ranks_at_once(tmp_path):

@@ -20,6 +20,7 @@ import torch
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.supervise import RankFailedError
+from fault_helpers import alive as _alive
 from stop_helpers import COMMON, abort_at, kill_self_at, raise_at, signal_at
 from train_helpers import make_cfg, read_flat_checkpoint
 
@@ -136,14 +137,6 @@ def _children(pid):
             if int(fields[1]) == pid:
                 kids.append(int(d))
     return kids
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _helper(*args):
