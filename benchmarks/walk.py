@@ -4,6 +4,9 @@ that cross from one project file into another, in order (issue 24's measure of t
     python benchmarks/walk.py              # one device (the layer's LocalRunner)
     python benchmarks/walk.py --ep 2       # 2 gloo ranks, expert parallel (auto mode), once the tuner
                                            # has decided, on a step it does not check its statistics
+    python benchmarks/walk.py --ep 2 --mode ep --overlap 1   # the decision pinned (mode ep | sharded_dp,
+                                           # overlap 1 | 2 | 4 | 8): the same decided path as when the
+                                           # tuner chose it, whichever it would choose on this machine
 
 Counts only the project's own files (moesys/, parallel/, kernels/); torch and the standard library
 are not counted. A call counts as crossing when the caller's file differs from the callee's.
@@ -75,9 +78,9 @@ def one_device() -> dict:
     return trace(lambda: layer(x))  # a training forward (grad enabled)
 
 
-def ep_worker(max_warm_steps: int) -> dict:
+def ep_worker(max_warm_steps: int, mode: str = "auto", overlap="auto") -> dict:
     layer, x = layer_and_input(dist.get_world_size())
-    apply_expert_parallel(layer, dist.group.WORLD, timeout_s=60)
+    apply_expert_parallel(layer, dist.group.WORLD, timeout_s=60, mode=mode, overlap=overlap)
     tuner = layer.runner.tuner
     for _ in range(max_warm_steps):  # until the tuner has decided (its trials are over) ...
         _step(layer, x)
@@ -88,18 +91,22 @@ def ep_worker(max_warm_steps: int) -> dict:
     return trace(lambda: layer(x))
 
 
-def walk(ep: int = 1) -> dict:
+def walk(ep: int = 1, mode: str = "auto", overlap="auto") -> dict:
     if ep == 1:
         return one_device()
-    return simulate(ep_worker, ep, 200, timeout_s=120)[0]
+    return simulate(ep_worker, ep, 200, mode, overlap, timeout_s=120)[0]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--mode", choices=("auto", "ep", "sharded_dp"), default="auto",
+                    help="with --ep: the runtime's mode (auto: the tuner's choice; ep or sharded_dp: pinned)")
+    ap.add_argument("--overlap", type=lambda v: v if v == "auto" else int(v), default="auto",
+                    help="with --ep: the overlap degree (auto: the tuner's choice; 1, 2, 4 or 8: pinned)")
     ap.add_argument("--json", action="store_true", help="print the walk as JSON")
     args = ap.parse_args(argv)
-    w = walk(args.ep)
+    w = walk(args.ep, args.mode, args.overlap)
     if args.json:
         print(json.dumps(w))
         return

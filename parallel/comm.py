@@ -15,7 +15,9 @@ the same order (a mismatch would hang).
 
 The backward of an all-to-all is the reverse all-to-all (splits swapped); the backward of an
 all-gather is a reduce-scatter (sum); the backward of a reduce-scatter is an all-gather.
-Small metadata exchanges (counts) are plain blocking calls outside autograd.
+Small metadata exchanges (counts) are plain blocking calls outside autograd. (The all-to-all-v
+dispatcher's plan issues its own asynchronous counts exchange, beside the CUDA side stream that
+waits for it: dispatch_alltoallv.plan_start.)
 
 The runtime never owns a process group: dispatchers, the sharded-DP mode and the autograd graph
 hold it through a `GroupRef` (a weak reference), so `destroy_process_group()` destroys it on the
@@ -252,23 +254,6 @@ def exchange_counts(send_PX: torch.Tensor, group) -> torch.Tensor:
     recv_PX = torch.empty_like(send_PX)
     dist.all_to_all_single(recv_PX, send_PX, group=group)
     return recv_PX.cpu()  # host sync: the splits are host integers
-
-
-def exchange_counts_on_device(send_PX: torch.Tensor, group) -> torch.Tensor:
-    """exchange_counts, with the result left on the collective's device (no host read here)."""
-    send_PX = send_PX.to(comm_device(group)).contiguous()
-    recv_PX = torch.empty_like(send_PX)
-    dist.all_to_all_single(recv_PX, send_PX, group=group)
-    return recv_PX
-
-
-def exchange_counts_start(send_PX: torch.Tensor, group) -> tuple:
-    """exchange_counts_on_device, issued asynchronously: returns (recv_PX, work). recv_PX is valid
-    after work.wait(); on CUDA (NCCL) that wait only orders the current stream after the exchange,
-    it does not block the host."""
-    send_PX = send_PX.to(comm_device(group)).contiguous()
-    recv_PX = torch.empty_like(send_PX)
-    return recv_PX, dist.all_to_all_single(recv_PX, send_PX, group=group, async_op=True)
 
 
 def all_gather_counts(x_X: torch.Tensor, group) -> torch.Tensor:

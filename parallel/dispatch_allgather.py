@@ -64,7 +64,8 @@ class AllGatherDispatcher(Dispatcher):
         return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: AllGatherHandle) -> Flight:
-        y_src = self.to_source_major(y_MD, handle.perm)
+        # back to arrival (source-major) order: row i returns to perm[i] (see to_expert_major)
+        y_src = y_MD if handle.perm is None else y_MD.new_empty(y_MD.shape).index_copy_(0, handle.perm, y_MD)
         return Flight(self.a2a_start(y_src, handle.home_splits, handle.back_splits), handle)
 
     def combine_finish(self, flight: Flight) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 
 from . import comm
 from .dispatch_base import Dispatcher, Flight
@@ -77,12 +78,16 @@ class AllToAllVDispatcher(Dispatcher):
         pinned host memory behind it on the current stream; nothing here waits or reads."""
         P, L, E = self.P, self.L, self.E
         c = len(counts_list)
-        group = self.group
-        dev = comm.comm_device(group)
+        # the layer call's one look-up of the ep group (and its check that the group still exists):
+        # the plans and handles carry it to the call's all-to-alls
+        group, dev = self._group.get(), self.comm_device
         counts_cE = torch.stack(counts_list).to(device=dev, dtype=torch.long)
         dest = self.dest_X.to(dev)
-        send_PcL = counts_cE.index_select(1, dest).view(c, P, L).transpose(0, 1)
-        recv_PcL, work = comm.exchange_counts_start(send_PcL, group)
+        send_PcL = counts_cE.index_select(1, dest).view(c, P, L).transpose(0, 1).contiguous()
+        recv_PcL = torch.empty_like(send_PcL)
+        # the counts exchange, issued: recv_PcL is valid once `work` completes (waited in plan_finish;
+        # on CUDA, by the side stream below, so the host does not block)
+        work = dist.all_to_all_single(recv_PcL, send_PcL, group=group, async_op=True)
         if dev.type != "cuda":  # gloo: the host waits for the exchange in plan_finish
             return PlanFlight(counts_cE, recv_PcL, work, None, None, None, c, group)
         # on a side stream, so the current stream's next work (the layer's permute) does not queue
@@ -150,7 +155,8 @@ class AllToAllVDispatcher(Dispatcher):
         return x_MD, recv_counts_PL.sum(0).to(x_MD.device), handle
 
     def combine_start(self, y_MD: torch.Tensor, handle: AllToAllVHandle) -> Flight:
-        y_recv = self.to_source_major(y_MD, handle.perm)
+        # back to arrival (source-major) order: row i returns to perm[i] (see to_expert_major)
+        y_recv = y_MD if handle.perm is None else y_MD.new_empty(y_MD.shape).index_copy_(0, handle.perm, y_MD)
         # reverse exchange: send back what I received, receive what I sent
         return Flight(comm.all_to_all_start(y_recv, handle.in_splits, handle.out_splits, handle.group, self.timeout),
                       handle)

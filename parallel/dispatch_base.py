@@ -43,6 +43,9 @@ class Dispatcher:
     def __init__(self, layout: ExpertLayout, group, timeout_s: Optional[float] = None) -> None:
         self.layout = layout
         self._group = comm.GroupRef(group)  # borrowed, never owned: see comm.GroupRef
+        # where the group's collectives run (NCCL: the current CUDA device; gloo: the CPU): fixed for
+        # the group's life, so read once here rather than asked of the group on every layer call
+        self.comm_device = comm.comm_device(group)
         self.timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # dest_X[j*L + i]: the i-th global expert rank j holds; the order rows are sent in
         self.dest_X = layout.dest_experts()
@@ -123,18 +126,15 @@ class Dispatcher:
     def to_expert_major(x_rows: torch.Tensor, recv_counts_PL: torch.Tensor):
         """Rows arrive source-major ([src][local expert]); experts want expert-major ([l][src]).
         recv_counts_PL is a host tensor; x_rows.shape[0] is its sum (so nothing is read here).
+        Returns (x_MD, perm): x_MD = x_rows[perm] (perm None: L == 1, already expert-major). The
+        combine puts the rows back with the same perm, `y.new_empty(y.shape).index_copy_(0, perm, y)`
+        (row i back to perm[i]: one scatter, no inverse permutation to build).
 
         Row moves use index_select, not x[idx]: the advanced-indexing path is slower on CPU."""
         if recv_counts_PL.shape[1] == 1:
             return x_rows, None
         perm = block_permutation(recv_counts_PL, total=x_rows.shape[0]).to(x_rows.device)
         return x_rows.index_select(0, perm), perm
-
-    @staticmethod
-    def to_source_major(y_rows: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-        if perm is None:
-            return y_rows
-        return y_rows.index_select(0, inverse_permutation(perm))
 
     def a2a_start(self, x, out_splits, in_splits, group=None):
         return comm.all_to_all_start(x, out_splits, in_splits, self.group if group is None else group,

@@ -166,7 +166,8 @@ class HierarchicalDispatcher(Dispatcher):
     def combine_start(self, y_MD: torch.Tensor, handle: HierarchicalHandle) -> Flight:
         out1, in1 = handle.splits1
         out2, in2 = handle.splits2
-        y2 = self.to_source_major(y_MD, handle.perm)
+        # back to arrival (source-major) order: row i returns to perm[i] (see to_expert_major)
+        y2 = y_MD if handle.perm is None else y_MD.new_empty(y_MD.shape).index_copy_(0, handle.perm, y_MD)
         # reverse stage 2 (blocking), then reverse stage 1 is the one left in flight
         y1 = self._stage(y2, in2, out2, self.cross_group).index_select(0, inverse_permutation(handle.perm2))
         return Flight(self._stage_start(y1, in1, out1, self.node_group), handle)

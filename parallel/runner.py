@@ -1,7 +1,8 @@
 """ExpertParallelRunner: what the sharded MoELayer calls instead of its LocalRunner.
 
-    y_ND = runner(x_ND, plan, experts)   # x_ND: this rank's rows grouped by global expert;
-                                         # counts, capacity and T come from the layer's Plan
+    y_ND = runner(x_ND, plan, experts, weights)  # x_ND: this rank's rows grouped by global expert;
+                                                 # counts, capacity and T come from the layer's Plan;
+                                                 # weights: experts.local_weights() (this rank's shards)
 
 Per call it asks the tuner for (mode, overlap degree c), runs
   ep:         rows split into c chunks (each expert's rows split evenly, so every chunk stays
@@ -224,8 +225,9 @@ class ExpertParallelRunner:
         return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0,
                          self._report if decided is not None else None)
 
-    def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
-        """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens).
+    def __call__(self, x_ND: torch.Tensor, plan, experts, weights: tuple, shared=None):
+        """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens);
+        `weights`: experts.local_weights() (this rank's shards; DTensor parameters: their local part).
 
         shared: the layer's SharedWork (a callable returning s_TD) or None; given, returns (y_ND, s_TD)."""
         prep, self._prepared = self._prepared, None
@@ -251,12 +253,12 @@ class ExpertParallelRunner:
             metrics["overflow_dropped"] = dropped.detach()
             metrics["static_factor_needed"] = self.dispatcher.factor_needed(counts_E, plan.num_tokens).detach()
         if mode == "ep" and static:
-            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, t_s, metrics, shared, out)
+            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, weights, t_s, metrics, shared, out)
         elif mode == "ep":
-            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, c, t_s, metrics, shared, out, prep)
+            y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, weights, c, t_s, metrics, shared, out, prep)
         else:
             y_ND = self.sharded(x_ND, counts_E.to(x_ND.device), experts, chunks=c, t_s=t_s, shared=shared,
-                                out=out)
+                                out=out, weights=weights)
             if static:  # the rows the ep mode's static buffer drops: zero here too (modes agree)
                 y_ND = y_ND * keep_N.to(y_ND.dtype).unsqueeze(1)
             metrics["bytes_sent"] = float(self.sharded.last_weight_bytes)
@@ -289,14 +291,14 @@ class ExpertParallelRunner:
                 f"(T={num_tokens}) overflowed by {int(most.item())} rows on some rank (parallel.overflow='error'); "
                 "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
 
-    def _pipeline(self, n: int, start, experts, t_s: dict, shared=None, out: Optional[dict] = None) -> tuple:
+    def _pipeline(self, n: int, start, experts, weights: tuple, t_s: dict, shared=None,
+                  out: Optional[dict] = None) -> tuple:
         """The ep mode's chunk pipeline: chunk i+1's dispatch and chunk i-1's combine in flight while
         chunk i's experts compute; the shared experts run while chunk 0's tokens travel.
         `start(i)` issues chunk i's dispatch. Returns (the chunks' combined outputs, bytes sent, bytes
         sent off this rank)."""
         d = self.dispatcher
         flight = start(0)
-        weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
         clock = time.perf_counter
         if shared is not None:
             t = clock()
@@ -323,8 +325,8 @@ class ExpertParallelRunner:
         t_s["wait_s"] += clock() - t
         return ys, nbytes, nremote
 
-    def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, t_s: dict, metrics: dict, shared=None,
-                       out: Optional[dict] = None) -> torch.Tensor:
+    def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, weights: tuple, t_s: dict, metrics: dict,
+                       shared=None, out: Optional[dict] = None) -> torch.Tensor:
         """The ep mode over a static buffer: no host read, no collective but the data all-to-alls.
 
         Every chunk takes all rows (the rows outside its slots go nowhere and come back as zeros),
@@ -337,7 +339,7 @@ class ExpertParallelRunner:
             t_s["dispatch_start_s"] += time.perf_counter() - t
             return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, t_s, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, weights, t_s, shared, out)
         y_ND = ys[0]
         for y in ys[1:]:
             y_ND = y_ND + y
@@ -350,7 +352,7 @@ class ExpertParallelRunner:
         metrics["bytes_min"] = (n_remote_min * (x_ND.shape[1] * x_ND.element_size())).detach()
         return y_ND
 
-    def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, t_s: dict,
+    def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, weights: tuple, c: int, t_s: dict,
                 metrics: dict, shared=None, out: Optional[dict] = None, prep: Optional[_Prepared] = None) -> torch.Tensor:
         d = self.dispatcher
         if prep is not None and prep.flight is not None:
@@ -386,7 +388,7 @@ class ExpertParallelRunner:
             t_s["dispatch_start_s"] += time.perf_counter() - t
             return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, t_s, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, weights, t_s, shared, out)
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once

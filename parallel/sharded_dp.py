@@ -86,13 +86,16 @@ class ShardedDataParallel:
         return (self.layout.world - 1) * sum(w.numel() * w.element_size() for w in weights if w is not None)
 
     def __call__(self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts, chunks: int = 1,
-                 t_s: Optional[dict] = None, shared=None, out: Optional[dict] = None):
+                 t_s: Optional[dict] = None, shared=None, out: Optional[dict] = None, weights: Optional[tuple] = None):
         """y_ND for this rank's rows with all E experts; `t_s` (optional, key -> seconds, holding
         "shared_s", "wait_s" and "compute_s") accumulates the host time of those parts.
+        weights: experts.local_weights() when the caller has them (the runner: the experts module
+        handed them over), else asked here.
 
         shared (optional): the layer's shared-expert work, run while the first weight chunk is
         gathered; its s_TD goes to out["shared"]."""
-        weights, group, clock = experts.local_weights(), self.group, time.perf_counter
+        weights = experts.local_weights() if weights is None else weights
+        group, clock = self.group, time.perf_counter
         t_s = dict.fromkeys(("shared_s", "wait_s", "compute_s"), 0.0) if t_s is None else t_s
         spans = f_chunks(weights[0].shape[2], chunks)
         self.last_chunks = len(spans)

@@ -4,6 +4,7 @@ The figures they print are not checked here: speed targets are read from full ru
 (README), never from timed tests."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,27 @@ def test_benchmark_runs(name):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
+
+
+# issue 24's targets for one token through one layer (README, "One token through one layer"): files
+# and cross-file calls of a training forward, the EP 2 decisions pinned so the walk is the same on
+# every machine (whatever the tuner would choose there)
+WALK_TARGETS = {
+    "one device": ([], 10, 20),
+    "ep 2, ep mode": (["--ep", "2", "--mode", "ep", "--overlap", "1"], 14, 35),
+    "ep 2, sharded_dp": (["--ep", "2", "--mode", "sharded_dp", "--overlap", "1"], 14, 35),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(WALK_TARGETS))
+def test_walk_stays_within_its_targets(case):
+    args, max_files, max_calls = WALK_TARGETS[case]
+    proc = subprocess.run([sys.executable, "benchmarks/walk.py", "--json", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    w = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "parallel/tuner.py" not in w["files"] and "parallel/timing.py" not in w["files"], w["files"]
+    assert len(w["files"]) <= max_files and len(w["calls"]) <= max_calls, (
+        f"{case}: {len(w['files'])} files, {len(w['calls'])} calls (targets {max_files} / {max_calls}):\n"
+        + "\n".join(w["calls"]))

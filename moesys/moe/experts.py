@@ -182,7 +182,8 @@ class GroupedExperts(nn.Module):
     One call per layer forward (the unit FSDP2 gathers and reshards around):
         experts(x_ND, counts_E)                    every local expert on rows grouped by expert
         experts(x_MD, offs_E=offs)                 the sync-free path (int32 device offsets)
-        experts(x_ND, plan=p, runner=r, shared=w)  a runner that moves rows (expert parallelism)
+        experts(x_ND, plan=p, runner=r, shared=w)  a runner that moves rows (expert parallelism): it
+                                                   gets this module and its local_weights() of the call
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -242,7 +243,10 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: Optional[torch.Tensor] = None, *,
                 offs_E: Optional[torch.Tensor] = None, plan=None, runner=None, shared=None):
         if runner is not None:
-            out = runner(x_ND, plan, self) if shared is None else runner(x_ND, plan, self, shared=shared)
+            # the weights as this call sees them (under FSDP2: just gathered), handed to the runner
+            weights = self.local_weights()
+            out = (runner(x_ND, plan, self, weights) if shared is None
+                   else runner(x_ND, plan, self, weights, shared=shared))
             return _no_view(out) if _wrapped(self) else out
         if offs_E is not None:
             return self.forward_offsets(x_ND, offs_E)
@@ -275,13 +279,13 @@ class LocalRunner:
     def prefetch(self, plan: Plan) -> None:
         pass
 
-    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, shared: Optional[SharedWork] = None):
+    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts, weights: tuple, shared: Optional[SharedWork] = None):
         if experts.num_local_experts != plan.counts_E.shape[0]:
             raise RuntimeError(
                 f"LocalRunner: the layer holds {experts.num_local_experts} of {plan.counts_E.shape[0]} experts; "
                 "a sharded layer needs the runner installed by moesys.parallel.apply_expert_parallel"
             )
-        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
+        y_ND = experts.compute(x_ND, plan.counts_E, *weights)
         return y_ND if shared is None else (y_ND, shared())
 
 

@@ -3,8 +3,11 @@
 Legend: T tokens, D hidden, N kept routes (rows grouped by expert).
 (The single-device runner lives beside the experts it calls, in experts.py: one file less on the hot path.)
 
-    y_ND = runner(x_ND, plan, experts)                  # no shared work
-    y_ND, s_TD = runner(x_ND, plan, experts, shared=w)  # a runner with overlaps_shared runs w() too
+    y_ND = runner(x_ND, plan, experts, weights)                  # no shared work
+    y_ND, s_TD = runner(x_ND, plan, experts, weights, shared=w)  # a runner with overlaps_shared runs w() too
+
+(weights: experts.local_weights() of the call, (w1, w2, w3 or None), this rank's part; the runner
+computes with `experts.compute(x, counts, *weights)`, or gathers them first.)
 
 Everything a runner needs about the tokens (counts, capacity, T) is in the Plan: a runner never calls
 back into the layer. `moesys.moe.experts.LocalRunner` (also importable from moesys.moe.layer) computes every expert here; `moesys.parallel`'s
@@ -51,6 +54,8 @@ class Runner(Protocol):
         that exchanges counts starts that exchange here, so the permute runs while they travel.
         Not called on a `local` runner (it moves nothing, so it has nothing to start)."""
 
-    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: nn.Module, shared: Optional[SharedWork] = None):
+    def __call__(self, x_ND: torch.Tensor, plan: Plan, experts: nn.Module, weights: tuple,
+                 shared: Optional[SharedWork] = None):
         """y_ND for the rows x_ND (grouped by global expert, counts in plan.counts_E); with `shared`,
-        (y_ND, s_TD)."""
+        (y_ND, s_TD). `weights`: experts.local_weights(), taken once by the experts module that calls
+        the runner (under FSDP2, where its weights have just been gathered)."""

@@ -53,7 +53,7 @@ class _IdentityRunner(LocalRunner):
 
     local = False  # the layer's host-plan path, as under expert parallelism
 
-    def __call__(self, x_ND, plan, experts, shared=None):
+    def __call__(self, x_ND, plan, experts, weights, shared=None):
         return x_ND * 1.0
 
 

@@ -37,8 +37,8 @@ class DropPastRunner(LocalRunner):
         self.dropped = 0
         self.last_metrics: dict = {}
 
-    def __call__(self, x_ND, plan, experts, shared=None):
-        y_ND = experts.compute(x_ND, plan.counts_E, *experts.local_weights())
+    def __call__(self, x_ND, plan, experts, weights, shared=None):
+        y_ND = experts.compute(x_ND, plan.counts_E, *weights)
         keep = []
         self.dropped = 0
         for n in plan.counts_E.tolist():
