@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .decoder import Decoder, DecoderConfig
 from .hf import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, HFFormatError, hf_tensors, weight_map
 from .moe.config import MoEConfig
+from .moe.packing import pack_consecutive
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -127,20 +128,6 @@ def _moe_cfg(model: Decoder) -> MoEConfig:
     return layers[0][1].cfg
 
 
-def _plan_shards(items: List[Tuple[str, int]], max_bytes: int) -> List[List[str]]:
-    """Consecutive groups of entries (name, bytes), each under max_bytes unless one entry alone is larger."""
-    shards, cur, size = [], [], 0
-    for name, n in items:
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += n
-    if cur:
-        shards.append(cur)
-    return shards
-
-
 def _writable_parent(out_dir: str) -> str:
     parent = os.path.dirname(os.path.abspath(out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -167,8 +154,9 @@ def save_pretrained(model: Decoder, out_dir: str, *, max_shard_bytes: int = DEFA
     for e in entries:  # a sharded (DTensor) expert would export its local part only
         _refuse(not hasattr(sd[e.ours], "to_local"), f"{e.ours} is sharded: export from one process "
                                                      "(moesys-convert export-hf loads the checkpoint whole)")
-    sizes = [(e.ours, sd[e.ours].numel() * sd[e.ours].element_size()) for e in entries]
-    groups = _plan_shards(sizes, max_shard_bytes)
+    # consecutive tensors per file, each file under max_shard_bytes unless one tensor alone is larger
+    groups = pack_consecutive([e.ours for e in entries], max_shard_bytes,
+                              size=lambda name: sd[name].numel() * sd[name].element_size())
     by_name = {e.ours: e for e in entries}
     n = len(groups)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moesys.moe.packing import pack_consecutive
+
 from .mesh import ParallelDims, expert_param_groups
 
 FIRST_BUCKET_MB = 1.0  # DDP's first bucket (dist._DEFAULT_FIRST_BUCKET_BYTES)
@@ -58,20 +60,7 @@ def _nbytes(p: torch.Tensor) -> int:
 def make_buckets(params: list, bucket_bytes: int, first_bucket_bytes: int) -> List[list]:
     """`params` in reverse order cut into buckets of at most `bucket_bytes` (the first: at most
     `first_bucket_bytes`); a parameter larger than the cap is a bucket of its own. Pure, testable."""
-    out: List[list] = []
-    cur: list = []
-    size = 0
-    for p in reversed(params):
-        cap = first_bucket_bytes if not out else bucket_bytes
-        n = _nbytes(p)
-        if cur and size + n > cap:
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(p)
-        size += n
-    if cur:
-        out.append(cur)
-    return out
+    return pack_consecutive(reversed(params), bucket_bytes, size=_nbytes, first_cap=first_bucket_bytes)
 
 
 @dataclass
