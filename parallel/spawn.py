@@ -105,11 +105,18 @@ def join_job(rank: int, world_size: int, port: int, backend: str, timeout_s: flo
              local_world_size: Optional[int] = None, debug_collectives: bool = False) -> None:
     """In a rank: take its rank_env and initialise the default process group through the parent's
     store, with a timeout (a dead peer surfaces as an error, not a hang). debug_collectives:
-    fingerprint-check every collective (a mismatch raises, naming both ranks' ops)."""
+    fingerprint-check every collective (a mismatch raises, naming both ranks' ops).
+
+    Ends with a barrier: gloo's full-mesh handshake can end on one rank before its peer, and a rank
+    that then finished its job and closed its sockets at once made the peer's init fail ("Connection
+    closed by peer"). No rank leaves before every rank's group is built. (NCCL builds its
+    communicators at the first collective, so it has no such race and no barrier here.)"""
     os.environ.update(rank_env(rank, world_size, port, local_world_size))
     if debug_collectives:
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    if backend == "gloo":
+        dist.barrier()
 
 
 def die_with_parent(parent_pid: int) -> None:

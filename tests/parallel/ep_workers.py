@@ -11,11 +11,13 @@ import copy
 import itertools
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
+from moesys.parallel import spawn
 from moesys.parallel import (DISPATCHERS, AllGatherDispatcher, AllToAllVDispatcher, ExpertLayout,
                              HierarchicalDispatcher, HierarchicalPaddedDispatcher, PaddedDispatcher, ParallelDims,
                              apply_expert_parallel)
@@ -380,3 +382,23 @@ def borrowed_group_worker():
         if "destroyed" not in str(err):
             fails.append(f"dispatching on a destroyed group: unclear error {err}")
     return fails
+
+
+def slow_join_rank(rank, world_size, port, slow_s, results):
+    """A rank whose process group is built `slow_s` late after its own init returns (rank 1), as when
+    gloo's full-mesh handshake ends later on one rank than on its peer; reports when its join ended."""
+    if rank == 1:
+        real_init = dist.init_process_group
+
+        def late_init(*args, **kwargs):
+            real_init(*args, **kwargs)
+            time.sleep(slow_s)
+            results.put(("built", rank, time.monotonic()))
+
+        dist.init_process_group = late_init
+    try:
+        spawn.join_job(rank, world_size, port, "gloo", 30.0)
+        results.put(("joined", rank, time.monotonic()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

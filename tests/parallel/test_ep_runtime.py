@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import ep_workers  # noqa: E402
 
 from moesys import MoEConfig, MoELayer  # noqa: E402
-from moesys.parallel import simulate  # noqa: E402
+from moesys.parallel import simulate, spawn  # noqa: E402
 
 
 @pytest.mark.multirank
@@ -63,6 +63,24 @@ def test_simulate_raises_the_failing_ranks_traceback():
 def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
     results = simulate(ep_workers.tensor_worker, 2, timeout_s=20)
     assert [float(r.sum()) for r in results] == [0.0, 3.0]
+
+
+def test_no_rank_leaves_join_job_before_every_rank_has_built_its_group():
+    """A rank that ends its job at once must not close its sockets while a peer is still in gloo's
+    full-mesh handshake ("Connection closed by peer" in init_process_group, 1 run in 15 under load):
+    join_job returns on no rank before every rank's process group is built. Rank 1 here builds its
+    group 2 s after its init returns; rank 0 must still be in join_job then."""
+    store = spawn.serve_store(30.0)
+    results = spawn.context().Queue()
+    procs = spawn.start_ranks(ep_workers.slow_join_rank, [(r, 2, store.port, 2.0, results) for r in range(2)],
+                              daemon=True)
+    try:
+        events = {(kind, rank): t for kind, rank, t in (results.get(timeout=60) for _ in range(3))}
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    assert events[("joined", 0)] >= events[("built", 1)], events
 
 
 def test_layer_constructor_takes_no_ep_group():
