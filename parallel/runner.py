@@ -35,6 +35,7 @@ here, and the trainer re-runs the step with a larger factor (parallel/overflow.p
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -45,6 +46,7 @@ import torch.distributed as dist
 from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
+from .placement import Placement
 from .sharded_dp import ShardedDataParallel
 from .timing import HostClock
 from .tuner import Stats, Tuner
@@ -53,7 +55,7 @@ from .tuner import Stats, Tuner
 TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
                         "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped",
-                        "static_factor_needed")
+                        "static_factor_needed", "placement_imbalance", "placement_moves")
 
 
 @dataclass
@@ -70,6 +72,8 @@ class _Prepared:
     flight: Any  # the dispatcher's plan_start(chunk_counts), finished by plan_finish in _run_ep
     issue_s: float
     report: Optional[dict]  # the tuner's report, when the step ran on its lease (else asked after the call)
+    source: Any = None  # the layer's plan as given (`plan` is its slot-space copy under a placement)
+    rows_N: Optional[torch.Tensor] = None  # x_ND rows in slot order (None: the identity placement)
 
 
 class ExpertParallelRunner:
@@ -123,6 +127,55 @@ class ExpertParallelRunner:
         # the tuner's lease (Tuner.lease): decided steps run with no tuner call; empty until it decides
         self._lease = iter(())
         self._report: dict = {}  # the tuner's report for the steps of the lease
+        # expert placement (parallel/placement.py): slot -> expert; the identity is the canonical layout
+        self.placement = Placement.identity(layout.num_experts)
+        self._slot_maps: dict = {}  # device -> (slots [E], position [E]) tensors of the placement
+        self._track = False  # accumulate per-expert rows of training forwards (placement decisions)
+        self._load_E: Optional[torch.Tensor] = None
+        self.placement_moves = 0  # re-placements applied so far
+        self.placement_report = {"placement_imbalance": 0.0, "placement_moves": 0.0}
+
+    # -- expert placement (see parallel/placement.py) ---------------------------------------------
+    def set_placement(self, placement: Placement) -> None:
+        """Adopt `placement` (the caller moved the weights: placement.apply_placement)."""
+        if len(placement.slots) != self._num_experts:
+            raise ValueError(f"ExpertParallelRunner: a placement of {len(placement.slots)} experts for a layer of "
+                             f"{self._num_experts}")
+        if self.layout.shards > 1 and not placement.is_identity:
+            raise ValueError(f"expert placement needs whole experts per rank: the ep size ({self.layout.world}) is "
+                             f"larger than num_experts ({self._num_experts}), so experts are split along F")
+        if placement.slots != self.placement.slots:
+            self.placement_moves += 1
+        self.placement = placement
+        self._slot_maps = {}
+
+    def track_load(self, on: bool) -> None:
+        self._track = bool(on)
+        self._load_E = None
+
+    def take_load(self) -> torch.Tensor:
+        """[E] float64 CPU: this rank's kept rows per expert over the training forwards since the
+        last take (a host read), then reset."""
+        load = self._load_E
+        self._load_E = None
+        if load is None:
+            return torch.zeros(self._num_experts, dtype=torch.float64)
+        return load.to(device="cpu", dtype=torch.float64)
+
+    def _slot_plan(self, plan):
+        """(plan in slot space, x_ND's rows in slot order): counts_E[slots], and the rows sorted
+        stably by their expert's slot (every expert's rows keep their order). Device ops only."""
+        dev = plan.counts_E.device
+        maps = self._slot_maps.get(dev)
+        if maps is None:
+            maps = self._slot_maps[dev] = (torch.tensor(self.placement.slots, dtype=torch.long, device=dev),
+                                           torch.tensor(self.placement.position(), dtype=torch.long, device=dev))
+        slots_E, pos_E = maps
+        slot_N = pos_E.to(plan.expert_idx_N.device).index_select(0, plan.expert_idx_N)
+        rows_N = torch.argsort(slot_N, stable=True)
+        splan = dataclasses.replace(plan, counts_E=plan.counts_E.index_select(0, slots_E),
+                                    expert_idx_N=slot_N.index_select(0, rows_N))
+        return splan, rows_N
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
     def watch_params(self, params) -> None:
@@ -189,6 +242,12 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
                 f"layout has {self._num_experts}"
             )
+        source, rows_N = plan, None
+        if self._track and torch.is_grad_enabled():  # device add, no read: taken at the decision
+            c = plan.counts_E.detach()
+            self._load_E = c.clone() if self._load_E is None else self._load_E + c
+        if not self.placement.is_identity:
+            plan, rows_N = self._slot_plan(plan)
         static = self._static
         # host copy: splits are host-side integers anyway; a static buffer needs none, and the
         # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
@@ -222,7 +281,7 @@ class ExpertParallelRunner:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
             flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
         return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0,
-                         self._report if decided is not None else None)
+                         self._report if decided is not None else None, source, rows_N)
 
     def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
         """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens).
@@ -231,11 +290,14 @@ class ExpertParallelRunner:
         prep, self._prepared = self._prepared, None
         if prep is None:
             prep = self._prepare(plan)
-        elif prep.plan is not plan and prep.plan.counts_E is not plan.counts_E:
+        elif prep.source is not plan and prep.source.counts_E is not plan.counts_E:
             # (a wrapper may rebuild the plan object around the same tensors: FSDP2 maps the experts
             # module's inputs through its input casting, which copies dataclasses; so the counts decide)
             raise RuntimeError("ExpertParallelRunner: called with another plan than the one prefetch() started")
         counts_E, static, mode, c, tuning = prep.counts_E, prep.static, prep.mode, prep.degree, prep.tuning
+        plan, rows_N = prep.plan, prep.rows_N  # under a placement: slot space from here to the end
+        if rows_N is not None:
+            x_ND = x_ND.index_select(0, rows_N.to(x_ND.device))
         # a trial the tuner will read at its next decision: mark it (the same on every rank)
         self._timing = tuning and self.tuner.timing_this_step
         # host seconds per TIMER_KEYS entry: plain clock reads, accumulated here and in the modes below
@@ -272,6 +334,9 @@ class ExpertParallelRunner:
         if self._last_seconds is not None:
             metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
         metrics.update(prep.report if prep.report is not None else self.tuner.report())
+        metrics.update(self.placement_report)
+        if rows_N is not None:  # back to the layer's order (grouped by expert)
+            y_ND = y_ND.index_select(0, inverse_permutation(rows_N).to(y_ND.device))
         if set(metrics) != set(METRICS):  # a new key must join METRICS, or ranks' reductions split
             raise RuntimeError(f"ExpertParallelRunner: metrics {sorted(set(metrics) ^ set(METRICS))} not in METRICS")
         self.last_metrics = metrics

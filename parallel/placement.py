@@ -1,0 +1,174 @@
+"""Load-adaptive expert placement: which physical slot of the ep group holds which expert.
+
+Legend: P ranks in the ep group, E experts, L = E/P slots per rank, slot s = r*L + i is the i-th
+local expert row of rank r; N rows of this rank grouped by expert.
+
+A Placement is a permutation `slots` (slot -> logical expert). The identity is the canonical layout
+apply_expert_parallel makes (rank r holds experts r*L .. r*L+L-1). Under another placement:
+  * the expert weights (and their optimizer moments) hold, in each rank's local rows, the experts of
+    that rank's slots: row i of rank r is expert slots[r*L + i];
+  * the runner maps the routing plan to slots before dispatch (counts_E[slots], rows reordered
+    by a stable sort on the slot of their expert, so every expert's rows keep their order) and the
+    combined rows back after; every dispatcher and mode then works in slot space unchanged;
+  * a re-placement moves the local rows of every tensor shaped like a local expert weight (weights,
+    gradients, optimizer moments) with one all-to-all over the ep group (`apply_placement`).
+The math is the same function: every expert sees the same rows, in the same order, with the same
+weights; only the rank that computes it changes.
+
+Decisions (placement_control.PlacementController) are taken by every rank of the job together: the per-expert loads
+accumulated since the last decision are all-reduced (one collective for all layers) over the agree
+group, so every rank feeds the same numbers to the same deterministic balancer and cost gate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .comm import comm_device
+
+PLACEMENTS = ("off", "static", "auto")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """slots[s]: the logical expert physical slot s holds (rank-major, L slots per rank)."""
+
+    slots: tuple
+
+    @classmethod
+    def identity(cls, num_experts: int) -> Placement:
+        return cls(tuple(range(num_experts)))
+
+    def __post_init__(self) -> None:
+        if sorted(self.slots) != list(range(len(self.slots))):
+            raise ValueError(f"Placement.slots must be a permutation of range({len(self.slots)}), got {self.slots}")
+
+    @property
+    def is_identity(self) -> bool:
+        return all(s == e for s, e in enumerate(self.slots))
+
+    def position(self) -> list:
+        """position[e]: the slot of expert e (the inverse permutation)."""
+        pos = [0] * len(self.slots)
+        for s, e in enumerate(self.slots):
+            pos[e] = s
+        return pos
+
+    def rank_loads(self, load_E, world: int) -> list:
+        """Rows each rank computes under this placement for per-expert loads `load_E` (a sequence)."""
+        L = len(self.slots) // world
+        return [sum(float(load_E[e]) for e in self.slots[r * L:(r + 1) * L]) for r in range(world)]
+
+
+def imbalance(loads: list) -> float:
+    """Busiest rank's rows over the mean (1.0: perfectly even; 1.0 when nothing was routed)."""
+    mean = sum(loads) / max(len(loads), 1)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def balanced_placement(load_E, world: int, current: Placement | None = None) -> Placement:
+    """The experts dealt to `world` ranks, L each, so the busiest rank's load is near the mean.
+
+    Longest-processing-time first: experts by decreasing load (ties: lower id) each to the least
+    loaded rank that has a free slot (ties: lower rank). Then the new bins are matched to the
+    current ranks greedily by how many experts they already hold (fewest moves), and each rank's
+    experts sorted by id. Pure Python on the agreed loads: every rank gets the same answer."""
+    E = len(load_E)
+    L = E // world
+    order = sorted(range(E), key=lambda e: (-float(load_E[e]), e))
+    bins: list = [[] for _ in range(world)]
+    totals = [0.0] * world
+    for e in order:
+        r = min((r for r in range(world) if len(bins[r]) < L), key=lambda r: (totals[r], r))
+        bins[r].append(e)
+        totals[r] += float(load_E[e])
+    cur = current if current is not None else Placement.identity(E)
+    held = [set(cur.slots[r * L:(r + 1) * L]) for r in range(world)]
+    pairs = sorted(((-len(held[r] & set(b)), i, r) for i, b in enumerate(bins) for r in range(world)))
+    rank_of, taken = {}, set()
+    for _, i, r in pairs:
+        if i not in rank_of and r not in taken:
+            rank_of[i] = r
+            taken.add(r)
+    slots = [0] * E
+    for i, b in enumerate(bins):
+        r = rank_of[i]
+        slots[r * L:(r + 1) * L] = sorted(b)
+    return Placement(tuple(slots))
+
+
+def moved_experts(old: Placement, new: Placement, world: int) -> list:
+    """Experts each rank receives from another rank when going from `old` to `new`."""
+    L = len(old.slots) // world
+    pos = old.position()
+    return [sum(1 for e in new.slots[r * L:(r + 1) * L] if pos[e] // L != r) for r in range(world)]
+
+
+def _move_rows(tensors: list, old: Placement, new: Placement, rank: int, world: int, group) -> list:
+    """Each tensor's local rows [L, ...] re-dealt from `old` to `new` with one all-to-all (all
+    tensors' rows travel together, flattened and concatenated). Returns the new local tensors."""
+    L = len(old.slots) // world
+    pos = old.position()
+    widths = [t[0].numel() if t.shape[0] else 0 for t in tensors]
+    dev, dtype = tensors[0].device, tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):  # moments of a low-precision weight may be fp32
+        flat_L = torch.cat([t.reshape(L, -1).to(torch.float64) for t in tensors], 1)
+    else:
+        flat_L = torch.cat([t.reshape(L, -1) for t in tensors], 1)
+    send_idx, in_splits = [], []
+    for q in range(world):  # what rank q needs that I hold now, in q's slot order
+        mine = [pos[e] % L for e in new.slots[q * L:(q + 1) * L] if pos[e] // L == rank]
+        send_idx += mine
+        in_splits.append(len(mine))
+    need = new.slots[rank * L:(rank + 1) * L]
+    out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(world)]
+    cdev = comm_device(group)
+    send = flat_L.index_select(0, torch.tensor(send_idx, dtype=torch.long, device=flat_L.device)).to(cdev)
+    recv = send.new_empty((L, flat_L.shape[1]))
+    dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=group)
+    recv = recv.to(dev)
+    # rows arrive source-major, each source in my slot order: put them in slot order
+    arrival = sorted(range(L), key=lambda i: (pos[need[i]] // L, i))
+    rows = torch.empty_like(recv)
+    rows[torch.tensor(arrival, dtype=torch.long, device=recv.device)] = recv
+    out, at = [], 0
+    for t, w in zip(tensors, widths):
+        out.append(rows[:, at:at + w].to(t.dtype).reshape(t.shape))
+        at += w
+    return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Collective over the layer's ep group: move its expert rows (weights, gradients, and the
+    optimizer's per-parameter tensors of the weight's local shape) from the runner's placement to
+    `new`, in place, and install `new` on the runner. Returns the experts this rank received."""
+    runner = layer.runner
+    old = runner.placement
+    if new.slots == old.slots:
+        return 0
+    layout = runner.layout
+    ex = layer.experts
+    params = [p for p in (ex.w1, ex.w2, ex.w3) if p is not None]
+    tensors = []
+    for p in params:
+        local = _local(p.detach())
+        tensors.append(local)
+        if p.grad is not None:
+            tensors.append(_local(p.grad))
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for k in sorted(state):
+            v = state[k]
+            if isinstance(v, torch.Tensor) and _local(v).shape == local.shape:
+                tensors.append(_local(v))
+    moved = _move_rows(tensors, old, new, layout.rank, layout.world, runner.group)
+    for dst, src in zip(tensors, moved):
+        dst.copy_(src)
+    runner.set_placement(new)
+    return moved_experts(old, new, layout.world)[layout.rank]

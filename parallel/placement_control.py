@@ -1,0 +1,143 @@
+"""When to re-place experts: the PlacementController (parallel.placement = off | static | auto).
+
+Every `interval` optimizer steps, on every rank at the same step: one all-reduce (sum) over the
+agree group (the job) of each layer's per-expert rows since the last decision, so every rank sees
+the job's loads; then per layer the balanced placement (placement.balanced_placement) and the cost
+gate, pure functions of those agreed numbers and the agreed probed Machine, so every rank takes the
+same decision. The gate (cost_model through tuner.predict): the predicted fwd+bwd seconds of the
+layer with the busiest rank's rows now minus with the proposed placement, over `payback_steps`
+steps, against the predicted seconds of moving the received experts' weights and optimizer
+moments once (latency + bytes / bandwidth on the rank that receives the most). policy=static
+evaluates and reports (runtime/placement_imbalance) but never moves; auto moves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moesys.moe.layer import MoELayer
+
+from .comm import all_reduce_host
+from .cost_model import Stats
+from .placement import PLACEMENTS, Placement, apply_placement, balanced_placement, imbalance, moved_experts
+from .runner import ExpertParallelRunner
+from .tuner import Machine, predict
+
+# a pinned tuner probes no Machine: then these figures (the gloo CPU ranks of this repo's tests);
+# constants, so the decision stays the same on every rank
+FALLBACK_MACHINE = Machine(bandwidth=1e9, latency=1e-4, flops=5e10)
+
+
+@dataclass
+class PlacementSettings:
+    """parallel.placement and its knobs (see configs/schema.py ParallelConfig)."""
+
+    policy: str = "off"  # "off" | "static" (measure and report, never move) | "auto"
+    interval: int = 20  # steps between decisions
+    min_gain: float = 0.05  # re-place only when the busiest rank's rows drop by at least this fraction
+    # a move must pay for itself within this many steps (a placement holds until the load drifts)
+    payback_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if self.policy not in PLACEMENTS:
+            raise ValueError(f"placement policy {self.policy!r} is not one of {list(PLACEMENTS)}")
+        if self.interval < 1:
+            raise ValueError(f"placement interval must be >= 1, got {self.interval}")
+        if self.payback_steps < 1:
+            raise ValueError(f"placement payback_steps must be >= 1, got {self.payback_steps}")
+        if not 0.0 <= self.min_gain < 1.0:
+            raise ValueError(f"placement min_gain must be in [0, 1), got {self.min_gain}")
+
+
+@dataclass
+class Decision:
+    """One layer's decision at one evaluation (the same on every rank)."""
+
+    imbalance_before: float  # busiest rank's rows / mean under the current placement
+    imbalance_after: float  # ... under the proposed one
+    gain_s: float  # predicted seconds saved per step (fwd + bwd of the layer)
+    move_s: float  # predicted seconds of moving the weights and moments once
+    moved: bool
+    slots: tuple
+
+
+@dataclass
+class PlacementController:
+    """Decides and applies placements for a model's expert-parallel layers every `interval` steps.
+
+    Call `after_step(step, optimizer)` on every rank after each optimizer step (the trainer does);
+    the runners accumulate each layer's per-expert rows of the training forwards in between."""
+
+    settings: PlacementSettings
+    layers: list  # MoELayers with an ExpertParallelRunner
+    group: object = None  # the agree group (None: the world)
+    moments: int = 2  # optimizer tensors per weight element that move with it (AdamW: 2)
+    history: list = field(default_factory=list)  # (step, layer index, Decision) of every evaluation
+    _steps: int = 0
+
+    def __post_init__(self) -> None:
+        for layer in self.layers:
+            layer.runner.track_load(self.settings.policy != "off")
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> list:
+        """Evaluate (every `interval` calls) and, under policy=auto, re-place; returns this
+        evaluation's decisions (empty between evaluations)."""
+        if self.settings.policy == "off" or not self.layers:
+            return []
+        self._steps += 1
+        if self._steps % self.settings.interval:
+            return []
+        loads = torch.stack([layer.runner.take_load() for layer in self.layers])
+        loads = all_reduce_host(loads, self.group if self.group is not None else dist.group.WORLD)  # job-wide
+        out = []
+        for i, (layer, load_E) in enumerate(zip(self.layers, loads.tolist())):
+            d = self.decide(layer, load_E)
+            if d.moved:
+                apply_placement(layer, Placement(d.slots), optimizer)
+            layer.runner.placement_report = {"placement_imbalance": d.imbalance_before if not d.moved
+                                             else d.imbalance_after,
+                                             "placement_moves": float(layer.runner.placement_moves)}
+            self.history.append((step, i, d))
+            out.append(d)
+        return out
+
+    def decide(self, layer, load_E: list) -> Decision:
+        """The balanced placement for `load_E` (rows per expert since the last decision) and the
+        cost gate: move when the predicted gain over `payback_steps` steps beats the move."""
+        runner = layer.runner
+        P = runner.layout.world
+        cur = runner.placement
+        new = balanced_placement(load_E, P, cur)
+        before, after = cur.rank_loads(load_E, P), new.rank_loads(load_E, P)
+        steps = self.settings.interval
+        shape = runner.tuner.shape
+        machine = self._machine(runner)
+        rows = sum(load_E) / steps
+        per_step = [x / steps for x in before], [x / steps for x in after]
+        c = runner.current[1]
+        name = runner.dispatcher.name
+        gain = 0.0
+        if rows > 0:
+            def stats(per_rank):
+                return Stats(tokens=int(rows), rows=int(rows), max_rank_rows=round(max(per_rank)),
+                             max_local_rows=int(rows / P))
+            gain = (predict("ep", c, stats(per_step[0]), shape, machine, name)
+                    - predict("ep", c, stats(per_step[1]), shape, machine, name))
+        moved_max = max(moved_experts(cur, new, P))
+        expert_bytes = shape.matrices * shape.hidden * shape.ffn * shape.dtype_bytes * (1 + self.moments)
+        move_s = machine.latency + moved_max * expert_bytes / machine.bandwidth if moved_max else 0.0
+        ib, ia = imbalance(before), imbalance(after)
+        moved = (self.settings.policy == "auto" and new.slots != cur.slots and ia <= ib * (1 - self.settings.min_gain)
+                 and gain * self.settings.payback_steps > move_s)
+        return Decision(ib, ia, gain, move_s, moved, new.slots)
+
+    @staticmethod
+    def _machine(runner) -> Machine:
+        return runner.tuner.machine if runner.tuner.machine is not None else FALLBACK_MACHINE
+
+
+def placed_layers(model) -> list:
+    """The model's MoE layers with an ExpertParallelRunner (the ones a placement applies to)."""
+    return [m for m in model.modules() if isinstance(m, MoELayer) and isinstance(m.runner, ExpertParallelRunner)]

@@ -1,0 +1,101 @@
+"""Rank-side bodies of tests/parallel/test_placement.py (module-level: the pool's ranks unpickle them)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moesys import MoEConfig, MoELayer
+from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel
+from moesys.parallel.placement import Placement, apply_placement
+from moesys.parallel.placement_control import PlacementController, PlacementSettings
+
+E, D, F, T = 8, 16, 12, 37  # 37 tokens per rank: the rows per expert are uneven
+HOT, COLD = 3, 6  # the router bias sends ~40% of routes to HOT and none to COLD
+
+
+def skewed_layer(seed: int = 0, activation: str = "swiglu") -> MoELayer:
+    """The same layer on every rank (seeded); a sigmoid_bias router whose selection bias makes HOT hot
+    and COLD empty (the bias only selects: the combine weights and gradients are the scores')."""
+    torch.manual_seed(seed)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=2, router="sigmoid_bias",
+                    activation=activation, capacity_factor=None, aux_loss="none", bias_update_rate=0.0)
+    layer = MoELayer(cfg, balance_group="local")
+    with torch.no_grad():
+        layer.router.expert_bias[HOT] = 0.7
+        layer.router.expert_bias[COLD] = -100.0
+    return layer
+
+
+def canonical(w: torch.Tensor, placement: Placement) -> np.ndarray:
+    """The full [E, ...] tensor of a slot-ordered DTensor expert weight (or grad), in expert order."""
+    full = w.full_tensor() if hasattr(w, "full_tensor") else w
+    return full.detach()[torch.tensor(placement.position())].numpy().copy()
+
+
+def _random_placement(gen: torch.Generator) -> Placement:
+    return Placement(tuple(torch.randperm(E, generator=gen).tolist()))
+
+
+def _snapshot(layer, x, y, placement) -> dict:
+    out = {"y": y.detach().numpy().copy(), "x.grad": x.grad.numpy().copy(),
+           "router.grad": layer.router.weight.grad.numpy().copy(),
+           "router.weight": layer.router.weight.detach().numpy().copy()}
+    for name in ("w1", "w2", "w3"):
+        w = getattr(layer.experts, name)
+        out[f"{name}.grad"] = canonical(w.grad, placement)
+        out[f"{name}"] = canonical(w, placement)
+    return out
+
+
+def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool) -> dict:
+    """`steps` AdamW steps of one skewed layer twice, unplaced and placed, on the same tokens.
+    forced: a new random placement (the same on every rank: a seeded generator) after every step;
+    else the PlacementController (policy auto, interval 1) decides. Returns per step, for both runs:
+    outputs, input/router/expert gradients and the weights after the step (experts in expert order)."""
+    dims = ParallelDims.build(ep=ep, timeout_s=60)
+    ref = skewed_layer()
+    placed = copy.deepcopy(ref)
+    for layer in (ref, placed):
+        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap)
+    opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, placed)]
+    ctl = None if forced else PlacementController(PlacementSettings(policy="auto", interval=1, min_gain=0.0,
+                                                                    payback_steps=10**6),
+                                                  [placed])
+    gen = torch.Generator().manual_seed(1234)
+    runs: dict = {"ref": [], "placed": []}
+    placements, decisions, routes_hot = [], [], []
+    rank = dist.get_rank()
+    for step in range(steps):
+        torch.manual_seed(100 * step + rank)
+        x0 = torch.randn(T, D)
+        g = torch.randn(T, D)
+        for key, layer, opt in (("ref", ref, opts[0]), ("placed", placed, opts[1])):
+            x = x0.clone().requires_grad_(True)
+            y, aux = layer(x)
+            ((y * g).sum() + aux.loss).backward()
+            allreduce_gradients(layer, dims)
+            p = layer.runner.placement
+            runs[key].append(_snapshot(layer, x, y, p))
+            if key == "placed":
+                routes_hot.append(float(aux.tokens_per_expert[HOT]) / float(aux.tokens_per_expert.sum()))
+            opt.step()
+            if key == "ref":
+                opt.zero_grad(set_to_none=True)
+                continue
+            if forced:
+                apply_placement(layer, _random_placement(gen), opt)
+            opt.zero_grad(set_to_none=True)
+            if ctl is not None:
+                d = ctl.after_step(step, opt)
+                decisions.append([(x.moved, x.slots, round(x.imbalance_before, 9)) for x in d])
+            placements.append(layer.runner.placement.slots)
+            runs[key][-1]["after"] = {n: canonical(getattr(layer.experts, n), layer.runner.placement)
+                                      for n in ("w1", "w2", "w3")}
+        runs["ref"][-1]["after"] = {n: canonical(getattr(ref.experts, n), ref.runner.placement)
+                                    for n in ("w1", "w2", "w3")}
+    return {"runs": runs, "placements": placements, "decisions": decisions, "hot_share": routes_hot,
+            "moves": placed.runner.placement_moves,
+            "metrics": {k: float(v) for k, v in placed.runner.last_metrics.items() if k.startswith("placement")}}
