@@ -12,6 +12,7 @@ evaluates and reports (runtime/placement_imbalance) but never moves; auto moves.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +103,25 @@ class PlacementController:
             self.history.append((step, i, d))
             out.append(d)
         return out
+
+    def reset(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective: every layer back to the canonical placement (weights and moments moved)."""
+        for layer in self.layers:
+            apply_placement(layer, Placement.identity(layer.runner.layout.num_experts), optimizer)
+
+    @contextlib.contextmanager
+    def canonical(self, optimizer: torch.optim.Optimizer | None = None):
+        """Collective: the canonical placement inside the block (a checkpoint is saved in expert
+        order), the current one again after it."""
+        kept = [layer.runner.placement for layer in self.layers]
+        moves = [layer.runner.placement_moves for layer in self.layers]
+        self.reset(optimizer)
+        try:
+            yield
+        finally:
+            for layer, placement, n in zip(self.layers, kept, moves):
+                apply_placement(layer, placement, optimizer)
+                layer.runner.placement_moves = n  # a save is no re-placement
 
     def decide(self, layer, load_E: list) -> Decision:
         """The balanced placement for `load_E` (rows per expert since the last decision) and the

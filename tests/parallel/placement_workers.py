@@ -99,3 +99,46 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
     return {"runs": runs, "placements": placements, "decisions": decisions, "hot_share": routes_hot,
             "moves": placed.runner.placement_moves,
             "metrics": {k: float(v) for k, v in placed.runner.last_metrics.items() if k.startswith("placement")}}
+
+
+def _canonical_params(tr) -> dict:
+    """Every parameter as a full tensor, the experts in expert order (whatever the placement)."""
+    placements = {}
+    for name, m in tr.model.named_modules():
+        if hasattr(m, "runner") and hasattr(m.runner, "placement"):
+            placements[f"{name}.experts."] = m.runner.placement
+    out = {}
+    for n, p in tr.model.named_parameters():
+        pre = next((k for k in placements if n.startswith(k)), None)
+        if pre is not None:
+            out[n] = canonical(p, placements[pre])
+        else:
+            out[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().numpy().copy()
+    return out
+
+
+def trainer_worker(cfg_auto, cfg_off, root: str, steps: int) -> dict:
+    """The Trainer with parallel.placement=auto (every re-placement the balancer proposes is taken:
+    min_gain 0) and with placement=off, `steps` steps each; then both save a checkpoint (the placed one
+    while placed) and take one more step. Returns per step both runs' losses and canonical parameters."""
+    from train_helpers import build_trainer
+
+    auto = build_trainer(cfg_auto, f"{root}/auto")
+    auto.placement.settings.min_gain = 0.0  # the same on every rank: take every balancing move
+    off = build_trainer(cfg_off, f"{root}/off")
+    assert off.placement is None
+    out = {"auto": [], "off": [], "slots": [], "metrics": []}
+    saved = {}
+    for s in range(steps + 1):
+        if s == steps:
+            saved = {"auto": auto.save(), "off": off.save(), "slots_at_save": auto.placement.layers[0].runner.placement.slots}
+        for key, tr in (("auto", auto), ("off", off)):
+            m = tr.train_step()
+            if key == "auto":
+                auto_metrics = m
+            out[key].append({"loss": m["loss"], "params": _canonical_params(tr)})
+        out["slots"].append([layer.runner.placement.slots for layer in auto.placement.layers])
+        out["metrics"].append({k: v for k, v in auto_metrics.items() if "placement" in k})
+    out["saved"] = saved
+    out["moves"] = [layer.runner.placement_moves for layer in auto.placement.layers]
+    return out

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the workers by module name
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "moesys"))
 
 import placement_workers as pw  # noqa: E402
+from train_helpers import load_and_probe, make_cfg  # noqa: E402
 
 from moesys.parallel.placement import Placement, balanced_placement, imbalance, moved_experts  # noqa: E402
 
@@ -81,3 +83,53 @@ def test_balanced_placement_evens_a_skewed_load():
 def test_placement_must_be_a_permutation():
     with pytest.raises(ValueError, match=r"permutation of range\(4\)"):
         Placement((0, 1, 1, 3))
+
+
+# ---- through the Trainer: parallel.placement=auto, checkpoints in expert order ---------------------
+TRAIN = ("moe.num_experts=8", "trainer.batch_size=16", f"parallel.simulate_ranks={WORLD}", "parallel.mode=ep",
+         "parallel.overlap=1", "parallel.placement_interval=2", "parallel.placement_payback_steps=1000000",
+         "trainer.log_interval=1")
+
+
+@pytest.fixture(scope="module")
+def trained(rank_pool, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("placement-train"))
+    cfg_auto = make_cfg(*TRAIN, "parallel.ep=4", "parallel.placement=auto")
+    cfg_off = make_cfg(*TRAIN, "parallel.ep=4", "parallel.placement=off")
+    return rank_pool.run(pw.trainer_worker, WORLD, cfg_auto, cfg_off, root, 6, timeout_s=180)
+
+
+@pytest.mark.multirank
+def test_trainer_placement_auto_trains_like_off(trained):
+    for rank, r in enumerate(trained):
+        assert r["slots"] == trained[0]["slots"]  # the same placements on every rank
+        for s, (a, o) in enumerate(zip(r["auto"], r["off"])):
+            np.testing.assert_allclose(a["loss"], o["loss"], rtol=RTOL, err_msg=f"rank {rank} step {s}")
+            for n, want in o["params"].items():
+                np.testing.assert_allclose(a["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} step {s}: {n}")
+    first = trained[0]
+    assert min(first["moves"]) >= 1, first["moves"]  # every layer re-placed at least once
+    assert first["saved"]["slots_at_save"] != tuple(range(8))  # saved while placed
+    logged = [m for m in first["metrics"] if m]
+    assert logged and all(any(k.endswith("runtime/placement_imbalance") for k in m) for m in logged)
+
+
+@pytest.mark.multirank
+def test_checkpoint_after_replacement_resumes_at_another_ep_size(rank_pool, trained, tmp_path):
+    """The checkpoint written while placed holds experts in expert order: read at ep 2 (edp 2), its loss
+    and an expert's AdamW moments equal the unplaced run's checkpoint's."""
+    saved = trained[0]["saved"]
+    cfg = make_cfg(*TRAIN, "parallel.ep=2", "parallel.placement=auto")
+    probe = ("blocks.1.moe.experts", "w1", 5)
+    got = rank_pool.run(load_and_probe, WORLD, cfg, saved["auto"], str(tmp_path / "a"), probe, timeout_s=180)
+    want = rank_pool.run(load_and_probe, WORLD, cfg, saved["off"], str(tmp_path / "o"), probe, timeout_s=180)
+    seen = 0
+    for g, w in zip(got, want):
+        assert g["step"] == w["step"] == 6
+        np.testing.assert_allclose(g["loss"], w["loss"], rtol=RTOL)
+        assert (g["probe"] is None) == (w["probe"] is None)
+        if w["probe"] is not None:
+            seen += 1
+            for k in ("exp_avg", "exp_avg_sq", "weight"):
+                np.testing.assert_allclose(g["probe"][k], w["probe"][k], rtol=RTOL, atol=ATOL, err_msg=k)
+    assert seen == 2  # expert 5 lives on one rank of each of the two ep groups
