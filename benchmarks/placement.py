@@ -108,7 +108,7 @@ def bench_worker(a: dict) -> dict:
 
 
 def predicted_step(machine, shape: Shape, rows_total: float, busiest: float) -> float:
-    stats = Stats(tokens=int(rows_total / 2), rows=int(rows_total), max_rank_rows=int(round(busiest)),
+    stats = Stats(tokens=int(rows_total / 2), rows=int(rows_total), max_rank_rows=round(busiest),
                   max_local_rows=int(rows_total / shape.world))
     return predict("ep", 1, stats, shape, machine, "alltoallv")
 
