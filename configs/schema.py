@@ -132,6 +132,9 @@ class ParallelConfig:
     placement: str = "off"
     placement_interval: int = 20
     placement_payback_steps: int = 100
+    # replica slots a rank for the hottest experts (0: permute only): their rows split between the
+    # holders, the replica's weights fetched from the owner each step and its gradient summed back
+    placement_replicas: int = 0
 
 
 @dataclass
@@ -482,7 +485,12 @@ class TrainConfig:
                f"parallel.placement_interval must be an integer >= 1 (steps), got {p.placement_interval!r}")
         _check(isinstance(p.placement_payback_steps, int) and p.placement_payback_steps >= 1,
                f"parallel.placement_payback_steps must be an integer >= 1 (steps), got {p.placement_payback_steps!r}")
+        _check(isinstance(p.placement_replicas, int) and p.placement_replicas >= 0,
+               f"parallel.placement_replicas must be an integer >= 0, got {p.placement_replicas!r}")
         if p.placement == "off":
+            if p.placement_replicas:
+                raise ConfigError(f"parallel.placement_replicas={p.placement_replicas} needs parallel.placement=auto "
+                                  "(or static), got parallel.placement='off'")
             return
         why = None
         if p.ep == 1:
@@ -501,6 +509,11 @@ class TrainConfig:
                    "with EvoMoE is not supported yet")
         if why is not None:
             raise ConfigError(f"parallel.placement={p.placement!r}: {why}")
+        free = moe.num_experts - moe.num_experts // p.ep  # the experts a rank does not hold
+        if p.placement_replicas > free:
+            raise ConfigError(f"parallel.placement_replicas ({p.placement_replicas}) must be <= the experts a rank does "
+                              f"not hold: moe.num_experts ({moe.num_experts}) - moe.num_experts / parallel.ep "
+                              f"({moe.num_experts // p.ep}) = {free}")
 
     def _validate_evo(self, moe: MoEConfig) -> None:
         e = self.evo

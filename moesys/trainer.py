@@ -169,7 +169,7 @@ class Trainer:
         self.placement = None
         if p.ep > 1 and p.placement != "off":
             settings = PlacementSettings(policy=p.placement, interval=p.placement_interval,
-                                         payback_steps=p.placement_payback_steps)
+                                         payback_steps=p.placement_payback_steps, replicas=p.placement_replicas)
             self.placement = PlacementController(settings, placed_layers(self.model))
         # the static dispatch buffers' factor (None without one); overflow=rerun grows it (train_step)
         self.static_capacity_factor = p.static_capacity_factor if p.ep > 1 else None

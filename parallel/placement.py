@@ -33,9 +33,13 @@ PLACEMENTS = ("off", "static", "auto")
 
 @dataclass(frozen=True)
 class Placement:
-    """slots[s]: the logical expert physical slot s holds (rank-major, L slots per rank)."""
+    """slots[s]: the logical expert physical slot s holds (rank-major, L slots per rank).
+    replicas[r*k + j]: the expert rank r's j-th replica slot computes too (k per rank; () for none).
+    A replica holds no weights of its own: the runner fetches the owner's each step (differentiably,
+    so the replica's gradient sums into the owner's) and splits the expert's rows between holders."""
 
     slots: tuple
+    replicas: tuple = ()
 
     @classmethod
     def identity(cls, num_experts: int) -> Placement:
@@ -47,7 +51,31 @@ class Placement:
 
     @property
     def is_identity(self) -> bool:
-        return all(s == e for s, e in enumerate(self.slots))
+        return not self.replicas and all(s == e for s, e in enumerate(self.slots))
+
+    def check(self, world: int) -> None:
+        """Raise unless the replicas fit `world` ranks: k per rank, none on a rank holding its expert."""
+        E, R = len(self.slots), len(self.replicas)
+        if R % world:
+            raise ValueError(f"Placement.replicas: {R} replica slots for {world} ranks (k per rank)")
+        L, k = E // world, R // world
+        for r in range(world):
+            mine = list(self.slots[r * L:(r + 1) * L]) + list(self.replicas[r * k:(r + 1) * k])
+            if len(set(mine)) != len(mine) or not all(0 <= e < E for e in mine):
+                raise ValueError(f"Placement: rank {r} holds experts {mine}: a replica must be of a valid expert "
+                                 "that rank holds no other copy of")
+
+    def holders(self, world: int) -> list:
+        """holders[e]: the virtual slots computing expert e, owner first (virtual layout: rank r's
+        L owned slots then its k replica slots, E + world*k in all)."""
+        E = len(self.slots)
+        L, k = E // world, len(self.replicas) // world
+        out: list = [[] for _ in range(E)]
+        for s, e in enumerate(self.slots):
+            out[e].append((s // L) * (L + k) + s % L)
+        for i, e in enumerate(self.replicas):
+            out[e].append((i // k) * (L + k) + L + i % k)
+        return out
 
     def position(self) -> list:
         """position[e]: the slot of expert e (the inverse permutation)."""
@@ -57,9 +85,15 @@ class Placement:
         return pos
 
     def rank_loads(self, load_E, world: int) -> list:
-        """Rows each rank computes under this placement for per-expert loads `load_E` (a sequence)."""
+        """Rows each rank computes under this placement for per-expert loads `load_E` (a sequence);
+        a replicated expert's rows shared evenly by its holders."""
         L = len(self.slots) // world
-        return [sum(float(load_E[e]) for e in self.slots[r * L:(r + 1) * L]) for r in range(world)]
+        hold = self.holders(world)
+        out = [0.0] * world
+        for e, vs in enumerate(hold):
+            for v in vs:
+                out[v // (L + len(self.replicas) // world)] += float(load_E[e]) / len(vs)
+        return out
 
 
 def imbalance(loads: list) -> float:
@@ -68,7 +102,7 @@ def imbalance(loads: list) -> float:
     return max(loads) / mean if mean > 0 else 1.0
 
 
-def balanced_placement(load_E, world: int, current: Placement | None = None) -> Placement:
+def balanced_placement(load_E, world: int, current: Placement | None = None, replicas_per_rank: int = 0) -> Placement:
     """The experts dealt to `world` ranks, L each, so the busiest rank's load is near the mean.
 
     Longest-processing-time first: experts by decreasing load (ties: lower id) each to the least
@@ -96,7 +130,39 @@ def balanced_placement(load_E, world: int, current: Placement | None = None) -> 
     for i, b in enumerate(bins):
         r = rank_of[i]
         slots[r * L:(r + 1) * L] = sorted(b)
-    return Placement(tuple(slots))
+    return Placement(tuple(slots), _replicas(load_E, world, slots, replicas_per_rank))
+
+
+def _replicas(load_E, world: int, slots: list, k: int) -> tuple:
+    """k replica slots a rank, filled greedily: the expert with the most rows per holder gets one
+    more holder, on the least loaded rank with a free replica slot and no copy of it (ties: lower
+    expert, lower rank)."""
+    if k == 0:
+        return ()
+    E = len(slots)
+    L = E // world
+    held = [set(slots[r * L:(r + 1) * L]) for r in range(world)]
+    nh = [1] * E
+    owner = {e: s // L for s, e in enumerate(slots)}
+    reps: list = [[] for _ in range(world)]
+    for _ in range(world * k):
+        def totals():
+            t = [0.0] * world
+            for e in range(E):
+                for r in [owner[e]] + [q for q in range(world) if e in reps[q]]:
+                    t[r] += float(load_E[e]) / nh[e]
+            return t
+        t = totals()
+        for e in sorted(range(E), key=lambda e: (-float(load_E[e]) / nh[e], e)):
+            free = [r for r in range(world) if len(reps[r]) < k and e not in held[r] and e not in reps[r]]
+            if free:
+                r = min(free, key=lambda r: (t[r], r))
+                reps[r].append(e)
+                nh[e] += 1
+                break
+        else:
+            raise ValueError(f"balanced_placement: no rank can take another replica ({k} a rank, {E} experts)")
+    return tuple(e for r in range(world) for e in sorted(reps[r]))
 
 
 def moved_experts(old: Placement, new: Placement, world: int) -> list:
@@ -151,7 +217,8 @@ def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | No
     `new`, in place, and install `new` on the runner. Returns the experts this rank received."""
     runner = layer.runner
     old = runner.placement
-    if new.slots == old.slots:
+    if new.slots == old.slots:  # replicas hold no rows of their own: nothing moves
+        runner.set_placement(new)
         return 0
     layout = runner.layout
     ex = layer.experts

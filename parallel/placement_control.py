@@ -40,8 +40,13 @@ class PlacementSettings:
     min_gain: float = 0.05  # re-place only when the busiest rank's rows drop by at least this fraction
     # a move must pay for itself within this many steps (a placement holds until the load drifts)
     payback_steps: int = 100
+    # replica slots a rank for the hottest experts (0: permutation only); a replica's weights are
+    # fetched from the owner every step and its gradient sent back, which the gate counts
+    replicas: int = 0
 
     def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError(f"placement replicas must be >= 0, got {self.replicas}")
         if self.policy not in PLACEMENTS:
             raise ValueError(f"placement policy {self.policy!r} is not one of {list(PLACEMENTS)}")
         if self.interval < 1:
@@ -62,6 +67,7 @@ class Decision:
     move_s: float  # predicted seconds of moving the weights and moments once
     moved: bool
     slots: tuple
+    replicas: tuple = ()
 
 
 @dataclass
@@ -96,7 +102,7 @@ class PlacementController:
         for i, (layer, load_E) in enumerate(zip(self.layers, loads.tolist())):
             d = self.decide(layer, load_E)
             if d.moved:
-                apply_placement(layer, Placement(d.slots), optimizer)
+                apply_placement(layer, Placement(d.slots, d.replicas), optimizer)
             layer.runner.placement_report = {"placement_imbalance": d.imbalance_before if not d.moved
                                              else d.imbalance_after,
                                              "placement_moves": float(layer.runner.placement_moves)}
@@ -129,7 +135,10 @@ class PlacementController:
         runner = layer.runner
         P = runner.layout.world
         cur = runner.placement
-        new = balanced_placement(load_E, P, cur)
+        if self.settings.replicas > runner.layout.num_experts - runner.layout.local_experts:
+            raise ValueError(f"placement replicas ({self.settings.replicas} a rank) > the experts a rank does not "
+                             f"hold ({runner.layout.num_experts - runner.layout.local_experts})")
+        new = balanced_placement(load_E, P, cur, self.settings.replicas)
         before, after = cur.rank_loads(load_E, P), new.rank_loads(load_E, P)
         steps = self.settings.interval
         shape = runner.tuner.shape
@@ -145,13 +154,19 @@ class PlacementController:
                              max_local_rows=int(rows / P))
             gain = (predict("ep", c, stats(per_step[0]), shape, machine, name)
                     - predict("ep", c, stats(per_step[1]), shape, machine, name))
+        weight_bytes = shape.matrices * shape.hidden * shape.ffn * shape.dtype_bytes
+
+        def fetch_s(p: Placement) -> float:  # per step: replica weights in (forward), their gradients back
+            k = len(p.replicas) // P
+            return 2 * (machine.latency + k * weight_bytes / machine.bandwidth) if k else 0.0
+        gain += fetch_s(cur) - fetch_s(new)
         moved_max = max(moved_experts(cur, new, P))
-        expert_bytes = shape.matrices * shape.hidden * shape.ffn * shape.dtype_bytes * (1 + self.moments)
+        expert_bytes = weight_bytes * (1 + self.moments)
         move_s = machine.latency + moved_max * expert_bytes / machine.bandwidth if moved_max else 0.0
         ib, ia = imbalance(before), imbalance(after)
-        moved = (self.settings.policy == "auto" and new.slots != cur.slots and ia <= ib * (1 - self.settings.min_gain)
+        moved = (self.settings.policy == "auto" and new != cur and ia <= ib * (1 - self.settings.min_gain)
                  and gain * self.settings.payback_steps > move_s)
-        return Decision(ib, ia, gain, move_s, moved, new.slots)
+        return Decision(ib, ia, gain, move_s, moved, new.slots, new.replicas)
 
     @staticmethod
     def _machine(runner) -> Machine:

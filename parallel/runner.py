@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import GroupRef, all_gather_counts, all_reduce_host
+from .comm import GroupRef, all_gather_counts, all_reduce_host, all_to_all
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
 from .placement import Placement
@@ -74,6 +74,7 @@ class _Prepared:
     report: Optional[dict]  # the tuner's report, when the step ran on its lease (else asked after the call)
     source: Any = None  # the layer's plan as given (`plan` is its slot-space copy under a placement)
     rows_N: Optional[torch.Tensor] = None  # x_ND rows in slot order (None: the identity placement)
+    dispatcher: Any = None  # the replica layout's dispatcher (None: the runner's own)
 
 
 class ExpertParallelRunner:
@@ -94,7 +95,7 @@ class ExpertParallelRunner:
         return self._agree.get()
 
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, agree_group=None, overflow: str = "drop", clock=None) -> None:
+                 tuner: Tuner, agree_group=None, overflow: str = "drop", clock=None, dispatcher_for=None) -> None:
         self.layout = layout
         # static capacity: "drop" (count) | "error" (raise on every rank) | "rerun" (count here; the
         # trainer re-runs the step with a larger buffer, see parallel/overflow.py)
@@ -134,6 +135,9 @@ class ExpertParallelRunner:
         self._load_E: Optional[torch.Tensor] = None
         self.placement_moves = 0  # re-placements applied so far
         self.placement_report = {"placement_imbalance": 0.0, "placement_moves": 0.0}
+        # replicas: a dispatcher over the virtual layout of E + P*k slots (dispatcher_for(layout) builds one)
+        self._dispatcher_for = dispatcher_for
+        self._rep: Optional[tuple] = None  # (dispatcher, my virtual slots, holders table [E, H], holders [E])
 
     # -- expert placement (see parallel/placement.py) ---------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -144,7 +148,21 @@ class ExpertParallelRunner:
         if self.layout.shards > 1 and not placement.is_identity:
             raise ValueError(f"expert placement needs whole experts per rank: the ep size ({self.layout.world}) is "
                              f"larger than num_experts ({self._num_experts}), so experts are split along F")
-        if placement.slots != self.placement.slots:
+        placement.check(self.layout.world)
+        self._rep = None
+        if placement.replicas:
+            if self._static or self._dispatcher_for is None:
+                raise ValueError(f"expert replicas need a per-step dispatcher built by apply_expert_parallel; this "
+                                 f"runner's is {self.dispatcher.name!r}" + (" with a static buffer" if self._static else ""))
+            P, L, k = self.layout.world, self.layout.local_experts, len(placement.replicas) // self.layout.world
+            virtual = ExpertLayout(world=P, rank=self.layout.rank, num_experts=self._num_experts + P * k,
+                                   ffn_size=self.layout.ffn_size)
+            hold = placement.holders(P)
+            H = max(len(h) for h in hold)
+            table = torch.tensor([h + [h[-1]] * (H - len(h)) for h in hold], dtype=torch.long)
+            mine = list(range(self.layout.rank * (L + k), (self.layout.rank + 1) * (L + k)))
+            self._rep = (self._dispatcher_for(virtual), mine, table, torch.tensor([len(h) for h in hold]))
+        if placement != self.placement:
             self.placement_moves += 1
         self.placement = placement
         self._slot_maps = {}
@@ -161,6 +179,52 @@ class ExpertParallelRunner:
         if load is None:
             return torch.zeros(self._num_experts, dtype=torch.float64)
         return load.to(device="cpu", dtype=torch.float64)
+
+    def _replica_plan(self, plan):
+        """(plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
+        split into equal consecutive parts, one per holder (owner first). Device ops only."""
+        _, _, table, nh = self._rep
+        dev = plan.counts_E.device
+        counts = plan.counts_E.to(torch.long)
+        e_N = plan.expert_idx_N.to(dev)
+        start_E = torch.cumsum(counts, 0) - counts
+        j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
+        nh_N = nh.to(dev).index_select(0, e_N)
+        h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+        v_N = table.to(dev)[e_N, h_N]
+        rows_N = torch.argsort(v_N, stable=True)
+        V = self._rep[0].E
+        splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=V).to(plan.counts_E.dtype),
+                                    expert_idx_N=v_N.index_select(0, rows_N))
+        return splan, rows_N
+
+    def _replica_weights(self, experts) -> tuple:
+        """This rank's weights for the virtual layout: its L own rows, then its k replicas' rows
+        fetched from their owners with one differentiable all-to-all (the backward sends the
+        replicas' gradients back, summed into the owners')."""
+        P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
+        reps = self.placement.replicas
+        k = len(reps) // P
+        pos = self.placement.position()
+        ws = [w for w in experts.local_weights() if w is not None]
+        flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
+        send, in_splits = [], []
+        for q in range(P):
+            rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
+            send += rows
+            in_splits.append(len(rows))
+        need = reps[me * k:(me + 1) * k]
+        out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
+        got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
+                         out_splits, in_splits, self.group)
+        arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
+        got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
+        out, at = [], 0
+        for w in ws:
+            n = w[0].numel()
+            out.append(torch.cat([w, got[:, at:at + n].reshape((k,) + tuple(w.shape[1:]))], 0))
+            at += n
+        return tuple(out) + (None,) * (3 - len(out))
 
     def _slot_plan(self, plan):
         """(plan in slot space, x_ND's rows in slot order): counts_E[slots], and the rows sorted
@@ -276,12 +340,16 @@ class ExpertParallelRunner:
             self._lease, self._report = tuner.lease(), tuner.report()
         self.current = (mode, c)
         t0 = time.perf_counter()
-        chunk_counts, flight = None, None
+        chunk_counts, flight, dispatcher = None, None, None
+        if mode == "ep" and self._rep is not None:  # replicas: the virtual layout's slots and dispatcher
+            plan, rows_N = self._replica_plan(source)
+            counts_E = plan.counts_E.to(torch.long) if self._counts_on_device else plan.counts_E.to(torch.long).cpu()
+            dispatcher = self._rep[0]
         if mode == "ep" and not static and self._prefetches:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
-            flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
+            flight = (dispatcher or self.dispatcher).plan_start(chunk_counts)  # issued, not waited for
         return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0,
-                         self._report if decided is not None else None, source, rows_N)
+                         self._report if decided is not None else None, source, rows_N, dispatcher)
 
     def __call__(self, x_ND: torch.Tensor, plan, experts, shared=None):
         """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens).
@@ -354,14 +422,17 @@ class ExpertParallelRunner:
                 f"(T={num_tokens}) overflowed by {int(most.item())} rows on some rank (parallel.overflow='error'); "
                 "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
 
-    def _pipeline(self, n: int, start, experts, t_s: dict, shared=None, out: Optional[dict] = None) -> tuple:
+    def _pipeline(self, n: int, start, experts, t_s: dict, shared=None, out: Optional[dict] = None,
+                  d: Optional[Dispatcher] = None) -> tuple:
         """The ep mode's chunk pipeline: chunk i+1's dispatch and chunk i-1's combine in flight while
         chunk i's experts compute; the shared experts run while chunk 0's tokens travel.
         `start(i)` issues chunk i's dispatch. Returns (the chunks' combined outputs, bytes sent, bytes
         sent off this rank)."""
-        d = self.dispatcher
+        replicated = d is not None
+        d = self.dispatcher if d is None else d
         flight = start(0)
-        weights = experts.local_weights()  # this rank's shards (DTensor parameters: their local part)
+        # this rank's shards (DTensor parameters: their local part); with replicas, their fetched rows too
+        weights = self._replica_weights(experts) if replicated else experts.local_weights()
         clock = time.perf_counter
         if shared is not None:
             t = clock()
@@ -417,7 +488,9 @@ class ExpertParallelRunner:
 
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, c: int, t_s: dict,
                 metrics: dict, shared=None, out: Optional[dict] = None, prep: Optional[_Prepared] = None) -> torch.Tensor:
-        d = self.dispatcher
+        rep_d = prep.dispatcher if prep is not None else None
+        d = self.dispatcher if rep_d is None else rep_d
+        mine_list = self._mine_list if rep_d is None else self._rep[1]
         if prep is not None and prep.flight is not None:
             chunk_counts = prep.chunk_counts
             t = time.perf_counter()
@@ -436,11 +509,11 @@ class ExpertParallelRunner:
             totals = [sum(p.counts_E) for p in plans]
             if c > 1:
                 idxs = chunk_rows(torch.tensor(host_E), [torch.tensor(p.counts_E) for p in plans], totals)
-            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in self._mine_list)
+            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in mine_list)
         else:
             if c > 1:
                 idxs = chunk_rows(counts_E, chunk_counts)
-            n_rows, n_mine = int(counts_E.sum()), int(counts_E[self._mine_list].sum())
+            n_rows, n_mine = int(counts_E.sum()), int(counts_E[mine_list].sum())
         if c == 1:
             idxs = [None]
 
@@ -451,7 +524,7 @@ class ExpertParallelRunner:
             t_s["dispatch_start_s"] += time.perf_counter() - t
             return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, t_s, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, t_s, shared, out, rep_d)
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once

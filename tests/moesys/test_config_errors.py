@@ -136,6 +136,10 @@ CASES = [
      "parallel.placement='auto': parallel.ep=1 holds every expert on every rank"),
     (["parallel.placement=auto", "parallel.ep=8", "parallel.simulate_ranks=8"],
      "parallel.placement='auto': parallel.ep (8) > moe.num_experts (4) splits each expert over ranks"),
+    (["parallel.placement=auto", "parallel.placement_replicas=4"],
+     "parallel.placement_replicas (4) must be <= the experts a rank does not hold: moe.num_experts (4) - "
+     "moe.num_experts / parallel.ep (2) = 2"),
+    (["parallel.placement_replicas=1"], "parallel.placement_replicas=1 needs parallel.placement=auto"),
     (["parallel.placement=static", "trainer.engine=fsdp"],
      "parallel.placement='static': trainer.engine='fsdp': placement moves the experts' rows"),
     # data

@@ -11,6 +11,7 @@ from moesys import MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel
 from moesys.parallel.placement import Placement, apply_placement
 from moesys.parallel.placement_control import PlacementController, PlacementSettings
+from moesys.parallel.tuner import Machine
 
 E, D, F, T = 8, 16, 12, 37  # 37 tokens per rank: the rows per expert are uneven
 HOT, COLD = 3, 6  # the router bias sends ~40% of routes to HOT and none to COLD
@@ -35,8 +36,15 @@ def canonical(w: torch.Tensor, placement: Placement) -> np.ndarray:
     return full.detach()[torch.tensor(placement.position())].numpy().copy()
 
 
-def _random_placement(gen: torch.Generator) -> Placement:
-    return Placement(tuple(torch.randperm(E, generator=gen).tolist()))
+def _random_placement(gen: torch.Generator, world: int, replicas: int) -> Placement:
+    """A random permutation, and `replicas` random replica slots a rank (of experts it does not hold)."""
+    slots = tuple(torch.randperm(E, generator=gen).tolist())
+    L = E // world
+    reps = []
+    for r in range(world):
+        others = [e for e in torch.randperm(E, generator=gen).tolist() if e not in slots[r * L:(r + 1) * L]]
+        reps += sorted(others[:replicas])
+    return Placement(slots, tuple(reps))
 
 
 def _snapshot(layer, x, y, placement) -> dict:
@@ -50,7 +58,7 @@ def _snapshot(layer, x, y, placement) -> dict:
     return out
 
 
-def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool) -> dict:
+def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool, replicas: int = 0) -> dict:
     """`steps` AdamW steps of one skewed layer twice, unplaced and placed, on the same tokens.
     forced: a new random placement (the same on every rank: a seeded generator) after every step;
     else the PlacementController (policy auto, interval 1) decides. Returns per step, for both runs:
@@ -62,8 +70,13 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
         apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap)
     opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, placed)]
     ctl = None if forced else PlacementController(PlacementSettings(policy="auto", interval=1, min_gain=0.0,
+                                                                    replicas=replicas,
                                                                     payback_steps=10**6),
                                                   [placed])
+    if ctl is not None and replicas:
+        # the gate on a machine whose compute is slow and communication free (the same on every rank): a
+        # replica's weight fetch is then cheaper than the rows it takes off the busiest rank
+        placed.runner.tuner.machine = Machine(bandwidth=1e15, latency=0.0, flops=1e6)
     gen = torch.Generator().manual_seed(1234)
     runs: dict = {"ref": [], "placed": []}
     placements, decisions, routes_hot = [], [], []
@@ -86,19 +99,21 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
                 opt.zero_grad(set_to_none=True)
                 continue
             if forced:
-                apply_placement(layer, _random_placement(gen), opt)
+                apply_placement(layer, _random_placement(gen, ep, replicas), opt)
             opt.zero_grad(set_to_none=True)
             if ctl is not None:
                 d = ctl.after_step(step, opt)
-                decisions.append([(x.moved, x.slots, round(x.imbalance_before, 9)) for x in d])
-            placements.append(layer.runner.placement.slots)
+                decisions.append([(x.moved, x.slots, x.replicas, round(x.imbalance_before, 9),
+                                   round(x.imbalance_after, 9)) for x in d])
+            placements.append((layer.runner.placement.slots, layer.runner.placement.replicas))
             runs[key][-1]["after"] = {n: canonical(getattr(layer.experts, n), layer.runner.placement)
                                       for n in ("w1", "w2", "w3")}
         runs["ref"][-1]["after"] = {n: canonical(getattr(ref.experts, n), ref.runner.placement)
                                     for n in ("w1", "w2", "w3")}
     return {"runs": runs, "placements": placements, "decisions": decisions, "hot_share": routes_hot,
             "moves": placed.runner.placement_moves,
-            "metrics": {k: float(v) for k, v in placed.runner.last_metrics.items() if k.startswith("placement")}}
+            "metrics": dict(placed.runner.placement_report),  # what the next forward's runtime/ metrics carry
+            "forward_metrics": sorted(k for k in placed.runner.last_metrics if k.startswith("placement"))}
 
 
 def _canonical_params(tr) -> dict:
@@ -125,6 +140,9 @@ def trainer_worker(cfg_auto, cfg_off, root: str, steps: int) -> dict:
 
     auto = build_trainer(cfg_auto, f"{root}/auto")
     auto.placement.settings.min_gain = 0.0  # the same on every rank: take every balancing move
+    if cfg_auto.parallel.placement_replicas:  # a machine where replicas pay (as in equivalence_worker)
+        for layer in auto.placement.layers:
+            layer.runner.tuner.machine = Machine(bandwidth=1e15, latency=0.0, flops=1e6)
     off = build_trainer(cfg_off, f"{root}/off")
     assert off.placement is None
     out = {"auto": [], "off": [], "slots": [], "metrics": []}
@@ -141,4 +159,5 @@ def trainer_worker(cfg_auto, cfg_off, root: str, steps: int) -> dict:
         out["metrics"].append({k: v for k, v in auto_metrics.items() if "placement" in k})
     out["saved"] = saved
     out["moves"] = [layer.runner.placement_moves for layer in auto.placement.layers]
+    out["replicas"] = [layer.runner.placement.replicas for layer in auto.placement.layers]
     return out

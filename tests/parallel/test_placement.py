@@ -41,11 +41,15 @@ def _assert_runs_equal(results, steps):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,mode,overlap", [(4, "ep", 1), (4, "ep", 2), (2, "ep", 1), (2, "sharded_dp", 1)],
-                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp"])
-def test_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap):
+@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0),
+                                                      (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
+                                                      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
+                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1",
+                              "ep4-overlap2-replicas2", "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+def test_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap, replicas):
+    """A new random placement after every step (with `replicas` random replica slots a rank)."""
     steps = 4
-    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, timeout_s=120)
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, replicas, timeout_s=120)
     _assert_runs_equal(results, steps)
     for r in results:
         assert r["placements"] == results[0]["placements"]  # the same placements on every rank
@@ -54,18 +58,22 @@ def test_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep", [4, 2], ids=["ep4", "ep2-edp2"])
-def test_controller_decides_the_same_everywhere_and_stays_exact(rank_pool, ep):
+@pytest.mark.parametrize("ep,replicas", [(4, 0), (2, 0), (4, 1)], ids=["ep4", "ep2-edp2", "ep4-replicas1"])
+def test_controller_decides_the_same_everywhere_and_stays_exact(rank_pool, ep, replicas):
     steps = 5
-    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, "ep", 1, False, timeout_s=120)
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, "ep", 1, False, replicas, timeout_s=120)
     _assert_runs_equal(results, steps)
     first = results[0]
     for r in results[1:]:
         assert r["decisions"] == first["decisions"]
     assert first["moves"] >= 1 and first["decisions"][0][0][0]  # the skewed load made it re-place at once
     assert first["metrics"]["placement_moves"] == first["moves"]
-    before = first["decisions"][0][0][2]
+    assert first["forward_metrics"] == ["placement_imbalance", "placement_moves"]
+    _, _, reps, before, after = first["decisions"][0][0]
     assert before > 1.2 and first["metrics"]["placement_imbalance"] < before
+    assert len(reps) == 4 * replicas
+    if replicas:  # the hot expert (~40% of the routes: 1.6x a rank's mean alone) is split between holders
+        assert pw.HOT in reps and after < 1.3, (reps, after)
 
 
 def test_balanced_placement_evens_a_skewed_load():
@@ -94,13 +102,14 @@ TRAIN = ("moe.num_experts=8", "trainer.batch_size=16", f"parallel.simulate_ranks
 @pytest.fixture(scope="module")
 def trained(rank_pool, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("placement-train"))
-    cfg_auto = make_cfg(*TRAIN, "parallel.ep=4", "parallel.placement=auto")
+    cfg_auto = make_cfg(*TRAIN, "parallel.ep=4", "parallel.placement=auto", "parallel.placement_replicas=1")
     cfg_off = make_cfg(*TRAIN, "parallel.ep=4", "parallel.placement=off")
     return rank_pool.run(pw.trainer_worker, WORLD, cfg_auto, cfg_off, root, 6, timeout_s=180)
 
 
 @pytest.mark.multirank
 def test_trainer_placement_auto_trains_like_off(trained):
+    """placement=auto with one replica slot a rank: permutations and replicas through the Trainer."""
     for rank, r in enumerate(trained):
         assert r["slots"] == trained[0]["slots"]  # the same placements on every rank
         for s, (a, o) in enumerate(zip(r["auto"], r["off"])):
@@ -109,6 +118,7 @@ def test_trainer_placement_auto_trains_like_off(trained):
                 np.testing.assert_allclose(a["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} step {s}: {n}")
     first = trained[0]
     assert min(first["moves"]) >= 1, first["moves"]  # every layer re-placed at least once
+    assert all(len(r) == 4 for r in first["replicas"])  # one replica slot a rank, in use
     assert first["saved"]["slots_at_save"] != tuple(range(8))  # saved while placed
     logged = [m for m in first["metrics"] if m]
     assert logged and all(any(k.endswith("runtime/placement_imbalance") for k in m) for m in logged)
