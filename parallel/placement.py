@@ -21,6 +21,7 @@ group, so every rank feeds the same numbers to the same deterministic balancer a
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -136,33 +137,64 @@ def balanced_placement(load_E, world: int, current: Placement | None = None, rep
 def _replicas(load_E, world: int, slots: list, k: int) -> tuple:
     """k replica slots a rank, filled greedily: the expert with the most rows per holder gets one
     more holder, on the least loaded rank with a free replica slot and no copy of it (ties: lower
-    expert, lower rank)."""
+    expert, lower rank). A rank sends its experts' weights to their replicas every step, so it feeds
+    at most k*L replicas (its sends stay within L times its k receives); slots left empty hold a
+    replica of the coldest expert the rank does not hold (it gets its share of that expert's rows)."""
     if k == 0:
         return ()
     E = len(slots)
     L = E // world
-    held = [set(slots[r * L:(r + 1) * L]) for r in range(world)]
-    nh = [1] * E
-    owner = {e: s // L for s, e in enumerate(slots)}
+    loads = [float(x) for x in load_E]
+    holders = {e: [s // L] for s, e in enumerate(slots)}
+    t = [0.0] * world  # rows per rank, a replicated expert's shared evenly
+    for e, (r,) in holders.items():
+        t[r] += loads[e]
+    free = [k] * world
+    feeds = [k * L] * world  # replicas a rank may still feed
+    heap = [(-loads[e], e) for e in range(E)]
+    heapq.heapify(heap)
+    placed = 0
+    while placed < world * k and heap:
+        _, e = heapq.heappop(heap)
+        owner = holders[e][0]
+        ranks = [r for r in range(world) if free[r] and r not in holders[e]] if feeds[owner] else []
+        if not ranks:
+            continue  # no rank can take it (or its owner feeds enough replicas): the next expert
+        r = min(ranks, key=lambda q: (t[q], q))
+        n = len(holders[e])
+        for q in holders[e]:
+            t[q] -= loads[e] / n - loads[e] / (n + 1)
+        t[r] += loads[e] / (n + 1)
+        holders[e].append(r)
+        free[r] -= 1
+        feeds[owner] -= 1
+        placed += 1
+        heapq.heappush(heap, (-loads[e] / (n + 1), e))
+    for r in range(world):  # fill what the caps left: the coldest experts whose owner can still feed
+        while free[r]:
+            cands = [e for e in sorted(range(E), key=lambda e: (loads[e], e))
+                     if r not in holders[e] and feeds[holders[e][0]]]
+            if not cands:
+                raise ValueError(f"balanced_placement: rank {r} cannot take another replica ({k} a rank, {E} experts)")
+            e = cands[0]
+            holders[e].append(r)
+            free[r] -= 1
+            feeds[holders[e][0]] -= 1
     reps: list = [[] for _ in range(world)]
-    for _ in range(world * k):
-        def totals():
-            t = [0.0] * world
-            for e in range(E):
-                for r in [owner[e]] + [q for q in range(world) if e in reps[q]]:
-                    t[r] += float(load_E[e]) / nh[e]
-            return t
-        t = totals()
-        for e in sorted(range(E), key=lambda e: (-float(load_E[e]) / nh[e], e)):
-            free = [r for r in range(world) if len(reps[r]) < k and e not in held[r] and e not in reps[r]]
-            if free:
-                r = min(free, key=lambda r: (t[r], r))
-                reps[r].append(e)
-                nh[e] += 1
-                break
-        else:
-            raise ValueError(f"balanced_placement: no rank can take another replica ({k} a rank, {E} experts)")
+    for e, hs in holders.items():
+        for r in hs[1:]:
+            reps[r].append(e)
     return tuple(e for r in range(world) for e in sorted(reps[r]))
+
+
+def replica_feeds(placement: Placement, world: int) -> list:
+    """Replicas each rank feeds (sends its experts' weights to, and receives gradients from) every step."""
+    L = len(placement.slots) // world
+    pos = placement.position()
+    out = [0] * world
+    for e in placement.replicas:
+        out[pos[e] // L] += 1
+    return out
 
 
 def moved_experts(old: Placement, new: Placement, world: int) -> list:

@@ -22,7 +22,15 @@ from moesys.moe.layer import MoELayer
 
 from .comm import all_reduce_host
 from .cost_model import Stats
-from .placement import PLACEMENTS, Placement, apply_placement, balanced_placement, imbalance, moved_experts
+from .placement import (
+    PLACEMENTS,
+    Placement,
+    apply_placement,
+    balanced_placement,
+    imbalance,
+    moved_experts,
+    replica_feeds,
+)
 from .runner import ExpertParallelRunner
 from .tuner import Machine, predict
 
@@ -156,9 +164,12 @@ class PlacementController:
                     - predict("ep", c, stats(per_step[1]), shape, machine, name))
         weight_bytes = shape.matrices * shape.hidden * shape.ffn * shape.dtype_bytes
 
-        def fetch_s(p: Placement) -> float:  # per step: replica weights in (forward), their gradients back
+        def fetch_s(p: Placement) -> float:
+            """Per step: replica weights out and in (forward), their gradients back; the busiest rank's
+            rows of one all-to-all (its receives, k, or its sends to the replicas it feeds)."""
             k = len(p.replicas) // P
-            return 2 * (machine.latency + k * weight_bytes / machine.bandwidth) if k else 0.0
+            most = max([k] + replica_feeds(p, P))
+            return 2 * (machine.latency + most * weight_bytes / machine.bandwidth) if k else 0.0
         gain += fetch_s(cur) - fetch_s(new)
         moved_max = max(moved_experts(cur, new, P))
         expert_bytes = weight_bytes * (1 + self.moments)

@@ -73,7 +73,7 @@ def test_controller_decides_the_same_everywhere_and_stays_exact(rank_pool, ep, r
     assert before > 1.2 and first["metrics"]["placement_imbalance"] < before
     assert len(reps) == 4 * replicas
     if replicas:  # the hot expert (~40% of the routes: 1.6x a rank's mean alone) is split between holders
-        assert pw.HOT in reps and after < 1.3, (reps, after)
+        assert pw.HOT in reps and after < 1.45, (reps, after)  # permutation alone: >= 1.6
 
 
 def test_balanced_placement_evens_a_skewed_load():
