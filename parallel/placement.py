@@ -15,19 +15,29 @@ apply_expert_parallel makes (rank r holds experts r*L .. r*L+L-1). Under another
 The math is the same function: every expert sees the same rows, in the same order, with the same
 weights; only the rank that computes it changes.
 
+Replicas (Placement.replicas, k slots a rank): the hottest experts are computed on extra ranks too.
+In ep mode the runner works over a virtual layout of E + P*k slots (rank r: its L owned slots, then
+its k replica slots; a dispatcher for it from apply_expert_parallel's factory): every source rank
+splits a replicated expert's rows into equal consecutive parts, one per holder (`replica_plan`),
+and the replica slots' weights are the owners' rows fetched each forward with one differentiable
+all-to-all (`replica_weights`), so their gradients are summed into the owners' and the optimizer,
+which steps the owners only, applies the same update. sharded_dp mode ignores replicas.
+
 Decisions (placement_control.PlacementController) are taken by every rank of the job together: the per-expert loads
 accumulated since the last decision are all-reduced (one collective for all layers) over the agree
 group, so every rank feeds the same numbers to the same deterministic balancer and cost gate.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .comm import comm_device
+from .comm import all_to_all, comm_device
+from .dispatch_base import inverse_permutation
 
 PLACEMENTS = ("off", "static", "auto")
 
@@ -236,6 +246,64 @@ def _move_rows(tensors: list, old: Placement, new: Placement, rank: int, world: 
         out.append(rows[:, at:at + w].to(t.dtype).reshape(t.shape))
         at += w
     return out
+
+
+# -- the runner's side: the plan in slot space, the replicas' rows and weights ----------------------
+def slot_plan(plan, slots_E: torch.Tensor, pos_E: torch.Tensor):
+    """(the layer's Plan in slot space, x_ND's rows in slot order): counts_E[slots], and the rows
+    sorted stably by their expert's slot (every expert's rows keep their order). Device ops only."""
+    slot_N = pos_E.to(plan.expert_idx_N.device).index_select(0, plan.expert_idx_N)
+    rows_N = torch.argsort(slot_N, stable=True)
+    splan = dataclasses.replace(plan, counts_E=plan.counts_E.index_select(0, slots_E.to(plan.counts_E.device)),
+                                expert_idx_N=slot_N.index_select(0, rows_N))
+    return splan, rows_N
+
+
+def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int):
+    """(the Plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
+    split into equal consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the
+    row's index within the expert's block. Device ops only."""
+    dev = plan.counts_E.device
+    counts = plan.counts_E.to(torch.long)
+    e_N = plan.expert_idx_N.to(dev)
+    start_E = torch.cumsum(counts, 0) - counts
+    j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
+    nh_N = nh_E.to(dev).index_select(0, e_N)
+    h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    v_N = table_EH.to(dev)[e_N, h_N]
+    rows_N = torch.argsort(v_N, stable=True)
+    splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=num_virtual).to(plan.counts_E.dtype),
+                                expert_idx_N=v_N.index_select(0, rows_N))
+    return splan, rows_N
+
+
+def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
+    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
+    the parameters), then its k replicas' rows fetched from their owners with one differentiable
+    all-to-all: the backward sends the replicas' gradients back, summed into the owners'."""
+    P, L, me = layout.world, layout.local_experts, layout.rank
+    reps = placement.replicas
+    k = len(reps) // P
+    pos = placement.position()
+    ws = [w for w in local if w is not None]
+    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
+    send, in_splits = [], []
+    for q in range(P):
+        rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
+        send += rows
+        in_splits.append(len(rows))
+    need = reps[me * k:(me + 1) * k]
+    out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
+    got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
+                     out_splits, in_splits, group)
+    arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
+    got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
+    out, at = [], 0
+    for w in ws:
+        n = w[0].numel()
+        out.append(torch.cat([w, got[:, at:at + n].reshape((k,) + tuple(w.shape[1:]))], 0))
+        at += n
+    return tuple(out) + (None,) * (3 - len(out))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,6 @@ here, and the trainer re-runs the step with a larger factor (parallel/overflow.p
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -43,10 +42,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .comm import GroupRef, all_gather_counts, all_reduce_host, all_to_all
+from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
-from .placement import Placement
+from .placement import Placement, replica_plan, replica_weights, slot_plan
 from .sharded_dp import ShardedDataParallel
 from .timing import HostClock
 from .tuner import Stats, Tuner
@@ -181,65 +180,19 @@ class ExpertParallelRunner:
         return load.to(device="cpu", dtype=torch.float64)
 
     def _replica_plan(self, plan):
-        """(plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
-        split into equal consecutive parts, one per holder (owner first). Device ops only."""
         _, _, table, nh = self._rep
-        dev = plan.counts_E.device
-        counts = plan.counts_E.to(torch.long)
-        e_N = plan.expert_idx_N.to(dev)
-        start_E = torch.cumsum(counts, 0) - counts
-        j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
-        nh_N = nh.to(dev).index_select(0, e_N)
-        h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
-        v_N = table.to(dev)[e_N, h_N]
-        rows_N = torch.argsort(v_N, stable=True)
-        V = self._rep[0].E
-        splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=V).to(plan.counts_E.dtype),
-                                    expert_idx_N=v_N.index_select(0, rows_N))
-        return splan, rows_N
+        return replica_plan(plan, table, nh, self._rep[0].E)
 
     def _replica_weights(self, experts) -> tuple:
-        """This rank's weights for the virtual layout: its L own rows, then its k replicas' rows
-        fetched from their owners with one differentiable all-to-all (the backward sends the
-        replicas' gradients back, summed into the owners')."""
-        P, L, me = self.layout.world, self.layout.local_experts, self.layout.rank
-        reps = self.placement.replicas
-        k = len(reps) // P
-        pos = self.placement.position()
-        ws = [w for w in experts.local_weights() if w is not None]
-        flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
-        send, in_splits = [], []
-        for q in range(P):
-            rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
-            send += rows
-            in_splits.append(len(rows))
-        need = reps[me * k:(me + 1) * k]
-        out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
-        got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
-                         out_splits, in_splits, self.group)
-        arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
-        got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
-        out, at = [], 0
-        for w in ws:
-            n = w[0].numel()
-            out.append(torch.cat([w, got[:, at:at + n].reshape((k,) + tuple(w.shape[1:]))], 0))
-            at += n
-        return tuple(out) + (None,) * (3 - len(out))
+        return replica_weights(experts.local_weights(), self.placement, self.layout, self.group)
 
     def _slot_plan(self, plan):
-        """(plan in slot space, x_ND's rows in slot order): counts_E[slots], and the rows sorted
-        stably by their expert's slot (every expert's rows keep their order). Device ops only."""
         dev = plan.counts_E.device
         maps = self._slot_maps.get(dev)
         if maps is None:
             maps = self._slot_maps[dev] = (torch.tensor(self.placement.slots, dtype=torch.long, device=dev),
                                            torch.tensor(self.placement.position(), dtype=torch.long, device=dev))
-        slots_E, pos_E = maps
-        slot_N = pos_E.to(plan.expert_idx_N.device).index_select(0, plan.expert_idx_N)
-        rows_N = torch.argsort(slot_N, stable=True)
-        splan = dataclasses.replace(plan, counts_E=plan.counts_E.index_select(0, slots_E),
-                                    expert_idx_N=slot_N.index_select(0, rows_N))
-        return splan, rows_N
+        return slot_plan(plan, *maps)
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
     def watch_params(self, params) -> None:
