@@ -125,6 +125,16 @@ class ParallelConfig:
     # backward. fsdp reduce-scatters in its backward and deepspeed reduces in its own buckets: not read
     grad_overlap: bool = True
     grad_bucket_mb: float = 25.0  # grad_overlap's bucket cap, MiB (DDP's default; the first bucket <= 1 MiB)
+    # expert placement that follows the load (parallel/placement.py): off | static (measure and log
+    # runtime/placement_imbalance, never move) | auto (every placement_interval steps, permute experts
+    # over the ep ranks when the cost model says the gain repays moving weights and AdamW moments
+    # within placement_payback_steps steps; the same math, checkpoints in expert order)
+    placement: str = "off"
+    placement_interval: int = 20
+    placement_payback_steps: int = 100
+    # replica slots a rank for the hottest experts (0: permute only): their rows split between the
+    # holders, the replica's weights fetched from the owner each step and its gradient summed back
+    placement_replicas: int = 0
 
 
 @dataclass
@@ -350,6 +360,7 @@ class TrainConfig:
         _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
         _check(isinstance(p.grad_overlap, bool), f"parallel.grad_overlap must be true or false, got {p.grad_overlap!r}")
         _check(p.grad_bucket_mb > 0, f"parallel.grad_bucket_mb must be > 0 (MiB), got {p.grad_bucket_mb}")
+        self._validate_placement(moe)
         f = p.static_capacity_factor
         if f is not None:
             _check(math.isfinite(f) and f > 0, f"parallel.static_capacity_factor must be a finite number > 0 or null, "
@@ -466,6 +477,43 @@ class TrainConfig:
             raise ConfigError(f"data.path={d.path!r} is a text file (byte-level): data.vocab_size must be 256, "
                               f"got {d.vocab_size}")
         data_mod.check_split(data_mod.count_tokens(d.path, d.dtype), d.val_fraction, m.seq_len)
+
+    def _validate_placement(self, moe: MoEConfig) -> None:
+        p, t = self.parallel, self.trainer
+        _one_of("parallel.placement", p.placement, ("off", "static", "auto"))
+        _check(isinstance(p.placement_interval, int) and p.placement_interval >= 1,
+               f"parallel.placement_interval must be an integer >= 1 (steps), got {p.placement_interval!r}")
+        _check(isinstance(p.placement_payback_steps, int) and p.placement_payback_steps >= 1,
+               f"parallel.placement_payback_steps must be an integer >= 1 (steps), got {p.placement_payback_steps!r}")
+        _check(isinstance(p.placement_replicas, int) and p.placement_replicas >= 0,
+               f"parallel.placement_replicas must be an integer >= 0, got {p.placement_replicas!r}")
+        if p.placement == "off":
+            if p.placement_replicas:
+                raise ConfigError(f"parallel.placement_replicas={p.placement_replicas} needs parallel.placement=auto "
+                                  "(or static), got parallel.placement='off'")
+            return
+        why = None
+        if p.ep == 1:
+            why = "parallel.ep=1 holds every expert on every rank: there is nothing to place; set parallel.ep > 1"
+        elif p.ep > moe.num_experts:
+            why = (f"parallel.ep ({p.ep}) > moe.num_experts ({moe.num_experts}) splits each expert over ranks; "
+                   "placement moves whole experts")
+        elif t.engine != "plain":
+            why = (f"trainer.engine={t.engine!r}: placement moves the experts' rows and AdamW moments of the plain "
+                   "engine only so far; use trainer.engine=plain")
+        elif p.static_capacity_factor is not None:
+            why = (f"parallel.static_capacity_factor={p.static_capacity_factor}: placement runs with the per-step "
+                   "dispatchers only so far; set parallel.static_capacity_factor=null")
+        elif self.evo.enabled:
+            why = ("evo.enabled: EvoMoE's expert spawning writes experts by their canonical index; placement "
+                   "with EvoMoE is not supported yet")
+        if why is not None:
+            raise ConfigError(f"parallel.placement={p.placement!r}: {why}")
+        free = moe.num_experts - moe.num_experts // p.ep  # the experts a rank does not hold
+        if p.placement_replicas > free:
+            raise ConfigError(f"parallel.placement_replicas ({p.placement_replicas}) must be <= the experts a rank does "
+                              f"not hold: moe.num_experts ({moe.num_experts}) - moe.num_experts / parallel.ep "
+                              f"({moe.num_experts // p.ep}) = {free}")
 
     def _validate_evo(self, moe: MoEConfig) -> None:
         e = self.evo

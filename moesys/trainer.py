@@ -35,9 +35,17 @@ import torch.distributed as dist
 from moesys.evo import EvoController
 from moesys.integrations import deepspeed as ds_integration
 from moesys.kernels import workspace
-from moesys.parallel import (ExpertParallelRunner, OverlappedGradReducer, allreduce_gradients, apply_expert_parallel,
-                             apply_fsdp, clip_grad_norm_, materialize)
+from moesys.parallel import (
+    ExpertParallelRunner,
+    OverlappedGradReducer,
+    allreduce_gradients,
+    apply_expert_parallel,
+    apply_fsdp,
+    clip_grad_norm_,
+    materialize,
+)
 from moesys.parallel.overflow import grown_factor, set_static_capacity_factor
+from moesys.parallel.placement_control import PlacementController, PlacementSettings, placed_layers
 
 from . import checkpoint as ckpt
 from . import data as data_mod
@@ -157,6 +165,12 @@ class Trainer:
                 apply_expert_parallel(layer, dims.ep_group, dims=dims, dispatcher=p.dispatcher, mode=p.mode,
                                       overlap=overlap, dtensor=t.engine != "deepspeed",
                                       static_capacity_factor=p.static_capacity_factor, overflow=p.overflow)
+        # parallel.placement: experts permuted over the ep ranks as the load drifts (parallel/placement.py)
+        self.placement = None
+        if p.ep > 1 and p.placement != "off":
+            settings = PlacementSettings(policy=p.placement, interval=p.placement_interval,
+                                         payback_steps=p.placement_payback_steps, replicas=p.placement_replicas)
+            self.placement = PlacementController(settings, placed_layers(self.model))
         # the static dispatch buffers' factor (None without one); overflow=rerun grows it (train_step)
         self.static_capacity_factor = p.static_capacity_factor if p.ep > 1 else None
         self.overflow_rerun = p.overflow == "rerun" and self.static_capacity_factor is not None
@@ -369,6 +383,8 @@ class Trainer:
         if not skip:
             for _, layer in self.moe_layers():
                 layer.update_expert_bias(self.dims.dp_group)
+        if self.placement is not None:  # every rank, every step (skipped ones too): the decisions agree
+            self.placement.after_step(step, self.optimizer)
         self.bad_streak = self.bad_streak + 1 if skip else 0
         self._hook("after_optimizer_step", step)
         self.step += 1
@@ -490,12 +506,16 @@ class Trainer:
         non-finite checkpoint would rotate the last good one away."""
         if not self.weights_finite():
             return None
-        # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state)
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
-                                    trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
-                                    keep=self.cfg.trainer.keep_checkpoints, config=_as_dict(self.cfg))
+        # one format for both engines: DeepSpeed's ZeRO optimizer is saved per parameter (checkpoint_state);
+        # experts in their canonical order whatever the placement (resume at any ep size, moesys-convert)
+        with self.placement.canonical(self.optimizer) if self.placement is not None else contextlib.nullcontext():
+            return ckpt.save_checkpoint(self.ckpt_root, self.step, model=self.model, optimizer=self.optimizer,
+                                        trainer_state=self.trainer_state(), structure=structure_of(self.cfg),
+                                        keep=self.cfg.trainer.keep_checkpoints, config=_as_dict(self.cfg))
 
     def load(self, path: str) -> dict:
+        if self.placement is not None:  # the checkpoint holds experts in canonical order
+            self.placement.reset(self.optimizer)
         st = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, structure=structure_of(self.cfg),
                                   trust_pickle=self.cfg.trainer.trust_checkpoint)
         self.step = int(st["data_position"])

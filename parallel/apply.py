@@ -210,10 +210,16 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     if epc.dispatcher in ("hierarchical", "hierarchical_padded"):
         node, cross, lw = _hierarchical_groups(group, dims, P, epc.timeout_s)
         cls = HierarchicalDispatcher if epc.dispatcher == "hierarchical" else HierarchicalPaddedDispatcher
-        dispatcher = cls(layout, group, node_group=node, cross_group=cross, local_world_size=lw, **common)
+
+        def dispatcher_for(lay: ExpertLayout):
+            return cls(lay, group, node_group=node, cross_group=cross, local_world_size=lw, **common)
     else:
         cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}
-        dispatcher = cls[epc.dispatcher](layout, group, **common)
+
+        def dispatcher_for(lay: ExpertLayout):
+            return cls[epc.dispatcher](lay, group, **common)
+    # (dispatcher_for also builds the dispatcher of a placement with replicas: parallel/placement.py)
+    dispatcher = dispatcher_for(layout)
 
     dtype = experts.w1.dtype
     _shard_experts(experts, layout, _expert_mesh(group, dims, layout), epc.dtensor)
@@ -227,7 +233,7 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
         tuner.machine = probe_machine(group, dtype, agree_group=agree, clock=clock)
     runner = ExpertParallelRunner(layout=layout, group=group, dispatcher=dispatcher,
                                   sharded=ShardedDataParallel(layout, group, epc.timeout_s), tuner=tuner,
-                                  agree_group=agree, overflow=epc.overflow, clock=clock)
+                                  agree_group=agree, overflow=epc.overflow, clock=clock, dispatcher_for=dispatcher_for)
     layer.set_runner(runner)
     if not tuner.pinned and experts.w1.device.type != "meta":  # meta weights: materialize() watches them
         runner.watch_params([experts.w1, experts.w2, experts.w3])

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
+from .placement import Placement, replica_plan, replica_weights, slot_plan
 from .sharded_dp import ShardedDataParallel
 from .timing import HostClock
 from .tuner import Stats, Tuner
@@ -54,7 +55,7 @@ from .tuner import Stats, Tuner
 TIMER_KEYS = ("plan_s", "dispatch_start_s", "shared_s", "wait_s", "compute_s", "combine_start_s")
 METRICS = TIMER_KEYS + ("bytes_sent", "bytes_remote", "bytes_min", "chunks", "fwd_s", "prev_fwd_bwd_s",
                         "mode_is_ep", "degree", "tuner_exploring", "tuner_decisions", "overflow_dropped",
-                        "static_factor_needed")
+                        "static_factor_needed", "placement_imbalance", "placement_moves")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class _Prepared:
     flight: Any  # the dispatcher's plan_start(chunk_counts), finished by plan_finish in _run_ep
     issue_s: float
     report: Optional[dict]  # the tuner's report, when the step ran on its lease (else asked after the call)
+    source: Any = None  # the layer's plan as given (`plan` is its slot-space copy under a placement)
+    rows_N: Optional[torch.Tensor] = None  # x_ND rows in slot order (None: the identity placement)
+    dispatcher: Any = None  # the replica layout's dispatcher (None: the runner's own)
 
 
 class ExpertParallelRunner:
@@ -91,7 +95,7 @@ class ExpertParallelRunner:
         return self._agree.get()
 
     def __init__(self, *, layout: ExpertLayout, group, dispatcher: Dispatcher, sharded: ShardedDataParallel,
-                 tuner: Tuner, agree_group=None, overflow: str = "drop", clock=None) -> None:
+                 tuner: Tuner, agree_group=None, overflow: str = "drop", clock=None, dispatcher_for=None) -> None:
         self.layout = layout
         # static capacity: "drop" (count) | "error" (raise on every rank) | "rerun" (count here; the
         # trainer re-runs the step with a larger buffer, see parallel/overflow.py)
@@ -124,6 +128,74 @@ class ExpertParallelRunner:
         # the tuner's lease (Tuner.lease): decided steps run with no tuner call; empty until it decides
         self._lease = iter(())
         self._report: dict = {}  # the tuner's report for the steps of the lease
+        # expert placement (parallel/placement.py): slot -> expert; the identity is the canonical layout
+        self.placement = Placement.identity(layout.num_experts)
+        self._placed = False  # not the identity: read once per set_placement, not on every call
+        self._slot_maps: dict = {}  # device -> (slots [E], position [E]) tensors of the placement
+        self._track = False  # accumulate per-expert rows of training forwards (placement decisions)
+        self._load_E: Optional[torch.Tensor] = None
+        self.placement_moves = 0  # re-placements applied so far
+        self.placement_report = {"placement_imbalance": 0.0, "placement_moves": 0.0}
+        # replicas: a dispatcher over the virtual layout of E + P*k slots (dispatcher_for(layout) builds one)
+        self._dispatcher_for = dispatcher_for
+        self._rep: Optional[tuple] = None  # (dispatcher, my virtual slots, holders table [E, H], holders [E])
+
+    # -- expert placement (see parallel/placement.py) ---------------------------------------------
+    def set_placement(self, placement: Placement) -> None:
+        """Adopt `placement` (the caller moved the weights: placement.apply_placement)."""
+        if len(placement.slots) != self._num_experts:
+            raise ValueError(f"ExpertParallelRunner: a placement of {len(placement.slots)} experts for a layer of "
+                             f"{self._num_experts}")
+        if self.layout.shards > 1 and not placement.is_identity:
+            raise ValueError(f"expert placement needs whole experts per rank: the ep size ({self.layout.world}) is "
+                             f"larger than num_experts ({self._num_experts}), so experts are split along F")
+        placement.check(self.layout.world)
+        self._rep = None
+        if placement.replicas:
+            if self._static or self._dispatcher_for is None:
+                raise ValueError(f"expert replicas need a per-step dispatcher built by apply_expert_parallel; this "
+                                 f"runner's is {self.dispatcher.name!r}" + (" with a static buffer" if self._static else ""))
+            P, L, k = self.layout.world, self.layout.local_experts, len(placement.replicas) // self.layout.world
+            virtual = ExpertLayout(world=P, rank=self.layout.rank, num_experts=self._num_experts + P * k,
+                                   ffn_size=self.layout.ffn_size)
+            hold = placement.holders(P)
+            H = max(len(h) for h in hold)
+            table = torch.tensor([h + [h[-1]] * (H - len(h)) for h in hold], dtype=torch.long)
+            mine = list(range(self.layout.rank * (L + k), (self.layout.rank + 1) * (L + k)))
+            self._rep = (self._dispatcher_for(virtual), mine, table, torch.tensor([len(h) for h in hold]))
+        if placement != self.placement:
+            self.placement_moves += 1
+        self.placement = placement
+        self._placed = not placement.is_identity
+        self._slot_maps = {}
+
+    def track_load(self, on: bool) -> None:
+        self._track = bool(on)
+        self._load_E = None
+
+    def take_load(self) -> torch.Tensor:
+        """[E] float64 CPU: this rank's kept rows per expert over the training forwards since the
+        last take (a host read), then reset."""
+        load = self._load_E
+        self._load_E = None
+        if load is None:
+            return torch.zeros(self._num_experts, dtype=torch.float64)
+        return load.to(device="cpu", dtype=torch.float64)
+
+    def _replica_plan(self, plan):
+        _, _, table, nh = self._rep
+        return replica_plan(plan, table, nh, self._rep[0].E)
+
+    def _replica_weights(self, weights: tuple) -> tuple:
+        return replica_weights(weights, self.placement, self.layout, self.group)
+
+    def _slot_plan(self, plan):
+        dev = plan.counts_E.device
+        maps = self._slot_maps.get(dev)
+        if maps is None:
+            maps = self._slot_maps[dev] = (torch.tensor(self.placement.slots, dtype=torch.long, device=dev),
+                                           torch.tensor(self.placement.position(), dtype=torch.long, device=dev))
+        return slot_plan(plan, *maps)
 
     # -- backward timing: the tuner times forward + backward, since the modes differ in both ----
     def watch_params(self, params) -> None:
@@ -190,6 +262,12 @@ class ExpertParallelRunner:
                 f"ExpertParallelRunner: plan.counts_E has {plan.counts_E.shape[0]} experts, "
                 f"layout has {self._num_experts}"
             )
+        source, rows_N = plan, None
+        if self._track and torch.is_grad_enabled():  # device add, no read: taken at the decision
+            c = plan.counts_E.detach()
+            self._load_E = c.clone() if self._load_E is None else self._load_E + c
+        if self._placed:
+            plan, rows_N = self._slot_plan(plan)
         static = self._static
         # host copy: splits are host-side integers anyway; a static buffer needs none, and the
         # all-to-all-v dispatcher reads the counts once itself, with the exchanged ones (its plan)
@@ -218,12 +296,16 @@ class ExpertParallelRunner:
             self._lease, self._report = tuner.lease(), tuner.report()
         self.current = (mode, c)
         t0 = time.perf_counter()
-        chunk_counts, flight = None, None
+        chunk_counts, flight, dispatcher = None, None, None
+        if mode == "ep" and self._rep is not None:  # replicas: the virtual layout's slots and dispatcher
+            plan, rows_N = self._replica_plan(source)
+            counts_E = plan.counts_E.to(torch.long) if self._counts_on_device else plan.counts_E.to(torch.long).cpu()
+            dispatcher = self._rep[0]
         if mode == "ep" and not static and self._prefetches:
             chunk_counts = [counts_E] if c == 1 else split_counts(counts_E, c)
-            flight = self.dispatcher.plan_start(chunk_counts)  # issued, not waited for
+            flight = (dispatcher or self.dispatcher).plan_start(chunk_counts)  # issued, not waited for
         return _Prepared(plan, counts_E, static, mode, c, tuning, chunk_counts, flight, time.perf_counter() - t0,
-                         self._report if decided is not None else None)
+                         self._report if decided is not None else None, source, rows_N, dispatcher)
 
     def __call__(self, x_ND: torch.Tensor, plan, experts, weights: tuple, shared=None):
         """y_ND for x_ND; `plan`: the layer's moesys.moe.routing_plan.Plan (counts_E, capacity, num_tokens);
@@ -233,11 +315,14 @@ class ExpertParallelRunner:
         prep, self._prepared = self._prepared, None
         if prep is None:
             prep = self._prepare(plan)
-        elif prep.plan is not plan and prep.plan.counts_E is not plan.counts_E:
+        elif prep.source is not plan and prep.source.counts_E is not plan.counts_E:
             # (a wrapper may rebuild the plan object around the same tensors: FSDP2 maps the experts
             # module's inputs through its input casting, which copies dataclasses; so the counts decide)
             raise RuntimeError("ExpertParallelRunner: called with another plan than the one prefetch() started")
         counts_E, static, mode, c, tuning = prep.counts_E, prep.static, prep.mode, prep.degree, prep.tuning
+        plan, rows_N = prep.plan, prep.rows_N  # under a placement: slot space from here to the end
+        if rows_N is not None:
+            x_ND = x_ND.index_select(0, rows_N.to(x_ND.device))
         # a trial the tuner will read at its next decision: mark it (the same on every rank)
         self._timing = tuning and self.tuner.timing_this_step
         # host seconds per TIMER_KEYS entry: plain clock reads, accumulated here and in the modes below
@@ -274,6 +359,9 @@ class ExpertParallelRunner:
         if self._last_seconds is not None:
             metrics["prev_fwd_bwd_s"] = self._last_seconds  # what the tuner was fed (this rank)
         metrics.update(prep.report if prep.report is not None else self.tuner.report())
+        metrics.update(self.placement_report)
+        if rows_N is not None:  # back to the layer's order (grouped by expert)
+            y_ND = y_ND.index_select(0, inverse_permutation(rows_N).to(y_ND.device))
         if set(metrics) != set(METRICS):  # a new key must join METRICS, or ranks' reductions split
             raise RuntimeError(f"ExpertParallelRunner: metrics {sorted(set(metrics) ^ set(METRICS))} not in METRICS")
         self.last_metrics = metrics
@@ -292,13 +380,16 @@ class ExpertParallelRunner:
                 "raise parallel.static_capacity_factor, or use parallel.overflow=drop to drop and count them")
 
     def _pipeline(self, n: int, start, experts, weights: tuple, t_s: dict, shared=None,
-                  out: Optional[dict] = None) -> tuple:
+                  out: Optional[dict] = None, d: Optional[Dispatcher] = None) -> tuple:
         """The ep mode's chunk pipeline: chunk i+1's dispatch and chunk i-1's combine in flight while
         chunk i's experts compute; the shared experts run while chunk 0's tokens travel.
         `start(i)` issues chunk i's dispatch. Returns (the chunks' combined outputs, bytes sent, bytes
         sent off this rank)."""
-        d = self.dispatcher
+        replicated = d is not None
+        d = self.dispatcher if d is None else d
         flight = start(0)
+        if replicated:  # with replicas, this rank's shards and the replicas' rows fetched from their owners
+            weights = self._replica_weights(weights)
         clock = time.perf_counter
         if shared is not None:
             t = clock()
@@ -354,7 +445,9 @@ class ExpertParallelRunner:
 
     def _run_ep(self, x_ND, counts_E, capacity: Optional[int], experts, weights: tuple, c: int, t_s: dict,
                 metrics: dict, shared=None, out: Optional[dict] = None, prep: Optional[_Prepared] = None) -> torch.Tensor:
-        d = self.dispatcher
+        rep_d = prep.dispatcher if prep is not None else None
+        d = self.dispatcher if rep_d is None else rep_d
+        mine_list = self._mine_list if rep_d is None else self._rep[1]
         if prep is not None and prep.flight is not None:
             chunk_counts = prep.chunk_counts
             t = time.perf_counter()
@@ -373,11 +466,11 @@ class ExpertParallelRunner:
             totals = [sum(p.counts_E) for p in plans]
             if c > 1:
                 idxs = chunk_rows(torch.tensor(host_E), [torch.tensor(p.counts_E) for p in plans], totals)
-            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in self._mine_list)
+            n_rows, n_mine = sum(host_E), sum(host_E[e] for e in mine_list)
         else:
             if c > 1:
                 idxs = chunk_rows(counts_E, chunk_counts)
-            n_rows, n_mine = int(counts_E.sum()), int(counts_E[self._mine_list].sum())
+            n_rows, n_mine = int(counts_E.sum()), int(counts_E[mine_list].sum())
         if c == 1:
             idxs = [None]
 
@@ -388,7 +481,7 @@ class ExpertParallelRunner:
             t_s["dispatch_start_s"] += time.perf_counter() - t
             return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, weights, t_s, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunk_counts), start, experts, weights, t_s, shared, out, rep_d)
         metrics["bytes_sent"] = float(nbytes)
         metrics["bytes_remote"] = float(nremote)
         # the unavoidable minimum: rows for experts on other ranks, moved once

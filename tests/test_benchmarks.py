@@ -32,6 +32,8 @@ CASES = {
     "sync_free": ["benchmarks/sync_free.py", "--tokens", "256", "--hidden", "32", "--ffn", "48", "--experts", "7",
                   "--repeats", "1"],
     "plan_tutel": ["benchmarks/plan_tutel.py"],
+    "placement": ["benchmarks/placement.py", "--ranks", "2", "--experts", "4", "--d-model", "32", "--ffn", "48",
+                  "--tokens", "64", "--steps", "2"],
     "walk": ["benchmarks/walk.py"],
     "walk_ep": ["benchmarks/walk.py", "--ep", "2"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],

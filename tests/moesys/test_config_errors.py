@@ -130,6 +130,18 @@ CASES = [
       "parallel.ep=1", "parallel.simulate_ranks=1"], "parallel.overflow='rerun' re-runs a step whose"),
     (["parallel.overflow=rerun", "parallel.dispatcher=padded", "parallel.static_capacity_factor=0.5",
       "trainer.engine=deepspeed"], "parallel.overflow='rerun' needs trainer.engine=plain or fsdp"),
+    (["parallel.placement=always"], "parallel.placement='always' is not one of off|static|auto"),
+    (["parallel.placement_interval=0"], "parallel.placement_interval must be an integer >= 1 (steps), got 0"),
+    (["parallel.placement=auto", "parallel.ep=1", "parallel.simulate_ranks=1"],
+     "parallel.placement='auto': parallel.ep=1 holds every expert on every rank"),
+    (["parallel.placement=auto", "parallel.ep=8", "parallel.simulate_ranks=8"],
+     "parallel.placement='auto': parallel.ep (8) > moe.num_experts (4) splits each expert over ranks"),
+    (["parallel.placement=auto", "parallel.placement_replicas=4"],
+     "parallel.placement_replicas (4) must be <= the experts a rank does not hold: moe.num_experts (4) - "
+     "moe.num_experts / parallel.ep (2) = 2"),
+    (["parallel.placement_replicas=1"], "parallel.placement_replicas=1 needs parallel.placement=auto"),
+    (["parallel.placement=static", "trainer.engine=fsdp"],
+     "parallel.placement='static': trainer.engine='fsdp': placement moves the experts' rows"),
     # data
     (["data.path={tmp}/missing.txt"], "data.path='{tmp}/missing.txt': no such file"),
     (["data.dtype=int8"], "data.dtype='int8' is not one of uint16|uint32"),

@@ -1,0 +1,341 @@
+"""Load-adaptive expert placement: which physical slot of the ep group holds which expert.
+
+Legend: P ranks in the ep group, E experts, L = E/P slots per rank, slot s = r*L + i is the i-th
+local expert row of rank r; N rows of this rank grouped by expert.
+
+A Placement is a permutation `slots` (slot -> logical expert). The identity is the canonical layout
+apply_expert_parallel makes (rank r holds experts r*L .. r*L+L-1). Under another placement:
+  * the expert weights (and their optimizer moments) hold, in each rank's local rows, the experts of
+    that rank's slots: row i of rank r is expert slots[r*L + i];
+  * the runner maps the routing plan to slots before dispatch (counts_E[slots], rows reordered
+    by a stable sort on the slot of their expert, so every expert's rows keep their order) and the
+    combined rows back after; every dispatcher and mode then works in slot space unchanged;
+  * a re-placement moves the local rows of every tensor shaped like a local expert weight (weights,
+    gradients, optimizer moments) with one all-to-all over the ep group (`apply_placement`).
+The math is the same function: every expert sees the same rows, in the same order, with the same
+weights; only the rank that computes it changes.
+
+Replicas (Placement.replicas, k slots a rank): the hottest experts are computed on extra ranks too.
+In ep mode the runner works over a virtual layout of E + P*k slots (rank r: its L owned slots, then
+its k replica slots; a dispatcher for it from apply_expert_parallel's factory): every source rank
+splits a replicated expert's rows into equal consecutive parts, one per holder (`replica_plan`),
+and the replica slots' weights are the owners' rows fetched each forward with one differentiable
+all-to-all (`replica_weights`), so their gradients are summed into the owners' and the optimizer,
+which steps the owners only, applies the same update. sharded_dp mode ignores replicas.
+
+Decisions (placement_control.PlacementController) are taken by every rank of the job together: the per-expert loads
+accumulated since the last decision are all-reduced (one collective for all layers) over the agree
+group, so every rank feeds the same numbers to the same deterministic balancer and cost gate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .comm import all_to_all, comm_device
+from .dispatch_base import inverse_permutation
+
+PLACEMENTS = ("off", "static", "auto")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """slots[s]: the logical expert physical slot s holds (rank-major, L slots per rank).
+    replicas[r*k + j]: the expert rank r's j-th replica slot computes too (k per rank; () for none).
+    A replica holds no weights of its own: the runner fetches the owner's each step (differentiably,
+    so the replica's gradient sums into the owner's) and splits the expert's rows between holders."""
+
+    slots: tuple
+    replicas: tuple = ()
+
+    @classmethod
+    def identity(cls, num_experts: int) -> Placement:
+        return cls(tuple(range(num_experts)))
+
+    def __post_init__(self) -> None:
+        if sorted(self.slots) != list(range(len(self.slots))):
+            raise ValueError(f"Placement.slots must be a permutation of range({len(self.slots)}), got {self.slots}")
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.replicas and all(s == e for s, e in enumerate(self.slots))
+
+    def check(self, world: int) -> None:
+        """Raise unless the replicas fit `world` ranks: k per rank, none on a rank holding its expert."""
+        E, R = len(self.slots), len(self.replicas)
+        if R % world:
+            raise ValueError(f"Placement.replicas: {R} replica slots for {world} ranks (k per rank)")
+        L, k = E // world, R // world
+        for r in range(world):
+            mine = list(self.slots[r * L:(r + 1) * L]) + list(self.replicas[r * k:(r + 1) * k])
+            if len(set(mine)) != len(mine) or not all(0 <= e < E for e in mine):
+                raise ValueError(f"Placement: rank {r} holds experts {mine}: a replica must be of a valid expert "
+                                 "that rank holds no other copy of")
+
+    def holders(self, world: int) -> list:
+        """holders[e]: the virtual slots computing expert e, owner first (virtual layout: rank r's
+        L owned slots then its k replica slots, E + world*k in all)."""
+        E = len(self.slots)
+        L, k = E // world, len(self.replicas) // world
+        out: list = [[] for _ in range(E)]
+        for s, e in enumerate(self.slots):
+            out[e].append((s // L) * (L + k) + s % L)
+        for i, e in enumerate(self.replicas):
+            out[e].append((i // k) * (L + k) + L + i % k)
+        return out
+
+    def position(self) -> list:
+        """position[e]: the slot of expert e (the inverse permutation)."""
+        pos = [0] * len(self.slots)
+        for s, e in enumerate(self.slots):
+            pos[e] = s
+        return pos
+
+    def rank_loads(self, load_E, world: int) -> list:
+        """Rows each rank computes under this placement for per-expert loads `load_E` (a sequence);
+        a replicated expert's rows shared evenly by its holders."""
+        L = len(self.slots) // world
+        hold = self.holders(world)
+        out = [0.0] * world
+        for e, vs in enumerate(hold):
+            for v in vs:
+                out[v // (L + len(self.replicas) // world)] += float(load_E[e]) / len(vs)
+        return out
+
+
+def imbalance(loads: list) -> float:
+    """Busiest rank's rows over the mean (1.0: perfectly even; 1.0 when nothing was routed)."""
+    mean = sum(loads) / max(len(loads), 1)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+def balanced_placement(load_E, world: int, current: Placement | None = None, replicas_per_rank: int = 0) -> Placement:
+    """The experts dealt to `world` ranks, L each, so the busiest rank's load is near the mean.
+
+    Longest-processing-time first: experts by decreasing load (ties: lower id) each to the least
+    loaded rank that has a free slot (ties: lower rank). Then the new bins are matched to the
+    current ranks greedily by how many experts they already hold (fewest moves), and each rank's
+    experts sorted by id. Pure Python on the agreed loads: every rank gets the same answer."""
+    E = len(load_E)
+    L = E // world
+    order = sorted(range(E), key=lambda e: (-float(load_E[e]), e))
+    bins: list = [[] for _ in range(world)]
+    totals = [0.0] * world
+    for e in order:
+        r = min((r for r in range(world) if len(bins[r]) < L), key=lambda r: (totals[r], r))
+        bins[r].append(e)
+        totals[r] += float(load_E[e])
+    cur = current if current is not None else Placement.identity(E)
+    held = [set(cur.slots[r * L:(r + 1) * L]) for r in range(world)]
+    pairs = sorted(((-len(held[r] & set(b)), i, r) for i, b in enumerate(bins) for r in range(world)))
+    rank_of, taken = {}, set()
+    for _, i, r in pairs:
+        if i not in rank_of and r not in taken:
+            rank_of[i] = r
+            taken.add(r)
+    slots = [0] * E
+    for i, b in enumerate(bins):
+        r = rank_of[i]
+        slots[r * L:(r + 1) * L] = sorted(b)
+    return Placement(tuple(slots), _replicas(load_E, world, slots, replicas_per_rank))
+
+
+def _replicas(load_E, world: int, slots: list, k: int) -> tuple:
+    """k replica slots a rank, filled greedily: the expert with the most rows per holder gets one
+    more holder, on the least loaded rank with a free replica slot and no copy of it (ties: lower
+    expert, lower rank). A rank sends its experts' weights to their replicas every step, so it feeds
+    at most k*L replicas (its sends stay within L times its k receives); slots left empty hold a
+    replica of the coldest expert the rank does not hold (it gets its share of that expert's rows)."""
+    if k == 0:
+        return ()
+    E = len(slots)
+    L = E // world
+    loads = [float(x) for x in load_E]
+    holders = {e: [s // L] for s, e in enumerate(slots)}
+    t = [0.0] * world  # rows per rank, a replicated expert's shared evenly
+    for e, (r,) in holders.items():
+        t[r] += loads[e]
+    free = [k] * world
+    feeds = [k * L] * world  # replicas a rank may still feed
+    heap = [(-loads[e], e) for e in range(E)]
+    heapq.heapify(heap)
+    placed = 0
+    while placed < world * k and heap:
+        _, e = heapq.heappop(heap)
+        owner = holders[e][0]
+        ranks = [r for r in range(world) if free[r] and r not in holders[e]] if feeds[owner] else []
+        if not ranks:
+            continue  # no rank can take it (or its owner feeds enough replicas): the next expert
+        r = min(ranks, key=lambda q: (t[q], q))
+        n = len(holders[e])
+        for q in holders[e]:
+            t[q] -= loads[e] / n - loads[e] / (n + 1)
+        t[r] += loads[e] / (n + 1)
+        holders[e].append(r)
+        free[r] -= 1
+        feeds[owner] -= 1
+        placed += 1
+        heapq.heappush(heap, (-loads[e] / (n + 1), e))
+    for r in range(world):  # fill what the caps left: the coldest experts whose owner can still feed
+        while free[r]:
+            cands = [e for e in sorted(range(E), key=lambda e: (loads[e], e))
+                     if r not in holders[e] and feeds[holders[e][0]]]
+            if not cands:
+                raise ValueError(f"balanced_placement: rank {r} cannot take another replica ({k} a rank, {E} experts)")
+            e = cands[0]
+            holders[e].append(r)
+            free[r] -= 1
+            feeds[holders[e][0]] -= 1
+    reps: list = [[] for _ in range(world)]
+    for e, hs in holders.items():
+        for r in hs[1:]:
+            reps[r].append(e)
+    return tuple(e for r in range(world) for e in sorted(reps[r]))
+
+
+def replica_feeds(placement: Placement, world: int) -> list:
+    """Replicas each rank feeds (sends its experts' weights to, and receives gradients from) every step."""
+    L = len(placement.slots) // world
+    pos = placement.position()
+    out = [0] * world
+    for e in placement.replicas:
+        out[pos[e] // L] += 1
+    return out
+
+
+def moved_experts(old: Placement, new: Placement, world: int) -> list:
+    """Experts each rank receives from another rank when going from `old` to `new`."""
+    L = len(old.slots) // world
+    pos = old.position()
+    return [sum(1 for e in new.slots[r * L:(r + 1) * L] if pos[e] // L != r) for r in range(world)]
+
+
+def _move_rows(tensors: list, old: Placement, new: Placement, rank: int, world: int, group) -> list:
+    """Each tensor's local rows [L, ...] re-dealt from `old` to `new` with one all-to-all (all
+    tensors' rows travel together, flattened and concatenated). Returns the new local tensors."""
+    L = len(old.slots) // world
+    pos = old.position()
+    widths = [t[0].numel() if t.shape[0] else 0 for t in tensors]
+    dev, dtype = tensors[0].device, tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):  # moments of a low-precision weight may be fp32
+        flat_L = torch.cat([t.reshape(L, -1).to(torch.float64) for t in tensors], 1)
+    else:
+        flat_L = torch.cat([t.reshape(L, -1) for t in tensors], 1)
+    send_idx, in_splits = [], []
+    for q in range(world):  # what rank q needs that I hold now, in q's slot order
+        mine = [pos[e] % L for e in new.slots[q * L:(q + 1) * L] if pos[e] // L == rank]
+        send_idx += mine
+        in_splits.append(len(mine))
+    need = new.slots[rank * L:(rank + 1) * L]
+    out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(world)]
+    cdev = comm_device(group)
+    send = flat_L.index_select(0, torch.tensor(send_idx, dtype=torch.long, device=flat_L.device)).to(cdev)
+    recv = send.new_empty((L, flat_L.shape[1]))
+    dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=group)
+    recv = recv.to(dev)
+    # rows arrive source-major, each source in my slot order: put them in slot order
+    arrival = sorted(range(L), key=lambda i: (pos[need[i]] // L, i))
+    rows = torch.empty_like(recv)
+    rows[torch.tensor(arrival, dtype=torch.long, device=recv.device)] = recv
+    out, at = [], 0
+    for t, w in zip(tensors, widths):
+        out.append(rows[:, at:at + w].to(t.dtype).reshape(t.shape))
+        at += w
+    return out
+
+
+# -- the runner's side: the plan in slot space, the replicas' rows and weights ----------------------
+def slot_plan(plan, slots_E: torch.Tensor, pos_E: torch.Tensor):
+    """(the layer's Plan in slot space, x_ND's rows in slot order): counts_E[slots], and the rows
+    sorted stably by their expert's slot (every expert's rows keep their order). Device ops only."""
+    slot_N = pos_E.to(plan.expert_idx_N.device).index_select(0, plan.expert_idx_N)
+    rows_N = torch.argsort(slot_N, stable=True)
+    splan = dataclasses.replace(plan, counts_E=plan.counts_E.index_select(0, slots_E.to(plan.counts_E.device)),
+                                expert_idx_N=slot_N.index_select(0, rows_N))
+    return splan, rows_N
+
+
+def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int):
+    """(the Plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
+    split into equal consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the
+    row's index within the expert's block. Device ops only."""
+    dev = plan.counts_E.device
+    counts = plan.counts_E.to(torch.long)
+    e_N = plan.expert_idx_N.to(dev)
+    start_E = torch.cumsum(counts, 0) - counts
+    j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
+    nh_N = nh_E.to(dev).index_select(0, e_N)
+    h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    v_N = table_EH.to(dev)[e_N, h_N]
+    rows_N = torch.argsort(v_N, stable=True)
+    splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=num_virtual).to(plan.counts_E.dtype),
+                                expert_idx_N=v_N.index_select(0, rows_N))
+    return splan, rows_N
+
+
+def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
+    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
+    the parameters), then its k replicas' rows fetched from their owners with one differentiable
+    all-to-all: the backward sends the replicas' gradients back, summed into the owners'."""
+    P, L, me = layout.world, layout.local_experts, layout.rank
+    reps = placement.replicas
+    k = len(reps) // P
+    pos = placement.position()
+    ws = [w for w in local if w is not None]
+    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
+    send, in_splits = [], []
+    for q in range(P):
+        rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
+        send += rows
+        in_splits.append(len(rows))
+    need = reps[me * k:(me + 1) * k]
+    out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
+    got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
+                     out_splits, in_splits, group)
+    arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
+    got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
+    out, at = [], 0
+    for w in ws:
+        n = w[0].numel()
+        out.append(torch.cat([w, got[:, at:at + n].reshape((k,) + tuple(w.shape[1:]))], 0))
+        at += n
+    return tuple(out) + (None,) * (3 - len(out))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Collective over the layer's ep group: move its expert rows (weights, gradients, and the
+    optimizer's per-parameter tensors of the weight's local shape) from the runner's placement to
+    `new`, in place, and install `new` on the runner. Returns the experts this rank received."""
+    runner = layer.runner
+    old = runner.placement
+    if new.slots == old.slots:  # replicas hold no rows of their own: nothing moves
+        runner.set_placement(new)
+        return 0
+    layout = runner.layout
+    ex = layer.experts
+    params = [p for p in (ex.w1, ex.w2, ex.w3) if p is not None]
+    tensors = []
+    for p in params:
+        local = _local(p.detach())
+        tensors.append(local)
+        if p.grad is not None:
+            tensors.append(_local(p.grad))
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        for k in sorted(state):
+            v = state[k]
+            if isinstance(v, torch.Tensor) and _local(v).shape == local.shape:
+                tensors.append(_local(v))
+    moved = _move_rows(tensors, old, new, layout.rank, layout.world, runner.group)
+    for dst, src in zip(tensors, moved):
+        dst.copy_(src)
+    runner.set_placement(new)
+    return moved_experts(old, new, layout.world)[layout.rank]
