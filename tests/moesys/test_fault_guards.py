@@ -10,6 +10,7 @@ each test fails when its guard is removed or its condition inverted.
   set, "while starting"), while a rank SIGTERMed by someone else is a failure naming the signal.
 """
 import json
+import math
 import os
 import random
 import re
@@ -23,10 +24,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from moesys import checkpoint as ckpt
+from moesys import train as train_mod
 from moesys.supervise import RankFailedError, run_ranks
 from moesys.trainer import structure_of
+from fault_helpers import GradNaNAt, starting_rank
 from fault_helpers import alive as _alive
-from fault_helpers import starting_rank
+from stop_helpers import COMMON, signal_at
 from test_checkpoint import _write_format2
 from train_helpers import build_trainer, make_cfg
 
@@ -165,3 +168,73 @@ def test_load_checkpoint_refuses_pickles_and_restores_rng_unless_told_otherwise(
     torch.manual_seed(6)
     st = ckpt.load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, structure=structure)
     assert st["rng_restored"] and torch.equal(torch.get_rng_state(), rng_then)
+
+
+# ---- the trainer's non-finite guard in one process (the mutation check's selection) -----------------
+def _steps_with(tr, cb, n):
+    """n optimizer steps of `tr` with callback `cb` (hooks as fit() calls them): the steps' metrics."""
+    tr.callbacks.append(cb)
+    cb.on_train_start(tr)
+    return [tr.train_step() for _ in range(n)]
+
+
+def test_a_nan_gradient_under_a_finite_loss_skips_the_step_in_one_process(tmp_path, world1):
+    """One weight's gradient turns NaN in step 1's backward while the loss stays finite: the step is
+    skipped by the grad-norm flag alone (no weight changes, the streak counts it), and the next step
+    trains and resets the streak. (The multi-rank case is test_fault_paths.py's.)"""
+    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    cb = GradNaNAt({1}, ranks={0})
+    m = _steps_with(tr, cb, 2)
+    assert math.isfinite(m[1]["loss"]) and math.isnan(m[1]["grad_norm"]) and m[1]["skipped"] == 1.0
+    assert tr.bad_streak == 1
+    m.append(tr.train_step())
+    assert m[2]["skipped"] == 0.0 and math.isfinite(m[2]["grad_norm"]) and tr.bad_streak == 0
+    assert cb.report() == {"changed": {1: False, 2: True}, "finite": True}
+
+
+class _InfAuxAt:
+    """Adds +inf to the model's aux loss at the steps in `steps` (a forward hook): the step's reported
+    loss is not finite, while every gradient stays finite (a constant adds nothing to them)."""
+
+    def __init__(self, steps):
+        self.steps, self.handle, self.after = set(steps), None, {}
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_start(self, step: int) -> None:
+        if step in self.steps:
+            self.handle = self.trainer.model.register_forward_hook(
+                lambda m, a, out: (out[0], out[1] + float("inf"), *out[2:]))
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.after[step] = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+
+def test_a_non_finite_aux_loss_under_finite_gradients_skips_the_step(tmp_path, world1):
+    """The loss check on its own: the aux loss is +inf at step 1 but no gradient is (the grad-norm
+    flag stays 0), and the step is still skipped on the reported loss."""
+    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    cb = _InfAuxAt({1})
+    m = _steps_with(tr, cb, 3)
+    assert math.isfinite(m[1]["loss"]) and m[1]["aux_loss"] == float("inf") and math.isfinite(m[1]["grad_norm"])
+    assert [x["skipped"] for x in m] == [0.0, 1.0, 0.0] and tr.bad_streak == 0
+    assert all(torch.equal(a, b) for a, b in zip(cb.after[0], cb.after[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(cb.after[1], cb.after[2]))
+
+
+# ---- a SIGINT in one process stops without a checkpoint ---------------------------------------------
+def test_sigint_in_one_process_stops_after_the_step_without_a_checkpoint(tmp_path):
+    """SIGINT is a stop that writes nothing (SIGTERM and SIGUSR1 save): the run ends after step 1 with
+    exit code 130, no checkpoint, and the handler put back."""
+    out, before = str(tmp_path / "run"), signal.getsignal(signal.SIGINT)
+    cfg = make_cfg(*ONE, "trainer.steps=5", "trainer.ckpt_interval=0", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=signal_at(0, 0, signal.SIGINT))
+    assert s["stopped"] == {"signal": "SIGINT", "exit_code": 130, "step": 1, "checkpoint": None, "saved": False}
+    assert s["checkpoint"] is None and s["steps"] == 1
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
+        d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
+    assert signal.getsignal(signal.SIGINT) is before
