@@ -29,7 +29,7 @@ from moesys.supervise import RankFailedError, run_ranks
 from moesys.trainer import structure_of
 from fault_helpers import GradNaNAt, starting_rank
 from fault_helpers import alive as _alive
-from stop_helpers import COMMON, signal_at
+from stop_helpers import COMMON, SignalAt, signal_at
 from test_checkpoint import _write_format2
 from train_helpers import build_trainer, make_cfg
 
@@ -226,15 +226,44 @@ def test_a_non_finite_aux_loss_under_finite_gradients_skips_the_step(tmp_path, w
     assert not all(torch.equal(a, b) for a, b in zip(cb.after[1], cb.after[2]))
 
 
-# ---- a SIGINT in one process stops without a checkpoint ---------------------------------------------
-def test_sigint_in_one_process_stops_after_the_step_without_a_checkpoint(tmp_path):
-    """SIGINT is a stop that writes nothing (SIGTERM and SIGUSR1 save): the run ends after step 1 with
-    exit code 130, no checkpoint, and the handler put back."""
+# ---- a stop in one process: what it saves and which checkpoint it names ----------------------------
+@pytest.mark.parametrize("at,steps,saved", [(2, 3, False), (1, 2, True)])
+def test_sigint_in_one_process_writes_nothing_and_names_the_latest_checkpoint(tmp_path, at, steps, saved):
+    """SIGINT is a stop that writes nothing (SIGTERM and SIGUSR1 save), exit code 130. Stopped after
+    step 3 (trainer.ckpt_interval=2): no checkpoint of step 3, and the latest (step 2) is named. Stopped
+    after step 2: the interval's checkpoint of that very step is the one written."""
     out, before = str(tmp_path / "run"), signal.getsignal(signal.SIGINT)
+    cfg = make_cfg(*ONE, "trainer.steps=5", "trainer.ckpt_interval=2", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=signal_at(at, 0, signal.SIGINT))
+    step2 = os.path.join(out, "checkpoints", "step_00000002")
+    assert s["stopped"] == {"signal": "SIGINT", "exit_code": 130, "step": steps, "checkpoint": step2, "saved": saved}
+    assert s["steps"] == steps and s["checkpoint"] == (step2 if saved else None)
+    assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == ["step_00000002"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+class _InfWeightAfter:
+    """Sets one expert weight to +inf after optimizer step `step` (the weights a stop would save)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def after_optimizer_step(self, step: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                dict(self.trainer.model.named_parameters())["blocks.1.moe.experts.w1"][0, 0, 0] = float("inf")
+
+
+def test_a_saving_stop_with_a_non_finite_weight_writes_no_checkpoint_and_says_so(tmp_path, capsys):
+    """SIGUSR1 asks for a checkpoint, but a weight is not finite: none is written (the last good one
+    stays the newest), the log says why, and the summary says nothing was saved."""
+    out = str(tmp_path / "run")
     cfg = make_cfg(*ONE, "trainer.steps=5", "trainer.ckpt_interval=0", f"trainer.out_dir={out}", *COMMON)
-    s = train_mod.run(cfg, out, callbacks_fn=signal_at(0, 0, signal.SIGINT))
-    assert s["stopped"] == {"signal": "SIGINT", "exit_code": 130, "step": 1, "checkpoint": None, "saved": False}
-    assert s["checkpoint"] is None and s["steps"] == 1
+    s = train_mod.run(cfg, out, callbacks_fn=lambda c: [SignalAt(0, 0, signal.SIGUSR1, "self"), _InfWeightAfter(0)])
+    assert s["stopped"] == {"signal": "SIGUSR1", "exit_code": 143, "step": 1, "checkpoint": None, "saved": False}
+    assert "step 1: a weight is not finite: checkpoint not written" in capsys.readouterr().out
     assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
         d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
-    assert signal.getsignal(signal.SIGINT) is before
