@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,16 +181,21 @@ def _steps_with(tr, cb, n):
 
 def test_a_nan_gradient_under_a_finite_loss_skips_the_step_in_one_process(tmp_path, world1):
     """One weight's gradient turns NaN in step 1's backward while the loss stays finite: the step is
-    skipped by the grad-norm flag alone (no weight changes, the streak counts it), and the next step
-    trains and resets the streak. (The multi-rank case is test_fault_paths.py's.)"""
-    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    skipped by the grad-norm flag alone (no weight and no expert bias changes, the streak counts it),
+    and the next step trains and resets the streak. (The multi-rank case is test_fault_paths.py's.)"""
+    tr = build_trainer(make_cfg(*ONE, "moe.router=sigmoid_bias"), str(tmp_path / "run"))
+    biases = [b for n, b in tr.model.named_buffers() if n.endswith("expert_bias")]
     cb = GradNaNAt({1}, ranks={0})
+    seen = []
+    tr.callbacks.append(SimpleNamespace(after_optimizer_step=lambda s: seen.append([b.clone() for b in biases])))
     m = _steps_with(tr, cb, 2)
     assert math.isfinite(m[1]["loss"]) and math.isnan(m[1]["grad_norm"]) and m[1]["skipped"] == 1.0
     assert tr.bad_streak == 1
     m.append(tr.train_step())
     assert m[2]["skipped"] == 0.0 and math.isfinite(m[2]["grad_norm"]) and tr.bad_streak == 0
     assert cb.report() == {"changed": {1: False, 2: True}, "finite": True}
+    assert biases and all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))  # the skipped step: no bias step
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))
 
 
 class _InfAuxAt:
