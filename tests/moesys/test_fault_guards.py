@@ -234,7 +234,7 @@ def test_a_non_finite_aux_loss_under_finite_gradients_skips_the_step(tmp_path, w
 
 # ---- a stop in one process: what it saves and which checkpoint it names ----------------------------
 @pytest.mark.parametrize("at,steps,saved", [(2, 3, False), (1, 2, True)])
-def test_sigint_in_one_process_writes_nothing_and_names_the_latest_checkpoint(tmp_path, at, steps, saved):
+def test_sigint_in_one_process_writes_nothing_and_names_the_latest_checkpoint(tmp_path, capsys, at, steps, saved):
     """SIGINT is a stop that writes nothing (SIGTERM and SIGUSR1 save), exit code 130. Stopped after
     step 3 (trainer.ckpt_interval=2): no checkpoint of step 3, and the latest (step 2) is named. Stopped
     after step 2: the interval's checkpoint of that very step is the one written."""
@@ -246,6 +246,17 @@ def test_sigint_in_one_process_writes_nothing_and_names_the_latest_checkpoint(tm
     assert s["steps"] == steps and s["checkpoint"] == (step2 if saved else None)
     assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == ["step_00000002"]
     assert signal.getsignal(signal.SIGINT) is before
+    assert "a weight is not finite" not in capsys.readouterr().out  # the interval's save succeeded
+
+
+def test_a_stop_during_the_last_step_lets_the_run_finish(tmp_path):
+    """A SIGINT that lands in the last step stops nothing: the run is complete, with its final
+    checkpoint (trainer.save_final), and the summary reports no stop."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=2", "trainer.ckpt_interval=0", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=signal_at(1, 0, signal.SIGINT))
+    assert "stopped" not in s and s["steps"] == 2
+    assert s["checkpoint"] == os.path.join(out, "checkpoints", "step_00000002") and ckpt.verify_checkpoint(s["checkpoint"])
 
 
 class _InfWeightAfter:
