@@ -7,7 +7,12 @@ each test fails when its guard is removed or its condition inverted.
   dense weight) is refused naming that entry;
 - a format-4 manifest without its trainer state is refused before any tensor is read;
 - run_ranks: ranks that the parent's forwarded SIGTERM ends while they start are a stop (stopped_by
-  set, "while starting"), while a rank SIGTERMed by someone else is a failure naming the signal.
+  set, "while starting"), while a rank SIGTERMed by someone else is a failure naming the signal;
+- the trainer in one process (survivors of the mutation check, docs/fault-tolerance.md): a NaN
+  gradient under a finite loss and an infinite aux loss under finite gradients are each skipped on
+  their own flag (no weight and no expert-bias step); a SIGINT stop writes nothing and names the
+  latest checkpoint (or the interval's of that very step); a saving stop with a non-finite weight
+  writes nothing and says so; a stop in the last step lets the run finish with its final checkpoint.
 """
 import json
 import math
