@@ -289,3 +289,18 @@ def test_a_saving_stop_with_a_non_finite_weight_writes_no_checkpoint_and_says_so
     assert "step 1: a weight is not finite: checkpoint not written" in capsys.readouterr().out
     assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
         d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_a_run_whose_weights_turn_non_finite_writes_no_checkpoint_and_says_so(tmp_path, capsys):
+    """A weight turns +inf after step 0: the interval's save of step 1 and the final save of step 2
+    write nothing (the last good checkpoint would rotate away) and each says so in the log."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=2", "trainer.ckpt_interval=1", "trainer.max_bad_steps=5",
+                   f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=lambda c: [_InfWeightAfter(0)])
+    said = capsys.readouterr().out
+    assert "step 1: a weight is not finite: checkpoint not written" in said
+    assert "step 2: a weight is not finite: final checkpoint not written" in said
+    assert s["checkpoint"] is None and s["steps"] == 2
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
+        d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
