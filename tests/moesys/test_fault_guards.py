@@ -32,8 +32,8 @@ import torch.distributed.checkpoint as dcp
 from moesys import checkpoint as ckpt
 from moesys import train as train_mod
 from moesys.supervise import RankFailedError, run_ranks
-from moesys.trainer import structure_of
-from fault_helpers import GradNaNAt, starting_rank
+from moesys.trainer import NonFiniteError, structure_of
+from fault_helpers import GradNaNAt, NaNAt, starting_rank
 from fault_helpers import alive as _alive
 from stop_helpers import COMMON, SignalAt, signal_at
 from test_checkpoint import _write_format2
@@ -304,3 +304,12 @@ def test_a_run_whose_weights_turn_non_finite_writes_no_checkpoint_and_says_so(tm
     assert s["checkpoint"] is None and s["steps"] == 2
     assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
         d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_a_streak_stop_before_any_checkpoint_says_there_is_none(tmp_path):
+    """trainer.max_bad_steps reached in a run that has written no checkpoint: the error says so."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=6", "trainer.max_bad_steps=2", "trainer.ckpt_interval=0",
+                   f"trainer.out_dir={out}", *COMMON)
+    with pytest.raises(NonFiniteError, match=r"stopping at step 3: 2 steps in a row .*; last checkpoint: none\. Lower"):
+        train_mod.run(cfg, out, callbacks_fn=lambda c: [NaNAt({1, 2})])
