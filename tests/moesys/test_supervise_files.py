@@ -36,6 +36,15 @@ def test_a_directory_others_can_open_is_not_read(tmp_path):
     link.symlink_to(d)
     with pytest.raises(PermissionError, match="not a private directory"):
         supervise.check_private(str(link))
+    plain = tmp_path / "file"  # this user's, mode 0600, but not a directory
+    plain.write_text("")
+    os.chmod(plain, 0o600)
+    with pytest.raises(PermissionError, match="not a private directory of this user \\(mode 600"):
+        supervise.check_private(str(plain))
+    if os.getuid() == 0:  # root can give the directory to another user: mode 0700, but not ours
+        os.chown(d, 4242, -1)
+        with pytest.raises(PermissionError, match="owner uid 4242, this user 0"):
+            supervise.check_private(str(d))
 
 
 def test_the_rank_named_is_one_without_an_error_file_else_the_earliest_error(tmp_path):
