@@ -39,7 +39,8 @@ def test_a_directory_others_can_open_is_not_read(tmp_path):
     plain = tmp_path / "file"  # this user's, mode 0600, but not a directory
     plain.write_text("")
     os.chmod(plain, 0o600)
-    with pytest.raises(PermissionError, match="not a private directory of this user \\(mode 600"):
+    with pytest.raises(PermissionError, match=r"not a private directory of this user \(mode 600, owner uid \d+, "
+                                              r"this user \d+\): the ranks' result files are not read from it$"):
         supervise.check_private(str(plain))
     if os.getuid() == 0:  # root can give the directory to another user: mode 0700, but not ours
         os.chown(d, 4242, -1)
