@@ -7,15 +7,22 @@ each test fails when its guard is removed or its condition inverted.
   dense weight) is refused naming that entry;
 - a format-4 manifest without its trainer state is refused before any tensor is read;
 - run_ranks: ranks that the parent's forwarded SIGTERM ends while they start are a stop (stopped_by
-  set, "while starting"), while a rank SIGTERMed by someone else is a failure naming the signal.
+  set, "while starting"), while a rank SIGTERMed by someone else is a failure naming the signal;
+- the trainer in one process (survivors of the mutation check, docs/fault-tolerance.md): a NaN
+  gradient under a finite loss and an infinite aux loss under finite gradients are each skipped on
+  their own flag (no weight and no expert-bias step); a SIGINT stop writes nothing and names the
+  latest checkpoint (or the interval's of that very step); a saving stop with a non-finite weight
+  writes nothing and says so; a stop in the last step lets the run finish with its final checkpoint.
 """
 import json
+import math
 import os
 import random
 import re
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,10 +30,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from moesys import checkpoint as ckpt
+from moesys import train as train_mod
 from moesys.supervise import RankFailedError, run_ranks
-from moesys.trainer import structure_of
+from moesys.trainer import NonFiniteError, structure_of
+from fault_helpers import GradNaNAt, NaNAt, starting_rank
 from fault_helpers import alive as _alive
-from fault_helpers import starting_rank
+from stop_helpers import COMMON, SignalAt, signal_at
 from test_checkpoint import _write_format2
 from train_helpers import build_trainer, make_cfg
 
@@ -165,3 +174,142 @@ def test_load_checkpoint_refuses_pickles_and_restores_rng_unless_told_otherwise(
     torch.manual_seed(6)
     st = ckpt.load_checkpoint(path, model=tr.model, optimizer=tr.optimizer, structure=structure)
     assert st["rng_restored"] and torch.equal(torch.get_rng_state(), rng_then)
+
+
+# ---- the trainer's non-finite guard in one process (the mutation check's selection) -----------------
+def _steps_with(tr, cb, n):
+    """n optimizer steps of `tr` with callback `cb` (hooks as fit() calls them): the steps' metrics."""
+    tr.callbacks.append(cb)
+    cb.on_train_start(tr)
+    return [tr.train_step() for _ in range(n)]
+
+
+def test_a_nan_gradient_under_a_finite_loss_skips_the_step_in_one_process(tmp_path, world1):
+    """One weight's gradient turns NaN in step 1's backward while the loss stays finite: the step is
+    skipped by the grad-norm flag alone (no weight and no expert bias changes, the streak counts it),
+    and the next step trains and resets the streak. (The multi-rank case is test_fault_paths.py's.)"""
+    tr = build_trainer(make_cfg(*ONE, "moe.router=sigmoid_bias"), str(tmp_path / "run"))
+    biases = [b for n, b in tr.model.named_buffers() if n.endswith("expert_bias")]
+    cb = GradNaNAt({1}, ranks={0})
+    seen = []
+    tr.callbacks.append(SimpleNamespace(after_optimizer_step=lambda s: seen.append([b.clone() for b in biases])))
+    m = _steps_with(tr, cb, 2)
+    assert math.isfinite(m[1]["loss"]) and math.isnan(m[1]["grad_norm"]) and m[1]["skipped"] == 1.0
+    assert tr.bad_streak == 1
+    m.append(tr.train_step())
+    assert m[2]["skipped"] == 0.0 and math.isfinite(m[2]["grad_norm"]) and tr.bad_streak == 0
+    assert cb.report() == {"changed": {1: False, 2: True}, "finite": True}
+    assert biases and all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))  # the skipped step: no bias step
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))
+
+
+class _InfAuxAt:
+    """Adds +inf to the model's aux loss at the steps in `steps` (a forward hook): the step's reported
+    loss is not finite, while every gradient stays finite (a constant adds nothing to them)."""
+
+    def __init__(self, steps):
+        self.steps, self.handle, self.after = set(steps), None, {}
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_start(self, step: int) -> None:
+        if step in self.steps:
+            self.handle = self.trainer.model.register_forward_hook(
+                lambda m, a, out: (out[0], out[1] + float("inf"), *out[2:]))
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.after[step] = [p.detach().clone() for p in self.trainer.model.parameters()]
+
+
+def test_a_non_finite_aux_loss_under_finite_gradients_skips_the_step(tmp_path, world1):
+    """The loss check on its own: the aux loss is +inf at step 1 but no gradient is (the grad-norm
+    flag stays 0), and the step is still skipped on the reported loss."""
+    tr = build_trainer(make_cfg(*ONE), str(tmp_path / "run"))
+    cb = _InfAuxAt({1})
+    m = _steps_with(tr, cb, 3)
+    assert math.isfinite(m[1]["loss"]) and m[1]["aux_loss"] == float("inf") and math.isfinite(m[1]["grad_norm"])
+    assert [x["skipped"] for x in m] == [0.0, 1.0, 0.0] and tr.bad_streak == 0
+    assert all(torch.equal(a, b) for a, b in zip(cb.after[0], cb.after[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(cb.after[1], cb.after[2]))
+
+
+# ---- a stop in one process: what it saves and which checkpoint it names ----------------------------
+@pytest.mark.parametrize("at,steps,saved", [(2, 3, False), (1, 2, True)])
+def test_sigint_in_one_process_writes_nothing_and_names_the_latest_checkpoint(tmp_path, capsys, at, steps, saved):
+    """SIGINT is a stop that writes nothing (SIGTERM and SIGUSR1 save), exit code 130. Stopped after
+    step 3 (trainer.ckpt_interval=2): no checkpoint of step 3, and the latest (step 2) is named. Stopped
+    after step 2: the interval's checkpoint of that very step is the one written."""
+    out, before = str(tmp_path / "run"), signal.getsignal(signal.SIGINT)
+    cfg = make_cfg(*ONE, "trainer.steps=5", "trainer.ckpt_interval=2", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=signal_at(at, 0, signal.SIGINT))
+    step2 = os.path.join(out, "checkpoints", "step_00000002")
+    assert s["stopped"] == {"signal": "SIGINT", "exit_code": 130, "step": steps, "checkpoint": step2, "saved": saved}
+    assert s["steps"] == steps and s["checkpoint"] == (step2 if saved else None)
+    assert sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_")) == ["step_00000002"]
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "a weight is not finite" not in capsys.readouterr().out  # the interval's save succeeded
+
+
+def test_a_stop_during_the_last_step_lets_the_run_finish(tmp_path):
+    """A SIGINT that lands in the last step stops nothing: the run is complete, with its final
+    checkpoint (trainer.save_final), and the summary reports no stop."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=2", "trainer.ckpt_interval=0", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=signal_at(1, 0, signal.SIGINT))
+    assert "stopped" not in s and s["steps"] == 2
+    assert s["checkpoint"] == os.path.join(out, "checkpoints", "step_00000002") and ckpt.verify_checkpoint(s["checkpoint"])
+
+
+class _InfWeightAfter:
+    """Sets one expert weight to +inf after optimizer step `step` (the weights a stop would save)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_start(self, trainer) -> None:
+        self.trainer = trainer
+
+    def after_optimizer_step(self, step: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                dict(self.trainer.model.named_parameters())["blocks.1.moe.experts.w1"][0, 0, 0] = float("inf")
+
+
+def test_a_saving_stop_with_a_non_finite_weight_writes_no_checkpoint_and_says_so(tmp_path, capsys):
+    """SIGUSR1 asks for a checkpoint, but a weight is not finite: none is written (the last good one
+    stays the newest), the log says why, and the summary says nothing was saved."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=5", "trainer.ckpt_interval=0", f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=lambda c: [SignalAt(0, 0, signal.SIGUSR1, "self"), _InfWeightAfter(0)])
+    assert s["stopped"] == {"signal": "SIGUSR1", "exit_code": 143, "step": 1, "checkpoint": None, "saved": False}
+    assert "step 1: a weight is not finite: checkpoint not written" in capsys.readouterr().out
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
+        d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_a_run_whose_weights_turn_non_finite_writes_no_checkpoint_and_says_so(tmp_path, capsys):
+    """A weight turns +inf after step 0: the interval's save of step 1 and the final save of step 2
+    write nothing (the last good checkpoint would rotate away) and each says so in the log."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=2", "trainer.ckpt_interval=1", "trainer.max_bad_steps=5",
+                   f"trainer.out_dir={out}", *COMMON)
+    s = train_mod.run(cfg, out, callbacks_fn=lambda c: [_InfWeightAfter(0)])
+    said = capsys.readouterr().out
+    assert "step 1: a weight is not finite: checkpoint not written" in said
+    assert "step 2: a weight is not finite: final checkpoint not written" in said
+    assert s["checkpoint"] is None and s["steps"] == 2
+    assert not os.path.isdir(os.path.join(out, "checkpoints")) or not any(
+        d.startswith("step_") for d in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_a_streak_stop_before_any_checkpoint_says_there_is_none(tmp_path):
+    """trainer.max_bad_steps reached in a run that has written no checkpoint: the error says so."""
+    out = str(tmp_path / "run")
+    cfg = make_cfg(*ONE, "trainer.steps=6", "trainer.max_bad_steps=2", "trainer.ckpt_interval=0",
+                   f"trainer.out_dir={out}", *COMMON)
+    with pytest.raises(NonFiniteError, match=r"stopping at step 3: 2 steps in a row .*; last checkpoint: none\. Lower"):
+        train_mod.run(cfg, out, callbacks_fn=lambda c: [NaNAt({1, 2})])

@@ -1,5 +1,6 @@
 """Issue 27: the files ranks leave for their supervising parent (errors, native stacks, pickled
 results) live in a private directory (mode 0700, this user's), are read only from there, and go."""
+import json
 import os
 import sys
 
@@ -35,3 +36,28 @@ def test_a_directory_others_can_open_is_not_read(tmp_path):
     link.symlink_to(d)
     with pytest.raises(PermissionError, match="not a private directory"):
         supervise.check_private(str(link))
+    plain = tmp_path / "file"  # this user's, mode 0600, but not a directory
+    plain.write_text("")
+    os.chmod(plain, 0o600)
+    with pytest.raises(PermissionError, match=r"not a private directory of this user \(mode 600, owner uid \d+, "
+                                              r"this user \d+\): the ranks' result files are not read from it$"):
+        supervise.check_private(str(plain))
+    if os.getuid() == 0:  # root can give the directory to another user: mode 0700, but not ours
+        os.chown(d, 4242, -1)
+        with pytest.raises(PermissionError, match="owner uid 4242, this user 0"):
+            supervise.check_private(str(d))
+
+
+def test_the_rank_named_is_one_without_an_error_file_else_the_earliest_error(tmp_path):
+    """run_ranks names, of the ranks found dead in one look, a rank that left no error file (killed
+    by a signal: its peers' errors are most likely about its absence), else the earliest recorded
+    error; ties go to the lower rank."""
+    work = str(tmp_path)
+    for rank, t in ((0, 5.0), (1, 3.0), (4, 3.0)):
+        with open(os.path.join(work, f"rank{rank}.error.json"), "w") as f:
+            json.dump({"rank": rank, "time": t, "type": "ValueError", "message": "x", "traceback": ""}, f)
+    assert supervise._first_failure(work, [(0, 1), (1, 1)]) == (1, 1)
+    assert supervise._first_failure(work, [(1, 1), (0, 1)]) == (1, 1)
+    assert supervise._first_failure(work, [(4, 1), (1, 1), (0, 1)]) == (1, 1)
+    assert supervise._first_failure(work, [(0, 1), (1, 1), (3, -9)]) == (3, -9)
+    assert supervise._first_failure(work, [(3, -9), (2, -6), (1, 1)]) == (2, -6)
