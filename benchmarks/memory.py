@@ -100,14 +100,15 @@ def measure(cfg, out_dir: str, steps: int) -> dict:
 
 
 def make_cfg(*overrides: str):
-    """moesys-train's config (preset=tiny) with overrides, composed by Hydra as the CLI does."""
+    """moesys-train's config (preset=tiny, on the GPT: the model docs/scaling.md's figures are of) with
+    overrides, composed by Hydra as the CLI does."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     import moesys.train  # noqa: F401  (registers the schema)
 
     with initialize_config_module("moesys.configs", version_base="1.3"):
-        return OmegaConf.to_object(compose("train", overrides=["preset=tiny", *overrides]))
+        return OmegaConf.to_object(compose("train", overrides=["preset=tiny", "model.arch=gpt", *overrides]))
 
 
 def main(argv=None) -> None:

@@ -26,7 +26,8 @@ from moesys.planner.hardware import load_hardware
 
 MODEL = ["model.n_layers=24", "model.d_model=2048", "model.n_heads=16", "model.ffn_hidden=8192", "model.seq_len=2048",
          "model.moe_every=2", "moe.num_experts=64", "moe.top_k=1", "trainer.precision=bf16", "data.vocab_size=50304",
-         "evo=evomoe"]  # evo's schedule sets the phases below; the plan reads shapes, not the gate
+         "evo=evomoe", "model.arch=gpt"]  # evo's schedule sets the phases below; the plan reads shapes, not the
+# gate; the GPT-MoE of the paper's class (docs/evomoe.md)
 
 
 def _name(b) -> str:

@@ -17,8 +17,8 @@ the weights' (||dθ||/||θ||) and its cosine with the previous update. For the w
   before and after (with tied embeddings their rows drift together, as one many-fold token).
 
 Model and data: `moesys-train`'s config (the default, plus --overrides), on one process
-(`parallel.ep=1`); `model.moe_every=0` (EvoMoE's dense phase: the spike is not MoE-specific)
-unless the overrides set it.
+(`parallel.ep=1`); `model.moe_every=0` (EvoMoE's dense phase: the spike is not MoE-specific) and
+`model.arch=gpt` (the model docs/stability.md investigated) unless the overrides set them.
 """
 from __future__ import annotations
 
@@ -106,6 +106,8 @@ def main() -> int:
     ov = list(a.overrides)
     if not any(o.startswith("model.moe_every=") for o in ov):
         ov.append("model.moe_every=0")
+    if not any(o.startswith("model.arch=") for o in ov):
+        ov.append("model.arch=gpt")
     ov += ["parallel.ep=1", "parallel.simulate_ranks=1", f"trainer.seed={a.seed}", f"trainer.steps={a.steps}"]
     if a.warmup is not None:
         ov.append(f"schedule.warmup_steps={a.warmup}")

@@ -105,7 +105,7 @@ def checked(dcfg, schema):
 def saved_run_config(ckpt: str, meta: dict) -> TrainConfig:
     """The TrainConfig the checkpoint was trained with: moesys.json's "config", else the run directory's
     config.yaml (<run>/checkpoints/step_N/ -> <run>/config.yaml). ConfigError when neither exists."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     data = meta.get("config")
@@ -117,6 +117,9 @@ def saved_run_config(ckpt: str, meta: dict) -> TrainConfig:
                               f"{run_yaml} does not exist: the model's settings are unknown")
         data, where = OmegaConf.load(run_yaml), run_yaml
     try:
+        data = OmegaConf.create(data)
+        if isinstance(data.get("model"), DictConfig) and "arch" not in data.model:
+            data.model.arch = "gpt"  # saved before model.arch existed: every such run trained the GPT
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
         return OmegaConf.to_object(merged)
     except (ValueError, OmegaConfBaseException) as e:

@@ -74,8 +74,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm of each head's q and k before the dot product (README, "Training stability")
     # gpt: learned positions, LayerNorm, GELU dense FFN (moesys/model.py); decoder: RMSNorm, RoPE, GQA or
-    # latent attention, SwiGLU dense FFN (moesys/decoder.py). The fields below are the decoder's only
-    arch: str = "gpt"
+    # latent attention, SwiGLU dense FFN (moesys/decoder.py; the default since issue 23's comparison,
+    # docs/huggingface.md). The fields below are the decoder's only
+    arch: str = "decoder"
     # a Hugging Face model directory (config.json + safetensors) to start from: its config.json sets the
     # model.*/moe.* fields it determines (an override that contradicts one is an error naming both values)
     # and every rank reads its own slices of the weights (moesys/hf.py)
@@ -527,9 +528,6 @@ class TrainConfig:
             return
         if self.model.moe_every == 0:
             raise ConfigError("evo.enabled=true needs MoE layers, but model.moe_every=0 (a dense model)")
-        if self.model.arch != "gpt":
-            raise ConfigError(f"evo.enabled=true needs model.arch=gpt (EvoMoE swaps the GPT's blocks), got "
-                              f"model.arch={self.model.arch!r}")
         if moe.routed_scaling_factor != 1.0:
             raise ConfigError(f"evo.enabled=true does not support moe.routed_scaling_factor="
                               f"{moe.routed_scaling_factor} (EvoMoE's layer does not scale its routed output)")

@@ -103,11 +103,12 @@ def structure_of(cfg) -> dict:
 def build_model(cfg) -> "GPTMoE | Decoder":
     m = cfg.model
     if m.arch == "decoder":
-        return Decoder(cfg.decoder_config(), cfg.moe_config())
-    gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
-                     ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
-                     tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm)
-    model = GPTMoE(gcfg, cfg.moe_config())
+        model = Decoder(cfg.decoder_config(), cfg.moe_config())
+    else:
+        gcfg = GPTConfig(vocab_size=cfg.data.vocab_size, n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads,
+                         ffn_hidden=m.ffn_hidden, seq_len=m.seq_len, moe_every=m.moe_every, dropout=m.dropout,
+                         tie_embeddings=m.tie_embeddings, qk_norm=m.qk_norm)
+        model = GPTMoE(gcfg, cfg.moe_config())
     if cfg.evo.enabled:  # EvoMoE: swap in EvoMoELayers before expert parallelism and the optimizer
         EvoController.prepare(model, cfg.evo, seed=cfg.trainer.seed)
     return model

@@ -59,7 +59,7 @@ CASES = [
     # model
     (["model.n_heads=3"], "model.d_model (32) must be divisible by model.n_heads (3)"),
     (["model.arch=llama"], "model.arch='llama' is not one of gpt|decoder"),
-    (["model.n_kv_heads=1"], "model.n_kv_heads=1 is a field of the modern decoder only: set model.arch=decoder"),
+    (["model.arch=gpt", "model.n_kv_heads=1"], "model.n_kv_heads=1 is a field of the modern decoder only: set model.arch=decoder"),
     (["model.arch=decoder", "model.n_kv_heads=3"], "model.n_kv_heads (3) must divide model.n_heads (2)"),
     (["model.arch=decoder", "model.qk_norm_scope=layer"], "model.qk_norm_scope='layer' is not one of head|all"),
     (["model.arch=decoder", "model.rope_theta=0.5"], "model.rope_theta must be a finite number > 1, got 0.5"),
@@ -82,7 +82,7 @@ CASES = [
     (["moe.activation=tanh"], "moe.activation='tanh' is not one of"),
     (["moe.router=switch"], "moe.router='switch' is top-1; got top_k=2"),
     (["moe.router=expert_choice"], "moe.router=expert_choice is not causal"),
-    (["moe.kernel_backend=grouped_mm", "model.d_model=30"],
+    (["moe.kernel_backend=grouped_mm", "model.d_model=30", "model.n_heads=3"],
      "moe.kernel_backend='grouped_mm' needs model.d_model (30) divisible by 4"),
     (["moe.kernel_backend=fast"], "moe.kernel_backend='fast' is not one of"),
     (["moe.num_groups=3", "moe.topk_groups=1"], "moe.num_groups (3) must divide moe.num_experts (4)"),

@@ -320,3 +320,41 @@ def test_gate_noise_is_keyed_by_seed_step_and_rank_not_the_global_rng():
     assert not torch.equal(a1, a2)  # the second micro-batch of a step draws its own stream
     for other in ((0, 6, 0), (0, 5, 1), (1, 5, 0)):
         assert not torch.equal(routes(*other, global_seed=1)[0], a1), other
+
+
+# ---- EvoMoE on the modern decoder (model.arch=decoder, the main job's default) -------------------------
+def test_decoder_dense_phase_is_the_dense_decoder_outputs_and_gradients():
+    """EvoController.prepare on a Decoder: until the diversify step each MoE block is one SwiGLU FFN
+    started from expert 0, so the model equals the decoder built dense (model.moe_every=0) with those
+    FFN weights, logits and every gradient."""
+    from moesys.decoder import Decoder, DecoderConfig
+    from moesys.model import lm_loss
+
+    torch.manual_seed(0)
+    dcfg = DecoderConfig(vocab_size=32, n_layers=3, d_model=12, n_heads=2, n_kv_heads=1, dense_ffn_hidden=F)
+    moe = MoEConfig(hidden_size=12, ffn_hidden_size=F, num_experts=7, top_k=2, activation="swiglu")
+    model = Decoder(dcfg, moe)
+    ctl = EvoController.prepare(model, EvoConfig(enabled=True, diversify_step=3, gate="dts"), seed=0)
+    assert ctl.phase == "dense" and all(isinstance(b.moe, EvoMoELayer) for b in model.blocks)
+    ref = Decoder(DecoderConfig(**{**dcfg.__dict__, "moe_every": 0}), moe)
+    sd = {k: v for k, v in model.state_dict().items() if ".moe." not in k}
+    for i, blk in enumerate(model.blocks):
+        for w in ("w1", "w3", "w2"):  # experts hold [1, D, F] / [1, F, D]; nn.Linear holds [out, in]
+            sd[f"blocks.{i}.ffn.{w}.weight"] = getattr(blk.moe.dense, w)[0].detach().t()
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randint(0, 32, (3, 9), generator=torch.Generator().manual_seed(1))
+    got, aux, _ = model(x)
+    want, _, _ = ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert float(aux) == 0.0
+    (lm_loss(got, x) + aux).backward()
+    lm_loss(want, x).backward()
+    ref_params = dict(ref.named_parameters())
+    for i, blk in enumerate(model.blocks):
+        for w in ("w1", "w3", "w2"):
+            torch.testing.assert_close(getattr(blk.moe.dense, w).grad[0].t(),
+                                       ref_params[f"blocks.{i}.ffn.{w}.weight"].grad, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if ".moe." not in n:
+            torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=n: f"{n}: {m}")

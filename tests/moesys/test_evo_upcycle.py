@@ -66,9 +66,9 @@ def _records(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [2, 4])  # checkpoint before / after the diversify step (3)
-def test_trainer_resume_across_the_phase_boundary(tmp_path, stop):
-    common = [*EVO, "parallel.ep=1", "parallel.simulate_ranks=1"]
+@pytest.mark.parametrize("stop, arch", [(2, "gpt"), (4, "gpt"), (4, "decoder")])  # checkpoint before / after
+def test_trainer_resume_across_the_phase_boundary(tmp_path, stop, arch):            # the diversify step (3)
+    common = [*EVO, "parallel.ep=1", "parallel.simulate_ranks=1", f"model.arch={arch}"]
     straight = train_mod.run(make_cfg(*common, f"trainer.ckpt_interval={stop}", "trainer.keep_checkpoints=5",
                                       f"trainer.out_dir={tmp_path}/a"), str(tmp_path / "a"))
     half = str(tmp_path / "a" / "checkpoints" / f"step_{stop:08d}")
@@ -86,9 +86,10 @@ def test_trainer_resume_across_the_phase_boundary(tmp_path, stop):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_trainer_evomoe_at_ep2_logs_gate_and_runtime(rank_pool, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt", "decoder"])
+def test_trainer_evomoe_at_ep2_logs_gate_and_runtime(rank_pool, tmp_path, arch):
     out = str(tmp_path / "ep2")
-    s = pool_run(rank_pool, make_cfg(*EVO, "parallel.ep=2", "parallel.simulate_ranks=2"), out)
+    s = pool_run(rank_pool, make_cfg(*EVO, "parallel.ep=2", "parallel.simulate_ranks=2", f"model.arch={arch}"), out)
     assert s["steps"] == 8 and s["val_loss_end"] < s["val_loss_start"]
     recs = [r for r in _records(out) if "moe/block0/tau" in r]
     last = recs[-1]

@@ -46,3 +46,22 @@ def test_hydra_run_dir_is_the_run_dir_and_holds_the_config(tmp_path):
     assert len(runs) == 1, runs
     assert {"config.yaml", ".hydra", "checkpoints", "metrics.jsonl"} <= set(os.listdir(runs[0]))
     assert _saved(runs[0]).moe.num_experts == 5
+
+
+def test_a_config_saved_before_model_arch_existed_is_the_gpt(tmp_path):
+    """Runs before issue 23 saved no model.arch and all trained the GPT: their config reads back as
+    model.arch=gpt, not as today's default (the decoder); a saved arch is kept."""
+    from moesys.configs.schema import TrainConfig
+
+    assert TrainConfig().model.arch == "decoder"
+    old = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    del old["model"]["arch"]
+    assert saved_run_config("ckpt", {"config": old}).model.arch == "gpt"
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(old), run / "config.yaml")
+    assert _saved(str(run)).model.arch == "gpt"
+    new = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    assert saved_run_config("ckpt", {"config": new}).model.arch == "decoder"
+    new["model"]["arch"] = "gpt"
+    assert saved_run_config("ckpt", {"config": new}).model.arch == "gpt"

@@ -7,14 +7,17 @@ import torch
 
 
 def make_cfg(*overrides: str):
-    """A TrainConfig composed by Hydra from configs/ (preset=tiny) plus overrides."""
+    """A TrainConfig composed by Hydra from configs/ (preset=tiny) plus overrides, on the GPT
+    (model.arch=gpt, the model these tests were written for) unless the overrides pick the model
+    (model.arch, model.init_from or another preset)."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
     import moesys.train  # noqa: F401  (registers the schema)
 
+    picks = any(o.startswith(("model.arch=", "model.init_from=", "preset=")) for o in overrides)
     with initialize_config_module("moesys.configs", version_base="1.3"):
-        dcfg = compose("train", overrides=["preset=tiny", *overrides])
+        dcfg = compose("train", overrides=["preset=tiny", *([] if picks else ["model.arch=gpt"]), *overrides])
     return OmegaConf.to_object(dcfg)
 
 
