@@ -3,6 +3,7 @@ side in one run on simulated gloo ranks, with routing skewed by a Zipf law over 
 
     python benchmarks/placement.py --ranks 4 --zipf 1.2          # ~2 min on 2 shared cores
     python benchmarks/placement.py --ranks 4 --zipf 1.2 --experts 16 --steps 12 --replicas 0   # permute only
+    python benchmarks/placement.py --ranks 4 --zipf 1.2 --force   # move even where this host says it won't pay
 
 Each rank holds the same MoE layer twice (the same weights: ep = ranks, ep mode, no dispatch overlap),
 one left in the canonical layout, one under a PlacementController (policy auto, `--replicas` replica
@@ -32,7 +33,7 @@ from moesys.parallel.cost_model import Shape, Stats, layer_time
 from moesys.parallel.placement import Placement, balanced_placement, imbalance
 from moesys.parallel.placement_control import PlacementController, PlacementSettings
 from moesys.parallel.probe import probe_machine
-from moesys.parallel.tuner import predict
+from moesys.parallel.tuner import Machine, predict
 from moesys.planner.hardware import load_hardware, presets
 from moesys.planner.placement import replica_fetch_s, zipf_shares
 
@@ -68,7 +69,9 @@ def bench_worker(a: dict) -> dict:
             "adaptive": torch.optim.AdamW(adaptive.parameters(), lr=1e-4)}
     layers = {"static": static, "adaptive": adaptive}
     machine = probe_machine(dims.ep_group, torch.float32)
-    adaptive.runner.tuner.machine = machine  # the gate on this machine's figures (a pinned tuner probes none)
+    # the gate on this machine's figures (a pinned tuner probes none); --force: on a compute-bound
+    # stand-in, so the balancer's placement is taken whatever this host's figures say
+    adaptive.runner.tuner.machine = Machine(bandwidth=1e15, latency=0.0, flops=1e6) if a["force"] else machine
     ctl = PlacementController(PlacementSettings(policy="auto", interval=a["interval"], replicas=a["replicas"]),
                               [adaptive])
     shares = zipf_shares(a["experts"], a["zipf"])
@@ -153,9 +156,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--replicas", type=int, default=1, help="replica slots a rank for the hottest experts")
     ap.add_argument("--no-scale", action="store_true", help="skip the cluster presets' predictions")
+    ap.add_argument("--force", action="store_true", help="take the balancer's placement even where this machine's "
+                    "figures say it does not pay (to check the cost model's prediction of a move)")
     args = ap.parse_args(argv)
     a = {k: getattr(args, k) for k in ("zipf", "experts", "ffn", "tokens", "interval", "steps", "warmup", "threads",
-                                       "replicas")}
+                                       "replicas", "force")}
     a["d_model"] = args.d_model
     res = simulate(bench_worker, args.ranks, a, timeout_s=600)[0]
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in res["rows"].items()}
