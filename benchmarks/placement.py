@@ -3,6 +3,7 @@ side in one run on simulated gloo ranks, with routing skewed by a Zipf law over 
 
     python benchmarks/placement.py --ranks 4 --zipf 1.2          # ~2 min on 2 shared cores
     python benchmarks/placement.py --ranks 4 --zipf 1.2 --experts 16 --steps 12 --replicas 0   # permute only
+    python benchmarks/placement.py --ranks 4 --zipf 1.2 --force   # move even where this host says it won't pay
 
 Each rank holds the same MoE layer twice (the same weights: ep = ranks, ep mode, no dispatch overlap),
 one left in the canonical layout, one under a PlacementController (policy auto, `--replicas` replica
@@ -29,16 +30,12 @@ import torch.distributed as dist
 from moesys import MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, apply_expert_parallel, simulate
 from moesys.parallel.cost_model import Shape, Stats, layer_time
-from moesys.parallel.placement import Placement, balanced_placement, imbalance, replica_feeds
+from moesys.parallel.placement import Placement, balanced_placement, imbalance
 from moesys.parallel.placement_control import PlacementController, PlacementSettings
 from moesys.parallel.probe import probe_machine
-from moesys.parallel.tuner import predict
+from moesys.parallel.tuner import Machine, predict
 from moesys.planner.hardware import load_hardware, presets
-
-
-def zipf_shares(experts: int, s: float) -> list:
-    w = [1.0 / (i + 1) ** s for i in range(experts)]
-    return [x / sum(w) for x in w]
+from moesys.planner.placement import replica_fetch_s, zipf_shares
 
 
 def skewed_tokens(n: int, d: int, shares: list, gen: torch.Generator) -> torch.Tensor:
@@ -72,7 +69,9 @@ def bench_worker(a: dict) -> dict:
             "adaptive": torch.optim.AdamW(adaptive.parameters(), lr=1e-4)}
     layers = {"static": static, "adaptive": adaptive}
     machine = probe_machine(dims.ep_group, torch.float32)
-    adaptive.runner.tuner.machine = machine  # the gate on this machine's figures (a pinned tuner probes none)
+    # the gate on this machine's figures (a pinned tuner probes none); --force: on a compute-bound
+    # stand-in, so the balancer's placement is taken whatever this host's figures say
+    adaptive.runner.tuner.machine = Machine(bandwidth=1e15, latency=0.0, flops=1e6) if a["force"] else machine
     ctl = PlacementController(PlacementSettings(policy="auto", interval=a["interval"], replicas=a["replicas"]),
                               [adaptive])
     shares = zipf_shares(a["experts"], a["zipf"])
@@ -115,15 +114,6 @@ def predicted_step(machine, shape: Shape, rows_total: float, busiest: float) -> 
     return predict("ep", 1, stats, shape, machine, "alltoallv")
 
 
-def fetch_seconds(latency: float, bandwidth: float, expert_bytes: float, placement: Placement, world: int) -> float:
-    """Per step: replica weights in and out (forward), their gradients back: the busiest rank's rows of
-    one all-to-all, its receives (k) or its sends to the replicas it feeds (as placement_control's gate)."""
-    k = len(placement.replicas) // world
-    if not k:
-        return 0.0
-    return 2 * (latency + max([k] + replica_feeds(placement, world)) * expert_bytes / bandwidth)
-
-
 def at_scale(zipf: float, experts_per_rank: int = 2) -> list:
     """The cost model's layer time, canonical vs balanced layout, for each cluster preset at 64 to 1,024
     GPUs (ep = GPUs, E = experts_per_rank * GPUs, a Mixtral-sized expert, 4,096 tokens a rank, top-2)."""
@@ -145,7 +135,7 @@ def at_scale(zipf: float, experts_per_rank: int = 2) -> list:
                 per_rank = p.rank_loads(load, gpus)
                 st = Stats(tokens=tokens * gpus, rows=rows, max_rank_rows=int(max(per_rank)), max_local_rows=2 * tokens)
                 # the replicas' weight fetch over the inter-node link, not overlapped (pessimistic)
-                fetch = fetch_seconds(hw.inter.latency, hw.inter.bandwidth, 3 * 4096 * 14336 * 2, p, gpus)
+                fetch = replica_fetch_s(hw.inter.latency, hw.inter.bandwidth, 3 * 4096 * 14336 * 2, p, gpus)
                 times.append(layer_time("ep", "alltoallv", 1, st, shape, hw).total + fetch)
             out.append((name, gpus, imbalance(canon), imbalance(perm.rank_loads(load, gpus)),
                         imbalance(repl.rank_loads(load, gpus)), *times))
@@ -166,9 +156,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--replicas", type=int, default=1, help="replica slots a rank for the hottest experts")
     ap.add_argument("--no-scale", action="store_true", help="skip the cluster presets' predictions")
+    ap.add_argument("--force", action="store_true", help="take the balancer's placement even where this machine's "
+                    "figures say it does not pay (to check the cost model's prediction of a move)")
     args = ap.parse_args(argv)
     a = {k: getattr(args, k) for k in ("zipf", "experts", "ffn", "tokens", "interval", "steps", "warmup", "threads",
-                                       "replicas")}
+                                       "replicas", "force")}
     a["d_model"] = args.d_model
     res = simulate(bench_worker, args.ranks, a, timeout_s=600)[0]
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in res["rows"].items()}
@@ -187,7 +179,7 @@ def main(argv=None) -> dict:
     m = res["machine"]
     placed = Placement(tuple(res["slots"]), tuple(res["replicas"]))
     p_adapt = (predicted_step(m, shape, rows_total, med["adaptive"][2])
-               + fetch_seconds(m.latency, m.bandwidth, 2 * args.d_model * args.ffn * 4, placed, args.ranks))
+               + replica_fetch_s(m.latency, m.bandwidth, 2 * args.d_model * args.ffn * 4, placed, args.ranks))
     predicted = p_static / p_adapt
     err = predicted / speedup - 1
     print(f"adaptive step: {speedup:.2f}x the static one's speed measured; the cost model predicts {predicted:.2f}x "

@@ -505,9 +505,6 @@ class TrainConfig:
         elif p.static_capacity_factor is not None:
             why = (f"parallel.static_capacity_factor={p.static_capacity_factor}: placement runs with the per-step "
                    "dispatchers only so far; set parallel.static_capacity_factor=null")
-        elif self.evo.enabled:
-            why = ("evo.enabled: EvoMoE's expert spawning writes experts by their canonical index; placement "
-                   "with EvoMoE is not supported yet")
         if why is not None:
             raise ConfigError(f"parallel.placement={p.placement!r}: {why}")
         free = moe.num_experts - moe.num_experts // p.ep  # the experts a rank does not hold

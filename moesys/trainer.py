@@ -332,6 +332,11 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step
+        e = cfg.evo
+        if self.placement is not None and e.dense_phase and step == e.diversify_step:
+            # EvoMoE spawns its experts at this step's on_step_start, by expert index: the canonical
+            # layout for the spawn, and the placement decided afresh on the sparse phase's loads
+            self.placement.restart(self.optimizer)
         self._hook("on_step_start", step)
         lr = lr_at(step, lr=cfg.optim.lr, warmup=cfg.schedule.warmup_steps, total=self.schedule_total,
                    min_ratio=cfg.schedule.min_lr_ratio)

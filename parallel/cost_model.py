@@ -193,7 +193,12 @@ def layer_time(mode: str, dispatcher: str, c: int, stats: Stats, shape: Shape, h
             per_chunk_bwd = reduce_scatter_ring(rows_b, P, hw) + alltoall_flat(v_chunk, P, hw)
     comm = c * per_chunk
     comm_bwd = c * (per_chunk if per_chunk_bwd is None else per_chunk_bwd)
-    comp = hw.gemm_seconds(2 * G * D * (F / S) * rows_chunk * c, rows_chunk / L)
+    rows_comp = rows_chunk
+    if hw.core_share < 1 and dispatcher not in PADDED:
+        # ranks share cores: the busiest rank's GEMMs run on a whole core once the others are done,
+        # so the step follows the total work (mean rows at the shared rate) or that rank alone
+        rows_comp = max(stats.rows * S / P, stats.max_rank_rows * hw.core_share) / c
+    comp = hw.gemm_seconds(2 * G * D * (F / S) * rows_comp * c, rows_chunk / L)
     total_local = (local_seconds(stats, shape, hw, recv_rows=rows_chunk * c if L > 1 else 0.0)
                    + hw.call_seconds(c, L))
     total = total_local + plan + pipelined(comm, comp, c, hw.overlap) + pipelined(comm_bwd, 2 * comp, c, hw.overlap)

@@ -63,6 +63,11 @@ class Hardware:
     memory_bytes: float = math.inf  # device memory per GPU
     allgather_factor: float = 1.0  # a measured all-gather over allgather_ring's estimate (1: at the link's rate)
     reduce_scatter_factor: float = 1.0  # the same for a reduce-scatter (gloo here: 1.7-3.5x)
+    # the share of a compute unit each rank has while all compute (1: its own; CPU ranks that outnumber
+    # their host's cores: cores / ranks). gemm_flops is the rate at that share; a rank computing alone
+    # gets a whole core, so below 1 a layer's GEMMs take the longer of the total work over all ranks
+    # (mean rows at gemm_flops) and the busiest rank's rows on a whole core (cost_model.layer_time)
+    core_share: float = 1.0
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

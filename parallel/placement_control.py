@@ -123,6 +123,15 @@ class PlacementController:
         for layer in self.layers:
             apply_placement(layer, Placement.identity(layer.runner.layout.num_experts), optimizer)
 
+    def restart(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective: `reset`, and forget the loads and the step count since the last decision, so
+        the next decision comes `interval` steps later on loads of the new regime only (the trainer
+        calls it at EvoMoE's dense-to-sparse switch: the spawn writes experts by expert index)."""
+        self.reset(optimizer)
+        for layer in self.layers:
+            layer.runner.take_load()
+        self._steps = 0
+
     @contextlib.contextmanager
     def canonical(self, optimizer: torch.optim.Optimizer | None = None):
         """Collective: the canonical placement inside the block (a checkpoint is saved in expert

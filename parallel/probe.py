@@ -4,11 +4,15 @@ Times, each as the median of a few repetitions: a tiny all-to-all (latency) and 
 (bandwidth) in the ep group; a GEMM at 128 and at 16 rows (throughput, and the rows at which it
 halves: `Machine.half_rows`); the 1 MB all-to-all started asynchronously while the rank runs GEMMs
 of about the same length (the fraction of the shorter one hidden: `Machine.overlap`; on a CPU whose
-cores are all busy with ranks, ~0). Every rank takes the slowest rank's times over `agree_group`
+cores are all busy with ranks, ~0); on CPU ranks, the threads that want a core on this host (its
+ranks in the agree group x torch threads) over its cores: `Machine.core_share` = cores / that, at
+most 1 (the cost model then prices the total work of ranks that share cores). Every rank takes the slowest rank's times over `agree_group`
 (all_reduce MAX; the whole job by default), so the tuners of every ep group get the same inputs.
 """
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 
 import torch
@@ -79,9 +83,17 @@ def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 
         work.wait()
 
     t_both = _timed(both, 3, clock)
-    times = all_reduce_host(torch.tensor([t_lat, t_big, t_mm, t_mm_small, t_both, k * t_mm], dtype=torch.float64),
-                            group if agree_group is None else agree_group, op=dist.ReduceOp.MAX)
-    t_lat, t_big, t_mm, t_mm_small, t_both, t_comp = times.tolist()
+    agree = group if agree_group is None else agree_group
+    crowd = 1.0  # threads wanting a core per core of this host (CPU ranks only: a GPU computes alone)
+    if dev.type == "cpu":
+        host = socket.gethostname()
+        hosts = [None] * dist.get_world_size(agree)
+        dist.all_gather_object(hosts, host, group=agree)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        crowd = hosts.count(host) * torch.get_num_threads() / cores
+    times = all_reduce_host(torch.tensor([t_lat, t_big, t_mm, t_mm_small, t_both, k * t_mm, crowd],
+                                         dtype=torch.float64), agree, op=dist.ReduceOp.MAX)
+    t_lat, t_big, t_mm, t_mm_small, t_both, t_comp, crowd = times.tolist()
     sent = n * esize * (P - 1) / P  # bytes a rank sends to others
     h = half_rows_from(t_mm, t_mm_small)
     r = GEMM_ROWS[0]
@@ -90,4 +102,4 @@ def probe_machine(group, dtype: torch.dtype = torch.float32, nbytes: int = 1 << 
     bandwidth = sent / max(t_big - t_lat, 0.1 * t_big, 1e-9) if sent > 0 else float("inf")
     return Machine(bandwidth=bandwidth, latency=t_lat,
                    flops=2 * r * 256 * 256 / max(t_mm, 1e-12) * (r + h) / r,  # the large-GEMM rate
-                   half_rows=h, overlap=hidden_fraction(t_big, t_comp, t_both))
+                   half_rows=h, overlap=hidden_fraction(t_big, t_comp, t_both), core_share=min(1.0, 1.0 / crowd))

@@ -42,12 +42,13 @@ class Machine:
     flops: float  # FLOP/s of a large GEMM on one rank
     half_rows: float = 0.0  # GEMM rows at which throughput is half of `flops` (0: not probed)
     overlap: float = 1.0  # fraction of the shorter of comm / compute an async collective hides
+    core_share: float = 1.0  # of a core each rank has while all compute (Hardware.core_share)
 
     def hardware(self, world: int) -> Hardware:
         """The cost model's view: one node of `world` ranks whose every link is the probed one."""
         link = Link(bandwidth=self.bandwidth, latency=self.latency)
         return Hardware(name="probed", gpus_per_node=max(1, world), intra=link, inter=link, gemm_flops=self.flops,
-                        gemm_half_rows=self.half_rows, overlap=self.overlap)
+                        gemm_half_rows=self.half_rows, overlap=self.overlap, core_share=self.core_share)
 
 
 def chunked(comm: float, comp: float, c: int, overhead: float) -> float:

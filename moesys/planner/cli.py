@@ -22,6 +22,7 @@ from moesys.configs.schema import register
 from moesys.parallel.cost_model import DEGREES, DISPATCHERS
 
 from .hardware import THIS, load_hardware, presets
+from .placement import placement_gain, render_gain
 from .plan import plan, plan_ep
 from .probe_host import probe_this_machine
 from .report import SCALING_GPUS, plot_scaling, render
@@ -174,9 +175,11 @@ def run(argv=None) -> str:
     hw = _hardware_for(args, cfg, wl, world)
     result = plan(wl, hw, world, eps=args.ep, dispatchers=args.dispatchers, degrees=args.degrees)
     text = render(result)
+    rec = result.recommended
+    if rec is not None:  # what parallel.placement=auto would gain at the recommended layout for --skew
+        text += "\n" + render_gain(placement_gain(wl, hw(rec.ep) if callable(hw) else hw, world, rec.ep), wl.skew)
     if args.plot:
-        pts = scaling_points(wl, hw, world, result.recommended)
-        rec = result.recommended
+        pts = scaling_points(wl, hw, world, rec)
         title = (f"{hw.name}\nweak scaling: {wl.tokens_per_rank(world):g} tokens and "
                  f"{wl.moe.num_experts / rec.ep:g} expert(s) per GPU, one ep group over all GPUs")
         plot_scaling(pts, args.plot, title)

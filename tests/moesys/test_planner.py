@@ -1,4 +1,6 @@
 """moesys-plan: the plan function, its memory model and the CLI's errors (single process; fast)."""
+import itertools
+import math
 import os
 import re
 import shlex
@@ -201,3 +203,47 @@ def test_2d_dispatchers_win_at_2048_gpus():
         assert flat / by[("ep", d, 1)].total >= 1.5, (d, flat, by[("ep", d, 1)].total)
     assert by[("ep", "hierarchical", 1)].plan < 1e-3  # the counts: 0.53 ms (a ring all-gather: 19.6 ms)
     assert p.best.dispatcher in ("hierarchical", "hierarchical_padded")
+
+
+def _best_split(load, ranks):
+    """The smallest busiest-rank load of any split of the experts into `ranks` equal groups (brute force)."""
+    L = len(load) // ranks
+    best = math.inf
+
+    def deal(left, bins):
+        nonlocal best
+        if not left:
+            best = min(best, max(bins))
+            return
+        first, rest = left[0], left[1:]
+        for group in itertools.combinations(rest, L - 1):
+            deal([e for e in rest if e not in group], bins + [load[first] + sum(load[e] for e in group)])
+    deal(list(range(len(load))), [])
+    return best
+
+
+def test_cli_prints_the_placement_gain():
+    """moesys-plan prints what parallel.placement=auto gains at the recommended layout for --skew: Zipf
+    loads with the hottest expert --skew x the mean; the static row is the canonical layout's busiest
+    rank, the permutation is within 10% of the best split (brute force), and with skew the (compute-bound)
+    layer gets faster; a skew of 1 gains nothing."""
+    argv = ["--cluster", "h100_dgx", "--gpus", "4", "--ep", "4", "--tokens-per-gpu", "65536", "moe.num_experts=8",
+            "model.d_model=1024", "model.ffn_hidden=4096", "model.n_heads=8"]
+    out = run([*argv, "--skew", "3"])
+    m = re.search(r"placement \(parallel\.placement=auto\) at ep=4, loads Zipf\(([\d.]+)\) over the experts \(hottest 3x "
+                  r"the mean\).*\n  static: busiest rank ([\d.]+)x the mean rows, ([\d.]+) ms; permuted: ([\d.]+)x, "
+                  r"([\d.]+) ms \(([\d.]+)x\); \+ 1 replica slot a rank: ([\d.]+)x, ([\d.]+) ms \(([\d.]+)x\)", out)
+    assert m, out
+    a = float(m.group(1))
+    w = [1 / (i + 1) ** a for i in range(8)]
+    load = [x / sum(w) for x in w]
+    assert load[0] * 8 == pytest.approx(3, rel=3e-3)  # the exponent fits --skew
+    canonical = max(sum(load[r * 2:(r + 1) * 2]) for r in range(4)) * 4
+    assert float(m.group(2)) == pytest.approx(canonical, abs=0.006)
+    permuted = float(m.group(4))
+    assert _best_split(load, 4) * 4 - 0.006 <= permuted <= 1.1 * _best_split(load, 4) * 4
+    assert float(m.group(7)) < permuted  # a replica of the hottest expert splits its rows
+    assert float(m.group(3)) > float(m.group(5)) > float(m.group(8))  # ms: static > permuted > + replica
+    assert float(m.group(6)) > 1.05 and float(m.group(9)) > float(m.group(6))
+    flat = run([*argv, "--skew", "1"])
+    assert "static: busiest rank 1.00x" in flat and "(1.00x); + 1 replica" in flat, flat

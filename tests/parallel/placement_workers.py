@@ -12,6 +12,7 @@ from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_para
 from moesys.parallel.placement import Placement, apply_placement
 from moesys.parallel.placement_control import PlacementController, PlacementSettings
 from moesys.parallel.tuner import Machine
+from moesys.train import build_callbacks
 
 E, D, F, T = 8, 16, 12, 37  # 37 tokens per rank: the rows per expert are uneven
 HOT, COLD = 3, 6  # the router bias sends ~40% of routes to HOT and none to COLD
@@ -132,18 +133,26 @@ def _canonical_params(tr) -> dict:
     return out
 
 
-def trainer_worker(cfg_auto, cfg_off, root: str, steps: int) -> dict:
+def trainer_worker(cfg_auto, cfg_off, root: str, steps: int, force_after: int | None = None) -> dict:
     """The Trainer with parallel.placement=auto (every re-placement the balancer proposes is taken:
     min_gain 0) and with placement=off, `steps` steps each; then both save a checkpoint (the placed one
-    while placed) and take one more step. Returns per step both runs' losses and canonical parameters."""
+    while placed) and take one more step. Returns per step both runs' losses and canonical parameters.
+    force_after: after that step, every layer of the placed run is moved to the reversed placement."""
     from train_helpers import build_trainer
 
-    auto = build_trainer(cfg_auto, f"{root}/auto")
+    def build(cfg, out_dir):
+        tr = build_trainer(cfg, out_dir)
+        tr.callbacks = build_callbacks(cfg)  # EvoMoE's schedule (evo.enabled), as moesys-train runs it
+        for cb in tr.callbacks:
+            cb.on_train_start(tr)
+        return tr
+
+    auto = build(cfg_auto, f"{root}/auto")
     auto.placement.settings.min_gain = 0.0  # the same on every rank: take every balancing move
     if cfg_auto.parallel.placement_replicas:  # a machine where replicas pay (as in equivalence_worker)
         for layer in auto.placement.layers:
             layer.runner.tuner.machine = Machine(bandwidth=1e15, latency=0.0, flops=1e6)
-    off = build_trainer(cfg_off, f"{root}/off")
+    off = build(cfg_off, f"{root}/off")
     assert off.placement is None
     out = {"auto": [], "off": [], "slots": [], "metrics": []}
     saved = {}
@@ -155,9 +164,13 @@ def trainer_worker(cfg_auto, cfg_off, root: str, steps: int) -> dict:
             if key == "auto":
                 auto_metrics = m
             out[key].append({"loss": m["loss"], "params": _canonical_params(tr)})
+        if s == force_after:
+            for layer in auto.placement.layers:
+                apply_placement(layer, Placement(tuple(reversed(range(E)))), auto.optimizer)
         out["slots"].append([layer.runner.placement.slots for layer in auto.placement.layers])
         out["metrics"].append({k: v for k, v in auto_metrics.items() if "placement" in k})
     out["saved"] = saved
+    out["phase"] = [int(layer.phase) for layer in auto.placement.layers if hasattr(layer, "phase")]  # EvoMoE's
     out["moves"] = [layer.runner.placement_moves for layer in auto.placement.layers]
     out["replicas"] = [layer.runner.placement.replicas for layer in auto.placement.layers]
     return out

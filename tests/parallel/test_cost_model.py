@@ -233,3 +233,19 @@ def test_hardware_is_validated(kw, msg):
         Link(0.0, 1e-6)
     with pytest.raises(ValueError, match="dispatcher='nccl'"):
         layer_time("ep", "nccl", 1, Stats(1, 1, 1, 1), Shape(2, 2, 8, 8, 2, 4), HW)
+
+
+def test_oversubscribed_host_prices_the_total_work():
+    """Ranks that share cores (core_share < 1: gemm_flops at that share) compute for the longer of the
+    total work over all ranks (mean rows at gemm_flops) and the busiest rank alone on a whole core
+    (its rows x core_share at gemm_flops): by hand, 4 ranks on 2 cores."""
+    link = Link(bandwidth=1e9, latency=1e-5)
+    shape = Shape(world=4, num_experts=8, hidden=64, ffn=128, matrices=2, dtype_bytes=4)
+    flops = 2 * 2 * 64 * 128  # FLOPs of one row through one expert, fwd (2 matrices)
+    for busiest, rows_comp in ((2200, 1100), (1500, 1000)):  # max(mean 1000, busiest x 0.5)
+        hw = Hardware(name="t", gpus_per_node=4, intra=link, inter=link, gemm_flops=1e9, core_share=0.5)
+        st = Stats(tokens=2000, rows=4000, max_rank_rows=busiest, max_local_rows=1000)
+        b = layer_time("ep", "alltoallv", 1, st, shape, hw)
+        assert b.compute == pytest.approx(3 * flops * rows_comp / 1e9, rel=1e-9)  # fwd + 2x bwd
+        own = layer_time("ep", "alltoallv", 1, st, shape, hw.with_(core_share=1.0))
+        assert own.compute == pytest.approx(3 * flops * busiest / 1e9, rel=1e-9)

@@ -143,3 +143,27 @@ def test_checkpoint_after_replacement_resumes_at_another_ep_size(rank_pool, trai
             for k in ("exp_avg", "exp_avg_sq", "weight"):
                 np.testing.assert_allclose(g["probe"][k], w["probe"][k], rtol=RTOL, atol=ATOL, err_msg=k)
     assert seen == 2  # expert 5 lives on one rank of each of the two ep groups
+
+
+@pytest.mark.multirank
+def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path):
+    """EvoMoE (dense phase for 2 steps, then the spawn and the DTS gate) with placement=auto: the
+    trainer puts the canonical layout back at the switch (the spawn writes experts by index) and the
+    controller re-decides on the sparse loads; losses and every parameter equal placement=off's."""
+    evo = ("evo=evomoe", "evo.diversify_step=2", "evo.tau_steps=4", "evo.hard_step=null")
+    cfg_auto = make_cfg(*TRAIN, *evo, "parallel.ep=4", "parallel.placement=auto", "parallel.placement_replicas=1")
+    cfg_off = make_cfg(*TRAIN, *evo, "parallel.ep=4", "parallel.placement=off")
+    # a placement forced in the dense phase (where no loads would make one): the switch must undo it
+    got = rank_pool.run(pw.trainer_worker, WORLD, cfg_auto, cfg_off, str(tmp_path), 7, 0, timeout_s=180)
+    for rank, r in enumerate(got):
+        assert r["slots"] == got[0]["slots"]
+        for s, (a, o) in enumerate(zip(r["auto"], r["off"])):
+            np.testing.assert_allclose(a["loss"], o["loss"], rtol=RTOL, err_msg=f"rank {rank} step {s}")
+            for n, want in o["params"].items():
+                np.testing.assert_allclose(a["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} step {s}: {n}")
+    first = got[0]
+    identity = tuple(range(8))
+    assert first["phase"] == [1, 1], first["phase"]  # both MoE blocks went sparse at step 2
+    assert all(slots != identity for slots in first["slots"][1]), first["slots"][1]  # placed in the dense phase
+    assert all(slots == identity for slots in first["slots"][2]), first["slots"][2]  # the switch step: canonical
+    assert min(first["moves"]) >= 1, first["moves"]  # then re-placed on the sparse loads
