@@ -5,8 +5,6 @@ The figures they print are not checked here: speed targets are read from full ru
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -46,9 +44,11 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_benchmark_runs(name):
+def test_benchmark_runs(name, forked):
+    """Each script as its own process (`python script args`), forked from the session's forkserver
+    that imported torch and moesys once (tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, *CASES[name]], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    script, *args = CASES[name]
+    proc = forked.run(os.path.join(ROOT, script), args, ROOT, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
