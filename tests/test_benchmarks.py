@@ -5,6 +5,8 @@ The figures they print are not checked here: speed targets are read from full ru
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -42,13 +44,32 @@ CASES = {
 }
 
 
+# Scripts that set TRITON_INTERPRET before they import triton (read at import): a fresh interpreter.
+FRESH = {"kernels"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_benchmark_runs(name, forked):
     """Each script as its own process (`python script args`), forked from the session's forkserver
-    that imported torch and moesys once (tests/conftest.py)."""
+    that imported torch, triton and moesys once (tests/conftest.py); FRESH ones start an interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script, *args = CASES[name]
-    proc = forked.run(os.path.join(ROOT, script), args, ROOT, env, timeout=300)
+    if name in FRESH:
+        proc = subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    else:
+        proc = forked.run(os.path.join(ROOT, script), args, ROOT, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
+
+
+def test_the_scripts_that_set_the_triton_flag_start_fresh():
+    """A forked script finds triton imported without TRITON_INTERPRET: one that sets the flag itself
+    (before its imports) must be in FRESH, or its kernels fail under the interpreter."""
+    sets_flag = set()
+    for name, (script, *_) in CASES.items():
+        with open(os.path.join(ROOT, script)) as f:
+            if "TRITON_INTERPRET" in f.read():
+                sets_flag.add(name)
+    assert sets_flag == FRESH
