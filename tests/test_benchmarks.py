@@ -44,8 +44,10 @@ CASES = {
 }
 
 
-# Scripts that set TRITON_INTERPRET before they import triton (read at import): a fresh interpreter.
-FRESH = {"kernels"}
+# Scripts run in a fresh interpreter, not forked: kernels.py sets TRITON_INTERPRET before it imports
+# triton (read at import); layer.py's spawned variant workers print EOFError tracebacks at its exit
+# when it is forked (exit 0 all the same; in its own interpreter they do not): not yet understood.
+FRESH = {"kernels", "layer"}
 
 
 @pytest.mark.slow
@@ -72,4 +74,4 @@ def test_the_scripts_that_set_the_triton_flag_start_fresh():
         with open(os.path.join(ROOT, script)) as f:
             if "TRITON_INTERPRET" in f.read():
                 sets_flag.add(name)
-    assert sets_flag == FRESH
+    assert sets_flag == {"kernels"} and sets_flag <= FRESH
