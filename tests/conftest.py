@@ -113,11 +113,14 @@ class Forked:
         p = self.ctx.Process(target=runpy.run_path, args=(_FORKED_BODY,), kwargs={"init_globals": glob},
                              name=os.path.basename(script))
         p.start()
-        p.join(timeout)
-        if p.exitcode is None:
-            p.kill()
-            p.join()
-            raise subprocess.TimeoutExpired([script, *argv], timeout)
+        try:
+            p.join(timeout)
+            if p.exitcode is None:
+                raise subprocess.TimeoutExpired([script, *argv], timeout)
+        finally:  # past the timeout, or the test interrupted (Ctrl-C): the command does not outlive it
+            if p.exitcode is None:
+                p.kill()
+                p.join()
         with open(out) as f_out, open(err) as f_err:
             return subprocess.CompletedProcess([script, *argv], p.exitcode, f_out.read(), f_err.read())
 
