@@ -13,7 +13,11 @@ it), and tests/kernels/conftest.py sets it again around each test that runs the 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
+import subprocess
 
 import pytest
 
@@ -83,3 +87,53 @@ def rank_pool():
     pools = RankPools()
     yield pools
     pools.close()
+
+
+# What the forkserver of `forked` imports once: the console scripts' modules (torch, Hydra and
+# moesys with them).
+FORKED_PRELOAD = ["moesys.train", "moesys.evaluate", "moesys.generate", "moesys.convert"]
+_FORKED_BODY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forked_command.py")
+
+
+class Forked:
+    """`run(script, argv, cwd, env, timeout)`: the script run as `python script argv...` would run
+    it, as a process of its own (its own state, exit code, stdout and stderr; a CompletedProcess),
+    but forked from a server that has already imported FORKED_PRELOAD instead of starting an
+    interpreter and importing torch and moesys again (~4 s of CPU a command on the 2-core machine)."""
+
+    def __init__(self, tmp):
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.tmp = tmp
+        self.n = 0
+
+    def run(self, script: str, argv: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
+        self.n += 1
+        out, err = (os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err"))
+        glob = {"CWD": str(cwd), "ENV": dict(env), "ARGV": [script, *argv], "SCRIPT": script, "OUT": out, "ERR": err}
+        p = self.ctx.Process(target=runpy.run_path, args=(_FORKED_BODY,), kwargs={"init_globals": glob},
+                             name=os.path.basename(script))
+        p.start()
+        try:
+            p.join(timeout)
+            if p.exitcode is None:
+                raise subprocess.TimeoutExpired([script, *argv], timeout)
+        finally:  # past the timeout, or the test interrupted (Ctrl-C): the command does not outlive it
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        with open(out) as f_out, open(err) as f_err:
+            return subprocess.CompletedProcess([script, *argv], p.exitcode, f_out.read(), f_err.read())
+
+
+@pytest.fixture(scope="session")
+def forked(tmp_path_factory):
+    """Commands (console scripts, benchmark scripts) forked from one multiprocessing forkserver
+    per pytest run that imported FORKED_PRELOAD. The server starts with the environment a command
+    gets (no TRITON_INTERPRET: triton reads it at import), and ends with pytest."""
+    forked = Forked(str(tmp_path_factory.mktemp("forked")))
+    forked.ctx.set_forkserver_preload(FORKED_PRELOAD)
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET"):
+            mp.delenv(k, raising=False)
+        multiprocessing.forkserver.ensure_running()
+    return forked

@@ -49,12 +49,24 @@ CASES = {
 }
 
 
+# Scripts run in a fresh interpreter, not forked: kernels.py sets TRITON_INTERPRET before it imports
+# triton (read at import); layer.py's spawned variant workers print EOFError tracebacks at its exit
+# when it is forked (exit 0 all the same; in its own interpreter they do not): not yet understood.
+FRESH = {"kernels", "layer"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_benchmark_runs(name):
+def test_benchmark_runs(name, forked):
+    """Each script as its own process (`python script args`), forked from the session's forkserver
+    that imported torch, triton and moesys once (tests/conftest.py); FRESH ones start an interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, *CASES[name]], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    script, *args = CASES[name]
+    if name in FRESH:
+        proc = subprocess.run([sys.executable, script, *args], check=False, cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+    else:
+        proc = forked.run(os.path.join(ROOT, script), args, ROOT, env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "|" in proc.stdout or "==" in proc.stdout, proc.stdout[-2000:]  # it printed its table
 
@@ -81,3 +93,14 @@ def test_walk_stays_within_its_targets(case):
     assert len(w["files"]) <= max_files and len(w["calls"]) <= max_calls, (
         f"{case}: {len(w['files'])} files, {len(w['calls'])} calls (targets {max_files} / {max_calls}):\n"
         + "\n".join(w["calls"]))
+
+
+def test_the_scripts_that_set_the_triton_flag_start_fresh():
+    """A forked script finds triton imported without TRITON_INTERPRET: one that sets the flag itself
+    (before its imports) must be in FRESH, or its kernels fail under the interpreter."""
+    sets_flag = set()
+    for name, (script, *_) in CASES.items():
+        with open(os.path.join(ROOT, script)) as f:
+            if "TRITON_INTERPRET" in f.read():
+                sets_flag.add(name)
+    assert sets_flag == {"kernels"} and sets_flag <= FRESH

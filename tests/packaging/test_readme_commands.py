@@ -3,7 +3,10 @@ documented command that crashes fails CI; and every `$ command` block prints wha
 
 The README's ```bash blocks are read in order and each block's commands run in order in one scratch
 directory shared by the module (a block that resumes `runs/a` finds the run its earlier line made),
-through the installed console scripts. moesys-train commands run at tiny sizes: `preset=tiny` goes
+through the installed console scripts, each in a process of its own forked from a server that has
+imported the apps once (the `forked` fixture of tests/conftest.py: the interpreter's start and the
+imports, ~4 s of CPU a command, are paid once; test_a_forked_command_is_the_console_scripts_process
+checks it against the script's own process). moesys-train commands run at tiny sizes: `preset=tiny` goes
 first (the command's own settings win over it) and `trainer.steps=2` last (or the command's own
 `trainer.ckpt_interval`, so the checkpoint a later line names exists); a command without
 `trainer.out_dir` gets its own `hydra.run.dir` (Hydra's time-stamped dirs collide within a second).
@@ -152,9 +155,20 @@ def _hf_inputs(d) -> None:
     tok.save(str(d / "tok" / "tokenizer.json"))
 
 
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
+
+
 def _run(cmd: list, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET")}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, check=False, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+
+
+def _run_forked(forked, cmd: list, cwd) -> subprocess.CompletedProcess:
+    """The console script as its own process, forked from the `forked` fixture's server (the
+    interpreter's start and the imports paid once); without the script (no install), a process."""
+    if cmd[0] == sys.executable:
+        return _run(cmd, cwd)
+    return forked.run(cmd[0], cmd[1:], cwd, _env(), timeout=900)
 
 
 def test_the_readme_shows_commands_of_each_app():
@@ -175,12 +189,12 @@ def test_the_readme_shows_commands_of_each_app():
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("block", range(len(bash_blocks())),
                          ids=[" ".join(b[0][:3])[:60] for b in bash_blocks()])
-def test_readme_block_runs(block, scratch):
+def test_readme_block_runs(block, scratch, forked):
     for n, argv in enumerate(bash_blocks()[block]):
         cmd = tiny(argv, 100 * block + n)
         if shape(cmd) in _RAN:  # the same run, already passed in this module's scratch
             continue
-        r = _run(cmd, scratch)
+        r = _run_forked(forked, cmd, scratch)
         assert r.returncode == 0, f"README command {shlex.join(argv)!r} failed as {shlex.join(cmd)!r}:\n" + \
             r.stdout[-2000:] + r.stderr[-4000:]
         if not any("resume" in a for a in argv):
@@ -201,3 +215,25 @@ def test_readme_commands_of_one_shape_run_once():
     assert len(shapes) - len(set(shapes)) >= 3  # moesys-train twice, eval and generate of runs/b twice
     assert shape(tiny(["moesys-train"], 1)) == shape(tiny(["moesys-train", "preset=tiny"], 2))
     assert shape(tiny(["moesys-train", "trainer.steps=5"], 1)) != shape(tiny(["moesys-train"], 1))
+
+
+
+@pytest.mark.slow
+def test_a_forked_command_is_the_console_scripts_process(forked, tmp_path):
+    """What test_readme_block_runs gets from the `forked` runner is what the installed console
+    script's own process gives: exit code, stdout and stderr, for an error the README shows (exit 2,
+    its message, no file written) and for Hydra's --help (exit 0), and the same files left behind."""
+    (argv, expect), = [s for s in shown_sessions() if "trainer.batch_size=0" in s[0]]
+    for n, (args, code) in enumerate(((argv[1:], 2), (["--help"], 0))):
+        cmd = _exe(argv[0]) + args
+        assert cmd[0] != sys.executable, "the console script is installed"
+        real_dir, fork_dir = tmp_path / f"real{n}", tmp_path / f"forked{n}"
+        real_dir.mkdir()
+        fork_dir.mkdir()
+        real, fork = _run(cmd, real_dir), _run_forked(forked, cmd, fork_dir)
+        assert (fork.returncode, fork.stdout, fork.stderr) == (real.returncode, real.stdout, real.stderr)
+        assert real.returncode == code
+        if code == 2:
+            assert (fork.stdout + fork.stderr).splitlines() == expect
+        assert sorted(os.listdir(real_dir)) == sorted(os.listdir(fork_dir))
+    assert os.listdir(tmp_path / "forked0") == [] and (real.stdout + real.stderr) != ""
