@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from moesys.moe.experts import FFN_DIM, ExpertSharding, slice_ffn
 from moesys.moe.layer import MoELayer
 
-from .comm import comm_device
+from .comm import GroupRef, comm_device
 from .cost_model import DISPATCHERS, PADDED
 from .dispatch_allgather import AllGatherDispatcher
 from .dispatch_alltoallv import AllToAllVDispatcher
@@ -207,18 +207,24 @@ def apply_expert_parallel(layer, ep_group=None, *, dims: Optional[ParallelDims] 
     common = dict(timeout_s=epc.timeout_s)
     if epc.dispatcher in PADDED:
         common.update(static_capacity_factor=epc.static_capacity_factor, top_k=cfg.top_k)
+    # dispatcher_for also builds the dispatcher of a placement with replicas (parallel/placement.py),
+    # later, from the runner: it holds the groups weakly (GroupRef), as the dispatchers do, so that
+    # destroy_process_group() can still destroy them
+    ep_ref = GroupRef(group)
     if epc.dispatcher in ("hierarchical", "hierarchical_padded"):
         node, cross, lw = _hierarchical_groups(group, dims, P, epc.timeout_s)
+        node_ref, cross_ref = GroupRef(node), GroupRef(cross)
+        del node, cross
         cls = HierarchicalDispatcher if epc.dispatcher == "hierarchical" else HierarchicalPaddedDispatcher
 
         def dispatcher_for(lay: ExpertLayout):
-            return cls(lay, group, node_group=node, cross_group=cross, local_world_size=lw, **common)
+            return cls(lay, ep_ref.get(), node_group=node_ref.get(), cross_group=cross_ref.get(), local_world_size=lw,
+                       **common)
     else:
         cls = {"alltoallv": AllToAllVDispatcher, "padded": PaddedDispatcher, "allgather": AllGatherDispatcher}
 
         def dispatcher_for(lay: ExpertLayout):
-            return cls[epc.dispatcher](lay, group, **common)
-    # (dispatcher_for also builds the dispatcher of a placement with replicas: parallel/placement.py)
+            return cls[epc.dispatcher](lay, ep_ref.get(), **common)
     dispatcher = dispatcher_for(layout)
 
     dtype = experts.w1.dtype
