@@ -138,19 +138,19 @@ def main(argv) -> int:
         ov = ["parallel.simulate_ranks=2", "parallel.ep=2", f"trainer.steps={steps}", f"trainer.out_dir={out}",
               "trainer.resume=auto", "trainer.ckpt_interval=2", *COMMON]
         cb = sh.raise_at(step, rank) if what == "raise" else sh.signal_at(step, rank, int(what), to)
-        return train.cli_run(_cfg("preset=tiny", *ov), out, ov, callbacks_fn=cb)
+        return train.cli_run(_cfg(*ov), out, ov, callbacks_fn=cb)
     if mode == "torchrun":  # one rank of `torchrun --nproc_per_node=2 --max-restarts=1`
         kill_step, kill_rank = int(argv[3]), int(argv[4])
         how = argv[5] if len(argv) > 5 else "kill"
         ov = ["parallel.ep=2", f"trainer.steps={steps}", f"trainer.out_dir={out}", "trainer.resume=auto",
               "trainer.ckpt_interval=2", "parallel.timeout_s=30", *COMMON]
         cb = (sh.kill_self_at if how == "kill" else sh.raise_at)(kill_step, kill_rank)
-        return train.cli_run(_cfg("preset=tiny", *ov), out, ov, callbacks_fn=cb)
+        return train.cli_run(_cfg(*ov), out, ov, callbacks_fn=cb)
     if mode == "blocksave":
         _block_saves(int(argv[3]), os.path.join(out, "blocked"))
         ov = ["parallel.simulate_ranks=1", "parallel.ep=1", f"trainer.steps={steps}", f"trainer.out_dir={out}",
               "trainer.resume=auto", "trainer.ckpt_interval=2", "trainer.keep_checkpoints=5", *COMMON]
-        return train.cli_run(_cfg("preset=tiny", *ov), out, ov)
+        return train.cli_run(_cfg(*ov), out, ov)
     raise SystemExit(f"unknown mode {mode}")
 
 
