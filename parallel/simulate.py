@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import _redistribute as dtensor_redistribute  # private: its plan cache
-from torch.distributed.tensor import debug as dtensor_debug
 
 # the store and environment helpers live in spawn.py; these names stay importable from here
 from .spawn import (
@@ -133,6 +132,9 @@ def _restore_process_state(env: dict, cwd: str, handlers: dict, log_handlers: li
     torch.set_default_dtype(torch.float32)
     torch.set_num_threads(1)
     dist.set_debug_level(dist.DebugLevel.OFF)
+    # imported here, not at the top: torch.distributed.tensor.debug imports torch._dynamo and
+    # inductor (~1.5 s of CPU), which every process importing moesys would pay; a pool rank pays once
+    from torch.distributed.tensor import debug as dtensor_debug
     dtensor_debug._clear_sharding_prop_cache()
     dtensor_redistribute._gen_transform_infos.cache_clear()
     dynamo = sys.modules.get("torch._dynamo")

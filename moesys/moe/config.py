@@ -148,14 +148,10 @@ class MoEConfig:
             )
         if self.router == "switch" and self.top_k != 1:
             raise ValueError(f"MoEConfig.router='switch' is top-1; got top_k={self.top_k}")
-        cf = self.capacity_factor
-        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf):
-            raise ValueError(
-                f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}"
-            )
-        # the factor's exact decimal ratio, computed here, eagerly: under torch.compile a second
-        # compile of a layer with another factor makes the float symbolic, and Fraction cannot trace
-        self.__dict__["_cf_ratio"] = (cf, *_decimal_ratio(cf)) if cf is not None else None
+        # the factor's exact decimal ratio, computed here, eagerly (and again when the field is set:
+        # __setattr__): under torch.compile a second compile of a layer with another factor makes the
+        # float symbolic, and Fraction cannot trace
+        self.__dict__["_cf_ratio"] = _checked_ratio(self.capacity_factor)
         if isinstance(self.min_capacity, bool) or not isinstance(self.min_capacity, int) or self.min_capacity < 0:
             raise ValueError(f"MoEConfig.min_capacity must be an integer >= 0, got {self.min_capacity!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "jitter_eps", "bias_update_rate", "dts_balance_coef"):
@@ -281,15 +277,16 @@ class MoEConfig:
         return max(self.min_capacity, exact_capacity(self.capacity_factor, self.top_k, num_tokens, self.num_experts,
                                                      self.capacity_ratio()))
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "capacity_factor" and "_cf_ratio" in self.__dict__:  # set after __post_init__
+            self.__dict__["_cf_ratio"] = _checked_ratio(value)  # the ratio follows the field (checked first)
+        super().__setattr__(name, value)
+
     def capacity_ratio(self) -> tuple:
-        """(numerator, denominator) of capacity_factor as the decimal written (1.1 -> (11, 10)).
-        Taken from the value computed at construction while the field still holds it (comparing it
-        specialises a symbolic factor under torch.compile: a guard, not a graph break)."""
-        cached = self.__dict__.get("_cf_ratio")
-        if cached is None or cached[0] != self.capacity_factor:  # the field was set after construction
-            cached = (self.capacity_factor, *_decimal_ratio(self.capacity_factor))
-            self.__dict__["_cf_ratio"] = cached
-        return cached[1:]
+        """(numerator, denominator) of capacity_factor as the decimal written (1.1 -> (11, 10)),
+        computed when the field was set (__post_init__, __setattr__), so a compiled graph reads two
+        ints and never traces Fraction."""
+        return self.__dict__["_cf_ratio"][1:]
 
 
 def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int,
@@ -303,9 +300,17 @@ def exact_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_expe
     return -(-(num * top_k * num_tokens) // (den * num_experts))  # integer ceil: traceable with a symbolic T
 
 
-@torch.compiler.assume_constant_result
+def _checked_ratio(cf) -> Optional[tuple]:
+    """(cf, numerator, denominator) of a valid capacity factor, None for None (dropless)."""
+    if cf is None:
+        return None
+    if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf < math.inf:
+        raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got {cf!r}")
+    return (cf, *_decimal_ratio(cf))
+
+
 def _decimal_ratio(x: float) -> tuple:
-    """(numerator, denominator) of the decimal `x` is written as. A constant for torch.compile (it
-    cannot trace Fraction), so capacity stays a Python int of the shapes in a compiled graph."""
+    """(numerator, denominator) of the decimal `x` is written as. Never called in traced code
+    (torch.compile cannot trace Fraction): MoEConfig computes it when capacity_factor is set."""
     f = Fraction(str(x))
     return f.numerator, f.denominator

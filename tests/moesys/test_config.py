@@ -36,6 +36,11 @@ def test_capacity_issue_example_and_the_layer_uses_it():
     changed.capacity_factor = 1.3  # set after construction: the ratio follows the field
     assert changed.capacity_ratio() == (13, 10) and changed.capacity(400) == 130
     assert changed.to_dict()["capacity_factor"] == 1.3 and "_cf_ratio" not in changed.to_dict()
+    with pytest.raises(ValueError, match=r"MoEConfig.capacity_factor must be a finite number > 0 or None .*got 0"):
+        changed.capacity_factor = 0  # a bad value set after construction: the same error as at construction
+    assert changed.capacity_factor == 1.3 and changed.capacity(400) == 130  # and the config is unchanged
+    changed.capacity_factor = None
+    assert changed.capacity(400) is None
     torch.manual_seed(0)
     layer = MoELayer(cfg)
     with torch.no_grad():

@@ -153,6 +153,19 @@ def test_top_level_kernels_without_huggingface_is_not_found():
     assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr
 
 
+def test_importing_the_apps_does_not_import_the_compiler():
+    """`import moesys.train` (every command's and every rank's first cost) leaves torch._dynamo and
+    inductor unimported: ~1.1 s of CPU per process that the CLI parent, eval and generate never use
+    (a decorator and DTensor's debug module used to pull them in; a training rank still imports
+    dynamo when it builds its optimizer, through torch's own code)."""
+    code = ("import sys, moesys.train, moesys.evaluate, moesys.generate, moesys.supervise\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(ROOT), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def readme_walk() -> list:
     """(file, function) pairs of the README's "One token through one layer" block."""
     readme = open(os.path.join(ROOT, "README.md")).read()
