@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
-import torch
-
 ROUTERS = ("topk", "switch", "sigmoid_bias", "expert_choice", "dts", "act_dts")
 ACTIVATIONS = ("gelu", "relu", "silu", "swiglu")
 DROP_POLICIES = ("position", "bpr", "probs", "random")
