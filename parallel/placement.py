@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -259,22 +260,39 @@ def slot_plan(plan, slots_E: torch.Tensor, pos_E: torch.Tensor):
     return splan, rows_N
 
 
-def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int):
+def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int, fill: Optional[int] = None):
     """(the Plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
-    split into equal consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the
-    row's index within the expert's block. Device ops only."""
+    split into consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the row's
+    index j within the expert's block: equal parts (per-step dispatchers), or with `fill` = C (a
+    static buffer of C rows per slot) the holders filled in turn, holder min(j // C, nh - 1), so the
+    expert keeps its first nh*C rows and the last holder's buffer drops the rest. Device ops only."""
     dev = plan.counts_E.device
     counts = plan.counts_E.to(torch.long)
     e_N = plan.expert_idx_N.to(dev)
     start_E = torch.cumsum(counts, 0) - counts
     j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
     nh_N = nh_E.to(dev).index_select(0, e_N)
-    h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    if fill is None:
+        h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    else:
+        h_N = torch.minimum(torch.div(j_N, fill, rounding_mode="floor"), nh_N - 1)
     v_N = table_EH.to(dev)[e_N, h_N]
     rows_N = torch.argsort(v_N, stable=True)
     splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=num_virtual).to(plan.counts_E.dtype),
                                 expert_idx_N=v_N.index_select(0, rows_N))
     return splan, rows_N
+
+
+def static_keep(plan, cap_E: torch.Tensor):
+    """(keep_N, dropped) of a Plan whose expert e keeps its first cap_E[e] rows (a static buffer of
+    C rows per slot and nh_E[e] slots: cap_E = nh_E * C): the rows the ep mode's virtual dispatch
+    keeps, for the modes that compute every row (sharded_dp zeroes the others). Device ops only."""
+    dev = plan.counts_E.device
+    counts = plan.counts_E.to(torch.long)
+    cap = cap_E.to(device=dev, dtype=torch.long)
+    e_N = plan.expert_idx_N.to(dev)
+    j_N = torch.arange(e_N.shape[0], device=dev) - (torch.cumsum(counts, 0) - counts).index_select(0, e_N)
+    return j_N < cap.index_select(0, e_N), (counts - cap).clamp_min(0).sum()
 
 
 def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:

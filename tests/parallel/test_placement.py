@@ -167,3 +167,68 @@ def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path):
     assert all(slots != identity for slots in first["slots"][1]), first["slots"][1]  # placed in the dense phase
     assert all(slots == identity for slots in first["slots"][2]), first["slots"][2]  # the switch step: canonical
     assert min(first["moves"]) >= 1, first["moves"]  # then re-placed on the sparse loads
+
+
+# ---- under a static capacity buffer (parallel.static_capacity_factor; docs/placement.md) ------------
+AMPLE = 4.0  # E / K: C = T, no (source rank, expert) can overflow
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0),
+                                                      (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
+                                                      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
+                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1",
+                              "ep4-overlap2-replicas2", "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+def test_static_buffer_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap, replicas):
+    """The padded dispatcher's static buffer big enough that nothing drops: a new random placement
+    (and replicas) after every step equals the unplaced run with the same factor."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, replicas, AMPLE,
+                            timeout_s=120)
+    _assert_runs_equal(results, steps)
+    for r in results:
+        assert r["moves"] == steps and len(set(r["placements"])) == steps
+        assert all(s["dropped"] == 0 for run in r["runs"].values() for s in run)
+
+
+SMALL_F = 1.0  # C = ceil(37 * 2 / 8) = 10 rows per (source rank, slot): the hot expert (~30 a rank) drops
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap", [(4, "ep", 1), (4, "ep", 2), (2, "ep", 1), (2, "sharded_dp", 1)],
+                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp"])
+def test_static_buffer_permutation_drops_what_the_unplaced_run_drops(rank_pool, ep, mode, overlap):
+    """Permutations alone keep every expert's capacity (C a slot, one slot an expert) and its rows'
+    order: the same rows drop, so even with drops the run equals the unplaced one."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, 0, SMALL_F,
+                            timeout_s=120)
+    _assert_runs_equal(results, steps)
+    for r in results:
+        assert r["moves"] == steps
+        assert all(s["dropped"] > 0 for s in r["runs"]["ref"])  # rows did drop (else this tests nothing)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 1), (4, "ep", 2, 2), (2, "ep", 1, 1),
+                                                      (2, "sharded_dp", 1, 1)],
+                         ids=["ep4-replicas1", "ep4-overlap2-replicas2", "ep2-edp2-replicas1",
+                              "ep2-edp2-sharded_dp-replicas1"])
+def test_static_buffer_replicas_drop_by_the_documented_rule(rank_pool, ep, mode, overlap, replicas):
+    """Replicas under a small static buffer: an expert with h holders keeps the first h*C rows of each
+    source rank (token order), against a per-token loop of that rule: outputs, input, router and
+    expert gradients, weights after each AdamW step, the dropped rows and the factor needed."""
+    steps = 4
+    results = rank_pool.run(pw.static_drop_worker, WORLD, ep, steps, mode, overlap, replicas, SMALL_F, timeout_s=180)
+    drops = 0
+    for rank, r in enumerate(results):
+        for s, st in enumerate(r["steps"]):
+            for k, v in st["errors"].items():
+                assert v <= 1.0, f"rank {rank} step {s}: {k}: |got - want| is {v:.3g} x (atol + rtol |want|)"
+            got, want = st["dropped"]
+            assert got == want, f"rank {rank} step {s}: dropped {got}, the rule drops {want}"
+            np.testing.assert_allclose(st["needed"][0], st["needed"][1], rtol=1e-12)
+            drops += want
+    assert drops > 0
+    # the hot expert was replicated in some step (2+ holders), and dropped less than one slot would
+    assert any(st["holders"][pw.HOT] > 1 for st in results[0]["steps"])
