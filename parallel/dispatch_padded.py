@@ -87,7 +87,7 @@ class PaddedDispatcher(Dispatcher):
         return max(1, math.ceil(f * num_tokens * self.top_k / E))
 
     def factor_needed(self, counts_E: torch.Tensor, num_tokens: int,
-                      holders_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      holders_E: torch.Tensor | None = None) -> torch.Tensor:
         """The smallest factor whose static buffer holds every row of counts_E [E] (device): the
         largest count x E / (T x K), a 0-dim float64 device tensor (no host read). holders_E [E]
         (expert placement with replicas): expert e has holders_E[e] slots of C rows, so the largest
@@ -100,7 +100,7 @@ class PaddedDispatcher(Dispatcher):
         return most.to(torch.float64) * E / max(1, num_tokens * self.top_k)
 
     def static_plan(self, counts_E: torch.Tensor, expert_N: torch.Tensor, num_tokens: int, chunks: int = 1,
-                    capacity: Optional[int] = None):
+                    capacity: int | None = None):
         """Chunks of a static dispatch, with no host read and no collective.
 
         Args:

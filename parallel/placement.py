@@ -32,13 +32,11 @@ from __future__ import annotations
 import dataclasses
 import heapq
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .comm import all_to_all, comm_device
-from .dispatch_base import inverse_permutation
 
 PLACEMENTS = ("off", "static", "auto")
 
@@ -143,6 +141,18 @@ def balanced_placement(load_E, world: int, current: Placement | None = None, rep
         r = rank_of[i]
         slots[r * L:(r + 1) * L] = sorted(b)
     return Placement(tuple(slots), _replicas(load_E, world, slots, replicas_per_rank))
+
+
+def with_replicas(load_E, world: int, placement: Placement, replicas_per_rank: int) -> Placement:
+    """`placement`'s slots kept (no expert moves) and its replicas chosen afresh for `load_E`."""
+    return Placement(placement.slots, _replicas(load_E, world, list(placement.slots), replicas_per_rank))
+
+
+def static_drops(load_E, world: int, placement: Placement, capacity: int) -> float:
+    """Rows a static buffer of `capacity` (C) rows per (source rank, slot) drops for per-expert rows
+    `load_E` of one source rank: expert e keeps holders(e) * C of them."""
+    hold = placement.holders(world)
+    return sum(max(0.0, float(n) - len(h) * capacity) for n, h in zip(load_E, hold))
 
 
 def _replicas(load_E, world: int, slots: list, k: int) -> tuple:
@@ -260,7 +270,7 @@ def slot_plan(plan, slots_E: torch.Tensor, pos_E: torch.Tensor):
     return splan, rows_N
 
 
-def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int, fill: Optional[int] = None):
+def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int, fill: int | None = None):
     """(the Plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
     split into consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the row's
     index j within the expert's block: equal parts (per-step dispatchers), or with `fill` = C (a
@@ -295,16 +305,14 @@ def static_keep(plan, cap_E: torch.Tensor):
     return j_N < cap.index_select(0, e_N), (counts - cap).clamp_min(0).sum()
 
 
-def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
-    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
-    the parameters), then its k replicas' rows fetched from their owners with one differentiable
-    all-to-all: the backward sends the replicas' gradients back, summed into the owners'."""
+def replica_routes(placement: Placement, layout) -> tuple:
+    """The host side of `replica_weights` (Python integers, fixed per placement): (the local rows
+    this rank sends, in destination order; out_splits; in_splits; the order that puts the arrived
+    rows in my replica slots' order)."""
     P, L, me = layout.world, layout.local_experts, layout.rank
     reps = placement.replicas
     k = len(reps) // P
     pos = placement.position()
-    ws = [w for w in local if w is not None]
-    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
     send, in_splits = [], []
     for q in range(P):
         rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
@@ -312,10 +320,29 @@ def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
         in_splits.append(len(rows))
     need = reps[me * k:(me + 1) * k]
     out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
-    got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
-                     out_splits, in_splits, group)
     arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
-    got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
+    inv = [0] * k
+    for i, j in enumerate(arrival):
+        inv[j] = i
+    return send, out_splits, in_splits, inv
+
+
+def replica_weights(local: tuple, placement: Placement, layout, group, index: tuple | None = None) -> tuple:
+    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
+    the parameters), then its k replicas' rows fetched from their owners with one differentiable
+    all-to-all: the backward sends the replicas' gradients back, summed into the owners'.
+    index: (send rows, arrival order) as long tensors on the weights' device, out_splits, in_splits
+    (the runner keeps them per placement: no host-to-device copy on the step); None: made here."""
+    L = layout.local_experts
+    k = len(placement.replicas) // layout.world
+    ws = [w for w in local if w is not None]
+    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
+    if index is None:
+        send, out_splits, in_splits, inv = replica_routes(placement, layout)
+        index = (torch.tensor(send, dtype=torch.long, device=flat.device),
+                 torch.tensor(inv, dtype=torch.long, device=flat.device), out_splits, in_splits)
+    send_t, inv_t, out_splits, in_splits = index
+    got = all_to_all(flat.index_select(0, send_t), out_splits, in_splits, group).index_select(0, inv_t)
     out, at = [], 0
     for w in ws:
         n = w[0].numel()

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
-from .placement import Placement, replica_plan, replica_weights, slot_plan, static_keep
+from .placement import Placement, replica_plan, replica_routes, replica_weights, slot_plan, static_keep
 from .sharded_dp import ShardedDataParallel
 from .timing import HostClock
 from .tuner import Stats, Tuner
@@ -139,6 +139,7 @@ class ExpertParallelRunner:
         # replicas: a dispatcher over the virtual layout of E + P*k slots (dispatcher_for(layout) builds one)
         self._dispatcher_for = dispatcher_for
         self._rep: Optional[tuple] = None  # (dispatcher, my virtual slots, holders table [E, H], holders [E])
+        self._rep_maps: dict = {}  # device -> the replicas' index tensors there (made once per placement)
 
     # -- expert placement (see parallel/placement.py) ---------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -150,7 +151,7 @@ class ExpertParallelRunner:
             raise ValueError(f"expert placement needs whole experts per rank: the ep size ({self.layout.world}) is "
                              f"larger than num_experts ({self._num_experts}), so experts are split along F")
         placement.check(self.layout.world)
-        self._rep = None
+        self._rep, self._rep_maps = None, {}
         if placement.replicas:
             if self._dispatcher_for is None:
                 raise ValueError(f"expert replicas need a dispatcher built by apply_expert_parallel; this runner's "
@@ -185,14 +186,27 @@ class ExpertParallelRunner:
             return torch.zeros(self._num_experts, dtype=torch.float64)
         return load.to(device="cpu", dtype=torch.float64)
 
+    def _rep_on(self, dev) -> tuple:
+        """The replicas' index tensors on `dev`, copied there once per placement (a host-to-device
+        copy on every step would wait for the device): (holders table [E, H], holders [E], holders
+        by slot [E], (replica_weights' index))."""
+        maps = self._rep_maps.get(dev)
+        if maps is None:
+            send, out_splits, in_splits, inv = replica_routes(self.placement, self.layout)
+            index = (torch.tensor(send, dtype=torch.long, device=dev), torch.tensor(inv, dtype=torch.long, device=dev),
+                     out_splits, in_splits)
+            maps = self._rep_maps[dev] = tuple(t.to(dev) for t in self._rep[2:5]) + (index,)
+        return maps
+
     def _replica_plan(self, plan, static: bool):
         """Static buffer: the holders filled in turn, C rows each (the expert keeps its first nh*C)."""
-        table, nh = self._rep[2], self._rep[3]
+        table, nh = self._rep_on(plan.counts_E.device)[:2]
         fill = self.dispatcher.static_capacity(plan.num_tokens) if static else None
         return replica_plan(plan, table, nh, self._rep[0].E, fill=fill)
 
     def _replica_weights(self, weights: tuple) -> tuple:
-        return replica_weights(weights, self.placement, self.layout, self.group)
+        dev = next(w for w in weights if w is not None).device
+        return replica_weights(weights, self.placement, self.layout, self.group, self._rep_on(dev)[3])
 
     def _slot_plan(self, plan):
         dev = plan.counts_E.device
@@ -340,7 +354,7 @@ class ExpertParallelRunner:
         if static:
             # under a placement with replicas (self._rep) C is per slot, the layer's C of E experts, and an
             # expert with nh holders keeps its first nh*C rows of this source (docs/placement.md)
-            holders = self._rep[3] if self._rep is not None else None
+            holders = self._rep_on(counts_E.device)[1] if self._rep is not None else None
             if prep.dispatcher is not None:  # ep mode over the virtual slots: the holders filled in turn
                 chunks, keep_N, dropped, C = prep.dispatcher.static_plan(
                     counts_E, plan.expert_idx_N, plan.num_tokens, c,
@@ -349,7 +363,7 @@ class ExpertParallelRunner:
                 chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
                                                                         c if mode == "ep" else 1)
                 if holders is not None:  # sharded_dp computes every row: it zeroes those ep mode drops
-                    keep_N, dropped = static_keep(plan, self._rep[4] * C)
+                    keep_N, dropped = static_keep(plan, self._rep_on(counts_E.device)[2] * C)
             metrics["overflow_dropped"] = dropped.detach()
             metrics["static_factor_needed"] = self.dispatcher.factor_needed(prep.source.counts_E, plan.num_tokens,
                                                                             holders).detach()
@@ -434,7 +448,7 @@ class ExpertParallelRunner:
         return ys, nbytes, nremote
 
     def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, weights: tuple, t_s: dict, metrics: dict,
-                       shared=None, out: Optional[dict] = None, rep_d: Optional[Dispatcher] = None) -> torch.Tensor:
+                       shared=None, out: Optional[dict] = None, rep_d: Dispatcher | None = None) -> torch.Tensor:
         """The ep mode over a static buffer: no host read, no collective but the data all-to-alls
         (with replicas, rep_d: the virtual layout's dispatcher, and the replicas' weight fetch).
 

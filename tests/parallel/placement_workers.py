@@ -77,7 +77,7 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
     dims = ParallelDims.build(ep=ep, timeout_s=60)
     ref = skewed_layer()
     placed = copy.deepcopy(ref)
-    ep_opts = {} if static is None else dict(dispatcher=dispatcher, static_capacity_factor=static)
+    ep_opts = {} if static is None else {"dispatcher": dispatcher, "static_capacity_factor": static}
     for layer in (ref, placed):
         apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap, **ep_opts)
     opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, placed)]

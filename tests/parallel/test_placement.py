@@ -232,3 +232,26 @@ def test_static_buffer_replicas_drop_by_the_documented_rule(rank_pool, ep, mode,
     assert drops > 0
     # the hot expert was replicated in some step (2+ holders), and dropped less than one slot would
     assert any(st["holders"][pw.HOT] > 1 for st in results[0]["steps"])
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,replicas", [(4, 0), (4, 1), (2, 1)], ids=["ep4", "ep4-replicas1", "ep2-edp2-replicas1"])
+def test_static_buffer_controller_replicates_to_drop_less(rank_pool, ep, replicas):
+    """The controller under a small static buffer: it never permutes (no rank computes more than
+    another, a pair's capacity is where its expert is); with a replica slot it replicates the hot
+    expert at once, which then drops fewer rows than the unplaced run; the same decisions everywhere."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, "ep", 1, False, replicas, SMALL_F,
+                            timeout_s=120)
+    first = results[0]
+    for r in results[1:]:
+        assert r["decisions"] == first["decisions"]
+    assert all(slots == tuple(range(8)) for slots, _ in first["placements"])  # the slots never change
+    if not replicas:
+        assert first["moves"] == 0
+        _assert_runs_equal(results, steps)  # nothing placed: the unplaced run, drops and all
+        return
+    moved, slots, reps, _, _ = first["decisions"][0][0]
+    assert moved and pw.HOT in reps and len(reps) == ep * replicas
+    dropped = {k: sum(s["dropped"] for r in results for s in r["runs"][k][1:]) for k in ("ref", "placed")}
+    assert dropped["placed"] < dropped["ref"], dropped
