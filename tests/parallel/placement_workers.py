@@ -270,3 +270,26 @@ def static_drop_worker(ep: int, steps: int, mode: str, overlap: int, replicas: i
         opt.zero_grad(set_to_none=True)
         ref_opt.zero_grad(set_to_none=True)
     return {"steps": out}
+
+
+def rerun_worker(runs, root: str, forced: Placement) -> dict:
+    """runs: [(name, TrainConfig, place)] trained one after the other (moesys' Trainer.fit); `place`:
+    every MoE layer is moved to `forced` (permutation and replicas) before the first step. Returns per
+    run the losses, the overflow events, the final factor and the parameters in expert order."""
+    from moesys.trainer import Trainer
+
+    out = {}
+    dims = None
+    for name, cfg, place in runs:
+        if dims is None:
+            dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=60, num_experts=cfg.moe.num_experts)
+        tr = Trainer(cfg, dims=dims, out_dir=os.path.join(root, name))
+        if place:
+            for layer in tr.placement.layers:
+                apply_placement(layer, forced, tr.optimizer)
+        summary = tr.fit(None)
+        out[name] = {"losses": summary["train_losses"], "events": list(tr.history.get("overflow_events", [])),
+                     "factor": tr.static_capacity_factor, "params": _canonical_params(tr),
+                     "placements": [layer.runner.placement for layer in tr.placement.layers] if place else []}
+        dist.barrier()
+    return out

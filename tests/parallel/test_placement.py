@@ -7,6 +7,7 @@ gradients and AdamW moments move), or the PlacementController's own decisions. O
 and expert gradients (experts mapped back to expert order) and the weights after each step equal the
 unplaced run's (rtol 1e-5), in ep mode (overlap 1 and 2) and sharded_dp mode.
 """
+import json
 import os
 import sys
 
@@ -17,8 +18,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "moesys"))
 
 import placement_workers as pw  # noqa: E402
-from train_helpers import load_and_probe, make_cfg  # noqa: E402
+from train_helpers import load_and_probe, make_cfg, pool_run, read_flat_checkpoint  # noqa: E402
 
+from moesys.parallel.overflow import grown_factor  # noqa: E402
 from moesys.parallel.placement import Placement, balanced_placement, imbalance, moved_experts  # noqa: E402
 
 WORLD = 4
@@ -255,3 +257,72 @@ def test_static_buffer_controller_replicates_to_drop_less(rank_pool, ep, replica
     assert moved and pw.HOT in reps and len(reps) == ep * replicas
     dropped = {k: sum(s["dropped"] for r in results for s in r["runs"][k][1:]) for k in ("ref", "placed")}
     assert dropped["placed"] < dropped["ref"], dropped
+
+
+# ---- through the Trainer with a static buffer ----------------------------------------------------
+STATIC_TRAIN = ("moe.num_experts=8", "trainer.batch_size=16", f"parallel.simulate_ranks={WORLD}", "parallel.ep=4",
+                "parallel.mode=ep", "parallel.overlap=1", "parallel.dispatcher=padded", "parallel.placement_interval=1",
+                "trainer.steps=4", "trainer.log_interval=1", "trainer.eval_interval=100")
+
+
+def _step_metrics(out_dir) -> list:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if "loss" in r and "step" in r]
+
+
+def _summed(rec: dict, suffix: str) -> float:
+    return sum(v for k, v in rec.items() if k.endswith(suffix))
+
+
+@pytest.mark.multirank
+def test_trainer_static_buffer_placement_auto(rank_pool, tmp_path):
+    """moesys-train's path (pool_run) with a small static buffer (rows drop): placement=auto trains like
+    placement=off (losses, final checkpoint; it has nothing to gain from a permutation); with a replica
+    slot a rank it replicates the hot experts and drops fewer rows than off."""
+    small = "parallel.static_capacity_factor=0.75"
+    runs = {name: pool_run(rank_pool, make_cfg(*STATIC_TRAIN, small, *extra), str(tmp_path / name))
+            for name, extra in (("off", ("parallel.placement=off",)), ("auto", ("parallel.placement=auto",)),
+                                ("replicas", ("parallel.placement=auto", "parallel.placement_replicas=1")))}
+    np.testing.assert_allclose(runs["auto"]["train_losses"], runs["off"]["train_losses"], rtol=RTOL)
+    want = read_flat_checkpoint(runs["off"]["checkpoint"])
+    got = read_flat_checkpoint(runs["auto"]["checkpoint"])
+    assert set(got) == set(want)
+    for k, w in want.items():
+        if hasattr(w, "numpy"):
+            np.testing.assert_allclose(got[k].numpy(), w.numpy(), rtol=RTOL, atol=ATOL, err_msg=k)
+    recs = {name: _step_metrics(str(tmp_path / name)) for name in runs}
+    drops = {name: [_summed(r, "runtime/overflow_dropped") for r in rs] for name, rs in recs.items()}
+    assert min(drops["off"]) > 0 and drops["auto"] == drops["off"]
+    moves = [_summed(r, "runtime/placement_moves") for r in recs["replicas"]]
+    assert moves[-1] >= 1 and _summed(recs["auto"][-1], "runtime/placement_moves") == 0
+    assert sum(drops["replicas"][1:]) < sum(drops["off"][1:]), drops  # replicated after step 0
+
+
+@pytest.mark.multirank
+def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
+    """parallel.overflow=rerun from a tiny factor, experts permuted and replicated from the first step:
+    every overflowed step is re-run once with the factor grown for the placed need (ceil(rows / holders)),
+    and the run equals placement=off with a buffer that never overflows (f = E/K) from the start."""
+    common = (*STATIC_TRAIN, "parallel.placement_interval=100", "trainer.save_final=false")
+    tiny, ample = "parallel.static_capacity_factor=0.25", "parallel.static_capacity_factor=4.0"
+    rerun = ("parallel.overflow=rerun", "parallel.placement=auto", "parallel.placement_replicas=1")
+    forced = Placement(tuple(reversed(range(8))), (0, 1, 4, 5))
+    runs = [("placed", make_cfg(*common, tiny, *rerun), True),
+            ("off", make_cfg(*common, tiny, "parallel.overflow=rerun"), False),
+            ("ample", make_cfg(*common, ample), False)]
+    results = rank_pool.run(pw.rerun_worker, WORLD, runs, str(tmp_path), forced, timeout_s=180)
+    for rank, r in enumerate(results):
+        placed, ample = r["placed"], r["ample"]
+        assert placed["placements"] == [forced, forced]  # nothing re-decided (interval 100)
+        np.testing.assert_allclose(placed["losses"], ample["losses"], rtol=RTOL)
+        for n, want in ample["params"].items():
+            np.testing.assert_allclose(placed["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank}: {n}")
+        events = placed["events"]
+        assert events == results[0]["placed"]["events"] and events[0]["step"] == 0
+        assert all(e["rerun"] for e in events), f"a re-run overflowed again: {events}"
+        for e in events:
+            assert e["factor_to"] == grown_factor(e["factor_from"], e["factor_needed"], 4.0)
+        # step 0 routes the same rows either way: the replicas' extra capacity drops fewer and needs no more
+        off = r["off"]["events"][0]
+        assert events[0]["dropped"] < off["dropped"] and events[0]["factor_needed"] <= off["factor_needed"]
