@@ -326,3 +326,24 @@ def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
         # step 0 routes the same rows either way: the replicas' extra capacity drops fewer and needs no more
         off = r["off"]["events"][0]
         assert events[0]["dropped"] < off["dropped"] and events[0]["factor_needed"] <= off["factor_needed"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("factor", [AMPLE, SMALL_F], ids=["ample", "drops"])
+def test_static_buffer_hierarchical_padded_with_replicas(rank_pool, factor):
+    """The padded 2-D dispatcher (2 simulated nodes of 2 ranks) under a placement with replicas: the
+    same rows drop as with the flat padded one (its per-token loop is test_static_buffer_replicas_...)."""
+    steps = 3
+    flat = rank_pool.run(pw.equivalence_worker, WORLD, 4, steps, "ep", 2, True, 1, factor, timeout_s=120)
+    two_d = rank_pool.run(pw.equivalence_worker, WORLD, 4, steps, "ep", 2, True, 1, factor, "hierarchical_padded",
+                          timeout_s=120, local_world_size=2)
+    for rank, (a, b) in enumerate(zip(flat, two_d)):
+        assert a["placements"] == b["placements"]
+        for s, (x, y) in enumerate(zip(a["runs"]["placed"], b["runs"]["placed"])):
+            assert x["dropped"] == y["dropped"]
+            for key, want in x.items():
+                for n, w in (want.items() if isinstance(want, dict) else [(key, want)]):
+                    np.testing.assert_allclose(y[key][n] if isinstance(want, dict) else y[key], w, rtol=RTOL,
+                                               atol=ATOL, err_msg=f"rank {rank} step {s}: {key} {n}")
+    if factor == SMALL_F:
+        assert sum(s["dropped"] for r in flat for s in r["runs"]["placed"]) > 0
