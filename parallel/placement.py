@@ -23,6 +23,11 @@ and the replica slots' weights are the owners' rows fetched each forward with on
 all-to-all (`replica_weights`), so their gradients are summed into the owners' and the optimizer,
 which steps the owners only, applies the same update. sharded_dp mode ignores replicas.
 
+A static capacity buffer (the padded dispatchers' static_capacity_factor) holds the layer's C rows
+per (source rank, slot): a permutation keeps every expert's C and its rows' order, so the same rows
+drop; a replicated expert's holders are filled in turn (`replica_plan(fill=C)`), so it keeps its
+first holders*C rows; `static_keep` gives the same rows to the modes that compute every row.
+
 Decisions (placement_control.PlacementController) are taken by every rank of the job together: the per-expert loads
 accumulated since the last decision are all-reduced (one collective for all layers) over the agree
 group, so every rank feeds the same numbers to the same deterministic balancer and cost gate.

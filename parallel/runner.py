@@ -32,7 +32,10 @@ the same rows), so the modes still give the same numbers; `overflow_dropped` (a 
 tensor) counts them, and `static_factor_needed` (0-dim device tensor) is the smallest factor that
 would have held this call's rows. overflow="error" then checks, after the combine, with one
 all-reduce over the ep group, and raises on every rank together; overflow="rerun" drops and counts
-here, and the trainer re-runs the step with a larger factor (parallel/overflow.py).
+here, and the trainer re-runs the step with a larger factor (parallel/overflow.py). Under an expert
+placement C is per slot (the layer's C): a permutation drops the rows the canonical layout drops;
+an expert with h holders keeps its first h*C rows of each source (the replica plan fills the holders
+in turn), and the factor needed is per holder (docs/placement.md).
 """
 from __future__ import annotations
 
