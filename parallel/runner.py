@@ -180,6 +180,15 @@ class ExpertParallelRunner:
         self._track = bool(on)
         self._load_E = None
 
+    def step_state(self) -> dict:
+        """What a training forward advances besides the tuner (moesys.step_state: a re-run step puts it
+        back): the per-expert rows accumulated for the placement decisions."""
+        return {"load_E": None if self._load_E is None else self._load_E.clone()}
+
+    def load_step_state(self, state: dict) -> None:
+        load = state["load_E"]
+        self._load_E = None if load is None else load.clone()
+
     def take_load(self) -> torch.Tensor:
         """[E] float64 CPU: this rank's kept rows per expert over the training forwards since the
         last take (a host read), then reset."""

@@ -290,6 +290,9 @@ def rerun_worker(runs, root: str, forced: Placement) -> dict:
         summary = tr.fit(None)
         out[name] = {"losses": summary["train_losses"], "events": list(tr.history.get("overflow_events", [])),
                      "factor": tr.static_capacity_factor, "params": _canonical_params(tr),
-                     "placements": [layer.runner.placement for layer in tr.placement.layers] if place else []}
+                     "placements": [layer.runner.placement for layer in tr.placement.layers] if place else [],
+                     # the rows the placement decisions would see (a re-run step counts once)
+                     "loads": [layer.runner.take_load().tolist() for layer in tr.placement.layers]
+                     if tr.placement is not None else []}
         dist.barrier()
     return out

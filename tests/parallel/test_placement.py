@@ -303,18 +303,20 @@ def test_trainer_static_buffer_placement_auto(rank_pool, tmp_path):
 def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
     """parallel.overflow=rerun from a tiny factor, experts permuted and replicated from the first step:
     every overflowed step is re-run once with the factor grown for the placed need (ceil(rows / holders)),
-    and the run equals placement=off with a buffer that never overflows (f = E/K) from the start."""
+    and the run equals a buffer that never overflows (f = E/K) from the start, unplaced: losses, weights
+    and the per-expert rows the placement decisions see (a re-run puts the first pass's back)."""
     common = (*STATIC_TRAIN, "parallel.placement_interval=100", "trainer.save_final=false")
     tiny, ample = "parallel.static_capacity_factor=0.25", "parallel.static_capacity_factor=4.0"
     rerun = ("parallel.overflow=rerun", "parallel.placement=auto", "parallel.placement_replicas=1")
     forced = Placement(tuple(reversed(range(8))), (0, 1, 4, 5))
     runs = [("placed", make_cfg(*common, tiny, *rerun), True),
             ("off", make_cfg(*common, tiny, "parallel.overflow=rerun"), False),
-            ("ample", make_cfg(*common, ample), False)]
+            ("ample", make_cfg(*common, ample, "parallel.placement=auto"), False)]  # tracks loads, never moves
     results = rank_pool.run(pw.rerun_worker, WORLD, runs, str(tmp_path), forced, timeout_s=180)
     for rank, r in enumerate(results):
         placed, ample = r["placed"], r["ample"]
         assert placed["placements"] == [forced, forced]  # nothing re-decided (interval 100)
+        assert placed["loads"] == ample["loads"]  # the overflowed first passes' rows were put back
         np.testing.assert_allclose(placed["losses"], ample["losses"], rtol=RTOL)
         for n, want in ample["params"].items():
             np.testing.assert_allclose(placed["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank}: {n}")
