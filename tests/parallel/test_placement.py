@@ -21,7 +21,14 @@ import placement_workers as pw  # noqa: E402
 from train_helpers import load_and_probe, make_cfg, pool_run, read_flat_checkpoint  # noqa: E402
 
 from moesys.parallel.overflow import grown_factor  # noqa: E402
-from moesys.parallel.placement import Placement, balanced_placement, imbalance, moved_experts  # noqa: E402
+from moesys.parallel.placement import (  # noqa: E402
+    Placement,
+    balanced_placement,
+    imbalance,
+    moved_experts,
+    static_drops,
+    with_replicas,
+)
 
 WORLD = 4
 RTOL, ATOL = 1e-5, 1e-6
@@ -88,6 +95,16 @@ def test_balanced_placement_evens_a_skewed_load():
     assert max(new.rank_loads(load, 4)) == 55 + 1 + 0 + 1
     assert balanced_placement(load, 4, new) == new  # a balanced placement stays (no moves)
     assert moved_experts(new, new, 4) == [0, 0, 0, 0]
+
+
+def test_static_drops_and_replicas_keep_the_slots():
+    """A static buffer of C rows per (source rank, slot): an expert with h holders drops past h*C."""
+    load = [30, 5, 12, 0]
+    assert static_drops(load, 2, Placement.identity(4), 10) == 20 + 2
+    placed = Placement((0, 1, 2, 3), (2, 0))  # rank 0: 0, 1 and a replica of 2; rank 1: 2, 3 and one of 0
+    assert len(placed.holders(2)[0]) == 2 and static_drops(load, 2, placed, 10) == 10
+    new = with_replicas(load, 2, Placement((3, 1, 2, 0)), 1)
+    assert new.slots == (3, 1, 2, 0) and 0 in new.replicas  # the slots kept, the hottest replicated
 
 
 def test_placement_must_be_a_permutation():
