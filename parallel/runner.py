@@ -141,7 +141,8 @@ class ExpertParallelRunner:
         self.placement_report = {"placement_imbalance": 0.0, "placement_moves": 0.0}
         # replicas: a dispatcher over the virtual layout of E + P*k slots (dispatcher_for(layout) builds one)
         self._dispatcher_for = dispatcher_for
-        self._rep: Optional[tuple] = None  # (dispatcher, my virtual slots, holders table [E, H], holders [E])
+        # (dispatcher, my virtual slots, holders table [E, H], holders [E], holders by slot [E]): set_placement
+        self._rep: Optional[tuple] = None
         self._rep_maps: dict = {}  # device -> the replicas' index tensors there (made once per placement)
 
     # -- expert placement (see parallel/placement.py) ---------------------------------------------
