@@ -4,6 +4,7 @@ side in one run on simulated gloo ranks, with routing skewed by a Zipf law over 
     python benchmarks/placement.py --ranks 4 --zipf 1.2          # ~2 min on 2 shared cores
     python benchmarks/placement.py --ranks 4 --zipf 1.2 --experts 16 --steps 12 --replicas 0   # permute only
     python benchmarks/placement.py --ranks 4 --zipf 1.2 --force   # move even where this host says it won't pay
+    python benchmarks/placement.py --ranks 4 --zipf 1.2 --static-capacity-factor 1.25 --no-scale   # static buffer
 
 Each rank holds the same MoE layer twice (the same weights: ep = ranks, ep mode, no dispatch overlap),
 one left in the canonical layout, one under a PlacementController (policy auto, `--replicas` replica
@@ -17,10 +18,17 @@ adaptive step's speed-up from the measured rows (plus the replicas' weight fetch
 probed figures, against the measured one; and on the cluster presets at 64 to 1,024 GPUs, the
 layer's predicted gain for the same Zipf skew (each rank's rows from the Zipf shares under the
 canonical layout, the balancer's permutation, and the permutation with one replica slot a rank).
+
+--static-capacity-factor f: both layers dispatch through the padded dispatcher's static buffer of
+C = ceil(f*T*K/E) rows per (source rank, slot), which drops the rows past it: the controller then
+keeps the slots and places replicas where they cut the expected drops (docs/placement.md), and the
+table adds the rows dropped a step over the job. (Every rank computes its fixed buffers there, so the
+busiest rank's rows do not set the step and no cost-model prediction is printed.)
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -63,8 +71,10 @@ def bench_worker(a: dict) -> dict:
         static.router.weight[:, :a["experts"]] = torch.eye(a["experts"])
     adaptive = MoELayer(cfg, balance_group="local")
     adaptive.load_state_dict(static.state_dict())
+    buffer = {} if a["static_capacity_factor"] is None else {"dispatcher": "padded",
+                                                             "static_capacity_factor": a["static_capacity_factor"]}
     for layer in (static, adaptive):
-        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode="ep", overlap=1)
+        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode="ep", overlap=1, **buffer)
     opts = {"static": torch.optim.AdamW(static.parameters(), lr=1e-4),
             "adaptive": torch.optim.AdamW(adaptive.parameters(), lr=1e-4)}
     layers = {"static": static, "adaptive": adaptive}
@@ -87,7 +97,8 @@ def bench_worker(a: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         t = time.perf_counter() - t0
         counts = aux.tokens_per_expert.to(torch.float64)
-        return t, counts
+        dropped = float(layer.runner.last_metrics["overflow_dropped"])  # 0 without a static buffer
+        return t, counts, dropped
 
     rows = {"static": [], "adaptive": []}
     decided_at = None
@@ -95,13 +106,15 @@ def bench_worker(a: dict) -> dict:
         x = skewed_tokens(a["tokens"], a["d_model"], shares, gen)
         for kind in (("static", "adaptive") if i % 2 == 0 else ("adaptive", "static")):
             placement = layers[kind].runner.placement
-            t, counts = step(kind, x)
+            t, counts, dropped = step(kind, x)
             dist.all_reduce(counts)  # the job's rows per expert
             loads = placement.rank_loads(counts.tolist(), P)
             tt = torch.tensor([t], dtype=torch.float64)
             dist.all_reduce(tt, op=dist.ReduceOp.MAX)  # the slowest rank sets the step
+            dd = torch.tensor([dropped], dtype=torch.float64)
+            dist.all_reduce(dd)  # the job's dropped rows
             if i >= a["interval"] + a["warmup"]:
-                rows[kind].append((float(tt), imbalance(loads), max(loads)))
+                rows[kind].append((float(tt), imbalance(loads), max(loads), float(dd)))
         if ctl.after_step(i, opts["adaptive"]) and decided_at is None:
             decided_at = i
     return {"rows": rows, "slots": adaptive.runner.placement.slots, "replicas": adaptive.runner.placement.replicas, "moves": adaptive.runner.placement_moves,
@@ -158,20 +171,35 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-scale", action="store_true", help="skip the cluster presets' predictions")
     ap.add_argument("--force", action="store_true", help="take the balancer's placement even where this machine's "
                     "figures say it does not pay (to check the cost model's prediction of a move)")
+    ap.add_argument("--static-capacity-factor", type=float, default=None,
+                    help="dispatch through a static buffer of this factor (rows past it drop; see the docstring)")
     args = ap.parse_args(argv)
     a = {k: getattr(args, k) for k in ("zipf", "experts", "ffn", "tokens", "interval", "steps", "warmup", "threads",
-                                       "replicas", "force")}
+                                       "replicas", "force", "static_capacity_factor")}
     a["d_model"] = args.d_model
     res = simulate(bench_worker, args.ranks, a, timeout_s=600)[0]
-    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in res["rows"].items()}
+    med = {k: tuple(statistics.median(r[i] for r in v) for i in range(4)) for k, v in res["rows"].items()}
+    static_buffer = args.static_capacity_factor is not None
     print(f"{args.ranks} gloo ranks, ep {args.ranks}: one MoE layer E={args.experts} d={args.d_model} "
           f"ffn={args.ffn}, top-2 with Zipf({args.zipf}) expert shares, {args.tokens} tokens a rank")
     print(f"adaptive placement decided after step {res['decided_at']}: slots {list(res['slots'])}, replicas "
           f"{list(res['replicas'])} ({res['moves']} move(s))")
-    print(f"| layout   | busiest/mean rows | step ms |   (slowest rank, median of {args.steps} steps)")
-    for k in ("static", "adaptive"):
-        print(f"| {k:<8} | {med[k][1]:>17.2f} | {med[k][0] * 1e3:>7.1f} |")
+    if static_buffer:
+        C = max(1, math.ceil(args.static_capacity_factor * args.tokens * 2 / args.experts))
+        print(f"static buffer: parallel.static_capacity_factor={args.static_capacity_factor} (C = {C} rows a source "
+              "rank and slot)")
+        print(f"| layout   | busiest/mean rows | step ms | dropped rows |   (median of {args.steps} steps; rows "
+              f"dropped over the job, of {2 * args.tokens * args.ranks})")
+        for k in ("static", "adaptive"):
+            print(f"| {k:<8} | {med[k][1]:>17.2f} | {med[k][0] * 1e3:>7.1f} | {med[k][3]:>12.0f} |")
+    else:
+        print(f"| layout   | busiest/mean rows | step ms |   (slowest rank, median of {args.steps} steps)")
+        for k in ("static", "adaptive"):
+            print(f"| {k:<8} | {med[k][1]:>17.2f} | {med[k][0] * 1e3:>7.1f} |")
     speedup = med["static"][0] / med["adaptive"][0]
+    if static_buffer:
+        print(f"adaptive step: {speedup:.2f}x the static one's speed measured")
+        return {"median": med, "speedup": speedup, **{k: res[k] for k in ("slots", "replicas", "moves", "decided_at")}}
     shape = Shape(world=args.ranks, num_experts=args.experts, hidden=args.d_model, ffn=args.ffn, matrices=2,
                   dtype_bytes=4)
     rows_total = 2 * args.tokens * args.ranks

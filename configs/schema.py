@@ -502,9 +502,6 @@ class TrainConfig:
         elif t.engine != "plain":
             why = (f"trainer.engine={t.engine!r}: placement moves the experts' rows and AdamW moments of the plain "
                    "engine only so far; use trainer.engine=plain")
-        elif p.static_capacity_factor is not None:
-            why = (f"parallel.static_capacity_factor={p.static_capacity_factor}: placement runs with the per-step "
-                   "dispatchers only so far; set parallel.static_capacity_factor=null")
         if why is not None:
             raise ConfigError(f"parallel.placement={p.placement!r}: {why}")
         free = moe.num_experts - moe.num_experts // p.ep  # the experts a rank does not hold

@@ -9,7 +9,9 @@ the re-run's settings from the start gives, so everything the first pass changed
                Python's and NumPy's global streams, and every torch.Generator a module holds
                (the random drop policy's `_generator`)
     modules    anything else a module keeps in Python attributes, through an optional pair
-               `step_state() -> dict` / `load_step_state(dict)` (EvoMoELayer's gate-noise call index)
+               `step_state() -> dict` / `load_step_state(dict)` (EvoMoELayer's gate-noise call index),
+               on the module or on its `runner` (an MoE layer's expert-parallel runner: the loads
+               it accumulates for expert placement)
 
 Parameters and optimizer state are not captured: the optimizer has not stepped when a step is
 re-run, and gradients are zeroed by the re-run itself. What runs after the optimizer step
@@ -30,7 +32,7 @@ import torch.nn as nn
 class StepState:
     buffers: dict  # name -> clone
     generators: dict  # (module name, attribute) -> generator state
-    modules: dict  # module name -> its step_state()
+    modules: dict  # module name (or (module name, "runner")) -> its step_state()
     cpu_rng: torch.Tensor
     cuda_rng: Optional[torch.Tensor]
     cuda_index: Optional[int]
@@ -48,6 +50,9 @@ class StepState:
                     generators[(mname, attr)] = v.get_state()
             if hasattr(m, "step_state"):
                 modules[mname] = m.step_state()
+            runner = getattr(m, "runner", None)
+            if hasattr(runner, "step_state"):
+                modules[(mname, "runner")] = runner.step_state()
         cuda = device.type == "cuda"
         idx = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
         return cls(buffers=buffers, generators=generators, modules=modules, cpu_rng=torch.get_rng_state(),
@@ -66,6 +71,8 @@ class StepState:
                     v.set_state(self.generators[(mname, attr)])
             if mname in self.modules:
                 m.load_step_state(self.modules[mname])
+            if (mname, "runner") in self.modules:
+                m.runner.load_step_state(self.modules[(mname, "runner")])
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state(self.cuda_rng, self.cuda_index)

@@ -86,23 +86,32 @@ class PaddedDispatcher(Dispatcher):
         f, E = self.static_capacity_factor, self.layout.num_experts
         return max(1, math.ceil(f * num_tokens * self.top_k / E))
 
-    def factor_needed(self, counts_E: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def factor_needed(self, counts_E: torch.Tensor, num_tokens: int,
+                      holders_E: torch.Tensor | None = None) -> torch.Tensor:
         """The smallest factor whose static buffer holds every row of counts_E [E] (device): the
-        largest count x E / (T x K), a 0-dim float64 device tensor (no host read)."""
+        largest count x E / (T x K), a 0-dim float64 device tensor (no host read). holders_E [E]
+        (expert placement with replicas): expert e has holders_E[e] slots of C rows, so the largest
+        ceil(count / holders) counts instead."""
         E = self.layout.num_experts
+        if holders_E is not None:
+            h = holders_E.to(device=counts_E.device, dtype=counts_E.dtype)
+            counts_E = torch.div(counts_E + h - 1, h, rounding_mode="floor")
         most = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
         return most.to(torch.float64) * E / max(1, num_tokens * self.top_k)
 
-    def static_plan(self, counts_E: torch.Tensor, expert_N: torch.Tensor, num_tokens: int, chunks: int = 1):
+    def static_plan(self, counts_E: torch.Tensor, expert_N: torch.Tensor, num_tokens: int, chunks: int = 1,
+                    capacity: int | None = None):
         """Chunks of a static dispatch, with no host read and no collective.
 
         Args:
             counts_E: [E] rows per expert (on the device); expert_N: [N] expert of each row (non-decreasing).
             num_tokens: T of this call (the same on every rank of the group).
             chunks: the overlap degree c; C is split into c near-equal slot ranges (empty ones skipped).
+            capacity: C itself (a host integer), instead of this dispatcher's formula: a placement's
+                virtual layout of E + P*k slots keeps the layer's C (of E experts) per slot.
         Returns (list of StaticChunk, keep_N [N] bool: row within C, dropped: 0-dim int64 rows past C, C).
         """
-        C = self.static_capacity(num_tokens)
+        C = self.static_capacity(num_tokens) if capacity is None else int(capacity)
         E, N = self.layout.num_experts, expert_N.shape[0]
         dev = expert_N.device
         counts_E = counts_E.to(device=dev, dtype=torch.long)

@@ -12,7 +12,8 @@ all-reduce), re-runs an overflowed step once with a larger f on every rank:
 
 f_needed is the smallest factor whose buffer holds the most rows any (source rank, expert) held in
 any layer and micro-batch of the step (`runtime/static_factor_needed`, max over the job: one extra
-all-reduce, on overflowed steps only). The growth rule (a choice, documented in docs/expert-parallelism.md):
+all-reduce, on overflowed steps only); under an expert placement with replicas an expert has a
+buffer per holder, so its ceil(rows / holders) counts (docs/placement.md). The growth rule (a choice, documented in docs/expert-parallelism.md):
 
     f_new = min(ceil(4 * max(MARGIN * f_needed, MIN_GROWTH * f)) / 4, E / K)   (a multiple of 0.25)
 

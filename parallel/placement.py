@@ -23,6 +23,11 @@ and the replica slots' weights are the owners' rows fetched each forward with on
 all-to-all (`replica_weights`), so their gradients are summed into the owners' and the optimizer,
 which steps the owners only, applies the same update. sharded_dp mode ignores replicas.
 
+A static capacity buffer (the padded dispatchers' static_capacity_factor) holds the layer's C rows
+per (source rank, slot): a permutation keeps every expert's C and its rows' order, so the same rows
+drop; a replicated expert's holders are filled in turn (`replica_plan(fill=C)`), so it keeps its
+first holders*C rows; `static_keep` gives the same rows to the modes that compute every row.
+
 Decisions (placement_control.PlacementController) are taken by every rank of the job together: the per-expert loads
 accumulated since the last decision are all-reduced (one collective for all layers) over the agree
 group, so every rank feeds the same numbers to the same deterministic balancer and cost gate.
@@ -37,7 +42,6 @@ import torch
 import torch.distributed as dist
 
 from .comm import all_to_all, comm_device
-from .dispatch_base import inverse_permutation
 
 PLACEMENTS = ("off", "static", "auto")
 
@@ -142,6 +146,18 @@ def balanced_placement(load_E, world: int, current: Placement | None = None, rep
         r = rank_of[i]
         slots[r * L:(r + 1) * L] = sorted(b)
     return Placement(tuple(slots), _replicas(load_E, world, slots, replicas_per_rank))
+
+
+def with_replicas(load_E, world: int, placement: Placement, replicas_per_rank: int) -> Placement:
+    """`placement`'s slots kept (no expert moves) and its replicas chosen afresh for `load_E`."""
+    return Placement(placement.slots, _replicas(load_E, world, list(placement.slots), replicas_per_rank))
+
+
+def static_drops(load_E, world: int, placement: Placement, capacity: int) -> float:
+    """Rows a static buffer of `capacity` (C) rows per (source rank, slot) drops for per-expert rows
+    `load_E` of one source rank: expert e keeps holders(e) * C of them."""
+    hold = placement.holders(world)
+    return sum(max(0.0, float(n) - len(h) * capacity) for n, h in zip(load_E, hold))
 
 
 def _replicas(load_E, world: int, slots: list, k: int) -> tuple:
@@ -259,17 +275,22 @@ def slot_plan(plan, slots_E: torch.Tensor, pos_E: torch.Tensor):
     return splan, rows_N
 
 
-def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int):
+def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: int, fill: int | None = None):
     """(the Plan over the virtual slots, x_ND's rows in that order): each expert's rows on this rank
-    split into equal consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the
-    row's index within the expert's block. Device ops only."""
+    split into consecutive parts, one per holder (table_EH[e, :nh_E[e]], owner first), by the row's
+    index j within the expert's block: equal parts (per-step dispatchers), or with `fill` = C (a
+    static buffer of C rows per slot) the holders filled in turn, holder min(j // C, nh - 1), so the
+    expert keeps its first nh*C rows and the last holder's buffer drops the rest. Device ops only."""
     dev = plan.counts_E.device
     counts = plan.counts_E.to(torch.long)
     e_N = plan.expert_idx_N.to(dev)
     start_E = torch.cumsum(counts, 0) - counts
     j_N = torch.arange(e_N.shape[0], device=dev) - start_E.index_select(0, e_N)
     nh_N = nh_E.to(dev).index_select(0, e_N)
-    h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    if fill is None:
+        h_N = torch.div(j_N * nh_N, counts.index_select(0, e_N).clamp_min(1), rounding_mode="floor")
+    else:
+        h_N = torch.minimum(torch.div(j_N, fill, rounding_mode="floor"), nh_N - 1)
     v_N = table_EH.to(dev)[e_N, h_N]
     rows_N = torch.argsort(v_N, stable=True)
     splan = dataclasses.replace(plan, counts_E=torch.bincount(v_N, minlength=num_virtual).to(plan.counts_E.dtype),
@@ -277,16 +298,26 @@ def replica_plan(plan, table_EH: torch.Tensor, nh_E: torch.Tensor, num_virtual: 
     return splan, rows_N
 
 
-def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
-    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
-    the parameters), then its k replicas' rows fetched from their owners with one differentiable
-    all-to-all: the backward sends the replicas' gradients back, summed into the owners'."""
+def static_keep(plan, cap_E: torch.Tensor):
+    """(keep_N, dropped) of a Plan whose expert e keeps its first cap_E[e] rows (a static buffer of
+    C rows per slot and nh_E[e] slots: cap_E = nh_E * C): the rows the ep mode's virtual dispatch
+    keeps, for the modes that compute every row (sharded_dp zeroes the others). Device ops only."""
+    dev = plan.counts_E.device
+    counts = plan.counts_E.to(torch.long)
+    cap = cap_E.to(device=dev, dtype=torch.long)
+    e_N = plan.expert_idx_N.to(dev)
+    j_N = torch.arange(e_N.shape[0], device=dev) - (torch.cumsum(counts, 0) - counts).index_select(0, e_N)
+    return j_N < cap.index_select(0, e_N), (counts - cap).clamp_min(0).sum()
+
+
+def replica_routes(placement: Placement, layout) -> tuple:
+    """The host side of `replica_weights` (Python integers, fixed per placement): (the local rows
+    this rank sends, in destination order; out_splits; in_splits; the order that puts the arrived
+    rows in my replica slots' order)."""
     P, L, me = layout.world, layout.local_experts, layout.rank
     reps = placement.replicas
     k = len(reps) // P
     pos = placement.position()
-    ws = [w for w in local if w is not None]
-    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
     send, in_splits = [], []
     for q in range(P):
         rows = [pos[e] % L for e in reps[q * k:(q + 1) * k] if pos[e] // L == me]
@@ -294,10 +325,29 @@ def replica_weights(local: tuple, placement: Placement, layout, group) -> tuple:
         in_splits.append(len(rows))
     need = reps[me * k:(me + 1) * k]
     out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(P)]
-    got = all_to_all(flat.index_select(0, torch.tensor(send, dtype=torch.long, device=flat.device)),
-                     out_splits, in_splits, group)
     arrival = sorted(range(k), key=lambda j: (pos[need[j]] // L, j))  # source-major, then my slot order
-    got = got.index_select(0, inverse_permutation(torch.tensor(arrival, dtype=torch.long)).to(got.device))
+    inv = [0] * k
+    for i, j in enumerate(arrival):
+        inv[j] = i
+    return send, out_splits, in_splits, inv
+
+
+def replica_weights(local: tuple, placement: Placement, layout, group, index: tuple | None = None) -> tuple:
+    """(w1, w2, w3) of this rank for the virtual layout: its L own rows (`local`, differentiable into
+    the parameters), then its k replicas' rows fetched from their owners with one differentiable
+    all-to-all: the backward sends the replicas' gradients back, summed into the owners'.
+    index: (send rows, arrival order) as long tensors on the weights' device, out_splits, in_splits
+    (the runner keeps them per placement: no host-to-device copy on the step); None: made here."""
+    L = layout.local_experts
+    k = len(placement.replicas) // layout.world
+    ws = [w for w in local if w is not None]
+    flat = torch.cat([w.reshape(L, -1) for w in ws], 1)  # [L, W]: every matrix of a row travels together
+    if index is None:
+        send, out_splits, in_splits, inv = replica_routes(placement, layout)
+        index = (torch.tensor(send, dtype=torch.long, device=flat.device),
+                 torch.tensor(inv, dtype=torch.long, device=flat.device), out_splits, in_splits)
+    send_t, inv_t, out_splits, in_splits = index
+    got = all_to_all(flat.index_select(0, send_t), out_splits, in_splits, group).index_select(0, inv_t)
     out, at = [], 0
     for w in ws:
         n = w[0].numel()

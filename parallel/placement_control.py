@@ -8,7 +8,9 @@ same decision. The gate (cost_model through tuner.predict): the predicted fwd+bw
 layer with the busiest rank's rows now minus with the proposed placement, over `payback_steps`
 steps, against the predicted seconds of moving the received experts' weights and optimizer
 moments once (latency + bytes / bandwidth on the rank that receives the most). policy=static
-evaluates and reports (runtime/placement_imbalance) but never moves; auto moves.
+evaluates and reports (runtime/placement_imbalance) but never moves; auto moves. Under a static
+capacity buffer (the padded dispatchers' static_capacity_factor) the gate is the rows the buffer is
+expected to drop instead (`_decide_static`, docs/placement.md).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from .placement import (
     imbalance,
     moved_experts,
     replica_feeds,
+    static_drops,
+    with_replicas,
 )
 from .runner import ExpertParallelRunner
 from .tuner import Machine, predict
@@ -76,6 +80,9 @@ class Decision:
     moved: bool
     slots: tuple
     replicas: tuple = ()
+    # a static buffer: rows a source rank's buffer is expected to drop a step, now and proposed
+    drops_before: float = 0.0
+    drops_after: float = 0.0
 
 
 @dataclass
@@ -155,6 +162,8 @@ class PlacementController:
         if self.settings.replicas > runner.layout.num_experts - runner.layout.local_experts:
             raise ValueError(f"placement replicas ({self.settings.replicas} a rank) > the experts a rank does not "
                              f"hold ({runner.layout.num_experts - runner.layout.local_experts})")
+        if runner.dispatcher.static:
+            return self._decide_static(runner, load_E)
         new = balanced_placement(load_E, P, cur, self.settings.replicas)
         before, after = cur.rank_loads(load_E, P), new.rank_loads(load_E, P)
         steps = self.settings.interval
@@ -187,6 +196,25 @@ class PlacementController:
         moved = (self.settings.policy == "auto" and new != cur and ia <= ib * (1 - self.settings.min_gain)
                  and gain * self.settings.payback_steps > move_s)
         return Decision(ib, ia, gain, move_s, moved, new.slots, new.replicas)
+
+    def _decide_static(self, runner, load_E: list) -> Decision:
+        """Under a static buffer every rank computes and sends its fixed [L, P*C] rows whatever the
+        load, and a (source rank, expert) pair's capacity does not depend on where the expert lives:
+        a permutation gains nothing, so the slots stay. Replicas add C rows of capacity each: they
+        are chosen afresh for the loads, and taken when they cut the rows a source rank's buffer is
+        expected to drop a step (from its mean rows per expert and the current factor's C) by
+        `min_gain`; they move no weights (their fetch is per step)."""
+        P = runner.layout.world
+        cur = runner.placement
+        new = with_replicas(load_E, P, cur, self.settings.replicas) if self.settings.replicas else cur
+        world = dist.get_world_size(self.group) if self.group is not None else dist.get_world_size()
+        per_source = [x / (self.settings.interval * world) for x in load_E]  # one source rank's rows a step
+        d = runner.dispatcher
+        C = d.static_capacity(max(1, round(sum(per_source) / d.top_k)))
+        before, after = static_drops(per_source, P, cur, C), static_drops(per_source, P, new, C)
+        moved = (self.settings.policy == "auto" and new != cur and after < before * (1 - self.settings.min_gain))
+        ib, ia = imbalance(cur.rank_loads(load_E, P)), imbalance(new.rank_loads(load_E, P))
+        return Decision(ib, ia, 0.0, 0.0, moved, new.slots, new.replicas, before, after)
 
     @staticmethod
     def _machine(runner) -> Machine:

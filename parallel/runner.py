@@ -32,7 +32,10 @@ the same rows), so the modes still give the same numbers; `overflow_dropped` (a 
 tensor) counts them, and `static_factor_needed` (0-dim device tensor) is the smallest factor that
 would have held this call's rows. overflow="error" then checks, after the combine, with one
 all-reduce over the ep group, and raises on every rank together; overflow="rerun" drops and counts
-here, and the trainer re-runs the step with a larger factor (parallel/overflow.py).
+here, and the trainer re-runs the step with a larger factor (parallel/overflow.py). Under an expert
+placement C is per slot (the layer's C): a permutation drops the rows the canonical layout drops;
+an expert with h holders keeps its first h*C rows of each source (the replica plan fills the holders
+in turn), and the factor needed is per holder (docs/placement.md).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ import torch.distributed as dist
 from .comm import GroupRef, all_gather_counts, all_reduce_host
 from .dispatch_base import Dispatcher, inverse_permutation
 from .layout import ExpertLayout, chunk_rows, split_counts
-from .placement import Placement, replica_plan, replica_weights, slot_plan
+from .placement import Placement, replica_plan, replica_routes, replica_weights, slot_plan, static_keep
 from .sharded_dp import ShardedDataParallel
 from .timing import HostClock
 from .tuner import Stats, Tuner
@@ -138,7 +141,9 @@ class ExpertParallelRunner:
         self.placement_report = {"placement_imbalance": 0.0, "placement_moves": 0.0}
         # replicas: a dispatcher over the virtual layout of E + P*k slots (dispatcher_for(layout) builds one)
         self._dispatcher_for = dispatcher_for
-        self._rep: Optional[tuple] = None  # (dispatcher, my virtual slots, holders table [E, H], holders [E])
+        # (dispatcher, my virtual slots, holders table [E, H], holders [E], holders by slot [E]): set_placement
+        self._rep: Optional[tuple] = None
+        self._rep_maps: dict = {}  # device -> the replicas' index tensors there (made once per placement)
 
     # -- expert placement (see parallel/placement.py) ---------------------------------------------
     def set_placement(self, placement: Placement) -> None:
@@ -150,11 +155,11 @@ class ExpertParallelRunner:
             raise ValueError(f"expert placement needs whole experts per rank: the ep size ({self.layout.world}) is "
                              f"larger than num_experts ({self._num_experts}), so experts are split along F")
         placement.check(self.layout.world)
-        self._rep = None
+        self._rep, self._rep_maps = None, {}
         if placement.replicas:
-            if self._static or self._dispatcher_for is None:
-                raise ValueError(f"expert replicas need a per-step dispatcher built by apply_expert_parallel; this "
-                                 f"runner's is {self.dispatcher.name!r}" + (" with a static buffer" if self._static else ""))
+            if self._dispatcher_for is None:
+                raise ValueError(f"expert replicas need a dispatcher built by apply_expert_parallel; this runner's "
+                                 f"{self.dispatcher.name!r} was not")
             P, L, k = self.layout.world, self.layout.local_experts, len(placement.replicas) // self.layout.world
             virtual = ExpertLayout(world=P, rank=self.layout.rank, num_experts=self._num_experts + P * k,
                                    ffn_size=self.layout.ffn_size)
@@ -162,7 +167,10 @@ class ExpertParallelRunner:
             H = max(len(h) for h in hold)
             table = torch.tensor([h + [h[-1]] * (H - len(h)) for h in hold], dtype=torch.long)
             mine = list(range(self.layout.rank * (L + k), (self.layout.rank + 1) * (L + k)))
-            self._rep = (self._dispatcher_for(virtual), mine, table, torch.tensor([len(h) for h in hold]))
+            nh = torch.tensor([len(h) for h in hold])
+            # (virtual dispatcher, my virtual slots, holders table [E, H], holders [E], holders by slot [E])
+            self._rep = (self._dispatcher_for(virtual), mine, table, nh,
+                         nh.index_select(0, torch.tensor(placement.slots, dtype=torch.long)))
         if placement != self.placement:
             self.placement_moves += 1
         self.placement = placement
@@ -173,6 +181,15 @@ class ExpertParallelRunner:
         self._track = bool(on)
         self._load_E = None
 
+    def step_state(self) -> dict:
+        """What a training forward advances besides the tuner (moesys.step_state: a re-run step puts it
+        back): the per-expert rows accumulated for the placement decisions."""
+        return {"load_E": None if self._load_E is None else self._load_E.clone()}
+
+    def load_step_state(self, state: dict) -> None:
+        load = state["load_E"]
+        self._load_E = None if load is None else load.clone()
+
     def take_load(self) -> torch.Tensor:
         """[E] float64 CPU: this rank's kept rows per expert over the training forwards since the
         last take (a host read), then reset."""
@@ -182,12 +199,27 @@ class ExpertParallelRunner:
             return torch.zeros(self._num_experts, dtype=torch.float64)
         return load.to(device="cpu", dtype=torch.float64)
 
-    def _replica_plan(self, plan):
-        _, _, table, nh = self._rep
-        return replica_plan(plan, table, nh, self._rep[0].E)
+    def _rep_on(self, dev) -> tuple:
+        """The replicas' index tensors on `dev`, copied there once per placement (a host-to-device
+        copy on every step would wait for the device): (holders table [E, H], holders [E], holders
+        by slot [E], (replica_weights' index))."""
+        maps = self._rep_maps.get(dev)
+        if maps is None:
+            send, out_splits, in_splits, inv = replica_routes(self.placement, self.layout)
+            index = (torch.tensor(send, dtype=torch.long, device=dev), torch.tensor(inv, dtype=torch.long, device=dev),
+                     out_splits, in_splits)
+            maps = self._rep_maps[dev] = tuple(t.to(dev) for t in self._rep[2:5]) + (index,)
+        return maps
+
+    def _replica_plan(self, plan, static: bool):
+        """Static buffer: the holders filled in turn, C rows each (the expert keeps its first nh*C)."""
+        table, nh = self._rep_on(plan.counts_E.device)[:2]
+        fill = self.dispatcher.static_capacity(plan.num_tokens) if static else None
+        return replica_plan(plan, table, nh, self._rep[0].E, fill=fill)
 
     def _replica_weights(self, weights: tuple) -> tuple:
-        return replica_weights(weights, self.placement, self.layout, self.group)
+        dev = next(w for w in weights if w is not None).device
+        return replica_weights(weights, self.placement, self.layout, self.group, self._rep_on(dev)[3])
 
     def _slot_plan(self, plan):
         dev = plan.counts_E.device
@@ -298,7 +330,7 @@ class ExpertParallelRunner:
         t0 = time.perf_counter()
         chunk_counts, flight, dispatcher = None, None, None
         if mode == "ep" and self._rep is not None:  # replicas: the virtual layout's slots and dispatcher
-            plan, rows_N = self._replica_plan(source)
+            plan, rows_N = self._replica_plan(source, static)
             counts_E = plan.counts_E.to(torch.long) if self._counts_on_device else plan.counts_E.to(torch.long).cpu()
             dispatcher = self._rep[0]
         if mode == "ep" and not static and self._prefetches:
@@ -333,12 +365,24 @@ class ExpertParallelRunner:
         metrics: dict = dict.fromkeys(METRICS, 0.0)
         out: dict = {}
         if static:
-            chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
-                                                                    c if mode == "ep" else 1)
+            # under a placement with replicas (self._rep) C is per slot, the layer's C of E experts, and an
+            # expert with nh holders keeps its first nh*C rows of this source (docs/placement.md)
+            holders = self._rep_on(counts_E.device)[1] if self._rep is not None else None
+            if prep.dispatcher is not None:  # ep mode over the virtual slots: the holders filled in turn
+                chunks, keep_N, dropped, C = prep.dispatcher.static_plan(
+                    counts_E, plan.expert_idx_N, plan.num_tokens, c,
+                    capacity=self.dispatcher.static_capacity(plan.num_tokens))
+            else:
+                chunks, keep_N, dropped, C = self.dispatcher.static_plan(counts_E, plan.expert_idx_N, plan.num_tokens,
+                                                                        c if mode == "ep" else 1)
+                if holders is not None:  # sharded_dp computes every row: it zeroes those ep mode drops
+                    keep_N, dropped = static_keep(plan, self._rep_on(counts_E.device)[2] * C)
             metrics["overflow_dropped"] = dropped.detach()
-            metrics["static_factor_needed"] = self.dispatcher.factor_needed(counts_E, plan.num_tokens).detach()
+            metrics["static_factor_needed"] = self.dispatcher.factor_needed(prep.source.counts_E, plan.num_tokens,
+                                                                            holders).detach()
         if mode == "ep" and static:
-            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, weights, t_s, metrics, shared, out)
+            y_ND = self._run_ep_static(x_ND, counts_E, chunks, experts, weights, t_s, metrics, shared, out,
+                                       prep.dispatcher)
         elif mode == "ep":
             y_ND = self._run_ep(x_ND, counts_E, plan.capacity, experts, weights, c, t_s, metrics, shared, out, prep)
         else:
@@ -417,12 +461,13 @@ class ExpertParallelRunner:
         return ys, nbytes, nremote
 
     def _run_ep_static(self, x_ND, counts_E, chunks: list, experts, weights: tuple, t_s: dict, metrics: dict,
-                       shared=None, out: Optional[dict] = None) -> torch.Tensor:
-        """The ep mode over a static buffer: no host read, no collective but the data all-to-alls.
+                       shared=None, out: Optional[dict] = None, rep_d: Dispatcher | None = None) -> torch.Tensor:
+        """The ep mode over a static buffer: no host read, no collective but the data all-to-alls
+        (with replicas, rep_d: the virtual layout's dispatcher, and the replicas' weight fetch).
 
         Every chunk takes all rows (the rows outside its slots go nowhere and come back as zeros),
         so the chunks' outputs are summed: each row is nonzero in exactly one, the sum is exact."""
-        d = self.dispatcher
+        d = self.dispatcher if rep_d is None else rep_d
 
         def start(i):
             t = time.perf_counter()
@@ -430,7 +475,7 @@ class ExpertParallelRunner:
             t_s["dispatch_start_s"] += time.perf_counter() - t
             return flight
 
-        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, weights, t_s, shared, out)
+        ys, nbytes, nremote = self._pipeline(len(chunks), start, experts, weights, t_s, shared, out, rep_d)
         y_ND = ys[0]
         for y in ys[1:]:
             y_ND = y_ND + y

@@ -36,6 +36,8 @@ CASES = {
                   "--tokens", "64", "--steps", "2"],
     "placement_force": ["benchmarks/placement.py", "--ranks", "2", "--experts", "4", "--d-model", "32", "--ffn", "48",
                         "--tokens", "64", "--steps", "2", "--force", "--no-scale"],
+    "placement_static": ["benchmarks/placement.py", "--ranks", "2", "--experts", "4", "--d-model", "32", "--ffn",
+                         "48", "--tokens", "64", "--steps", "2", "--static-capacity-factor", "1.0", "--no-scale"],
     "walk": ["benchmarks/walk.py"],
     "walk_ep": ["benchmarks/walk.py", "--ep", "2"],
     "plan_evomoe": ["benchmarks/plan_evomoe.py", "--gpus", "64"],

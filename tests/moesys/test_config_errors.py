@@ -140,6 +140,9 @@ CASES = [
      "parallel.placement_replicas (4) must be <= the experts a rank does not hold: moe.num_experts (4) - "
      "moe.num_experts / parallel.ep (2) = 2"),
     (["parallel.placement_replicas=1"], "parallel.placement_replicas=1 needs parallel.placement=auto"),
+    (["parallel.dispatcher=padded", "parallel.static_capacity_factor=1.0", "parallel.placement=auto", "parallel.ep=8",
+      "parallel.simulate_ranks=8"],  # a static buffer is placed too, but whole experts only
+     "parallel.placement='auto': parallel.ep (8) > moe.num_experts (4) splits each expert over ranks"),
     (["parallel.placement=static", "trainer.engine=fsdp"],
      "parallel.placement='static': trainer.engine='fsdp': placement moves the experts' rows"),
     # data
@@ -296,6 +299,16 @@ def test_debug_shows_the_traceback(inputs, tmp_path, monkeypatch, capsys):
 def test_a_good_config_passes_the_checks(monkeypatch):
     cfg = train_mod.check_overrides(["preset=tiny", "trainer.steps=3", "optim.betas=[0.8,0.99]"])
     assert cfg.trainer.steps == 3 and cfg.optim.betas == [0.8, 0.99]
+
+
+def test_placement_under_a_static_buffer_passes_the_checks():
+    """Expert placement (and replicas) with the padded dispatchers' static buffer, every overflow policy."""
+    for overflow in ("drop", "error", "rerun"):
+        for dispatcher in ("padded", "hierarchical_padded"):
+            cfg = train_mod.check_overrides([f"parallel.dispatcher={dispatcher}", "parallel.static_capacity_factor=1.0",
+                                             f"parallel.overflow={overflow}", "parallel.placement=auto",
+                                             "parallel.placement_replicas=1"])
+            assert cfg.parallel.placement == "auto" and cfg.parallel.static_capacity_factor == 1.0
 
 
 def test_warnings_name_settings_that_are_probably_not_meant():

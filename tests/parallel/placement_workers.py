@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
+import sys
 
 import numpy as np
 import torch
@@ -14,8 +17,12 @@ from moesys.parallel.placement_control import PlacementController, PlacementSett
 from moesys.parallel.tuner import Machine
 from moesys.train import build_callbacks
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moesys"))
+from moe_reference import ffn, reference_routes  # noqa: E402
+
 E, D, F, T = 8, 16, 12, 37  # 37 tokens per rank: the rows per expert are uneven
-HOT, COLD = 3, 6  # the router bias sends ~40% of routes to HOT and none to COLD
+HOT, COLD = 3, 6
+REF_RTOL, REF_ATOL = 1e-5, 1e-6  # against the per-token loop (static_drop_worker)  # the router bias sends ~40% of routes to HOT and none to COLD
 
 
 def skewed_layer(seed: int = 0, activation: str = "swiglu") -> MoELayer:
@@ -59,16 +66,20 @@ def _snapshot(layer, x, y, placement) -> dict:
     return out
 
 
-def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool, replicas: int = 0) -> dict:
+def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool, replicas: int = 0,
+                       static: float | None = None, dispatcher: str = "padded") -> dict:
     """`steps` AdamW steps of one skewed layer twice, unplaced and placed, on the same tokens.
     forced: a new random placement (the same on every rank: a seeded generator) after every step;
-    else the PlacementController (policy auto, interval 1) decides. Returns per step, for both runs:
-    outputs, input/router/expert gradients and the weights after the step (experts in expert order)."""
+    else the PlacementController (policy auto, interval 1) decides. static: the padded dispatchers'
+    static buffer of that factor (`dispatcher`: padded or hierarchical_padded). Returns per step, for
+    both runs: outputs, input/router/expert gradients and the weights after the step (experts in
+    expert order), and (static) the rows each run's buffer dropped."""
     dims = ParallelDims.build(ep=ep, timeout_s=60)
     ref = skewed_layer()
     placed = copy.deepcopy(ref)
+    ep_opts = {} if static is None else {"dispatcher": dispatcher, "static_capacity_factor": static}
     for layer in (ref, placed):
-        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap)
+        apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap, **ep_opts)
     opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, placed)]
     ctl = None if forced else PlacementController(PlacementSettings(policy="auto", interval=1, min_gain=0.0,
                                                                     replicas=replicas,
@@ -93,6 +104,8 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
             allreduce_gradients(layer, dims)
             p = layer.runner.placement
             runs[key].append(_snapshot(layer, x, y, p))
+            if static is not None:
+                runs[key][-1]["dropped"] = float(layer.runner.last_metrics["overflow_dropped"])
             if key == "placed":
                 routes_hot.append(float(aux.tokens_per_expert[HOT]) / float(aux.tokens_per_expert.sum()))
             opt.step()
@@ -173,4 +186,113 @@ def trainer_worker(cfg_auto, cfg_off, root: str, steps: int, force_after: int | 
     out["phase"] = [int(layer.phase) for layer in auto.placement.layers if hasattr(layer, "phase")]  # EvoMoE's
     out["moves"] = [layer.runner.placement_moves for layer in auto.placement.layers]
     out["replicas"] = [layer.runner.placement.replicas for layer in auto.placement.layers]
+    return out
+
+
+def _per_token_static(x_TD, cfg, p: dict, bias, holders: list, C: int):
+    """The documented rule of a static buffer under a placement, per token: each expert e keeps the
+    first holders[e] * C of this source rank's routes to it, in token order (the rows past them are
+    dropped: they add nothing to the output). p: the layer's parameters in expert order."""
+    used = [0] * cfg.num_experts
+    rows = [x_TD.new_zeros(cfg.hidden_size) for _ in range(x_TD.shape[0])]
+    dropped = 0
+    for t, e, w, _ in sorted(reference_routes(x_TD, cfg, p["router.weight"], bias), key=lambda r: (r[0], r[3])):
+        used[e] += 1
+        if used[e] > holders[e] * C:
+            dropped += 1
+            continue
+        rows[t] = rows[t] + w * ffn(x_TD[t], cfg, p["experts.w1"], p["experts.w2"], p["experts.w3"], e)
+    need = max(math.ceil(n / h) for n, h in zip(used, holders)) * cfg.num_experts / (x_TD.shape[0] * cfg.top_k)
+    return torch.stack(rows), dropped, need
+
+
+def static_drop_worker(ep: int, steps: int, mode: str, overlap: int, replicas: int, factor: float) -> dict:
+    """One skewed layer with a small static buffer (rows drop) under a new random placement (with
+    `replicas` replica slots a rank) every step, against a per-token loop of the documented rule
+    (`_per_token_static`, over every rank's tokens in one process, AdamW on plain tensors). Returns,
+    per step, the largest relative errors of the outputs, the input, router and expert gradients,
+    the weights after the step, and (dropped rows, factor needed) of both."""
+    dims = ParallelDims.build(ep=ep, timeout_s=60)
+    base = skewed_layer()
+    cfg = base.cfg
+    placed = copy.deepcopy(base)
+    apply_expert_parallel(placed, dims.ep_group, dims=dims, mode=mode, overlap=overlap, dispatcher="padded",
+                          static_capacity_factor=factor)
+    opt = torch.optim.AdamW(placed.parameters(), lr=1e-2)
+    ref = {n: p.detach().clone().requires_grad_(True) for n, p in base.named_parameters()}
+    ref_opt = torch.optim.AdamW(list(ref.values()), lr=1e-2)
+    bias = base.router.expert_bias.detach().clone()
+    W, rank = dist.get_world_size(), dist.get_rank()
+    C = max(1, math.ceil(factor * T * cfg.top_k / E))
+    gen = torch.Generator().manual_seed(1234)
+    apply_placement(placed, _random_placement(gen, ep, replicas), opt)
+
+    def err(got, want):
+        """max |got - want| / (ATOL + RTOL |want|): <= 1 passes (the loop sums in another order)."""
+        got, want = np.asarray(got, dtype=np.float64), want.detach().numpy().astype(np.float64)
+        return float(np.max(np.abs(got - want) / (REF_ATOL + REF_RTOL * np.abs(want))))
+
+    out = []
+    for step in range(steps):
+        placement = placed.runner.placement
+        holders = [len(h) for h in placement.holders(ep)]
+        xs = [torch.randn(T, D, generator=torch.Generator().manual_seed(100 * step + r)) for r in range(W)]
+        gs = [torch.randn(T, D, generator=torch.Generator().manual_seed(100 * step + r + 50)) for r in range(W)]
+        x = xs[rank].clone().requires_grad_(True)
+        y, aux = placed(x)
+        ((y * gs[rank]).sum() + aux.loss).backward()
+        allreduce_gradients(placed, dims)
+        got_drop = float(placed.runner.last_metrics["overflow_dropped"])
+        got_need = float(placed.runner.last_metrics["static_factor_needed"])
+        loss, mine = 0.0, None
+        for r in range(W):  # every source rank's tokens: each drops alone (a buffer per source rank)
+            xr = xs[r].clone().requires_grad_(True)
+            yr, dropped, need = _per_token_static(xr, cfg, ref, bias, holders, C)
+            loss = loss + (yr * gs[r]).sum()
+            if r == rank:
+                mine = (xr, yr, dropped, need)
+        loss.backward()
+        for p in ref.values():
+            p.grad.div_(W)  # the gradient of the mean loss over the dp ranks (allreduce_gradients)
+        xr, yr, want_drop, want_need = mine
+        e = {"y": err(y.detach(), yr), "x.grad": err(x.grad, xr.grad),
+             "router.grad": err(placed.router.weight.grad, ref["router.weight"].grad)}
+        for n in ("w1", "w2", "w3"):
+            e[f"{n}.grad"] = err(canonical(getattr(placed.experts, n).grad, placement), ref[f"experts.{n}"].grad)
+        opt.step()
+        ref_opt.step()
+        for n in ("w1", "w2", "w3"):
+            e[f"{n}.after"] = err(canonical(getattr(placed.experts, n), placement), ref[f"experts.{n}"])
+        e["router.after"] = err(placed.router.weight.detach(), ref["router.weight"])
+        out.append({"errors": e, "dropped": (got_drop, want_drop), "needed": (got_need, want_need),
+                    "holders": holders})
+        apply_placement(placed, _random_placement(gen, ep, replicas), opt)
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+    return {"steps": out}
+
+
+def rerun_worker(runs, root: str, forced: Placement) -> dict:
+    """runs: [(name, TrainConfig, place)] trained one after the other (moesys' Trainer.fit); `place`:
+    every MoE layer is moved to `forced` (permutation and replicas) before the first step. Returns per
+    run the losses, the overflow events, the final factor and the parameters in expert order."""
+    from moesys.trainer import Trainer
+
+    out = {}
+    dims = None
+    for name, cfg, place in runs:
+        if dims is None:
+            dims = ParallelDims.build(ep=cfg.parallel.ep, tp=1, timeout_s=60, num_experts=cfg.moe.num_experts)
+        tr = Trainer(cfg, dims=dims, out_dir=os.path.join(root, name))
+        if place:
+            for layer in tr.placement.layers:
+                apply_placement(layer, forced, tr.optimizer)
+        summary = tr.fit(None)
+        out[name] = {"losses": summary["train_losses"], "events": list(tr.history.get("overflow_events", [])),
+                     "factor": tr.static_capacity_factor, "params": _canonical_params(tr),
+                     "placements": [layer.runner.placement for layer in tr.placement.layers] if place else [],
+                     # the rows the placement decisions would see (a re-run step counts once)
+                     "loads": [layer.runner.take_load().tolist() for layer in tr.placement.layers]
+                     if tr.placement is not None else []}
+        dist.barrier()
     return out

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from moesys import LocalRunner, MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, apply_expert_parallel
+from moesys.parallel.placement import Placement, apply_placement
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: ep_check
 from ep_check import check_local_expert_grads, close  # noqa: E402
@@ -190,7 +191,8 @@ class CountingRunner:
 
 
 def host_reads_worker(setups):
-    """setups: (name, apply_expert_parallel options); pinned mode, one chunk. Returns, per setup,
+    """setups: (name, apply_expert_parallel options, and "placement": (slots, replicas) to install
+    an expert placement); pinned ep mode. Returns, per setup,
     the host reads of each of 2 layer forwards (the runner's, i.e. the dispatch path; the experts
     run on torch._grouped_mm with device offsets, which reads nothing)."""
     dims = ParallelDims.build(ep=dist.get_world_size(), timeout_s=30)
@@ -198,7 +200,11 @@ def host_reads_worker(setups):
     out = {}
     for name, opts in setups:
         torch.manual_seed(0)
+        opts = dict(opts)
+        placement = opts.pop("placement", None)  # (slots, replicas): an expert placement, installed first
         layer = apply_expert_parallel(MoELayer(cfg), dims.ep_group, dims=dims, mode="ep", timeout_s=30, **opts)
+        if placement is not None:
+            apply_placement(layer, Placement(*placement))
         spy = CountingRunner(layer.runner)
         layer.set_runner(spy)
         per_forward = []

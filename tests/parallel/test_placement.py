@@ -7,6 +7,7 @@ gradients and AdamW moments move), or the PlacementController's own decisions. O
 and expert gradients (experts mapped back to expert order) and the weights after each step equal the
 unplaced run's (rtol 1e-5), in ep mode (overlap 1 and 2) and sharded_dp mode.
 """
+import json
 import os
 import sys
 
@@ -17,9 +18,17 @@ sys.path.insert(0, os.path.dirname(__file__))  # spawned ranks import the worker
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "moesys"))
 
 import placement_workers as pw  # noqa: E402
-from train_helpers import load_and_probe, make_cfg  # noqa: E402
+from train_helpers import load_and_probe, make_cfg, pool_run, read_flat_checkpoint  # noqa: E402
 
-from moesys.parallel.placement import Placement, balanced_placement, imbalance, moved_experts  # noqa: E402
+from moesys.parallel.overflow import grown_factor  # noqa: E402
+from moesys.parallel.placement import (  # noqa: E402
+    Placement,
+    balanced_placement,
+    imbalance,
+    moved_experts,
+    static_drops,
+    with_replicas,
+)
 
 WORLD = 4
 RTOL, ATOL = 1e-5, 1e-6
@@ -86,6 +95,16 @@ def test_balanced_placement_evens_a_skewed_load():
     assert max(new.rank_loads(load, 4)) == 55 + 1 + 0 + 1
     assert balanced_placement(load, 4, new) == new  # a balanced placement stays (no moves)
     assert moved_experts(new, new, 4) == [0, 0, 0, 0]
+
+
+def test_static_drops_and_replicas_keep_the_slots():
+    """A static buffer of C rows per (source rank, slot): an expert with h holders drops past h*C."""
+    load = [30, 5, 12, 0]
+    assert static_drops(load, 2, Placement.identity(4), 10) == 20 + 2
+    placed = Placement((0, 1, 2, 3), (2, 0))  # rank 0: 0, 1 and a replica of 2; rank 1: 2, 3 and one of 0
+    assert len(placed.holders(2)[0]) == 2 and static_drops(load, 2, placed, 10) == 10
+    new = with_replicas(load, 2, Placement((3, 1, 2, 0)), 1)
+    assert new.slots == (3, 1, 2, 0) and 0 in new.replicas  # the slots kept, the hottest replicated
 
 
 def test_placement_must_be_a_permutation():
@@ -167,3 +186,183 @@ def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path):
     assert all(slots != identity for slots in first["slots"][1]), first["slots"][1]  # placed in the dense phase
     assert all(slots == identity for slots in first["slots"][2]), first["slots"][2]  # the switch step: canonical
     assert min(first["moves"]) >= 1, first["moves"]  # then re-placed on the sparse loads
+
+
+# ---- under a static capacity buffer (parallel.static_capacity_factor; docs/placement.md) ------------
+AMPLE = 4.0  # E / K: C = T, no (source rank, expert) can overflow
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0),
+                                                      (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
+                                                      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
+                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1",
+                              "ep4-overlap2-replicas2", "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+def test_static_buffer_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap, replicas):
+    """The padded dispatcher's static buffer big enough that nothing drops: a new random placement
+    (and replicas) after every step equals the unplaced run with the same factor."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, replicas, AMPLE,
+                            timeout_s=120)
+    _assert_runs_equal(results, steps)
+    for r in results:
+        assert r["moves"] == steps and len(set(r["placements"])) == steps
+        assert all(s["dropped"] == 0 for run in r["runs"].values() for s in run)
+
+
+SMALL_F = 1.0  # C = ceil(37 * 2 / 8) = 10 rows per (source rank, slot): the hot expert (~30 a rank) drops
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap", [(4, "ep", 1), (4, "ep", 2), (2, "ep", 1), (2, "sharded_dp", 1)],
+                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp"])
+def test_static_buffer_permutation_drops_what_the_unplaced_run_drops(rank_pool, ep, mode, overlap):
+    """Permutations alone keep every expert's capacity (C a slot, one slot an expert) and its rows'
+    order: the same rows drop, so even with drops the run equals the unplaced one."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, overlap, True, 0, SMALL_F,
+                            timeout_s=120)
+    _assert_runs_equal(results, steps)
+    for r in results:
+        assert r["moves"] == steps
+        assert all(s["dropped"] > 0 for s in r["runs"]["ref"])  # rows did drop (else this tests nothing)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 1), (4, "ep", 2, 2), (2, "ep", 1, 1),
+                                                      (2, "sharded_dp", 1, 1)],
+                         ids=["ep4-replicas1", "ep4-overlap2-replicas2", "ep2-edp2-replicas1",
+                              "ep2-edp2-sharded_dp-replicas1"])
+def test_static_buffer_replicas_drop_by_the_documented_rule(rank_pool, ep, mode, overlap, replicas):
+    """Replicas under a small static buffer: an expert with h holders keeps the first h*C rows of each
+    source rank (token order), against a per-token loop of that rule: outputs, input, router and
+    expert gradients, weights after each AdamW step, the dropped rows and the factor needed."""
+    steps = 4
+    results = rank_pool.run(pw.static_drop_worker, WORLD, ep, steps, mode, overlap, replicas, SMALL_F, timeout_s=180)
+    drops = 0
+    for rank, r in enumerate(results):
+        for s, st in enumerate(r["steps"]):
+            for k, v in st["errors"].items():
+                assert v <= 1.0, f"rank {rank} step {s}: {k}: |got - want| is {v:.3g} x (atol + rtol |want|)"
+            got, want = st["dropped"]
+            assert got == want, f"rank {rank} step {s}: dropped {got}, the rule drops {want}"
+            np.testing.assert_allclose(st["needed"][0], st["needed"][1], rtol=1e-12)
+            drops += want
+    assert drops > 0
+    # the hot expert was replicated in some step (2+ holders), and dropped less than one slot would
+    assert any(st["holders"][pw.HOT] > 1 for st in results[0]["steps"])
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("ep,replicas", [(4, 0), (4, 1), (2, 1)], ids=["ep4", "ep4-replicas1", "ep2-edp2-replicas1"])
+def test_static_buffer_controller_replicates_to_drop_less(rank_pool, ep, replicas):
+    """The controller under a small static buffer: it never permutes (no rank computes more than
+    another, a pair's capacity is where its expert is); with a replica slot it replicates the hot
+    expert at once, which then drops fewer rows than the unplaced run; the same decisions everywhere."""
+    steps = 4
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, "ep", 1, False, replicas, SMALL_F,
+                            timeout_s=120)
+    first = results[0]
+    for r in results[1:]:
+        assert r["decisions"] == first["decisions"]
+    assert all(slots == tuple(range(8)) for slots, _ in first["placements"])  # the slots never change
+    if not replicas:
+        assert first["moves"] == 0
+        _assert_runs_equal(results, steps)  # nothing placed: the unplaced run, drops and all
+        return
+    moved, slots, reps, _, _ = first["decisions"][0][0]
+    assert moved and pw.HOT in reps and len(reps) == ep * replicas
+    dropped = {k: sum(s["dropped"] for r in results for s in r["runs"][k][1:]) for k in ("ref", "placed")}
+    assert dropped["placed"] < dropped["ref"], dropped
+
+
+# ---- through the Trainer with a static buffer ----------------------------------------------------
+STATIC_TRAIN = ("moe.num_experts=8", "trainer.batch_size=16", f"parallel.simulate_ranks={WORLD}", "parallel.ep=4",
+                "parallel.mode=ep", "parallel.overlap=1", "parallel.dispatcher=padded", "parallel.placement_interval=1",
+                "trainer.steps=4", "trainer.log_interval=1", "trainer.eval_interval=100")
+
+
+def _step_metrics(out_dir) -> list:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    return [r for r in recs if "loss" in r and "step" in r]
+
+
+def _summed(rec: dict, suffix: str) -> float:
+    return sum(v for k, v in rec.items() if k.endswith(suffix))
+
+
+@pytest.mark.multirank
+def test_trainer_static_buffer_placement_auto(rank_pool, tmp_path):
+    """moesys-train's path (pool_run) with a small static buffer (rows drop): placement=auto trains like
+    placement=off (losses, final checkpoint; it has nothing to gain from a permutation); with a replica
+    slot a rank it replicates the hot experts and drops fewer rows than off."""
+    small = "parallel.static_capacity_factor=0.75"
+    runs = {name: pool_run(rank_pool, make_cfg(*STATIC_TRAIN, small, *extra), str(tmp_path / name))
+            for name, extra in (("off", ("parallel.placement=off",)), ("auto", ("parallel.placement=auto",)),
+                                ("replicas", ("parallel.placement=auto", "parallel.placement_replicas=1")))}
+    np.testing.assert_allclose(runs["auto"]["train_losses"], runs["off"]["train_losses"], rtol=RTOL)
+    want = read_flat_checkpoint(runs["off"]["checkpoint"])
+    got = read_flat_checkpoint(runs["auto"]["checkpoint"])
+    assert set(got) == set(want)
+    for k, w in want.items():
+        if hasattr(w, "numpy"):
+            np.testing.assert_allclose(got[k].numpy(), w.numpy(), rtol=RTOL, atol=ATOL, err_msg=k)
+    recs = {name: _step_metrics(str(tmp_path / name)) for name in runs}
+    drops = {name: [_summed(r, "runtime/overflow_dropped") for r in rs] for name, rs in recs.items()}
+    assert min(drops["off"]) > 0 and drops["auto"] == drops["off"]
+    moves = [_summed(r, "runtime/placement_moves") for r in recs["replicas"]]
+    assert moves[-1] >= 1 and _summed(recs["auto"][-1], "runtime/placement_moves") == 0
+    assert sum(drops["replicas"][1:]) < sum(drops["off"][1:]), drops  # replicated after step 0
+
+
+@pytest.mark.multirank
+def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
+    """parallel.overflow=rerun from a tiny factor, experts permuted and replicated from the first step:
+    every overflowed step is re-run once with the factor grown for the placed need (ceil(rows / holders)),
+    and the run equals a buffer that never overflows (f = E/K) from the start, unplaced: losses, weights
+    and the per-expert rows the placement decisions see (a re-run puts the first pass's back)."""
+    common = (*STATIC_TRAIN, "parallel.placement_interval=100", "trainer.save_final=false")
+    tiny, ample = "parallel.static_capacity_factor=0.25", "parallel.static_capacity_factor=4.0"
+    rerun = ("parallel.overflow=rerun", "parallel.placement=auto", "parallel.placement_replicas=1")
+    forced = Placement(tuple(reversed(range(8))), (0, 1, 4, 5))
+    runs = [("placed", make_cfg(*common, tiny, *rerun), True),
+            ("off", make_cfg(*common, tiny, "parallel.overflow=rerun"), False),
+            ("ample", make_cfg(*common, ample, "parallel.placement=auto"), False)]  # tracks loads, never moves
+    results = rank_pool.run(pw.rerun_worker, WORLD, runs, str(tmp_path), forced, timeout_s=180)
+    for rank, r in enumerate(results):
+        placed, ample = r["placed"], r["ample"]
+        assert placed["placements"] == [forced, forced]  # nothing re-decided (interval 100)
+        assert placed["loads"] == ample["loads"]  # the overflowed first passes' rows were put back
+        np.testing.assert_allclose(placed["losses"], ample["losses"], rtol=RTOL)
+        for n, want in ample["params"].items():
+            np.testing.assert_allclose(placed["params"][n], want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank}: {n}")
+        events = placed["events"]
+        assert events == results[0]["placed"]["events"] and events[0]["step"] == 0
+        assert all(e["rerun"] for e in events), f"a re-run overflowed again: {events}"
+        for e in events:
+            assert e["factor_to"] == grown_factor(e["factor_from"], e["factor_needed"], 4.0)
+        # step 0 routes the same rows either way: the replicas' extra capacity drops fewer and needs no more
+        off = r["off"]["events"][0]
+        assert events[0]["dropped"] < off["dropped"] and events[0]["factor_needed"] <= off["factor_needed"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("factor", [AMPLE, SMALL_F], ids=["ample", "drops"])
+def test_static_buffer_hierarchical_padded_with_replicas(rank_pool, factor):
+    """The padded 2-D dispatcher (2 simulated nodes of 2 ranks) under a placement with replicas: the
+    same rows drop as with the flat padded one (its per-token loop is test_static_buffer_replicas_...)."""
+    steps = 3
+    flat = rank_pool.run(pw.equivalence_worker, WORLD, 4, steps, "ep", 2, True, 1, factor, timeout_s=120)
+    two_d = rank_pool.run(pw.equivalence_worker, WORLD, 4, steps, "ep", 2, True, 1, factor, "hierarchical_padded",
+                          timeout_s=120, local_world_size=2)
+    for rank, (a, b) in enumerate(zip(flat, two_d)):
+        assert a["placements"] == b["placements"]
+        for s, (x, y) in enumerate(zip(a["runs"]["placed"], b["runs"]["placed"])):
+            assert x["dropped"] == y["dropped"]
+            for key, want in x.items():
+                for n, w in (want.items() if isinstance(want, dict) else [(key, want)]):
+                    np.testing.assert_allclose(y[key][n] if isinstance(want, dict) else y[key], w, rtol=RTOL,
+                                               atol=ATOL, err_msg=f"rank {rank} step {s}: {key} {n}")
+    if factor == SMALL_F:
+        assert sum(s["dropped"] for r in flat for s in r["runs"]["placed"]) > 0

@@ -67,13 +67,19 @@ def test_host_reads_per_layer_forward(rank_pool):
     """Host reads (.item/.tolist/.cpu/.numpy, int/float/bool/index of a tensor) while the runner runs,
     per layer forward, pinned ep mode: the dropless all-to-all-v path reads exactly once (the
     splits: the send and received counts in one read after the counts exchange), at overlap 1 and 2;
-    the static-capacity padded path reads nothing."""
+    the static-capacity padded path reads nothing, also under an expert placement (the slot mapping,
+    and replicas: their rows' split and their weights' fetch, are device ops)."""
+    static = dict(dispatcher="padded", static_capacity_factor=1.0)
+    permuted, replicated = ((1, 3, 0, 2), ()), ((1, 3, 0, 2), (0, 1))
     setups = [("alltoallv", dict(dispatcher="alltoallv", overlap=1)),
               ("alltoallv c=2", dict(dispatcher="alltoallv", overlap=2)),
-              ("static", dict(dispatcher="padded", overlap=1, static_capacity_factor=1.0)),
-              ("static c=2", dict(dispatcher="padded", overlap=2, static_capacity_factor=1.0))]
+              ("static", dict(static, overlap=1)),
+              ("static c=2", dict(static, overlap=2)),
+              ("static placed", dict(static, overlap=1, placement=permuted)),
+              ("static replicas c=2", dict(static, overlap=2, placement=replicated))]
     results = rank_pool.run(static_workers.host_reads_worker, 2, setups, timeout_s=30)
-    want = {"alltoallv": 1, "alltoallv c=2": 1, "static": 0, "static c=2": 0}
+    want = {"alltoallv": 1, "alltoallv c=2": 1, "static": 0, "static c=2": 0, "static placed": 0,
+            "static replicas c=2": 0}
     for r in results:
         for name, per_forward in r.items():
             for reads in per_forward:
