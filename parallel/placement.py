@@ -11,7 +11,9 @@ apply_expert_parallel makes (rank r holds experts r*L .. r*L+L-1). Under another
     by a stable sort on the slot of their expert, so every expert's rows keep their order) and the
     combined rows back after; every dispatcher and mode then works in slot space unchanged;
   * a re-placement moves the local rows of every tensor shaped like a local expert weight (weights,
-    gradients, optimizer moments) with one all-to-all over the ep group (`apply_placement`).
+    gradients, optimizer moments) with one all-to-all over the ep group (`apply_placement`); under
+    FSDP2, where each rank holds an edp shard of its local experts (rows or columns), over the
+    whole (edp, ep) mesh, from the shards each rank holds as DCP sees them.
 The math is the same function: every expert sees the same rows, in the same order, with the same
 weights; only the rank that computes it changes.
 
@@ -36,12 +38,15 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
-from .comm import all_to_all, comm_device
+from .comm import all_gather_counts, all_to_all, comm_device
 
 PLACEMENTS = ("off", "static", "auto")
 
@@ -230,38 +235,67 @@ def moved_experts(old: Placement, new: Placement, world: int) -> list:
     return [sum(1 for e in new.slots[r * L:(r + 1) * L] if pos[e] // L != r) for r in range(world)]
 
 
-def _move_rows(tensors: list, old: Placement, new: Placement, rank: int, world: int, group) -> list:
-    """Each tensor's local rows [L, ...] re-dealt from `old` to `new` with one all-to-all (all
-    tensors' rows travel together, flattened and concatenated). Returns the new local tensors."""
-    L = len(old.slots) // world
+def _layout_holdings(world: int, L: int) -> list:
+    """Per rank of the ep group: (first slot, slots, key) it holds when every rank holds its whole L
+    local experts (the plain engine; edp replicas each run the same move in their own ep group)."""
+    return [(r * L, L, ()) for r in range(world)]
+
+
+def _shard_holdings(w, group) -> list:
+    """Per rank of `group` (the ranks of the DTensor `w`'s mesh): (first slot, slots, key) of its
+    shard, as DCP sees it (`__create_chunk_list__`), with one small all-gather. Under FSDP2 an expert
+    weight is a DTensor over (edp, ep): Shard(0) over ep, and over edp either rows (a _StridedShard
+    of dim 0: L/edp whole experts a rank, or fewer in a padded last shard) or a column block (Shard(1):
+    all L experts, D/edp or F/edp of each). key: the offsets of the other dims, so a row only ever
+    travels between ranks that hold the same columns of it."""
+    chunks = w.__create_chunk_list__()
+    ndim = w.dim()
+    if chunks:
+        c = chunks[0]
+        mine = [c.offsets[0], c.sizes[0], *c.offsets[1:]]
+    else:  # an empty (padded) shard: it sends and receives nothing
+        mine = [0, 0] + [-1] * (ndim - 1)
+    every = all_gather_counts(torch.tensor(mine, dtype=torch.float64), group).to(torch.long).tolist()
+    return [(row[0], row[1], tuple(row[2:])) for row in every]
+
+
+def _move_rows(tensors: list, old: Placement, new: Placement, held: list, me: int, group) -> tuple:
+    """Each tensor's local rows re-dealt from `old` to `new` with one all-to-all over `group` (all
+    tensors' rows travel together, flattened and concatenated). held[q] = (first slot, slots, key):
+    the slots rank q of `group` holds (the same for each of the tensors); the rows of new slot s on
+    rank q come from the rank that holds the old slot of expert new.slots[s] with q's key.
+    Returns (the new local tensors, the rows this rank received from another rank)."""
     pos = old.position()
-    widths = [t[0].numel() if t.shape[0] else 0 for t in tensors]
+    first, count, key = held[me]
+    # (key, old slot) -> (rank, local row): where each row is now
+    where = {(k, f + i): (p, i) for p, (f, n, k) in enumerate(held) for i in range(n)}
+    widths = [math.prod(t.shape[1:]) for t in tensors]
     dev, dtype = tensors[0].device, tensors[0].dtype
     if any(t.dtype != dtype for t in tensors):  # moments of a low-precision weight may be fp32
-        flat_L = torch.cat([t.reshape(L, -1).to(torch.float64) for t in tensors], 1)
+        flat = torch.cat([t.reshape(count, w).to(torch.float64) for t, w in zip(tensors, widths)], 1)
     else:
-        flat_L = torch.cat([t.reshape(L, -1) for t in tensors], 1)
+        flat = torch.cat([t.reshape(count, w) for t, w in zip(tensors, widths)], 1)
     send_idx, in_splits = [], []
-    for q in range(world):  # what rank q needs that I hold now, in q's slot order
-        mine = [pos[e] % L for e in new.slots[q * L:(q + 1) * L] if pos[e] // L == rank]
+    for f, n, k in held:  # what rank q needs that I hold now, in q's slot order
+        mine = [i for p, i in (where[(k, pos[e])] for e in new.slots[f:f + n]) if p == me]
         send_idx += mine
         in_splits.append(len(mine))
-    need = new.slots[rank * L:(rank + 1) * L]
-    out_splits = [sum(1 for e in need if pos[e] // L == p) for p in range(world)]
+    src = [where[(key, pos[e])][0] for e in new.slots[first:first + count]]
+    out_splits = [src.count(p) for p in range(len(held))]
     cdev = comm_device(group)
-    send = flat_L.index_select(0, torch.tensor(send_idx, dtype=torch.long, device=flat_L.device)).to(cdev)
-    recv = send.new_empty((L, flat_L.shape[1]))
+    send = flat.index_select(0, torch.tensor(send_idx, dtype=torch.long, device=flat.device)).to(cdev)
+    recv = send.new_empty((count, flat.shape[1]))
     dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=group)
     recv = recv.to(dev)
     # rows arrive source-major, each source in my slot order: put them in slot order
-    arrival = sorted(range(L), key=lambda i: (pos[need[i]] // L, i))
+    arrival = sorted(range(count), key=lambda i: (src[i], i))
     rows = torch.empty_like(recv)
     rows[torch.tensor(arrival, dtype=torch.long, device=recv.device)] = recv
     out, at = [], 0
     for t, w in zip(tensors, widths):
         out.append(rows[:, at:at + w].to(t.dtype).reshape(t.shape))
         at += w
-    return out
+    return out, sum(1 for p in src if p != me)
 
 
 # -- the runner's side: the plan in slot space, the replicas' rows and weights ----------------------
@@ -360,11 +394,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _fsdp_sharded(w) -> bool:
+    """Whether the expert weight is sharded over more than the ep mesh (FSDP2: a DTensor over (edp, ep))."""
+    return isinstance(w, DTensor) and w.device_mesh.ndim > 1
+
+
 @torch.no_grad()
 def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Collective over the layer's ep group: move its expert rows (weights, gradients, and the
-    optimizer's per-parameter tensors of the weight's local shape) from the runner's placement to
-    `new`, in place, and install `new` on the runner. Returns the experts this rank received."""
+    """Collective: move the layer's expert rows (weights, gradients, and the optimizer's
+    per-parameter tensors of the weight's local shape) from the runner's placement to `new`, in
+    place, and install `new` on the runner. Returns the experts (rows) this rank received.
+
+    Plain engine: over the ep group (every ep group makes the same move). FSDP2 (expert weights
+    DTensors over (edp, ep), see parallel/fsdp.py): over the whole mesh, the runner's agree group,
+    writing the sharded parameters and their moments (between steps FSDP2 holds only those): a
+    slot's rows go to the rank that holds its new slot's shard, whichever edp index that is."""
     runner = layer.runner
     old = runner.placement
     if new.slots == old.slots:  # replicas hold no rows of their own: nothing moves
@@ -372,7 +416,23 @@ def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | No
         return 0
     layout = runner.layout
     ex = layer.experts
+    if isinstance(ex, FSDPModule):
+        # the sharded parameters registered, and no unsharded copy left to outlive the move (an
+        # evaluation forward with reshard_after_forward=False keeps one until the next backward)
+        ex.reshard()
     params = [p for p in (ex.w1, ex.w2, ex.w3) if p is not None]
+    if _fsdp_sharded(params[0]):
+        group = runner.agree_group
+        mesh_ranks = sorted(params[0].device_mesh.mesh.flatten().tolist())
+        if sorted(dist.get_process_group_ranks(group)) != mesh_ranks:
+            raise ValueError(f"apply_placement: the experts' mesh holds ranks {mesh_ranks}, the runner's agree group "
+                             f"{sorted(dist.get_process_group_ranks(group))}: under FSDP2 a re-placement is an "
+                             "all-to-all over the experts' whole (edp, ep) mesh, which must be the agree group")
+        held = _shard_holdings(params[0], group)
+        me = dist.get_rank(group)
+    else:
+        group, me = runner.group, layout.rank
+        held = _layout_holdings(layout.world, layout.local_experts)
     tensors = []
     for p in params:
         local = _local(p.detach())
@@ -384,8 +444,8 @@ def apply_placement(layer, new: Placement, optimizer: torch.optim.Optimizer | No
             v = state[k]
             if isinstance(v, torch.Tensor) and _local(v).shape == local.shape:
                 tensors.append(_local(v))
-    moved = _move_rows(tensors, old, new, layout.rank, layout.world, runner.group)
+    moved, received = _move_rows(tensors, old, new, held, me, group)
     for dst, src in zip(tensors, moved):
         dst.copy_(src)
     runner.set_placement(new)
-    return moved_experts(old, new, layout.world)[layout.rank]
+    return received

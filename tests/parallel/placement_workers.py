@@ -5,13 +5,14 @@ import copy
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from moesys import MoEConfig, MoELayer
-from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel
+from moesys.parallel import ParallelDims, allreduce_gradients, apply_expert_parallel, apply_fsdp
 from moesys.parallel.placement import Placement, apply_placement
 from moesys.parallel.placement_control import PlacementController, PlacementSettings
 from moesys.parallel.tuner import Machine
@@ -25,40 +26,44 @@ HOT, COLD = 3, 6
 REF_RTOL, REF_ATOL = 1e-5, 1e-6  # against the per-token loop (static_drop_worker)  # the router bias sends ~40% of routes to HOT and none to COLD
 
 
-def skewed_layer(seed: int = 0, activation: str = "swiglu") -> MoELayer:
+def skewed_layer(seed: int = 0, activation: str = "swiglu", num_experts: int = E, ffn: int = F) -> MoELayer:
     """The same layer on every rank (seeded); a sigmoid_bias router whose selection bias makes HOT hot
-    and COLD empty (the bias only selects: the combine weights and gradients are the scores')."""
+    and COLD (the last expert when there are fewer) empty (the bias only selects: the combine weights
+    and gradients are the scores')."""
     torch.manual_seed(seed)
-    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=2, router="sigmoid_bias",
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=ffn, num_experts=num_experts, top_k=2, router="sigmoid_bias",
                     activation=activation, capacity_factor=None, aux_loss="none", bias_update_rate=0.0)
     layer = MoELayer(cfg, balance_group="local")
     with torch.no_grad():
         layer.router.expert_bias[HOT] = 0.7
-        layer.router.expert_bias[COLD] = -100.0
+        layer.router.expert_bias[min(COLD, num_experts - 1)] = -100.0
     return layer
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def canonical(w: torch.Tensor, placement: Placement) -> np.ndarray:
     """The full [E, ...] tensor of a slot-ordered DTensor expert weight (or grad), in expert order."""
-    full = w.full_tensor() if hasattr(w, "full_tensor") else w
-    return full.detach()[torch.tensor(placement.position())].numpy().copy()
+    return _full(w).detach()[torch.tensor(placement.position())].numpy().copy()
 
 
-def _random_placement(gen: torch.Generator, world: int, replicas: int) -> Placement:
+def _random_placement(gen: torch.Generator, world: int, replicas: int, num_experts: int = E) -> Placement:
     """A random permutation, and `replicas` random replica slots a rank (of experts it does not hold)."""
-    slots = tuple(torch.randperm(E, generator=gen).tolist())
-    L = E // world
+    slots = tuple(torch.randperm(num_experts, generator=gen).tolist())
+    L = num_experts // world
     reps = []
     for r in range(world):
-        others = [e for e in torch.randperm(E, generator=gen).tolist() if e not in slots[r * L:(r + 1) * L]]
+        others = [e for e in torch.randperm(num_experts, generator=gen).tolist() if e not in slots[r * L:(r + 1) * L]]
         reps += sorted(others[:replicas])
     return Placement(slots, tuple(reps))
 
 
 def _snapshot(layer, x, y, placement) -> dict:
     out = {"y": y.detach().numpy().copy(), "x.grad": x.grad.numpy().copy(),
-           "router.grad": layer.router.weight.grad.numpy().copy(),
-           "router.weight": layer.router.weight.detach().numpy().copy()}
+           "router.grad": _full(layer.router.weight.grad).numpy().copy(),
+           "router.weight": _full(layer.router.weight).detach().numpy().copy()}
     for name in ("w1", "w2", "w3"):
         w = getattr(layer.experts, name)
         out[f"{name}.grad"] = canonical(w.grad, placement)
@@ -67,19 +72,26 @@ def _snapshot(layer, x, y, placement) -> dict:
 
 
 def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: bool, replicas: int = 0,
-                       static: float | None = None, dispatcher: str = "padded") -> dict:
+                       static: float | None = None, dispatcher: str = "padded", fsdp: bool = False,
+                       num_experts: int = E, ffn: int = F, reshard: bool = True) -> dict:
     """`steps` AdamW steps of one skewed layer twice, unplaced and placed, on the same tokens.
     forced: a new random placement (the same on every rank: a seeded generator) after every step;
     else the PlacementController (policy auto, interval 1) decides. static: the padded dispatchers'
-    static buffer of that factor (`dispatcher`: padded or hierarchical_padded). Returns per step, for
+    static buffer of that factor (`dispatcher`: padded or hierarchical_padded). fsdp: both layers
+    under FSDP2 (apply_fsdp: the experts a unit over edp, the layer the root over dp); reshard=False:
+    FSDP2 keeps the gathered weights after a forward, and an evaluation forward comes after each
+    step, before the move (its gathered weights must not outlive the move). Returns per step, for
     both runs: outputs, input/router/expert gradients and the weights after the step (experts in
     expert order), and (static) the rows each run's buffer dropped."""
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")  # the layer, as root, returns a view
     dims = ParallelDims.build(ep=ep, timeout_s=60)
-    ref = skewed_layer()
+    ref = skewed_layer(num_experts=num_experts, ffn=ffn)
     placed = copy.deepcopy(ref)
     ep_opts = {} if static is None else {"dispatcher": dispatcher, "static_capacity_factor": static}
     for layer in (ref, placed):
         apply_expert_parallel(layer, dims.ep_group, dims=dims, mode=mode, overlap=overlap, **ep_opts)
+        if fsdp:
+            apply_fsdp(layer, dims, blocks=[], reshard_after_forward=reshard)
     opts = [torch.optim.AdamW(layer.parameters(), lr=1e-2) for layer in (ref, placed)]
     ctl = None if forced else PlacementController(PlacementSettings(policy="auto", interval=1, min_gain=0.0,
                                                                     replicas=replicas,
@@ -101,7 +113,8 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
             x = x0.clone().requires_grad_(True)
             y, aux = layer(x)
             ((y * g).sum() + aux.loss).backward()
-            allreduce_gradients(layer, dims)
+            if not fsdp:  # FSDP2 reduce-scattered them in the backward
+                allreduce_gradients(layer, dims)
             p = layer.runner.placement
             runs[key].append(_snapshot(layer, x, y, p))
             if static is not None:
@@ -109,11 +122,14 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
             if key == "placed":
                 routes_hot.append(float(aux.tokens_per_expert[HOT]) / float(aux.tokens_per_expert.sum()))
             opt.step()
+            if not reshard:
+                with torch.no_grad():
+                    layer(x0)
             if key == "ref":
                 opt.zero_grad(set_to_none=True)
                 continue
             if forced:
-                apply_placement(layer, _random_placement(gen, ep, replicas), opt)
+                apply_placement(layer, _random_placement(gen, ep, replicas, num_experts), opt)
             opt.zero_grad(set_to_none=True)
             if ctl is not None:
                 d = ctl.after_step(step, opt)
@@ -126,6 +142,7 @@ def equivalence_worker(ep: int, steps: int, mode: str, overlap: int, forced: boo
                                     for n in ("w1", "w2", "w3")}
     return {"runs": runs, "placements": placements, "decisions": decisions, "hot_share": routes_hot,
             "moves": placed.runner.placement_moves,
+            "shard": (str(placed.experts.w1.placements), tuple(placed.experts.w1.to_local().shape)),
             "metrics": dict(placed.runner.placement_report),  # what the next forward's runtime/ metrics carry
             "forward_metrics": sorted(k for k in placed.runner.last_metrics if k.startswith("placement"))}
 
