@@ -499,9 +499,9 @@ class TrainConfig:
         elif p.ep > moe.num_experts:
             why = (f"parallel.ep ({p.ep}) > moe.num_experts ({moe.num_experts}) splits each expert over ranks; "
                    "placement moves whole experts")
-        elif t.engine != "plain":
-            why = (f"trainer.engine={t.engine!r}: placement moves the experts' rows and AdamW moments of the plain "
-                   "engine only so far; use trainer.engine=plain")
+        elif t.engine == "deepspeed":
+            why = ("trainer.engine='deepspeed': placement moves the experts' rows and AdamW moments of the plain and "
+                   "fsdp engines (DeepSpeed flattens them into its own buffers); use trainer.engine=plain or fsdp")
         if why is not None:
             raise ConfigError(f"parallel.placement={p.placement!r}: {why}")
         free = moe.num_experts - moe.num_experts // p.ep  # the experts a rank does not hold

@@ -143,8 +143,9 @@ CASES = [
     (["parallel.dispatcher=padded", "parallel.static_capacity_factor=1.0", "parallel.placement=auto", "parallel.ep=8",
       "parallel.simulate_ranks=8"],  # a static buffer is placed too, but whole experts only
      "parallel.placement='auto': parallel.ep (8) > moe.num_experts (4) splits each expert over ranks"),
-    (["parallel.placement=static", "trainer.engine=fsdp"],
-     "parallel.placement='static': trainer.engine='fsdp': placement moves the experts' rows"),
+    (["parallel.placement=static", "trainer.engine=deepspeed"],
+     "parallel.placement='static': trainer.engine='deepspeed': placement moves the experts' rows and AdamW "
+     "moments of the plain and fsdp engines"),
     # data
     (["data.path={tmp}/missing.txt"], "data.path='{tmp}/missing.txt': no such file"),
     (["data.dtype=int8"], "data.dtype='int8' is not one of uint16|uint32"),
