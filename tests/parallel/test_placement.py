@@ -201,13 +201,16 @@ def test_checkpoint_after_replacement_resumes_at_another_ep_size(rank_pool, trai
 
 
 @pytest.mark.multirank
-def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path):
+@pytest.mark.parametrize("engine", [("parallel.ep=4", "parallel.placement_replicas=1"),
+                                    ("trainer.engine=fsdp", "parallel.ep=2")], ids=["plain-ep4-replicas1", "fsdp-ep2xedp2"])
+def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path, engine):
     """EvoMoE (dense phase for 2 steps, then the spawn and the DTS gate) with placement=auto: the
-    trainer puts the canonical layout back at the switch (the spawn writes experts by index) and the
-    controller re-decides on the sparse loads; losses and every parameter equal placement=off's."""
+    trainer puts the canonical layout back at the switch (the spawn writes experts by index; under
+    FSDP2 each rank's shards) and the controller re-decides on the sparse loads; losses and every
+    parameter equal placement=off's."""
     evo = ("evo=evomoe", "evo.diversify_step=2", "evo.tau_steps=4", "evo.hard_step=null")
-    cfg_auto = make_cfg(*TRAIN, *evo, "parallel.ep=4", "parallel.placement=auto", "parallel.placement_replicas=1")
-    cfg_off = make_cfg(*TRAIN, *evo, "parallel.ep=4", "parallel.placement=off")
+    cfg_auto = make_cfg(*TRAIN, *evo, *engine, "parallel.placement=auto")
+    cfg_off = make_cfg(*TRAIN, *evo, *[o for o in engine if "replicas" not in o], "parallel.placement=off")
     # a placement forced in the dense phase (where no loads would make one): the switch must undo it
     got = rank_pool.run(pw.trainer_worker, WORLD, cfg_auto, cfg_off, str(tmp_path), 7, 0, timeout_s=180)
     for rank, r in enumerate(got):
