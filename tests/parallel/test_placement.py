@@ -68,27 +68,29 @@ def test_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap
 
 # ep 2 x edp 2 under FSDP2: an expert weight is a DTensor over (edp, ep); over edp FSDP shards the
 # local experts (E=8: L=4 over edp 2, whole experts: a _StridedShard of dim 0) or, when edp does not
-# divide them, D/F (E=6: L=3, Shard(1)), or dim 0 padded when neither divides (E=6, F=13: 2 and 1 experts)
-FSDP_LAYOUTS = {"rows": (8, pw.F, "(_StridedShard(dim=0, sf=2), Shard(dim=0))", (2, pw.D, pw.F)),
-                "columns": (6, pw.F, "(Shard(dim=1), Shard(dim=0))", (3, pw.D // 2, pw.F)),
-                "rows-padded": (6, 13, "(_StridedShard(dim=0, sf=2), Shard(dim=0))", None)}
+# divide them, D/F (E=6: L=3, Shard(1)), or dim 0 padded when neither divides (E=6, F=13: 2 and 1
+# experts); at ep 4 (edp 1) the mesh is (1, 4). Values: ep, E, F, the placements, the local shape.
+FSDP_LAYOUTS = {"rows": (2, 8, pw.F, "(_StridedShard(dim=0, sf=2), Shard(dim=0))", (2, pw.D, pw.F)),
+                "columns": (2, 6, pw.F, "(Shard(dim=1), Shard(dim=0))", (3, pw.D // 2, pw.F)),
+                "rows-padded": (2, 6, 13, "(_StridedShard(dim=0, sf=2), Shard(dim=0))", None),
+                "ep4": (4, 8, pw.F, "(_StridedShard(dim=0, sf=4), Shard(dim=0))", (2, pw.D, pw.F))}
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout,mode,replicas,reshard",
                          [("rows", "ep", 0, True), ("columns", "ep", 0, True), ("rows-padded", "ep", 0, True),
                           ("rows", "ep", 1, True), ("columns", "ep", 2, True), ("columns", "sharded_dp", 0, True),
-                          ("rows", "ep", 0, False)],
+                          ("rows", "ep", 0, False), ("ep4", "ep", 1, True)],
                          ids=["rows", "columns", "rows-padded", "rows-replicas1", "columns-replicas2",
-                              "columns-sharded_dp", "rows-no-reshard-eval"])
+                              "columns-sharded_dp", "rows-no-reshard-eval", "ep4-replicas1"])
 def test_fsdp_forced_replacements_equal_the_unplaced_run(rank_pool, layout, mode, replicas, reshard):
-    """trainer.engine=fsdp's layout at ep 2 x edp 2: a new random placement after every AdamW step moves
+    """trainer.engine=fsdp's layout at ep 2 x edp 2 (and ep 4): a new random placement after every AdamW step moves
     FSDP2's sharded weights, gradients and moments over the whole mesh; with replicas the fetch reads
     the weights FSDP2 unshards for the experts' forward. Everything equals the unplaced FSDP2 run's.
     no-reshard-eval: reshard_after_forward=False and an evaluation forward before each move."""
     steps = 4
-    num_experts, ffn, placements, local_shape = FSDP_LAYOUTS[layout]
-    results = rank_pool.run(pw.equivalence_worker, WORLD, 2, steps, mode, 1, True, replicas, None, "padded", True,
+    ep, num_experts, ffn, placements, local_shape = FSDP_LAYOUTS[layout]
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, 1, True, replicas, None, "padded", True,
                             num_experts, ffn, reshard, timeout_s=180)
     _assert_runs_equal(results, steps)
     for r in results:
