@@ -32,6 +32,9 @@ from moesys.parallel.placement import (  # noqa: E402
 
 WORLD = 4
 RTOL, ATOL = 1e-5, 1e-6
+# static capacity factors (the padded dispatcher's buffer)
+AMPLE = 4.0  # E / K: C = T, no (source rank, expert) can overflow
+SMALL_F = 1.0  # C = ceil(37 * 2 / 8) = 10 rows per (source rank, slot): the hot expert (~30 a rank) drops
 
 
 def _assert_runs_equal(results, steps):
@@ -77,20 +80,24 @@ FSDP_LAYOUTS = {"rows": (2, 8, pw.F, "(_StridedShard(dim=0, sf=2), Shard(dim=0))
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout,mode,replicas,reshard",
-                         [("rows", "ep", 0, True), ("columns", "ep", 0, True), ("rows-padded", "ep", 0, True),
-                          ("rows", "ep", 1, True), ("columns", "ep", 2, True), ("columns", "sharded_dp", 0, True),
-                          ("rows", "ep", 0, False), ("ep4", "ep", 1, True)],
+@pytest.mark.parametrize("layout,mode,replicas,reshard,static",
+                         [("rows", "ep", 0, True, None), ("columns", "ep", 0, True, None),
+                          ("rows-padded", "ep", 0, True, None), ("rows", "ep", 1, True, None),
+                          ("columns", "ep", 2, True, None), ("columns", "sharded_dp", 0, True, None),
+                          ("rows", "ep", 0, False, None), ("ep4", "ep", 1, True, None),
+                          ("rows", "ep", 1, True, AMPLE), ("columns", "ep", 0, True, SMALL_F)],
                          ids=["rows", "columns", "rows-padded", "rows-replicas1", "columns-replicas2",
-                              "columns-sharded_dp", "rows-no-reshard-eval", "ep4-replicas1"])
-def test_fsdp_forced_replacements_equal_the_unplaced_run(rank_pool, layout, mode, replicas, reshard):
+                              "columns-sharded_dp", "rows-no-reshard-eval", "ep4-replicas1",
+                              "rows-replicas1-static-ample", "columns-static-drops"])
+def test_fsdp_forced_replacements_equal_the_unplaced_run(rank_pool, layout, mode, replicas, reshard, static):
     """trainer.engine=fsdp's layout at ep 2 x edp 2 (and ep 4): a new random placement after every AdamW step moves
     FSDP2's sharded weights, gradients and moments over the whole mesh; with replicas the fetch reads
     the weights FSDP2 unshards for the experts' forward. Everything equals the unplaced FSDP2 run's.
-    no-reshard-eval: reshard_after_forward=False and an evaluation forward before each move."""
+    no-reshard-eval: reshard_after_forward=False and an evaluation forward before each move. static: the
+    padded dispatcher's static buffer (ample, or small enough that rows drop: the same rows drop)."""
     steps = 4
     ep, num_experts, ffn, placements, local_shape = FSDP_LAYOUTS[layout]
-    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, 1, True, replicas, None, "padded", True,
+    results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, mode, 1, True, replicas, static, "padded", True,
                             num_experts, ffn, reshard, timeout_s=180)
     _assert_runs_equal(results, steps)
     for r in results:
@@ -100,6 +107,8 @@ def test_fsdp_forced_replacements_equal_the_unplaced_run(rank_pool, layout, mode
         assert r["placements"] == results[0]["placements"]
         assert len({p for p in r["placements"]}) == steps and r["moves"] == steps
         assert 0.3 < np.mean(r["hot_share"]) < 0.55
+        if static is not None:  # rows dropped under the small buffer (else this tests nothing), none under the ample
+            assert all((s["dropped"] > 0) == (static == SMALL_F) for s in r["runs"]["ref"])
     if layout == "rows-padded":  # one edp shard holds 2 experts, the other 1
         assert sorted({r["shard"][1][0] for r in results}) == [1, 2]
 
@@ -230,7 +239,6 @@ def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path, engine):
 
 
 # ---- under a static capacity buffer (parallel.static_capacity_factor; docs/placement.md) ------------
-AMPLE = 4.0  # E / K: C = T, no (source rank, expert) can overflow
 
 
 @pytest.mark.multirank
@@ -250,8 +258,6 @@ def test_static_buffer_forced_replacements_equal_the_unplaced_run(rank_pool, ep,
         assert r["moves"] == steps and len(set(r["placements"])) == steps
         assert all(s["dropped"] == 0 for run in r["runs"].values() for s in run)
 
-
-SMALL_F = 1.0  # C = ceil(37 * 2 / 8) = 10 rows per (source rank, slot): the hot expert (~30 a rank) drops
 
 
 @pytest.mark.multirank
