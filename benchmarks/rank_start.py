@@ -1,5 +1,7 @@
 """What a multi-rank test pays before its work: a fresh interpreter importing torch and moesys,
 a spawn of N gloo ranks (simulate), and a run on ranks kept alive (RankPool). docs/testing.md.
+And what a one-step `moesys-train` of N simulated ranks takes with its ranks spawned against
+forked from a preloaded server (parallel.rank_start=spawn | auto), side by side, alternating.
 
     python benchmarks/rank_start.py --worlds 2 4 --runs 3
 
@@ -9,9 +11,11 @@ Each line is the median of --runs wall-clock timings on this machine as loaded n
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch.distributed as dist
@@ -55,6 +59,22 @@ def main() -> None:
         s = _median_s(lambda: pool.run(noop_body, timeout_s=120), a.runs)
         pool.close()
         print(f"| `RankPool({world})`: first run (start) / each later run | {start:.1f} / {s:.3f} |")
+    train_cmd = os.path.join(os.path.dirname(sys.executable), "moesys-train")  # the console script
+    with tempfile.TemporaryDirectory() as d:
+        for world in a.worlds:
+            times = {"spawn": [], "auto": []}
+            for i in range(a.runs):
+                for how in ("spawn", "auto"):
+                    cmd = [train_cmd, "preset=tiny", "trainer.steps=1",
+                           "trainer.eval_interval=1", "trainer.eval_batches=1", f"parallel.simulate_ranks={world}",
+                           f"parallel.ep={world}", "moe.num_experts=8", f"parallel.rank_start={how}",
+                           f"trainer.out_dir={os.path.join(d, f'{how}{world}_{i}')}"]
+                    t0 = time.perf_counter()
+                    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                    times[how].append(time.perf_counter() - t0)
+            sp, fk = statistics.median(times["spawn"]), statistics.median(times["auto"])
+            print(f"| `moesys-train` 1 step, {world} ranks: spawned / forked (rank_start=auto) | "
+                  f"{sp:.1f} / {fk:.1f} ({sp / fk:.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,10 @@ class ParallelConfig:
 
     ep: int = 2  # expert-parallel degree; must divide moe.num_experts and the world size
     simulate_ranks: int = 2  # without torchrun: spawn this many local gloo ranks (1 = single process)
+    # how those ranks start: auto (CPU jobs: forked from a server that imported moesys and torch once,
+    # ~0.1 s a rank instead of seconds of imports; CUDA jobs and platforms without one: spawn) | spawn
+    # (a fresh interpreter each, as torch.multiprocessing.spawn)
+    rank_start: str = "auto"
     # alltoallv | padded | hierarchical | hierarchical_padded | allgather (the 2-D ones: within the node,
     # then across nodes; hierarchical_padded: padded's fixed-capacity buffers, no counts exchange)
     dispatcher: str = "alltoallv"
@@ -340,6 +344,7 @@ class TrainConfig:
         # ---- parallel -----------------------------------------------------------------------------
         _check(p.ep > 0, f"parallel.ep must be > 0, got {p.ep}")
         _check(p.simulate_ranks > 0, f"parallel.simulate_ranks must be > 0, got {p.simulate_ranks}")
+        _one_of("parallel.rank_start", p.rank_start, ("auto", "spawn"))
         if p.ep <= moe.num_experts and moe.num_experts % p.ep:
             raise ConfigError(
                 f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({p.ep})"

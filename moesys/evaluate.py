@@ -27,9 +27,9 @@ from moesys.errors import ConfigError
 from . import checkpoint as ckpt_mod
 from . import cli
 from . import data as data_mod
-from .train import launch, rank_context, under_torchrun, world_size_of
-from .trainer import Trainer, structure_of
 from . import tokens as tokens_mod
+from .train import launch, rank_context, rank_preload, under_torchrun, world_size_of
+from .trainer import Trainer, structure_of
 
 PROG = "moesys-eval"
 register()
@@ -101,7 +101,7 @@ def evaluate_checkpoint(ecfg: EvalConfig) -> dict:
     if under_torchrun():
         res = _rank_eval(cfg, ckpt)
         return res if os.environ.get("RANK") == "0" else None
-    return launch(cfg.parallel.simulate_ranks, _rank_eval, cfg, ckpt)
+    return launch(cfg.parallel.simulate_ranks, _rank_eval, cfg, ckpt, preload=rank_preload(cfg, "moesys.evaluate"))
 
 
 def report(res: dict) -> str:

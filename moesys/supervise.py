@@ -149,8 +149,10 @@ def _first_failure(workdir: str, failed: Sequence[tuple]) -> tuple:
     return min(failed, key=key)
 
 
-def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float = 1.0) -> List[Any]:
+def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float = 1.0,
+              preload: Sequence[str] = ()) -> List[Any]:
     """Run `target(rank, *args)` in `world` spawned processes; return their results by rank.
+    preload: fork them from a server that imported these modules once instead (spawn.start_ranks).
 
     `target` and `args` must be picklable (module-level). Raises RankFailedError for the first rank
     that fails (the others are killed). While it runs, this process's SIGINT/SIGTERM/SIGUSR1
@@ -170,16 +172,22 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
                 except ProcessLookupError:
                     pass
 
+    reached: List[int] = []  # per forwarded signal, how many ranks had started to get it
+
+    def send(signum: int, ranks) -> None:
+        for p in ranks:
+            if p.pid is not None:
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
     def forward(signum, frame) -> None:  # os.kill only: no I/O here
         if signum == signal.SIGINT:
             sigints[0] += 1
         forwarded.append(signum)
-        for p in procs:
-            if p.pid is not None:
-                try:
-                    os.kill(p.pid, signal.SIGKILL if sigints[0] > 1 else signum)
-                except ProcessLookupError:
-                    pass
+        reached.append(len(procs))
+        send(signal.SIGKILL if sigints[0] > 1 else signum, procs)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -187,7 +195,11 @@ def run_ranks(target: Callable, world: int, args: tuple = (), *, poll_s: float =
     try:
         # each rank joins `procs` as it starts, so a signal during the start reaches those running
         start_ranks(_child, [(rank, workdir, target, args) for rank in range(world)], daemon=False,
-                    tie_to_parent=True, threads=None, name="moesys-rank", started=procs)
+                    tie_to_parent=True, threads=None, name="moesys-rank", started=procs, preload=preload)
+        # a signal that came while the ranks started (a forked rank's start waits for the server's
+        # imports, seconds the first time) reached only those already running: the rest get it now
+        for i, signum in enumerate(forwarded[:]):
+            send(signal.SIGKILL if sigints[0] > 1 else signum, procs[reached[i]:])
         while True:  # the checks run once more after the last rank ended (they may all end at once)
             running = [p.sentinel for p in procs if p.exitcode is None]
             if running:

@@ -29,7 +29,7 @@ import re
 import signal
 import socket
 import sys
-from typing import Callable, Iterator, List, NoReturn, Optional, Tuple
+from typing import Callable, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ from moesys.errors import ConfigError
 from moesys.evo import EvoCallback
 from moesys.kernels import cpu_blas, workspace
 from moesys.parallel import ParallelDims
-from moesys.parallel.spawn import rank_env, serve_store
+from moesys.parallel.spawn import forkserver_available, rank_env, serve_store
 
 from . import checkpoint as ckpt
 from . import cli, hf, preemption, supervise
@@ -194,13 +194,26 @@ def _spawned(rank: int, world: int, port: int, fn: Callable, args: tuple) -> Opt
     return result if rank == 0 else None
 
 
-def launch(world: int, fn: Callable, *args):
+def rank_preload(cfg: TrainConfig, module: str) -> tuple:
+    """The modules a server imports once, for this job's ranks to be forked from it
+    (parallel.rank_start=auto on a CPU job, where the platform has a forkserver), or () to spawn each
+    rank (parallel.rank_start=spawn, or a CUDA job). `module`: the one the ranks run (moesys.train,
+    moesys.evaluate); torch._dynamo too, which torch's optimizers import when they are built."""
+    p = cfg.parallel
+    on_cuda = p.backend == "nccl" or (p.backend == "auto" and torch.cuda.is_available())
+    if p.rank_start != "auto" or on_cuda or not forkserver_available():
+        return ()
+    return (module, "torch._dynamo")
+
+
+def launch(world: int, fn: Callable, *args, preload: Sequence[str] = ()):
     """Run `fn(*args)` as every rank of a local gloo world of `world` ranks; returns rank 0's result.
 
     world == 1 runs it in this process (the rank environment set for the call and restored after);
-    otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable): signals
-    are forwarded to them, they die with this process, and a rank that fails raises
-    supervise.RankFailedError naming it, with the others killed at once."""
+    otherwise `world` ranks are spawned under moesys.supervise (fn and args must be picklable), or
+    forked from a server that imported `preload` (rank_preload): signals are forwarded to them, they
+    die with this process, and a rank that fails raises supervise.RankFailedError naming it, with the
+    others killed at once."""
 
     # the rendezvous store is served from here, on 127.0.0.1 and a port that stays bound (no
     # EADDRINUSE race); the ranks' gloo/NCCL sockets stay on loopback too (nothing listens outside)
@@ -223,7 +236,7 @@ def launch(world: int, fn: Callable, *args):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    return supervise.run_ranks(_spawned, world, (world, store.port, fn, args))[0]
+    return supervise.run_ranks(_spawned, world, (world, store.port, fn, args), preload=preload)[0]
 
 
 def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None, share_out_dir: bool = False) -> dict:
@@ -242,7 +255,7 @@ def run(cfg: TrainConfig, out_dir: str, callbacks_fn: Optional[Callable] = None,
     resume = prepare(cfg, out_dir, world)  # fail here, in the parent, before spawning anything
     if resume is not None:  # the ranks load exactly what the parent verified (resume=auto may have fallen back)
         cfg.trainer.resume = resume
-    return launch(world, rank_main, cfg, out_dir, callbacks_fn)
+    return launch(world, rank_main, cfg, out_dir, callbacks_fn, preload=rank_preload(cfg, "moesys.train"))
 
 
 # ---- Hydra entry point -----------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import socket
 import sys
 import threading
 import time
+import weakref
+from multiprocessing import reduction as mp_reduction
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -142,9 +144,73 @@ def context():
     return mp.get_context("spawn")
 
 
-def _rank_entry(parent_pid: Optional[int], threads: Optional[int], target: Callable, args: tuple) -> None:
-    """Every rank's first frame: tie its life to the parent's (when asked), then run target(*args)."""
-    if parent_pid is not None:
+def forkserver_available() -> bool:
+    """Whether ranks can be forked from a preloaded server on this platform (Linux, macOS)."""
+    return "forkserver" in mp.get_all_start_methods()
+
+
+# what the preloaded server's modules read when they are imported, so a rank forked from it cannot
+# take another value from its launcher (triton decorates its own kernels then)
+IMPORT_TIME_ENV = ("TRITON_INTERPRET",)
+
+
+class _FromLauncher:
+    """What a rank forked from the preloaded server takes from its launcher rather than from the
+    server: the environment of now (the server keeps the one it started with), stdout and stderr (a
+    spawned rank inherits both), and, when it is tied to the launcher's life, the read end of a pipe
+    only the launcher writes to. Unpickled first among the rank's arguments, so all of it is in place
+    before the target's module is imported; the working directory and sys.path come with
+    multiprocessing's preparation data, as for a spawned rank."""
+
+    def __init__(self, tie_fd: Optional[int]):
+        self.env, self.tie_fd = dict(os.environ), tie_fd
+
+    def __reduce__(self):  # pickled while the process starts: DupFd sends the descriptors along
+        tie = None if self.tie_fd is None else mp_reduction.DupFd(self.tie_fd)
+        return _FromLauncher._apply, (self.env, mp_reduction.DupFd(1), mp_reduction.DupFd(2), tie)
+
+    @staticmethod
+    def _apply(env: dict, out, err, tie) -> str:
+        for key in IMPORT_TIME_ENV:
+            if os.environ.get(key) != env.get(key):
+                raise RuntimeError(
+                    f"this rank was forked from a server started with {key}={os.environ.get(key)!r}, read when "
+                    f"its modules were imported, and its launcher has {key}={env.get(key)!r}; start the ranks "
+                    "fresh (parallel.rank_start=spawn)")
+        if tie is not None:
+            _die_with_launcher(tie.detach())
+        os.environ.clear()
+        os.environ.update(env)
+        for src, fd in ((out, 1), (err, 2)):
+            got = src.detach()
+            os.dup2(got, fd)
+            os.close(got)
+        return "forked"
+
+
+def _die_with_launcher(read_fd: int) -> None:
+    """In a forked rank: SIGKILL this process when the launcher's end of the pipe closes, i.e. when
+    the launcher is gone, killed included (at once if it already is). Its OS parent is the server,
+    which outlives the launcher while ranks hold its `alive` descriptor, so die_with_parent's
+    PR_SET_PDEATHSIG cannot tell."""
+    def watch() -> None:
+        while True:
+            try:
+                if os.read(read_fd, 1) == b"":
+                    break
+            except InterruptedError:
+                continue
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="moesys-launcher-watch", daemon=True).start()
+
+
+def _rank_entry(how: Optional[str], parent_pid: Optional[int], threads: Optional[int], target: Callable,
+                args: tuple) -> None:
+    """Every rank's first frame: tie its life to the parent's (when asked), then run target(*args).
+    how: "forked" for a rank forked from the preloaded server (start_ranks' `preload`; tied to the
+    launcher already, by _FromLauncher), None for a spawned one."""
+    if parent_pid is not None and how != "forked":
         die_with_parent(parent_pid)
     if threads is not None:
         torch.set_num_threads(threads)  # the ranks share the machine's cores
@@ -152,11 +218,18 @@ def _rank_entry(parent_pid: Optional[int], threads: Optional[int], target: Calla
 
 
 def start_ranks(target: Callable, rank_args: Sequence[tuple], *, daemon: bool, tie_to_parent: bool = False,
-                threads: Optional[int] = 1, name: Optional[str] = None, started: Optional[list] = None) -> list:
+                threads: Optional[int] = 1, name: Optional[str] = None, started: Optional[list] = None,
+                preload: Sequence[str] = ()) -> list:
     """Start one process per entry of `rank_args` (rank r runs target(*rank_args[r])); returns them,
     started, in rank order.
 
-    target and the arguments must be picklable (a module-level function): ranks are spawned.
+    target and the arguments must be picklable (a module-level function). Ranks are spawned (a fresh
+    interpreter each), or with `preload` (module names) forked from multiprocessing's forkserver,
+    which imports those modules once (the first call starts it; it ends with this process): a rank
+    then starts in a fraction of a second instead of paying the interpreter's start and torch's
+    import (seconds of CPU each). It gets this process's environment, working directory, sys.path,
+    stdout and stderr as a spawned rank does (_FromLauncher); only what the preloaded modules read
+    at their import (IMPORT_TIME_ENV) comes from the server's start.
     daemon: multiprocessing ends the ranks when this process exits normally (simulate, RankPool).
     tie_to_parent: each rank also dies (SIGKILL) when this process dies in any way, killed
     included (`die_with_parent`; the trainer's ranks must never train on as orphans). threads: the
@@ -164,11 +237,23 @@ def start_ranks(target: Callable, rank_args: Sequence[tuple], *, daemon: bool, t
     started: a list each process joins as soon as it runs (a signal handler that forwards to the
     ranks then reaches those already started; run_ranks). If a start fails, the ranks already
     started are killed and the error raised."""
-    ctx = context()
     parent = os.getpid() if tie_to_parent else None
-    procs = [ctx.Process(target=_rank_entry, args=(parent, threads, target, tuple(args)), daemon=daemon,
+    tie_r = None
+    if preload:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))  # no effect on a server already running
+        if tie_to_parent:  # the ranks read, this process holds the write end until they are gone
+            tie_r, tie_w = os.pipe()
+        how = _FromLauncher(tie_r)
+    else:
+        ctx, how = context(), None
+    procs = [ctx.Process(target=_rank_entry, args=(how, parent, threads, target, tuple(args)), daemon=daemon,
                          name=None if name is None else f"{name}{r}")
              for r, args in enumerate(rank_args)]
+    if tie_r is not None:
+        end = _LauncherEnd(tie_w)
+        for p in procs:
+            p.launcher_end = end  # closed when the last of these process objects is collected
     running = [] if started is None else started
     try:
         for p in procs:
@@ -180,7 +265,18 @@ def start_ranks(target: Callable, rank_args: Sequence[tuple], *, daemon: bool, t
                 p.kill()
                 p.join(timeout=5.0)
         raise
+    finally:
+        if tie_r is not None:
+            os.close(tie_r)  # the ranks have their copies (sent at their start)
     return procs
+
+
+class _LauncherEnd:
+    """The write end of the pipe forked ranks watch (_die_with_launcher), open while any of their
+    process objects is alive in the launcher, and closed by the kernel if the launcher dies."""
+
+    def __init__(self, fd: int):
+        weakref.finalize(self, os.close, fd)
 
 
 def wait_reports(results, procs: Sequence, deadline: float, *, task: Any = None,

@@ -91,7 +91,7 @@ def rank_pool():
 
 # What the forkserver of `forked` imports once: the console scripts' modules (torch, Hydra and
 # moesys with them).
-FORKED_PRELOAD = ["moesys.train", "moesys.evaluate", "moesys.generate", "moesys.convert"]
+FORKED_PRELOAD = ["moesys.train", "moesys.evaluate", "moesys.generate", "moesys.convert", "torch._dynamo"]
 _FORKED_BODY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forked_command.py")
 
 
@@ -125,15 +125,22 @@ class Forked:
             return subprocess.CompletedProcess([script, *argv], p.exitcode, f_out.read(), f_err.read())
 
 
-@pytest.fixture(scope="session")
-def forked(tmp_path_factory):
-    """Commands (console scripts, benchmark scripts) forked from one multiprocessing forkserver
-    per pytest run that imported FORKED_PRELOAD. The server starts with the environment a command
-    gets (no TRITON_INTERPRET: triton reads it at import), and ends with pytest."""
-    forked = Forked(str(tmp_path_factory.mktemp("forked")))
-    forked.ctx.set_forkserver_preload(FORKED_PRELOAD)
+@pytest.fixture(scope="session", autouse=True)
+def _forkserver():
+    """This pytest process's multiprocessing forkserver (there is one per process), started first:
+    the `forked` commands and the trainer's forked ranks (parallel.rank_start=auto, started by tests
+    that call train.run) all come from it. It starts with the environment a command gets (no
+    TRITON_INTERPRET: triton reads it at import), whatever a test sets later, and imports
+    FORKED_PRELOAD in the background while the first tests run; it ends with pytest."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(FORKED_PRELOAD)
     with pytest.MonkeyPatch.context() as mp:
         for k in ("RANK", "WORLD_SIZE", "TRITON_INTERPRET"):
             mp.delenv(k, raising=False)
         multiprocessing.forkserver.ensure_running()
-    return forked
+
+
+@pytest.fixture(scope="session")
+def forked(tmp_path_factory):
+    """Commands (console scripts, benchmark scripts) forked from the session's forkserver
+    (_forkserver), which imported FORKED_PRELOAD."""
+    return Forked(str(tmp_path_factory.mktemp("forked")))

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class NaNAt:
@@ -236,3 +239,15 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def how_i_started(rank: int, launcher: int, key: str, say: bool = True) -> dict:
+    """A rank's view of its start (tests/moesys/test_rank_start.py): its OS parent, the launcher's
+    environment variable `key`, its working directory and sys.path, and (say) a line on stdout and stderr."""
+    if say:
+        print(f"rank {rank} on stdout", flush=True)
+        print(f"rank {rank} on stderr", file=sys.stderr, flush=True)
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+        parent_cmd = f.read().decode(errors="replace")
+    return {"rank": rank, "forked": os.getppid() != launcher and "multiprocessing.forkserver" in parent_cmd,
+            "value": os.environ.get(key), "cwd": os.getcwd(), "sys_path_has_helpers": HERE in sys.path}

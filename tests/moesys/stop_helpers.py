@@ -18,6 +18,17 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def launcher_pid() -> int:
+    """The process that started this rank (moesys-train's): the OS parent of a spawned rank, the
+    parent of the forkserver a forked rank (parallel.rank_start=auto) came from."""
+    ppid = os.getppid()
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        if b"multiprocessing.forkserver" not in f.read():
+            return ppid
+    with open(f"/proc/{ppid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 class SignalAt:
     """At the start of `step`, on rank `rank`, send `sig` to this rank ("self") or to the parent
     ("parent"). For the parent, wait until the forwarded signal has reached this rank, so the stop
@@ -32,7 +43,7 @@ class SignalAt:
     def on_step_start(self, step: int) -> None:
         if step != self.step or self.trainer.rank != self.rank:
             return
-        os.kill(os.getpid() if self.to == "self" else os.getppid(), self.sig)
+        os.kill(os.getpid() if self.to == "self" else launcher_pid(), self.sig)
         deadline = time.time() + 60
         while not self.trainer.stop.requested and time.time() < deadline:
             time.sleep(0.01)

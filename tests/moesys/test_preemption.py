@@ -139,6 +139,27 @@ def _children(pid):
     return kids
 
 
+def _cmdline(pid) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _ranks(pid):
+    """The rank processes of the moesys-train process `pid`: its spawned children, or the children
+    of the forkserver it started (parallel.rank_start=auto); not the resource tracker or the server."""
+    ranks = []
+    for c in _children(pid):
+        cmd = _cmdline(c)
+        if b"multiprocessing.forkserver" in cmd:
+            ranks += _children(c)
+        elif b"multiprocessing.spawn" in cmd:
+            ranks.append(c)
+    return ranks
+
+
 def _helper(*args):
     return subprocess.Popen([sys.executable, os.path.join(HERE, "stop_helpers.py"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
@@ -181,14 +202,15 @@ def test_a_sigkilled_parent_leaves_no_rank_running(tmp_path):
     while not (os.path.isfile(metrics) and os.path.getsize(metrics) > 0) and time.time() < deadline:
         assert p.poll() is None, p.communicate()
         time.sleep(0.5)
-    ranks = _children(p.pid)
-    assert len([r for r in ranks if _alive(r)]) >= 2, ranks  # 2 ranks (+ maybe the spawn resource tracker)
+    ranks = _ranks(p.pid)
+    assert len([r for r in ranks if _alive(r)]) == 2, ranks
+    helpers = _children(p.pid)  # the resource tracker, and the forkserver the ranks were forked from
     p.kill()
     p.wait()
     deadline = time.time() + 30
-    while any(_alive(r) for r in ranks) and time.time() < deadline:
+    while any(_alive(r) for r in ranks + helpers) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(r) for r in ranks)
+    assert not any(_alive(r) for r in ranks + helpers)
 
 
 @pytest.mark.slow
@@ -287,7 +309,7 @@ def test_sigterm_while_the_ranks_start_is_a_stop_not_a_failure(tmp_path):
     out = str(tmp_path / "run")
     p = _helper("cli", out, 100000, 10**9, 0, "raise")
     deadline = time.time() + 120
-    while len([c for c in _children(p.pid) if _alive(c)]) < 2 and time.time() < deadline:
+    while len([c for c in _ranks(p.pid) if _alive(c)]) < 2 and time.time() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=600)
