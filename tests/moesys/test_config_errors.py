@@ -12,7 +12,6 @@ takes one case of each way an error is found: five in the fast tier, eight more 
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -234,37 +233,46 @@ def _check(case, stdout, stderr, expected, out, before, root):
         assert not os.path.exists(hydra_dir), f"{_case_id(case)}: Hydra's run dir was created"
 
 
-def _run_cli(case, inputs, root):
+def _run_cli(case, inputs, root, forked):
+    """The case through the installed `moesys-train` console script, a process of its own forked from
+    the session's server (the `forked` fixture: the same exit code, output and files as the script
+    started fresh, tests/packaging/test_readme_commands.py checks), or `python -m moesys.train`
+    without the script."""
     args, expected, out = _setup(case, inputs, root)
     before = _snapshot(out)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "HYDRA_FULL_ERROR")}
-    r = subprocess.run([sys.executable, "-m", "moesys.train", *args], capture_output=True, text=True,
-                       timeout=300, env=env)
+    script = os.path.join(os.path.dirname(sys.executable), "moesys-train")
+    if os.path.isfile(script):
+        r = forked.run(script, args, os.getcwd(), env, timeout=300)
+    else:
+        r = subprocess.run([sys.executable, "-m", "moesys.train", *args], capture_output=True, text=True,
+                           timeout=300, env=env)
     assert r.returncode == 2, f"{_case_id(case)}: exit {r.returncode}\n{r.stderr[-3000:]}"
     _check(case, r.stdout, r.stderr, expected, out, before, root)
 
 
-def _run_many_cli(cases, inputs, tmp_path):
-    # two at a time: each call is mostly torch's import, on a 2-core machine
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(_run_cli, case, inputs, str(tmp_path / f"case{i}")) for i, case in enumerate(cases)]
-        errors = [f.exception() for f in futures]
-    failed = [str(e) for e in errors if e is not None]
+def _run_many_cli(cases, inputs, tmp_path, forked):
+    failed = []
+    for i, case in enumerate(cases):
+        try:
+            _run_cli(case, inputs, str(tmp_path / f"case{i}"), forked)
+        except AssertionError as e:
+            failed.append(str(e))
     assert not failed, f"{len(failed)} of {len(cases)} cases failed:\n" + "\n".join(failed)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 8 calls, two at a time
-def test_catalogue_through_the_cli(inputs, tmp_path):
+@pytest.mark.timeout(900)  # 8 calls
+def test_catalogue_through_the_cli(inputs, tmp_path, forked):
     cases = [c for c in CASES if _case_id(c) in CLI]
     assert len(cases) == len(CLI) >= 8 and not set(CLI) & set(FAST_CLI)
-    _run_many_cli(cases, inputs, tmp_path)
+    _run_many_cli(cases, inputs, tmp_path, forked)
 
 
-def test_representative_cases_through_the_cli(inputs, tmp_path):
+def test_representative_cases_through_the_cli(inputs, tmp_path, forked):
     cases = [c for c in CASES if _case_id(c) in FAST_CLI]
     assert len(cases) == len(FAST_CLI)
-    _run_many_cli(cases, inputs, tmp_path)
+    _run_many_cli(cases, inputs, tmp_path, forked)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)

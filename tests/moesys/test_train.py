@@ -197,19 +197,26 @@ def test_torchrun_rank_fails_before_any_collective(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_entry_point(tmp_path):
-    """The console script's module: a short run through Hydra, then an unknown override."""
+def test_cli_entry_point(tmp_path, forked):
+    """The console script: a short run through Hydra, then an unknown override (a process of its own,
+    forked from the session's server: the `forked` fixture; `python -m moesys.train` without the script)."""
     out = tmp_path / "cli"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    r = subprocess.run([sys.executable, "-m", "moesys.train", "preset=tiny", "trainer.steps=4", "trainer.eval_interval=2",
-                        f"trainer.out_dir={out}", "logging.wandb_mode=offline", f"hydra.run.dir={tmp_path}/hydra"],
-                       capture_output=True, text=True, timeout=240, env=env)
+    script = os.path.join(os.path.dirname(sys.executable), "moesys-train")
+
+    def cli(args, env, timeout):
+        if os.path.isfile(script):
+            return forked.run(script, args, os.getcwd(), env, timeout=timeout)
+        return subprocess.run([sys.executable, "-m", "moesys.train", *args], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    r = cli(["preset=tiny", "trainer.steps=4", "trainer.eval_interval=2", f"trainer.out_dir={out}",
+             "logging.wandb_mode=offline", f"hydra.run.dir={tmp_path}/hydra"], env, 240)
     assert r.returncode == 0, r.stderr[-3000:]
     end = [x for x in _records(str(out)) if x.get("event") == "end"][0]
     assert end["steps"] == 4 and end["val_loss_end"] < end["val_loss_start"]
     assert os.path.isdir(out / "wandb")  # offline W&B run written locally, no network
-    bad = subprocess.run([sys.executable, "-m", "moesys.train", "trainer.nonsense=1", f"hydra.run.dir={tmp_path}/h2"],
-                         capture_output=True, text=True, timeout=120)
+    bad = cli(["trainer.nonsense=1", f"hydra.run.dir={tmp_path}/h2"], dict(os.environ), 120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == ["moesys-train: error: Could not override 'trainer.nonsense': "
                                        "Key 'nonsense' not in 'TrainerConfig'"]
