@@ -194,11 +194,17 @@ def test_trainer_placement_auto_trains_like_off(trained):
 def test_checkpoint_after_replacement_resumes_at_another_ep_size(rank_pool, trained, tmp_path):
     """The checkpoint written while placed holds experts in expert order: read at ep 2 (edp 2), its loss
     and an expert's AdamW moments equal the unplaced run's checkpoint's."""
-    saved = trained[0]["saved"]
     cfg = make_cfg(*TRAIN, "parallel.ep=2", "parallel.placement=auto")
+    seen = _resume_placed_and_unplaced(rank_pool, cfg, trained[0]["saved"], tmp_path, timeout_s=180)
+    assert seen == 2  # expert 5 lives on one rank of each of the two ep groups
+
+
+def _resume_placed_and_unplaced(rank_pool, cfg, saved, tmp_path, timeout_s):
+    """Load the checkpoints saved while placed and unplaced at cfg's layout: equal loss, and expert
+    5's AdamW moments and weight equal on every rank that holds it; returns how many ranks do."""
     probe = ("blocks.1.moe.experts", "w1", 5)
-    got = rank_pool.run(load_and_probe, WORLD, cfg, saved["auto"], str(tmp_path / "a"), probe, timeout_s=180)
-    want = rank_pool.run(load_and_probe, WORLD, cfg, saved["off"], str(tmp_path / "o"), probe, timeout_s=180)
+    got = rank_pool.run(load_and_probe, WORLD, cfg, saved["auto"], str(tmp_path / "a"), probe, timeout_s=timeout_s)
+    want = rank_pool.run(load_and_probe, WORLD, cfg, saved["off"], str(tmp_path / "o"), probe, timeout_s=timeout_s)
     seen = 0
     for g, w in zip(got, want):
         assert g["step"] == w["step"] == 6
@@ -208,7 +214,7 @@ def test_checkpoint_after_replacement_resumes_at_another_ep_size(rank_pool, trai
             seen += 1
             for k in ("exp_avg", "exp_avg_sq", "weight"):
                 np.testing.assert_allclose(g["probe"][k], w["probe"][k], rtol=RTOL, atol=ATOL, err_msg=k)
-    assert seen == 2  # expert 5 lives on one rank of each of the two ep groups
+    return seen
 
 
 @pytest.mark.multirank
@@ -456,18 +462,6 @@ def test_fsdp_trainer_placement_auto_trains_like_off(trained_fsdp):
 def test_fsdp_checkpoint_after_replacement_resumes_elsewhere(rank_pool, trained_fsdp, tmp_path, layout):
     """The fsdp checkpoint written while placed holds experts in expert order: read at ep 4 under fsdp,
     or by the plain engine, its loss and an expert's AdamW moments equal the unplaced run's checkpoint's."""
-    saved = trained_fsdp[0]["saved"]
     cfg = make_cfg(*TRAIN, *layout, "parallel.placement=auto")
-    probe = ("blocks.1.moe.experts", "w1", 5)
-    got = rank_pool.run(load_and_probe, WORLD, cfg, saved["auto"], str(tmp_path / "a"), probe, timeout_s=240)
-    want = rank_pool.run(load_and_probe, WORLD, cfg, saved["off"], str(tmp_path / "o"), probe, timeout_s=240)
-    seen = 0
-    for g, w in zip(got, want):
-        assert g["step"] == w["step"] == 6
-        np.testing.assert_allclose(g["loss"], w["loss"], rtol=RTOL)
-        assert (g["probe"] is None) == (w["probe"] is None)
-        if w["probe"] is not None:
-            seen += 1
-            for k in ("exp_avg", "exp_avg_sq", "weight"):
-                np.testing.assert_allclose(g["probe"][k], w["probe"][k], rtol=RTOL, atol=ATOL, err_msg=k)
+    seen = _resume_placed_and_unplaced(rank_pool, cfg, trained_fsdp[0]["saved"], tmp_path, timeout_s=240)
     assert seen == (1 if "parallel.ep=4" in layout else 2)  # expert 5: on one rank of each ep group
