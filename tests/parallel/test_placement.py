@@ -52,12 +52,17 @@ def _assert_runs_equal(results, steps):
                     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} step {s}: {key}")
 
 
+# the layouts the forced re-placement tests run (per-step dispatchers, and a static buffer)
+FORCED_LAYOUTS = pytest.mark.parametrize(
+    "ep,mode,overlap,replicas",
+    [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0), (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
+     (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
+    ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1", "ep4-overlap2-replicas2",
+         "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0),
-                                                      (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
-                                                      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
-                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1",
-                              "ep4-overlap2-replicas2", "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+@FORCED_LAYOUTS
 def test_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap, replicas):
     """A new random placement after every step (with `replicas` random replica slots a rank)."""
     steps = 4
@@ -248,11 +253,7 @@ def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path, engine):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0),
-                                                      (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
-                                                      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
-                         ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp", "ep4-replicas1",
-                              "ep4-overlap2-replicas2", "ep2-edp2-replicas1", "ep2-edp2-sharded_dp-replicas1"])
+@FORCED_LAYOUTS
 def test_static_buffer_forced_replacements_equal_the_unplaced_run(rank_pool, ep, mode, overlap, replicas):
     """The padded dispatcher's static buffer big enough that nothing drops: a new random placement
     (and replicas) after every step equals the unplaced run with the same factor."""
