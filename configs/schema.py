@@ -141,6 +141,10 @@ class ParallelConfig:
     # holders, the replica's weights fetched from the owner each step and its gradient summed back
     placement_replicas: int = 0
 
+    def on_cuda(self, cuda_available: bool) -> bool:
+        """Whether the job trains on CUDA GPUs (nccl), given whether this machine has them."""
+        return self.backend == "nccl" or (self.backend == "auto" and cuda_available)
+
 
 @dataclass
 class DataConfig:
@@ -395,7 +399,7 @@ class TrainConfig:
         if p.backend == "nccl" and not cuda:
             raise ConfigError("parallel.backend='nccl' needs CUDA GPUs and this machine has none; use "
                               "parallel.backend=auto (gloo on the CPU)")
-        on_cuda = p.backend == "nccl" or (p.backend == "auto" and cuda)
+        on_cuda = p.on_cuda(cuda)
         if t.precision not in ("fp32", "bf16"):
             raise ConfigError(f"trainer.precision={t.precision!r} is not one of fp32|bf16 (bf16 autocast runs on the "
                               "CPU and on GPUs; fp16 is not supported: it needs a loss scale)")

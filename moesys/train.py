@@ -200,8 +200,7 @@ def rank_preload(cfg: TrainConfig, module: str) -> tuple:
     rank (parallel.rank_start=spawn, or a CUDA job). `module`: the one the ranks run (moesys.train,
     moesys.evaluate); torch._dynamo too, which torch's optimizers import when they are built."""
     p = cfg.parallel
-    on_cuda = p.backend == "nccl" or (p.backend == "auto" and torch.cuda.is_available())
-    if p.rank_start != "auto" or on_cuda or not forkserver_available():
+    if p.rank_start != "auto" or p.on_cuda(torch.cuda.is_available()) or not forkserver_available():
         return ()
     return (module, "torch._dynamo")
 
