@@ -99,7 +99,8 @@ class Forked:
     """`run(script, argv, cwd, env, timeout)`: the script run as `python script argv...` would run
     it, as a process of its own (its own state, exit code, stdout and stderr; a CompletedProcess),
     but forked from a server that has already imported FORKED_PRELOAD instead of starting an
-    interpreter and importing torch and moesys again (~4 s of CPU a command on the 2-core machine)."""
+    interpreter and importing torch and moesys again (~4 s of CPU a command on the 2-core machine).
+    The ranks the command forks come from the same server (tests/forked_command.py)."""
 
     def __init__(self, tmp):
         self.ctx = multiprocessing.get_context("forkserver")
@@ -109,7 +110,8 @@ class Forked:
     def run(self, script: str, argv: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         self.n += 1
         out, err = (os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err"))
-        glob = {"CWD": str(cwd), "ENV": dict(env), "ARGV": [script, *argv], "SCRIPT": script, "OUT": out, "ERR": err}
+        glob = {"CWD": str(cwd), "ENV": dict(env), "ARGV": [script, *argv], "SCRIPT": script, "OUT": out, "ERR": err,
+                "FORKSERVER": multiprocessing.forkserver._forkserver._forkserver_address}
         p = self.ctx.Process(target=runpy.run_path, args=(_FORKED_BODY,), kwargs={"init_globals": glob},
                              name=os.path.basename(script))
         p.start()
