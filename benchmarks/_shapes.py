@@ -1,9 +1,15 @@
 """Helpers shared by the benchmarks: the layer benchmarks' shape options (defaults: the issue's
-shape) and a one-call timer that uses CUDA events on a GPU."""
+shape), a one-call timer that uses CUDA events on a GPU, and what simulated ranks are forked from."""
 from __future__ import annotations
 
 import argparse
 import time
+
+# simulate(..., preload=RANK_PRELOAD): the ranks of a timing benchmark are forked from a server that
+# imported moesys once, rather than each starting an interpreter (seconds of CPU a rank, not what
+# is timed); the benchmarks that measure a rank's own memory (memory.py, hf_io.py) or its start
+# (rank_start.py) spawn theirs
+RANK_PRELOAD = ("moesys.parallel",)
 
 
 def add_shape_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from _shapes import RANK_PRELOAD  # benchmarks/ is on sys.path when a script runs
 from moesys import MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, apply_expert_parallel, simulate
 
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         for world in a.worlds:
             rows = simulate(bench_groups_worker, world, cfg_kw, a.groups, a.topk_groups, a.tokens, a.steps,
-                            a.warmup, a.rounds, timeout_s=300)[0]
+                            a.warmup, a.rounds, timeout_s=300, preload=RANK_PRELOAD)[0]
             report_groups(world, rows, cfg_kw, a.tokens)
         print(f"\n(total {time.time() - t0:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs, gloo)",
               file=sys.stderr)
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
         return
     t0 = time.time()
     for world in a.worlds:
-        res = simulate(bench_worker, world, *args, timeout_s=300)[0]
+        res = simulate(bench_worker, world, *args, timeout_s=300, preload=RANK_PRELOAD)[0]
         report(world, res, cfg_kw, a.tokens)
     print(f"\n(total {time.time() - t0:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs, gloo)", file=sys.stderr)
 

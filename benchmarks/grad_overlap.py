@@ -23,6 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from _shapes import RANK_PRELOAD  # benchmarks/ is on sys.path when a script runs
 from moesys import MoEConfig
 from moesys.model import GPTConfig, GPTMoE, lm_loss
 from moesys.parallel import OverlappedGradReducer, ParallelDims, allreduce_gradients, apply_expert_parallel, simulate
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
     a = {k: getattr(args, k) for k in ("ep", "layers", "heads", "ffn", "experts", "vocab", "seq", "batch", "steps",
                                        "warmup", "threads")}
     a.update(d_model=args.d_model, bucket_mb=args.bucket_mb)
-    res = simulate(bench_worker, args.ranks, a, timeout_s=600)[0]
+    res = simulate(bench_worker, args.ranks, a, timeout_s=600, preload=RANK_PRELOAD)[0]
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in res["rows"].items()}
     print(f"{args.ranks} gloo ranks, ep {args.ep}: GPT-MoE {args.layers} layers d={args.d_model} E={args.experts}, "
           f"{res['params'] / 1e6:.2f} M parameters a rank ({res['dense_params'] / 1e6:.2f} M dense), "

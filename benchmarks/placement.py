@@ -35,6 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from _shapes import RANK_PRELOAD  # benchmarks/ is on sys.path when a script runs
 from moesys import MoEConfig, MoELayer
 from moesys.parallel import ParallelDims, apply_expert_parallel, simulate
 from moesys.parallel.cost_model import Shape, Stats, layer_time
@@ -177,7 +178,7 @@ def main(argv=None) -> dict:
     a = {k: getattr(args, k) for k in ("zipf", "experts", "ffn", "tokens", "interval", "steps", "warmup", "threads",
                                        "replicas", "force", "static_capacity_factor")}
     a["d_model"] = args.d_model
-    res = simulate(bench_worker, args.ranks, a, timeout_s=600)[0]
+    res = simulate(bench_worker, args.ranks, a, timeout_s=600, preload=RANK_PRELOAD)[0]
     med = {k: tuple(statistics.median(r[i] for r in v) for i in range(4)) for k, v in res["rows"].items()}
     static_buffer = args.static_capacity_factor is not None
     print(f"{args.ranks} gloo ranks, ep {args.ranks}: one MoE layer E={args.experts} d={args.d_model} "

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ep  # noqa: E402  (benchmarks/ep.py: the measured sweep)
+from _shapes import RANK_PRELOAD  # noqa: E402
 
 from moesys import MoEConfig, MoELayer  # noqa: E402
 from moesys.parallel import ExpertLayout, simulate  # noqa: E402
@@ -58,7 +59,7 @@ def check_world(cfg: MoEConfig, world: int, a) -> dict:
     cfg_kw = dict(hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size, num_experts=cfg.num_experts,
                   top_k=cfg.top_k)
     res = simulate(ep.bench_worker, world, cfg_kw, a.tokens, a.steps, a.warmup, a.auto_steps, a.rounds,
-                   timeout_s=600)[0]
+                   timeout_s=600, preload=RANK_PRELOAD)[0]
     measured = {"median": {k: v["step"] for k, v in res["rows"].items()},
                 "min": {k: v["step_min"] for k, v in res["rows"].items()}}
     return {"hw": hws, "stats": stats, "predicted": predicted, "measured": measured, "pick": tuple(res["pick"])}

@@ -101,6 +101,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=None, help="schedule.warmup_steps (default: the config's)")
     ap.add_argument("--overrides", nargs="*", default=[], help="moesys-train overrides")
     a = ap.parse_args()
+    from _shapes import RANK_PRELOAD  # benchmarks/ is on sys.path when a script runs
+
     from moesys.parallel import simulate
 
     ov = list(a.overrides)
@@ -111,7 +113,7 @@ def main() -> int:
     ov += ["parallel.ep=1", "parallel.simulate_ranks=1", f"trainer.seed={a.seed}", f"trainer.steps={a.steps}"]
     if a.warmup is not None:
         ov.append(f"schedule.warmup_steps={a.warmup}")
-    r = simulate(probe_worker, 1, ov, a.steps, timeout_s=600)[0]
+    r = simulate(probe_worker, 1, ov, a.steps, timeout_s=600, preload=RANK_PRELOAD)[0]
     print(f"moesys-train {' '.join(ov)}\n")
     print("| step | loss | grad norm | lr | ‖dθ‖/‖θ‖ | cos(dθ, previous dθ) |")
     print("|---|---|---|---|---|---|")

@@ -21,6 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from _shapes import RANK_PRELOAD  # benchmarks/ is on sys.path when a script runs
 from moesys import MoEConfig, MoELayer
 from moesys.parallel import apply_expert_parallel, simulate
 
@@ -94,7 +95,7 @@ def ep_worker(max_warm_steps: int, mode: str = "auto", overlap="auto") -> dict:
 def walk(ep: int = 1, mode: str = "auto", overlap="auto") -> dict:
     if ep == 1:
         return one_device()
-    return simulate(ep_worker, ep, 200, mode, overlap, timeout_s=120)[0]
+    return simulate(ep_worker, ep, 200, mode, overlap, timeout_s=120, preload=RANK_PRELOAD)[0]
 
 
 def main(argv=None) -> None:

@@ -75,7 +75,7 @@ def _rank_main(rank, world_size, port, backend, timeout_s, local_world_size, deb
 
 def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "gloo", timeout_s: float = 60.0,
              local_world_size: Optional[int] = None, join_timeout_s: Optional[float] = None,
-             debug_collectives: bool = False) -> list:
+             debug_collectives: bool = False, preload: Sequence[str] = ()) -> list:
     """Run fn(*args) on `world_size` gloo ranks; return the per-rank results in rank order.
 
     Args:
@@ -84,12 +84,15 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
         join_timeout_s: how long to wait for all ranks (default 4 x timeout_s).
         debug_collectives: check each collective's fingerprint (op, shapes) across ranks first
             (torch.distributed's DETAIL debug level), so a mismatch is a clear error, not a gloo abort.
+        preload: module names; the ranks are then forked from multiprocessing's forkserver, which
+            imports them once (its first use starts it), instead of each starting an interpreter and
+            importing torch (start_ranks). For CPU jobs whose measure is not the ranks' own memory.
     """
     lws = _check_world(world_size, local_world_size)
     results = context().Queue()
     store = serve_store(timeout_s)  # held until the ranks are done (see serve_store)
     procs = start_ranks(_rank_main, [(r, world_size, store.port, backend, timeout_s, lws, debug_collectives, fn, args,
-                                      results) for r in range(world_size)], daemon=True)
+                                      results) for r in range(world_size)], daemon=True, preload=preload)
     deadline = time.monotonic() + (join_timeout_s if join_timeout_s is not None else 4 * timeout_s + 30)
     try:
         # a rank that exited 0 without reporting is not dead yet: its report may still be in the queue

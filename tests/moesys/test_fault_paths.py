@@ -28,7 +28,7 @@ from moesys.supervise import RankFailedError, run_ranks
 from moesys.trainer import NonFiniteError, structure_of
 from fault_helpers import NaNAt, exiting_rank, paths_worker, sleeping_rank
 from fault_helpers import alive as _alive
-from train_helpers import build_trainer, make_cfg
+from train_helpers import FORKED, build_trainer, make_cfg
 
 ONE = ("parallel.ep=1", "parallel.simulate_ranks=1")
 INT, TERM, USR1 = int(signal.SIGINT), int(signal.SIGTERM), int(signal.SIGUSR1)
@@ -152,7 +152,7 @@ def paths(tmp_path_factory):
     """One spawn of 2 gloo ranks (ep 2) runs every multi-rank scenario (fault_helpers.paths_worker)."""
     ov = ["parallel.ep=2", "trainer.steps=3", "trainer.eval_interval=100", "trainer.log_interval=100",
           "trainer.save_final=false"]
-    return simulate(paths_worker, 2, ov, str(tmp_path_factory.mktemp("paths")), timeout_s=120)
+    return simulate(paths_worker, 2, ov, str(tmp_path_factory.mktemp("paths")), timeout_s=120, preload=FORKED)
 
 
 @pytest.mark.multirank

@@ -16,6 +16,7 @@ from moesys.configs import schema  # noqa: E402
 from moesys.errors import ConfigError  # noqa: E402
 from moesys.parallel import simulate  # noqa: E402
 from hf_models import build_hf, init_from_footprint_worker, init_from_worker  # noqa: E402
+from train_helpers import FORKED  # noqa: E402
 
 RUN = ["trainer.steps=3", "trainer.batch_size=4", "model.seq_len=16", "trainer.eval_batches=1",
        "trainer.log_interval=1", "trainer.eval_interval=3", "trainer.plots=false", "trainer.save_final=false",
@@ -59,7 +60,7 @@ def test_init_from_at_ep2_starts_at_transformers_logits_and_trains(ds_dir, tmp_p
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(x).logits.numpy()
-    for logits, losses in simulate(init_from_worker, 2, cfg, str(tmp_path / "run"), x, timeout_s=120):
+    for logits, losses in simulate(init_from_worker, 2, cfg, str(tmp_path / "run"), x, timeout_s=120, preload=FORKED):
         np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
         assert len(losses) == 3 and all(np.isfinite(losses))
 

@@ -19,6 +19,7 @@ pytest.importorskip("deepspeed")
 
 from moesys import MoEConfig, MoELayer  # noqa: E402
 from moesys.integrations import deepspeed as ds_int  # noqa: E402
+from train_helpers import FORKED  # noqa: E402
 
 VOCAB, D, FF, E = 32, 16, 24, 4
 B, S = 2, 8
@@ -270,7 +271,7 @@ def test_deepspeed_matches_plain_loop_ep2(zero_stage, kw):
     parallel = pytest.importorskip("moesys.parallel")
     if not hasattr(parallel, "simulate") or not hasattr(parallel, "apply_expert_parallel"):
         pytest.skip("moesys.parallel has not landed yet")
-    results = parallel.simulate(_ep2_rank, 2, zero_stage, kw, timeout_s=240)
+    results = parallel.simulate(_ep2_rank, 2, zero_stage, kw, timeout_s=240, preload=FORKED)
     for rank, r in enumerate(results):
         assert r["ep_ranks"] == [0, 1] and r["edp_ranks"] == [rank]
         torch.testing.assert_close(torch.tensor(r["got"]), torch.tensor(r["ref"]), rtol=1e-5, atol=1e-6)

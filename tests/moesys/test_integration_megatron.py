@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from moesys import MoELayer  # noqa: E402
 from moesys.integrations import megatron as mg  # noqa: E402
+from train_helpers import FORKED  # noqa: E402
 
 H, FF, E, S, B, V = 16, 24, 4, 8, 3, 32
 
@@ -314,7 +315,8 @@ def _ep2_groups_global_rank() -> dict:
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_megatron_groups_and_global_aux_loss_ep2_match_one_process():
-    results = pytest.importorskip("moesys.parallel").simulate(_ep2_groups_global_rank, 2, timeout_s=180)
+    results = pytest.importorskip("moesys.parallel").simulate(_ep2_groups_global_rank, 2, timeout_s=180,
+                                                                         preload=FORKED)
     for r in results:
         assert r["out_err"] < 1e-5 and r["router_err"] < 1e-5, r
         assert r["same_group"], r  # one group (= one EP rank) per token
@@ -326,7 +328,7 @@ def test_megatron_expert_parallel_ep2_matches_single_process():
     parallel = pytest.importorskip("moesys.parallel")
     if not hasattr(parallel, "simulate") or not hasattr(parallel, "apply_expert_parallel"):
         pytest.skip("moesys.parallel has not landed yet")
-    results = parallel.simulate(_ep2_rank, 2, timeout_s=180)
+    results = parallel.simulate(_ep2_rank, 2, timeout_s=180, preload=FORKED)
     for r in results:
         assert r["ep"] == 2 and r["edp"] == 1 and r["num_local"] == E // 2
         assert r["out_err"] < 1e-5, r

@@ -6,6 +6,12 @@ import os
 import torch
 
 
+# simulate(..., preload=FORKED): ranks forked from the session's forkserver (tests/conftest.py), which
+# has imported torch and moesys, rather than spawned (an interpreter and its imports a rank); for
+# tests whose subject is what the ranks compute, not how they start
+FORKED = ("moesys.train",)
+
+
 def make_cfg(*overrides: str):
     """A TrainConfig composed by Hydra from configs/ (preset=tiny) plus overrides, on the GPT
     (model.arch=gpt, the model these tests were written for) unless the overrides pick the model

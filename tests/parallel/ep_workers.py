@@ -309,6 +309,10 @@ def tensor_worker():
     return torch.full((3,), float(dist.get_rank()))
 
 
+def parent_pid_worker():
+    return os.getppid()
+
+
 def failing_worker():
     if dist.get_rank() == 1:
         raise ValueError("boom on purpose")

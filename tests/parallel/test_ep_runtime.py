@@ -52,17 +52,30 @@ def test_dead_peer_gives_an_error_not_a_hang():
     assert results[0]["seconds"] < timeout_s + 5.0
 
 
+# simulate's ranks spawned (fresh interpreters), or forked from a server that imported moesys
+START = pytest.mark.parametrize("preload", [(), ("moesys.parallel",)], ids=["spawned", "forked"])
+
+
 @pytest.mark.multirank
-def test_simulate_raises_the_failing_ranks_traceback():
+@START
+def test_simulate_raises_the_failing_ranks_traceback(preload):
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*ValueError: boom on purpose"):
-        simulate(ep_workers.failing_worker, 2, timeout_s=20)
+        simulate(ep_workers.failing_worker, 2, timeout_s=20, preload=preload)
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_simulate_returns_tensors_even_when_ranks_exit_at_once():
-    results = simulate(ep_workers.tensor_worker, 2, timeout_s=20)
+@START
+def test_simulate_returns_tensors_even_when_ranks_exit_at_once(preload):
+    results = simulate(ep_workers.tensor_worker, 2, timeout_s=20, preload=preload)
     assert [float(r.sum()) for r in results] == [0.0, 3.0]
+
+
+@pytest.mark.multirank
+def test_simulate_with_preload_forks_every_rank_from_one_server():
+    parents = simulate(ep_workers.parent_pid_worker, 2, timeout_s=20, preload=("moesys.parallel",))
+    assert parents[0] == parents[1] != os.getpid()  # the forkserver, not this process
+    assert simulate(ep_workers.parent_pid_worker, 2, timeout_s=20) == [os.getpid()] * 2  # spawned: its children
 
 
 def test_no_rank_leaves_join_job_before_every_rank_has_built_its_group():
