@@ -184,10 +184,16 @@ def serve(m, step, T: int, D: int, conn) -> None:
 def timing(kinds, E, args, worker=None, extra_shape=()) -> dict:
     """Median step time of each variant. Each variant lives in its own process (its own allocator
     and buffer-cache state, as one layer in a training loop would see), and the steps are
-    interleaved in time: one variant runs at a time, round-robin, so all see the same machine."""
+    interleaved in time: one variant runs at a time, round-robin, so all see the same machine.
+    The processes are forked from a server that imported this script's modules once (where the
+    platform has one), not each a fresh interpreter: what is timed is the steps, not their start."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__"])  # the running script's imports (not its main())
+    else:
+        ctx = mp.get_context("spawn")
     shape = (args.tokens, args.hidden, args.ffn, args.top_k, *extra_shape)
     workers = {}
     for k in kinds:

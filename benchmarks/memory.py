@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     import importlib.util
     import tempfile
 
-    from moesys.train import launch
+    from moesys.train import launch, rank_preload
 
     engines = [e for e in args.engines if e != "deepspeed" or importlib.util.find_spec("deepspeed") is not None]
     scratch = args.out or tempfile.mkdtemp(prefix="moesys-memory-")
@@ -141,7 +141,10 @@ def main(argv=None) -> None:
                            f"parallel.ep={ep}", f"parallel.simulate_ranks={args.ranks}", f"trainer.engine={eng}",
                            "parallel.mode=ep", "parallel.overlap=1", "trainer.save_final=false",
                            *(["trainer.zero_stage=2"] if eng == "deepspeed" else []))
-            every = launch(args.ranks, measure, cfg, os.path.join(scratch, f"{eng}_ep{ep}"), args.steps)
+            # the ranks forked from a preloaded server, as moesys-train's (parallel.rank_start=auto): what
+            # is counted is the bytes of tensors each rank holds, which a fork does not change
+            every = launch(args.ranks, measure, cfg, os.path.join(scratch, f"{eng}_ep{ep}"), args.steps,
+                           preload=rank_preload(cfg, "moesys.train"))
             rows.append((eng, ep, every))
     # the model's global sizes from a run that knows them (plain or fsdp)
     sizes = next(((r[0]["dense"], r[0]["experts"]) for _, _, r in rows if r[0]["dense"] is not None), None)

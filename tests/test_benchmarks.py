@@ -52,9 +52,8 @@ CASES = {
 
 
 # Scripts run in a fresh interpreter, not forked: kernels.py sets TRITON_INTERPRET before it imports
-# triton (read at import); layer.py's spawned variant workers print EOFError tracebacks at its exit
-# when it is forked (exit 0 all the same; in its own interpreter they do not): not yet understood.
-FRESH = {"kernels", "layer"}
+# triton (read at import).
+FRESH = {"kernels"}
 
 
 @pytest.mark.slow
