@@ -52,8 +52,17 @@ def _assert_runs_equal(results, steps):
                     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} step {s}: {key}")
 
 
+def fast_first(argnames: str, argvalues: list, ids: list):
+    """pytest.mark.parametrize whose first case runs in the fast set (`pytest -m "not slow"`) and the
+    others under `slow` (CI runs them all): the fast set keeps one case of each check."""
+    many = "," in argnames
+    cases = [v if i == 0 else pytest.param(*(v if many else (v,)), marks=pytest.mark.slow)
+             for i, v in enumerate(argvalues)]
+    return pytest.mark.parametrize(argnames, cases, ids=ids)
+
+
 # the layouts the forced re-placement tests run (per-step dispatchers, and a static buffer)
-FORCED_LAYOUTS = pytest.mark.parametrize(
+FORCED_LAYOUTS = fast_first(
     "ep,mode,overlap,replicas",
     [(4, "ep", 1, 0), (4, "ep", 2, 0), (2, "ep", 1, 0), (2, "sharded_dp", 1, 0), (4, "ep", 1, 1), (4, "ep", 2, 2),
      (2, "ep", 1, 1), (2, "sharded_dp", 1, 1)],
@@ -85,7 +94,7 @@ FSDP_LAYOUTS = {"rows": (2, 8, pw.F, "(_StridedShard(dim=0, sf=2), Shard(dim=0))
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("layout,mode,replicas,reshard,static",
+@fast_first("layout,mode,replicas,reshard,static",
                          [("rows", "ep", 0, True, None), ("columns", "ep", 0, True, None),
                           ("rows-padded", "ep", 0, True, None), ("rows", "ep", 1, True, None),
                           ("columns", "ep", 2, True, None), ("columns", "sharded_dp", 0, True, None),
@@ -119,7 +128,7 @@ def test_fsdp_forced_replacements_equal_the_unplaced_run(rank_pool, layout, mode
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,replicas", [(4, 0), (2, 0), (4, 1)], ids=["ep4", "ep2-edp2", "ep4-replicas1"])
+@fast_first("ep,replicas", [(4, 0), (2, 0), (4, 1)], ids=["ep4", "ep2-edp2", "ep4-replicas1"])
 def test_controller_decides_the_same_everywhere_and_stays_exact(rank_pool, ep, replicas):
     steps = 5
     results = rank_pool.run(pw.equivalence_worker, WORLD, ep, steps, "ep", 1, False, replicas, timeout_s=120)
@@ -223,7 +232,7 @@ def _resume_placed_and_unplaced(rank_pool, cfg, saved, tmp_path, timeout_s):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("engine", [("parallel.ep=4", "parallel.placement_replicas=1"),
+@fast_first("engine", [("parallel.ep=4", "parallel.placement_replicas=1"),
                                     ("trainer.engine=fsdp", "parallel.ep=2")], ids=["plain-ep4-replicas1", "fsdp-ep2xedp2"])
 def test_evomoe_placement_auto_trains_like_off(rank_pool, tmp_path, engine):
     """EvoMoE (dense phase for 2 steps, then the spawn and the DTS gate) with placement=auto: the
@@ -268,7 +277,7 @@ def test_static_buffer_forced_replacements_equal_the_unplaced_run(rank_pool, ep,
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,mode,overlap", [(4, "ep", 1), (4, "ep", 2), (2, "ep", 1), (2, "sharded_dp", 1)],
+@fast_first("ep,mode,overlap", [(4, "ep", 1), (4, "ep", 2), (2, "ep", 1), (2, "sharded_dp", 1)],
                          ids=["ep4", "ep4-overlap2", "ep2-edp2", "ep2-edp2-sharded_dp"])
 def test_static_buffer_permutation_drops_what_the_unplaced_run_drops(rank_pool, ep, mode, overlap):
     """Permutations alone keep every expert's capacity (C a slot, one slot an expert) and its rows'
@@ -283,7 +292,7 @@ def test_static_buffer_permutation_drops_what_the_unplaced_run_drops(rank_pool, 
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,mode,overlap,replicas", [(4, "ep", 1, 1), (4, "ep", 2, 2), (2, "ep", 1, 1),
+@fast_first("ep,mode,overlap,replicas", [(4, "ep", 1, 1), (4, "ep", 2, 2), (2, "ep", 1, 1),
                                                       (2, "sharded_dp", 1, 1)],
                          ids=["ep4-replicas1", "ep4-overlap2-replicas2", "ep2-edp2-replicas1",
                               "ep2-edp2-sharded_dp-replicas1"])
@@ -308,7 +317,7 @@ def test_static_buffer_replicas_drop_by_the_documented_rule(rank_pool, ep, mode,
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("ep,replicas", [(4, 0), (4, 1), (2, 1)], ids=["ep4", "ep4-replicas1", "ep2-edp2-replicas1"])
+@fast_first("ep,replicas", [(4, 0), (4, 1), (2, 1)], ids=["ep4", "ep4-replicas1", "ep2-edp2-replicas1"])
 def test_static_buffer_controller_replicates_to_drop_less(rank_pool, ep, replicas):
     """The controller under a small static buffer: it never permutes (no rank computes more than
     another, a pair's capacity is where its expert is); with a replica slot it replicates the hot
@@ -346,6 +355,7 @@ def _summed(rec: dict, suffix: str) -> float:
     return sum(v for k, v in rec.items() if k.endswith(suffix))
 
 
+@pytest.mark.slow  # trainer level: the fast set keeps test_trainer_placement_auto_trains_like_off
 @pytest.mark.multirank
 def test_trainer_static_buffer_placement_auto(rank_pool, tmp_path):
     """moesys-train's path (pool_run) with a small static buffer (rows drop): placement=auto trains like
@@ -370,6 +380,7 @@ def test_trainer_static_buffer_placement_auto(rank_pool, tmp_path):
     assert sum(drops["replicas"][1:]) < sum(drops["off"][1:]), drops  # replicated after step 0
 
 
+@pytest.mark.slow  # trainer level: the fast set keeps test_trainer_placement_auto_trains_like_off
 @pytest.mark.multirank
 def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
     """parallel.overflow=rerun from a tiny factor, experts permuted and replicated from the first step:
@@ -402,7 +413,7 @@ def test_overflow_rerun_with_replicas(rank_pool, tmp_path):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("factor", [AMPLE, SMALL_F], ids=["ample", "drops"])
+@fast_first("factor", [AMPLE, SMALL_F], ids=["ample", "drops"])
 def test_static_buffer_hierarchical_padded_with_replicas(rank_pool, factor):
     """The padded 2-D dispatcher (2 simulated nodes of 2 ranks) under a placement with replicas: the
     same rows drop as with the flat padded one (its per-token loop is test_static_buffer_replicas_...)."""
@@ -442,6 +453,7 @@ def trained_fsdp(rank_pool, tmp_path_factory):
     return rank_pool.run(pw.trainer_worker, WORLD, cfg_auto, cfg_off, root, 6, timeout_s=240)
 
 
+@pytest.mark.slow  # trainer level: the fast set keeps test_trainer_placement_auto_trains_like_off
 @pytest.mark.multirank
 def test_fsdp_trainer_placement_auto_trains_like_off(trained_fsdp):
     """trainer.engine=fsdp, placement=auto: losses and every parameter (experts in expert order) equal
@@ -457,6 +469,7 @@ def test_fsdp_trainer_placement_auto_trains_like_off(trained_fsdp):
     assert first["saved"]["slots_at_save"] != tuple(range(8))
 
 
+@pytest.mark.slow  # trainer level: the fast set keeps test_trainer_placement_auto_trains_like_off
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", [("trainer.engine=fsdp", "parallel.ep=4"), ("trainer.engine=plain", "parallel.ep=2")],
                          ids=["fsdp-ep4", "plain-ep2xedp2"])
