@@ -194,11 +194,14 @@ class RankPool:
     hangs or dies, `run` raises with every rank's report (its traceback, or for a rank still running
     its Python stack, dumped by faulthandler) and the pool restarts, so the next run is unaffected.
     The pattern of torch's MultiProcContinuousTest (torch/testing/_internal/common_distributed.py).
+    preload: module names; the ranks (and those of a restart) are then forked from
+    multiprocessing's forkserver, which imports them once, rather than spawned (simulate's).
     """
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, preload: Sequence[str] = ()):
         _check_world(world_size, None)
         self.world_size = world_size
+        self.preload = tuple(preload)
         self.restarts = 0  # how many times a failure made the pool start new ranks
         self._procs: list = []
         self._task_id = 0
@@ -212,7 +215,8 @@ class RankPool:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._procs = start_ranks(_pool_rank_main, [(r, self.world_size, self._tasks[r], self._results,
-                                                     self._stack_path(r)) for r in range(self.world_size)], daemon=True)
+                                                     self._stack_path(r)) for r in range(self.world_size)], daemon=True,
+                                   preload=self.preload)
 
     def _stop(self) -> None:
         for p in self._procs:

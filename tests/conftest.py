@@ -72,7 +72,7 @@ class RankPools:
     def run(self, fn, world_size: int, *args, **kw) -> list:
         pool = self.pools.get(world_size)
         if pool is None:
-            pool = self.pools[world_size] = RankPool(world_size)
+            pool = self.pools[world_size] = RankPool(world_size, preload=FORKED_PRELOAD)
         return pool.run(fn, *args, **kw)
 
     def close(self) -> None:
@@ -83,7 +83,8 @@ class RankPools:
 @pytest.fixture(scope="session")
 def rank_pool():
     """Pools of gloo ranks for multi-rank tests whose subject is not process start-up or exit
-    (those keep `simulate`, one fresh spawn per call)."""
+    (those keep `simulate`, one fresh spawn per call). The ranks, and those of a pool's restart,
+    are forked from the session's forkserver (_forkserver)."""
     pools = RankPools()
     yield pools
     pools.close()

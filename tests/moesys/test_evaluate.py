@@ -3,7 +3,6 @@ checkpoint and an EvoMoE dense-phase checkpoint on one process; bad input is one
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -110,7 +109,8 @@ def test_missing_checkpoint_is_a_config_error(tmp_path):
         load_model(str(tmp_path / "nowhere"))
 
 
-_SLOW = pytest.mark.slow  # an interpreter each: the fast set keeps one case of each app
+_SLOW = pytest.mark.slow  # a process each: the fast set keeps one case of each app
+SCRIPTS = {"moesys.evaluate": "moesys-eval", "moesys.generate": "moesys-generate"}
 
 
 @pytest.mark.parametrize("module, args, line", [
@@ -124,9 +124,13 @@ _SLOW = pytest.mark.slow  # an interpreter each: the fast set keeps one case of 
     pytest.param("moesys.generate", ["checkpoint=x", "prompt=a", "bogus=1"],
                  "moesys-generate: error: Could not override 'bogus'", marks=_SLOW),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, module, args, line):
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, forked, module, args, line):
+    """The installed console script as a process of its own, forked from the session's server that
+    imported the apps (tests/conftest.py; test_readme_commands checks that a forked command is the
+    console script's process: exit code, stdout, stderr and files)."""
+    script = os.path.join(os.path.dirname(sys.executable), SCRIPTS[module])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = forked.run(script, args, tmp_path, env, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(line), r.stderr
     assert os.listdir(tmp_path) == []  # no outputs/, no .hydra/
