@@ -56,7 +56,7 @@ def test_dispatch_and_its_backward(C, dtype):
 
 
 @pytest.mark.parametrize("C,renormalize", [(None, False), (150, False), (150, True), (40, True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])  # fast: fp32
 def test_combine_forward_and_backward(C, renormalize, dtype):
     dest_R, row_route_M, M, padded = placement(C=C)
     T, K = 601, 2

@@ -202,8 +202,10 @@ def test_readme_block_runs(block, scratch, forked):
 
 
 @pytest.mark.parametrize("argv, expect", shown_sessions(), ids=[" ".join(a[1:]) for a, _ in shown_sessions()])
-def test_readme_shown_output(argv, expect, tmp_path):
-    r = _run(_exe(argv[0]) + argv[1:], tmp_path)
+def test_readme_shown_output(argv, expect, tmp_path, forked):
+    """Forked, as the blocks' commands (test_a_forked_command_is_the_console_scripts_process runs the
+    first of these in the console script's own process as well, and requires the same output)."""
+    r = _run_forked(forked, _exe(argv[0]) + argv[1:], tmp_path)
     assert (r.stdout + r.stderr).splitlines() == expect
     assert r.returncode == 2 and os.listdir(tmp_path) == []
 

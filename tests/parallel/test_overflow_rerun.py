@@ -43,8 +43,8 @@ def _cfgs(world, ep, extra):
 @pytest.mark.multirank
 @pytest.mark.parametrize("world,ep,extra", [
     (4, 2, ("trainer.grad_accum=2", "trainer.batch_size=16")),
-    (4, 4, ("moe.router=sigmoid_bias",)),
-    (4, 2, ("trainer.engine=fsdp", "trainer.grad_accum=2", "trainer.batch_size=16")),
+    pytest.param(4, 4, ("moe.router=sigmoid_bias",), marks=pytest.mark.slow),  # the fast set keeps world4-ep2
+    pytest.param(4, 2, ("trainer.engine=fsdp", "trainer.grad_accum=2", "trainer.batch_size=16"), marks=pytest.mark.slow),
 ], ids=["world4-ep2", "world4-ep4-sigmoid_bias", "world4-ep2-fsdp"])
 def test_rerun_equals_an_ample_buffer_from_the_start(rank_pool, world, ep, extra, tmp_path):
     results = rank_pool.run(overflow_workers.train_runs_worker, world, _cfgs(world, ep, extra), str(tmp_path),
