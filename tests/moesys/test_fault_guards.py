@@ -37,7 +37,7 @@ from fault_helpers import GradNaNAt, NaNAt, starting_rank
 from fault_helpers import alive as _alive
 from stop_helpers import COMMON, SignalAt, signal_at
 from test_checkpoint import _write_format2
-from train_helpers import build_trainer, make_cfg
+from train_helpers import FORKED, build_trainer, make_cfg
 
 ONE = ("parallel.ep=1", "parallel.simulate_ranks=1")
 
@@ -145,11 +145,12 @@ def test_a_rank_sigtermed_by_someone_else_is_a_failure_naming_the_signal(tmp_pat
 def test_the_rank_that_failed_first_is_named_even_when_it_exits_last(tmp_path):
     """Rank 1 records its error first and is still exiting when rank 0, failing because of it, has
     already ended: the parent names rank 1 (its error and exit code), not rank 0's consequence. (Seen
-    under load in the CLI test of a raising rank: the parent named rank 0's gloo error.)"""
+    under load in the CLI test of a raising rank: the parent named rank 0's gloo error.) The ranks
+    are forked, as a CPU job's are (parallel.rank_start=auto)."""
     from fault_helpers import slow_to_exit_rank
 
     with pytest.raises(RankFailedError) as e:
-        run_ranks(slow_to_exit_rank, 2, (str(tmp_path),), poll_s=0.05)
+        run_ranks(slow_to_exit_rank, 2, (str(tmp_path),), poll_s=0.05, preload=FORKED)
     assert e.value.rank == 1 and e.value.exitcode == 1, str(e.value)
     assert str(e.value).startswith("rank 1 of 2 failed (exit code 1): ValueError: injected failure on rank 1")
 
