@@ -7,8 +7,7 @@ import time
 
 # simulate(..., preload=RANK_PRELOAD): the ranks of a timing benchmark are forked from a server that
 # imported moesys once, rather than each starting an interpreter (seconds of CPU a rank, not what
-# is timed); the benchmarks that measure a rank's own memory (memory.py, hf_io.py) or its start
-# (rank_start.py) spawn theirs
+# is measured); rank_start.py, which times the start itself, spawns its own
 RANK_PRELOAD = ("moesys.parallel",)
 
 

@@ -10,7 +10,8 @@ The Hugging Face directory is written by moesys's own export (no transformers ne
 (apply_expert_parallel), allocates only its shards (moesys.parallel.materialize) and reads its slices
 into them (moesys.hf.load_into). Memory per rank: the resident memory now (/proc/self/statm) at the
 start, after the build and after the load (the peak RSS, also given, is set by importing torch and
-hides the weights). Export: one process (export-hf loads a checkpoint of any layout whole on one
+hides the weights; the ranks are forked from a server that imported moesys, and a forked process
+counts the pages it shares with the server from its start, as a spawned one counts its imports). Export: one process (export-hf loads a checkpoint of any layout whole on one
 process, then writes one shard at a time).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _shapes import RANK_PRELOAD  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from moesys import MoEConfig, hf  # noqa: E402
 from moesys.decoder import Decoder, DecoderConfig  # noqa: E402
 from moesys.hf_export import save_pretrained  # noqa: E402
@@ -106,14 +108,14 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         runs = [(ep, True) for ep in a.eps] + [(ep, False) for ep in a.eps if a.full_build and ep > 1]
         for ep, meta in runs:
-            res = simulate(import_rank, ep, src, ep, a, meta, timeout_s=600)
+            res = simulate(import_rank, ep, src, ep, a, meta, timeout_s=600, preload=RANK_PRELOAD)
             worst = max(res, key=lambda r: r["seconds"])
             what = f"import EP {ep}" + ("" if meta else ", all experts built then sliced (before)")
             print(f"| {what} | {ep} | {worst['seconds']:.2f} | {max(r['bytes'] for r in res) / 2**20:.1f} "
                   f"({max(r['expert_bytes'] for r in res) / 2**20:.1f}) | "
                   f"{max(r['rss_before_mib'] for r in res):.0f} -> {max(r['rss_built_mib'] for r in res):.0f} -> "
                   f"{max(r['rss_loaded_mib'] for r in res):.0f} | {max(r['peak_mib'] for r in res):.0f} |")
-        ex = simulate(export_once, 1, src, os.path.join(tmp, "out"), timeout_s=600)[0]
+        ex = simulate(export_once, 1, src, os.path.join(tmp, "out"), timeout_s=600, preload=RANK_PRELOAD)[0]
         print(f"| export (one process) | 1 | {ex['seconds']:.2f} | - | loaded {ex['rss_loaded_mib']:.0f} -> "
               f"written {ex['rss_written_mib']:.0f} | {ex['peak_after_export_mib']:.0f} |")
 
