@@ -7,8 +7,10 @@ loss and wall time side by side.
     python benchmarks/decoder_vs_gpt.py --seeds 1 --steps 20     # a smoke run
     python benchmarks/decoder_vs_gpt.py --decoder moe.activation=swiglu   # more overrides for the decoder
 
-Each run is its own `python -m moesys.train` process (nothing else changed: same width, depth,
-experts, batch, schedule and budget of steps); the validation losses are read from its metrics.jsonl.
+Each run is what `moesys-train` with those overrides runs (moesys.train.run of the checked config,
+from this process: its ranks are processes of their own, forked from a server that imported moesys
+once; nothing else changed: same width, depth, experts, batch, schedule and budget of steps); the
+validation losses are read from its metrics.jsonl.
 "Reaches at least today's validation loss in the same time": per seed, the decoder's seconds to its
 first evaluation at or below the GPT's final validation loss (steps x its mean seconds per step)
 against the GPT's whole run. The rule for switching the default: every seed does, and the mean
@@ -20,24 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from typing import List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["trainer.plots=false", "logging.wandb_mode=disabled", "logging.tqdm=false", "trainer.save_final=false"]
 
 
 def run_once(out_dir: str, overrides: List[str]) -> dict:
     """One `moesys-train` run; returns its wall seconds, its step count and its validation curve."""
-    cmd = [sys.executable, "-m", "moesys.train", f"trainer.out_dir={out_dir}", *QUIET, *overrides]
+    from moesys import train
+
+    cfg = train.check_overrides([f"trainer.out_dir={out_dir}", *QUIET, *overrides])  # a bad one: exit 2, one line
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    train.run(cfg, out_dir)  # a rank that fails raises, naming it
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     val, steps, elapsed = [], 0, None
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
