@@ -196,12 +196,21 @@ class RankPool:
     The pattern of torch's MultiProcContinuousTest (torch/testing/_internal/common_distributed.py).
     preload: module names; the ranks (and those of a restart) are then forked from
     multiprocessing's forkserver, which imports them once, rather than spawned (simulate's).
+    renew_every: start new ranks after this many runs (None: never). What a run's libraries keep
+    alive outlives its task: a process group still referenced after destroy_process_group keeps
+    gloo's loop threads, which wake and take CPU for as long as the rank lives (a pool rank of the
+    test suite had ~100 of them, ~8% of a core, after a few hundred trainer runs). Cheap with preload.
     """
 
-    def __init__(self, world_size: int, preload: Sequence[str] = ()):
+    def __init__(self, world_size: int, preload: Sequence[str] = (), renew_every: Optional[int] = None):
         _check_world(world_size, None)
+        if renew_every is not None and renew_every < 1:
+            raise ValueError(f"RankPool: renew_every must be >= 1 or None, got {renew_every}")
         self.world_size = world_size
         self.preload = tuple(preload)
+        self.renew_every = renew_every
+        self.renewals = 0  # how many times renew_every made the pool start new ranks
+        self._runs = 0  # runs on the ranks now running
         self.restarts = 0  # how many times a failure made the pool start new ranks
         self._procs: list = []
         self._task_id = 0
@@ -253,9 +262,14 @@ class RankPool:
         """fn(*args) on every rank of the pool; the per-rank results in rank order. The keywords
         are simulate's; a failure raises RuntimeError, a run past join_timeout_s TimeoutError."""
         lws = _check_world(self.world_size, local_world_size)
+        if self._procs and self.renew_every is not None and self._runs >= self.renew_every:
+            self.renewals += 1
+            self._stop()
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self._stop()
             self._start()
+            self._runs = 0
+        self._runs += 1
         for r in range(self.world_size):  # a fresh stack file per run
             open(self._stack_path(r), "w").close()
         payload = pickle.dumps((fn, args))  # plain pickle: tensors by value (see _rank_main)

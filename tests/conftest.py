@@ -61,6 +61,10 @@ def world1(monkeypatch):
     dist.destroy_process_group()
 
 
+# runs before a pool starts new ranks (RankPool.renew_every: what runs leak, gloo threads, stays bounded)
+POOL_RENEW_EVERY = 24
+
+
 class RankPools:
     """`simulate` on ranks kept for the whole pytest run, one RankPool per world size, started by
     the first test that asks for that size: `rank_pool.run(fn, world_size, *args, **simulate_kw)`.
@@ -72,7 +76,7 @@ class RankPools:
     def run(self, fn, world_size: int, *args, **kw) -> list:
         pool = self.pools.get(world_size)
         if pool is None:
-            pool = self.pools[world_size] = RankPool(world_size, preload=FORKED_PRELOAD)
+            pool = self.pools[world_size] = RankPool(world_size, preload=FORKED_PRELOAD, renew_every=POOL_RENEW_EVERY)
         return pool.run(fn, *args, **kw)
 
     def close(self) -> None:

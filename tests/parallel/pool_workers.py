@@ -19,6 +19,23 @@ def identity_worker(tag):
                 local=(os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]))
 
 
+_KEPT = []  # what leaking_worker keeps alive across runs
+
+
+def leaking_worker():
+    """A body that keeps its group referenced past destroy_process_group (as a library's cache can):
+    this rank's pid and how many gloo loop threads the process has now."""
+    _KEPT.append(dist.new_group([0, 1]))
+    t = torch.ones(1)
+    dist.all_reduce(t, group=_KEPT[-1])
+    task = f"/proc/{os.getpid()}/task"
+    loops = 0
+    for tid in os.listdir(task):
+        with open(f"{task}/{tid}/comm") as f:
+            loops += f.read().strip() == "gloo_tcp_loop"
+    return os.getpid(), loops
+
+
 def failing_worker():
     """Rank 1 raises; rank 0 waits in a collective rank 1 never joins (both first past the
     rendezvous, so rank 0's side is always inside this function)."""

@@ -9,11 +9,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pool_workers  # noqa: E402
 
+from moesys.parallel.simulate import RankPool  # noqa: E402
+
+
+@pytest.fixture
+def own_pool():
+    """A pool of 2 of this test's own (the session's renews its ranks every few runs), forked from
+    the session's server."""
+    pool = RankPool(2, preload=("moesys.parallel",))
+    yield pool
+    pool.close()
+
 
 @pytest.mark.multirank
-def test_pool_reuses_ranks_and_starts_each_run_clean(rank_pool):
-    first = rank_pool.run(pool_workers.identity_worker, 2, "a", timeout_s=30)
-    second = rank_pool.run(pool_workers.identity_worker, 2, "b", timeout_s=30, local_world_size=1)
+def test_pool_reuses_ranks_and_starts_each_run_clean(own_pool):
+    first = own_pool.run(pool_workers.identity_worker, "a", timeout_s=30)
+    second = own_pool.run(pool_workers.identity_worker, "b", timeout_s=30, local_world_size=1)
     assert [r["rank"] for r in first] == [0, 1] and {r["world"] for r in first} == {2}
     assert {r["sum"] for r in first + second} == {3.0}  # 1 + 2: a real all-reduce over both ranks
     assert [r["pid"] for r in first] == [r["pid"] for r in second]  # the same processes
@@ -22,6 +33,22 @@ def test_pool_reuses_ranks_and_starts_each_run_clean(rank_pool):
         assert r["leftover"]["groups"] == first[r["rank"]]["leftover"]["groups"]  # its new_group destroyed
     assert [r["local"] for r in first] == [("0", "2"), ("1", "2")]
     assert [r["local"] for r in second] == [("0", "1"), ("0", "1")]  # two simulated nodes of one rank
+
+
+@pytest.mark.multirank
+def test_renew_every_bounds_what_runs_leak():
+    """A group a body keeps referenced keeps gloo's loop thread in the rank after its run; with
+    renew_every=2 the third run is on new ranks, which hold none of them."""
+    pool = RankPool(2, preload=("moesys.parallel",), renew_every=2)
+    try:
+        runs = [pool.run(pool_workers.leaking_worker, timeout_s=30) for _ in range(3)]
+    finally:
+        pool.close()
+    (pid1, loops1), (pid2, loops2), (pid3, loops3) = (r[0] for r in runs)
+    assert pid1 == pid2 != pid3 and pool.renewals == 1 and pool.restarts == 0
+    assert loops2 > loops1 and loops3 == loops1, (loops1, loops2, loops3)
+    with pytest.raises(ValueError, match="renew_every must be >= 1 or None, got 0"):
+        RankPool(2, renew_every=0)
 
 
 @pytest.mark.multirank
