@@ -86,7 +86,8 @@ def simulate(fn: Callable[..., Any], world_size: int, *args, backend: str = "glo
             (torch.distributed's DETAIL debug level), so a mismatch is a clear error, not a gloo abort.
         preload: module names; the ranks are then forked from multiprocessing's forkserver, which
             imports them once (its first use starts it), instead of each starting an interpreter and
-            importing torch (start_ranks). For CPU jobs whose measure is not the ranks' own memory.
+            importing torch (start_ranks; TRITON_INTERPRET must be the server's). A forked rank's
+            resident memory counts the server's pages it touches from its start.
     """
     lws = _check_world(world_size, local_world_size)
     results = context().Queue()

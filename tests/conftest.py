@@ -25,6 +25,7 @@ _BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 from moesys.parallel.simulate import RankPool  # noqa: E402  (imports triton: after the flag is set)
+from moesys.parallel.spawn import IMPORT_TIME_ENV  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -105,7 +106,9 @@ class Forked:
     it, as a process of its own (its own state, exit code, stdout and stderr; a CompletedProcess),
     but forked from a server that has already imported FORKED_PRELOAD instead of starting an
     interpreter and importing torch and moesys again (~4 s of CPU a command on the 2-core machine).
-    The ranks the command forks come from the same server (tests/forked_command.py)."""
+    The ranks the command forks come from the same server (tests/forked_command.py). `env` less
+    what the server's modules read at their import (IMPORT_TIME_ENV: TRITON_INTERPRET), which a
+    forked command cannot take another value of."""
 
     def __init__(self, tmp):
         self.ctx = multiprocessing.get_context("forkserver")
@@ -115,7 +118,8 @@ class Forked:
     def run(self, script: str, argv: list, cwd, env: dict, timeout: float) -> subprocess.CompletedProcess:
         self.n += 1
         out, err = (os.path.join(self.tmp, f"{self.n}.{s}") for s in ("out", "err"))
-        glob = {"CWD": str(cwd), "ENV": dict(env), "ARGV": [script, *argv], "SCRIPT": script, "OUT": out, "ERR": err,
+        env = {k: v for k, v in env.items() if k not in IMPORT_TIME_ENV}
+        glob = {"CWD": str(cwd), "ENV": env, "ARGV": [script, *argv], "SCRIPT": script, "OUT": out, "ERR": err,
                 "FORKSERVER": multiprocessing.forkserver._forkserver._forkserver_address}
         p = self.ctx.Process(target=runpy.run_path, args=(_FORKED_BODY,), kwargs={"init_globals": glob},
                              name=os.path.basename(script))

@@ -16,9 +16,8 @@ DEFAULT = "test_script_ending_in_destroy_process_group_exits_0_every_time"
 def _collected(forked, *marker_args: str) -> str:
     """`python -m pytest --collect-only ...` as a process of its own, forked from the session's server
     (torch and moesys imported once: tests/conftest.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = forked.run(os.path.join(os.path.dirname(pytest.__file__), "__main__.py"),
-                   ["--collect-only", "-q", "-p", "no:cacheprovider", *marker_args, FILE], ROOT, env, timeout=300)
+                   ["--collect-only", "-q", "-p", "no:cacheprovider", *marker_args, FILE], ROOT, os.environ, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r.stdout
 

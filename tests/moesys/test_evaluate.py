@@ -129,8 +129,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, forked, module, args, line):
     imported the apps (tests/conftest.py; test_readme_commands checks that a forked command is the
     console script's process: exit code, stdout, stderr and files)."""
     script = os.path.join(os.path.dirname(sys.executable), SCRIPTS[module])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = forked.run(script, args, tmp_path, env, timeout=120)
+    r = forked.run(script, args, tmp_path, os.environ, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(line), r.stderr
     assert os.listdir(tmp_path) == []  # no outputs/, no .hydra/
