@@ -189,7 +189,9 @@ def timing(kinds, E, args, worker=None, extra_shape=()) -> dict:
     platform has one), not each a fresh interpreter: what is timed is the steps, not their start."""
     import multiprocessing as mp
 
-    if "forkserver" in mp.get_all_start_methods():
+    from moesys.parallel.spawn import forkserver_available
+
+    if forkserver_available():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["__main__"])  # the running script's imports (not its main())
     else:

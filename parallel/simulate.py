@@ -263,10 +263,9 @@ class RankPool:
         """fn(*args) on every rank of the pool; the per-rank results in rank order. The keywords
         are simulate's; a failure raises RuntimeError, a run past join_timeout_s TimeoutError."""
         lws = _check_world(self.world_size, local_world_size)
-        if self._procs and self.renew_every is not None and self._runs >= self.renew_every:
-            self.renewals += 1
-            self._stop()
-        if not self._procs or not all(p.is_alive() for p in self._procs):
+        renew = bool(self._procs) and self.renew_every is not None and self._runs >= self.renew_every
+        if renew or not self._procs or not all(p.is_alive() for p in self._procs):
+            self.renewals += renew
             self._stop()
             self._start()
             self._runs = 0

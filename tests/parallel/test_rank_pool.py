@@ -6,8 +6,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "moesys"))
 
 import pool_workers  # noqa: E402
+from fault_helpers import alive  # noqa: E402  (tests/moesys)
 
 from moesys.parallel.simulate import RankPool  # noqa: E402
 
@@ -42,10 +44,12 @@ def test_renew_every_bounds_what_runs_leak():
     pool = RankPool(2, preload=("moesys.parallel",), renew_every=2)
     try:
         runs = [pool.run(pool_workers.leaking_worker, timeout_s=30) for _ in range(3)]
+        old_left_running = alive(runs[0][0][0])
     finally:
         pool.close()
     (pid1, loops1), (pid2, loops2), (pid3, loops3) = (r[0] for r in runs)
     assert pid1 == pid2 != pid3 and pool.renewals == 1 and pool.restarts == 0
+    assert not old_left_running, "the renewed ranks were left running"
     assert loops2 > loops1 and loops3 == loops1, (loops1, loops2, loops3)
     with pytest.raises(ValueError, match="renew_every must be >= 1 or None, got 0"):
         RankPool(2, renew_every=0)
